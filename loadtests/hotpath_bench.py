@@ -1,0 +1,106 @@
+"""Python cost of one proxied request, without sockets (a benchmark, not a test).
+
+Feeds a request into a real ``ClientConnection`` and the upstream's response into a
+real ``UpstreamConnection``, both on fake transports, and reports microseconds of
+Python per request. Syscalls and the event loop are excluded, so the figure is stable
+on a busy machine and shows what the hot path itself costs.
+
+    python loadtests/hotpath_bench.py [--requests 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proxy.config import Config  # noqa: E402
+from proxy.runtime.server import ProxyServer  # noqa: E402
+from proxy.server.protocol import ClientConnection  # noqa: E402
+from proxy.upstream.connection import UpstreamConnection  # noqa: E402
+
+REQUEST = b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 02:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 20\r\n"
+    b"Connection: keep-alive\r\n\r\n01234567890123456789"
+)
+
+
+class FakeTransport:
+    """Accepts writes and flow-control calls; counts bytes written."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        for d in data:
+            self.written += len(d)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+
+def build(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, UpstreamConnection]:
+    config = Config.model_validate(
+        {
+            "listeners": [{"name": "b", "bind": "127.0.0.1:0", "routes": [{"pool": "p"}]}],
+            "pools": {"p": {"upstreams": [{"url": "http://127.0.0.1:9"}]}},
+        }
+    )
+    server = ProxyServer(config, loop)
+    client = ClientConnection(server.listeners[0])
+    client.connection_made(FakeTransport())  # type: ignore[arg-type]
+    upstream = server.pools["p"].upstreams[0]
+    conn = UpstreamConnection(upstream)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    conn.uses = 1
+    upstream.put_idle(conn, 0.0)
+    return client, conn
+
+
+def run(requests: int) -> float:
+    loop = asyncio.new_event_loop()
+    try:
+        client, conn = build(loop)
+        feed_client, feed_upstream = client.data_received, conn.data_received
+        for _ in range(1000):  # warm up
+            feed_client(REQUEST)
+            feed_upstream(RESPONSE)
+        start = time.perf_counter()
+        for _ in range(requests):
+            feed_client(REQUEST)
+            feed_upstream(RESPONSE)
+        elapsed = time.perf_counter() - start
+        assert conn.uses >= requests, "the upstream connection was not reused"
+        return elapsed / requests * 1e6
+    finally:
+        loop.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    best = min(run(args.requests) for _ in range(args.repeat))
+    print(f"hot path: {best:.2f} µs of Python per proxied request (best of {args.repeat})")
+
+
+if __name__ == "__main__":
+    main()

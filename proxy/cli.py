@@ -1,0 +1,117 @@
+"""The command line: ``aiolb run | check | demo | version`` (also ``python -m proxy``).
+
+Expected failures (a bad config, a port in use) print one clear line and exit
+non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("aiolb")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aiolb", description="asyncio HTTP/1.1 load balancer")
+    p.add_argument("--log-level", default=os.environ.get("AIOLB_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+    default_config = os.environ.get("AIOLB_CONFIG")
+    run = sub.add_parser("run", help="serve a config until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", default=default_config, required=default_config is None)
+    run.add_argument("--workers", type=int, default=None, help="worker processes")
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", default=default_config, required=default_config is None)
+    demo = sub.add_parser("demo", help="three demo upstreams with the proxy in front")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX platform
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    pools = len(config.pools)
+    print(f"{args.config}: OK ({len(config.listeners)} listeners, {pools} pools)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.runtime.server import ProxyServer
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    workers = args.workers if args.workers is not None else config.workers
+    if workers != 1:
+        log.warning("workers=%s: multi-worker mode is not available yet; running one", workers)
+
+    async def main() -> None:
+        await ProxyServer(config).serve()
+
+    return _serve(main)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    async def main() -> None:
+        await run_demo(args.port)
+
+    return _serve(main)
+
+
+def _serve(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    try:
+        _run_loop(main)
+    except OSError as exc:
+        print(f"aiolb: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    if args.command == "version":
+        print(f"aiolb {__version__}")
+        return 0
+    return commands[args.command](args)

@@ -1,0 +1,160 @@
+"""Checks that span sections of a config, run on the raw input data.
+
+Field validation sees one value at a time; these checks compare values across the
+whole file: every route names a defined pool, no two listeners (nor a listener and the
+admin server) bind the same address, listener names are unique, and no pool lists the
+same upstream twice. They read the raw mapping defensively (anything malformed is the
+field validators' business and is skipped here), so their errors are reported together
+with the field errors in one ``ValidationError``, each at the ``loc`` of the offending
+value: the loader turns that into ``FILE:LINE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, get_args
+
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
+
+from proxy.config.values import parse_upstream_url, split_host_port
+
+Loc = tuple[str | int, ...]
+
+_KNOWN_TYPES = frozenset(get_args(ErrorType))
+_ADMIN_BIND = "127.0.0.1:9901"  # Admin.bind's default, for inputs without an admin section
+
+
+def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """All cross-section problems in raw config ``data``, as pydantic error details."""
+    listeners = list(_entries(data.get("listeners")))
+    pools = data.get("pools")
+    return [
+        *_undefined_pools(listeners, pools if isinstance(pools, Mapping) else None),
+        *_clashing_binds(listeners, data.get("admin")),
+        *_duplicate_names(listeners),
+        *_duplicate_upstreams(pools if isinstance(pools, Mapping) else {}),
+    ]
+
+
+def merge_errors(
+    title: str, exc: ValidationError | None, problems: list[InitErrorDetails]
+) -> ValidationError:
+    """One ``ValidationError`` holding ``exc``'s errors (if any) followed by ``problems``."""
+    details = [_as_details(error) for error in exc.errors()] if exc is not None else []
+    return ValidationError.from_exception_data(title, [*details, *problems])
+
+
+def _as_details(error: Any) -> InitErrorDetails:
+    kind = error["type"]
+    if kind not in _KNOWN_TYPES:
+        kind = PydanticCustomError(kind, "{message}", {"message": error["msg"]})
+        return InitErrorDetails(type=kind, loc=error["loc"], input=error["input"])
+    ctx = error.get("ctx")
+    if ctx is None:
+        return InitErrorDetails(type=kind, loc=error["loc"], input=error["input"])
+    return InitErrorDetails(type=kind, loc=error["loc"], input=error["input"], ctx=ctx)
+
+
+def _problem(kind: str, loc: Loc, value: object, message: str) -> InitErrorDetails:
+    error = PydanticCustomError(kind, "{message}", {"message": message})
+    return InitErrorDetails(type=error, loc=loc, input=value)
+
+
+def _entries(value: object) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """``(index, item)`` for the mapping items of a list; anything else yields nothing."""
+    if isinstance(value, list):
+        yield from ((i, item) for i, item in enumerate(value) if isinstance(item, Mapping))
+
+
+def _undefined_pools(
+    listeners: list[tuple[int, Mapping[str, Any]]], pools: Mapping[str, Any] | None
+) -> Iterator[InitErrorDetails]:
+    if pools is None:
+        return
+    defined = ", ".join(str(name) for name in pools) or "none"
+    for i, listener in listeners:
+        for j, route in _entries(listener.get("routes")):
+            name = route.get("pool")
+            if isinstance(name, str) and name not in pools:
+                loc = ("listeners", i, "routes", j, "pool")
+                message = f"pool {name!r} is not defined (defined pools: {defined})"
+                yield _problem("undefined_pool", loc, name, message)
+
+
+def _bind_key(value: object) -> tuple[str, int] | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        host, port = split_host_port(value)
+    except ValueError:
+        return None
+    return (host.lower(), port) if port else None  # port 0: a fresh free port each time
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """True if binding both fails or shares traffic: same port, and the same host or a
+    wildcard of the other's family (``0.0.0.0`` for IPv4 and names, ``::`` for IPv6;
+    asyncio binds ``::`` IPv6-only)."""
+    if a[1] != b[1]:
+        return False
+    if a[0] == b[0]:
+        return True
+    for wild, other in ((a[0], b[0]), (b[0], a[0])):
+        if (wild == "0.0.0.0" and ":" not in other) or (wild == "::" and ":" in other):
+            return True
+    return False
+
+
+def _clashing_binds(
+    listeners: list[tuple[int, Mapping[str, Any]]], admin: object
+) -> Iterator[InitErrorDetails]:
+    admin_bind = admin.get("bind", _ADMIN_BIND) if isinstance(admin, Mapping) else _ADMIN_BIND
+    seen: list[tuple[tuple[str, int], str]] = []
+    if (key := _bind_key(admin_bind)) is not None:
+        seen.append((key, "admin.bind"))
+    for i, listener in listeners:
+        bind = listener.get("bind")
+        if (key := _bind_key(bind)) is None:
+            continue
+        for other, where in seen:
+            if _overlap(key, other):
+                message = f"bind address {bind!r} is already used by {where}"
+                yield _problem("duplicate_bind", ("listeners", i, "bind"), bind, message)
+                break
+        seen.append((key, f"listeners[{i}]"))
+
+
+def _duplicate_names(listeners: list[tuple[int, Mapping[str, Any]]]) -> Iterator[InitErrorDetails]:
+    first: dict[str, int] = {}
+    for i, listener in listeners:
+        name = listener.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            message = f"duplicate listener name {name!r} (also listeners[{first[name]}])"
+            yield _problem("duplicate_name", ("listeners", i, "name"), name, message)
+        else:
+            first[name] = i
+
+
+def _duplicate_upstreams(pools: Mapping[str, Any]) -> Iterator[InitErrorDetails]:
+    for name, pool in pools.items():
+        if not isinstance(pool, Mapping):
+            continue
+        first: dict[tuple[str, int], int] = {}
+        for i, upstream in _entries(pool.get("upstreams")):
+            url = upstream.get("url")
+            try:
+                key = parse_upstream_url(url) if isinstance(url, str) else None
+            except ValueError:
+                key = None
+            if key is None:
+                continue
+            if key in first:
+                message = f"duplicate upstream {url!r} (also upstreams[{first[key]}])"
+                loc = ("pools", name, "upstreams", i, "url")
+                yield _problem("duplicate_upstream", loc, url, message)
+            else:
+                first[key] = i

@@ -1,0 +1,383 @@
+"""The configuration model: every key ``aiolb.yaml`` may hold, and every default.
+
+Defaults live here and nowhere else. All models are frozen (a reload builds a new
+``Config`` and swaps one reference) and forbid unknown keys, so a misspelt key is an
+error rather than a silently ignored setting. ``Config.model_validate`` accepts the
+plain data YAML produces; ``proxy.config.loader`` adds file and line numbers to the
+errors. Checks that span sections (routes naming pools, clashing bind addresses,
+duplicate names and upstreams) live in ``proxy.config.checks`` and are reported
+together with the field errors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from proxy.balancing.consistent_hash import parse_key
+from proxy.balancing.peak_ewma import DEFAULT_DECAY
+from proxy.config.checks import cross_check, merge_errors
+from proxy.config.values import (
+    format_address,
+    parse_duration,
+    parse_size,
+    parse_upstream_url,
+    split_host_port,
+)
+
+# These two must name exactly the keys of ``proxy.balancing.REGISTRY`` (a test checks it):
+# adding an algorithm adds its name to both.
+BALANCER_NAMES: tuple[str, ...] = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "random",
+    "power_of_two",
+    "ip_hash",
+    "consistent_hash",
+    "peak_ewma",
+)
+BalancerName = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "random",
+    "power_of_two",
+    "ip_hash",
+    "consistent_hash",
+    "peak_ewma",
+]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_HOST = re.compile(rf"(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"invalid name {value!r}; use letters, digits, '_', '.', '-'")
+    return value
+
+
+def _check_bind(value: str) -> str:
+    split_host_port(value)
+    return value.strip()
+
+
+def _check_upstream_url(value: str) -> str:
+    parse_upstream_url(value)
+    return value.strip()
+
+
+def _check_workers(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+
+
+#: Seconds; a number or a string such as ``250ms``, ``5s``, ``1m`` (see ``parse_duration``).
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: A duration that must be > 0: every timeout.
+Timeout = Annotated[Duration, Field(gt=0)]
+#: Bytes; an int or a string such as ``64KiB``, ``8k``, ``10MB`` (see ``parse_size``).
+Size = Annotated[int, BeforeValidator(parse_size)]
+#: A listener or pool name: letters, digits, ``_``, ``.``, ``-`` (safe in URLs and labels).
+Name = Annotated[str, AfterValidator(_check_name)]
+#: ``host:port`` to bind, ``[::1]:8080`` for IPv6; port 0..65535.
+BindAddress = Annotated[str, AfterValidator(_check_bind)]
+#: ``http://host:port`` or ``http://host`` (port 80).
+UpstreamURL = Annotated[str, AfterValidator(_check_upstream_url)]
+#: A worker process count >= 1, or ``"auto"`` for one per CPU core.
+Workers = Annotated[int | Literal["auto"], PlainValidator(_check_workers)]
+
+
+def _option_problems(name: str, exc: ValidationError) -> str:
+    found = "; ".join(_option_problem(error) for error in exc.errors())
+    return f"invalid options for balancer {name!r}: {found}"
+
+
+def _option_problem(error: ErrorDetails) -> str:
+    key = ".".join(map(str, error["loc"]))
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"unknown option {key!r}"
+    if kind == "missing":
+        return f"option {key!r} is required"
+    if kind == "greater_than":
+        return f"{key}: must be > {ctx['gt']}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+class ConfigModel(BaseModel):
+    """Base of every config model: immutable, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Admin(ConfigModel):
+    """The admin and metrics server. An empty ``token`` means none (no auth)."""
+
+    bind: BindAddress = "127.0.0.1:9901"
+    token: str | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.bind)[1]
+
+
+class ConsistentHashOptions(ConfigModel):
+    """``consistent_hash``: ``key`` is ``header:NAME``, ``cookie:NAME``, ``query:NAME``,
+    ``path`` or ``client_ip`` (see ``proxy.balancing.consistent_hash``)."""
+
+    key: str
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        parse_key(value)  # raises ValueError naming the accepted forms
+        return value
+
+
+class PeakEwmaOptions(ConfigModel):
+    """``peak_ewma``: ``decay``, how long latencies are remembered (see
+    ``proxy.balancing.peak_ewma``)."""
+
+    decay: Annotated[Duration, Field(gt=0)] = DEFAULT_DECAY
+
+
+#: Options model per balancer name; a balancer not listed here takes no options.
+#: The pool hands the balancer the validated values (durations in seconds, defaults
+#: filled in), not what the YAML said.
+BALANCER_OPTIONS: Mapping[str, type[BaseModel]] = MappingProxyType(
+    {"consistent_hash": ConsistentHashOptions, "peak_ewma": PeakEwmaOptions}
+)
+
+
+class ListenerTimeouts(ConfigModel):
+    """Client-side timeouts, in seconds.
+
+    ``header``: time to receive a complete request header (then 408). ``idle``: time a
+    keep-alive connection may sit between requests. ``body``: longest gap between two
+    reads of a request body.
+    """
+
+    header: Timeout = 10.0
+    idle: Timeout = 60.0
+    body: Timeout = 60.0
+
+
+class Limits(ConfigModel):
+    """Request size limits, in bytes (ints or sizes such as ``64KiB``, see ``parse_size``).
+
+    ``max_header_size``: the whole request head (else 431). ``max_uri_size``: the request
+    target (else 414). ``max_body_size``: the request body (else 413); None = unlimited,
+    since bodies stream and nothing is buffered.
+    """
+
+    max_header_size: Annotated[Size, Field(ge=1)] = 65536
+    max_uri_size: Annotated[Size, Field(ge=1)] = 8192
+    max_body_size: Annotated[Size, Field(ge=0)] | None = None
+
+
+class Match(ConfigModel):
+    """What a request must look like to take a route; both parts must match.
+
+    ``host``: an exact host (``api.example.com``) or a wildcard (``*.example.com``, which
+    matches any subdomain but not ``example.com`` itself), stored lower-case, without a
+    port; None matches every host. ``path_prefix``: the raw request path starts with it.
+    """
+
+    host: str | None = None
+    path_prefix: str = "/"
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower()
+        if host.startswith("[") and host.endswith("]"):
+            return host
+        if ":" in host:
+            raise ValueError(f"host must not include a port: {value!r}")
+        if not _HOST.fullmatch(host):
+            raise ValueError(f"invalid host {value!r}; use a name such as api.example.com "
+                             "or a wildcard such as *.example.com")  # fmt: skip
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        if not value.isascii() or not value.isprintable() or " " in value:
+            raise ValueError(f"must be printable ASCII without spaces, got {value!r}")
+        return value
+
+
+class Route(ConfigModel):
+    """Send requests that ``match`` to the pool named ``pool``."""
+
+    match: Match = Match()
+    pool: str
+
+
+class BalancerSpec(ConfigModel):
+    """Which algorithm a pool uses, and its options.
+
+    YAML takes either a name (``balancer: round_robin``) or a mapping whose ``name`` is
+    the algorithm and whose other keys are its options (``{name: consistent_hash, key:
+    "header:X-User"}``); the dumped form ``{name: ..., options: {...}}`` is accepted too.
+    """
+
+    name: BalancerName = "round_robin"
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"name": data}
+        if not isinstance(data, Mapping):
+            return data
+        if set(data) <= {"name", "options"} and isinstance(data.get("options", {}), Mapping):
+            return data
+        options = {key: value for key, value in data.items() if key != "name"}
+        return {"name": data["name"], "options": options} if "name" in data else data
+
+    @model_validator(mode="after")
+    def _check_options(self) -> BalancerSpec:
+        model = BALANCER_OPTIONS.get(self.name)
+        if model is None and self.options:
+            keys = ", ".join(repr(key) for key in self.options)
+            raise ValueError(f"balancer {self.name!r} takes no options, got {keys}")
+        if model is not None:
+            try:
+                parsed = model.model_validate(self.options)
+            except ValidationError as exc:
+                raise ValueError(_option_problems(self.name, exc)) from None
+            # frozen: store the validated values once, as the balancer will read them
+            object.__setattr__(self, "options", parsed.model_dump())
+        return self
+
+
+class PoolTimeouts(ConfigModel):
+    """Upstream-side timeouts, in seconds.
+
+    ``connect``: TCP connect (then 502 or a retry). ``response_header``: from the request
+    sent to the complete response head (then 504). ``idle``: how long an idle keep-alive
+    connection stays pooled. ``read``: longest gap between two upstream reads once the
+    response started.
+    """
+
+    connect: Timeout = 3.0
+    response_header: Timeout = 30.0
+    idle: Timeout = 60.0
+    read: Timeout = 60.0
+
+
+class UpstreamSpec(ConfigModel):
+    """One upstream server. ``backup`` ones serve only when no primary is available."""
+
+    url: UpstreamURL
+    weight: Annotated[int, Field(ge=1)] = 1
+    backup: bool = False
+
+    @property
+    def host(self) -> str:
+        """Lower-case host; an IPv6 literal without brackets (ready for ``connect``)."""
+        return parse_upstream_url(self.url)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_upstream_url(self.url)[1]
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[::1]:80`` for IPv6): the upstream's identity and metric label."""
+        return format_address(*parse_upstream_url(self.url))
+
+
+class Pool(ConfigModel):
+    """A set of upstreams behind one balancer. ``max_idle_connections`` is per upstream."""
+
+    balancer: BalancerSpec = BalancerSpec()
+    upstreams: Annotated[list[UpstreamSpec], Field(min_length=1)]
+    timeouts: PoolTimeouts = PoolTimeouts()
+    max_idle_connections: Annotated[int, Field(ge=0)] = 32
+    #: seconds over which an upstream that became available ramps its weight from 10%
+    #: to 100% (HAProxy ``slowstart``); None: at once
+    slow_start: Annotated[Duration, Field(gt=0)] | None = None
+
+
+class Listener(ConfigModel):
+    """One address clients connect to, with its routes (the first match wins)."""
+
+    name: Name
+    bind: BindAddress
+    routes: Annotated[list[Route], Field(min_length=1)]
+    timeouts: ListenerTimeouts = ListenerTimeouts()
+    limits: Limits = Limits()
+
+    @property
+    def host(self) -> str:
+        """The host to bind; an IPv6 literal without brackets."""
+        return split_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        """The configured port; 0 means the system picks one."""
+        return split_host_port(self.bind)[1]
+
+
+class Config(ConfigModel):
+    """The whole configuration: at least one listener and one pool."""
+
+    listeners: Annotated[list[Listener], Field(min_length=1)]
+    pools: Annotated[dict[Name, Pool], Field(min_length=1)]
+    admin: Admin = Admin()
+    workers: Workers = 1
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_check(cls, data: Any, handler: ModelWrapValidatorHandler[Config]) -> Config:
+        """Run ``checks.cross_check`` on the input and report its errors with the rest."""
+        problems = cross_check(data) if isinstance(data, Mapping) else []
+        try:
+            config = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            raise merge_errors(cls.__name__, exc, problems) from None
+        if problems:
+            raise merge_errors(cls.__name__, None, problems)
+        return config

@@ -1,0 +1,1 @@
+"""The request cycle: route, select an upstream, send, stream the response back."""

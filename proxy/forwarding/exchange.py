@@ -1,0 +1,516 @@
+"""One request/response cycle: route, select an upstream, send, stream back.
+
+Theory of operation
+-------------------
+An ``Exchange`` is created by the client connection when a request head has been
+parsed. It becomes *current* at once, or waits in the client's pipeline queue; only
+the current exchange writes to the client, so pipelined responses stay in order.
+
+``start`` routes the request and picks an upstream. A pooled idle connection is used
+at once; otherwise a connect task is the one task created, and only for new
+connections. Request body chunks (already de-chunked by the parser) are framed again
+and gathered in ``pending``; after each read from the client ``flush_upstream``
+writes them in one ``writelines``, or, while no connection is attached yet, keeps
+them and pauses the client above the high-water mark.
+
+Response events come from the upstream connection: the head is rewritten
+(hop-by-hop headers removed, our framing and ``Connection`` header added) and body
+chunks are gathered in ``out``, written once per upstream read by ``flush_client``.
+Back-pressure is explicit both ways: a full client write buffer pauses upstream
+reading, a full upstream write buffer pauses client reading.
+
+Failure before the response head reaches the client becomes a short response from
+the proxy (``ProxyError.status``); after that the client connection is closed, so a
+truncated body is never presented as complete. A pooled connection that closes
+before any response byte is retried once on a fresh connection, if the body sent so
+far still fits the replay buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Final
+
+from proxy.clock import NEVER
+from proxy.errors import NoUpstreamError, ProxyError, UpstreamTimeoutError
+from proxy.http.headers import RequestHeaders, ResponseHeaders, request_head
+from proxy.http.responses import CONTINUE_100, error_response
+
+if TYPE_CHECKING:
+    from proxy.server.protocol import ClientConnection
+    from proxy.upstream.connection import UpstreamConnection
+    from proxy.upstream.pool import Pool, Upstream
+
+log = logging.getLogger("aiolb")
+
+#: Request body bytes kept to replay on a fresh connection if a pooled one was stale.
+REPLAY_LIMIT: Final = 64 * 1024
+#: Body bytes held while no upstream connection is attached, before pausing the client.
+PENDING_HIGH_WATER: Final = 64 * 1024
+
+# Response framing towards the client.
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+class Exchange:
+    __slots__ = (
+        "body_size",
+        "client",
+        "conn",
+        "deadline",
+        "discard",
+        "done",
+        "found",
+        "head",
+        "head_request",
+        "headers",
+        "host",
+        "http_minor",
+        "keep_alive",
+        "local_status",
+        "method",
+        "mode",
+        "out",
+        "pending",
+        "pending_size",
+        "pool",
+        "released",
+        "replay",
+        "replay_size",
+        "req_done",
+        "request_id",
+        "resp_done",
+        "resp_eof",
+        "resp_started",
+        "retried",
+        "sent_at",
+        "target",
+        "task",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        found: RequestHeaders,
+        http_minor: int,
+        keep_alive: bool,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.found = found
+        self.host = found.host
+        self.http_minor = http_minor
+        self.keep_alive = keep_alive and not found.close
+        self.head_request = method == b"HEAD"
+        self.request_id = found.request_id or client.request_ids.next()
+        self.head = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.body_size = 0
+        self.req_done = False
+        self.discard = False
+        self.local_status = 0
+        self.pool: Pool | None = None
+        self.upstream: Upstream | None = None
+        self.released = False
+        self.conn: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.replay: list[bytes] | None = None
+        self.replay_size = 0
+        self.retried = False
+        self.sent_at = 0.0
+        self.out: list[bytes] = []
+        self.mode = NO_BODY
+        self.resp_started = False
+        self.resp_done = False
+        self.resp_eof = False
+        self.done = False
+        self.deadline = NEVER
+
+    # -- RequestView, for balancers ---------------------------------------------------
+
+    @property
+    def client_ip(self) -> str:
+        return self.client.client_ip
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return None
+
+    # -- start: route, pick, connect --------------------------------------------------
+
+    def start(self) -> None:
+        """Become the current exchange: route and send, or answer locally."""
+        if not self._resolve_target():
+            return
+        client = self.client
+        pool = client.router.route(self.host, self.target)
+        if pool is None:
+            self.local(404)
+            return
+        self.pool = pool
+        upstream = pool.pick(self)
+        if upstream is None:
+            self._fail(NoUpstreamError("no upstream available"))
+            return
+        self.upstream = upstream
+        upstream.active += 1
+        if self.found.expect_continue and self.http_minor and not self.req_done:
+            client.transport.write(CONTINUE_100)
+        if self.host is None:
+            self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
+        self.head = request_head(
+            self.method, self.target, self.found, client.client_ip_bytes, self.host,
+            self.request_id,
+        )
+        conn = upstream.take_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.task = client.loop.create_task(self._connect())
+
+    def _resolve_target(self) -> bool:
+        """Origin-form passes; absolute-form only for hosts a route names; else 400."""
+        target = self.target
+        if target[:1] == b"/":
+            if self.host is None and self.http_minor == 1:
+                self.local(400, close=True)  # RFC 9112 3.2: HTTP/1.1 requires Host
+                return False
+            return True
+        if target == b"*" and self.method == b"OPTIONS":
+            return True
+        lower = target[:8].lower()
+        start = 7 if lower.startswith(b"http://") else 8 if lower.startswith(b"https://") else 0
+        authority, slash, path = target[start:].partition(b"/")
+        if not start or not authority or not self.client.router.serves_host(authority):
+            log.info("400 absolute-form target refused: %r", target[:200])
+            self.local(400, close=True)
+            return False
+        self.target = slash + path if slash else b"/"
+        self.host = authority
+        self.found.set_host(authority)
+        return True
+
+    async def _connect(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        try:
+            conn = await upstream.connect(self.client.loop)
+        except ProxyError as exc:
+            self.task = None
+            if not self.done:
+                self._fail(exc)
+            return
+        self.task = None
+        if self.done:
+            upstream.put_idle(conn, self.client.clock.now)
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        pending = self.pending
+        reused = conn.uses > 0
+        if reused and self.pending_size <= REPLAY_LIMIT:
+            self.replay = list(pending)
+            self.replay_size = self.pending_size
+        else:
+            self.replay = None
+        self.conn = conn
+        if self.pool.observe is not None:  # type: ignore[union-attr]
+            self.sent_at = self.client.loop.time()
+        pending.insert(0, self.head)
+        self.pending = []
+        self.pending_size = 0
+        conn.send(self, pending)
+        self.client.resume(BODY_WAIT)
+        if self.req_done:
+            self._await_response()
+        if self.client.write_paused:
+            conn.pause_reading()
+
+    # -- request body, from the client connection ------------------------------------
+
+    def on_request_body(self, data: bytes) -> None:
+        if self.discard:
+            return
+        size = len(data)
+        self.body_size += size
+        if self.found.chunked:
+            self.pending += (b"%x\r\n" % size, data, b"\r\n")
+        else:
+            self.pending.append(data)
+        self.pending_size += size
+
+    def on_request_complete(self) -> None:
+        self.req_done = True
+        if self.local_status:
+            self._write_local(self.local_status, False)
+            return
+        if self.found.chunked and not self.discard:
+            self.pending.append(_LAST_CHUNK)
+        if self.resp_done:
+            self._finish(False)
+        elif self.conn is not None and not self.resp_started:
+            self._await_response()
+
+    def _await_response(self) -> None:
+        """The whole request is sent: the response header timeout starts now."""
+        pool = self.pool
+        assert pool is not None
+        self.deadline = self.client.clock.now + pool.response_header_timeout
+
+    def flush_upstream(self) -> None:
+        """Write the body gathered during one client read (called after each read)."""
+        pending = self.pending
+        if not pending:
+            return
+        conn = self.conn
+        if conn is None:
+            if self.pending_size > PENDING_HIGH_WATER:
+                self.client.pause(BODY_WAIT)
+            return
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += self.pending_size
+            if self.replay_size > REPLAY_LIMIT:
+                self.replay = None
+            else:
+                replay += pending
+        self.pending = []
+        self.pending_size = 0
+        assert conn.transport is not None
+        conn.transport.writelines(pending)
+
+    # -- response, from the upstream connection --------------------------------------
+
+    def on_informational(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """1xx before the final response: relayed to HTTP/1.1 clients, except 100."""
+        if status == 100 or not self.http_minor:
+            return
+        found = ResponseHeaders(headers)
+        self.out.append(b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason), *found.parts, b"\r\n")))
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.replay = None
+        self.resp_started = True
+        observe = self.pool.observe  # type: ignore[union-attr]
+        if observe is not None:
+            observe(self.upstream, self.client.loop.time() - self.sent_at)  # type: ignore[arg-type]
+        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+        found = ResponseHeaders(headers)
+        keep = self.keep_alive and not self.client.draining
+        if self.head_request or status == 204 or status == 304:
+            mode = NO_BODY
+        elif found.has_length:
+            mode = LENGTH
+        else:
+            self.resp_eof = not found.chunked
+            if self.http_minor:
+                mode = CHUNKED
+            else:
+                mode = UNTIL_CLOSE
+                keep = False
+        self.mode = mode
+        self.keep_alive = keep
+        parts = found.parts
+        parts.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, reason))
+        if mode == CHUNKED:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep:
+            parts.append(b"Connection: close\r\n")
+        elif not self.http_minor:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.out.append(b"".join(parts))
+
+    def on_response_body(self, data: bytes) -> None:
+        mode = self.mode
+        if mode == CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif mode != NO_BODY:
+            self.out.append(data)
+        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+
+    def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        if self.mode == CHUNKED:
+            self.out.append(_LAST_CHUNK)
+        self.flush_client()
+        self.resp_done = True
+        self.conn = None
+        conn.release()
+        upstream = self.upstream
+        assert upstream is not None
+        if upstream_keep_alive and self.req_done and not self.pending:
+            upstream.put_idle(conn, self.client.clock.now)
+        else:
+            conn.close()
+        self._release_upstream()
+        if self.req_done:
+            self._finish(False)
+        else:
+            self._finish(True)  # the client is still sending: close after the response
+
+    def on_upstream_lost(self, conn: UpstreamConnection, error: ProxyError) -> None:
+        """The upstream connection closed or broke during this exchange."""
+        self.conn = None
+        if self.done:
+            return
+        if not self.resp_started:
+            stale = conn.uses > 1 and not conn.responded  # a pooled connection died idle
+            if stale and self.replay is not None and not self.retried:
+                self._retry_fresh()
+                return
+            self._fail(error)
+        elif self.resp_eof:  # a close-delimited body ends with the connection
+            self.on_response_complete(conn, False)
+        else:
+            log.warning(
+                "%s %s: upstream %s closed mid-response; closing the client connection",
+                self.method.decode(), self.target[:200].decode(errors="replace"),
+                conn.upstream.address,
+            )
+            self.abort()
+            self.client.close()
+
+    def flush_client(self) -> None:
+        """Write what one upstream read produced, in one call."""
+        out = self.out
+        if out:
+            self.out = []
+            self.client.transport.writelines(out)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.pause(UPSTREAM_FULL)
+        else:
+            self.client.resume(UPSTREAM_FULL)
+
+    def client_write_paused(self, paused: bool) -> None:
+        """The client's write buffer crossed a water mark: stop or restart the upstream."""
+        conn = self.conn
+        if conn is None:
+            return
+        if paused:
+            conn.pause_reading()
+            self.deadline = NEVER  # a slow reader is not a slow upstream
+        else:
+            conn.resume_reading()
+            if self.resp_started:
+                self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+
+    # -- endings ------------------------------------------------------------------------
+
+    def on_timeout(self) -> None:
+        """The response header (504) or a gap between response reads (close) timed out."""
+        self.deadline = NEVER
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        if self.resp_started:
+            log.warning("upstream read timeout; closing the client connection")
+            self.abort()
+            self.client.close()
+        else:
+            self._fail(UpstreamTimeoutError("no response header in time"))
+
+    def local(self, status: int, close: bool = False) -> None:
+        """Answer with the proxy's own response.
+
+        The connection is kept only when the request is (or will be, having no body)
+        read completely; a request with a body still arriving is answered and closed.
+        """
+        self.discard = True
+        self.pending = []
+        self.pending_size = 0
+        if close:
+            self._write_local(status, True)
+        elif self.req_done:
+            self._write_local(status, False)
+        elif self.found.chunked or self.found.content_length not in (None, b"0"):
+            self._write_local(status, True)
+        else:
+            self.local_status = status  # written when the (empty) request completes
+
+    def _write_local(self, status: int, close: bool) -> None:
+        self.local_status = 0
+        close = close or not self.keep_alive or self.client.draining
+        self.client.transport.write(error_response(status, close, self.head_request))
+        self._finish(close)
+
+    def _fail(self, error: ProxyError) -> None:
+        self._release_upstream()
+        log.warning(
+            "%d %s %s: %s%s", error.status, self.method.decode(),
+            self.target[:200].decode(errors="replace"),
+            f"upstream {self.upstream.address}: " if self.upstream else "", error.reason,
+        )
+        self.local(error.status)
+
+    def _retry_fresh(self) -> None:
+        """A pooled connection was stale: send again on a new connection, once."""
+        self.retried = True
+        replay = self.replay or []
+        self.pending = replay + self.pending
+        self.pending_size = sum(map(len, self.pending))
+        self.replay = None
+        self.deadline = NEVER
+        assert self.upstream is not None
+        self.task = self.client.loop.create_task(self._connect())
+
+    def _release_upstream(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not self.released:
+            self.released = True
+            upstream.active -= 1
+
+    def _finish(self, close: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.deadline = NEVER
+        self.client.exchange_done(self, self.keep_alive and not close)
+
+    def abort(self) -> None:
+        """The client went away or broke: drop everything (idempotent)."""
+        if self.done:
+            return
+        self.done = True
+        self.deadline = NEVER
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        self._release_upstream()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "streaming" if self.resp_started else "waiting"
+        up = self.upstream.address if self.upstream else "-"
+        return f"<Exchange {self.method.decode()} {self.target[:60]!r} -> {up} [{state}]>"
+
+
+# Reasons a client connection's reading is paused (bits, see ClientConnection.pause).
+PIPELINE: Final = 1
+BODY_WAIT: Final = 2
+UPSTREAM_FULL: Final = 4

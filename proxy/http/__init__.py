@@ -1,0 +1,1 @@
+"""HTTP/1.1 pieces with no sockets: header rules, framing rules, error responses."""

@@ -1,0 +1,207 @@
+"""Header rules for both directions, in one pass over the parsed header list.
+
+Requests: hop-by-hop headers are removed (``Connection`` and every name it lists,
+``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Upgrade``) and so is
+``Expect`` (the proxy answers ``100 Continue`` itself, as nginx does);
+``X-Forwarded-For`` gets the client address appended, ``X-Forwarded-Proto`` and
+``X-Forwarded-Host`` are set, ``Via`` is added, ``X-Request-ID`` is kept or generated.
+``Host``, ``Content-Length`` and ``Transfer-Encoding`` pass unchanged: the parser has
+already rejected ambiguous framing, and a chunked body is re-chunked on the way out.
+
+Responses: the same hop-by-hop names and ``Transfer-Encoding`` are removed; the
+forwarding layer writes its own framing and ``Connection`` header.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Final
+
+# Actions, as small ints: one dict lookup per header decides.
+_DROP: Final = 0
+_CONNECTION: Final = 1
+_HOST: Final = 2
+_XFF: Final = 3
+_REQUEST_ID: Final = 4
+_CONTENT_LENGTH: Final = 5
+_TRANSFER_ENCODING: Final = 6
+_EXPECT: Final = 7
+
+_REQUEST_ACTIONS: Final[dict[bytes, int]] = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+    b"host": _HOST,
+    b"x-forwarded-for": _XFF,
+    b"x-request-id": _REQUEST_ID,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT,
+}
+
+_RESPONSE_ACTIONS: Final[dict[bytes, int]] = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+}
+
+_PLAIN_CONNECTION_TOKENS: Final = frozenset((b"close", b"keep-alive"))
+VIA: Final = b"Via: 1.1 aiolb\r\n"
+
+
+class RequestIds:
+    """Request ids unique per process: a random 64-bit prefix and a counter.
+
+    Cheaper than ``uuid4()`` on every request and as unique in practice.
+    """
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex().encode()
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        return b"%s-%x" % (self._prefix, next(self._counter))
+
+
+class RequestHeaders:
+    """What one pass over a request's headers found, and the headers to forward."""
+
+    __slots__ = (
+        "chunked",
+        "close",
+        "content_length",
+        "expect_continue",
+        "forwarded_for",
+        "host",
+        "parts",
+        "request_id",
+    )
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        parts: list[bytes] = []
+        self.host: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.request_id: bytes | None = None
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.close = False
+        self.expect_continue = False
+        listed: list[bytes] | None = None
+        actions = _REQUEST_ACTIONS
+        for name, value in headers:
+            action = actions.get(name.lower())
+            if action is None or action == _CONTENT_LENGTH:
+                parts += (name, b": ", value, b"\r\n")
+                if action is not None:
+                    self.content_length = value
+            elif action == _HOST:
+                if self.host is not None:
+                    raise ValueError("duplicate Host header")
+                self.host = value
+                parts += (name, b": ", value, b"\r\n")
+            elif action == _XFF:
+                self.forwarded_for = value if self.forwarded_for is None else (
+                    self.forwarded_for + b", " + value
+                )
+            elif action == _REQUEST_ID:
+                self.request_id = value
+            elif action == _TRANSFER_ENCODING:
+                self.chunked = True
+                parts += (name, b": ", value, b"\r\n")
+            elif action == _EXPECT:
+                self.expect_continue = value.strip().lower() == b"100-continue"
+            elif action == _CONNECTION:
+                listed = _connection_tokens(value, listed)
+        if listed:
+            self.close = b"close" in listed
+            parts = _remove_listed(parts, listed)
+        self.parts = parts
+
+    def set_host(self, host: bytes) -> None:
+        """Replace ``Host`` by an absolute-form target's authority (RFC 9112 3.2.2)."""
+        parts = self.parts
+        for i in range(0, len(parts), 4):
+            if parts[i].lower() == b"host":
+                parts[i + 2] = host
+                break
+        else:
+            parts += (b"Host", b": ", host, b"\r\n")
+        self.host = host
+
+
+def _connection_tokens(value: bytes, listed: list[bytes] | None) -> list[bytes]:
+    tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
+    return tokens if listed is None else listed + tokens
+
+
+def _remove_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
+    """Drop the headers a ``Connection`` header names (rare: only non-plain tokens)."""
+    names = {t for t in listed if t not in _PLAIN_CONNECTION_TOKENS}
+    if not names:
+        return parts
+    kept: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    found: RequestHeaders,
+    client_ip: bytes,
+    forwarded_host: bytes | None,
+    request_id: bytes,
+) -> bytes:
+    """The request head sent upstream (always HTTP/1.1, keep-alive)."""
+    xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
+    tail = [
+        b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n",
+        b"X-Request-ID: ", request_id, b"\r\n", VIA,
+    ]
+    if forwarded_host is not None:
+        tail += (b"X-Forwarded-Host: ", forwarded_host, b"\r\n")
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", *found.parts, *tail, b"\r\n"))
+
+
+class ResponseHeaders:
+    """One pass over a response's headers: framing found and headers to forward."""
+
+    __slots__ = ("chunked", "close", "has_length", "parts")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        parts: list[bytes] = []
+        self.has_length = False
+        self.chunked = False
+        self.close = False
+        listed: list[bytes] | None = None
+        actions = _RESPONSE_ACTIONS
+        for name, value in headers:
+            action = actions.get(name.lower())
+            if action is None:
+                parts += (name, b": ", value, b"\r\n")
+            elif action == _CONTENT_LENGTH:
+                self.has_length = True
+                parts += (name, b": ", value, b"\r\n")
+            elif action == _TRANSFER_ENCODING:
+                self.chunked = True
+            elif action == _CONNECTION:
+                listed = _connection_tokens(value, listed)
+        if listed:
+            self.close = b"close" in listed
+            parts = _remove_listed(parts, listed)
+        self.parts = parts

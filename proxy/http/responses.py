@@ -1,0 +1,74 @@
+"""Preformatted responses the proxy makes itself (no upstream answered).
+
+Each is built once at import: on the hot path an error costs one dict lookup and one
+``transport.write``. Bodies are short plain text; the status line says it all.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+REASONS: Final[dict[int, bytes]] = {
+    100: b"Continue",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+_BODIES: Final[dict[int, bytes]] = {
+    400: b"400 Bad Request: the request could not be parsed\n",
+    404: b"404 Not Found: no route matches this request\n",
+    405: b"405 Method Not Allowed: aiolb is a reverse proxy, not a forward proxy\n",
+    408: b"408 Request Timeout: the request was not received in time\n",
+    413: b"413 Content Too Large: the request body exceeds the limit\n",
+    414: b"414 URI Too Long: the request target exceeds the limit\n",
+    431: b"431 Request Header Fields Too Large: the header block exceeds the limit\n",
+    500: b"500 Internal Server Error\n",
+    502: b"502 Bad Gateway: the upstream did not give a valid response\n",
+    503: b"503 Service Unavailable: no upstream is available\n",
+    504: b"504 Gateway Timeout: the upstream did not answer in time\n",
+}
+
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _build(status: int, close: bool) -> bytes:
+    body = _BODIES[status]
+    extra = b""
+    if status == 405:
+        extra = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
+    elif status == 503:
+        extra = b"Retry-After: 1\r\n"
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            extra,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+#: ``RESPONSES[status][close]`` is the full response (head and body).
+RESPONSES: Final[dict[int, tuple[bytes, bytes]]] = {
+    status: (_build(status, False), _build(status, True)) for status in _BODIES
+}
+
+
+def error_response(status: int, close: bool, head_only: bool = False) -> bytes:
+    """The proxy's own response for ``status``; ``head_only`` for HEAD requests."""
+    data = RESPONSES[status][close]
+    if head_only:
+        return data[: data.index(b"\r\n\r\n") + 4]
+    return data

@@ -1,0 +1,1 @@
+"""Event loop, signals, reload and graceful shutdown."""

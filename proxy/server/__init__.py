@@ -1,0 +1,1 @@
+"""Client-facing side: the asyncio protocol, flow control, listeners, drain."""

@@ -1,0 +1,401 @@
+"""The client side of one connection: parse requests, answer in order, enforce limits.
+
+Theory of operation
+-------------------
+httptools parses every byte that arrives (``data_received`` → ``feed_data``); its
+callbacks build one ``Exchange`` per request head. The first becomes current and
+starts at once; pipelined ones queue behind it and reading pauses, so only the bytes
+already read are parsed ahead. When the current exchange finishes, the next one
+starts, or the connection goes idle (keep-alive) or closes.
+
+Everything the client can get wrong ends here with a short response and a closed
+connection, never a traceback: malformed framing or header syntax (400), CONNECT
+(405), a slow header or body (408), a body over ``max_body_size`` (413), a long URI
+(414), a large header block (431). An error found while an earlier pipelined
+response is still due is answered after it, in order.
+
+Timers are deadlines checked by the listener's sweep (``proxy.clock``); the phase
+says what a deadline means: IDLE closes quietly, HEAD and BODY answer 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import httptools
+
+from proxy.clock import NEVER
+from proxy.forwarding.exchange import PIPELINE, Exchange
+from proxy.http.headers import RequestHeaders
+from proxy.http.responses import error_response
+
+if TYPE_CHECKING:
+    from proxy.server.listener import Listener
+
+log = logging.getLogger("aiolb")
+
+IDLE: Final = 0  # between requests (keep-alive)
+HEAD: Final = 1  # a request head is arriving
+BODY: Final = 2  # a request body is arriving
+BUSY: Final = 3  # request read; its response is pending
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Rejection:
+    """A queued error response, answered after the responses due before it."""
+
+    __slots__ = ("client", "done", "status")
+
+    def __init__(self, client: ClientConnection, status: int) -> None:
+        self.client = client
+        self.status = status
+        self.done = False
+
+    def start(self) -> None:
+        self.done = True
+        self.client.answer_and_close(self.status)
+
+    def abort(self) -> None:
+        self.done = True
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_advancing",
+        "broken",
+        "chunk_len",
+        "client_ip",
+        "client_ip_bytes",
+        "clock",
+        "closed",
+        "deadline",
+        "draining",
+        "exchange",
+        "head_bytes",
+        "headers",
+        "in_head",
+        "listener",
+        "loop",
+        "max_body",
+        "max_header",
+        "max_uri",
+        "parser",
+        "parsing",
+        "paused",
+        "phase",
+        "queue",
+        "request_ids",
+        "router",
+        "timeout_body",
+        "timeout_header",
+        "timeout_idle",
+        "transport",
+        "url",
+        "write_paused",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.clock = listener.clock
+        self.router = listener.router
+        self.request_ids = listener.request_ids
+        limits, timeouts = listener.config.limits, listener.config.timeouts
+        self.max_header = limits.max_header_size
+        self.max_uri = limits.max_uri_size
+        self.max_body = limits.max_body_size
+        self.timeout_header = timeouts.header
+        self.timeout_idle = timeouts.idle
+        self.timeout_body = timeouts.body
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_bytes = b""
+        self.exchange: Exchange | _Rejection | None = None
+        self.parsing: Exchange | None = None
+        self.queue: deque[Exchange | _Rejection] = deque()
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.in_head = False
+        self.head_bytes = 0
+        self.chunk_len = 0
+        self.phase = IDLE
+        self.deadline = NEVER
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.broken = False
+        self.draining = listener.draining
+        self._advancing = False
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0]
+            self.client_ip_bytes = peer[0].encode()
+        self.listener.connections.add(self)
+        self.deadline = self.clock.now + self.timeout_header
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.broken = True
+        self.listener.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.abort()
+            self.exchange = None
+        if self.parsing is not None:
+            self.parsing.abort()
+            self.parsing = None
+        while self.queue:
+            self.queue.popleft().abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.chunk_len = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._callback_failed(exc.__context__)
+        except httptools.HttpParserUpgrade as exc:
+            self._after_upgrade(data, exc.args[0] if exc.args else len(data))
+        except httptools.HttpParserError as exc:
+            log.info("400 from %s: %s", self.client_ip, exc)
+            self.reject(400)
+        else:
+            if self.in_head:
+                if self.head_bytes < 0:  # began in this read: parsed part + unfinished line
+                    self.head_bytes = self._head_size() + len(data) - data.rfind(b"\n") - 1
+                else:
+                    self.head_bytes += len(data)
+                if self.head_bytes > self.max_header:
+                    self.reject(431)
+        ex = self.exchange
+        if ex is not None and ex.__class__ is Exchange and ex.pending:
+            ex.flush_upstream()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None and ex.__class__ is Exchange:
+            ex.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None and ex.__class__ is Exchange:
+            ex.client_write_paused(False)
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.in_head = True
+        self.head_bytes = -1  # unknown until this read is parsed
+        self.phase = HEAD
+        self.deadline = self.clock.now + self.timeout_header
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.max_uri:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:  # trailers of a chunked body arrive here too: dropped
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405)
+        limit = self.max_header
+        if self.head_bytes + self.chunk_len > limit and self._head_size() > limit:
+            raise _Reject(431)
+        try:
+            found = RequestHeaders(self.headers)
+        except ValueError:
+            raise _Reject(400) from None
+        has_body = found.chunked or found.content_length not in (None, b"0")
+        if has_body and self.max_body is not None and not found.chunked:
+            assert found.content_length is not None
+            if int(found.content_length) > self.max_body:
+                raise _Reject(413)
+        minor = 1 if parser.get_http_version() == "1.1" else 0
+        keep_alive = parser.should_keep_alive()
+        ex = Exchange(self, method, self.url, self.headers, found, minor, keep_alive)
+        self.parsing = ex
+        if has_body:
+            self.phase = BODY
+            self.deadline = self.clock.now + self.timeout_body
+        else:
+            self.phase = BUSY
+            self.deadline = NEVER
+        if self.exchange is None:
+            self.exchange = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.pause(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.on_request_body(body)
+        self.deadline = self.clock.now + self.timeout_body
+        if self.max_body is not None and ex.body_size > self.max_body:
+            raise _Reject(413)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        self.phase = BUSY
+        self.deadline = NEVER
+        if ex is not None:
+            ex.on_request_complete()
+
+    # -- used by exchanges -------------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange | _Rejection, keep_alive: bool) -> None:
+        """The current exchange wrote its whole response."""
+        if ex is not self.exchange:
+            return
+        self.exchange = None
+        if not keep_alive or self.closed:
+            self.close()
+            return
+        self._advance()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def reject(self, status: int) -> None:
+        """Answer ``status`` and close, after any response still due before it."""
+        self.broken = True
+        self.deadline = NEVER
+        current, parsing = self.exchange, self.parsing
+        self.parsing = None
+        if current is not None and current is not parsing and not current.done:
+            if parsing is not None:
+                if parsing in self.queue:
+                    self.queue.remove(parsing)
+                parsing.abort()
+            self.queue.append(_Rejection(self, status))
+            self.pause(PIPELINE)
+            return
+        if current is not None and current.__class__ is Exchange and current.resp_started:
+            self.close()  # mid-response: the only honest signal left is closing
+            return
+        self.answer_and_close(status)
+
+    def answer_and_close(self, status: int) -> None:
+        if self.exchange is not None:
+            self.exchange.abort()
+        self.exchange = None
+        if not self.closed:
+            self.transport.write(error_response(status, True, self._is_head()))
+        self.close()
+
+    def close(self) -> None:
+        """Close after what is already written has been sent."""
+        self.broken = True
+        self.deadline = NEVER
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called on every clock tick by the listener's sweep."""
+        if self.deadline <= now:
+            if self.paused and self.phase != IDLE:  # we stopped reading, not the client
+                self.deadline = now + self.timeout_body
+            elif self.phase == IDLE or (self.draining and self.exchange is None):
+                self.close()
+            else:
+                log.info("408 for %s: request not received in time", self.client_ip)
+                self.reject(408)
+        ex = self.exchange
+        if ex is not None and ex.__class__ is Exchange and ex.deadline <= now:
+            ex.on_timeout()
+
+    def drain(self) -> None:
+        """Graceful shutdown: finish what is in flight, keep-alive off, close when idle."""
+        self.draining = True
+        if self.exchange is None and self.phase == IDLE:
+            self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self.exchange is None and self.queue and not self.closed:
+                nxt = self.queue.popleft()
+                self.exchange = nxt
+                nxt.start()
+        finally:
+            self._advancing = False
+        if self.exchange is None and not self.closed:
+            self.resume(PIPELINE)
+            if self.phase == BUSY:
+                self.phase = IDLE
+                if self.draining:
+                    self.close()
+                else:
+                    self.deadline = self.clock.now + self.timeout_idle
+
+    def _is_head(self) -> bool:
+        try:
+            return bool(self.parser.get_method() == b"HEAD")
+        except Exception:  # the request line did not parse
+            return False
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+
+    def _callback_failed(self, exc: BaseException | None) -> None:
+        if isinstance(exc, _Reject):
+            log.info("%d from %s", exc.status, self.client_ip)
+            self.reject(exc.status)
+        else:
+            log.error("bug while handling a request from %s", self.client_ip, exc_info=exc)
+            self.reject(500)
+
+    def _after_upgrade(self, data: bytes, offset: int) -> None:
+        """A request asked for ``Upgrade``: it was forwarded without it; parse on."""
+        if self.broken:
+            return
+        rest = data[offset:]
+        if rest:
+            self.data_received(rest)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ClientConnection {self.client_ip} [phase {self.phase}, "
+            f"{'busy' if self.exchange else 'idle'}, {len(self.queue)} queued]>"
+        )

@@ -1,0 +1,1 @@
+"""Upstream and Pool state, the keep-alive connection pool, the upstream-side protocol."""

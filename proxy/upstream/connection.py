@@ -1,0 +1,191 @@
+"""The upstream side of one keep-alive connection: write a request, parse the response.
+
+A connection serves one exchange at a time (no pipelining upstream). Parsed events go
+straight to the exchange; the exchange decides what the client sees. The connection
+only knows HTTP framing facts the exchange cannot: that a HEAD response has no body
+(httptools cannot be told, so parsing stops after the head and the parser is renewed),
+that 1xx responses precede the real one, and whether it is still reusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy.errors import UpstreamProtocolError, UpstreamResetError
+
+log = logging.getLogger("aiolb")
+
+if TYPE_CHECKING:
+    from proxy.forwarding.exchange import Exchange
+    from proxy.upstream.pool import Upstream
+
+
+class _HeadDone(Exception):
+    """Raised inside the parser to stop it after the head of a response to HEAD."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "closed",
+        "exchange",
+        "headers",
+        "idle_since",
+        "in_head",
+        "informational",
+        "parser",
+        "reading_paused",
+        "reason",
+        "responded",
+        "transport",
+        "upstream",
+        "uses",
+    )
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.in_head = False
+        self.informational = False
+        self.responded = False  # any byte of the current response received
+        self.closed = False
+        self.reading_paused = False
+        self.idle_since = 0.0
+        self.uses = 0
+
+    # -- asyncio callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex = self.exchange
+        if ex is None:
+            self.upstream.forget(self)
+            return
+        self.exchange = None
+        ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:  # bytes on an idle connection: it is out of step, drop it
+            self.close()
+            return
+        self.responded = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _HeadDone):
+                log.error("bug while relaying a response", exc_info=exc.__context__)
+                self._fail(ex, "internal error")
+            else:
+                keep_alive = self.parser.should_keep_alive()
+                self.parser = httptools.HttpResponseParser(self)
+                ex.on_response_complete(self, keep_alive)
+        except httptools.HttpParserUpgrade:
+            self._fail(ex, "upstream switched protocols unasked")
+        except httptools.HttpParserError as exc:
+            self._fail(ex, f"invalid response from upstream: {exc}")
+        ex.flush_client()
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_write_paused(False)
+
+    # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.in_head = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:  # trailers arrive here too; they are dropped
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.informational = True
+            ex.on_informational(status, self.reason, self.headers)
+            return
+        ex.on_response_head(status, self.reason, self.headers)
+        if ex.head_request:
+            raise _HeadDone
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        ex = self.exchange
+        assert ex is not None
+        ex.on_response_complete(self, self.parser.should_keep_alive())
+
+    # -- used by the exchange and the pool -------------------------------------------
+
+    def send(self, ex: Exchange, data: list[bytes]) -> None:
+        """Start an exchange on this connection, writing its first bytes."""
+        self.exchange = ex
+        self.responded = False
+        self.uses += 1
+        assert self.transport is not None
+        self.transport.writelines(data)
+
+    def release(self) -> None:
+        """The exchange is over; the connection is idle (the pool decides its fate)."""
+        self.exchange = None
+
+    def reusable(self) -> bool:
+        t = self.transport
+        return not self.closed and t is not None and not t.is_closing() and self.exchange is None
+
+    def close(self) -> None:
+        self.exchange = None
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+            self.upstream.forget(self)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _fail(self, ex: Exchange, reason: str) -> None:
+        self.exchange = None
+        ex.on_upstream_lost(self, UpstreamProtocolError(reason))
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.exchange else "idle")
+        return f"<UpstreamConnection {self.upstream.address} [{state}, {self.uses} requests]>"

@@ -1,0 +1,213 @@
+"""Upstreams, their idle keep-alive connections, and pools of upstreams.
+
+Bookkeeping is synchronous (STYLE 2): ``take_idle`` and ``put_idle`` decide in plain
+code which connection to reuse or close; the only await is opening a new connection.
+Idle connections are kept LIFO (the most recently used is the most likely alive) and
+closed after ``timeouts.idle`` or beyond ``max_idle_connections``.
+
+A pool's balancer sees only the available upstreams (primaries, or the backups when
+no primary is available) and is rebuilt whenever that set changes, never per request.
+With ``slow_start``, an upstream that becomes available again ramps from 10% to 100%
+of its weight (``proxy.balancing.slow_start``): the pool passes effective weights to
+the balancer and, while a ramp runs, ``sweep`` rebuilds it every tenth of the ramp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
+from proxy.errors import UpstreamConnectError
+
+if TYPE_CHECKING:
+    from proxy.config import Pool as PoolConfig
+    from proxy.config import UpstreamSpec
+    from proxy.upstream.connection import UpstreamConnection
+
+NO_RAMP = float("inf")
+
+
+class Upstream:
+    """One upstream server of a pool: identity, weight, live counters, idle connections."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "backup",
+        "enabled",
+        "healthy",
+        "host",
+        "idle",
+        "pool",
+        "port",
+        "weight",
+    )
+
+    def __init__(self, spec: UpstreamSpec, pool: Pool) -> None:
+        self.host: str = spec.host
+        self.port: int = spec.port
+        self.address: str = spec.address
+        self.weight: int = spec.weight
+        self.backup: bool = spec.backup
+        self.pool = pool
+        self.active = 0
+        self.enabled = True
+        self.healthy = True
+        self.idle: deque[UpstreamConnection] = deque()
+
+    @property
+    def available(self) -> bool:
+        """Healthy and enabled (an operator's drain is separate from health)."""
+        return self.healthy and self.enabled
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently released live idle connection, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+            conn.close()
+        return None
+
+    def put_idle(self, conn: UpstreamConnection, now: float) -> None:
+        """Keep a connection that ended a message cleanly, or close it if the pool is full."""
+        if len(self.idle) >= self.pool.max_idle or not conn.reusable():
+            conn.close()
+            return
+        conn.idle_since = now
+        conn.resume_reading()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Remove a connection that closed while idle."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self, older_than: float) -> None:
+        idle = self.idle
+        while idle and idle[0].idle_since < older_than:
+            idle.popleft().close()
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        """Open a new connection; failures become ``UpstreamConnectError``."""
+        from proxy.upstream.connection import UpstreamConnection
+
+        timeout = self.pool.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except TimeoutError:
+            raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise UpstreamConnectError(f"connect failed: {reason.lower()}") from None
+        return conn
+
+    def __repr__(self) -> str:
+        state = "up" if self.healthy else "down"
+        if not self.enabled:
+            state += ", drained"
+        return (
+            f"<Upstream {self.address} [{state}, weight {self.weight} | "
+            f"Requests: {self.active} active | Connections: {len(self.idle)} idle]>"
+        )
+
+
+class Pool:
+    """A named set of upstreams behind one balancer."""
+
+    __slots__ = (
+        "_balancer",
+        "_factory",
+        "_options",
+        "_ramp_due",
+        "_slow_start",
+        "clock",
+        "connect_timeout",
+        "idle_timeout",
+        "max_idle",
+        "name",
+        "observe",
+        "read_timeout",
+        "response_header_timeout",
+        "upstreams",
+    )
+
+    def __init__(self, name: str, config: PoolConfig) -> None:
+        self.name = name
+        self._factory = REGISTRY[config.balancer.name]
+        self._options: Mapping[str, Any] = config.balancer.options
+        t = config.timeouts
+        self.connect_timeout = t.connect
+        self.response_header_timeout = t.response_header
+        self.idle_timeout = t.idle
+        self.read_timeout = t.read
+        self.max_idle = config.max_idle_connections
+        self.upstreams = [Upstream(spec, self) for spec in config.upstreams]
+        self._balancer: Balancer = self._factory([], self._options)
+        #: ``observe(upstream, seconds)`` when the balancer learns from latency, else None.
+        self.observe: Callable[[Upstream, float], None] | None = None
+        #: monotonic seconds, for slow-start ramps (replaceable in tests)
+        self.clock: Callable[[], float] = time.monotonic
+        slow = config.slow_start
+        self._slow_start = SlowStart(slow) if slow else None
+        self._ramp_due = NO_RAMP
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Rebuild the balancer over the upstreams available now (call on any change)."""
+        live = [u for u in self.upstreams if u.available]
+        chosen = [u for u in live if not u.backup] or [u for u in live if u.backup]
+        weights = self._ramp(live, chosen)
+        old, new = self._balancer, self._factory(chosen, self._options, weights)
+        inherit = getattr(new, "inherit", None)
+        if inherit is not None:  # carry learned state (e.g. latency averages) across
+            inherit(old)
+        self._balancer = new
+        self.observe = getattr(new, "observe", None)
+
+    def _ramp(self, live: list[Upstream], chosen: list[Upstream]) -> list[float] | None:
+        """Slow-start weights for ``chosen`` (None: none ramping); schedules the next step."""
+        slow = self._slow_start
+        if slow is None:
+            return None
+        now = self.clock()
+        slow.update(live, now)
+        weights = slow.weights(chosen, now)
+        self._ramp_due = now + slow.step if slow.ramping(now) else NO_RAMP
+        return weights
+
+    def pick(self, request: RequestView) -> Upstream | None:
+        """An available upstream for this request, or None (the 503 path)."""
+        picked: Upstream | None = self._balancer.pick(request)
+        return picked
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections unused for longer than ``timeouts.idle``; step ramps."""
+        older_than = now - self.idle_timeout
+        for upstream in self.upstreams:
+            if upstream.idle:
+                upstream.close_idle(older_than)
+        if self._ramp_due != NO_RAMP and self.clock() >= self._ramp_due:
+            self.rebuild()
+
+    def close(self) -> None:
+        for upstream in self.upstreams:
+            upstream.close_idle(float("inf"))
+
+    def __repr__(self) -> str:
+        up = sum(u.available for u in self.upstreams)
+        ramp = ", slow start ramping" if self._ramp_due != NO_RAMP else ""
+        return (
+            f"<Pool {self.name} [{up}/{len(self.upstreams)} available{ramp}, "
+            f"{self._balancer!r}]>"
+        )

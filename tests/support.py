@@ -1,0 +1,231 @@
+"""Test support: real upstream servers and the real proxy on 127.0.0.1, port 0.
+
+``Recorder`` upstreams are aiohttp apps that remember what they saw (method, path,
+headers, the client port, i.e. which upstream connection carried the request).
+``RawUpstream`` is an asyncio server answering with exact bytes, for framing cases
+aiohttp cannot produce (1xx, close-delimited bodies, truncation, garbage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.runtime.server import ProxyServer
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]
+    peer_port: int
+
+
+@dataclass
+class Recorder:
+    """A real aiohttp upstream that records every request it receives."""
+
+    name: str
+    seen: list[Seen] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def record(self, request: web.Request) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append(
+            Seen(request.method, request.path_qs, dict(request.headers),
+                 list(request.raw_headers), peer[1] if peer else 0)
+        )
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def recorder_app(rec: Recorder, extra: dict[str, Handler] | None = None) -> web.Application:
+    async def default(request: web.Request) -> web.StreamResponse:
+        rec.record(request)
+        handler = (extra or {}).get(request.path)
+        if handler is not None:
+            return await handler(request)
+        await request.read()
+        return web.Response(text=rec.name, headers={"X-Upstream": rec.name})
+
+    app = web.Application(client_max_size=1024**4)
+    app.router.add_route("*", "/{tail:.*}", default)
+    return app
+
+
+async def start_recorder(name: str, extra: dict[str, Handler] | None = None) -> Recorder:
+    rec = Recorder(name)
+    rec.runner = web.AppRunner(recorder_app(rec, extra), access_log=None)
+    await rec.runner.setup()
+    site = web.TCPSite(rec.runner, HOST, 0)
+    await site.start()
+    rec.port = rec.runner.addresses[0][1]
+    return rec
+
+
+class RawUpstream:
+    """Answers each request head with ``responses[path]`` (exact bytes).
+
+    A response of ``None`` means: read the request and never answer. After a
+    response listed in ``close_after`` the connection is closed.
+    """
+
+    def __init__(self, responses: dict[bytes, bytes | None], close_after: set[bytes] | None = None):
+        self.responses = responses
+        self.close_after = close_after or set()
+        self.heads: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.connections = 0
+
+    async def start(self) -> RawUpstream:
+        self.server = await asyncio.start_server(self._handle, HOST, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                path = head.split(b" ", 2)[1]
+                await _skip_body(reader, head)
+                answer = self.responses.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if answer is None:
+                    await reader.read()  # hold the connection open until the peer leaves
+                    return
+                writer.write(answer)
+                await writer.drain()
+                if path in self.close_after:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def _skip_body(reader: asyncio.StreamReader, head: bytes) -> None:
+    lower = head.lower()
+    if b"\r\ncontent-length:" in lower:
+        n = int(lower.split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(n)
+    elif b"\r\ntransfer-encoding: chunked" in lower:
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip(), 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                return
+
+
+def make_config(
+    upstream_urls: list[str],
+    *,
+    pool: dict[str, Any] | None = None,
+    listener: dict[str, Any] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    pools: dict[str, Any] | None = None,
+) -> Config:
+    """A one-listener config on port 0 in front of ``upstream_urls``."""
+    main_pool = {"upstreams": [{"url": u} for u in upstream_urls], **(pool or {})}
+    return Config.model_validate(
+        {
+            "listeners": [
+                {
+                    "name": "test",
+                    "bind": f"{HOST}:0",
+                    "routes": routes or [{"match": {"path_prefix": "/"}, "pool": "main"}],
+                    **(listener or {}),
+                }
+            ],
+            "pools": {"main": main_pool, **(pools or {})},
+            "admin": {"bind": f"{HOST}:0"},
+        }
+    )
+
+
+async def start_proxy(config: Config) -> ProxyServer:
+    server = ProxyServer(config)
+    await server.start()
+    return server
+
+
+def proxy_url(server: ProxyServer, path: str = "/") -> str:
+    return f"http://{HOST}:{server.listeners[0].port}{path}"
+
+
+async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection and read until the proxy closes it."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Read one Content-Length or chunked response: (status line, headers, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head[:-4].split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if b"content-length" in headers:
+        body = await reader.readexactly(int(headers[b"content-length"]))
+    elif headers.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            body += (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                break
+    else:
+        body = b""
+    return lines[0], headers, body
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` is true, polling, or fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def sha256_stream() -> Any:
+    return hashlib.sha256()
