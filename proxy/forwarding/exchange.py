@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Final
 
 from proxy.clock import NEVER
 from proxy.errors import NoUpstreamError, ProxyError, UpstreamTimeoutError
-from proxy.http.headers import RequestHeaders, ResponseHeaders, request_head
+from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: An absolute-form authority we accept: host or [IPv6] and an optional port.
+_AUTHORITY: Final = re.compile(
+    rb"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 
 
 class Exchange:
@@ -196,7 +201,11 @@ class Exchange:
         lower = target[:8].lower()
         start = 7 if lower.startswith(b"http://") else 8 if lower.startswith(b"https://") else 0
         authority, slash, path = target[start:].partition(b"/")
-        if not start or not authority or not self.client.router.serves_host(authority):
+        if (
+            not start
+            or _AUTHORITY.fullmatch(authority) is None  # no userinfo, no stray characters
+            or not self.client.router.serves_host(authority)
+        ):
             log.info("400 absolute-form target refused: %r", target[:200])
             self.local(400, close=True)
             return False
@@ -297,26 +306,23 @@ class Exchange:
 
     # -- response, from the upstream connection --------------------------------------
 
-    def on_informational(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def on_informational(self, status: int, raw: bytes) -> None:
         """1xx before the final response: relayed to HTTP/1.1 clients, except 100."""
         if status == 100 or not self.http_minor:
             return
-        found = ResponseHeaders(headers)
-        self.out.append(b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason), *found.parts, b"\r\n")))
+        self.out += (ResponseHead(raw).head, b"\r\n")
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def on_response_head(self, status: int, raw: bytes) -> None:
         self.replay = None
         self.resp_started = True
-        observe = self.pool.observe  # type: ignore[union-attr]
-        if observe is not None:
-            observe(self.upstream, self.client.loop.time() - self.sent_at)  # type: ignore[arg-type]
-        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
-        found = ResponseHeaders(headers)
+        pool = self.pool
+        assert pool is not None
+        if pool.observe is not None:
+            pool.observe(self.upstream, self.client.loop.time() - self.sent_at)  # type: ignore[arg-type]
+        self.deadline = self.client.clock.now + pool.read_timeout
+        found = ResponseHead(raw)
         keep = self.keep_alive and not self.client.draining
+        extra = b""
         if self.head_request or status == 204 or status == 304:
             mode = NO_BODY
         elif found.has_length:
@@ -325,21 +331,17 @@ class Exchange:
             self.resp_eof = not found.chunked
             if self.http_minor:
                 mode = CHUNKED
+                extra = b"Transfer-Encoding: chunked\r\n"
             else:
                 mode = UNTIL_CLOSE
                 keep = False
         self.mode = mode
         self.keep_alive = keep
-        parts = found.parts
-        parts.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, reason))
-        if mode == CHUNKED:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
         if not keep:
-            parts.append(b"Connection: close\r\n")
+            extra += b"Connection: close\r\n"
         elif not self.http_minor:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
+            extra += b"Connection: keep-alive\r\n"
+        self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
 
     def on_response_body(self, data: bytes) -> None:
         mode = self.mode

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from typing import Final
 
 # Actions, as small ints: one dict lookup per header decides.
@@ -178,24 +179,59 @@ def request_head(
     return b"".join((method, b" ", target, b" HTTP/1.1\r\n", *found.parts, *tail, b"\r\n"))
 
 
-class ResponseHeaders:
-    """One pass over a response's headers: framing found and headers to forward."""
+# A response header that needs more than passing through (hop-by-hop or framing).
+_RESPONSE_SPECIAL = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|upgrade|transfer-encoding)"
+    rb"[ \t]*:"
+)
+_PLAIN_CONNECTION = {b"keep-alive": False, b"close": True}
 
-    __slots__ = ("chunked", "close", "has_length", "parts")
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        parts: list[bytes] = []
-        self.has_length = False
+class ResponseHead:
+    """A response head as the client will get it, from the upstream's raw head bytes.
+
+    ``head`` is the status line and the headers to forward, each line ending in CRLF,
+    without the blank line that ends the head: the caller appends its own framing and
+    ``Connection`` headers and the final CRLF. The raw bytes were already validated by
+    the parser (strict CRLF, valid tokens), so the common head (no hop-by-hop header but
+    a plain ``Connection: keep-alive`` or ``close``) is forwarded as it came, with that
+    one line cut out; anything else is split into lines and filtered.
+    """
+
+    __slots__ = ("chunked", "close", "has_length", "head")
+
+    def __init__(self, raw: bytes) -> None:
+        lower = raw.lower()
+        self.has_length = b"\r\ncontent-length:" in lower
         self.chunked = False
         self.close = False
+        head = raw[:-2]
+        if not raw.startswith(b"HTTP/1.1 "):
+            head = b"HTTP/1.1 " + head[9:]
+        m = _RESPONSE_SPECIAL.search(lower)
+        if m is not None and lower[m.start() + 2 : m.start() + 12] == b"connection":
+            eol = lower.index(b"\r\n", m.end())
+            close = _PLAIN_CONNECTION.get(lower[m.end() : eol].strip())
+            if close is not None and _RESPONSE_SPECIAL.search(lower, eol) is None:
+                self.close = close
+                head = head[: m.start()] + head[eol:]
+                m = None
+        if m is not None or b"\r\n " in raw or b"\r\n\t" in raw:
+            self._filter(raw)
+        else:
+            self.head = head
+
+    def _filter(self, raw: bytes) -> None:
+        """The general path: one pass over the header lines (obs-fold unfolded)."""
+        lines = raw[:-4].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ").split(b"\r\n")
+        parts: list[bytes] = [b"HTTP/1.1 " + lines[0][9:] + b"\r\n"]
         listed: list[bytes] | None = None
         actions = _RESPONSE_ACTIONS
-        for name, value in headers:
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            value = value.strip()
             action = actions.get(name.lower())
-            if action is None:
-                parts += (name, b": ", value, b"\r\n")
-            elif action == _CONTENT_LENGTH:
-                self.has_length = True
+            if action is None or action == _CONTENT_LENGTH:
                 parts += (name, b": ", value, b"\r\n")
             elif action == _TRANSFER_ENCODING:
                 self.chunked = True
@@ -203,5 +239,5 @@ class ResponseHeaders:
                 listed = _connection_tokens(value, listed)
         if listed:
             self.close = b"close" in listed
-            parts = _remove_listed(parts, listed)
-        self.parts = parts
+            parts = [parts[0], *_remove_listed(parts[1:], listed)]
+        self.head = b"".join(parts)

@@ -21,6 +21,7 @@ REASONS: Final[dict[int, bytes]] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 _BODIES: Final[dict[int, bytes]] = {
@@ -35,6 +36,7 @@ _BODIES: Final[dict[int, bytes]] = {
     502: b"502 Bad Gateway: the upstream did not give a valid response\n",
     503: b"503 Service Unavailable: no upstream is available\n",
     504: b"504 Gateway Timeout: the upstream did not answer in time\n",
+    505: b"505 HTTP Version Not Supported: aiolb speaks HTTP/1.0 and HTTP/1.1\n",
 }
 
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"

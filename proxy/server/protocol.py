@@ -235,7 +235,10 @@ class ClientConnection(asyncio.Protocol):
             assert found.content_length is not None
             if int(found.content_length) > self.max_body:
                 raise _Reject(413)
-        minor = 1 if parser.get_http_version() == "1.1" else 0
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Reject(505)
+        minor = 1 if version == "1.1" else 0
         keep_alive = parser.should_keep_alive()
         ex = Exchange(self, method, self.url, self.headers, found, minor, keep_alive)
         self.parsing = ex

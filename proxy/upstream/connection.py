@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from proxy.upstream.pool import Upstream
 
 
+#: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
 class _HeadDone(Exception):
     """Raised inside the parser to stop it after the head of a response to HEAD."""
 
@@ -31,14 +35,14 @@ class _HeadDone(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "closed",
+        "collecting",
         "exchange",
-        "headers",
         "idle_since",
-        "in_head",
         "informational",
         "parser",
+        "raw",
+        "raw_start",
         "reading_paused",
-        "reason",
         "responded",
         "transport",
         "upstream",
@@ -50,9 +54,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
-        self.in_head = False
+        self.raw = b""  # response bytes received until the final head is complete
+        self.raw_start = 0  # where the current head starts in ``raw`` (after 1xx heads)
+        self.collecting = False
         self.informational = False
         self.responded = False  # any byte of the current response received
         self.closed = False
@@ -80,6 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
+        if self.collecting:
+            self.raw = data if not self.raw else self.raw + data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -94,6 +100,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(ex, "upstream switched protocols unasked")
         except httptools.HttpParserError as exc:
             self._fail(ex, f"invalid response from upstream: {exc}")
+        if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD and self.exchange is ex:
+            self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
         ex.flush_client()
 
     def pause_writing(self) -> None:
@@ -107,29 +115,23 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_write_paused(False)
 
     # -- httptools callbacks ---------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.reason = b""
-        self.in_head = True
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.in_head:  # trailers arrive here too; they are dropped
-            self.headers.append((name, value))
+    # No on_header/on_status: the head is taken from the raw bytes (``self.raw``), so
+    # the parser validates and frames, and Python sees one call per head, not per line.
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         ex = self.exchange
         assert ex is not None
+        raw, start = self.raw, self.raw_start
+        end = raw.index(b"\r\n\r\n", start) + 4
         status = self.parser.get_status_code()
         if status < 200:
             self.informational = True
-            ex.on_informational(status, self.reason, self.headers)
+            self.raw_start = end
+            ex.on_informational(status, raw[start:end])
             return
-        ex.on_response_head(status, self.reason, self.headers)
+        self.raw = b""
+        self.collecting = False
+        ex.on_response_head(status, raw[start:end] if start or end < len(raw) else raw)
         if ex.head_request:
             raise _HeadDone
 
@@ -152,6 +154,9 @@ class UpstreamConnection(asyncio.Protocol):
         """Start an exchange on this connection, writing its first bytes."""
         self.exchange = ex
         self.responded = False
+        self.raw = b""
+        self.raw_start = 0
+        self.collecting = True
         self.uses += 1
         assert self.transport is not None
         self.transport.writelines(data)
