@@ -4,10 +4,10 @@ Theory of operation. The score of an upstream is ``active / weight`` (nginx
 ``least_conn``). Ties are broken by rotation, so equal upstreams take turns instead of
 the first one taking every request.
 
-- Fast path, O(1): a cursor walks nginx's smooth weighted round-robin order; if the
-  upstream it points at is idle, that is the answer. Zero is the lowest possible
-  score, so it is a correct one, and while the pool is lightly loaded the picks follow
-  the weighted round robin exactly (nginx breaks ties the same way).
+- Fast path, O(1): a cursor walks nginx's smooth weighted round-robin order; the
+  first idle upstream among its next ``PROBES`` turns is the answer. Zero is the
+  lowest possible score, so it is a correct one, and while the pool is lightly loaded
+  the picks follow the weighted round robin exactly (nginx breaks ties the same way).
 - Otherwise the ``active`` counters are scanned for the lowest score; the first lowest
   at or after ``next`` wins and ``next`` moves just past it, so a set of tied
   upstreams is served in turn (HAProxy's round robin within a load level). Upstreams
@@ -29,6 +29,8 @@ from typing import Any
 from proxy.balancing.base import RequestView, effective_weights, integer_weights
 from proxy.balancing.weighted_round_robin import smooth_schedule
 
+#: Turns looked at for an idle upstream before scanning every counter.
+PROBES = 4
 #: Group by weight only where groups average at least this many upstreams (or there is
 #: one weight): otherwise one scan of ``active / weight`` is cheaper.
 MIN_GROUP_SIZE = 4
@@ -93,11 +95,27 @@ class LeastConnections:
         pos = self._cursor
         self._cursor = pos + 1 if pos + 1 < len(order) else 0
         candidate = self._targets[order[pos]]
-        if not candidate.active:
+        if not candidate.active:  # the common case, inline
+            return candidate
+        candidate = self._later_idle(order)
+        if candidate is not None:
             return candidate
         best = self._lowest(self._next)
         self._next = best + 1
         return self._targets[best]
+
+    def _later_idle(self, order: tuple[int, ...]) -> Any | None:
+        """The first idle upstream in the turns after the cursor's first (``PROBES`` in
+        all), the cursor moved past it; None and the cursor unmoved if all are busy."""
+        targets, size = self._targets, len(order)
+        pos = self._cursor
+        for _ in range(min(PROBES, size) - 1):
+            candidate = targets[order[pos]]
+            pos = pos + 1 if pos + 1 < size else 0
+            if not candidate.active:
+                self._cursor = pos
+                return candidate
+        return None
 
     def _lowest(self, start: int) -> int:
         """Position of the first lowest score at or after ``start``, wrapping around."""

@@ -23,6 +23,7 @@ in every worker process and across restarts (Python's ``hash()`` is neither).
 from __future__ import annotations
 
 import hashlib
+import struct
 from bisect import bisect
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,9 @@ from zlib import crc32
 
 POINTS_PER_WEIGHT = 160
 _DIGEST_POINTS = 4  # an MD5 digest holds four 32-bit points
+_FOUR_POINTS = struct.Struct("<4I").unpack
+_OWNER_BITS = 16  # a mark is ``point << 16 | owner``: one sortable, bisectable int
+_OWNER_MASK = (1 << _OWNER_BITS) - 1
 
 
 def upstream_points(address: str, weight: float) -> list[int]:
@@ -38,7 +42,7 @@ def upstream_points(address: str, weight: float) -> list[int]:
     points: list[int] = []
     for i in range(digests):
         digest = hashlib.md5(f"{address}-{i}".encode(), usedforsecurity=False).digest()
-        points.extend(int.from_bytes(digest[j : j + 4], "little") for j in range(0, 16, 4))
+        points.extend(_FOUR_POINTS(digest))
     return points
 
 
@@ -48,27 +52,34 @@ def key_hash(key: bytes) -> int:
 
 
 class HashRing:
-    """Sorted points and, in the same order, the upstream index owning each one."""
+    """Sorted marks (``point << 16 | owner``) over upstreams ranked by address.
 
-    __slots__ = ("_owners", "_points", "_targets")
+    Ranking by address makes the ring independent of the order upstreams are listed
+    in, down to which owner wins the (rare) exact collision of two points.
+    """
+
+    __slots__ = ("_marks", "_targets")
 
     def __init__(self, upstreams: Sequence[Any], weights: Sequence[float]) -> None:
-        self._targets = tuple(upstreams)
-        pairs: list[tuple[int, str, Any]] = []
-        for upstream, weight in zip(upstreams, weights, strict=True):
-            address = upstream.address
-            pairs.extend((p, address, upstream) for p in upstream_points(address, weight))
-        pairs.sort(key=lambda pair: (pair[0], pair[1]))  # collisions: the same owner anywhere
-        self._points = [p for p, _, _ in pairs]
-        self._owners = tuple(u for _, _, u in pairs)
+        if len(upstreams) > _OWNER_MASK:
+            raise ValueError(f"a hash ring holds at most {_OWNER_MASK} upstreams")
+        ranked = sorted(zip(upstreams, weights, strict=True), key=lambda pair: pair[0].address)
+        self._targets = tuple(upstream for upstream, _ in ranked)
+        marks: list[int] = []
+        for owner, (upstream, weight) in enumerate(ranked):
+            points = upstream_points(upstream.address, weight)
+            marks.extend([point << _OWNER_BITS | owner for point in points])
+        marks.sort()
+        self._marks = marks
 
     def __len__(self) -> int:
-        return len(self._points)
+        return len(self._marks)
 
     def lookup(self, key: bytes) -> Any:
         """The owner of the first point clockwise from ``key``; the ring must not be empty."""
-        i = bisect(self._points, crc32(key))
-        return self._owners[i if i < len(self._owners) else 0]
+        marks = self._marks
+        i = bisect(marks, crc32(key) << _OWNER_BITS | _OWNER_MASK)
+        return self._targets[(marks[i] if i < len(marks) else marks[0]) & _OWNER_MASK]
 
     def __repr__(self) -> str:
-        return f"<HashRing [{len(self._targets)} upstreams, {len(self._points)} points]>"
+        return f"<HashRing [{len(self._targets)} upstreams, {len(self._marks)} points]>"
