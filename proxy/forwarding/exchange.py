@@ -132,7 +132,8 @@ class Exchange:
         self.released = False
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.replay: list[bytes] | None = None
+        #: body chunks sent on a reused connection, to replay if it proves stale
+        self.replay: tuple[bytes, ...] | None = None
         self.replay_size = 0
         self.retried = False
         self.sent_at = 0.0
@@ -232,9 +233,8 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         pending = self.pending
-        reused = conn.uses > 0
-        if reused and self.pending_size <= REPLAY_LIMIT:
-            self.replay = list(pending)
+        if conn.uses and self.pending_size <= REPLAY_LIMIT:  # reused: keep what to replay
+            self.replay = tuple(pending) if pending else ()
             self.replay_size = self.pending_size
         else:
             self.replay = None
@@ -245,7 +245,8 @@ class Exchange:
         self.pending = []
         self.pending_size = 0
         conn.send(self, pending)
-        self.client.resume(BODY_WAIT)
+        if self.client.paused:
+            self.client.resume(BODY_WAIT)
         if self.req_done:
             self._await_response()
         if self.client.write_paused:
@@ -298,7 +299,7 @@ class Exchange:
             if self.replay_size > REPLAY_LIMIT:
                 self.replay = None
             else:
-                replay += pending
+                self.replay = replay + tuple(pending)
         self.pending = []
         self.pending_size = 0
         assert conn.transport is not None
@@ -470,8 +471,7 @@ class Exchange:
     def _retry_fresh(self) -> None:
         """A pooled connection was stale: send again on a new connection, once."""
         self.retried = True
-        replay = self.replay or []
-        self.pending = replay + self.pending
+        self.pending = [*(self.replay or ()), *self.pending]
         self.pending_size = sum(map(len, self.pending))
         self.replay = None
         self.deadline = NEVER

@@ -281,8 +281,11 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         if not keep_alive or self.closed:
             self.close()
-            return
-        self._advance()
+        elif self.queue or self._advancing or self.paused or self.draining:
+            self._advance()
+        elif self.phase == BUSY:  # the common case: nothing queued, go idle
+            self.phase = IDLE
+            self.deadline = self.clock.now + self.timeout_idle
 
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
