@@ -19,10 +19,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.config import Config  # noqa: E402
-from proxy.runtime.server import ProxyServer  # noqa: E402
-from proxy.server.protocol import ClientConnection  # noqa: E402
-from proxy.upstream.connection import UpstreamConnection  # noqa: E402
+from proxy.config import Config
+from proxy.runtime.server import ProxyServer
+from proxy.server.protocol import ClientConnection
+from proxy.upstream.connection import UpstreamConnection
 
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
 RESPONSE = (

@@ -1,0 +1,448 @@
+"""Throughput and latency of aiolb next to nginx and HAProxy, measured with wrk.
+
+Starts an upstream (nginx serving fixed bodies on two ports, or an aiohttp fallback),
+then for each target (direct, aiolb, nginx, haproxy) starts it on a free loopback port,
+checks each scenario with two requests on one connection, warms up for 1 s, runs wrk, and finally
+prints one Markdown table per scenario and writes everything as JSON. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import harness
+from harness import Child, Pinning, Session, StartError, Upstream
+
+WRK_SCRIPT = harness.HERE / "wrk" / "report.lua"
+WARMUP_S = 1
+WRK_TIMEOUT = "2s"
+TARGETS = ("direct", "aiolb", "nginx", "haproxy")
+REFERENCE = "nginx"
+NOISE_BUSY_PERCENT = 15.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    upload_bytes: int
+    expect_bytes: int | None
+    about: str
+
+    @property
+    def method(self) -> str:
+        return "POST" if self.upload_bytes else "GET"
+
+
+SCENARIOS = {
+    "20b": Scenario("20b", "/20b", 0, 20, "GET, 20-byte response body"),
+    "64k": Scenario("64k", "/64k", 0, 64 * 1024, "GET, 64 KiB response body"),
+    "1m": Scenario("1m", "/1m", 0, 1024 * 1024, "GET, 1 MiB response body"),
+    "upload64k": Scenario("upload64k", "/upload", 64 * 1024, None, "POST 64 KiB, small answer"),
+}
+
+
+@dataclass
+class Result:
+    target: str
+    scenario: str
+    status: str  # "ok", "failed to start", "not answering", "no responses", "wrk failed"
+    rps: float | None = None
+    p50_us: int | None = None
+    p90_us: int | None = None
+    p99_us: int | None = None
+    errors: int | None = None
+    wrk: dict[str, Any] = field(default_factory=dict)
+    check: str | None = None  # problem found by the one-request check, None when fine
+    cpu_busy: dict[int, float] = field(default_factory=dict)  # percent per CPU, timed run
+    detail: str | None = None
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {list(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", type=csv(tuple(SCENARIOS)), default=list(SCENARIOS))
+    parser.add_argument("--targets", type=csv(TARGETS), default=list(TARGETS))
+    parser.add_argument("--duration", type=int, default=6, help="seconds per timed wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--aiolb-cmd",
+        type=shlex.split,
+        default=harness.default_aiolb_cmd(),
+        help="command that runs aiolb; {config} is replaced by the generated YAML path "
+        "(default: %(default)s, run from the repository root)",
+    )
+    parser.add_argument("--upstream", choices=("nginx", "aiohttp"), default="nginx")
+    parser.add_argument(
+        "--upstream-workers",
+        type=int,
+        default=0,
+        help="nginx upstream workers (default: one per core left to wrk and the upstream)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let all processes share all cores (as in the 2-core row of ANCHORS.md)",
+    )
+    parser.add_argument("--json-dir", type=Path, default=harness.HERE / "results")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    return parser.parse_args(argv)
+
+
+# --- machine ---------------------------------------------------------------------------
+
+
+def first_line(argv: Sequence[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        return "not installed"
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=20, check=False, cwd=harness.REPO
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def aiolb_version(cmd: Sequence[str]) -> str:
+    """`<cmd up to run> version`, e.g. `python -m proxy version`."""
+    if "run" not in cmd:
+        return "unknown"
+    return first_line([*cmd[: list(cmd).index("run")], "version"])
+
+
+def describe_machine(aiolb_cmd: Sequence[str]) -> dict[str, Any]:
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cpus": sorted(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "python": sys.version.split()[0],
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "aiolb": aiolb_version(aiolb_cmd),
+    }
+
+
+# --- one target ------------------------------------------------------------------------
+
+
+class NoAnswer(Exception):
+    """The target accepted no request or answered none within the check's timeout."""
+
+
+def check_once(port: int, scenario: Scenario) -> str | None:
+    """Two requests on one connection: status 200, right body size, keep-alive works.
+
+    Returns what was wrong with an answer, or None; raises NoAnswer when none came.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = b"x" * scenario.upload_bytes if scenario.upload_bytes else None
+    try:
+        for _ in range(2):
+            conn.request(scenario.method, scenario.path, body=body)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                return f"status {response.status}"
+            if scenario.expect_bytes is not None and len(data) != scenario.expect_bytes:
+                return f"body {len(data)} bytes, expected {scenario.expect_bytes}"
+    except (OSError, http.client.HTTPException) as exc:
+        raise NoAnswer(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+    return None
+
+
+def wrk_argv(args: argparse.Namespace, url: str, seconds: int) -> list[str]:
+    argv = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s"]
+    return [*argv, "--timeout", WRK_TIMEOUT, "-s", str(WRK_SCRIPT), url]
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    for line in text.splitlines():
+        if line.startswith("WRK_JSON "):
+            return dict(json.loads(line.removeprefix("WRK_JSON ")))
+    raise RuntimeError(f"no WRK_JSON line in wrk output:\n{text[-2000:]}")
+
+
+def to_result(target: str, scenario: Scenario, data: dict[str, Any], check: str | None) -> Result:
+    latency = data["latency_us"]
+    return Result(
+        target,
+        scenario.name,
+        "ok",
+        rps=data["requests"] / (data["duration_us"] / 1e6),
+        p50_us=latency["p50"],
+        p90_us=latency["p90"],
+        p99_us=latency["p99"],
+        errors=sum(data["errors"].values()),
+        wrk=data,
+        check=check,
+    )
+
+
+@dataclass
+class Bench:
+    """What every run shares: options, temp dir and children, upstream, pinning."""
+
+    args: argparse.Namespace
+    session: Session
+    upstream: Upstream
+    pin: Pinning
+
+    def wrk(self, target: str, port: int, scenario: Scenario, seconds: int) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}{scenario.path}"
+        env = {**os.environ, "WRK_BODY_BYTES": str(scenario.upload_bytes)}
+        log = self.session.path(f"wrk-{target}-{scenario.name}-{seconds}s.log")
+        with log.open("wb") as out:
+            subprocess.run(
+                harness.pinned(wrk_argv(self.args, url, seconds), self.pin.load),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=seconds + 30,
+                check=False,
+            )
+        return parse_wrk(log.read_text(errors="replace"))
+
+    def measure(self, target: str, port: int, scenario: Scenario) -> Result:
+        try:
+            problem = check_once(port, scenario)
+        except NoAnswer as exc:
+            return Result(target, scenario.name, "not answering", detail=str(exc))
+        try:
+            self.wrk(target, port, scenario, WARMUP_S)
+            before = harness.cpu_times()
+            data = self.wrk(target, port, scenario, self.args.duration)
+            busy = harness.cpu_busy(before, harness.cpu_times())
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            return Result(target, scenario.name, "wrk failed", check=problem, detail=str(exc))
+        if not data["requests"]:
+            detail = f"wrk completed no request; errors {data['errors']}"
+            return Result(target, scenario.name, "no responses", check=problem, detail=detail)
+        result = to_result(target, scenario, data, problem)
+        result.cpu_busy = busy
+        return result
+
+    def start(self, target: str) -> tuple[Child | None, int]:
+        session, upstream, cpus = self.session, self.upstream, self.pin.proxy
+        if target == "direct":
+            return None, upstream.ports[0]
+        if target == "aiolb":
+            return harness.start_aiolb(session, upstream, cpus, self.args.aiolb_cmd)
+        if target == "nginx":
+            return harness.start_nginx_proxy(session, upstream, cpus)
+        return harness.start_haproxy(session, upstream, cpus)
+
+    def target(self, target: str) -> list[Result]:
+        scenarios = [SCENARIOS[name] for name in self.args.scenarios]
+        print(f"== {target}", flush=True)
+        try:
+            child, port = self.start(target)
+        except (StartError, OSError) as exc:
+            print(f"   {target} failed to start: {exc}", flush=True)
+            return [Result(target, s.name, "failed to start", detail=str(exc)) for s in scenarios]
+        results = []
+        try:
+            for scenario in scenarios:
+                results.append(self.measure(target, port, scenario))
+                print(f"   {scenario.name:<10} {summary(results[-1])}", flush=True)
+        finally:
+            if child is not None:
+                self.session.stop(child)
+        return results
+
+
+def summary(result: Result) -> str:
+    if result.status != "ok":
+        return f"{result.status}: {result.detail}"
+    assert result.rps is not None and result.p99_us is not None
+    text = f"{result.rps:>10,.0f} req/s  p99 {result.p99_us / 1000:.2f} ms  errors {result.errors}"
+    return text + (f"  CHECK FAILED: {result.check}" if result.check else "")
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "—"
+    return f"{value / reference:.2f}"
+
+
+def cpu_cell(result: Result, pin: Pinning) -> str:
+    """Busy percent of the proxy's core / of the wrk+upstream cores during the timed run."""
+    busy = result.cpu_busy
+    if not busy:
+        return "—"
+    if pin.proxy is None or pin.load is None:
+        return f"{sum(busy.values()) / len(busy):.0f} (all)"
+    load = [busy.get(int(cpu), 0.0) for cpu in pin.load.split(",")]
+    return f"{busy.get(int(pin.proxy), 0.0):.0f} / {sum(load) / len(load):.0f}"
+
+
+def table_row(result: Result, ref: Result | None, pin: Pinning) -> str:
+    if result.status != "ok":
+        why = (result.detail or "").splitlines()[0] if result.status != "failed to start" else ""
+        return f"| {result.target} | {result.status} | | | {why} | | | |"
+    assert result.rps is not None and result.p50_us is not None and result.p99_us is not None
+    errors = str(result.errors) + (f" (check: {result.check})" if result.check else "")
+    ref_rps = ref.rps if ref else None
+    ref_p99 = ref.p99_us if ref else None
+    cells = [
+        result.target,
+        f"{result.rps:,.0f}",
+        f"{result.p50_us / 1000:.2f}",
+        f"{result.p99_us / 1000:.2f}",
+        errors,
+        ratio(result.rps, ref_rps),
+        ratio(result.p99_us, ref_p99),
+        cpu_cell(result, pin),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: list[Result], scenarios: Sequence[str], pin: Pinning) -> str:
+    head = (
+        "| target | requests/s | p50 ms | p99 ms | errors | req/s vs nginx | p99 vs nginx "
+        "| CPU % proxy core / wrk+upstream |"
+    )
+    out = []
+    for name in scenarios:
+        rows = [r for r in results if r.scenario == name]
+        ref = next((r for r in rows if r.target == REFERENCE and r.status == "ok"), None)
+        out += [f"### {name}: {SCENARIOS[name].about}", "", head, "| --- |" + " ---: |" * 7]
+        out += [table_row(r, ref, pin) for r in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def noise_warnings(results: list[Result], pin: Pinning) -> list[str]:
+    """The proxy core should be idle while wrk talks to the upstream directly."""
+    if pin.proxy is None:
+        return []
+    lines = []
+    for result in results:
+        busy = result.cpu_busy.get(int(pin.proxy), 0.0)
+        if result.target == "direct" and busy > NOISE_BUSY_PERCENT:
+            lines.append(
+                f"warning: CPU {pin.proxy} was {busy:.0f}% busy during direct/{result.scenario} "
+                "although nothing of this benchmark ran there: other load shares this machine, "
+                "so the numbers are noisy"
+            )
+    return lines
+
+
+def write_json(args: argparse.Namespace, report: dict[str, Any]) -> Path:
+    args.json_dir.mkdir(parents=True, exist_ok=True)
+    path = args.json_dir / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def check_tools() -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+
+
+def load_workers(args: argparse.Namespace, pin: Pinning) -> int:
+    if args.upstream_workers > 0:
+        return int(args.upstream_workers)
+    return len(pin.load.split(",")) if pin.load else max(1, (os.cpu_count() or 2) // 2)
+
+
+def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, Any]:
+    machine = describe_machine(args.aiolb_cmd)
+    machine["nofile_limit"] = harness.raise_nofile()
+    print(f"pinning: {pin.note}")
+    upstream = harness.start_upstream(session, pin.load, load_workers(args, pin), args.upstream)
+    print(f"upstream: {upstream.note} on ports {upstream.ports}", flush=True)
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    bench = Bench(args, session, upstream, pin)
+    results = [result for target in args.targets for result in bench.target(target)]
+    machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    return {
+        "started": started,
+        "finished": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine,
+        "pinning": asdict(pin),
+        "upstream": asdict(upstream),
+        "options": {**vars(args), "warmup_s": WARMUP_S, "wrk_timeout": WRK_TIMEOUT},
+        "results": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_tools()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    pin = (
+        harness.Pinning(None, None, "not pinned: --no-pin")
+        if args.no_pin
+        else harness.plan_pinning()
+    )
+    with Session(keep_dir=args.keep_tmp) as session:
+        if args.keep_tmp:
+            print(f"configs and logs in {session.dir}")
+        report = run(args, session, pin)
+    results: list[Result] = report["results"]
+    print()
+    print(markdown(results, args.scenarios, pin))
+    report["warnings"] = noise_warnings(results, pin)
+    for line in report["warnings"]:
+        print(line)
+    report["results"] = [asdict(r) for r in results]
+    print(f"JSON written to {write_json(args, report)}")
+    return 0 if all(r.status == "ok" and not r.check for r in results) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,436 @@
+"""Shared plumbing for the load tests: child processes, ports, pinning, configs, RSS.
+
+Every child runs in its own process group with stdout and stderr going to a log file in
+the session's temp dir, so nothing ever blocks on an unread pipe, and `Session.close()`
+can end each child together with its workers (nginx) by process group id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BODY_SIZES = {"20b": 20, "64k": 64 * 1024, "1m": 1024 * 1024}
+START_TIMEOUT_S = 15.0
+NGINX_TEMPS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+_PR_SET_PDEATHSIG = 1
+
+
+class StartError(RuntimeError):
+    """A child did not come up in time or exited; the message carries its log tail."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """taskset CPU lists: `proxy` for the proxy under test, `load` for wrk and upstream."""
+
+    proxy: str | None
+    load: str | None
+    note: str
+
+
+@dataclass(frozen=True)
+class Upstream:
+    kind: str
+    ports: tuple[int, int]
+    note: str
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL the child if this script dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Session:
+    """A temp dir plus the children started in it; `close()` ends them all."""
+
+    def __init__(self, keep_dir: bool = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="aiolb-loadtest-"))
+        self.dir.chmod(0o755)  # nginx workers may run as `nobody` and read files here
+        self.keep_dir = keep_dir
+        self.children: list[Child] = []
+        self._ports: set[int] = set()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def port(self) -> int:
+        """A free loopback port not handed out before in this session."""
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+
+    def spawn(
+        self, name: str, argv: Sequence[str], cpus: str | None = None, cwd: Path | None = None
+    ) -> Child:
+        log = self.path(f"{name}.log")
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                pinned(argv, cpus),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        _signal_group(child.pid, signal.SIGTERM)
+        try:
+            child.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _signal_group(child.pid, signal.SIGKILL)
+            child.proc.wait(timeout=5)
+        _signal_group(child.pid, signal.SIGKILL)  # stragglers left in the group
+        if child in self.children:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        for child in reversed(list(self.children)):
+            with contextlib.suppress(Exception):
+                self.stop(child)
+        if not self.keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+
+
+def plan_pinning() -> Pinning:
+    cpus = sorted(os.sched_getaffinity(0))
+    if shutil.which("taskset") is None:
+        return Pinning(None, None, "not pinned: taskset not found")
+    if len(cpus) < 2:
+        return Pinning(None, None, f"not pinned: only {len(cpus)} core(s) available")
+    proxy = 1 if 1 in cpus else cpus[-1]
+    load = ",".join(str(c) for c in cpus if c != proxy)
+    return Pinning(str(proxy), load, f"proxy on CPU {proxy}; wrk and upstream on CPU(s) {load}")
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE (children inherit it); returns the soft limit now in force."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for new_hard in (max(hard, want), hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, new_hard), new_hard))
+            break
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def wait_port(child: Child | None, port: int, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll until something accepts on 127.0.0.1:port; fail early if the child exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if child is not None and child.proc.poll() is not None:
+            raise StartError(
+                f"{child.name} exited with status {child.proc.returncode}:\n{child.tail()}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.25):
+            return
+        if time.monotonic() > deadline:
+            where = f":\n{child.tail()}" if child else ""
+            raise StartError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s{where}")
+        time.sleep(0.05)
+
+
+def start(
+    session: Session,
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    cpus: str | None = None,
+    cwd: Path | None = None,
+) -> Child:
+    """Spawn a server and wait until it accepts on `port`; stop it again if it does not."""
+    child = session.spawn(name, argv, cpus, cwd)
+    try:
+        wait_port(child, port)
+    except StartError:
+        session.stop(child)
+        raise
+    return child
+
+
+# --- upstream --------------------------------------------------------------------------
+
+
+def nginx_common(session: Session, name: str, workers: int) -> str:
+    temp_lines = "\n".join(
+        f"    {kind}_temp_path {session.path(f'{name}-{kind}-temp')};" for kind in NGINX_TEMPS
+    )
+    return f"""worker_processes {workers};
+worker_rlimit_nofile 50000;
+pid {session.path(name + ".pid")};
+error_log stderr error;  # the default level: [warn] lines per request would cost time
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+{temp_lines}
+"""
+
+
+def upstream_nginx_conf(session: Session, ports: tuple[int, int], workers: int) -> Path:
+    docroot = session.path("docroot")
+    docroot.mkdir(mode=0o755)
+    for name, size in BODY_SIZES.items():
+        (docroot / name).write_bytes(b"x" * size)
+        (docroot / name).chmod(0o644)
+    conf = (
+        nginx_common(session, "upstream", workers)
+        + f"""
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    open_file_cache max=64 inactive=60s;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{ports[0]};
+        listen 127.0.0.1:{ports[1]};
+        root {docroot};
+        location / {{ }}
+        location = /upload {{
+            client_max_body_size 2m;
+            return 200 "ok\\n";
+        }}
+    }}
+}}
+"""
+    )
+    path = session.path("upstream-nginx.conf")
+    path.write_text(conf)
+    return path
+
+
+def nginx_argv(session: Session, conf: Path) -> list[str]:
+    return ["nginx", "-e", "stderr", "-p", str(session.dir), "-c", str(conf), "-g", "daemon off;"]
+
+
+def aiohttp_upstream_argv(ports: Sequence[int]) -> list[str]:
+    argv = [sys.executable, str(HERE / "upstream.py")]
+    for port in ports:
+        argv += ["--port", str(port)]
+    return argv
+
+
+def start_upstream(session: Session, cpus: str | None, workers: int, kind: str) -> Upstream:
+    """nginx serving static bodies on two ports, or the aiohttp upstream as a fallback."""
+    ports = (session.port(), session.port())
+    if kind == "nginx" and shutil.which("nginx"):
+        conf = upstream_nginx_conf(session, ports, workers)
+        start(session, "upstream-nginx", nginx_argv(session, conf), ports[1], cpus=cpus)
+        wait_port(None, ports[0])
+        note = f"nginx, {workers} worker(s) serving both ports"
+        return Upstream("nginx", ports, note)
+    start(session, "upstream-aiohttp", aiohttp_upstream_argv(ports), ports[1], cpus=cpus)
+    wait_port(None, ports[0])
+    why = "nginx not installed: " if kind == "nginx" else ""
+    note = f"{why}aiohttp upstream (one Python process, may be the bottleneck)"
+    return Upstream("aiohttp", ports, note)
+
+
+# --- proxies under test ----------------------------------------------------------------
+
+
+def aiolb_config(session: Session, port: int, upstream: Upstream) -> Path:
+    up1, up2 = upstream.ports
+    text = f"""listeners:
+  - name: bench
+    bind: "127.0.0.1:{port}"
+    routes:
+      - match: {{path_prefix: "/"}}
+        pool: bench
+pools:
+  bench:
+    balancer: round_robin
+    upstreams:
+      - {{url: "http://127.0.0.1:{up1}"}}
+      - {{url: "http://127.0.0.1:{up2}"}}
+admin:
+  bind: "127.0.0.1:{session.port()}"
+"""
+    path = session.path("aiolb.yaml")
+    path.write_text(text)
+    return path
+
+
+def default_aiolb_cmd() -> list[str]:
+    return [sys.executable, "-m", "proxy", "run", "-c", "{config}"]
+
+
+def start_aiolb(
+    session: Session, upstream: Upstream, cpus: str | None, cmd: Sequence[str]
+) -> tuple[Child, int]:
+    port = session.port()
+    config = str(aiolb_config(session, port, upstream))
+    argv = [arg.replace("{config}", config) for arg in cmd]
+    return start(session, "aiolb", argv, port, cpus=cpus, cwd=REPO), port
+
+
+def start_nginx_proxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
+    port = session.port()
+    up1, up2 = upstream.ports
+    conf = (
+        nginx_common(session, "proxy", 1)
+        + f"""
+    upstream bench {{
+        server 127.0.0.1:{up1};
+        server 127.0.0.1:{up2};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    path = session.path("proxy-nginx.conf")
+    path.write_text(conf)
+    return start(session, "nginx", nginx_argv(session, path), port, cpus=cpus), port
+
+
+def start_haproxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
+    port = session.port()
+    up1, up2 = upstream.ports
+    maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2)
+    conf = f"""global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend bench
+
+backend bench
+    balance roundrobin
+    server s1 127.0.0.1:{up1}
+    server s2 127.0.0.1:{up2}
+"""
+    path = session.path("haproxy.cfg")
+    path.write_text(conf)
+    return start(session, "haproxy", ["haproxy", "-db", "-f", str(path)], port, cpus=cpus), port
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(_children_of(current))
+    return pids
+
+
+def rss_kib(pid: int, tree: Sequence[int] | None = None) -> int:
+    """VmRSS in KiB of `pid` plus its descendants (pass `tree` to skip the /proc scan)."""
+    total = 0
+    for member in tree or process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) jiffies from /proc/stat."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            values = [int(v) for v in fields[:8]]
+            idle = values[3] + values[4]  # idle + iowait
+            times[int(name[3:])] = (sum(values) - idle, sum(values))
+    return times
+
+
+def cpu_busy(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+) -> dict[int, float]:
+    """Percent busy per CPU between two `cpu_times()` snapshots."""
+    busy = {}
+    for cpu, (b1, t1) in after.items():
+        b0, t0 = before.get(cpu, (0, 0))
+        busy[cpu] = round(100.0 * (b1 - b0) / max(1, t1 - t0), 1)
+    return busy
