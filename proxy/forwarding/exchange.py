@@ -161,7 +161,7 @@ class Exchange:
 
     def start(self) -> None:
         """Become the current exchange: route and send, or answer locally."""
-        if not self._resolve_target():
+        if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
         client = self.client
         pool = client.router.route(self.host, self.target)

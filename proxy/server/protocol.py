@@ -126,7 +126,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange | _Rejection] = deque()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.in_head = False
+        self.in_head = True
         self.head_bytes = 0
         self.chunk_len = 0
         self.phase = IDLE
@@ -165,6 +165,9 @@ class ClientConnection(asyncio.Protocol):
         if self.broken:
             return
         self.chunk_len = len(data)
+        if self.phase == IDLE:  # the first byte of a request: the header timer starts
+            self.phase = HEAD
+            self.deadline = self.clock.now + self.timeout_header
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -175,12 +178,16 @@ class ClientConnection(asyncio.Protocol):
             log.info("400 from %s: %s", self.client_ip, exc)
             self.reject(400)
         else:
-            if self.in_head:
-                if self.head_bytes < 0:  # began in this read: parsed part + unfinished line
-                    self.head_bytes = self._head_size() + len(data) - data.rfind(b"\n") - 1
+            if self.in_head:  # a head is unfinished: count it against max_header_size
+                size = self.head_bytes
+                if size < 0:  # it began in this read: the unfinished line, the parsed part
+                    size = len(data) - data.rfind(b"\n") - 1
+                    if self.url:
+                        size += self._head_size()
                 else:
-                    self.head_bytes += len(data)
-                if self.head_bytes > self.max_header:
+                    size += len(data)
+                self.head_bytes = size
+                if size > self.max_header:
                     self.reject(431)
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange and ex.pending:
@@ -199,14 +206,6 @@ class ClientConnection(asyncio.Protocol):
             ex.client_write_paused(False)
 
     # -- httptools callbacks ---------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.in_head = True
-        self.head_bytes = -1  # unknown until this read is parsed
-        self.phase = HEAD
-        self.deadline = self.clock.now + self.timeout_header
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -242,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         ex = Exchange(self, method, self.url, self.headers, found, minor, keep_alive)
         self.parsing = ex
+        self.url = b""
+        self.headers = []
         if has_body:
             self.phase = BODY
             self.deadline = self.clock.now + self.timeout_body
@@ -267,6 +268,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
+        self.in_head = True  # whatever follows is the next request's head
+        self.head_bytes = -1  # it may begin inside this read
         self.phase = BUSY
         self.deadline = NEVER
         if ex is not None:

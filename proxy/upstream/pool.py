@@ -137,6 +137,7 @@ class Pool:
         "max_idle",
         "name",
         "observe",
+        "pick",
         "read_timeout",
         "response_header_timeout",
         "upstreams",
@@ -154,6 +155,9 @@ class Pool:
         self.max_idle = config.max_idle_connections
         self.upstreams = [Upstream(spec, self) for spec in config.upstreams]
         self._balancer: Balancer = self._factory([], self._options)
+        #: ``pick(request)``: an available upstream for this request, or None (the 503
+        #: path). The balancer's own bound method, set on every rebuild: one call, not two.
+        self.pick: Callable[[RequestView], Upstream | None] = self._balancer.pick
         #: ``observe(upstream, seconds)`` when the balancer learns from latency, else None.
         self.observe: Callable[[Upstream, float], None] | None = None
         #: monotonic seconds, for slow-start ramps (replaceable in tests)
@@ -173,6 +177,7 @@ class Pool:
         if inherit is not None:  # carry learned state (e.g. latency averages) across
             inherit(old)
         self._balancer = new
+        self.pick = new.pick
         self.observe = getattr(new, "observe", None)
 
     def _ramp(self, live: list[Upstream], chosen: list[Upstream]) -> list[float] | None:
@@ -185,11 +190,6 @@ class Pool:
         weights = slow.weights(chosen, now)
         self._ramp_due = now + slow.step if slow.ramping(now) else NO_RAMP
         return weights
-
-    def pick(self, request: RequestView) -> Upstream | None:
-        """An available upstream for this request, or None (the 503 path)."""
-        picked: Upstream | None = self._balancer.pick(request)
-        return picked
 
     def sweep(self, now: float) -> None:
         """Close idle connections unused for longer than ``timeouts.idle``; step ramps."""
