@@ -8,21 +8,15 @@ the first one taking every request.
   first idle upstream among its next ``PROBES`` turns is the answer. Zero is the
   lowest possible score, so it is a correct one, and while the pool is lightly loaded
   the picks follow the weighted round robin exactly (nginx breaks ties the same way).
-- Otherwise the ``active`` counters are scanned for the lowest score; the first lowest
-  at or after ``next`` wins and ``next`` moves just past it, so a set of tied
-  upstreams is served in turn (HAProxy's round robin within a load level). Upstreams
-  are grouped by weight at construction, so the scan is one list comprehension and
-  one ``min`` per weight (C speed); with many distinct weights it divides each count
-  by its weight instead.
-
-The scan is the one O(n) pick among the balancers: the counters change when requests
-end, which no balancer sees, so they cannot be kept in an index. With 100 upstreams it
-costs a few microseconds; a release hook from the forwarding layer would allow a heap.
+- Otherwise the lowest score wins: the first lowest at or after ``next``, which then
+  moves just past it, so tied upstreams are served in turn (HAProxy's round robin
+  within a load level). Scores live in one list that the pool keeps current through
+  ``on_active_change`` (called whenever a request starts or ends on an upstream), so a
+  pick is one C-speed ``min`` and ``index`` over floats, not a walk over upstreams.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,46 +25,10 @@ from proxy.balancing.weighted_round_robin import smooth_schedule
 
 #: Turns looked at for an idle upstream before scanning every counter.
 PROBES = 4
-#: Group by weight only where groups average at least this many upstreams (or there is
-#: one weight): otherwise one scan of ``active / weight`` is cheaper.
-MIN_GROUP_SIZE = 4
-
-
-class WeightGroup:
-    """The upstreams of one weight: their lowest in-flight count is one C-speed ``min``."""
-
-    __slots__ = ("indices", "members", "weight")
-
-    def __init__(self, weight: float, indices: list[int], members: list[Any]) -> None:
-        self.weight = weight
-        self.indices = indices  # ascending positions in the balancer's list
-        self.members = tuple(members)
-
-    def lowest(self, start: int) -> tuple[int, int]:
-        """The lowest ``active`` and the position of its first holder at/after ``start``."""
-        actives = [u.active for u in self.members]
-        low = min(actives)
-        try:
-            k = actives.index(low, bisect_left(self.indices, start))
-        except ValueError:
-            k = actives.index(low)
-        return low, self.indices[k]
-
-    def __repr__(self) -> str:
-        return f"<WeightGroup [weight {self.weight:g}, {len(self.members)} upstreams]>"
-
-
-def weight_groups(targets: Sequence[Any], weights: Sequence[float]) -> list[WeightGroup]:
-    by_weight: dict[float, list[int]] = {}
-    for i, weight in enumerate(weights):
-        by_weight.setdefault(weight, []).append(i)
-    return [WeightGroup(w, ix, [targets[i] for i in ix]) for w, ix in by_weight.items()]
-
-
 class LeastConnections:
     """Lowest ``active / weight``; ties in weighted round-robin turn."""
 
-    __slots__ = ("_cursor", "_groups", "_next", "_order", "_targets", "_weights")
+    __slots__ = ("_cursor", "_index", "_next", "_order", "_scores", "_targets", "_weights")
 
     def __init__(
         self,
@@ -80,9 +38,8 @@ class LeastConnections:
     ) -> None:
         self._targets = tuple(upstreams)
         self._weights = tuple(effective_weights(upstreams, weights))
-        groups = weight_groups(self._targets, self._weights)
-        few = len(groups) == 1 or len(self._targets) >= MIN_GROUP_SIZE * len(groups)
-        self._groups = groups if few else []
+        self._index = {u: i for i, u in enumerate(self._targets)}
+        self._scores = [u.active / w for u, w in zip(self._targets, self._weights, strict=True)]
         order = smooth_schedule(integer_weights(self._weights)) if self._targets else []
         self._order: tuple[int, ...] = tuple(order or range(len(self._targets)))
         self._cursor = 0  # position in ``_order``: the fast path's weighted turn
@@ -117,24 +74,15 @@ class LeastConnections:
                 return candidate
         return None
 
+    def on_active_change(self, upstream: Any) -> None:
+        """The pool's hook: ``upstream.active`` just changed."""
+        i = self._index.get(upstream)
+        if i is not None:
+            self._scores[i] = upstream.active / self._weights[i]
+
     def _lowest(self, start: int) -> int:
         """Position of the first lowest score at or after ``start``, wrapping around."""
-        groups = self._groups
-        if len(groups) == 1:
-            return groups[0].lowest(start)[1]
-        if not groups:
-            return self._scan(start)
-        n = len(self._targets)
-        best, best_key = 0, (float("inf"), n)
-        for group in groups:
-            low, i = group.lowest(start)
-            key = (low / group.weight, (i - start) % n)
-            if key < best_key:
-                best, best_key = i, key
-        return best
-
-    def _scan(self, start: int) -> int:
-        scores = [u.active / w for u, w in zip(self._targets, self._weights, strict=True)]
+        scores = self._scores
         low = min(scores)
         try:
             return scores.index(low, start)
@@ -145,6 +93,5 @@ class LeastConnections:
         active = sum(u.active for u in self._targets)
         return (
             f"<LeastConnections [{len(self._targets)} upstreams, {active} active, "
-            f"{len(self._groups) or 'many'} weight groups, "
             f"cursor {self._cursor}/{len(self._order)}, next {self._next}]>"
         )

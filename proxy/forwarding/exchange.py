@@ -174,7 +174,7 @@ class Exchange:
             self._fail(NoUpstreamError("no upstream available"))
             return
         self.upstream = upstream
-        upstream.active += 1
+        upstream.begin_request()
         if self.found.expect_continue and self.http_minor and not self.req_done:
             client.transport.write(CONTINUE_100)
         if self.host is None:
@@ -482,7 +482,7 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None and not self.released:
             self.released = True
-            upstream.active -= 1
+            upstream.end_request()
 
     def _finish(self, close: bool) -> None:
         if self.done:

@@ -64,6 +64,19 @@ class Upstream:
         """Healthy and enabled (an operator's drain is separate from health)."""
         return self.healthy and self.enabled
 
+    def begin_request(self) -> None:
+        """A request starts on this upstream (the balancer's index follows)."""
+        self.active += 1
+        track = self.pool.track
+        if track is not None:
+            track(self)
+
+    def end_request(self) -> None:
+        self.active -= 1
+        track = self.pool.track
+        if track is not None:
+            track(self)
+
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently released live idle connection, or None."""
         idle = self.idle
@@ -140,6 +153,7 @@ class Pool:
         "pick",
         "read_timeout",
         "response_header_timeout",
+        "track",
         "upstreams",
     )
 
@@ -160,6 +174,8 @@ class Pool:
         self.pick: Callable[[RequestView], Upstream | None] = self._balancer.pick
         #: ``observe(upstream, seconds)`` when the balancer learns from latency, else None.
         self.observe: Callable[[Upstream, float], None] | None = None
+        #: ``track(upstream)`` after ``upstream.active`` changes, if the balancer indexes it.
+        self.track: Callable[[Upstream], None] | None = None
         #: monotonic seconds, for slow-start ramps (replaceable in tests)
         self.clock: Callable[[], float] = time.monotonic
         slow = config.slow_start
@@ -179,6 +195,7 @@ class Pool:
         self._balancer = new
         self.pick = new.pick
         self.observe = getattr(new, "observe", None)
+        self.track = getattr(new, "on_active_change", None)
 
     def _ramp(self, live: list[Upstream], chosen: list[Upstream]) -> list[float] | None:
         """Slow-start weights for ``chosen`` (None: none ramping); schedules the next step."""

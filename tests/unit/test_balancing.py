@@ -34,12 +34,24 @@ SEEDED = ("random", "power_of_two", "peak_ewma")  # take an ``rng`` for repeatab
 class FakeUpstream:
     """What a balancer reads from ``proxy.upstream.pool.Upstream``; hashed by identity."""
 
-    __slots__ = ("active", "address", "weight")
+    __slots__ = ("_active", "address", "watchers", "weight")
 
     def __init__(self, address: str, weight: int = 1, active: int = 0) -> None:
         self.address = address
         self.weight = weight
-        self.active = active
+        self.watchers: list[Any] = []
+        self._active = active
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        """Like the pool: every change reaches the balancers that index it."""
+        self._active = value
+        for watch in self.watchers:
+            watch(self)
 
     def __repr__(self) -> str:
         return f"<FakeUpstream {self.address} w{self.weight} a{self.active}>"
@@ -83,10 +95,19 @@ def upstreams(*weights: int, prefix: str = "10.0.0.") -> list[FakeUpstream]:
     return [FakeUpstream(f"{prefix}{i + 1}:80", w) for i, w in enumerate(weights)]
 
 
+def tracked(balancer: Any, targets: Sequence[FakeUpstream]) -> Any:
+    """Wire ``on_active_change`` as ``Pool.track`` does for real upstreams."""
+    hook = getattr(balancer, "on_active_change", None)
+    if hook is not None:
+        for u in targets:
+            u.watchers.append(hook)
+    return balancer
+
+
 def build(name: str, targets: Sequence[Any], seed: int = 7, **kwargs: Any) -> Any:
     if name in SEEDED:
         kwargs.setdefault("rng", random.Random(seed))
-    return REGISTRY[name](targets, OPTIONS.get(name, {}), **kwargs)
+    return tracked(REGISTRY[name](targets, OPTIONS.get(name, {}), **kwargs), targets)
 
 
 def shares(picks: Iterable[Any], targets: Sequence[Any]) -> list[float]:
@@ -164,9 +185,10 @@ def picked_addresses(pool: Pool, count: int = 300) -> set[str | None]:
         upstream = pool.pick(user_request(i))
         found.add(upstream.address if upstream is not None else None)
         if upstream is not None:
-            upstream.active += 1
+            upstream.begin_request()
     for upstream in pool.upstreams:
-        upstream.active = 0
+        while upstream.active:
+            upstream.end_request()
     return found
 
 
@@ -454,14 +476,14 @@ def test_least_connections_picks_the_least_loaded() -> None:
     targets = upstreams(1, 1, 1)
     for u, active in zip(targets, (4, 1, 3), strict=True):
         u.active = active
-    balancer = LeastConnections(targets, {})
+    balancer = tracked(LeastConnections(targets, {}), targets)
     assert all(balancer.pick(ANY_REQUEST) is targets[1] for _ in range(10))
 
 
 def test_least_connections_divides_by_weight() -> None:
     big, small = targets = upstreams(4, 1)
     big.active, small.active = 3, 1  # 0.75 against 1.0
-    assert LeastConnections(targets, {}).pick(ANY_REQUEST) is big
+    assert tracked(LeastConnections(targets, {}), targets).pick(ANY_REQUEST) is big
 
 
 def test_least_connections_rotates_over_ties() -> None:
@@ -469,7 +491,7 @@ def test_least_connections_rotates_over_ties() -> None:
     for u in targets:
         u.active = 2
     targets[3].active = 5
-    balancer = LeastConnections(targets, {})
+    balancer = tracked(LeastConnections(targets, {}), targets)
     picks = [balancer.pick(ANY_REQUEST) for _ in range(9)]
     assert picks == targets[:3] * 3  # never the busy one; never always the first
 
@@ -477,7 +499,7 @@ def test_least_connections_rotates_over_ties() -> None:
 def test_least_connections_rotates_over_weighted_ties() -> None:
     a, b, c = targets = upstreams(2, 1, 1)
     a.active, b.active, c.active = 2, 1, 7  # a and b tie at 1.0
-    balancer = LeastConnections(targets, {})
+    balancer = tracked(LeastConnections(targets, {}), targets)
     counts = Counter(balancer.pick(ANY_REQUEST) for _ in range(100))
     assert counts[c] == 0
     assert counts[a] >= 30 and counts[b] >= 30
@@ -488,7 +510,7 @@ def test_least_connections_rotates_over_weighted_ties() -> None:
 def test_least_connections_matches_a_full_scan(n: int, seed: int) -> None:
     rng = random.Random(seed)
     targets = upstreams(*[rng.choice((1, 2, 3)) for _ in range(n)])
-    balancer = LeastConnections(targets, {})
+    balancer = tracked(LeastConnections(targets, {}), targets)
     for _ in range(200):
         for u in targets:
             u.active = rng.randrange(5)
@@ -502,7 +524,7 @@ def test_least_connections_matches_a_full_scan(n: int, seed: int) -> None:
 
 def test_least_connections_follows_picks_as_requests_start() -> None:
     targets = upstreams(1, 1, 1)
-    balancer = LeastConnections(targets, {})
+    balancer = tracked(LeastConnections(targets, {}), targets)
     for _ in range(30):  # requests that never end: the counts stay level
         balancer.pick(ANY_REQUEST).active += 1
     assert [u.active for u in targets] == [10, 10, 10]
