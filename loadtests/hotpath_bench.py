@@ -56,11 +56,15 @@ class FakeTransport:
     def close(self) -> None: ...
 
 
-def build(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, UpstreamConnection]:
+def build(
+    loop: asyncio.AbstractEventLoop, metrics: bool = True, access_log: str | None = None
+) -> tuple[ClientConnection, UpstreamConnection]:
     config = Config.model_validate(
         {
             "listeners": [{"name": "b", "bind": "127.0.0.1:0", "routes": [{"pool": "p"}]}],
             "pools": {"p": {"upstreams": [{"url": "http://127.0.0.1:9"}]}},
+            "metrics": {"enabled": metrics},
+            "access_log": {"path": access_log} if access_log else None,
         }
     )
     server = ProxyServer(config, loop)
@@ -74,10 +78,10 @@ def build(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, UpstreamCo
     return client, conn
 
 
-def run(requests: int) -> float:
+def run(requests: int, metrics: bool = True, access_log: str | None = None) -> float:
     loop = asyncio.new_event_loop()
     try:
-        client, conn = build(loop)
+        client, conn = build(loop, metrics, access_log)
         feed_client, feed_upstream = client.data_received, conn.data_received
         for _ in range(1000):  # warm up
             feed_client(REQUEST)
@@ -97,8 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-metrics", action="store_true", help="metrics: {enabled: false}")
+    parser.add_argument("--access-log", help="also write a JSON access log to this file")
     args = parser.parse_args()
-    best = min(run(args.requests) for _ in range(args.repeat))
+    best = min(
+        run(args.requests, not args.no_metrics, args.access_log) for _ in range(args.repeat)
+    )
     print(f"hot path: {best:.2f} µs of Python per proxied request (best of {args.repeat})")
 
 

@@ -359,12 +359,30 @@ class Listener(ConfigModel):
         return split_host_port(self.bind)[1]
 
 
+class Metrics(ConfigModel):
+    """Hot-path counters behind ``/metrics``; ``enabled: false`` skips recording."""
+
+    enabled: bool = True
+
+
+class AccessLog(ConfigModel):
+    """JSON lines access log: ``path: stdout`` (or ``-``) or a file path.
+
+    Lines are buffered and written by a background thread: a slow or full disk never
+    blocks the event loop; lines that cannot be written are dropped and counted.
+    """
+
+    path: str = "stdout"
+
+
 class Config(ConfigModel):
     """The whole configuration: at least one listener and one pool."""
 
     listeners: Annotated[list[Listener], Field(min_length=1)]
     pools: Annotated[dict[Name, Pool], Field(min_length=1)]
     admin: Admin = Admin()
+    metrics: Metrics = Metrics()
+    access_log: AccessLog | None = None
     workers: Workers = 1
 
     @model_validator(mode="wrap")

@@ -31,10 +31,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.clock import NEVER
-from proxy.errors import NoUpstreamError, ProxyError, UpstreamTimeoutError
+from proxy.errors import (
+    NoUpstreamError,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+)
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
 
@@ -65,7 +71,9 @@ _AUTHORITY: Final = re.compile(
 
 class Exchange:
     __slots__ = (
+        "attempts",
         "body_size",
+        "bytes_out",
         "client",
         "conn",
         "deadline",
@@ -95,6 +103,8 @@ class Exchange:
         "resp_started",
         "retried",
         "sent_at",
+        "started",
+        "status",
         "target",
         "task",
         "upstream",
@@ -144,6 +154,10 @@ class Exchange:
         self.resp_eof = False
         self.done = False
         self.deadline = NEVER
+        self.status = 0  # what the client was answered; 0 until then
+        self.attempts = 0  # connections the request was sent on
+        self.bytes_out = 0
+        self.started = client.loop.time() if client.record else 0.0
 
     # -- RequestView, for balancers ---------------------------------------------------
 
@@ -164,7 +178,7 @@ class Exchange:
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
         client = self.client
-        pool = client.router.route(self.host, self.target)
+        pool = client.listener.router.route(self.host, self.target)
         if pool is None:
             self.local(404)
             return
@@ -205,7 +219,7 @@ class Exchange:
         if (
             not start
             or _AUTHORITY.fullmatch(authority) is None  # no userinfo, no stray characters
-            or not self.client.router.serves_host(authority)
+            or not self.client.listener.router.serves_host(authority)
         ):
             log.info("400 absolute-form target refused: %r", target[:200])
             self.local(400, close=True)
@@ -222,6 +236,8 @@ class Exchange:
             conn = await upstream.connect(self.client.loop)
         except ProxyError as exc:
             self.task = None
+            if isinstance(exc, UpstreamConnectError):
+                upstream.stats.connect_errors += 1
             if not self.done:
                 self._fail(exc)
             return
@@ -239,6 +255,7 @@ class Exchange:
         else:
             self.replay = None
         self.conn = conn
+        self.attempts += 1
         if self.pool.observe is not None:  # type: ignore[union-attr]
             self.sent_at = self.client.loop.time()
         pending.insert(0, self.head)
@@ -314,6 +331,7 @@ class Exchange:
         self.out += (ResponseHead(raw).head, b"\r\n")
 
     def on_response_head(self, status: int, raw: bytes) -> None:
+        self.status = status
         self.replay = None
         self.resp_started = True
         pool = self.pool
@@ -346,6 +364,7 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         mode = self.mode
+        self.bytes_out += len(data)
         if mode == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         elif mode != NO_BODY:
@@ -455,6 +474,7 @@ class Exchange:
 
     def _write_local(self, status: int, close: bool) -> None:
         self.local_status = 0
+        self.status = status
         close = close or not self.keep_alive or self.client.draining
         self.client.transport.write(error_response(status, close, self.head_request))
         self._finish(close)
@@ -471,6 +491,7 @@ class Exchange:
     def _retry_fresh(self) -> None:
         """A pooled connection was stale: send again on a new connection, once."""
         self.retried = True
+        self.pool.retries += 1  # type: ignore[union-attr]
         self.pending = [*(self.replay or ()), *self.pending]
         self.pending_size = sum(map(len, self.pending))
         self.replay = None
@@ -489,7 +510,31 @@ class Exchange:
             return
         self.done = True
         self.deadline = NEVER
+        if self.client.record:
+            self._record()
         self.client.exchange_done(self, self.keep_alive and not close)
+
+    def _record(self) -> None:
+        """Count the finished request (``Stats``) and write its access log line."""
+        client = self.client
+        seconds = client.loop.time() - self.started
+        upstream = self.upstream
+        if upstream is not None and self.resp_started:  # the upstream answered
+            stats = upstream.stats
+        elif self.pool is not None:  # the proxy answered for this pool
+            stats = self.pool.stats
+            upstream = None
+        else:
+            stats = client.listener.stats
+        stats.record(client.listener.name, self.method, self.status, seconds)
+        access_log = client.access_log
+        if access_log is not None:
+            access_log.record(
+                time.time(), client.client_ip, self.method, self.target, self.status,
+                self.body_size, self.bytes_out, seconds,
+                upstream.address if upstream is not None else "", self.attempts,
+                self.request_id,
+            )
 
     def abort(self) -> None:
         """The client went away or broke: drop everything (idempotent)."""
@@ -505,6 +550,8 @@ class Exchange:
             self.conn = None
             conn.close()
         self._release_upstream()
+        if self.status and self.client.record:  # answered, then cut short: still counted
+            self._record()
 
     def __repr__(self) -> str:
         state = "done" if self.done else "streaming" if self.resp_started else "waiting"

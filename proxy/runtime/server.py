@@ -14,7 +14,10 @@ import signal
 
 from proxy.clock import Clock
 from proxy.config import Config
+from proxy.config import Listener as ListenerConfig
 from proxy.http.headers import RequestIds
+from proxy.metrics.access_log import AccessLog
+from proxy.metrics.stats import Stats
 from proxy.server.listener import Listener
 from proxy.upstream.pool import Pool
 
@@ -38,13 +41,21 @@ class ProxyServer:
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
         self.request_ids = RequestIds()
+        #: responses the proxy made before any pool was chosen (400, 404, 408, ...)
+        self.stats = Stats()
+        #: None unless ``access_log`` is configured; opening it may raise OSError
+        self.access_log = AccessLog(config.access_log.path) if config.access_log else None
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
-        self.listeners = [
-            Listener(lc, self.pools, self.loop, self.clock, self.request_ids)
-            for lc in config.listeners
-        ]
+        self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False
         self._stopped = asyncio.Event()
+
+    def make_listener(self, lc: ListenerConfig) -> Listener:
+        """A listener for ``lc`` over the current pools (not yet bound)."""
+        return Listener(
+            lc, self.pools, self.loop, self.clock, self.request_ids, self.stats,
+            record=self.config.metrics.enabled, access_log=self.access_log,
+        )
 
     async def start(self) -> None:
         """Bind every listener and start the clock; raises OSError if a bind fails."""
@@ -53,6 +64,8 @@ class ProxyServer:
             self.clock.add_sweeper(listener.sweep)
             log.info("listener %s serving on %s", listener.name, self._where(listener))
         self.clock.add_sweeper(self._sweep_pools)
+        if self.access_log is not None:
+            self.clock.add_sweeper(self.access_log.flush)
         self.clock.start()
         self.ready = True
 
@@ -84,6 +97,8 @@ class ProxyServer:
         for pool in self.pools.values():
             pool.close()
         self.clock.stop()
+        if self.access_log is not None:
+            self.access_log.close()
         self._stopped.set()
 
     def request_stop(self) -> None:

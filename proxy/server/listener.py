@@ -19,20 +19,25 @@ if TYPE_CHECKING:
     from proxy.clock import Clock
     from proxy.config import Listener as ListenerConfig
     from proxy.http.headers import RequestIds
+    from proxy.metrics.access_log import AccessLog
+    from proxy.metrics.stats import Stats
     from proxy.upstream.pool import Pool
 
 
 class Listener:
     __slots__ = (
+        "access_log",
         "clock",
         "config",
         "connections",
         "draining",
         "loop",
         "name",
+        "record",
         "request_ids",
         "router",
         "server",
+        "stats",
     )
 
     def __init__(
@@ -42,12 +47,18 @@ class Listener:
         loop: asyncio.AbstractEventLoop,
         clock: Clock,
         request_ids: RequestIds,
+        stats: Stats,
+        record: bool = True,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.loop = loop
         self.clock = clock
         self.request_ids = request_ids
+        self.stats = stats
+        self.record = record  # metrics enabled
+        self.access_log = access_log
         routes = [(r.match.host, r.match.path_prefix, r.pool) for r in config.routes]
         self.router: Router[Pool] = Router(routes, pools)
         self.connections: set[ClientConnection] = set()

@@ -72,6 +72,7 @@ class _Rejection:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing",
+        "access_log",
         "broken",
         "chunk_len",
         "client_ip",
@@ -94,8 +95,8 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "phase",
         "queue",
+        "record",
         "request_ids",
-        "router",
         "timeout_body",
         "timeout_header",
         "timeout_idle",
@@ -108,7 +109,8 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self.clock = listener.clock
-        self.router = listener.router
+        self.record = listener.record  # metrics on: count every request
+        self.access_log = listener.access_log
         self.request_ids = listener.request_ids
         limits, timeouts = listener.config.limits, listener.config.timeouts
         self.max_header = limits.max_header_size
@@ -326,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         if not self.closed:
             self.transport.write(error_response(status, True, self._is_head()))
+            if self.record:
+                self.listener.stats.record(self.listener.name, self._method(), status, 0.0)
         self.close()
 
     def close(self) -> None:
@@ -378,11 +382,16 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self.deadline = self.clock.now + self.timeout_idle
 
-    def _is_head(self) -> bool:
+    def _method(self) -> bytes:
+        """The current request's method, or OTHER if the request line did not parse."""
         try:
-            return bool(self.parser.get_method() == b"HEAD")
-        except Exception:  # the request line did not parse
-            return False
+            method: bytes = self.parser.get_method()
+        except Exception:
+            return b"OTHER"
+        return method
+
+    def _is_head(self) -> bool:
+        return self._method() == b"HEAD"
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)

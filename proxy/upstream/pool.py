@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
 from proxy.errors import UpstreamConnectError
+from proxy.metrics.stats import Stats
 
 if TYPE_CHECKING:
     from proxy.config import Pool as PoolConfig
@@ -44,6 +45,7 @@ class Upstream:
         "idle",
         "pool",
         "port",
+        "stats",
         "weight",
     )
 
@@ -58,6 +60,7 @@ class Upstream:
         self.enabled = True
         self.healthy = True
         self.idle: deque[UpstreamConnection] = deque()
+        self.stats = Stats()
 
     @property
     def available(self) -> bool:
@@ -153,6 +156,8 @@ class Pool:
         "pick",
         "read_timeout",
         "response_header_timeout",
+        "retries",
+        "stats",
         "track",
         "upstreams",
     )
@@ -168,6 +173,10 @@ class Pool:
         self.read_timeout = t.read
         self.max_idle = config.max_idle_connections
         self.upstreams = [Upstream(spec, self) for spec in config.upstreams]
+        #: responses the proxy made itself for this pool (upstream ""): 502, 503, 504
+        self.stats = Stats()
+        #: requests sent again (a stale pooled connection; other upstreams later)
+        self.retries = 0
         self._balancer: Balancer = self._factory([], self._options)
         #: ``pick(request)``: an available upstream for this request, or None (the 503
         #: path). The balancer's own bound method, set on every rebuild: one call, not two.

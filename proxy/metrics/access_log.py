@@ -1,0 +1,127 @@
+"""JSON lines access log that never blocks the event loop.
+
+The hot path appends one formatted line to a list. On each clock tick the list is
+handed, whole, to a writer thread (one queue operation per tick, not per request),
+which writes it with ``os.write``. A full disk, a closed stdout or a writer that falls
+behind costs lines, never the proxy: they are dropped, counted in ``dropped``, and a
+warning is logged at most once a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Final
+
+log = logging.getLogger("aiolb")
+
+#: Lines held in the loop between two ticks before new ones are dropped.
+MAX_PENDING_LINES: Final = 50_000
+#: Batches waiting for the writer thread before new batches are dropped.
+MAX_QUEUED_BATCHES: Final = 64
+_WARN_EVERY: Final = 60.0
+
+
+class AccessLog:
+    __slots__ = (
+        "_fd", "_last_warning", "_lines", "_owns_fd", "_prefix", "_queue", "_second",
+        "_thread", "dropped", "path",
+    )
+
+    def __init__(self, path: str) -> None:
+        """``path``: ``stdout``/``-`` or a file (opened for append; OSError if it cannot be)."""
+        self.path = path
+        if path in ("stdout", "-"):
+            self._fd, self._owns_fd = sys.stdout.fileno(), False
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._owns_fd = True
+        self._lines: list[str] = []
+        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self.dropped = 0
+        self._last_warning = 0.0
+        self._second = -1
+        self._prefix = ""
+        self._thread = threading.Thread(target=self._run, name="aiolb-access-log", daemon=True)
+        self._thread.start()
+
+    def record(
+        self, now: float, client: str, method: bytes, target: bytes, status: int,
+        bytes_in: int, bytes_out: int, seconds: float, upstream: str, attempts: int,
+        request_id: bytes,
+    ) -> None:
+        """Format and queue one request's line (the hot path; ``now`` is ``time.time()``)."""
+        self.write(
+            f'{{"time":"{self.timestamp(now)}","client":"{client}",'
+            f'"method":{json.dumps(method.decode("latin-1"))},'
+            f'"path":{json.dumps(target.decode("latin-1"))},"status":{status},'
+            f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{seconds * 1000:.3f},'
+            f'"upstream":"{upstream}","attempts":{attempts},'
+            f'"request_id":{json.dumps(request_id.decode("latin-1"))}}}\n'
+        )
+
+    def timestamp(self, now: float) -> str:
+        """``2026-11-23T02:55:00.123Z``; the part up to the second is cached."""
+        sec = int(now)
+        if sec != self._second:
+            self._second = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
+
+    def write(self, line: str) -> None:
+        """Queue one line (with its newline)."""
+        lines = self._lines
+        if len(lines) < MAX_PENDING_LINES:
+            lines.append(line)
+        else:
+            self.dropped += 1
+
+    def flush(self, now: float = 0.0) -> None:
+        """Hand the lines gathered so far to the writer thread (a clock sweeper)."""
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        if self._queue.qsize() >= MAX_QUEUED_BATCHES:
+            self.dropped += len(lines)
+            self._warn("access log writer is behind")
+            return
+        self._queue.put(lines)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._owns_fd:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            data = "".join(batch).encode("utf-8", "replace")
+            try:
+                while data:
+                    written = os.write(self._fd, data)
+                    data = data[written:]
+            except OSError as exc:
+                self.dropped += len(batch)
+                self._warn(f"cannot write the access log {self.path}: {exc.strerror or exc}")
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            log.warning("%s (%d lines dropped so far)", message, self.dropped)
+
+    def __repr__(self) -> str:
+        return f"<AccessLog {self.path} [{len(self._lines)} pending, {self.dropped} dropped]>"

@@ -1,0 +1,205 @@
+"""The Prometheus collector: the hot-path counters turned into metric families at scrape.
+
+Theory of operation
+-------------------
+The hot path only ever touches plain ints, dicts and lists (``proxy.metrics.stats``);
+nothing here runs per request. When ``/metrics`` is scraped, ``ProxyCollector.collect``
+walks the server's state once and yields one family per metric of DESIGN.md's
+"Metrics contract":
+
+- ``aiolb_requests_total``: the server's ``stats`` (responses made before a pool was
+  chosen: ``pool=""``, ``upstream=""``), each pool's ``stats`` (``upstream=""``) and each
+  upstream's ``stats``. Samples with the same labels are summed, so a label set is never
+  emitted twice.
+- ``aiolb_request_duration_seconds``: per pool, the pool's own histogram plus those of
+  all its upstreams (so ``_count`` is the number of requests for that pool); the
+  server's histogram is ``pool=""``. Buckets are made cumulative here.
+- gauges and counters read straight off ``Upstream``, ``Pool``, the listeners and
+  ``ProxyServer.reloads``. Attributes that later issues add (``ejections``,
+  ``health_checks``) are read with ``getattr`` defaults, so their families exist, empty
+  or zero, before the state behind them does.
+
+The registry is built per server (``build_registry``): the one piece of metrics state
+that is not a plain counter, and no module-level global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy.metrics.stats import BUCKETS, Histogram, Stats, method_label
+
+if TYPE_CHECKING:
+    from proxy.runtime.server import ProxyServer
+    from proxy.upstream.pool import Upstream
+
+REQUEST_LABELS = ["listener", "pool", "upstream", "method", "code"]
+UPSTREAM_LABELS = ["pool", "upstream"]
+#: ``le`` label values, formatted once (``+Inf`` last)
+LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
+
+
+def add_requests(
+    totals: dict[tuple[str, str, str, str, str], int], stats: Stats, pool: str, upstream: str
+) -> None:
+    """Fold ``stats.requests`` into ``totals`` keyed by the full label tuple."""
+    for (listener, method, status), n in stats.requests.items():
+        key = (listener, pool, upstream, method_label(method), str(status))
+        totals[key] = totals.get(key, 0) + n
+
+
+def merged(histograms: Iterable[Histogram]) -> tuple[list[int], float]:
+    """Summed non-cumulative buckets and sum of several histograms."""
+    buckets = [0] * (len(BUCKETS) + 1)
+    total = 0.0
+    for h in histograms:
+        for i, n in enumerate(h.buckets):
+            buckets[i] += n
+        total += h.sum
+    return buckets, total
+
+
+def cumulative(buckets: list[int]) -> list[tuple[str, float]]:
+    """Prometheus ``(le, cumulative count)`` pairs from non-cumulative buckets."""
+    out, running = [], 0
+    for le, n in zip(LE, buckets, strict=True):
+        running += n
+        out.append((le, float(running)))
+    return out
+
+
+class ProxyCollector(Collector):
+    """Every metric of the contract, read from a live ``ProxyServer`` at scrape time."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        """Nothing: the families are dynamic and the registry is ours alone."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._requests()
+        yield self._durations()
+        yield from self._upstream_families()
+        yield self._retries()
+        yield self._client_connections()
+        yield self._reloads()
+
+    def _requests(self) -> Metric:
+        totals: dict[tuple[str, str, str, str, str], int] = {}
+        add_requests(totals, self.server.stats, "", "")
+        for name, pool in self.server.pools.items():
+            add_requests(totals, pool.stats, name, "")
+            for up in pool.upstreams:
+                add_requests(totals, up.stats, name, up.address)
+        family = CounterMetricFamily(
+            "aiolb_requests", "Requests answered, by upstream and status (upstream "
+            "\"\": the proxy answered itself).", labels=REQUEST_LABELS,
+        )  # fmt: skip
+        for labels, n in sorted(totals.items()):
+            family.add_metric(list(labels), n)
+        return family
+
+    def _durations(self) -> Metric:
+        family = HistogramMetricFamily(
+            "aiolb_request_duration_seconds",
+            "Time from the request head to the end of the response, per pool.",
+            labels=["pool"],
+        )
+        buckets, total = merged([self.server.stats.duration])
+        family.add_metric([""], cumulative(buckets), total)
+        for name, pool in self.server.pools.items():
+            parts = [pool.stats.duration, *(up.stats.duration for up in pool.upstreams)]
+            buckets, total = merged(parts)
+            family.add_metric([name], cumulative(buckets), total)
+        return family
+
+    def _upstream_families(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "aiolb_upstream_up", "1 if the upstream is healthy and enabled, else 0.",
+            labels=UPSTREAM_LABELS,
+        )  # fmt: skip
+        active = GaugeMetricFamily(
+            "aiolb_upstream_active_requests", "Requests in flight to the upstream.",
+            labels=UPSTREAM_LABELS,
+        )  # fmt: skip
+        errors = CounterMetricFamily(
+            "aiolb_upstream_connect_errors", "Failed connection attempts to the upstream.",
+            labels=UPSTREAM_LABELS,
+        )  # fmt: skip
+        ejections = CounterMetricFamily(
+            "aiolb_upstream_ejections", "Times passive outlier detection ejected the upstream.",
+            labels=UPSTREAM_LABELS,
+        )  # fmt: skip
+        checks = CounterMetricFamily(
+            "aiolb_health_checks", "Active health check probes, by result.",
+            labels=[*UPSTREAM_LABELS, "result"],
+        )  # fmt: skip
+        for name, pool in self.server.pools.items():
+            for upstream in pool.upstreams:
+                labels = [name, upstream.address]
+                up.add_metric(labels, 1.0 if upstream.healthy and upstream.enabled else 0.0)
+                active.add_metric(labels, upstream.active)
+                errors.add_metric(labels, upstream.stats.connect_errors)
+                ejections.add_metric(labels, getattr(upstream, "ejections", 0))
+                _add_checks(checks, labels, upstream)
+        yield from (up, active, errors, ejections, checks)
+
+    def _retries(self) -> Metric:
+        family = CounterMetricFamily(
+            "aiolb_retries", "Requests sent to an upstream again.", labels=["pool"]
+        )
+        for name, pool in self.server.pools.items():
+            family.add_metric([name], getattr(pool, "retries", 0))
+        return family
+
+    def _client_connections(self) -> Metric:
+        family = GaugeMetricFamily(
+            "aiolb_client_connections", "Open client connections.", labels=["listener"]
+        )
+        counts: dict[str, int] = {}
+        for listener in self.server.listeners:
+            counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
+        for name, n in counts.items():
+            family.add_metric([name], n)
+        return family
+
+    def _reloads(self) -> Metric:
+        family = CounterMetricFamily(
+            "aiolb_config_reloads", "Configuration reloads, by result.", labels=["result"]
+        )
+        for result in ("success", "failure"):
+            family.add_metric([result], self.server.reloads.get(result, 0))
+        return family
+
+
+def _add_checks(family: CounterMetricFamily, labels: list[str], upstream: Upstream) -> None:
+    """Samples from ``upstream.health_checks`` (result -> count) once health checks exist."""
+    checks: Mapping[str, int] | None = getattr(upstream, "health_checks", None)
+    for result, n in sorted((checks or {}).items()):
+        family.add_metric([*labels, result], n)
+
+
+def build_registry(server: ProxyServer) -> CollectorRegistry:
+    """A registry of its own for ``server``: aiolb's families plus process, platform, GC."""
+    registry = CollectorRegistry()
+    registry.register(ProxyCollector(server))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry

@@ -1,0 +1,103 @@
+"""Counters the hot path records into: plain Python ints, lists and dicts.
+
+Theory of operation
+-------------------
+Recording a finished request costs one dict update and one histogram bucket
+increment (``bisect`` in C), about what ANCHORS.md gives for a plain dict increment,
+instead of prometheus-client's ``labels(...).inc()`` at over a microsecond per call.
+The collector (``proxy.metrics.collector``) turns these into metric families only when
+``/metrics`` is scraped. Nothing here takes a lock: one event loop owns them. With
+several worker processes each worker keeps its own and the supervisor sums snapshots
+(``snapshot()`` is a plain dict, cheap to send over a pipe).
+
+Where they live: every ``Upstream`` has ``stats`` (requests it answered or failed),
+every ``Pool`` has ``stats`` (all its requests: feeds the pool histogram and the
+responses the proxy made itself for that pool, with upstream ``""``), and the server
+has one for responses made before any pool was chosen (404, 400, ...).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Final
+
+#: Histogram bucket upper bounds in seconds, 1 ms to 10 s (Traefik/Caddy-like).
+BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Methods that keep their own label; any other becomes ``OTHER`` (bounded cardinality).
+METHODS: Final = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE")
+)
+
+
+def method_label(method: bytes) -> str:
+    return method.decode() if method in METHODS else "OTHER"
+
+
+class Histogram:
+    """Fixed buckets (non-cumulative counts, the last one is +Inf), sum and count."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Estimated ``q`` quantile (linear within a bucket), None when empty."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.buckets):
+            if n and seen + n >= rank:
+                low = BUCKETS[i - 1] if i else 0.0
+                high = BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1]
+                return low + (high - low) * (rank - seen) / n
+            seen += n
+        return BUCKETS[-1]
+
+
+class Stats:
+    """Requests by ``(listener, method, status)``, a latency histogram, error counters."""
+
+    __slots__ = ("connect_errors", "duration", "requests")
+
+    def __init__(self) -> None:
+        #: ``(listener name, method bytes, status)`` -> count; method as sent, mapped to a
+        #: label at scrape time (unknown methods are folded into OTHER there).
+        self.requests: dict[tuple[str, bytes, int], int] = {}
+        self.duration = Histogram()
+        self.connect_errors = 0
+
+    def record(self, listener: str, method: bytes, status: int, seconds: float) -> None:
+        key = (listener, method if method in METHODS else b"OTHER", status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.duration.observe(seconds)
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    @property
+    def errors(self) -> int:
+        """Responses with a 5xx status."""
+        return sum(n for (_, _, status), n in self.requests.items() if status >= 500)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": [[lst, m.decode(), s, n] for (lst, m, s), n in self.requests.items()],
+            "buckets": list(self.duration.buckets),
+            "sum": self.duration.sum,
+            "connect_errors": self.connect_errors,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Stats [{self.total} requests, {self.errors} 5xx]>"
