@@ -180,9 +180,11 @@ def request_head(
 
 
 # A response header that needs more than passing through (hop-by-hop or framing).
+# What in a response head needs more than passing through: a hop-by-hop or framing
+# header (group 1 names it), or an obs-fold continuation line.
 _RESPONSE_SPECIAL = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|upgrade|transfer-encoding)"
-    rb"[ \t]*:"
+    rb"\r\n(?:(connection|keep-alive|proxy-connection|te|trailer|upgrade|transfer-encoding)"
+    rb"[ \t]*:|[ \t])"
 )
 _PLAIN_CONNECTION = {b"keep-alive": False, b"close": True}
 
@@ -203,23 +205,22 @@ class ResponseHead:
     def __init__(self, raw: bytes) -> None:
         lower = raw.lower()
         self.has_length = b"\r\ncontent-length:" in lower
-        self.chunked = False
-        self.close = False
-        head = raw[:-2]
-        if not raw.startswith(b"HTTP/1.1 "):
-            head = b"HTTP/1.1 " + head[9:]
+        self.chunked = self.close = False
         m = _RESPONSE_SPECIAL.search(lower)
-        if m is not None and lower[m.start() + 2 : m.start() + 12] == b"connection":
+        if m is None:
+            head = raw[:-2]
+        elif m.group(1) == b"connection":  # the usual one: cut a plain Connection line
             eol = lower.index(b"\r\n", m.end())
             close = _PLAIN_CONNECTION.get(lower[m.end() : eol].strip())
-            if close is not None and _RESPONSE_SPECIAL.search(lower, eol) is None:
-                self.close = close
-                head = head[: m.start()] + head[eol:]
-                m = None
-        if m is not None or b"\r\n " in raw or b"\r\n\t" in raw:
-            self._filter(raw)
+            if close is None or _RESPONSE_SPECIAL.search(lower, eol) is not None:
+                self._filter(raw)
+                return
+            self.close = close
+            head = raw[: m.start()] + raw[eol:-2]
         else:
-            self.head = head
+            self._filter(raw)
+            return
+        self.head = head if raw.startswith(b"HTTP/1.1 ") else b"HTTP/1.1 " + head[9:]
 
     def _filter(self, raw: bytes) -> None:
         """The general path: one pass over the header lines (obs-fold unfolded)."""

@@ -1,0 +1,73 @@
+"""Header rules, fed bytes directly (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.http.headers import RequestHeaders, RequestIds, ResponseHead, request_head
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\n"
+
+
+def test_plain_response_head_passes_unchanged():
+    found = ResponseHead(OK_HEAD + b"\r\n")
+    assert found.head == OK_HEAD
+    assert found.has_length and not found.chunked and not found.close
+
+
+@pytest.mark.parametrize(("value", "close"), [(b"keep-alive", False), (b"Close", True)])
+def test_plain_connection_line_is_cut(value: bytes, close: bool):
+    raw = b"HTTP/1.1 200 OK\r\nConnection: " + value + b"\r\nContent-Length: 2\r\n\r\n"
+    found = ResponseHead(raw)
+    assert found.head == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    assert found.close is close
+
+
+def test_hop_by_hop_and_listed_headers_are_removed():
+    raw = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nX-Internal: s\r\n"
+        b"Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Public: yes\r\n\r\n"
+    )
+    found = ResponseHead(raw)
+    assert found.head == b"HTTP/1.1 200 OK\r\nX-Public: yes\r\n"
+    assert found.chunked and not found.has_length
+
+
+def test_obs_fold_is_unfolded_and_version_is_ours():
+    raw = b"HTTP/1.0 200 OK\r\nX-Long: a\r\n b\r\nContent-Length: 0\r\n\r\n"
+    found = ResponseHead(raw)
+    assert found.head == b"HTTP/1.1 200 OK\r\nX-Long: a b\r\nContent-Length: 0\r\n"
+
+
+def test_request_headers_one_pass():
+    found = RequestHeaders(
+        [
+            (b"Host", b"shop.test"),
+            (b"Connection", b"keep-alive, X-Secret"),
+            (b"X-Secret", b"s"),
+            (b"TE", b"trailers"),
+            (b"X-Forwarded-For", b"203.0.113.9"),
+            (b"X-Request-ID", b"abc"),
+            (b"Expect", b"100-continue"),
+            (b"Content-Length", b"5"),
+            (b"Accept", b"*/*"),
+        ]
+    )
+    assert found.host == b"shop.test" and found.request_id == b"abc"
+    assert found.expect_continue and found.content_length == b"5" and not found.chunked
+    head = request_head(b"POST", b"/x", found, b"127.0.0.1", found.host, b"rid")
+    assert head == (
+        b"POST /x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\nAccept: */*\r\n"
+        b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Request-ID: rid\r\nVia: 1.1 aiolb\r\nX-Forwarded-Host: shop.test\r\n\r\n"
+    )
+
+
+def test_duplicate_host_is_refused():
+    with pytest.raises(ValueError):
+        RequestHeaders([(b"Host", b"a"), (b"host", b"b")])
+
+
+def test_request_ids_are_unique():
+    ids = RequestIds()
+    assert len({ids.next() for _ in range(1000)}) == 1000
