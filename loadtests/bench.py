@@ -30,7 +30,8 @@ from harness import Child, Pinning, Session, StartError, Upstream
 WRK_SCRIPT = harness.HERE / "wrk" / "report.lua"
 WARMUP_S = 1
 WRK_TIMEOUT = "2s"
-TARGETS = ("direct", "aiolb", "nginx", "haproxy")
+TARGETS = ("direct", "aiolb", "nginx", "haproxy", "aiolb-nometrics", "aiolb-accesslog")
+DEFAULT_TARGETS = TARGETS[:4]
 REFERENCE = "nginx"
 NOISE_BUSY_PERCENT = 15.0
 
@@ -89,7 +90,7 @@ def csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", type=csv(tuple(SCENARIOS)), default=list(SCENARIOS))
-    parser.add_argument("--targets", type=csv(TARGETS), default=list(TARGETS))
+    parser.add_argument("--targets", type=csv(TARGETS), default=list(DEFAULT_TARGETS))
     parser.add_argument("--duration", type=int, default=6, help="seconds per timed wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -269,8 +270,9 @@ class Bench:
         session, upstream, cpus = self.session, self.upstream, self.pin.proxy
         if target == "direct":
             return None, upstream.ports[0]
-        if target == "aiolb":
-            return harness.start_aiolb(session, upstream, cpus, self.args.aiolb_cmd)
+        if target in harness.AIOLB_VARIANTS:
+            extra = harness.AIOLB_VARIANTS[target]
+            return harness.start_aiolb(session, upstream, cpus, self.args.aiolb_cmd, extra)
         if target == "nginx":
             return harness.start_nginx_proxy(session, upstream, cpus)
         return harness.start_haproxy(session, upstream, cpus)

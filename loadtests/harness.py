@@ -284,7 +284,15 @@ def start_upstream(session: Session, cpus: str | None, workers: int, kind: str) 
 # --- proxies under test ----------------------------------------------------------------
 
 
-def aiolb_config(session: Session, port: int, upstream: Upstream) -> Path:
+#: aiolb variants for the cost of observability, measured in the same run.
+AIOLB_VARIANTS = {
+    "aiolb": "",
+    "aiolb-nometrics": "metrics: {enabled: false}\n",
+    "aiolb-accesslog": "access_log: {path: ACCESS_LOG}\n",
+}
+
+
+def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "") -> Path:
     up1, up2 = upstream.ports
     text = f"""listeners:
   - name: bench
@@ -300,7 +308,7 @@ pools:
       - {{url: "http://127.0.0.1:{up2}"}}
 admin:
   bind: "127.0.0.1:{session.port()}"
-"""
+""" + extra.replace("ACCESS_LOG", str(session.path("access.log")))
     path = session.path("aiolb.yaml")
     path.write_text(text)
     return path
@@ -311,10 +319,10 @@ def default_aiolb_cmd() -> list[str]:
 
 
 def start_aiolb(
-    session: Session, upstream: Upstream, cpus: str | None, cmd: Sequence[str]
+    session: Session, upstream: Upstream, cpus: str | None, cmd: Sequence[str], extra: str = ""
 ) -> tuple[Child, int]:
     port = session.port()
-    config = str(aiolb_config(session, port, upstream))
+    config = str(aiolb_config(session, port, upstream, extra))
     argv = [arg.replace("{config}", config) for arg in cmd]
     return start(session, "aiolb", argv, port, cpus=cpus, cwd=REPO), port
 

@@ -58,11 +58,9 @@ class AccessLog:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``)."""
         self.write(
             f'{{"time":"{self.timestamp(now)}","client":"{client}",'
-            f'"method":{json.dumps(method.decode("latin-1"))},'
-            f'"path":{json.dumps(target.decode("latin-1"))},"status":{status},'
+            f'"method":"{method.decode("latin-1")}","path":{quote(target)},"status":{status},'
             f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{seconds * 1000:.3f},'
-            f'"upstream":"{upstream}","attempts":{attempts},'
-            f'"request_id":{json.dumps(request_id.decode("latin-1"))}}}\n'
+            f'"upstream":"{upstream}","attempts":{attempts},"request_id":{quote(request_id)}}}\n'
         )
 
     def timestamp(self, now: float) -> str:
@@ -125,3 +123,14 @@ class AccessLog:
 
     def __repr__(self) -> str:
         return f"<AccessLog {self.path} [{len(self._lines)} pending, {self.dropped} dropped]>"
+
+
+def quote(value: bytes) -> str:
+    """A JSON string for bytes a client chose; plain printable ASCII skips ``json.dumps``.
+
+    (Methods need no quoting: the parser accepts only token characters there.)
+    """
+    text = value.decode("latin-1")
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
