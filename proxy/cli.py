@@ -78,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("workers=%s: multi-worker mode is not available yet; running one", workers)
 
     async def main() -> None:
-        await ProxyServer(config).serve()
+        server = ProxyServer(config)
+        server.config_path = args.config  # SIGHUP and POST /api/reload read it again
+        await server.serve()
 
     return _serve(main)
 
@@ -93,8 +95,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _serve(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    from proxy.admin import AdminError
+
     try:
         _run_loop(main)
+    except AdminError as exc:
+        print(f"aiolb: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"aiolb: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME

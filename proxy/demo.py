@@ -18,6 +18,7 @@ from proxy.runtime.server import ProxyServer
 log = logging.getLogger("aiolb")
 
 DEMO_NAMES = ("demo-1", "demo-2", "demo-3")
+DEMO_ADMIN_PORT = 9901  # the documented default; a free port if it is taken
 
 
 def demo_app(name: str) -> web.Application:
@@ -80,10 +81,12 @@ async def run_demo(port: int = 8080, out: TextIO = sys.stdout) -> None:
             runner, up_port = await start_upstream(name)
             runners.append(runner)
             ports.append(up_port)
-        server = ProxyServer(demo_config(port, ports, 9901))
+        server = ProxyServer(demo_config(port, ports, DEMO_ADMIN_PORT))
+        server.admin_fallback = True  # another aiolb on 9901 must not stop the demo
         await server.start()
         bound = server.listeners[0].port
-        _print_banner(out, bound, ports)
+        admin_url = server.admin.url if server.admin is not None else ""
+        _print_banner(out, bound, ports, admin_url)
         server._install_signals()
         await server._stopped.wait()
     finally:
@@ -91,7 +94,7 @@ async def run_demo(port: int = 8080, out: TextIO = sys.stdout) -> None:
             await runner.cleanup()
 
 
-def _print_banner(out: TextIO, port: int, ports: list[int]) -> None:
+def _print_banner(out: TextIO, port: int, ports: list[int], admin_url: str) -> None:
     url = f"http://127.0.0.1:{port}"
     lines = [f"aiolb demo: proxy on {url} in front of {len(ports)} upstreams (round robin)"]
     lines += [f"  {name}  http://127.0.0.1:{p}" for name, p in zip(DEMO_NAMES, ports, strict=True)]
@@ -100,6 +103,10 @@ def _print_banner(out: TextIO, port: int, ports: list[int]) -> None:
         "Try:",
         f"  curl -i {url}/",
         f"  for i in 1 2 3 4 5 6; do curl -s {url}/hello; done",
+        "",
+        f"Admin: dashboard {admin_url}/  metrics {admin_url}/metrics",
+        f"  curl -s {admin_url}/api/pools",
+        f"  curl -s -X POST {admin_url}/api/pools/demo/upstreams/127.0.0.1:{ports[0]}/drain",
         "",
         "Press Ctrl-C to stop.",
     ]

@@ -39,7 +39,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from proxy.metrics.stats import BUCKETS, Histogram, Stats, method_label
 
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 REQUEST_LABELS = ["listener", "pool", "upstream", "method", "code"]
 UPSTREAM_LABELS = ["pool", "upstream"]
 #: ``le`` label values, formatted once (``+Inf`` last)
-LE = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
+LE = [repr(float(b)) for b in BUCKETS] + ["+Inf"]
 
 
 def add_requests(
@@ -173,7 +172,7 @@ class ProxyCollector(Collector):
             "aiolb_client_connections", "Open client connections.", labels=["listener"]
         )
         counts: dict[str, int] = {}
-        for listener in self.server.listeners:
+        for listener in (*self.server.listeners, *self.server.retired_listeners):
             counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
         for name, n in counts.items():
             family.add_metric([name], n)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
+from proxy.admin import AdminHandle, start_admin
 from proxy.clock import Clock
 from proxy.config import Config
 from proxy.config import Listener as ListenerConfig
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
+from proxy.runtime.reload import reload_server
 from proxy.server.listener import Listener
 from proxy.upstream.pool import Pool
 
@@ -48,6 +51,16 @@ class ProxyServer:
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False
+        #: the file ``aiolb run -c`` loaded (None: built in code, e.g. the demo)
+        self.config_path: str | None = None
+        #: reloads by result, for ``aiolb_config_reloads_total``
+        self.reloads = {"success": 0, "failure": 0}
+        self.admin: AdminHandle | None = None
+        #: take a free port when ``admin.bind``'s port is busy (the demo), else fail
+        self.admin_fallback = False
+        self._retired: list[Listener] = []  # removed by a reload, still draining
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[list[str]]] = set()
         self._stopped = asyncio.Event()
 
     def make_listener(self, lc: ListenerConfig) -> Listener:
@@ -58,16 +71,72 @@ class ProxyServer:
         )
 
     async def start(self) -> None:
-        """Bind every listener and start the clock; raises OSError if a bind fails."""
-        for listener in self.listeners:
-            await listener.start()
-            self.clock.add_sweeper(listener.sweep)
-            log.info("listener %s serving on %s", listener.name, self._where(listener))
+        """Start the admin API, bind every listener, start the clock.
+
+        Raises ``AdminError`` (a non-loopback admin without a token) before binding
+        anything, or OSError if a bind fails.
+        """
+        admin = self.config.admin
+        self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
+        log.info("admin API on %s", self.admin.url)
+        try:
+            for listener in self.listeners:
+                await self.start_listener(listener)
+        except BaseException:
+            await self.admin.stop()
+            raise
         self.clock.add_sweeper(self._sweep_pools)
+        self.clock.add_sweeper(self._sweep_retired)
         if self.access_log is not None:
             self.clock.add_sweeper(self.access_log.flush)
         self.clock.start()
         self.ready = True
+
+    async def start_listener(self, listener: Listener, sock: socket.socket | None = None) -> None:
+        """Bind ``listener`` (or serve on ``sock``) and sweep its deadlines on each tick."""
+        await listener.start(sock)
+        self.clock.add_sweeper(listener.sweep)
+        log.info("listener %s serving on %s", listener.name, self._where(listener))
+
+    def retire_listener(self, listener: Listener) -> None:
+        """A reload removed ``listener``: drain it; it is forgotten once its connections end."""
+        listener.drain()
+        self._retired.append(listener)
+        log.info("listener %s draining (removed from the config)", listener.name)
+
+    @property
+    def retired_listeners(self) -> tuple[Listener, ...]:
+        """Listeners a reload removed that still have connections draining."""
+        return tuple(self._retired)
+
+    def _sweep_retired(self, now: float) -> None:
+        for listener in tuple(self._retired):
+            if not listener.connections:
+                self.clock.remove_sweeper(listener.sweep)
+                self._retired.remove(listener)
+
+    def retune_clock(self) -> None:
+        """Match the timer tick to the (new) config's shortest timeout."""
+        self.clock.resolution = _resolution(self.config)
+
+    async def reload(self) -> list[str]:
+        """Apply ``config_path`` again (SIGHUP, ``POST /api/reload``).
+
+        Returns [] when the new config was applied, else its problems (``FILE:LINE:
+        ...``) and nothing changed. See ``proxy.runtime.reload``.
+        """
+        if getattr(self, "_stopping", False):
+            return ["the server is shutting down"]
+        async with self._reload_lock:
+            problems = await reload_server(self)
+        self.reloads["failure" if problems else "success"] += 1
+        for problem in problems:
+            log.error("reload refused: %s", problem)
+        if problems:
+            log.error("reload failed; the running config stays")
+        else:
+            log.info("reloaded %s", self.config_path)
+        return problems
 
     def _sweep_pools(self, now: float) -> None:
         for pool in self.pools.values():
@@ -85,12 +154,13 @@ class ProxyServer:
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Graceful drain: stop accepting, finish in-flight requests, then close."""
         self.ready = False
-        for listener in self.listeners:
+        listeners = [*self.listeners, *self._retired]
+        for listener in listeners:
             listener.drain()
         deadline = self.loop.time() + timeout
-        while any(lst.connections for lst in self.listeners) and self.loop.time() < deadline:
+        while any(lst.connections for lst in listeners) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for listener in self.listeners:
+        for listener in listeners:
             listener.close_all()
             if listener.server is not None:
                 listener.server.close()
@@ -99,6 +169,8 @@ class ProxyServer:
         self.clock.stop()
         if self.access_log is not None:
             self.access_log.close()
+        if self.admin is not None:
+            await self.admin.stop()
         self._stopped.set()
 
     def request_stop(self) -> None:
@@ -127,9 +199,16 @@ class ProxyServer:
                 return
             on_term()
 
+        def on_hup() -> None:
+            log.info("SIGHUP: reloading %s", self.config_path)
+            task = self.loop.create_task(self.reload())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
         try:
             self.loop.add_signal_handler(signal.SIGTERM, on_term)
             self.loop.add_signal_handler(signal.SIGINT, on_int)
+            self.loop.add_signal_handler(signal.SIGHUP, on_hup)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 

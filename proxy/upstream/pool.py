@@ -226,6 +226,41 @@ class Pool:
         if self._ramp_due != NO_RAMP and self.clock() >= self._ramp_due:
             self.rebuild()
 
+    def adopt(self, previous: Pool) -> None:
+        """Take over the state of ``previous``, the same-named pool of the config being
+        replaced by a reload (call once, before this pool serves).
+
+        Counters (``stats``, ``retries``) carry on, so they stay monotonic. An upstream
+        whose address is in both pools stays the *same object*, given the new weight,
+        backup flag and pool: its health, drain, in-flight count, statistics and idle
+        connections carry over, and requests still running on it (started through the
+        old pool) end into the right counters. Learned balancer state and a slow-start
+        ramp in progress carry over too.
+        """
+        self.stats = previous.stats
+        self.retries = previous.retries
+        kept = {u.address: u for u in previous.upstreams}
+        for i, fresh in enumerate(self.upstreams):
+            old = kept.get(fresh.address)
+            if old is not None:
+                old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
+                self.upstreams[i] = old
+        slow = self._slow_start
+        if slow is not None:  # primed with the fresh objects: prime it again, or carry
+            carried = previous._slow_start
+            self._slow_start = carried if carried is not None else SlowStart(slow.duration)
+            self._slow_start.duration = slow.duration
+        self._balancer = previous._balancer  # what ``inherit`` learns from
+        self.rebuild()
+
+    def retire(self) -> None:
+        """This pool was replaced by a reload: close the idle connections of upstreams no
+        other pool adopted, and every connection they release later."""
+        self.max_idle = 0
+        for upstream in self.upstreams:
+            if upstream.pool is self:
+                upstream.close_idle(float("inf"))
+
     def close(self) -> None:
         for upstream in self.upstreams:
             upstream.close_idle(float("inf"))

@@ -1,0 +1,86 @@
+"""The JSON the admin API answers with: pools, upstreams, their live state and rates.
+
+Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enable)::
+
+    {"ready": true, "window_s": 10.0,
+     "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
+                "available": 2, "total": 3,
+                "upstreams": [{"address": "127.0.0.1:9001", "weight": 2, "backup": false,
+                               "healthy": true, "enabled": true, "drained": false,
+                               "available": true, "active": 1, "idle": 4,
+                               "ejected_until": null, "ejections": 0,
+                               "requests": 120, "errors": 3, "connect_errors": 0,
+                               "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
+                               "p99_ms": 8.7}]}]}
+
+``requests`` and ``errors`` (5xx) count every request the upstream answered since the
+start; ``rate`` (requests/s), ``error_rate`` (fraction of those that were 5xx) and the
+latency quantiles cover the last ``window_s`` seconds. ``ejected_until`` is a Unix
+time, or null when the upstream is not ejected.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.admin.recent import RecentStats
+    from proxy.runtime.server import ProxyServer
+    from proxy.upstream.pool import Pool, Upstream
+
+
+def ejected_until(upstream: Upstream, loop_now: float) -> float | None:
+    """``upstream.ejected_until`` (a loop-clock deadline, once passive health checks
+    exist) as a Unix time; None when not ejected."""
+    until: float | None = getattr(upstream, "ejected_until", None)
+    if until is None or until <= loop_now:
+        return None
+    return round(time.time() + (until - loop_now), 3)
+
+
+def upstream_view(
+    pool: str, upstream: Upstream, recent: RecentStats, loop_now: float
+) -> dict[str, Any]:
+    """One upstream: identity, state, totals and recent rates."""
+    stats = upstream.stats
+    return {
+        "address": upstream.address,
+        "weight": upstream.weight,
+        "backup": upstream.backup,
+        "healthy": upstream.healthy,
+        "enabled": upstream.enabled,
+        "drained": not upstream.enabled,
+        "available": upstream.available,
+        "active": upstream.active,
+        "idle": len(upstream.idle),
+        "ejected_until": ejected_until(upstream, loop_now),
+        "ejections": getattr(upstream, "ejections", 0),
+        "requests": stats.total,
+        "errors": stats.errors,
+        "connect_errors": stats.connect_errors,
+        **recent.recent(pool, upstream.address, stats),
+    }
+
+
+def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str, Any]:
+    """One pool and all its upstreams."""
+    spec = server.config.pools.get(pool.name)
+    now = server.loop.time()
+    return {
+        "name": pool.name,
+        "balancer": spec.balancer.name if spec is not None else None,
+        "retries": pool.retries,
+        "available": sum(u.available for u in pool.upstreams),
+        "total": len(pool.upstreams),
+        "upstreams": [upstream_view(pool.name, u, recent, now) for u in pool.upstreams],
+    }
+
+
+def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
+    """The whole ``GET /api/pools`` answer."""
+    return {
+        "ready": server.ready,
+        "window_s": round(recent.span, 3),
+        "pools": [pool_view(server, pool, recent) for pool in server.pools.values()],
+    }

@@ -1,0 +1,175 @@
+"""Reload: apply the config file again without dropping a connection or a counter.
+
+Theory of operation
+-------------------
+A reload applies the whole new config or changes nothing:
+
+1. read and validate the file (``load_config``); any problem ends the reload;
+2. build the new pools, fresh objects no request can reach yet, and bind the sockets
+   of listeners that are new (or moved to another address); a failed bind closes what
+   was bound and ends the reload;
+3. commit with no await in between: every new pool adopts its same-named predecessor
+   (``Pool.adopt``: counters, and upstreams that stay are the same objects with their
+   health, drain, in-flight count and idle connections), the old pools retire, the
+   server's ``pools`` and ``config`` are swapped, and each listener that keeps its
+   address gets the new router and config (client connections read
+   ``listener.router`` per request, so keep-alive connections follow at once);
+4. the new listeners start serving on their sockets and the removed ones drain.
+
+A listener keeps its socket when a new listener has the same name and address, or the
+same fixed address under a new name (a rename). Requests in flight keep references to
+the old pool objects and finish normally. The admin listener, the access log and the
+worker count are not reloaded (a warning says so); ``metrics.enabled`` applies to new
+client connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.forwarding.router import Router
+from proxy.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from proxy.config import Listener as ListenerConfig
+    from proxy.runtime.server import ProxyServer
+    from proxy.server.listener import Listener
+
+log = logging.getLogger("aiolb")
+
+BACKLOG = 2048  # as ``Listener.start``
+
+
+@dataclass
+class ListenerPlan:
+    """Which running listeners stay (with their new config), start, or drain."""
+
+    kept: list[tuple[Listener, ListenerConfig]] = field(default_factory=list)
+    added: list[ListenerConfig] = field(default_factory=list)
+    removed: list[Listener] = field(default_factory=list)
+
+
+def _address(bind_host: str, port: int) -> tuple[str, int]:
+    return bind_host.lower(), port
+
+
+def _match(running: Sequence[Listener], lc: ListenerConfig) -> Listener | None:
+    """The running listener that serves ``lc`` on: same name and address, else (for a
+    fixed port) the same address under another name."""
+    wanted = _address(lc.host, lc.port)
+    same = [lst for lst in running if _address(lst.config.host, lst.config.port) == wanted]
+    for lst in same:
+        if lst.name == lc.name:
+            return lst
+    return same[0] if same and lc.port != 0 else None
+
+
+def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerConfig]) -> ListenerPlan:
+    """Match the new listener configs against the running listeners."""
+    left = list(running)
+    plan = ListenerPlan()
+    for lc in configs:
+        match = _match(left, lc)
+        if match is None:
+            plan.added.append(lc)
+        else:
+            left.remove(match)
+            plan.kept.append((match, lc))
+    plan.removed = left
+    return plan
+
+
+def build_router(lc: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
+    """The router of a listener config over ``pools`` (as ``Listener.__init__`` builds it)."""
+    return Router([(r.match.host, r.match.path_prefix, r.pool) for r in lc.routes], pools)
+
+
+async def bind_socket(loop: asyncio.AbstractEventLoop, lc: ListenerConfig) -> socket.socket:
+    """A listening socket for ``lc`` (raises OSError), for ``Listener.start(sock)``."""
+    infos = await loop.getaddrinfo(
+        lc.host or None, lc.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    sock = socket.create_server(address[:2], family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+async def bind_all(
+    loop: asyncio.AbstractEventLoop, configs: Sequence[ListenerConfig], path: str
+) -> tuple[list[socket.socket], list[str]]:
+    """Sockets for every config, or none and the problems (``FILE: listener ...``)."""
+    sockets: list[socket.socket] = []
+    for lc in configs:
+        try:
+            sockets.append(await bind_socket(loop, lc))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            reason = exc.strerror or str(exc)
+            return [], [f"{path}: listener {lc.name!r}: cannot bind {lc.bind}: {reason}"]
+    return sockets, []
+
+
+def commit_pools(old: Mapping[str, Pool], new: dict[str, Pool]) -> None:
+    """New pools adopt their same-named predecessors; every old pool retires."""
+    for name, pool in new.items():
+        previous = old.get(name)
+        if previous is not None:
+            pool.adopt(previous)
+    for previous in old.values():
+        previous.retire()
+
+
+def load(path: str) -> tuple[Config | None, list[str]]:
+    """The validated config at ``path``, or None and its problems."""
+    try:
+        return load_config(path), []
+    except ConfigError as exc:
+        return None, exc.problems
+
+
+async def reload_server(server: ProxyServer) -> list[str]:
+    """Apply ``server.config_path`` to ``server``: [] when applied, else the problems."""
+    path = server.config_path
+    if path is None:
+        return ["no config file to reload (the server was not started with -c FILE)"]
+    config, problems = load(path)
+    if config is None:
+        return problems
+    pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
+    plan = plan_listeners(server.listeners, config.listeners)
+    sockets, problems = await bind_all(server.loop, plan.added, path)
+    if problems:
+        return problems
+    _warn_unreloaded(server.config, config)
+    commit_pools(server.pools, pools)
+    server.pools, server.config = pools, config
+    for listener, lc in plan.kept:
+        listener.router, listener.config, listener.name = build_router(lc, pools), lc, lc.name
+        listener.record = config.metrics.enabled
+    added = [server.make_listener(lc) for lc in plan.added]
+    order = {lc.name: i for i, lc in enumerate(config.listeners)}
+    kept = [lst for lst, _ in plan.kept]
+    server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])
+    server.retune_clock()
+    for listener, sock in zip(added, sockets, strict=True):
+        await server.start_listener(listener, sock)
+    for listener in plan.removed:
+        server.retire_listener(listener)
+    return []
+
+
+def _warn_unreloaded(old: Config, new: Config) -> None:
+    if old.admin != new.admin:
+        log.warning("reload: admin settings change on restart only")
+    if old.access_log != new.access_log:
+        log.warning("reload: access log settings change on restart only")
+    if old.workers != new.workers:
+        log.warning("reload: the worker count changes on restart only")

@@ -1,0 +1,371 @@
+"""The admin API over real sockets: probes, /metrics counts, pools, drain, auth, errors.
+
+Counts are checked exactly: every request sent through the proxy appears once in
+``aiolb_requests_total`` and in the histogram's ``_count``, under the right upstream,
+method and status, including the responses the proxy made itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.admin import AdminError, start_admin
+from proxy.admin.security import is_loopback
+from proxy.config import Admin, Config
+from proxy.runtime.server import ProxyServer
+from tests.admin_support import admin, get_json, request_counts, samples, scrape, send
+from tests.support import HOST, Recorder, make_config, proxy_url, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: DESIGN.md "Metrics contract": exposition name -> type
+CONTRACT = {
+    "aiolb_requests_total": "counter",
+    "aiolb_request_duration_seconds": "histogram",
+    "aiolb_upstream_up": "gauge",
+    "aiolb_upstream_active_requests": "gauge",
+    "aiolb_upstream_connect_errors_total": "counter",
+    "aiolb_retries_total": "counter",
+    "aiolb_upstream_ejections_total": "counter",
+    "aiolb_health_checks_total": "counter",
+    "aiolb_client_connections": "gauge",
+    "aiolb_config_reloads_total": "counter",
+}
+UPSTREAM_FIELDS = {
+    "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
+    "idle", "ejected_until", "ejections", "requests", "errors", "connect_errors", "rate",
+    "error_rate", "p50_ms", "p99_ms",
+}  # fmt: skip
+
+MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
+MakeRecorder = Callable[..., Awaitable[Recorder]]
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def address(rec: Recorder) -> str:
+    return f"{HOST}:{rec.port}"
+
+
+# --- probes -----------------------------------------------------------------------------
+
+
+async def test_healthz_and_readyz(recorders: MakeRecorder, proxy: MakeProxy) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(admin(server, "/healthz")) as resp:
+            assert (resp.status, await resp.text()) == (200, "ok\n")
+        async with session.get(admin(server, "/readyz")) as resp:
+            assert resp.status == 200
+        server.ready = False  # as during a drain
+        async with session.get(admin(server, "/readyz")) as resp:
+            assert resp.status == 503
+        async with session.get(admin(server, "/healthz")) as resp:
+            assert resp.status == 200
+
+
+async def test_dashboard_page_is_served(recorders: MakeRecorder, proxy: MakeProxy) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(admin(server, "/")) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/html")
+            assert "aiolb" in await resp.text()
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+async def test_metrics_expose_every_contract_metric(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    text = await scrape(server)
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name, kind in CONTRACT.items():
+        base = name.removesuffix("_total") if kind == "counter" else name
+        assert families.get(base) == kind, (name, families.get(base))
+        assert f"# TYPE {name} {kind}" in text
+    assert "process_cpu_seconds_total" in text and "python_info" in text
+    up = samples(text, "aiolb_upstream_up")
+    assert up == {(("pool", "main"), ("upstream", server_rec(server).address)): 1.0}
+    reloads = samples(text, "aiolb_config_reloads_total")
+    assert reloads == {(("result", "success"),): 0.0, (("result", "failure"),): 0.0}
+
+
+def server_rec(server: ProxyServer) -> Any:
+    """The only upstream of the ``main`` pool (has ``port`` like a Recorder)."""
+    return server.pools["main"].upstreams[0]
+
+
+async def test_request_counts_are_exact(recorders: MakeRecorder, proxy: MakeProxy) -> None:
+    a, b = await recorders("a"), await recorders("b")
+    dead = f"http://{HOST}:{closed_port()}"
+    config = make_config(
+        [a.url, b.url],
+        routes=[{"match": {"path_prefix": "/api/"}, "pool": "main"},
+                {"match": {"path_prefix": "/dead/"}, "pool": "dead"}],
+        pools={"dead": {"upstreams": [{"url": dead}]}},
+    )  # fmt: skip
+    server = await proxy(config)
+    plan = [("GET", "/api/x")] * 6 + [("POST", "/api/x")] * 2 + [("PURGE", "/api/x")] * 2
+    plan += [("GET", "/nowhere")] * 3 + [("GET", "/dead/x")] * 2
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await send(session, m, proxy_url(server, p)))[0] for m, p in plan]
+    assert statuses == [200] * 10 + [404] * 3 + [502] * 2
+    n = len(plan)
+
+    def total() -> int:
+        return sum(
+            s.stats.total
+            for s in [server, *server.pools.values(), *(u for p in server.pools.values()
+                                                         for u in p.upstreams)]
+        )  # fmt: skip
+
+    await wait_for(lambda: total() == n)
+    text = await scrape(server)
+    expected = {("test", "", "", "GET", "404"): 3, ("test", "dead", "", "GET", "502"): 2}
+    for rec in (a, b):
+        for method, count in (("GET", 3), ("POST", 1), ("OTHER", 1)):
+            expected[("test", "main", address(rec), method, "200")] = count
+    counts = request_counts(text)
+    assert {k: v for k, v in counts.items() if v} == expected
+    assert sum(counts.values()) == n
+    durations = samples(text, "aiolb_request_duration_seconds_count")
+    assert durations == {(("pool", ""),): 3, (("pool", "dead"),): 2, (("pool", "main"),): 10}
+    inf = samples(text, "aiolb_request_duration_seconds_bucket")
+    assert sum(v for labels, v in inf.items() if ("le", "+Inf") in labels) == n
+    errors = samples(text, "aiolb_upstream_connect_errors_total")
+    dead_address = dead.removeprefix("http://")
+    assert errors[(("pool", "dead"), ("upstream", dead_address))] >= 2
+
+
+async def test_client_connections_and_active_requests(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="slow")
+
+    a = await recorders("a", {"/slow": slow})
+    server = await proxy(make_config([a.url]))
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(send(session, "GET", proxy_url(server, "/slow")))
+        await wait_for(lambda: len(a.seen) == 1)
+        text = await scrape(server)
+        active = samples(text, "aiolb_upstream_active_requests")
+        assert active[(("pool", "main"), ("upstream", address(a)))] == 1
+        assert samples(text, "aiolb_client_connections")[(("listener", "test"),)] == 1
+        release.set()
+        assert await task == (200, "slow")
+
+
+# --- /api/pools, drain, enable ------------------------------------------------------------
+
+
+async def test_api_pools_describes_every_upstream(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    a, b = await recorders("a"), await recorders("b")
+    pool = {"balancer": "weighted_round_robin",
+            "upstreams": [{"url": a.url, "weight": 3}, {"url": b.url, "backup": True}]}  # fmt: skip
+    server = await proxy(make_config([], pool=pool))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            assert (await send(session, "GET", proxy_url(server, "/x")))[0] == 200
+    await wait_for(lambda: server.pools["main"].upstreams[0].stats.total == 4)
+    status, body, headers = await get_json(server, "/api/pools")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert body["ready"] is True and body["window_s"] >= 0
+    [main] = body["pools"]
+    assert (main["name"], main["balancer"], main["available"], main["total"]) == (
+        "main", "weighted_round_robin", 2, 2)  # fmt: skip
+    first, second = main["upstreams"]
+    assert set(first) == UPSTREAM_FIELDS
+    assert (first["address"], first["weight"], first["backup"]) == (address(a), 3, False)
+    assert (second["address"], second["backup"]) == (address(b), True)
+    assert first["healthy"] and first["enabled"] and not first["drained"] and first["available"]
+    assert (first["requests"], first["errors"], first["active"]) == (4, 0, 0)
+    assert first["ejected_until"] is None and first["ejections"] == 0
+    assert first["rate"] > 0 and first["error_rate"] == 0.0
+    assert first["p50_ms"] is not None and first["p99_ms"] >= first["p50_ms"]
+    assert second["requests"] == 0 and second["p50_ms"] is None
+
+
+async def test_drain_stops_new_requests_and_enable_restores(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="a-slow")
+
+    a, b = await recorders("a", {"/slow": slow}), await recorders("b")
+    server = await proxy(make_config([a.url, b.url]))
+    path = f"/api/pools/main/upstreams/{address(a)}"
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(_slow_on(session, server, a))
+        await wait_for(lambda: any(s.path == "/slow" for s in a.seen))
+        status, body, _ = await get_json(server, f"{path}/drain", "POST")
+        assert status == 200
+        assert (body["pool"], body["address"], body["enabled"], body["drained"]) == (
+            "main", address(a), False, True)  # fmt: skip
+        assert body["active"] == 1  # the slow request is still running on it
+        before = len(a.seen)
+        answers = [await send(session, "GET", proxy_url(server, "/x")) for _ in range(6)]
+        assert answers == [(200, "b")] * 6 and len(a.seen) == before
+        text = await scrape(server)
+        up = samples(text, "aiolb_upstream_up")
+        assert up[(("pool", "main"), ("upstream", address(a)))] == 0
+        release.set()
+        assert await in_flight == (200, "a-slow")  # the drained upstream finished it
+        status, body, _ = await get_json(server, f"{path}/enable", "POST")
+        assert (status, body["enabled"], body["drained"]) == (200, True, False)
+        answers = [await send(session, "GET", proxy_url(server, "/x")) for _ in range(4)]
+        assert sorted(text for _, text in answers) == ["a", "a", "b", "b"]
+
+
+async def _slow_on(
+    session: aiohttp.ClientSession, server: ProxyServer, a: Recorder
+) -> tuple[int, str]:
+    """GET /slow until ``a`` (round robin) takes it; answer that response."""
+    while True:
+        status, text = await send(session, "GET", proxy_url(server, "/slow"))
+        if text != "b":
+            return status, text
+
+
+async def test_drain_errors_are_json(recorders: MakeRecorder, proxy: MakeProxy) -> None:
+    a = await recorders("a")
+    server = await proxy(make_config([a.url]))
+    status, body, _ = await get_json(server, "/api/pools/nope/upstreams/x:1/drain", "POST")
+    assert status == 404 and "nope" in body["error"]
+    status, body, _ = await get_json(server, "/api/pools/main/upstreams/10.9.9.9:1/drain", "POST")
+    assert status == 404 and "10.9.9.9:1" in body["error"]
+    url = f"/api/pools/main/upstreams/{address(a)}/drain"
+    for data, word in ((b"{not json", "invalid JSON"), (b"[1]", "JSON object"),
+                       (b'{"x": 1}', "unknown field")):  # fmt: skip
+        status, body, _ = await get_json(server, url, "POST", data=data)
+        assert status == 400 and word in body["error"], body
+    assert server_rec(server).enabled  # nothing changed
+    status, body, _ = await get_json(server, url, "POST", json={})
+    assert status == 200 and body["drained"] is True
+
+
+async def test_unknown_paths_and_wrong_methods_are_json(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    status, body, _ = await get_json(server, "/nope")
+    assert status == 404 and body == {"error": "not found: /nope"}
+    status, body, headers = await get_json(server, "/api/reload")
+    assert status == 405 and "POST" in headers["Allow"] and "GET" in body["error"]
+    status, body, headers = await get_json(server, "/api/pools", "POST")
+    assert status == 405 and "not allowed" in body["error"]
+    status, body, _ = await get_json(server, "/api/reload", "POST", data=b"x" * 70_000)
+    assert status == 413 and body["error"]
+
+
+async def test_reload_without_a_config_file_is_409(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    status, body, _ = await get_json(server, "/api/reload", "POST")
+    assert status == 409 and body["applied"] is False and "config file" in body["errors"][0]
+
+
+# --- security -----------------------------------------------------------------------------
+
+
+def with_admin(config: Config, **fields: Any) -> Config:
+    return config.model_copy(update={"admin": Admin(bind=f"{HOST}:0", **fields)})
+
+
+async def test_token_guards_everything_but_the_probes(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    server = await proxy(with_admin(make_config([(await recorders("a")).url]), token="s3cret"))
+    good = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession() as session:
+        for path in ("/healthz", "/readyz", "/"):
+            async with session.get(admin(server, path)) as resp:
+                assert resp.status == 200, path
+        for path, method in (("/api/pools", "GET"), ("/metrics", "GET"), ("/nope", "GET"),
+                             ("/api/reload", "POST")):  # fmt: skip
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                async with session.request(method, admin(server, path), headers=headers) as r:
+                    assert r.status == 401, (path, headers)
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert "token" in (await r.json())["error"]
+        async with session.get(admin(server, "/api/pools"), headers=good) as resp:
+            assert resp.status == 200
+        async with session.get(admin(server, "/nope"), headers=good) as resp:
+            assert resp.status == 404
+    assert "aiolb_requests_total" in await scrape(server, good)
+
+
+async def test_token_from_the_environment(
+    recorders: MakeRecorder, proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIOLB_ADMIN_TOKEN", "from-env")
+    server = await proxy(make_config([(await recorders("a")).url]))
+    assert (await get_json(server, "/api/pools"))[0] == 401
+    auth = {"Authorization": "Bearer from-env"}
+    status, _, _ = await get_json(server, "/api/pools", headers=auth)
+    assert status == 200
+
+
+async def test_non_loopback_admin_without_token_is_refused(
+    recorders: MakeRecorder, proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIOLB_ADMIN_TOKEN", raising=False)
+    server = await proxy(make_config([(await recorders("a")).url]))
+    for bind in ("0.0.0.0:0", "[::]:0", "10.1.2.3:0", "example.com:0"):
+        with pytest.raises(AdminError, match="not a loopback address"):
+            await start_admin(server, Admin(bind=bind))
+
+
+def test_loopback_addresses() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com", ""]))
+
+
+def test_run_refuses_a_public_admin_without_token(tmp_path: Path) -> None:
+    config = tmp_path / "public.yaml"
+    config.write_text(
+        "listeners:\n"
+        "  - {name: web, bind: \"127.0.0.1:0\", routes: [{pool: main}]}\n"
+        "pools:\n"
+        "  main: {upstreams: [{url: \"http://127.0.0.1:9\"}]}\n"
+        "admin: {bind: \"0.0.0.0:0\"}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AIOLB_ADMIN_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("aiolb:")]
+    assert len(lines) == 1, result.stderr
+    assert "admin.bind 0.0.0.0:0" in lines[0] and "AIOLB_ADMIN_TOKEN" in lines[0]
+    assert "Traceback" not in result.stderr

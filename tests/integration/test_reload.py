@@ -1,0 +1,264 @@
+"""Reload through ``POST /api/reload`` and SIGHUP: applied atomically, or not at all.
+
+A reload that applies keeps listeners that did not move (and their connections),
+keeps upstreams that stay (same objects: counters, drain, idle connections), lets
+requests in flight finish, starts new listeners and drains removed ones. A reload
+that fails changes nothing and says why with ``FILE:LINE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import load_config
+from proxy.runtime.server import ProxyServer
+from tests.admin_support import get_json, request_counts, samples, scrape, send
+from tests.support import HOST, Recorder, proxy_url, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+MakeProxy = Callable[..., Awaitable[ProxyServer]]
+MakeRecorder = Callable[..., Awaitable[Recorder]]
+
+
+def yaml_config(
+    upstreams: list[str], *, extra_listener: bool = False, weight: int = 1, port: int = 0
+) -> str:
+    """A config file's text: listener ``test`` (and ``extra``) in front of pool ``main``."""
+    lines = [
+        "listeners:",
+        "  - name: test",
+        f'    bind: "{HOST}:{port}"',
+        "    routes: [{pool: main}]",
+    ]
+    if extra_listener:
+        lines += ["  - name: extra", f'    bind: "{HOST}:0"', "    routes: [{pool: main}]"]
+    lines += ["pools:", "  main:", "    upstreams:"]
+    lines += [f'      - url: "{url}"\n        weight: {weight}' for url in upstreams]
+    lines += ["admin:", f'  bind: "{HOST}:0"', ""]
+    return "\n".join(lines)
+
+
+async def start_from_file(proxy: MakeProxy, path: Path, text: str) -> ProxyServer:
+    path.write_text(text)
+    server = await proxy(load_config(path))
+    server.config_path = str(path)
+    return server
+
+
+async def reload(server: ProxyServer) -> tuple[int, Any]:
+    status, body, _ = await get_json(server, "/api/reload", "POST")
+    return status, body
+
+
+async def names(
+    server: ProxyServer, n: int, path: str = "/x", port: int | None = None
+) -> list[str]:
+    """``n`` requests on a fresh connection each; which upstream answered."""
+    url = proxy_url(server, path) if port is None else f"http://{HOST}:{port}{path}"
+    out = []
+    for _ in range(n):
+        async with aiohttp.ClientSession() as session:
+            status, text = await send(session, "GET", url)
+            assert status == 200
+            out.append(text)
+    return out
+
+
+async def test_reload_applies_a_changed_pool(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    a, b = await recorders("a"), await recorders("b")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    port, old_a = server.listeners[0].port, server.pools["main"].upstreams[0]
+    async with aiohttp.ClientSession() as keep_alive:
+        assert [await send(keep_alive, "GET", proxy_url(server, "/x")) for _ in range(3)] == [
+            (200, "a")] * 3  # fmt: skip
+        path.write_text(yaml_config([a.url, b.url], weight=2))
+        assert await reload(server) == (200, {"applied": True, "errors": []})
+        assert server.listeners[0].port == port  # the same socket kept serving
+        new_a = server.pools["main"].upstreams[0]
+        assert new_a is old_a and new_a.weight == 2 and new_a.stats.total == 3
+        assert sorted(await names(server, 4)) == ["a", "a", "b", "b"]
+        # an existing keep-alive connection uses the new routes at once
+        answers = [(await send(keep_alive, "GET", proxy_url(server, "/x")))[1] for _ in range(4)]
+        assert sorted(answers) == ["a", "a", "b", "b"]
+    text = await scrape(server)
+    assert samples(text, "aiolb_config_reloads_total")[(("result", "success"),)] == 1
+    counts = request_counts(text)
+    assert counts[("test", "main", f"{HOST}:{a.port}", "GET", "200")] == 7  # monotonic
+    assert counts[("test", "main", f"{HOST}:{b.port}", "GET", "200")] == 4
+
+
+async def test_a_broken_file_changes_nothing(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    config, pools = server.config, server.pools
+    path.write_text(yaml_config([a.url, "http://127.0.0.1:1"], weight=0))
+    status, body = await reload(server)
+    assert status == 400 and body["applied"] is False
+    assert any(re.match(rf"{re.escape(str(path))}:\d+: .*weight: must be >= 1", e)
+               for e in body["errors"]), body  # fmt: skip
+    assert server.config is config and server.pools is pools
+    assert await names(server, 2) == ["a", "a"]
+    path.write_text("listeners: [\n")
+    status, body = await reload(server)
+    assert status == 400 and body["errors"][0].startswith(f"{path}:")
+    text = await scrape(server)
+    reloads = samples(text, "aiolb_config_reloads_total")
+    assert reloads == {(("result", "success"),): 0.0, (("result", "failure"),): 2.0}
+
+
+async def test_drain_and_counters_survive_a_reload(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    a, b, c = await recorders("a"), await recorders("b"), await recorders("c")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url, b.url]))
+    status, _, _ = await get_json(server, f"/api/pools/main/upstreams/{HOST}:{a.port}/drain",
+                                  "POST")  # fmt: skip
+    assert status == 200
+    path.write_text(yaml_config([a.url, b.url, c.url]))
+    assert (await reload(server))[0] == 200
+    status, body, _ = await get_json(server, "/api/pools")
+    states = {u["address"]: u["drained"] for u in body["pools"][0]["upstreams"]}
+    assert states == {f"{HOST}:{a.port}": True, f"{HOST}:{b.port}": False,
+                      f"{HOST}:{c.port}": False}  # fmt: skip
+    assert sorted(set(await names(server, 6))) == ["b", "c"]
+
+
+async def test_in_flight_requests_finish_on_a_removed_upstream(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="a-slow")
+
+    a, b = await recorders("a", {"/slow": slow}), await recorders("b")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    old_a = server.pools["main"].upstreams[0]
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(send(session, "GET", proxy_url(server, "/slow")))
+        await wait_for(lambda: len(a.seen) == 1)
+        path.write_text(yaml_config([b.url]))
+        assert (await reload(server))[0] == 200
+        assert await names(server, 2) == ["b", "b"]
+        release.set()
+        assert await task == (200, "a-slow")
+    await wait_for(lambda: old_a.active == 0)
+    assert not old_a.idle  # the removed upstream's connection was closed, not pooled
+
+
+async def test_listeners_are_added_and_removed(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    first = server.listeners[0]
+    path.write_text(yaml_config([a.url], extra_listener=True))
+    assert (await reload(server))[0] == 200
+    assert [lst.name for lst in server.listeners] == ["test", "extra"]
+    assert server.listeners[0] is first
+    extra_port = server.listeners[1].port
+    assert await names(server, 1, port=extra_port) == ["a"]
+    path.write_text(yaml_config([a.url]))
+    assert (await reload(server))[0] == 200
+    assert server.listeners == [first]
+    try:
+        _, writer = await asyncio.open_connection(HOST, extra_port)
+    except OSError:
+        pass  # refused: the removed listener no longer accepts
+    else:
+        writer.close()
+        raise AssertionError("the removed listener still accepts connections")
+    assert await names(server, 1) == ["a"]
+
+
+async def test_a_busy_port_fails_the_reload_cleanly(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    busy = await asyncio.start_server(lambda r, w: None, HOST, 0)
+    try:
+        busy_port = busy.sockets[0].getsockname()[1]
+        path.write_text(yaml_config([a.url], port=busy_port))
+        status, body = await reload(server)
+        assert status == 400 and "cannot bind" in body["errors"][0]
+        assert len(server.listeners) == 1 and await names(server, 1) == ["a"]
+    finally:
+        busy.close()
+        await busy.wait_closed()
+
+
+async def test_sighup_reloads_a_running_aiolb(recorders: MakeRecorder, tmp_path: Path) -> None:
+    a, b = await recorders("a"), await recorders("b")
+    path = tmp_path / "aiolb.yaml"
+    path.write_text(yaml_config([a.url]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(path),
+        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "AIOLB_ADMIN_TOKEN"},
+    )  # fmt: skip
+    try:
+        port, admin_url = await _ports_from_log(proxy_stderr(proc))
+        drain = asyncio.create_task(proxy_stderr(proc).read())  # keep the pipe flowing
+        assert await _names_at(port, 2) == ["a", "a"]
+        path.write_text(yaml_config([a.url, b.url]))
+        proc.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 20
+        while "b" not in await _names_at(port, 2):
+            assert asyncio.get_running_loop().time() < deadline, "SIGHUP did not reload"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{admin_url}/metrics") as resp:
+                assert 'aiolb_config_reloads_total{result="success"} 1.0' in await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert "Traceback" not in (await drain).decode()
+
+
+def proxy_stderr(proc: asyncio.subprocess.Process) -> asyncio.StreamReader:
+    assert proc.stderr is not None
+    return proc.stderr
+
+
+async def _ports_from_log(stderr: asyncio.StreamReader) -> tuple[int, str]:
+    """The listener port and admin URL that ``aiolb run`` logs when it starts."""
+    port, admin_url, seen = 0, "", ""
+    while not (port and admin_url):
+        line = (await asyncio.wait_for(stderr.readline(), 30)).decode()
+        assert line, f"aiolb exited early: {seen}"
+        seen += line
+        if m := re.search(r"listener test serving on [\d.]+:(\d+)", line):
+            port = int(m.group(1))
+        if m := re.search(r"admin API on (http://\S+)", line):
+            admin_url = m.group(1)
+    return port, admin_url
+
+
+async def _names_at(port: int, n: int) -> list[str]:
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            out.append((await send(session, "GET", f"http://{HOST}:{port}/x"))[1])
+    return out
