@@ -62,6 +62,7 @@ class ProxyServer:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[list[str]]] = set()
         self._stopped = asyncio.Event()
+        self._stopping = False
 
     def make_listener(self, lc: ListenerConfig) -> Listener:
         """A listener for ``lc`` over the current pools (not yet bound)."""
@@ -125,7 +126,7 @@ class ProxyServer:
         Returns [] when the new config was applied, else its problems (``FILE:LINE:
         ...``) and nothing changed. See ``proxy.runtime.reload``.
         """
-        if getattr(self, "_stopping", False):
+        if self._stopping:
             return ["the server is shutting down"]
         async with self._reload_lock:
             problems = await reload_server(self)
@@ -145,11 +146,6 @@ class ProxyServer:
     @staticmethod
     def _where(listener: Listener) -> str:
         return f"{listener.config.host}:{listener.port}"
-
-    def in_flight(self) -> int:
-        return sum(
-            1 for lst in self.listeners for c in lst.connections if c.exchange is not None
-        )
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Graceful drain: stop accepting, finish in-flight requests, then close."""
@@ -175,7 +171,7 @@ class ProxyServer:
 
     def request_stop(self) -> None:
         """Start a graceful shutdown (from a signal handler)."""
-        if not self._stopped.is_set() and not getattr(self, "_stopping", False):
+        if not self._stopped.is_set() and not self._stopping:
             self._stopping = True
             self.loop.create_task(self.shutdown())
 
@@ -191,7 +187,7 @@ class ProxyServer:
             self.request_stop()
 
         def on_int() -> None:
-            if getattr(self, "_stopping", False):
+            if self._stopping:
                 log.info("second interrupt: exiting now")
                 for listener in self.listeners:
                     listener.close_all()

@@ -1,0 +1,257 @@
+"""A real headless Chromium driven over the DevTools protocol, with no new dependency.
+
+``Browser.start()`` runs ``chromium --headless --remote-debugging-port=0`` with a fresh
+profile, reads the port Chromium chose from ``DevToolsActivePort`` in that profile, and
+talks to the page target over aiohttp's websocket client: ``evaluate`` runs JavaScript
+and returns its value, ``wait_until`` polls a JavaScript condition against a deadline,
+``click`` presses a real mouse button over an element, ``type_text`` types into the
+focused element. Uncaught JavaScript exceptions in the page are collected in ``errors``.
+
+Chromium is required, not optional: CI installs it (``apt-get install -y chromium
+chromium-driver``). ``find_chromium`` fails the test with that line when it is missing;
+``AIOLB_CHROMIUM`` names another binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+INSTALL_HINT = "apt-get install -y chromium chromium-driver"
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--remote-debugging-port=0",
+)
+START_TIMEOUT = 30.0
+CALL_TIMEOUT = 10.0
+
+
+def find_chromium() -> str:
+    """The Chromium binary, or fail the test (not skip: CI installs it)."""
+    named = os.environ.get("AIOLB_CHROMIUM")
+    if named:
+        if shutil.which(named) is None:
+            pytest.fail(f"AIOLB_CHROMIUM={named} is not an executable")
+        return named
+    for name in CANDIDATES:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    pytest.fail(
+        f"Chromium is not installed (looked for {', '.join(CANDIDATES)} on PATH); "
+        f"the dashboard test needs a real headless browser: {INSTALL_HINT}",
+        pytrace=False,
+    )
+
+
+class BrowserError(AssertionError):
+    """A DevTools call failed, or a page condition was not met in time."""
+
+
+class Browser:
+    """One headless Chromium process and a DevTools session on its first page."""
+
+    def __init__(self) -> None:
+        self.binary = find_chromium()
+        self.profile = Path(tempfile.mkdtemp(prefix="aiolb-chromium-"))
+        self.process: asyncio.subprocess.Process | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: uncaught exceptions and console errors reported by the page
+        self.errors: list[str] = []
+
+    async def start(self) -> Browser:
+        log = (self.profile / "chromium.log").open("wb")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                self.binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank",
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        finally:
+            log.close()
+        port = await self._devtools_port()
+        self.session = aiohttp.ClientSession()
+        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            targets = await resp.json()
+        pages = [t for t in targets if t.get("type") == "page"]
+        if not pages:
+            raise BrowserError(f"Chromium has no page target: {targets}")
+        self.ws = await self.session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
+        self.reader = asyncio.create_task(self._read())
+        await self.call("Runtime.enable")
+        await self.call("Page.enable")
+        return self
+
+    async def _devtools_port(self) -> int:
+        """Wait for Chromium to write the port it listens on into the profile."""
+        assert self.process is not None
+        active = self.profile / "DevToolsActivePort"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while True:
+            if active.exists():
+                first = active.read_text().split("\n", 1)[0].strip()
+                if first.isdigit():
+                    return int(first)
+            if self.process.returncode is not None:
+                raise BrowserError(
+                    f"{self.binary} exited with {self.process.returncode}: {self.log_tail()}"
+                )
+            if loop.time() > deadline:
+                raise BrowserError(
+                    f"{self.binary} did not open DevTools in {START_TIMEOUT:g}s: {self.log_tail()}"
+                )
+            await asyncio.sleep(0.05)
+
+    def log_tail(self, size: int = 2000) -> str:
+        try:
+            return (self.profile / "chromium.log").read_bytes()[-size:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(msg.data)
+            future = self.pending.pop(data.get("id", -1), None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(data)
+            elif data.get("method") == "Runtime.exceptionThrown":
+                details = data["params"]["exceptionDetails"]
+                exc = details.get("exception", {})
+                self.errors.append(exc.get("description") or details.get("text", "?"))
+            elif data.get("method") == "Runtime.consoleAPICalled":
+                params = data["params"]
+                if params.get("type") == "error":
+                    args = params.get("args", [])
+                    self.errors.append(
+                        "console.error: " + " ".join(str(a.get("value", a)) for a in args)
+                    )
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(BrowserError("the DevTools connection closed"))
+        self.pending.clear()
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """One DevTools command; its ``result``, or BrowserError."""
+        assert self.ws is not None
+        ident = next(self.ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[ident] = future
+        await self.ws.send_str(json.dumps({"id": ident, "method": method, "params": params}))
+        try:
+            answer = await asyncio.wait_for(future, CALL_TIMEOUT)
+        except TimeoutError:
+            self.pending.pop(ident, None)
+            raise BrowserError(f"{method}: no answer in {CALL_TIMEOUT:g}s") from None
+        if "error" in answer:
+            raise BrowserError(f"{method}: {answer['error']}")
+        result: dict[str, Any] = answer.get("result", {})
+        return result
+
+    async def evaluate(self, expression: str) -> Any:
+        """Run JavaScript in the page (promises awaited); its JSON value."""
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            text = details.get("exception", {}).get("description") or details.get("text")
+            raise BrowserError(f"JavaScript failed: {text}\n  in: {expression}")
+        return result.get("result", {}).get("value")
+
+    async def goto(self, url: str) -> None:
+        answer = await self.call("Page.navigate", url=url)
+        if answer.get("errorText"):
+            raise BrowserError(f"navigating to {url}: {answer['errorText']}")
+        await self.wait_until("document.readyState === 'complete'", what=f"{url} loaded")
+
+    async def wait_until(self, condition: str, *, timeout: float = 10.0, what: str = "") -> Any:
+        """Poll the JavaScript ``condition`` until it is truthy; its value.
+
+        On timeout, fails with what the page shows, to make the failure readable.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            value = await self.evaluate(condition)
+            if value:
+                return value
+            if loop.time() > deadline:
+                text = await self.evaluate("document.body ? document.body.innerText : ''")
+                raise BrowserError(
+                    f"{what or condition!r} not true within {timeout:g}s; the page shows:\n"
+                    f"{str(text)[:3000]}\nJavaScript errors: {self.errors}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def click(self, selector: str) -> None:
+        """Press and release the left mouse button over the element, like a user."""
+        box = await self.evaluate(
+            f"""(() => {{
+                const el = document.querySelector({json.dumps(selector)});
+                if (!el) return null;
+                el.scrollIntoView({{block: "center"}});
+                const r = el.getBoundingClientRect();
+                return {{x: r.left + r.width / 2, y: r.top + r.height / 2}};
+            }})()"""
+        )
+        if not box:
+            raise BrowserError(f"nothing matches {selector!r} to click")
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            extra = {} if kind == "mouseMoved" else {"button": "left", "clickCount": 1}
+            await self.call("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], **extra)
+
+    async def type_text(self, text: str) -> None:
+        """Type into the focused element."""
+        await self.call("Input.insertText", text=text)
+
+    async def press_enter(self) -> None:
+        for kind in ("keyDown", "keyUp"):
+            await self.call(
+                "Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
+                **({"text": "\r"} if kind == "keyDown" else {}),
+            )
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            try:
+                await asyncio.wait_for(self.reader, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self.reader.cancel()
+        if self.session is not None:
+            await self.session.close()
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)

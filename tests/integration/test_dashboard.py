@@ -1,0 +1,230 @@
+"""The admin dashboard page in a real headless Chromium, against the real proxy.
+
+Real upstreams, the real proxy and its admin listener on 127.0.0.1 port 0, and the page
+at ``GET /`` polling ``/api/pools``. Every wait polls the DOM or the API against a
+deadline. Chromium is required (``tests/browser.py``): without it these tests fail
+with the install line, they do not skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.admin import AdminHandle, start_admin
+from proxy.config import Admin
+from proxy.runtime.server import ProxyServer
+from tests.browser import Browser
+from tests.support import HOST, make_config, proxy_url
+
+PAGE = Path(__file__).parents[2] / "proxy" / "admin" / "dashboard.html"
+TOKEN = "dashboard-test-token"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = Browser()  # fails the test here when Chromium is missing
+    try:
+        yield await b.start()
+    finally:
+        await b.close()
+
+
+def admin_of(server: ProxyServer) -> AdminHandle:
+    """The admin listener ``ProxyServer.start`` opened (``admin.bind`` port 0)."""
+    assert server.admin is not None
+    return server.admin
+
+
+def row(address: str) -> str:
+    return f'tr[data-upstream="{address}"]'
+
+
+def js(selector: str, expression: str) -> str:
+    """``expression`` over the element matching ``selector`` (``el``), or null."""
+    return (
+        f"(() => {{ const el = document.querySelector({json.dumps(selector)}); "
+        f"return el ? ({expression}) : null; }})()"
+    )
+
+
+async def api_pools(url: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/api/pools", headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            data: dict[str, Any] = await resp.json()
+            return data
+
+
+async def api_upstream(url: str, address: str, token: str | None = None) -> dict[str, Any]:
+    data = await api_pools(url, token)
+    for pool in data["pools"]:
+        for upstream in pool["upstreams"]:
+            if upstream["address"] == address:
+                found: dict[str, Any] = upstream
+                return found
+    raise AssertionError(f"{address} not in /api/pools: {data}")
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll the async ``check`` until it is true, or fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+async def send(session: aiohttp.ClientSession, server: ProxyServer, n: int) -> list[str]:
+    """``n`` GETs through the proxy; the bodies (upstream names) of the 200s."""
+    bodies = []
+    for _ in range(n):
+        async with session.get(proxy_url(server)) as resp:
+            body = await resp.text()
+            if resp.status == 200:
+                bodies.append(body)
+    return bodies
+
+
+async def test_dashboard_shows_upstreams_marks_a_killed_one_and_drains(
+    recorders, proxy, browser
+):
+    ups = [await recorders(name) for name in ("a", "b", "c")]
+    a, b, c = (f"{HOST}:{u.port}" for u in ups)
+    server = await proxy(make_config([u.url for u in ups]))
+    handle = admin_of(server)
+
+    await browser.goto(f"{handle.url}/")
+    await browser.wait_until("document.body.dataset.loaded === '1'", what="first poll")
+    for address in (a, b, c):
+        await browser.wait_until(
+            js(f'section[data-pool="main"] {row(address)}', "el.dataset.state === 'up'"),
+            what=f"{address} listed as up",
+        )
+    assert await browser.evaluate("document.querySelectorAll('tr[data-upstream]').length") == 3
+    assert await browser.evaluate(js("[data-banner=connection-lost]", "el.hidden")) is True
+    assert await browser.evaluate(js("form[data-auth-form]", "el.hidden")) is True
+
+    async with aiohttp.ClientSession() as session:
+        # Traffic shows up in the live counters of every row.
+        assert sorted(await send(session, server, 6)) == ["a", "a", "b", "b", "c", "c"]
+        for address in (a, b, c):
+            await browser.wait_until(
+                js(f"{row(address)} [data-field=requests]", "el.textContent === '2'"),
+                what=f"{address} shows 2 requests",
+            )
+
+        # Kill b: requests the balancer sends its way fail to connect (and are retried
+        # elsewhere); the row is marked while the other two stay clean.
+        await ups[1].stop()
+        marked = js(row(b), "el.dataset.state === 'down' || el.dataset.errors === '1'")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not await browser.evaluate(marked):
+            assert loop.time() < deadline, (
+                f"killed upstream {b} never marked; page: "
+                f"{await browser.evaluate('document.body.innerText')}"
+            )
+            await send(session, server, 3)
+        assert (await api_upstream(handle.url, b))["connect_errors"] > 0
+        assert await browser.evaluate(
+            js(f"{row(b)} [data-badge]", "true")
+        ), "a state or errors badge is shown"
+        for address in (a, c):
+            assert await browser.evaluate(js(row(address), "el.dataset.errors")) == "0"
+            assert await browser.evaluate(js(row(address), "el.dataset.state")) == "up"
+
+        # Press Drain on c: the API reports it disabled, the row says drained, and new
+        # requests only reach a.
+        await browser.click(f'{row(c)} button[data-action="drain"]')
+
+        async def c_enabled(expected: bool) -> bool:
+            return bool((await api_upstream(handle.url, c))["enabled"] is expected)
+
+        await until(lambda: c_enabled(False), 10, f"{c} drained in /api/pools")
+        await browser.wait_until(
+            js(row(c), "el.dataset.state === 'drained' && el.dataset.enabled === 'false'"),
+            what=f"{c} shown as drained",
+        )
+        await browser.wait_until(
+            js(f'{row(c)} button[data-action="enable"]', "!el.disabled"), what="Enable button"
+        )
+        assert set(await send(session, server, 6)) == {"a"}
+
+        # And Enable puts it back.
+        await browser.click(f'{row(c)} button[data-action="enable"]')
+        await until(lambda: c_enabled(True), 10, f"{c} enabled again in /api/pools")
+        await browser.wait_until(js(row(c), "el.dataset.state === 'up'"), what=f"{c} up again")
+
+    # The admin listener goes away: the banner says so; it comes back: the banner goes.
+    banner = "[data-banner=connection-lost]"
+    await handle.stop()
+    await browser.wait_until(js(banner, "!el.hidden"), what="connection-lost banner shown")
+    assert await browser.evaluate(js(banner, "el.offsetHeight > 0")), "banner is visible"
+    # (the proxy's shutdown stops the new one)
+    server.admin = await start_admin(server, Admin(bind=f"{HOST}:{handle.port}"))
+    await browser.wait_until(js(banner, "el.hidden"), timeout=15, what="banner gone")
+    assert browser.errors == []
+
+
+async def test_dashboard_asks_for_the_token_once_and_sends_it(recorders, proxy, browser):
+    ups = [await recorders(name) for name in ("a", "b")]
+    a, b = (f"{HOST}:{u.port}" for u in ups)
+    config = make_config([u.url for u in ups])
+    config = config.model_copy(update={"admin": Admin(bind=f"{HOST}:0", token=TOKEN)})
+    server = await proxy(config)
+    handle = admin_of(server)
+
+    await browser.goto(f"{handle.url}/")
+    form = "form[data-auth-form]"
+    await browser.wait_until(js(form, "!el.hidden"), what="token form shown on 401")
+    assert await browser.evaluate("document.querySelectorAll('tr[data-upstream]').length") == 0
+
+    await browser.click("[data-token-input]")
+    await browser.type_text(TOKEN)
+    await browser.press_enter()
+    await browser.wait_until(js(form, "el.hidden"), what="token form gone")
+    for address in (a, b):
+        await browser.wait_until(js(row(address), "el.dataset.state === 'up'"), what=address)
+    assert await browser.evaluate("sessionStorage.getItem('aiolb.token')") == TOKEN
+
+    # A reload of the page in the same tab does not ask again.
+    await browser.goto(f"{handle.url}/")
+    await browser.wait_until(js(row(a), "el.dataset.state === 'up'"), what="rows after reload")
+    assert await browser.evaluate(js(form, "el.hidden")) is True
+
+    # Drain from the page carries the token too.
+    await browser.click(f'{row(b)} button[data-action="drain"]')
+
+    async def drained() -> bool:
+        return (await api_upstream(handle.url, b, TOKEN))["enabled"] is False
+
+    await until(drained, 10, f"{b} drained in /api/pools")
+
+    # A token the API refuses is forgotten and asked for again.
+    await browser.evaluate("sessionStorage.setItem('aiolb.token', 'wrong')")
+    await browser.goto(f"{handle.url}/")
+    await browser.wait_until(js(form, "!el.hidden"), what="form shown again for a wrong token")
+    assert await browser.evaluate("sessionStorage.getItem('aiolb.token')") is None
+    assert browser.errors == []
+
+
+def test_dashboard_page_is_self_contained():
+    """No CDN, no external font, script or stylesheet: the page works air-gapped."""
+    html = PAGE.read_text()
+    assert re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, re.I) is None
+    assert re.search(r"@import|url\(\s*['\"]?(https?:)?//", html, re.I) is None
+    assert "<link" not in html.lower()
+    for hook in ("data-upstream", "data-state", "data-action", "data-errors",
+                 'data-banner="connection-lost"', "data-auth-form", "sessionStorage",
+                 "Authorization", "encodeURIComponent"):
+        assert hook in html, hook

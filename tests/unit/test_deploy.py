@@ -1,0 +1,250 @@
+"""The files under ``deploy/``: the Grafana dashboard and the Prometheus config and alerts.
+
+The source of truth is the metrics contract of DESIGN.md, copied below: every ``aiolb_``
+metric and every label these files use must be in it, so a renamed metric breaks this
+test instead of a dashboard nobody looks at until an incident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "aiolb-dashboard.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+
+# DESIGN.md, "Metrics contract": metric | type | labels
+CONTRACT_TABLE = """
+| `aiolb_requests_total` | counter | `listener`, `pool`, `upstream`, `method`, `code` |
+| `aiolb_request_duration_seconds` | histogram | `pool` |
+| `aiolb_upstream_up` | gauge (1/0: healthy and enabled) | `pool`, `upstream` |
+| `aiolb_upstream_active_requests` | gauge | `pool`, `upstream` |
+| `aiolb_upstream_connect_errors_total` | counter | `pool`, `upstream` |
+| `aiolb_retries_total` | counter | `pool` |
+| `aiolb_upstream_ejections_total` | counter | `pool`, `upstream` |
+| `aiolb_health_checks_total` | counter | `pool`, `upstream`, `result` |
+| `aiolb_client_connections` | gauge | `listener` |
+| `aiolb_config_reloads_total` | counter | `result` |
+"""
+
+
+def _contract() -> dict[str, tuple[str, frozenset[str]]]:
+    metrics = {}
+    for line in CONTRACT_TABLE.strip().splitlines():
+        name, kind, labels = (cell.strip() for cell in line.strip("|").split("|"))
+        metrics[name.strip("`")] = (
+            kind.split()[0],
+            frozenset(label.strip(" `") for label in labels.split(",")),
+        )
+    return metrics
+
+
+CONTRACT = _contract()
+HISTOGRAMS = {name for name, (kind, _) in CONTRACT.items() if kind == "histogram"}
+#: labels Prometheus adds (target labels) or that a histogram series carries
+EXTRA_LABELS = frozenset({"job", "instance", "le"})
+ALL_LABELS = frozenset().union(*(labels for _, labels in CONTRACT.values())) | EXTRA_LABELS
+
+METRIC = re.compile(r"\baiolb_[a-z_]+")
+SELECTOR = re.compile(r"\b(aiolb_[a-z_]+)\s*\{([^}]*)\}")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+
+
+def series_name(used: str) -> str:
+    """The contract name behind a series name (``_bucket``/``_sum``/``_count`` of a
+    histogram); unchanged for anything else."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = used.removesuffix(suffix)
+        if base != used and base in HISTOGRAMS:
+            return base
+    return used
+
+
+def check_expr(expr: str) -> list[str]:
+    """Problems with one PromQL expression against the contract (empty: fine)."""
+    problems = []
+    for used in METRIC.findall(expr):
+        name = series_name(used)
+        if name not in CONTRACT:
+            problems.append(f"{used}: not in the metrics contract")
+        elif name in HISTOGRAMS and used == name:
+            problems.append(f"{used}: a histogram has only _bucket, _sum and _count series")
+    for used, matchers in SELECTOR.findall(expr):
+        name = series_name(used)
+        if name in CONTRACT:
+            allowed = CONTRACT[name][1] | EXTRA_LABELS
+            for label in MATCHER.findall(matchers):
+                if label not in allowed:
+                    problems.append(f"{used}{{{label}=...}}: {name} has no label {label!r}")
+    for group in GROUPING.findall(expr):
+        for label in filter(None, (g.strip() for g in group.split(","))):
+            if label not in ALL_LABELS:
+                problems.append(f"grouping by {label!r}: no contract metric has that label")
+    return problems
+
+
+def test_contract_table_parsed() -> None:
+    assert len(CONTRACT) == 10
+    assert sorted(HISTOGRAMS) == ["aiolb_request_duration_seconds"]
+    assert CONTRACT["aiolb_requests_total"][1] == {
+        "listener", "pool", "upstream", "method", "code"
+    }
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        ("rate(aiolb_requests_total[5m])", None),
+        ("histogram_quantile(0.9, sum by (le) (rate(aiolb_request_duration_seconds_bucket[1m])))",
+         None),
+        ("rate(aiolb_request_total[5m])", "not in the metrics contract"),
+        ("aiolb_upstream_up_count", "not in the metrics contract"),
+        ("rate(aiolb_request_duration_seconds[5m])", "only _bucket"),
+        ('aiolb_upstream_up{path="/x"}', "has no label 'path'"),
+        ("sum by (client_ip) (aiolb_upstream_up)", "grouping by 'client_ip'"),
+    ],
+)
+def test_expression_checker(expr: str, problem: str | None) -> None:
+    """The checker itself catches what it is meant to catch."""
+    problems = check_expr(expr)
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
+
+
+# -- Grafana ---------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def panels(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, including panels nested in collapsed rows, rows excluded."""
+    found = []
+    for panel in data["panels"]:
+        if panel.get("type") == "row":
+            found.extend(panel.get("panels", []))
+        else:
+            found.append(panel)
+    return found
+
+
+def test_grafana_dashboard_is_importable() -> None:
+    data = dashboard()
+    assert data["title"] and data["uid"]
+    assert data["schemaVersion"] >= 36
+    inputs = {i["name"]: i for i in data["__inputs"]}
+    assert inputs["DS_PROMETHEUS"]["pluginId"] == "prometheus"
+    assert data["id"] is None  # importable into any Grafana
+    rows = [p for p in data["panels"] if p.get("type") == "row"]
+    ids = [p["id"] for p in rows + panels(data)]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+
+
+def test_every_grafana_panel_has_a_prometheus_target() -> None:
+    data = dashboard()
+    assert len(panels(data)) >= 10
+    for panel in panels(data):
+        where = f"panel {panel.get('title')!r}"
+        assert panel.get("title"), where
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", where
+        targets = panel.get("targets") or []
+        assert targets, f"{where} has no target"
+        for target in targets:
+            assert target.get("expr", "").strip(), f"{where}: empty expr"
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", where
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, where
+
+
+def test_grafana_dashboard_uses_only_contract_metrics() -> None:
+    data = dashboard()
+    exprs = [t["expr"] for p in panels(data) for t in p["targets"]]
+    exprs += [v["definition"] for v in data["templating"]["list"] if v.get("definition")]
+    problems = {e: check_expr(e) for e in exprs}
+    assert {e: p for e, p in problems.items() if p} == {}
+    used = {series_name(m) for e in exprs for m in METRIC.findall(e)}
+    assert used == set(CONTRACT), f"contract metrics without a panel: {set(CONTRACT) - used}"
+
+
+def test_grafana_latency_uses_histogram_quantiles() -> None:
+    exprs = [t["expr"] for p in panels(dashboard()) for t in p["targets"]]
+    quantiles = [e for e in exprs if "histogram_quantile" in e]
+    for q in ("0.5", "0.95", "0.99"):
+        assert any(f"histogram_quantile({q}," in e for e in quantiles), q
+    for e in quantiles:
+        assert "aiolb_request_duration_seconds_bucket" in e and "le" in e, e
+
+
+# -- Prometheus ------------------------------------------------------------------------
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(ALERTS.read_text())
+    assert isinstance(data, dict) and isinstance(data["groups"], list) and data["groups"]
+    rules = []
+    for group in data["groups"]:
+        assert group["name"] and isinstance(group["rules"], list) and group["rules"]
+        rules.extend(group["rules"])
+    return rules
+
+
+def test_alert_rules_have_the_prometheus_shape() -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "alert names are unique"
+    for rule in rules:
+        where = rule.get("alert")
+        assert set(rule) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+        assert isinstance(rule["alert"], str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", where)
+        assert isinstance(rule["expr"], str) and rule["expr"].strip(), where
+        assert isinstance(rule["for"], str) and DURATION.match(rule["for"]), where
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, where
+        assert rule["annotations"]["summary"].strip(), where
+
+
+def test_alert_rules_use_only_contract_metrics() -> None:
+    problems = {r["alert"]: check_expr(r["expr"]) for r in alert_rules()}
+    assert {a: p for a, p in problems.items() if p} == {}
+
+
+def compact(expr: str) -> str:
+    return re.sub(r"\s+", "", expr)
+
+
+def test_the_alerts_operators_expect_are_there() -> None:
+    rules = alert_rules()
+    by_expr = {compact(r["expr"]): r for r in rules}
+
+    down = [r for e, r in by_expr.items() if "aiolb_upstream_up" in e and e.endswith("==0")
+            and "by(pool,upstream)" in e]
+    assert down and down[0]["for"] == "1m", "upstream down for 1m"
+    assert "sum by (pool) (aiolb_upstream_up) == 0" in {r["expr"] for r in rules}, (
+        "no healthy upstream in a pool"
+    )
+    assert any('code=~"5.."' in e and "by(pool)" in e for e in by_expr), "5xx ratio per pool"
+    assert any('aiolb_config_reloads_total{result="failure"}' in e for e in by_expr), (
+        "config reload failures"
+    )
+
+
+def test_prometheus_scrapes_the_admin_metrics() -> None:
+    data = yaml.safe_load(PROMETHEUS.read_text())
+    assert "alerts.yml" in data["rule_files"]
+    jobs = {job["job_name"]: job for job in data["scrape_configs"]}
+    job = jobs["aiolb"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == ["aiolb:9901"]
