@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -84,10 +85,12 @@ class BalancerBench(Bench):
         if DEFAULT_LINE not in text:
             raise harness.StartError(f"no {DEFAULT_LINE.strip()!r} line in {config} to replace")
         path = session.path(f"aiolb-{target}.yaml")
-        pool = f"    balancer: {balancer_yaml(target)}\n"
+        text = text.replace(DEFAULT_LINE, f"    balancer: {balancer_yaml(target)}\n")
         if self.args.max_idle is not None:
-            pool += f"    max_idle_connections: {self.args.max_idle}\n"
-        path.write_text(text.replace(DEFAULT_LINE, pool))
+            text = re.sub(
+                r"max_idle_connections: \d+", f"max_idle_connections: {self.args.max_idle}", text
+            )
+        path.write_text(text)
         argv = [arg.replace("{config}", str(path)) for arg in self.args.aiolb_cmd]
         child = harness.start(
             session, f"aiolb-{target}", argv, port, cpus=self.pin.proxy, cwd=harness.REPO
@@ -113,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-idle",
         type=int,
         default=None,
-        help="pool max_idle_connections for every algorithm (default: aiolb's, 32 per "
+        help="pool max_idle_connections for every algorithm (default: bench.py config, 64 per "
         "upstream); at least --connections keeps uneven splits from reconnecting",
     )
     parser.add_argument("--threads", type=int, default=1)

@@ -303,6 +303,7 @@ def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "
 pools:
   bench:
     balancer: round_robin
+    max_idle_connections: 64  # like nginx's `keepalive 64` and HAProxy's reuse below
     upstreams:
       - {{url: "http://127.0.0.1:{up1}"}}
       - {{url: "http://127.0.0.1:{up2}"}}

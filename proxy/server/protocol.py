@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiolb")
 
+#: Client write buffer above which the upstream is paused (low water is a quarter).
+#: Bounds memory per streaming connection; large enough that a 64 KiB response does
+#: not bounce the upstream between paused and resumed.
+WRITE_HIGH_WATER: Final = 256 * 1024
+
 IDLE: Final = 0  # between requests (keep-alive)
 HEAD: Final = 1  # a request head is arriving
 BODY: Final = 2  # a request body is arriving
@@ -144,6 +149,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
