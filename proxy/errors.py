@@ -19,6 +19,8 @@ class ProxyError(Exception):
     status = 502
     retryable = False
     sent = True
+    #: the ``retries.retry_on`` condition this failure is ("": never retried)
+    condition = ""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -30,26 +32,40 @@ class UpstreamConnectError(ProxyError):
 
     retryable = True
     sent = False
+    condition = "connect_failure"
 
 
 class UpstreamResetError(ProxyError):
     """The upstream closed or reset the connection before a complete response."""
 
     retryable = True
+    condition = "reset_before_response"
 
 
 class UpstreamProtocolError(ProxyError):
-    """The upstream sent something that is not valid HTTP/1.1."""
+    """The upstream sent something that is not valid HTTP/1.1 (a broken upstream,
+    retried like a reset: Envoy resets the stream on a codec error)."""
+
+    condition = "reset_before_response"
 
 
 class UpstreamTimeoutError(ProxyError):
-    """No response header within ``timeouts.response_header``."""
+    """No response header within ``timeouts.response_header`` (or ``per_try_timeout``)."""
 
     status = 504
+    condition = "timeout"
 
 
 class NoUpstreamError(ProxyError):
     """Every upstream of the pool is unavailable (down, drained or ejected)."""
+
+    status = 503
+    sent = False
+
+
+class CircuitOpenError(ProxyError):
+    """The upstream has ``max_connections`` open and the pool's wait queue is full, or
+    the wait outlasted ``queue_timeout``: refused at once, nothing sent."""
 
     status = 503
     sent = False

@@ -305,12 +305,167 @@ class PoolTimeouts(ConfigModel):
     read: Timeout = 60.0
 
 
+def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
+    """``200``, ``"200-399"`` or a list of those -> inclusive ``(low, high)`` ranges."""
+    items = value if isinstance(value, list | tuple) else [value]
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        text = str(item).strip()
+        low, dash, high = text.partition("-")
+        try:
+            lo, hi = int(low), int(high) if dash else int(low)
+        except ValueError:
+            raise ValueError(
+                f"invalid status {item!r}; use a code (200) or a range (\"200-399\")"
+            ) from None
+        if not 100 <= lo <= hi <= 599:
+            raise ValueError(f"invalid status range {item!r}; codes are 100-599, low first")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise ValueError("list at least one status code or range")
+    return tuple(ranges)
+
+
+#: Expected status codes: inclusive ranges, from ``200``, ``"200-399"`` or a list.
+StatusRanges = Annotated[tuple[tuple[int, int], ...], PlainValidator(_parse_statuses)]
+
+
+class ActiveHealthCheck(ConfigModel):
+    """Probes sent to each upstream every ``interval`` (give or take ``jitter``).
+
+    ``type: http`` sends ``method path`` (with ``host`` as the Host header when set) and
+    expects a status in ``expected_status``; ``type: tcp`` only connects. The state
+    flips after ``unhealthy_threshold`` consecutive failures or ``healthy_threshold``
+    consecutive successes (HAProxy's ``fall``/``rise``). ``initial_state`` applies to
+    upstreams the proxy has not seen before (a cold start serves at once by default).
+    """
+
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/"
+    method: Literal["GET", "HEAD"] = "GET"
+    host: str | None = None
+    expected_status: StatusRanges = ((200, 399),)
+    interval: Timeout = 5.0
+    #: random spread added to each interval, so probes do not march in step; None: 10%
+    jitter: Annotated[Duration, Field(ge=0)] | None = None
+    timeout: Timeout = 1.0
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    initial_state: Literal["healthy", "unhealthy"] = "healthy"
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or not value.isascii() or not value.isprintable() \
+                or " " in value:  # fmt: skip
+            raise ValueError(f"must be an origin-form path such as /healthz, got {value!r}")
+        return value
+
+    @property
+    def spread(self) -> float:
+        return self.interval / 10 if self.jitter is None else self.jitter
+
+
+class PassiveHealthCheck(ConfigModel):
+    """Outlier detection from real traffic (Envoy's ``outlier_detection``).
+
+    ``consecutive_failures`` connect errors, timeouts or resets in a row (and 5xx
+    responses when ``consecutive_5xx``) eject the upstream for ``ejection_time`` times
+    the number of times it was ejected, at most ``max_ejection_time``. At most
+    ``max_ejection_percent`` of a pool is ejected at once, and never its last available
+    upstream.
+    """
+
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    consecutive_5xx: bool = False
+    ejection_time: Timeout = 30.0
+    max_ejection_time: Timeout = 300.0
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
+class HealthCheck(ConfigModel):
+    """``active`` probes are off unless configured (``active: {}`` takes every default);
+    ``passive`` outlier detection is on by default (``passive: null`` turns it off)."""
+
+    active: ActiveHealthCheck | None = None
+    passive: PassiveHealthCheck | None = PassiveHealthCheck()
+
+
+RETRY_CONDITIONS: tuple[str, ...] = ("connect_failure", "reset_before_response", "timeout")
+
+
+def _check_retry_on(value: object) -> tuple[str | int, ...]:
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[str | int] = []
+    for item in items:
+        if isinstance(item, str) and item in RETRY_CONDITIONS:
+            out.append(item)
+            continue
+        text = str(item).strip()
+        if text.isdigit() and 400 <= int(text) <= 599:
+            out.append(int(text))
+            continue
+        names = ", ".join(RETRY_CONDITIONS)
+        raise ValueError(f"unknown retry condition {item!r}; use {names} or a status 400-599")
+    return tuple(out)
+
+
+#: Retry conditions: the names in ``RETRY_CONDITIONS`` and status codes.
+RetryOn = Annotated[tuple[str | int, ...], PlainValidator(_check_retry_on)]
+
+
+class Backoff(ConfigModel):
+    """Wait before retry n: a random time up to ``min(max, base * 2**(n-1))`` (full jitter)."""
+
+    base: Annotated[Duration, Field(ge=0)] = 0.025
+    max: Annotated[Duration, Field(ge=0)] = 0.25
+
+
+class RetryBudget(ConfigModel):
+    """Retries may add at most ``percent`` % to a pool's requests (over about ten
+    seconds), plus a reserve of ``min_retries`` so that quiet pools can still retry."""
+
+    percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    min_retries: Annotated[int, Field(ge=0)] = 3
+
+
+class Retries(ConfigModel):
+    """Try a failed request again on another upstream.
+
+    ``attempts`` counts every try, the first included (nginx's
+    ``proxy_next_upstream_tries``): the default 2 is one retry. Only safe requests are
+    retried: idempotent methods, or any method when nothing reached the upstream; a
+    request body only while it fits ``buffer``. ``per_try_timeout``: from the request
+    sent to the response head, per try (default: ``timeouts.response_header``).
+    """
+
+    attempts: Annotated[int, Field(ge=1)] = 2
+    retry_on: RetryOn = ("connect_failure", "reset_before_response")
+    per_try_timeout: Timeout | None = None
+    backoff: Backoff = Backoff()
+    budget: RetryBudget = RetryBudget()
+    buffer: Annotated[Size, Field(ge=0)] = 65536
+
+
+class CircuitBreaker(ConfigModel):
+    """Bounds on what one pool may hold (Envoy's circuit breakers, HAProxy's
+    ``maxconn``/``timeout queue``): ``max_connections`` open connections per upstream
+    (an upstream's own ``max_connections`` overrides it); requests beyond wait, at most
+    ``max_pending`` per pool for at most ``queue_timeout``; more answer 503 at once."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    max_pending: Annotated[int, Field(ge=0)] = 1024
+    queue_timeout: Timeout = 5.0
+
+
 class UpstreamSpec(ConfigModel):
     """One upstream server. ``backup`` ones serve only when no primary is available."""
 
     url: UpstreamURL
     weight: Annotated[int, Field(ge=1)] = 1
     backup: bool = False
+    #: open connections to this upstream (None: the pool's ``circuit_breaker`` value)
+    max_connections: Annotated[int, Field(ge=1)] | None = None
 
     @property
     def host(self) -> str:
@@ -337,6 +492,9 @@ class Pool(ConfigModel):
     #: seconds over which an upstream that became available ramps its weight from 10%
     #: to 100% (HAProxy ``slowstart``); None: at once
     slow_start: Annotated[Duration, Field(gt=0)] | None = None
+    health_check: HealthCheck = HealthCheck()
+    retries: Retries = Retries()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
 
 
 class Listener(ConfigModel):

@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.clock import NEVER
 from proxy.errors import (
+    CircuitOpenError,
     NoUpstreamError,
     ProxyError,
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
+from proxy.forwarding.retry import IDEMPOTENT
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
 
@@ -51,8 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiolb")
 
-#: Request body bytes kept to replay on a fresh connection if a pooled one was stale.
-REPLAY_LIMIT: Final = 64 * 1024
 #: Body bytes held while no upstream connection is attached, before pausing the client.
 PENDING_HIGH_WATER: Final = 64 * 1024
 
@@ -89,10 +89,12 @@ class Exchange:
         "local_status",
         "method",
         "mode",
+        "opening",
         "out",
         "pending",
         "pending_size",
         "pool",
+        "queued",
         "released",
         "replay",
         "replay_size",
@@ -107,6 +109,7 @@ class Exchange:
         "status",
         "target",
         "task",
+        "tried",
         "upstream",
     )
 
@@ -141,9 +144,14 @@ class Exchange:
         self.upstream: Upstream | None = None
         self.released = False
         self.conn: UpstreamConnection | None = None
-        self.task: asyncio.Task[None] | None = None
-        #: body chunks sent on a reused connection, to replay if it proves stale
+        #: the connect task, or the timer of a retry's backoff
+        self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
+        #: body chunks sent, to replay on a retry or if a reused connection proves stale;
+        #: None once they outgrow the retry buffer (or nothing could use them)
         self.replay: tuple[bytes, ...] | None = None
+        self.tried: tuple[Upstream, ...] = ()  # upstreams that failed this request
+        self.queued = False  # waiting for a connection (``max_connections`` reached)
+        self.opening = False  # a connect task counted in ``conns`` has not started yet
         self.replay_size = 0
         self.retried = False
         self.sent_at = 0.0
@@ -155,7 +163,7 @@ class Exchange:
         self.done = False
         self.deadline = NEVER
         self.status = 0  # what the client was answered; 0 until then
-        self.attempts = 0  # connections the request was sent on
+        self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         self.started = client.loop.time() if client.record else 0.0
 
@@ -183,11 +191,13 @@ class Exchange:
             self.local(404)
             return
         self.pool = pool
+        pool.requests += 1
         upstream = pool.pick(self)
         if upstream is None:
             self._fail(NoUpstreamError("no upstream available"))
             return
         self.upstream = upstream
+        self.attempts = 1
         upstream.begin_request()
         if self.found.expect_continue and self.http_minor and not self.req_done:
             client.transport.write(CONTINUE_100)
@@ -197,11 +207,59 @@ class Exchange:
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
+        self._open(upstream)
+
+    def _open(self, upstream: Upstream) -> None:
+        """Send on an idle connection, open one, or wait for one (circuit breaking)."""
         conn = upstream.take_idle()
         if conn is not None:
             self._send(conn)
+        elif upstream.conns < upstream.max_connections:
+            self._start_connect(upstream)
         else:
-            self.task = client.loop.create_task(self._connect())
+            self._queue(upstream)
+
+    def _queue(self, upstream: Upstream) -> None:
+        """``upstream`` has ``max_connections`` open: wait for one, or 503 at once when
+        ``max_pending`` requests of the pool are waiting already."""
+        pool = self.pool
+        assert pool is not None
+        if pool.pending >= pool.max_pending:
+            pool.overflows += 1
+            self._fail(CircuitOpenError(
+                f"{upstream.conns} connections open, {pool.pending} requests waiting"
+            ))  # fmt: skip
+            return
+        pool.pending += 1
+        self.queued = True
+        upstream.waiting.append(self)
+        self.deadline = self.client.clock.now + pool.queue_timeout
+
+    def dequeue(self, conn: UpstreamConnection | None) -> None:
+        """A connection of the upstream is free (``conn``), or a slot to open one (None)."""
+        self.queued = False
+        self.pool.pending -= 1  # type: ignore[union-attr]
+        self.deadline = NEVER
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._start_connect(self.upstream)  # type: ignore[arg-type]
+
+    def _start_connect(self, upstream: Upstream) -> None:
+        """Open a connection in the one task a request may create; its slot in
+        ``upstream.conns`` is taken now, not when the task first runs."""
+        upstream.conns += 1
+        self.opening = True
+        self.task = self.client.loop.create_task(self._connect())
+
+    def _unqueue(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.pool.pending -= 1  # type: ignore[union-attr]
+            try:
+                self.upstream.waiting.remove(self)  # type: ignore[union-attr]
+            except ValueError:
+                pass
 
     def _resolve_target(self) -> bool:
         """Origin-form passes; absolute-form only for hosts a route names; else 400."""
@@ -230,6 +288,7 @@ class Exchange:
         return True
 
     async def _connect(self) -> None:
+        self.opening = False  # from here on ``Upstream.connect`` gives the slot back
         upstream = self.upstream
         assert upstream is not None
         try:
@@ -239,7 +298,7 @@ class Exchange:
             if isinstance(exc, UpstreamConnectError):
                 upstream.stats.connect_errors += 1
             if not self.done:
-                self._fail(exc)
+                self._attempt_failed(exc)
             return
         self.task = None
         if self.done:
@@ -249,14 +308,18 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         pending = self.pending
-        if conn.uses and self.pending_size <= REPLAY_LIMIT:  # reused: keep what to replay
+        pool = self.pool
+        assert pool is not None
+        # keep what to replay when the connection may prove stale or a retry may follow
+        if self.pending_size <= pool.retry.buffer and (
+            conn.uses or self.attempts < pool.retry.attempts
+        ):
             self.replay = tuple(pending) if pending else ()
             self.replay_size = self.pending_size
         else:
             self.replay = None
         self.conn = conn
-        self.attempts += 1
-        if self.pool.observe is not None:  # type: ignore[union-attr]
+        if pool.observe is not None:
             self.sent_at = self.client.loop.time()
         pending.insert(0, self.head)
         self.pending = []
@@ -313,7 +376,7 @@ class Exchange:
         replay = self.replay
         if replay is not None:
             self.replay_size += self.pending_size
-            if self.replay_size > REPLAY_LIMIT:
+            if self.replay_size > self.pool.retry.buffer:  # type: ignore[union-attr]
                 self.replay = None
             else:
                 self.replay = replay + tuple(pending)
@@ -330,12 +393,32 @@ class Exchange:
             return
         self.out += (ResponseHead(raw).head, b"\r\n")
 
-    def on_response_head(self, status: int, raw: bytes) -> None:
+    def on_response_head(self, status: int, raw: bytes) -> bool:
+        """The final response head; False when it is dropped to retry elsewhere (then the
+        connection is closed unread)."""
+        pool = self.pool
+        assert pool is not None
+        upstream = self.upstream
+        assert upstream is not None
+        if status >= 500:
+            outlier = pool.outlier
+            if outlier is not None and outlier.with_5xx:
+                pool.failure(upstream, f"status {status}")
+            elif upstream.failures:
+                upstream.failures = 0
+        elif upstream.failures:
+            upstream.failures = 0
+        if status in pool.retry.statuses and self._retryable(True, True):
+            self.conn = None
+            log.info(
+                "%s %s: upstream %s answered %d; retrying elsewhere", self.method.decode(),
+                self.target[:200].decode(errors="replace"), upstream.address, status,
+            )  # fmt: skip
+            self._retry()
+            return False
         self.status = status
         self.replay = None
         self.resp_started = True
-        pool = self.pool
-        assert pool is not None
         if pool.observe is not None:
             pool.observe(self.upstream, self.client.loop.time() - self.sent_at)  # type: ignore[arg-type]
         self.deadline = self.client.clock.now + pool.read_timeout
@@ -361,6 +444,7 @@ class Exchange:
         elif not self.http_minor:
             extra += b"Connection: keep-alive\r\n"
         self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
+        return True
 
     def on_response_body(self, data: bytes) -> None:
         mode = self.mode
@@ -400,7 +484,7 @@ class Exchange:
             if stale and self.replay is not None and not self.retried:
                 self._retry_fresh()
                 return
-            self._fail(error)
+            self._attempt_failed(error)
         elif self.resp_eof:  # a close-delimited body ends with the connection
             self.on_response_complete(conn, False)
         else:
@@ -441,8 +525,14 @@ class Exchange:
     # -- endings ------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
-        """The response header (504) or a gap between response reads (close) timed out."""
+        """The response header (504, or a retry), a gap between response reads (close),
+        or the wait for a connection (503) timed out."""
         self.deadline = NEVER
+        if self.queued:
+            self._unqueue()
+            self.pool.overflows += 1  # type: ignore[union-attr]
+            self._fail(CircuitOpenError("no connection free within the queue timeout"))
+            return
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -452,7 +542,7 @@ class Exchange:
             self.abort()
             self.client.close()
         else:
-            self._fail(UpstreamTimeoutError("no response header in time"))
+            self._attempt_failed(UpstreamTimeoutError("no response header in time"))
 
     def local(self, status: int, close: bool = False) -> None:
         """Answer with the proxy's own response.
@@ -497,7 +587,85 @@ class Exchange:
         self.replay = None
         self.deadline = NEVER
         assert self.upstream is not None
-        self.task = self.client.loop.create_task(self._connect())
+        self._start_connect(self.upstream)
+
+    def _attempt_failed(self, error: ProxyError) -> None:
+        """The attempt failed before any of its response reached the client: count it
+        against the upstream (passive health), then retry elsewhere or answer."""
+        pool = self.pool
+        assert pool is not None
+        upstream = self.upstream
+        if upstream is not None:
+            pool.failure(upstream, error.reason)
+        if self._retryable(error.condition in pool.retry.conditions, error.sent):
+            log.info(
+                "%s %s: upstream %s: %s; retrying elsewhere", self.method.decode(),
+                self.target[:200].decode(errors="replace"),
+                upstream.address if upstream else "-", error.reason,
+            )  # fmt: skip
+            self._retry()
+            return
+        self._fail(error)
+
+    def _retryable(self, enabled: bool, sent: bool) -> bool:
+        """May this request be tried again? Only safe ones: nothing reached the upstream,
+        or an idempotent method whose body (if any) is still in the retry buffer; and
+        only while attempts are left and the pool's retry budget allows."""
+        if not enabled or self.done:
+            return False
+        pool = self.pool
+        assert pool is not None
+        retry = pool.retry
+        if self.attempts >= retry.attempts:
+            return False
+        if sent and (self.method not in IDEMPOTENT or self.replay is None):
+            return False
+        return retry.budget.allow(pool.requests, self.client.clock.now)
+
+    def _retry(self) -> None:
+        """Give up the current upstream and, after the backoff, try another one."""
+        pool = self.pool
+        assert pool is not None and self.upstream is not None
+        self._release_upstream()
+        pool.retries += 1
+        self.tried += (self.upstream,)
+        self.pending = [*(self.replay or ()), *self.pending]
+        self.pending_size = sum(map(len, self.pending))
+        self.replay = None
+        self.conn = None
+        self.deadline = NEVER
+        delay = pool.retry.backoff(self.attempts)
+        self.task = self.client.loop.call_later(delay, self._next_attempt)
+
+    def _next_attempt(self) -> None:
+        self.task = None
+        if self.done:
+            return
+        upstream = self._pick_untried()
+        if upstream is None:
+            self._fail(NoUpstreamError("no upstream available"))
+            return
+        self.upstream = upstream
+        self.released = False
+        self.attempts += 1
+        upstream.begin_request()
+        self._open(upstream)
+
+    def _pick_untried(self) -> Upstream | None:
+        """An available upstream this request has not failed on, preferring the
+        balancer's choice; the balancer's choice when every one was tried."""
+        pool = self.pool
+        assert pool is not None
+        tried = self.tried
+        choice = None
+        for _ in range(3):  # random balancers may need a second draw
+            choice = pool.pick(self)
+            if choice is None or choice not in tried:
+                return choice
+        live = [u for u in pool.upstreams if u.available and u not in tried]
+        primaries = [u for u in live if not u.backup]
+        fresh = primaries or live  # a backup only once every available primary failed
+        return fresh[0] if fresh else choice
 
     def _release_upstream(self) -> None:
         upstream = self.upstream
@@ -545,6 +713,10 @@ class Exchange:
         if self.task is not None:
             self.task.cancel()
             self.task = None
+            if self.opening:  # cancelled before it ran: nothing else gives the slot back
+                self.opening = False
+                self.upstream.connection_closed()  # type: ignore[union-attr]
+        self._unqueue()
         conn = self.conn
         if conn is not None:
             self.conn = None

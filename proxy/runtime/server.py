@@ -18,12 +18,13 @@ from proxy.admin import AdminHandle, start_admin
 from proxy.clock import Clock
 from proxy.config import Config
 from proxy.config import Listener as ListenerConfig
+from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime.reload import reload_server
 from proxy.server.listener import Listener
-from proxy.upstream.pool import Pool
+from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
 
@@ -64,6 +65,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[list[str]]] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: active health checks of every pool that configures them
+        self.checker = HealthChecker(self)
 
     def make_listener(self, lc: ListenerConfig) -> Listener:
         """A listener for ``lc`` over the current pools (not yet bound)."""
@@ -92,6 +95,7 @@ class ProxyServer:
         if self.access_log is not None:
             self.clock.add_sweeper(self.access_log.flush)
         self.clock.start()
+        self.sync_health()
         self.ready = True
 
     async def start_listener(self, listener: Listener, sock: socket.socket | None = None) -> None:
@@ -140,6 +144,53 @@ class ProxyServer:
             log.info("reloaded %s", self.config_path)
         return problems
 
+    # -- health: the checker's targets and its verdicts (``proxy.health.active``) -------
+
+    def check_targets(self) -> list[CheckTarget]:
+        """One probe target per upstream of every pool with ``health_check.active``."""
+        return [
+            CheckTarget(name, u.address, u.host, u.port, pool.active_check, u.healthy)
+            for name, pool in self.pools.items()
+            if pool.active_check is not None
+            for u in pool.upstreams
+        ]
+
+    def sync_health(self) -> None:
+        """Probe what the current pools ask for; an upstream no longer probed is healthy
+        (nothing is left to say otherwise)."""
+        self.checker.sync(self.check_targets())
+        for pool in self.pools.values():
+            if pool.active_check is None:
+                for upstream in pool.upstreams:
+                    if not upstream.healthy:
+                        pool.set_healthy(upstream, True)
+
+    def _find(self, pool_name: str, address: str) -> tuple[Pool, Upstream] | None:
+        pool = self.pools.get(pool_name)
+        upstream = pool.upstream(address) if pool is not None else None
+        return (pool, upstream) if pool is not None and upstream is not None else None
+
+    def check_result(self, pool: str, address: str, ok: bool) -> None:
+        """Count one probe; passes end an ejection at ``healthy_threshold``."""
+        found = self._find(pool, address)
+        if found is None:
+            return
+        p, upstream = found
+        key = "success" if ok else "failure"
+        upstream.health_checks[key] = upstream.health_checks.get(key, 0) + 1
+        if not ok:
+            upstream.passes = 0
+            return
+        upstream.passes += 1
+        check = p.active_check
+        if upstream.ejected and check is not None and upstream.passes >= check.healthy_threshold:
+            p.checks_pass(upstream)
+
+    def health_changed(self, pool: str, address: str, healthy: bool, reason: str) -> None:
+        found = self._find(pool, address)
+        if found is not None:
+            found[0].set_healthy(found[1], healthy)
+
     def _sweep_pools(self, now: float) -> None:
         for pool in self.pools.values():
             pool.sweep(now)
@@ -161,6 +212,7 @@ class ProxyServer:
             listener.close_all()
             if listener.server is not None:
                 listener.server.close()
+        await self.checker.close()
         for pool in self.pools.values():
             pool.close()
         self.clock.stop()

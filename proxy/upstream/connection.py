@@ -32,6 +32,11 @@ class _HeadDone(Exception):
     """Raised inside the parser to stop it after the head of a response to HEAD."""
 
 
+class _Dropped(Exception):
+    """Raised inside the parser when the exchange refused the response (to retry it
+    elsewhere): the rest of it is never read, and the connection is closed."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "closed",
@@ -71,9 +76,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        upstream = self.upstream
+        upstream.connection_closed()
         ex = self.exchange
         if ex is None:
-            self.upstream.forget(self)
+            upstream.forget(self)
             return
         self.exchange = None
         ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
@@ -89,6 +96,9 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Dropped):
+                self.close()
+                return
             if not isinstance(exc.__context__, _HeadDone):
                 log.error("bug while relaying a response", exc_info=exc.__context__)
                 self._fail(ex, "internal error")
@@ -131,7 +141,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.raw = b""
         self.collecting = False
-        ex.on_response_head(status, raw[start:end] if start or end < len(raw) else raw)
+        if not ex.on_response_head(status, raw[start:end] if start or end < len(raw) else raw):
+            self.exchange = None
+            raise _Dropped
         if ex.head_request:
             raise _HeadDone
 

@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
 from proxy.errors import UpstreamConnectError
+from proxy.forwarding.retry import RetryPolicy
+from proxy.health.outlier import OutlierDetector, readmit
 from proxy.metrics.stats import Stats
 
 if TYPE_CHECKING:
     from proxy.config import Pool as PoolConfig
     from proxy.config import UpstreamSpec
+    from proxy.forwarding.exchange import Exchange
     from proxy.upstream.connection import UpstreamConnection
 
 NO_RAMP = float("inf")
@@ -39,13 +42,25 @@ class Upstream:
         "active",
         "address",
         "backup",
+        "conns",
+        "eject_level",
+        "ejected",
+        "ejected_until",
+        "ejections",
         "enabled",
+        "failures",
+        "health_checks",
         "healthy",
         "host",
         "idle",
+        "max_connections",
+        "passes",
         "pool",
         "port",
+        "returned_at",
+        "spec_max_connections",
         "stats",
+        "waiting",
         "weight",
     )
 
@@ -58,14 +73,36 @@ class Upstream:
         self.pool = pool
         self.active = 0
         self.enabled = True
-        self.healthy = True
+        #: the active checks' verdict (``initial_state`` until the first flip)
+        self.healthy = pool.initially_healthy
+        # passive health (``proxy.health.outlier``)
+        self.failures = 0  # consecutive failed attempts
+        self.ejected = False
+        self.ejected_until = 0.0  # loop time
+        self.ejections = 0  # times ejected, for aiolb_upstream_ejections_total
+        self.eject_level = 0  # the ejection time multiplier
+        self.returned_at = 0.0
+        #: active probe results by ``success``/``failure``, for aiolb_health_checks_total
+        self.health_checks: dict[str, int] = {}
+        self.passes = 0  # consecutive passed probes (ends an ejection at healthy_threshold)
+        # circuit breaking: open connections (connecting, busy or idle), and the
+        # exchanges waiting for one when ``max_connections`` are open
+        self.spec_max_connections = spec.max_connections
+        self.max_connections = spec.max_connections or pool.max_connections
+        self.conns = 0
+        self.waiting: deque[Exchange] = deque()
         self.idle: deque[UpstreamConnection] = deque()
         self.stats = Stats()
 
     @property
     def available(self) -> bool:
-        """Healthy and enabled (an operator's drain is separate from health)."""
-        return self.healthy and self.enabled
+        """Healthy, enabled (not drained by an operator) and not ejected."""
+        return self.healthy and self.enabled and not self.ejected
+
+    @property
+    def full(self) -> bool:
+        """No idle connection and ``max_connections`` open: a new request must wait."""
+        return not self.idle and self.conns >= self.max_connections
 
     def begin_request(self) -> None:
         """A request starts on this upstream (the balancer's index follows)."""
@@ -91,13 +128,26 @@ class Upstream:
         return None
 
     def put_idle(self, conn: UpstreamConnection, now: float) -> None:
-        """Keep a connection that ended a message cleanly, or close it if the pool is full."""
+        """Keep a connection that ended a message cleanly, or close it if the pool is full.
+
+        A request waiting for a connection (``max_connections`` reached) gets it first.
+        """
+        if self.waiting and conn.reusable():
+            conn.resume_reading()
+            self.waiting.popleft().dequeue(conn)
+            return
         if len(self.idle) >= self.pool.max_idle or not conn.reusable():
             conn.close()
             return
         conn.idle_since = now
         conn.resume_reading()
         self.idle.append(conn)
+
+    def connection_closed(self) -> None:
+        """An open connection ended: a waiting request may open a new one."""
+        self.conns -= 1
+        if self.waiting and self.conns < self.max_connections:
+            self.waiting.popleft().dequeue(None)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Remove a connection that closed while idle."""
@@ -112,24 +162,34 @@ class Upstream:
             idle.popleft().close()
 
     async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
-        """Open a new connection; failures become ``UpstreamConnectError``."""
+        """Open a new connection, already counted in ``conns``; failures give the slot
+        back and become ``UpstreamConnectError``."""
         from proxy.upstream.connection import UpstreamConnection
 
         timeout = self.pool.connect_timeout
+        # the caller counted this connection in ``conns`` already (when it decided to
+        # open it, so that requests in the same loop iteration see the slot taken)
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self), self.host, self.port
                 )
         except TimeoutError:
+            self.connection_closed()
             raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
         except OSError as exc:
+            self.connection_closed()
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise UpstreamConnectError(f"connect failed: {reason.lower()}") from None
+        except BaseException:  # cancelled: the client went away
+            self.connection_closed()
+            raise
         return conn
 
     def __repr__(self) -> str:
         state = "up" if self.healthy else "down"
+        if self.ejected:
+            state += ", ejected"
         if not self.enabled:
             state += ", drained"
         return (
@@ -143,20 +203,31 @@ class Pool:
 
     __slots__ = (
         "_balancer",
+        "_by_address",
         "_factory",
         "_options",
         "_ramp_due",
         "_slow_start",
+        "active_check",
         "clock",
         "connect_timeout",
         "idle_timeout",
+        "initially_healthy",
+        "max_connections",
         "max_idle",
+        "max_pending",
         "name",
         "observe",
+        "outlier",
+        "overflows",
+        "pending",
         "pick",
+        "queue_timeout",
         "read_timeout",
+        "requests",
         "response_header_timeout",
         "retries",
+        "retry",
         "stats",
         "track",
         "upstreams",
@@ -164,15 +235,32 @@ class Pool:
 
     def __init__(self, name: str, config: PoolConfig) -> None:
         self.name = name
+        active = config.health_check.active
+        #: the active probe spec (``proxy.health.active``); None: not probed
+        self.active_check = active
+        self.initially_healthy = active is None or active.initial_state == "healthy"
+        passive = config.health_check.passive
+        #: passive health; None when ``health_check.passive`` is off
+        self.outlier = OutlierDetector(passive) if passive is not None else None
+        self.retry = RetryPolicy(config.retries)
+        breaker = config.circuit_breaker
+        self.max_connections = breaker.max_connections
+        self.max_pending = breaker.max_pending
+        self.queue_timeout = breaker.queue_timeout
+        self.pending = 0  # requests waiting for a connection (``Upstream.waiting``)
+        self.overflows = 0  # requests refused (503) because max_pending were waiting
+        self.requests = 0  # requests routed to this pool (deposits of the retry budget)
         self._factory = REGISTRY[config.balancer.name]
         self._options: Mapping[str, Any] = config.balancer.options
         t = config.timeouts
         self.connect_timeout = t.connect
-        self.response_header_timeout = t.response_header
+        per_try = config.retries.per_try_timeout
+        self.response_header_timeout = min(t.response_header, per_try or t.response_header)
         self.idle_timeout = t.idle
         self.read_timeout = t.read
         self.max_idle = config.max_idle_connections
         self.upstreams = [Upstream(spec, self) for spec in config.upstreams]
+        self._by_address = {u.address: u for u in self.upstreams}
         #: responses the proxy made itself for this pool (upstream ""): 502, 503, 504
         self.stats = Stats()
         #: requests sent again (a stale pooled connection; other upstreams later)
@@ -223,7 +311,38 @@ class Pool:
         for upstream in self.upstreams:
             if upstream.idle:
                 upstream.close_idle(older_than)
-        if self._ramp_due != NO_RAMP and self.clock() >= self._ramp_due:
+        outlier = self.outlier
+        returned = outlier is not None and outlier.sweep(self.upstreams, self.clock())
+        if returned or (self._ramp_due != NO_RAMP and self.clock() >= self._ramp_due):
+            self.rebuild()
+
+    # -- verdicts: passive (from the exchange) and active (from the health checker) ----
+
+    def failure(self, upstream: Upstream, reason: str) -> None:
+        """An attempt on ``upstream`` failed (connect, timeout, reset, bad response)."""
+        outlier = self.outlier
+        if outlier is not None and outlier.failure(
+            upstream, self.upstreams, self.clock(), reason
+        ):
+            self.rebuild()
+
+    def upstream(self, address: str) -> Upstream | None:
+        """The upstream with this ``host:port``, or None."""
+        return self._by_address.get(address)
+
+    def set_healthy(self, upstream: Upstream, healthy: bool) -> None:
+        """The active checks' verdict changed. Coming back healthy also ends an ejection
+        (Envoy's ``successful_active_health_check_uneject_host``)."""
+        upstream.healthy = healthy
+        if healthy and upstream.ejected:
+            readmit(upstream, self.clock(), "active health checks pass")
+        self.rebuild()
+
+    def checks_pass(self, upstream: Upstream) -> None:
+        """Active checks have passed ``healthy_threshold`` times in a row while the
+        upstream stayed healthy: an ejection (passive) ends now."""
+        if upstream.ejected:
+            readmit(upstream, self.clock(), "active health checks pass")
             self.rebuild()
 
     def adopt(self, previous: Pool) -> None:
@@ -239,12 +358,20 @@ class Pool:
         """
         self.stats = previous.stats
         self.retries = previous.retries
+        self.overflows = previous.overflows
+        self.requests = previous.requests
+        budget, fresh_budget = previous.retry.budget, self.retry.budget
+        budget.ratio, budget.reserve = fresh_budget.ratio, fresh_budget.reserve
+        self.retry.budget = budget  # the balance carries on: spent tokens stay spent
         kept = {u.address: u for u in previous.upstreams}
         for i, fresh in enumerate(self.upstreams):
             old = kept.get(fresh.address)
             if old is not None:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
+                old.spec_max_connections = fresh.spec_max_connections
+                old.max_connections = fresh.max_connections
                 self.upstreams[i] = old
+        self._by_address = {u.address: u for u in self.upstreams}
         slow = self._slow_start
         if slow is not None:  # primed with the fresh objects: prime it again, or carry
             carried = previous._slow_start
