@@ -35,6 +35,7 @@ from proxy.balancing.peak_ewma import DEFAULT_DECAY
 from proxy.config.checks import cross_check, merge_errors
 from proxy.config.values import (
     format_address,
+    is_dns_url,
     parse_duration,
     parse_size,
     parse_upstream_url,
@@ -481,6 +482,15 @@ class UpstreamSpec(ConfigModel):
         """``host:port`` (``[::1]:80`` for IPv6): the upstream's identity and metric label."""
         return format_address(*parse_upstream_url(self.url))
 
+    @property
+    def dns(self) -> bool:
+        """``url: dns://name:port``: this entry stands for every address ``name`` has."""
+        return is_dns_url(self.url)
+
+    def resolved(self, host: str) -> UpstreamSpec:
+        """This entry for one address ``name`` resolved to (same weight, backup, limits)."""
+        return self.model_copy(update={"url": f"http://{format_address(host, self.port)}"})
+
 
 class Pool(ConfigModel):
     """A set of upstreams behind one balancer. ``max_idle_connections`` is per upstream."""
@@ -495,6 +505,12 @@ class Pool(ConfigModel):
     health_check: HealthCheck = HealthCheck()
     retries: Retries = Retries()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
+    #: how often ``dns://`` upstreams are resolved again (sooner when a record's TTL is
+    #: shorter and the resolver reports it)
+    dns_refresh: Timeout = 5.0
+    #: ``host:port`` of a DNS server to ask directly (reports TTLs); None: the system
+    #: resolver (``/etc/hosts``, search domains; no TTLs)
+    dns_resolver: BindAddress | None = None
 
 
 class Listener(ConfigModel):

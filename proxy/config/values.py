@@ -106,8 +106,16 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def is_dns_url(url: str) -> bool:
+    """``dns://name:port``: an upstream set that follows what ``name`` resolves to."""
+    return url.strip()[:6].lower() == "dns://"
+
+
 def parse_upstream_url(url: str) -> tuple[str, int]:
     """``"http://host:port"`` -> ``(host, port)``; ``"http://host"`` means port 80.
+
+    ``dns://name:port`` parses the same way (see ``is_dns_url``): one upstream per
+    address ``name`` resolves to, on ``port``.
 
     Only plain ``http`` is supported (TLS to upstreams is not). A trailing ``/`` is
     allowed; any other path, a query, a fragment or credentials are refused: a url
@@ -122,8 +130,8 @@ def parse_upstream_url(url: str) -> tuple[str, int]:
     scheme = parts.scheme.lower()
     if scheme == "https":
         raise ValueError(f"https upstreams are not supported; use http://host:port, got {url!r}")
-    if scheme != "http" or not parts.hostname:
-        raise ValueError(f"expected http://host:port, got {url!r}")
+    if scheme not in ("http", "dns") or not parts.hostname:
+        raise ValueError(f"expected http://host:port or dns://name:port, got {url!r}")
     if parts.path not in ("", "/"):
         raise ValueError(f"must be http://host:port without a path, got {url!r}")
     if parts.query or parts.fragment or parts.username is not None:

@@ -159,6 +159,7 @@ async def reload_server(server: ProxyServer) -> list[str]:
     kept = [lst for lst, _ in plan.kept]
     server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])
     server.retune_clock()
+    server.discovery.sync(pools)
     server.sync_health()
     for listener, sock in zip(added, sockets, strict=True):
         await server.start_listener(listener, sock)

@@ -24,6 +24,7 @@ from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime.reload import reload_server
 from proxy.server.listener import Listener
+from proxy.upstream.discovery import Discovery
 from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
@@ -67,6 +68,8 @@ class ProxyServer:
         self._stopping = False
         #: active health checks of every pool that configures them
         self.checker = HealthChecker(self)
+        #: ``dns://`` upstreams: resolved again every ``dns_refresh``
+        self.discovery = Discovery(self.sync_health)
 
     def make_listener(self, lc: ListenerConfig) -> Listener:
         """A listener for ``lc`` over the current pools (not yet bound)."""
@@ -85,9 +88,11 @@ class ProxyServer:
         self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
         log.info("admin API on %s", self.admin.url)
         try:
+            await self.discovery.start(self.pools)  # the first requests find upstreams
             for listener in self.listeners:
                 await self.start_listener(listener)
         except BaseException:
+            await self.discovery.close()
             await self.admin.stop()
             raise
         self.clock.add_sweeper(self._sweep_pools)
@@ -213,6 +218,7 @@ class ProxyServer:
             if listener.server is not None:
                 listener.server.close()
         await self.checker.close()
+        await self.discovery.close()
         for pool in self.pools.values():
             pool.close()
         self.clock.stop()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
+from proxy.config.values import format_address
 from proxy.errors import UpstreamConnectError
 from proxy.forwarding.retry import RetryPolicy
 from proxy.health.outlier import OutlierDetector, readmit
@@ -54,6 +55,7 @@ class Upstream:
         "host",
         "idle",
         "max_connections",
+        "max_idle",
         "passes",
         "pool",
         "port",
@@ -92,6 +94,8 @@ class Upstream:
         self.conns = 0
         self.waiting: deque[Exchange] = deque()
         self.idle: deque[UpstreamConnection] = deque()
+        #: idle connections kept (the pool's ``max_idle_connections``; 0 once removed)
+        self.max_idle = pool.max_idle
         self.stats = Stats()
 
     @property
@@ -136,7 +140,7 @@ class Upstream:
             conn.resume_reading()
             self.waiting.popleft().dequeue(conn)
             return
-        if len(self.idle) >= self.pool.max_idle or not conn.reusable():
+        if len(self.idle) >= self.max_idle or not conn.reusable():
             conn.close()
             return
         conn.idle_since = now
@@ -211,6 +215,11 @@ class Pool:
         "active_check",
         "clock",
         "connect_timeout",
+        "discovered",
+        "dns_names",
+        "dns_refresh",
+        "dns_resolver",
+        "dns_specs",
         "idle_timeout",
         "initially_healthy",
         "max_connections",
@@ -228,6 +237,7 @@ class Pool:
         "response_header_timeout",
         "retries",
         "retry",
+        "static_addresses",
         "stats",
         "track",
         "upstreams",
@@ -259,8 +269,17 @@ class Pool:
         self.idle_timeout = t.idle
         self.read_timeout = t.read
         self.max_idle = config.max_idle_connections
-        self.upstreams = [Upstream(spec, self) for spec in config.upstreams]
+        static = [spec for spec in config.upstreams if not spec.dns]
+        self.static_addresses = frozenset(spec.address for spec in static)
+        self.upstreams = [Upstream(spec, self) for spec in static]
         self._by_address = {u.address: u for u in self.upstreams}
+        # ``dns://name:port`` entries (``proxy.upstream.discovery``), keyed "name:port":
+        # the spec each resolved address inherits, the name, the addresses found so far
+        self.dns_specs = {spec.address: spec for spec in config.upstreams if spec.dns}
+        self.dns_names = {key: spec.host for key, spec in self.dns_specs.items()}
+        self.discovered: dict[str, list[str]] = {key: [] for key in self.dns_specs}
+        self.dns_refresh = config.dns_refresh
+        self.dns_resolver = config.dns_resolver
         #: responses the proxy made itself for this pool (upstream ""): 502, 503, 504
         self.stats = Stats()
         #: requests sent again (a stale pooled connection; other upstreams later)
@@ -326,6 +345,34 @@ class Pool:
         ):
             self.rebuild()
 
+    def set_discovered(self, key: str, hosts: list[str]) -> bool:
+        """The ``dns://`` entry ``key`` now resolves to ``hosts``; True when that changed
+        the upstream set. Upstreams whose address stays are kept with all their state;
+        removed ones get no new requests, their in-flight ones finish, and their
+        connections are closed (idle ones now, busy ones when released)."""
+        if self.discovered.get(key) == hosts:
+            return False
+        self.discovered[key] = list(hosts)
+        static = [u for u in self.upstreams if u.address in self.static_addresses]
+        seen = set(self.static_addresses)
+        wanted: list[Upstream] = []
+        for k, spec in self.dns_specs.items():
+            for host in self.discovered[k]:
+                address = format_address(host, spec.port)
+                if address in seen:  # listed twice (or also as a static upstream)
+                    continue
+                seen.add(address)
+                old = self._by_address.get(address)
+                wanted.append(old if old is not None else Upstream(spec.resolved(host), self))
+        for upstream in self.upstreams:
+            if upstream.address not in seen:
+                upstream.max_idle = 0
+                upstream.close_idle(float("inf"))
+        self.upstreams = static + wanted
+        self._by_address = {u.address: u for u in self.upstreams}
+        self.rebuild()
+        return True
+
     def upstream(self, address: str) -> Upstream | None:
         """The upstream with this ``host:port``, or None."""
         return self._by_address.get(address)
@@ -363,11 +410,16 @@ class Pool:
         budget, fresh_budget = previous.retry.budget, self.retry.budget
         budget.ratio, budget.reserve = fresh_budget.ratio, fresh_budget.reserve
         self.retry.budget = budget  # the balance carries on: spent tokens stay spent
+        for key in self.discovered:  # dns:// entries in both: start from the last answer
+            hosts = previous.discovered.get(key)
+            if hosts:
+                self.set_discovered(key, hosts)
         kept = {u.address: u for u in previous.upstreams}
         for i, fresh in enumerate(self.upstreams):
             old = kept.get(fresh.address)
             if old is not None:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
+                old.max_idle = fresh.max_idle
                 old.spec_max_connections = fresh.spec_max_connections
                 old.max_connections = fresh.max_connections
                 self.upstreams[i] = old
@@ -386,6 +438,7 @@ class Pool:
         self.max_idle = 0
         for upstream in self.upstreams:
             if upstream.pool is self:
+                upstream.max_idle = 0
                 upstream.close_idle(float("inf"))
 
     def close(self) -> None:
