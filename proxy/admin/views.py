@@ -4,19 +4,23 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
 
     {"ready": true, "window_s": 10.0,
      "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
+                "retries_denied": 0, "pending": 0, "overflows": 0,
                 "available": 2, "total": 3,
                 "upstreams": [{"address": "127.0.0.1:9001", "weight": 2, "backup": false,
                                "healthy": true, "enabled": true, "drained": false,
                                "available": true, "active": 1, "idle": 4,
-                               "ejected_until": null, "ejections": 0,
+                               "ejected": false, "ejected_until": null, "ejections": 0,
+                               "connections": 5, "waiting": 0,
                                "requests": 120, "errors": 3, "connect_errors": 0,
                                "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
                                "p99_ms": 8.7}]}]}
 
 ``requests`` and ``errors`` (5xx) count every request the upstream answered since the
 start; ``rate`` (requests/s), ``error_rate`` (fraction of those that were 5xx) and the
-latency quantiles cover the last ``window_s`` seconds. ``ejected_until`` is a Unix
-time, or null when the upstream is not ejected.
+latency quantiles cover the last ``window_s`` seconds. ``healthy`` is the active checks'
+verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null.
+``connections`` counts open upstream connections (busy, idle or connecting) against
+``max_connections``; ``waiting`` the requests queued for one.
 """
 
 from __future__ import annotations
@@ -31,12 +35,11 @@ if TYPE_CHECKING:
 
 
 def ejected_until(upstream: Upstream, loop_now: float) -> float | None:
-    """``upstream.ejected_until`` (a loop-clock deadline, once passive health checks
-    exist) as a Unix time; None when not ejected."""
-    until: float | None = getattr(upstream, "ejected_until", None)
-    if until is None or until <= loop_now:
+    """When passive health returns an ejected upstream, as a Unix time; None when it
+    is not ejected."""
+    if not upstream.ejected or upstream.ejected_until <= loop_now:
         return None
-    return round(time.time() + (until - loop_now), 3)
+    return round(time.time() + (upstream.ejected_until - loop_now), 3)
 
 
 def upstream_view(
@@ -54,8 +57,11 @@ def upstream_view(
         "available": upstream.available,
         "active": upstream.active,
         "idle": len(upstream.idle),
+        "ejected": upstream.ejected,
         "ejected_until": ejected_until(upstream, loop_now),
-        "ejections": getattr(upstream, "ejections", 0),
+        "ejections": upstream.ejections,
+        "connections": upstream.conns,
+        "waiting": len(upstream.waiting),
         "requests": stats.total,
         "errors": stats.errors,
         "connect_errors": stats.connect_errors,
@@ -71,6 +77,9 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
         "name": pool.name,
         "balancer": spec.balancer.name if spec is not None else None,
         "retries": pool.retries,
+        "retries_denied": pool.retry.budget.denied,
+        "pending": pool.pending,
+        "overflows": pool.overflows,
         "available": sum(u.available for u in pool.upstreams),
         "total": len(pool.upstreams),
         "upstreams": [upstream_view(pool.name, u, recent, now) for u in pool.upstreams],

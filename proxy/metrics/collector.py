@@ -14,10 +14,10 @@ walks the server's state once and yields one family per metric of DESIGN.md's
 - ``aiolb_request_duration_seconds``: per pool, the pool's own histogram plus those of
   all its upstreams (so ``_count`` is the number of requests for that pool); the
   server's histogram is ``pool=""``. Buckets are made cumulative here.
-- gauges and counters read straight off ``Upstream``, ``Pool``, the listeners and
-  ``ProxyServer.reloads``. Attributes that later issues add (``ejections``,
-  ``health_checks``) are read with ``getattr`` defaults, so their families exist, empty
-  or zero, before the state behind them does.
+- gauges and counters read straight off ``Upstream`` (availability, in-flight,
+  connect errors, ejections, probe results), ``Pool`` (retries, retries the budget
+  denied, circuit-breaker overflows, requests waiting for a connection), the listeners
+  and ``ProxyServer.reloads``.
 
 The registry is built per server (``build_registry``): the one piece of metrics state
 that is not a plain counter, and no module-level global.
@@ -25,7 +25,7 @@ that is not a plain counter, and no module-level global.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -95,7 +95,7 @@ class ProxyCollector(Collector):
         yield self._requests()
         yield self._durations()
         yield from self._upstream_families()
-        yield self._retries()
+        yield from self._retries()
         yield self._client_connections()
         yield self._reloads()
 
@@ -130,7 +130,8 @@ class ProxyCollector(Collector):
 
     def _upstream_families(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
-            "aiolb_upstream_up", "1 if the upstream is healthy and enabled, else 0.",
+            "aiolb_upstream_up",
+            "1 if the upstream is available (healthy, enabled, not ejected), else 0.",
             labels=UPSTREAM_LABELS,
         )  # fmt: skip
         active = GaugeMetricFamily(
@@ -152,20 +153,35 @@ class ProxyCollector(Collector):
         for name, pool in self.server.pools.items():
             for upstream in pool.upstreams:
                 labels = [name, upstream.address]
-                up.add_metric(labels, 1.0 if upstream.healthy and upstream.enabled else 0.0)
+                up.add_metric(labels, 1.0 if upstream.available else 0.0)
                 active.add_metric(labels, upstream.active)
                 errors.add_metric(labels, upstream.stats.connect_errors)
-                ejections.add_metric(labels, getattr(upstream, "ejections", 0))
+                ejections.add_metric(labels, upstream.ejections)
                 _add_checks(checks, labels, upstream)
         yield from (up, active, errors, ejections, checks)
 
-    def _retries(self) -> Metric:
-        family = CounterMetricFamily(
+    def _retries(self) -> Iterator[Metric]:
+        retries = CounterMetricFamily(
             "aiolb_retries", "Requests sent to an upstream again.", labels=["pool"]
         )
+        denied = CounterMetricFamily(
+            "aiolb_retries_denied", "Retries the retry budget refused.", labels=["pool"]
+        )
+        overflows = CounterMetricFamily(
+            "aiolb_circuit_breaker_overflows",
+            "Requests refused with 503 by the circuit breaker (max_pending or queue_timeout).",
+            labels=["pool"],
+        )
+        pending = GaugeMetricFamily(
+            "aiolb_pending_requests", "Requests waiting for an upstream connection.",
+            labels=["pool"],
+        )  # fmt: skip
         for name, pool in self.server.pools.items():
-            family.add_metric([name], getattr(pool, "retries", 0))
-        return family
+            retries.add_metric([name], pool.retries)
+            denied.add_metric([name], pool.retry.budget.denied)
+            overflows.add_metric([name], pool.overflows)
+            pending.add_metric([name], pool.pending)
+        yield from (retries, denied, overflows, pending)
 
     def _client_connections(self) -> Metric:
         family = GaugeMetricFamily(
@@ -188,9 +204,8 @@ class ProxyCollector(Collector):
 
 
 def _add_checks(family: CounterMetricFamily, labels: list[str], upstream: Upstream) -> None:
-    """Samples from ``upstream.health_checks`` (result -> count) once health checks exist."""
-    checks: Mapping[str, int] | None = getattr(upstream, "health_checks", None)
-    for result, n in sorted((checks or {}).items()):
+    """Samples from ``upstream.health_checks`` (result -> count)."""
+    for result, n in sorted(upstream.health_checks.items()):
         family.add_metric([*labels, result], n)
 
 

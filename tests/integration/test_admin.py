@@ -38,6 +38,9 @@ CONTRACT = {
     "aiolb_upstream_active_requests": "gauge",
     "aiolb_upstream_connect_errors_total": "counter",
     "aiolb_retries_total": "counter",
+    "aiolb_retries_denied_total": "counter",
+    "aiolb_circuit_breaker_overflows_total": "counter",
+    "aiolb_pending_requests": "gauge",
     "aiolb_upstream_ejections_total": "counter",
     "aiolb_health_checks_total": "counter",
     "aiolb_client_connections": "gauge",
@@ -45,8 +48,8 @@ CONTRACT = {
 }
 UPSTREAM_FIELDS = {
     "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
-    "idle", "ejected_until", "ejections", "requests", "errors", "connect_errors", "rate",
-    "error_rate", "p50_ms", "p99_ms",
+    "idle", "ejected", "ejected_until", "ejections", "connections", "waiting", "requests",
+    "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
@@ -205,7 +208,10 @@ async def test_api_pools_describes_every_upstream(
     assert (second["address"], second["backup"]) == (address(b), True)
     assert first["healthy"] and first["enabled"] and not first["drained"] and first["available"]
     assert (first["requests"], first["errors"], first["active"]) == (4, 0, 0)
-    assert first["ejected_until"] is None and first["ejections"] == 0
+    assert first["ejected_until"] is None and first["ejections"] == 0 and not first["ejected"]
+    assert (first["connections"], first["waiting"]) == (1, 0)  # one kept-alive connection
+    assert (main["retries"], main["retries_denied"], main["pending"], main["overflows"]) == (
+        0, 0, 0, 0)  # fmt: skip
     assert first["rate"] > 0 and first["error_rate"] == 0.0
     assert first["p50_ms"] is not None and first["p99_ms"] >= first["p50_ms"]
     assert second["requests"] == 0 and second["p50_ms"] is None
