@@ -311,6 +311,8 @@ def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
     items = value if isinstance(value, list | tuple) else [value]
     ranges: list[tuple[int, int]] = []
     for item in items:
+        if isinstance(item, list | tuple) and len(item) == 2:  # the dumped (low, high) form
+            item = f"{item[0]}-{item[1]}"
         text = str(item).strip()
         low, dash, high = text.partition("-")
         try:
