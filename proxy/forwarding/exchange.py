@@ -207,14 +207,15 @@ class Exchange:
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
-        self._open(upstream)
-
-    def _open(self, upstream: Upstream) -> None:
-        """Send on an idle connection, open one, or wait for one (circuit breaking)."""
         conn = upstream.take_idle()
         if conn is not None:
             self._send(conn)
-        elif upstream.conns < upstream.max_connections:
+        else:
+            self._open(upstream)
+
+    def _open(self, upstream: Upstream) -> None:
+        """No idle connection: open one, or wait for one (circuit breaking)."""
+        if upstream.conns < upstream.max_connections:
             self._start_connect(upstream)
         else:
             self._queue(upstream)
@@ -649,7 +650,11 @@ class Exchange:
         self.released = False
         self.attempts += 1
         upstream.begin_request()
-        self._open(upstream)
+        conn = upstream.take_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._open(upstream)
 
     def _pick_untried(self) -> Upstream | None:
         """An available upstream this request has not failed on, preferring the
