@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="three demo upstreams with the proxy in front")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     sub.add_parser("version", help="print the version")
+    worker = sub.add_parser("_worker")  # started by the supervisor (proxy.runtime.workers)
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--index", type=int, default=0)
     return p
 
 
@@ -73,14 +76,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    workers = args.workers if args.workers is not None else config.workers
-    if workers != 1:
-        log.warning("workers=%s: multi-worker mode is not available yet; running one", workers)
+    from proxy.runtime.workers import Supervisor, worker_count
+
+    workers = worker_count(args.workers if args.workers is not None else config.workers)
+    if workers > 1:
+        code = {"exit": 0}
+
+        async def supervise() -> None:
+            code["exit"] = await Supervisor(config, args.config, workers).serve()
+
+        return _serve(supervise) or code["exit"]
 
     async def main() -> None:
         server = ProxyServer(config)
         server.config_path = args.config  # SIGHUP and POST /api/reload read it again
         await server.serve()
+
+    return _serve(main)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from proxy.runtime.workers import run_worker
+
+    async def main() -> None:
+        await run_worker(args.control_fd, args.index)
 
     return _serve(main)
 
@@ -112,12 +131,13 @@ def _serve(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    name = f"%(name)s[worker {args.index}]" if args.command == "_worker" else "%(name)s"
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
         stream=sys.stderr,
     )
-    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "_worker": cmd_worker}
     if args.command == "version":
         print(f"aiolb {__version__}")
         return 0

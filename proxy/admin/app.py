@@ -78,7 +78,7 @@ class AdminApi:
 
     async def _sampling(self, app: web.Application) -> AsyncIterator[None]:
         """Run the once-a-second sampler of recent rates for the app's lifetime."""
-        task = asyncio.create_task(self.recent.run(lambda: self.server.pools))
+        task = asyncio.create_task(self.recent.run(lambda: self.server.pools, self._refresh))
         yield
         task.cancel()
         try:
@@ -97,11 +97,19 @@ class AdminApi:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
 
+    async def _refresh(self) -> None:
+        """With worker processes, fetch their counters first (``proxy.runtime.totals``)."""
+        control = self.server.control
+        if control is not None:
+            await control.refresh()
+
     async def metrics(self, request: web.Request) -> web.Response:
+        await self._refresh()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
 
     async def pools(self, request: web.Request) -> web.Response:
+        await self._refresh()
         return json_response(pools_view(self.server, self.recent))
 
     async def drain(self, request: web.Request) -> web.Response:
@@ -117,6 +125,8 @@ class AdminApi:
         if upstream.enabled != enabled:
             upstream.enabled = enabled
             pool.rebuild()
+            if self.server.control is not None:
+                self.server.control.enabled_changed(pool.name, upstream.address, enabled)
             action = "enabled" if enabled else "drained"
             log.info("upstream %s of pool %s %s by the admin API", upstream.address,
                      pool.name, action)  # fmt: skip

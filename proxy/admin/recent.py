@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 from proxy.metrics.stats import Histogram, Stats
@@ -119,10 +119,17 @@ class RecentStats:
                 return compare(then, Sample.of(stats), now - taken)
         return {"rate": 0.0, "error_rate": 0.0, "p50_ms": None, "p99_ms": None}
 
-    async def run(self, pools: Callable[[], Mapping[str, Pool]]) -> None:
-        """Sample ``pools()`` every ``interval`` seconds until cancelled."""
+    async def run(
+        self,
+        pools: Callable[[], Mapping[str, Pool]],
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Sample ``pools()`` every ``interval`` seconds until cancelled (after
+        ``refresh()``, which brings worker processes' counters in)."""
         while True:
             try:
+                if refresh is not None:
+                    await refresh()
                 self.sample(pools())
             except Exception:  # a bug here must not end the sampling for good
                 log.exception("sampling upstream statistics failed")

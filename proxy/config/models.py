@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    PlainSerializer,
     PlainValidator,
     ValidationError,
     field_validator,
@@ -330,7 +331,11 @@ def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
 
 
 #: Expected status codes: inclusive ranges, from ``200``, ``"200-399"`` or a list.
-StatusRanges = Annotated[tuple[tuple[int, int], ...], PlainValidator(_parse_statuses)]
+StatusRanges = Annotated[
+    tuple[tuple[int, int], ...],
+    PlainValidator(_parse_statuses),
+    PlainSerializer(lambda ranges: [f"{lo}-{hi}" if lo != hi else lo for lo, hi in ranges]),
+]
 
 
 class ActiveHealthCheck(ConfigModel):
@@ -414,7 +419,9 @@ def _check_retry_on(value: object) -> tuple[str | int, ...]:
 
 
 #: Retry conditions: the names in ``RETRY_CONDITIONS`` and status codes.
-RetryOn = Annotated[tuple[str | int, ...], PlainValidator(_check_retry_on)]
+RetryOn = Annotated[
+    tuple[str | int, ...], PlainValidator(_check_retry_on), PlainSerializer(list)
+]
 
 
 class Backoff(ConfigModel):
@@ -560,6 +567,8 @@ class Config(ConfigModel):
     metrics: Metrics = Metrics()
     access_log: AccessLog | None = None
     workers: Workers = 1
+    #: on SIGTERM, how long in-flight requests may take before connections are cut
+    shutdown_timeout: Timeout = 30.0
 
     @model_validator(mode="wrap")
     @classmethod

@@ -190,6 +190,8 @@ class ProxyCollector(Collector):
         counts: dict[str, int] = {}
         for listener in (*self.server.listeners, *self.server.retired_listeners):
             counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
+        if self.server.client_connections is not None:  # the workers' sum
+            counts = {**dict.fromkeys(counts, 0), **self.server.client_connections}
         for name, n in counts.items():
             family.add_metric([name], n)
         return family

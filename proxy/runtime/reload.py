@@ -90,25 +90,33 @@ def build_router(lc: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
     return Router([(r.match.host, r.match.path_prefix, r.pool) for r in lc.routes], pools)
 
 
-async def bind_socket(loop: asyncio.AbstractEventLoop, lc: ListenerConfig) -> socket.socket:
-    """A listening socket for ``lc`` (raises OSError), for ``Listener.start(sock)``."""
+async def bind_socket(
+    loop: asyncio.AbstractEventLoop, lc: ListenerConfig, reuse_port: bool = False
+) -> socket.socket:
+    """A listening socket for ``lc`` (raises OSError), for ``Listener.start(sock)``.
+    ``reuse_port``: SO_REUSEPORT, so that every worker process binds the address."""
     infos = await loop.getaddrinfo(
         lc.host or None, lc.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, _, _, _, address = infos[0]
-    sock = socket.create_server(address[:2], family=family, backlog=BACKLOG)
+    sock = socket.create_server(
+        address[:2], family=family, backlog=BACKLOG, reuse_port=reuse_port
+    )
     sock.setblocking(False)
     return sock
 
 
 async def bind_all(
-    loop: asyncio.AbstractEventLoop, configs: Sequence[ListenerConfig], path: str
+    loop: asyncio.AbstractEventLoop,
+    configs: Sequence[ListenerConfig],
+    path: str,
+    reuse_port: bool = False,
 ) -> tuple[list[socket.socket], list[str]]:
     """Sockets for every config, or none and the problems (``FILE: listener ...``)."""
     sockets: list[socket.socket] = []
     for lc in configs:
         try:
-            sockets.append(await bind_socket(loop, lc))
+            sockets.append(await bind_socket(loop, lc, reuse_port))
         except OSError as exc:
             for sock in sockets:
                 sock.close()
@@ -143,11 +151,19 @@ async def reload_server(server: ProxyServer) -> list[str]:
     config, problems = load(path)
     if config is None:
         return problems
+    return await apply_config(server, config, path)
+
+
+async def apply_config(server: ProxyServer, config: Config, path: str) -> list[str]:
+    """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems."""
     pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
     plan = plan_listeners(server.listeners, config.listeners)
-    sockets, problems = await bind_all(server.loop, plan.added, path)
-    if problems:
-        return problems
+    serving = server.role != "supervisor"  # a supervisor binds nothing: workers serve
+    sockets: list[socket.socket] = []
+    if serving:
+        sockets, problems = await bind_all(server.loop, plan.added, path, server.reuse_port)
+        if problems:
+            return problems
     _warn_unreloaded(server.config, config)
     commit_pools(server.pools, pools)
     server.pools, server.config = pools, config
@@ -161,7 +177,7 @@ async def reload_server(server: ProxyServer) -> list[str]:
     server.retune_clock()
     server.discovery.sync(pools)
     server.sync_health()
-    for listener, sock in zip(added, sockets, strict=True):
+    for listener, sock in zip(added, sockets, strict=serving):
         await server.start_listener(listener, sock)
     for listener in plan.removed:
         server.retire_listener(listener)

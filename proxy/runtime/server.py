@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import socket
+from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
 from proxy.clock import Clock
@@ -22,7 +23,7 @@ from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
-from proxy.runtime.reload import reload_server
+from proxy.runtime.reload import bind_socket, reload_server
 from proxy.server.listener import Listener
 from proxy.upstream.discovery import Discovery
 from proxy.upstream.pool import Pool, Upstream
@@ -39,11 +40,40 @@ def _resolution(config: Config) -> float:
     return max(0.02, min(0.25, shortest / 4))
 
 
+class Control(Protocol):
+    """The link between a supervisor and its workers (``proxy.runtime.workers``), as the
+    server sees it; None in a single process."""
+
+    def enabled_changed(self, pool: str, address: str, enabled: bool) -> None: ...
+
+    async def refresh(self) -> None: ...
+
+    async def reload(self) -> list[str]: ...
+
+
+#: ``single``: one process does everything; ``supervisor``: admin API, health checks and
+#: workers, no traffic; ``worker``: traffic only (health and drains come from the
+#: supervisor).
+Role = Literal["single", "supervisor", "worker"]
+
+
 class ProxyServer:
     """Pools and listeners built from one config, sharing one clock."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop | None = None,
+        role: Role = "single",
+    ) -> None:
         self.config = config
+        self.role = role
+        #: the supervisor/worker link (``proxy.runtime.workers``); None in one process
+        self.control: Control | None = None
+        #: listeners bind with SO_REUSEPORT (workers share each address)
+        self.reuse_port = role == "worker"
+        #: client connections per listener, summed over the workers (supervisor only)
+        self.client_connections: dict[str, int] | None = None
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
         self.request_ids = RequestIds()
@@ -84,16 +114,22 @@ class ProxyServer:
         Raises ``AdminError`` (a non-loopback admin without a token) before binding
         anything, or OSError if a bind fails.
         """
-        admin = self.config.admin
-        self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
-        log.info("admin API on %s", self.admin.url)
+        if self.role != "worker":
+            admin = self.config.admin
+            self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
+            log.info("admin API on %s", self.admin.url)
         try:
             await self.discovery.start(self.pools)  # the first requests find upstreams
-            for listener in self.listeners:
-                await self.start_listener(listener)
+            if self.role != "supervisor":
+                for listener in self.listeners:
+                    sock = None
+                    if self.reuse_port:
+                        sock = await bind_socket(self.loop, listener.config, reuse_port=True)
+                    await self.start_listener(listener, sock)
         except BaseException:
             await self.discovery.close()
-            await self.admin.stop()
+            if self.admin is not None:
+                await self.admin.stop()
             raise
         self.clock.add_sweeper(self._sweep_pools)
         self.clock.add_sweeper(self._sweep_retired)
@@ -139,7 +175,10 @@ class ProxyServer:
         if self._stopping:
             return ["the server is shutting down"]
         async with self._reload_lock:
-            problems = await reload_server(self)
+            if self.control is not None:
+                problems = await self.control.reload()
+            else:
+                problems = await reload_server(self)
         self.reloads["failure" if problems else "success"] += 1
         for problem in problems:
             log.error("reload refused: %s", problem)
@@ -162,8 +201,9 @@ class ProxyServer:
 
     def sync_health(self) -> None:
         """Probe what the current pools ask for; an upstream no longer probed is healthy
-        (nothing is left to say otherwise)."""
-        self.checker.sync(self.check_targets())
+        (nothing is left to say otherwise). Workers do not probe: the supervisor does."""
+        if self.role != "worker":
+            self.checker.sync(self.check_targets())
         for pool in self.pools.values():
             if pool.active_check is None:
                 for upstream in pool.upstreams:
@@ -204,12 +244,14 @@ class ProxyServer:
     def _where(listener: Listener) -> str:
         return f"{listener.config.host}:{listener.port}"
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
+    async def shutdown(self, timeout: float | None = None) -> None:
         """Graceful drain: stop accepting, finish in-flight requests, then close."""
         self.ready = False
         listeners = [*self.listeners, *self._retired]
         for listener in listeners:
             listener.drain()
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
         deadline = self.loop.time() + timeout
         while any(lst.connections for lst in listeners) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -227,6 +269,10 @@ class ProxyServer:
         if self.admin is not None:
             await self.admin.stop()
         self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``shutdown`` has finished."""
+        await self._stopped.wait()
 
     def request_stop(self) -> None:
         """Start a graceful shutdown (from a signal handler)."""

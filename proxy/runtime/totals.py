@@ -1,0 +1,114 @@
+"""What a worker process counted, as plain data, and the supervisor's sum of it.
+
+Theory of operation
+-------------------
+With several worker processes each one counts its own traffic in its own objects
+(``Stats``, ``Pool``, ``Upstream``: no lock, no shared memory on the hot path). The
+supervisor, which serves the admin API but no traffic, asks every worker for
+``snapshot(server)`` (a JSON-able dict) when ``/metrics`` or ``/api/pools`` is asked
+for and once a second for the dashboard's rates, and ``absorb`` writes the sums into
+its own ``Pool`` and ``Upstream`` objects. The collector and the admin views then read
+the supervisor's objects exactly as they read a single process's.
+
+Summed: requests by labels, histograms, connect errors, in-flight requests, open
+connections, ejections, retries, budget denials, overflows, waiting requests and
+client connections. Not summed: active health (the supervisor probes, once; its
+verdicts and probe counts are the truth) and drains (the supervisor decides them).
+An upstream counts as ejected while any worker has it ejected (each worker's passive
+health sees only its own traffic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from proxy.metrics.stats import Stats
+
+if TYPE_CHECKING:
+    from proxy.runtime.server import ProxyServer
+
+
+def snapshot(server: ProxyServer) -> dict[str, Any]:
+    """This process's counters as plain data."""
+    now = server.loop.time()
+    connections: dict[str, int] = {}
+    for listener in (*server.listeners, *server.retired_listeners):
+        connections[listener.name] = connections.get(listener.name, 0) + len(
+            listener.connections
+        )
+    return {
+        "stats": server.stats.snapshot(),
+        "connections": connections,
+        "pools": {
+            name: {
+                "stats": pool.stats.snapshot(),
+                "retries": pool.retries,
+                "denied": pool.retry.budget.denied,
+                "overflows": pool.overflows,
+                "pending": pool.pending,
+                "upstreams": {
+                    u.address: {
+                        "stats": u.stats.snapshot(),
+                        "active": u.active,
+                        "conns": u.conns,
+                        "waiting": len(u.waiting),
+                        "ejections": u.ejections,
+                        "ejected_for": max(0.0, u.ejected_until - now) if u.ejected else None,
+                    }
+                    for u in pool.upstreams
+                },
+            }
+            for name, pool in server.pools.items()
+        },
+    }
+
+
+def summed_stats(snapshots: Sequence[dict[str, Any]]) -> Stats:
+    """One ``Stats`` holding the sum of several ``Stats.snapshot()`` dicts."""
+    total = Stats()
+    for snap in snapshots:
+        for listener, method, status, n in snap["requests"]:
+            key = (listener, method.encode(), int(status))
+            total.requests[key] = total.requests.get(key, 0) + n
+        hist = total.duration
+        for i, n in enumerate(snap["buckets"]):
+            hist.buckets[i] += n
+        hist.count += sum(snap["buckets"])
+        hist.sum += snap["sum"]
+        total.connect_errors += snap["connect_errors"]
+    return total
+
+
+def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
+    """Write the workers' sums into the supervisor's own objects."""
+    now = server.loop.time()
+    server.stats = summed_stats([s["stats"] for s in snapshots])
+    connections: dict[str, int] = {}
+    for snap in snapshots:
+        for name, n in snap["connections"].items():
+            connections[name] = connections.get(name, 0) + n
+    server.client_connections = connections
+    for name, pool in server.pools.items():
+        parts = [s["pools"][name] for s in snapshots if name in s["pools"]]
+        pool.stats = summed_stats([p["stats"] for p in parts])
+        pool.retries = sum(p["retries"] for p in parts)
+        pool.retry.budget.denied = sum(p["denied"] for p in parts)
+        pool.overflows = sum(p["overflows"] for p in parts)
+        pool.pending = sum(p["pending"] for p in parts)
+        changed = False
+        for upstream in pool.upstreams:
+            ups = [p["upstreams"][upstream.address] for p in parts
+                   if upstream.address in p["upstreams"]]  # fmt: skip
+            upstream.stats = summed_stats([u["stats"] for u in ups])
+            upstream.active = sum(u["active"] for u in ups)
+            upstream.conns = sum(u["conns"] for u in ups)
+            upstream.ejections = sum(u["ejections"] for u in ups)
+            ejected_for = [u["ejected_for"] for u in ups if u["ejected_for"] is not None]
+            ejected = bool(ejected_for)
+            if ejected != upstream.ejected:
+                changed = True
+            upstream.ejected = ejected
+            upstream.ejected_until = now + max(ejected_for) if ejected_for else 0.0
+        if changed:
+            pool.rebuild()
