@@ -10,11 +10,11 @@ so that a quiet pool can retry at all. Over any stretch of time, retries are at 
 ``percent`` % of the requests plus the reserve: attempts stay within about
 ``(1 + percent/100)`` times the client requests however many upstreams fail.
 
-Envoy's budget counts *concurrent* retries instead. We measured why not: when an
-upstream dies, every request in flight on it needs a retry in the same instant,
-more than 20% of the in-flight requests, and the budget would fail requests that
-the surviving upstreams could serve; a balance accumulated over seconds of traffic
-absorbs that burst and still caps a sustained storm.
+Envoy's budget counts *concurrent* retries instead. Why not here: when an upstream
+dies, every request in flight on it (a third of them, with three upstreams) needs a
+retry in the same instant, more than 20% of the requests in flight, so that budget
+would fail requests the surviving upstreams could serve; a balance accumulated over
+seconds of traffic absorbs that burst and still caps a sustained storm.
 """
 
 from __future__ import annotations
