@@ -132,6 +132,14 @@ class Session:
         if child in self.children:
             self.children.remove(child)
 
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` (SIGKILL: no cleanup, like a crash) to the child's process group
+        and reap it; for failure tests (`stop` is the orderly way)."""
+        _signal_group(child.pid, sig)
+        child.proc.wait(timeout=5)
+        if child in self.children:
+            self.children.remove(child)
+
     def close(self) -> None:
         for child in reversed(list(self.children)):
             with contextlib.suppress(Exception):
