@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from typing import TYPE_CHECKING, Final
@@ -658,19 +659,29 @@ class Exchange:
 
     def _pick_untried(self) -> Upstream | None:
         """An available upstream this request has not failed on, preferring the
-        balancer's choice; the balancer's choice when every one was tried."""
+        balancer's choice, and one with no failure since its last success (when two
+        upstreams die together, the second has failed for others already but is not
+        ejected yet); the balancer's choice when every one was tried."""
         pool = self.pool
         assert pool is not None
         tried = self.tried
         choice = None
-        for _ in range(3):  # random balancers may need a second draw
+        for _ in range(3):  # random balancers may need another draw
             choice = pool.pick(self)
-            if choice is None or choice not in tried:
+            if choice is None:
+                return None
+            if choice not in tried and not choice.failures:
                 return choice
         live = [u for u in pool.upstreams if u.available and u not in tried]
-        primaries = [u for u in live if not u.backup]
-        fresh = primaries or live  # a backup only once every available primary failed
-        return fresh[0] if fresh else choice
+        for candidates in (
+            [u for u in live if not u.backup and not u.failures],
+            [u for u in live if not u.backup],
+            [u for u in live if not u.failures],  # a backup, once every primary failed
+            live,
+        ):
+            if candidates:
+                return random.choice(candidates)
+        return choice
 
     def _release_upstream(self) -> None:
         upstream = self.upstream

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def describe(exc: BaseException, timeout: float) -> str:
         return f"timeout after {timeout:g}s"
     if isinstance(exc, aiohttp.ClientConnectorError):
         exc = exc.os_error
+    if isinstance(exc, OSError) and exc.errno:  # uvloop's strerror names the address
+        return os.strerror(exc.errno).lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc) or type(exc).__name__

@@ -295,6 +295,23 @@ async def test_a_post_that_never_left_the_proxy_is_retried(
     assert [(s.method, s.path) for s in good.seen] == [("POST", "/")]
 
 
+async def test_retries_avoid_an_upstream_that_just_failed_for_others(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """Two of three upstreams die together and passive health may eject only one: a
+    retry prefers the upstream with no recent failure, so after the first requests
+    have found the dead ones, no retry lands on the second dead one."""
+    good = await recorders("good")
+    dead = [f"http://{HOST}:{closed_port()}" for _ in range(2)]
+    server = await proxy(make_config([*dead, good.url], pool={
+        "health_check": {"passive": {"consecutive_failures": 1000}},
+        "retries": {"budget": {"min_retries": 100}}}))  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        results = Counter([(await get(session, proxy_url(server)))[0] for _ in range(60)])
+    assert results[200] >= 58 and set(results) <= {200, 502}
+    assert server.pools["main"].retries >= 38  # two thirds started on a dead upstream
+
+
 async def test_an_outage_of_every_upstream_stays_within_the_retry_budget(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
