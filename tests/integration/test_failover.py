@@ -256,8 +256,9 @@ async def test_idempotent_request_with_a_small_body_is_replayed_elsewhere(
     assert [s.method for s in good.seen] == ["PUT"]
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT"])
 async def test_a_body_streamed_past_the_retry_buffer_is_not_retried(
-    proxy: MakeProxy, recorders: MakeRecorder, raw_upstreams: Any
+    proxy: MakeProxy, recorders: MakeRecorder, raw_upstreams: Any, method: str
 ) -> None:
     reset = await raw_upstreams({b"/": b""}, close_after={b"/"})
     server, good = await retry_setup(proxy, recorders, reset.url)
@@ -268,7 +269,7 @@ async def test_a_body_streamed_past_the_retry_buffer_is_not_retried(
             yield body[i : i + 16 * 1024]
 
     async with aiohttp.ClientSession() as session:
-        async with session.put(proxy_url(server), data=chunks()) as resp:
+        async with session.request(method, proxy_url(server), data=chunks()) as resp:
             assert resp.status == 502  # the original error
     assert len(reset.heads) == 1 and good.seen == []
     assert server.pools["main"].retries == 0
