@@ -451,3 +451,42 @@ def cpu_busy(
         b0, t0 = before.get(cpu, (0, 0))
         busy[cpu] = round(100.0 * (b1 - b0) / max(1, t1 - t0), 1)
     return busy
+
+
+def start_nginx_proxy_workers(
+    session: Session,
+    upstream: Upstream,
+    cpus: str | None,
+    workers: int,
+    reuseport: bool = True,
+    name: str = "nginx",
+) -> tuple[Child, int]:
+    """`start_nginx_proxy` with `workers` worker processes and, with `reuseport`, one
+    SO_REUSEPORT listening socket per worker (as aiolb's workers have); the config and
+    log are named after `name`."""
+    port = session.port()
+    up1, up2 = upstream.ports
+    listen = f"127.0.0.1:{port}" + (" reuseport" if reuseport else "")
+    conf = (
+        nginx_common(session, name, workers)
+        + f"""
+    upstream bench {{
+        server 127.0.0.1:{up1};
+        server 127.0.0.1:{up2};
+        keepalive 64;
+    }}
+    server {{
+        listen {listen};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    path = session.path(f"{name}.conf")
+    path.write_text(conf)
+    return start(session, name, nginx_argv(session, path), port, cpus=cpus), port
