@@ -30,8 +30,16 @@ from harness import Child, Pinning, Session, StartError, Upstream
 WRK_SCRIPT = harness.HERE / "wrk" / "report.lua"
 WARMUP_S = 1
 WRK_TIMEOUT = "2s"
-TARGETS = ("direct", "aiolb", "nginx", "haproxy", "aiolb-nometrics", "aiolb-accesslog")
-DEFAULT_TARGETS = TARGETS[:4]
+TARGETS = (
+    "direct",
+    "aiolb",
+    "nginx",
+    "haproxy",
+    "passthrough",
+    "aiolb-nometrics",
+    "aiolb-accesslog",
+)
+DEFAULT_TARGETS = TARGETS[:5]
 REFERENCE = "nginx"
 NOISE_BUSY_PERCENT = 15.0
 
@@ -275,6 +283,8 @@ class Bench:
             return harness.start_aiolb(session, upstream, cpus, self.args.aiolb_cmd, extra)
         if target == "nginx":
             return harness.start_nginx_proxy(session, upstream, cpus)
+        if target == "passthrough":
+            return harness.start_passthrough(session, upstream, cpus)
         return harness.start_haproxy(session, upstream, cpus)
 
     def target(self, target: str) -> list[Result]:

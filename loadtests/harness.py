@@ -336,6 +336,14 @@ def start_aiolb(
     return start(session, "aiolb", argv, port, cpus=cpus, cwd=REPO), port
 
 
+def start_passthrough(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
+    """The featureless uvloop + httptools proxy of ``passthrough.py`` (the ceiling)."""
+    port = session.port()
+    ports = ",".join(map(str, upstream.ports))
+    argv = [sys.executable, str(HERE / "passthrough.py"), str(port), ports]
+    return start(session, "passthrough", argv, port, cpus=cpus), port
+
+
 def start_nginx_proxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
     port = session.port()
     up1, up2 = upstream.ports

@@ -105,9 +105,7 @@ def main() -> None:
     parser.add_argument("--no-metrics", action="store_true", help="metrics: {enabled: false}")
     parser.add_argument("--access-log", help="also write a JSON access log to this file")
     args = parser.parse_args()
-    best = min(
-        run(args.requests, not args.no_metrics, args.access_log) for _ in range(args.repeat)
-    )
+    best = min(run(args.requests, not args.no_metrics, args.access_log) for _ in range(args.repeat))
     print(f"hot path: {best:.2f} µs of Python per proxied request (best of {args.repeat})")
 
 
