@@ -262,3 +262,100 @@ async def _names_at(port: int, n: int) -> list[str]:
         for _ in range(n):
             out.append((await send(session, "GET", f"http://{HOST}:{port}/x"))[1])
     return out
+
+
+HEALTH_POOL = """listeners:
+  - name: test
+    bind: "{host}:0"
+    routes: [{{pool: main}}]
+pools:
+  main:
+    upstreams:
+{upstreams}
+    health_check:
+      active: {{path: /health, interval: 100ms, timeout: 1s, unhealthy_threshold: 1,
+               healthy_threshold: 50}}
+      passive: {{consecutive_failures: 3, consecutive_5xx: true, max_ejection_percent: 100}}
+admin:
+  bind: "{host}:0"
+"""
+
+
+def health_config(urls: list[str]) -> str:
+    upstreams = "\n".join(f'      - url: "{url}"' for url in urls)
+    return HEALTH_POOL.format(host=HOST, upstreams=upstreams)
+
+
+async def test_health_verdicts_and_ejections_survive_a_reload(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """An upstream the active checks found DOWN stays down, and one passive health
+    ejected stays ejected until the same time, when a reload adds an upstream."""
+    b_fails = True
+
+    async def b_health(request: web.Request) -> web.Response:
+        return web.Response(status=503 if b_fails else 200)
+
+    async def c_broken(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="c")
+
+    a = await recorders("a")
+    b = await recorders("b", {"/health": b_health})
+    c = await recorders("c", {"/x": c_broken})
+    d = await recorders("d")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, health_config([a.url, b.url, c.url]))
+    pool = server.pools["main"]
+    up_b, up_c = pool.upstreams[1], pool.upstreams[2]
+    await wait_for(lambda: not up_b.healthy)
+    b_fails = False  # b now passes, but needs 50 passes in a row (5 s) to come back
+    async with aiohttp.ClientSession() as session:
+        while not up_c.ejected:
+            await send(session, "GET", proxy_url(server, "/x"))
+    until = up_c.ejected_until
+
+    path.write_text(health_config([a.url, b.url, c.url, d.url]))
+    assert (await reload(server))[0] == 200
+    status, body, _ = await get_json(server, "/api/pools")
+    assert status == 200
+    ups = {u["address"]: u for u in body["pools"][0]["upstreams"]}
+    assert ups[f"{HOST}:{b.port}"]["healthy"] is False
+    assert ups[f"{HOST}:{c.port}"]["ejected"] is True
+    assert ups[f"{HOST}:{d.port}"]["healthy"] is True
+    new_pool = server.pools["main"]
+    assert new_pool.upstream(f"{HOST}:{c.port}").ejected_until == until  # type: ignore[union-attr]
+    assert sorted(set(await names(server, 8))) == ["a", "d"]
+
+
+async def test_a_streaming_response_is_not_cut_by_a_reload(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """A long response that is streaming when its upstream and listener config change
+    finishes whole, on the same client connection."""
+    release = asyncio.Event()
+    chunk = b"s" * 65536
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(16):
+            await response.write(chunk)
+        await release.wait()
+        for _ in range(16):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    a, b = await recorders("a", {"/stream": stream}), await recorders("b")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy_url(server, "/stream")) as response:
+            assert response.status == 200
+            first = await response.content.readexactly(len(chunk))
+            path.write_text(yaml_config([b.url], extra_listener=True))
+            assert (await reload(server))[0] == 200
+            assert await names(server, 2) == ["b", "b"]
+            release.set()
+            rest = await response.read()
+        assert first + rest == chunk * 32
