@@ -202,12 +202,15 @@ class Limits(ConfigModel):
 
     ``max_header_size``: the whole request head (else 431). ``max_uri_size``: the request
     target (else 414). ``max_body_size``: the request body (else 413); None = unlimited,
-    since bodies stream and nothing is buffered.
+    since bodies stream and nothing is buffered. ``max_requests_per_connection``: the
+    response to the last one says ``Connection: close`` (nginx's ``keepalive_requests``),
+    which also re-spreads long-lived clients over the workers; None = unlimited.
     """
 
     max_header_size: Annotated[Size, Field(ge=1)] = 65536
     max_uri_size: Annotated[Size, Field(ge=1)] = 8192
     max_body_size: Annotated[Size, Field(ge=0)] | None = None
+    max_requests_per_connection: Annotated[int, Field(ge=1)] | None = 1000
 
 
 class Match(ConfigModel):

@@ -94,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         "loop",
         "max_body",
         "max_header",
+        "max_requests",
         "max_uri",
         "parser",
         "parsing",
@@ -102,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "record",
         "request_ids",
+        "served",
         "timeout_body",
         "timeout_header",
         "timeout_idle",
@@ -121,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
         self.max_header = limits.max_header_size
         self.max_uri = limits.max_uri_size
         self.max_body = limits.max_body_size
+        self.max_requests = limits.max_requests_per_connection or 0
+        self.served = 0  # requests read on this connection
         self.timeout_header = timeouts.header
         self.timeout_idle = timeouts.idle
         self.timeout_body = timeouts.body
@@ -247,6 +251,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(505)
         minor = 1 if version == "1.1" else 0
         keep_alive = parser.should_keep_alive()
+        self.served += 1
+        if self.served == self.max_requests:  # like nginx's keepalive_requests
+            keep_alive = False
         ex = Exchange(self, method, self.url, self.headers, found, minor, keep_alive)
         self.parsing = ex
         self.url = b""

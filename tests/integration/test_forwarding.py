@@ -52,6 +52,25 @@ async def test_client_keep_alive_one_connection_many_requests(recorders, proxy):
     writer.close()
 
 
+async def test_connection_closes_after_max_requests_per_connection(recorders, proxy):
+    """Like nginx's keepalive_requests: the last allowed response says Connection:
+    close and the connection ends; the client reconnects and carries on."""
+    up = await recorders("a")
+    limits = {"max_requests_per_connection": 3}
+    server = await proxy(make_config([up.url], listener={"limits": limits}))
+    port = server.listeners[0].port
+    for _ in range(2):  # two connections, three requests each
+        reader, writer = await asyncio.open_connection(HOST, port)
+        for i in range(3):
+            writer.write(b"GET /m%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            status, headers, body = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK" and body == b"a"
+            assert headers.get(b"connection") == (b"close" if i == 2 else None)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+        writer.close()
+    assert len(up.seen) == 6
+
+
 async def test_pipelined_requests_answered_in_order(recorders, proxy):
     ups = [await recorders(n) for n in ("a", "b", "c")]
     server = await proxy(make_config([u.url for u in ups]))
