@@ -10,14 +10,17 @@ the first one taking every request.
   the picks follow the weighted round robin exactly (nginx breaks ties the same way).
 - Otherwise the lowest score wins: the first lowest at or after ``next``, which then
   moves just past it, so tied upstreams are served in turn (HAProxy's round robin
-  within a load level). Scores live in one list that the pool keeps current through
-  ``on_active_change`` (called whenever a request starts or ends on an upstream), so a
-  pick is one C-speed ``min`` and ``index`` over floats, not a walk over upstreams.
+  within a load level). In a pool of up to ``SCAN_LIMIT`` upstreams the pick computes
+  the scores as it walks them. In a larger pool they live in one list that the pool
+  keeps current through ``on_active_change`` (called whenever a request starts or ends
+  on an upstream), so a pick is one C-speed ``min`` and ``index`` over floats, not a
+  walk over upstreams; small pools go without the hook, which would cost two calls on
+  every request to save less than it costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from proxy.balancing.base import RequestView, effective_weights, integer_weights
@@ -25,10 +28,23 @@ from proxy.balancing.weighted_round_robin import smooth_schedule
 
 #: Turns looked at for an idle upstream before scanning every counter.
 PROBES = 4
+#: Pools up to this size are scanned at pick time instead of indexed.
+SCAN_LIMIT = 8
+
+
 class LeastConnections:
     """Lowest ``active / weight``; ties in weighted round-robin turn."""
 
-    __slots__ = ("_cursor", "_index", "_next", "_order", "_scores", "_targets", "_weights")
+    __slots__ = (
+        "_cursor",
+        "_index",
+        "_next",
+        "_order",
+        "_scores",
+        "_targets",
+        "_weights",
+        "on_active_change",
+    )
 
     def __init__(
         self,
@@ -40,6 +56,10 @@ class LeastConnections:
         self._weights = tuple(effective_weights(upstreams, weights))
         self._index = {u: i for i, u in enumerate(self._targets)}
         self._scores = [u.active / w for u, w in zip(self._targets, self._weights, strict=True)]
+        #: the pool's hook, called after ``upstream.active`` changed; None: not needed
+        self.on_active_change: Callable[[Any], None] | None = (
+            self._track if len(self._targets) > SCAN_LIMIT else None
+        )
         order = smooth_schedule(integer_weights(self._weights)) if self._targets else []
         self._order: tuple[int, ...] = tuple(order or range(len(self._targets)))
         self._cursor = 0  # position in ``_order``: the fast path's weighted turn
@@ -57,7 +77,7 @@ class LeastConnections:
         candidate = self._later_idle(order)
         if candidate is not None:
             return candidate
-        best = self._lowest(self._next)
+        best = self._lowest(self._next) if self.on_active_change else self._scan(self._next)
         self._next = best + 1
         return self._targets[best]
 
@@ -74,11 +94,26 @@ class LeastConnections:
                 return candidate
         return None
 
-    def on_active_change(self, upstream: Any) -> None:
-        """The pool's hook: ``upstream.active`` just changed."""
+    def _track(self, upstream: Any) -> None:
+        """``on_active_change`` of an indexed pool: keep the score list current."""
         i = self._index.get(upstream)
         if i is not None:
             self._scores[i] = upstream.active / self._weights[i]
+
+    def _scan(self, start: int) -> int:
+        """Position of the first lowest score at or after ``start``, wrapping around,
+        computed from the upstreams (a small pool)."""
+        targets, weights = self._targets, self._weights
+        n = len(targets)
+        best = start if start < n else 0
+        low = targets[best].active / weights[best]
+        i = best
+        for _ in range(n - 1):
+            i = i + 1 if i + 1 < n else 0
+            score = targets[i].active / weights[i]
+            if score < low:
+                low, best = score, i
+        return best
 
     def _lowest(self, start: int) -> int:
         """Position of the first lowest score at or after ``start``, wrapping around."""
