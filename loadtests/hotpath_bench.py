@@ -62,7 +62,15 @@ def build(
 ) -> tuple[ClientConnection, UpstreamConnection]:
     config = Config.model_validate(
         {
-            "listeners": [{"name": "b", "bind": "127.0.0.1:0", "routes": [{"pool": "p"}]}],
+            "listeners": [
+                {
+                    "name": "b",
+                    "bind": "127.0.0.1:0",
+                    "routes": [{"pool": "p"}],
+                    # one client connection carries every request
+                    "limits": {"max_requests_per_connection": None},
+                }
+            ],
             "pools": {"p": {"upstreams": [{"url": "http://127.0.0.1:9"}]}},
             "metrics": {"enabled": metrics},
             "access_log": {"path": access_log} if access_log else None,
