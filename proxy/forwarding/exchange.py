@@ -33,6 +33,7 @@ import logging
 import random
 import re
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
 from proxy.clock import NEVER
@@ -166,7 +167,8 @@ class Exchange:
         self.status = 0  # what the client was answered; 0 until then
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
-        self.started = client.loop.time() if client.record else 0.0
+        # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
+        self.started = perf_counter() if client.record else 0.0
 
     # -- RequestView, for balancers ---------------------------------------------------
 
@@ -322,7 +324,7 @@ class Exchange:
             self.replay = None
         self.conn = conn
         if pool.observe is not None:
-            self.sent_at = self.client.loop.time()
+            self.sent_at = perf_counter()
         pending.insert(0, self.head)
         self.pending = []
         self.pending_size = 0
@@ -422,7 +424,7 @@ class Exchange:
         self.replay = None
         self.resp_started = True
         if pool.observe is not None:
-            pool.observe(self.upstream, self.client.loop.time() - self.sent_at)  # type: ignore[arg-type]
+            pool.observe(self.upstream, perf_counter() - self.sent_at)  # type: ignore[arg-type]
         self.deadline = self.client.clock.now + pool.read_timeout
         found = ResponseHead(raw)
         keep = self.keep_alive and not self.client.draining
@@ -701,7 +703,7 @@ class Exchange:
     def _record(self) -> None:
         """Count the finished request (``Stats``) and write its access log line."""
         client = self.client
-        seconds = client.loop.time() - self.started
+        seconds = perf_counter() - self.started
         upstream = self.upstream
         if upstream is not None and self.resp_started:  # the upstream answered
             stats = upstream.stats

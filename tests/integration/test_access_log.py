@@ -53,3 +53,23 @@ async def test_a_full_disk_costs_log_lines_not_requests(recorders, proxy):
     access_log = server.access_log
     assert access_log is not None
     await wait_for(lambda: access_log.dropped == 20, timeout=5)
+
+
+async def test_durations_have_sub_millisecond_resolution(recorders, proxy, tmp_path: Path):
+    """Request durations (access log, metrics, peak_ewma) come from a fine clock, not
+    uvloop's loop time, which ticks in whole milliseconds."""
+    up = await recorders("a")
+    log_path = tmp_path / "access.log"
+    server = await proxy(_with_access_log(make_config([up.url]), str(log_path)))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(20):
+            async with session.get(proxy_url(server)) as resp:
+                assert resp.status == 200
+
+    def durations() -> list[float]:
+        text = log_path.read_text() if log_path.exists() else ""
+        return [json.loads(line)["duration_ms"] for line in text.splitlines()]
+
+    await wait_for(lambda: len(durations()) == 20, timeout=5)
+    assert all(d > 0 for d in durations())
+    assert any(d != round(d) for d in durations())  # not whole milliseconds
