@@ -29,6 +29,12 @@ about one request per half decay time) or, being fast, replaces the faded estima
 (little of it is left by then). An upstream never measured reads as ``floor``; one
 that joins a pool with history starts at the pool's median cost. The pool calls
 ``inherit`` on every rebuild, so all of this survives changes of the upstream set.
+
+Cost per request. A pick reads each upstream's faded cost from a list instead of
+computing the fade, and reads no clock: ``observe`` stores a fresh cost there and, every
+decay / 32, recomputes the floor and all faded costs. Fading thus moves in steps of
+decay / 32 (and, with less than one response per step, waits for the next response),
+which changes none of the above.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 from proxy.balancing.base import RequestView, effective_weights
 
 DEFAULT_DECAY = 10.0
-_FLOOR_REFRESHES = 16  # the floor is recomputed this many times per decay time
+_REFRESHES = 32  # the floor and the faded costs are recomputed this often per decay
 _EPSILON = 1e-6  # with no costs known yet, fewer in-flight requests still wins
 _FADE_SPEED = 2.0  # what we learned fades to the floor within decay / _FADE_SPEED
 _TIME_CONSTANTS = 5.0  # decay / _TIME_CONSTANTS is the moving average's time constant
@@ -70,15 +76,16 @@ class PeakEwma:
     """
 
     __slots__ = (
-        "_by_upstream",
         "_clock",
         "_decay",
         "_fade_rate",
+        "_faded",
         "_floor",
-        "_floor_due",
         "_forget_rate",
+        "_index",
         "_inverse",
         "_random",
+        "_refresh_due",
         "_scores",
         "_targets",
     )
@@ -102,9 +109,11 @@ class PeakEwma:
         self._clock = clock
         self._random: Callable[[], float] = (rng or _random).random
         self._scores = tuple(Score() for _ in self._targets)
-        self._by_upstream = dict(zip(self._targets, self._scores, strict=True))
+        self._index = {u: i for i, u in enumerate(self._targets)}
+        #: each upstream's cost as picks read it: set by ``observe``, faded by ``_refresh``
+        self._faded = [0.0] * len(self._targets)
         self._floor = 0.0
-        self._floor_due = _NEVER
+        self._refresh_due = _NEVER
 
     # -- picking ---------------------------------------------------------------------
 
@@ -118,12 +127,10 @@ class PeakEwma:
         j = int(draw() * (n - 1))
         if j >= i:
             j += 1
-        now = self._clock()
-        return targets[j] if self._load(j, now) * _MARGIN < self._load(i, now) else targets[i]
-
-    def _load(self, i: int, now: float) -> float:
-        active: int = self._targets[i].active
-        return (self.cost(self._scores[i], now) + _EPSILON) * (active + 1) * self._inverse[i]
+        faded, inverse = self._faded, self._inverse
+        load_i = (faded[i] + _EPSILON) * (targets[i].active + 1) * inverse[i]
+        load_j = (faded[j] + _EPSILON) * (targets[j].active + 1) * inverse[j]
+        return targets[j] if load_j * _MARGIN < load_i else targets[i]
 
     def cost(self, score: Score, now: float) -> float:
         """``score``'s cost as of ``now``: faded toward the floor with time unmeasured."""
@@ -133,30 +140,34 @@ class PeakEwma:
         floor = self._floor
         return floor + (score.cost - floor) * fade
 
-    # -- learning --------------------------------------------------------------------
-
-    def observe(self, upstream: Any, seconds: float) -> None:
-        """Learn from one response: ``seconds`` from sending to the response head."""
-        score = self._by_upstream.get(upstream)
-        if score is None:  # left this balancer while its request was in flight
-            return
-        now = self._clock()
-        prior = self.cost(score, now)
-        if seconds >= prior:
-            score.cost = seconds
-        else:
-            keep = exp((score.stamp - now) * self._forget_rate)
-            score.cost = prior * keep + seconds * (1.0 - keep)
-        score.stamp = now
-        if now >= self._floor_due:
-            self._refresh_floor(now)
-
-    def _refresh_floor(self, now: float) -> None:
+    def _refresh(self, now: float) -> None:
+        """Recompute the floor and every faded cost (``_REFRESHES`` times per decay)."""
         since = now - self._decay
         recent = [s.cost for s in self._scores if s.stamp > since]
         if recent:
             self._floor = min(recent)
-        self._floor_due = now + self._decay / _FLOOR_REFRESHES
+        self._faded = [self.cost(s, now) for s in self._scores]
+        self._refresh_due = now + self._decay / _REFRESHES
+
+    # -- learning --------------------------------------------------------------------
+
+    def observe(self, upstream: Any, seconds: float) -> None:
+        """Learn from one response: ``seconds`` from sending to the response head."""
+        i = self._index.get(upstream)
+        if i is None:  # left this balancer while its request was in flight
+            return
+        score = self._scores[i]
+        now = self._clock()
+        prior = self._faded[i]  # faded at the last refresh, at most decay / 32 ago
+        if seconds >= prior:
+            cost = seconds
+        else:
+            keep = exp((score.stamp - now) * self._forget_rate)
+            cost = prior * keep + seconds * (1.0 - keep)
+        score.cost = self._faded[i] = cost
+        score.stamp = now
+        if now >= self._refresh_due:
+            self._refresh(now)
 
     def inherit(self, old: object) -> None:
         """Keep what ``old`` (the balancer this one replaces) learned."""
@@ -167,14 +178,14 @@ class PeakEwma:
         median = sorted(known)[len(known) // 2] if known else 0.0
         scores = []
         for upstream in self._targets:
-            score = old._by_upstream.get(upstream)
-            if score is None:
-                score = Score(median, now) if known else Score()
-            scores.append(score)
+            i = old._index.get(upstream)
+            if i is None:
+                scores.append(Score(median, now) if known else Score())
+            else:
+                scores.append(old._scores[i])
         self._scores = tuple(scores)
-        self._by_upstream = dict(zip(self._targets, self._scores, strict=True))
         self._floor = old._floor
-        self._floor_due = old._floor_due
+        self._refresh(now)
 
     def __repr__(self) -> str:
         now = self._clock()
