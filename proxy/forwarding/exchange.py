@@ -201,7 +201,6 @@ class Exchange:
             return
         self.upstream = upstream
         self.attempts = 1
-        upstream.begin_request()
         if self.found.expect_continue and self.http_minor and not self.req_done:
             client.transport.write(CONTINUE_100)
         if self.host is None:
@@ -210,6 +209,11 @@ class Exchange:
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
+        self._use(upstream)
+
+    def _use(self, upstream: Upstream) -> None:
+        """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
+        upstream.begin_request()
         conn = upstream.take_idle()
         if conn is not None:
             self._send(conn)
@@ -404,13 +408,10 @@ class Exchange:
         assert pool is not None
         upstream = self.upstream
         assert upstream is not None
-        if status >= 500:
-            outlier = pool.outlier
-            if outlier is not None and outlier.with_5xx:
-                pool.failure(upstream, f"status {status}")
-            elif upstream.failures:
-                upstream.failures = 0
-        elif upstream.failures:
+        outlier = pool.outlier
+        if status >= 500 and outlier is not None and outlier.with_5xx:
+            pool.failure(upstream, f"status {status}")
+        elif upstream.failures:  # an answer: the run of failures is over
             upstream.failures = 0
         if status in pool.retry.statuses and self._retryable(True, True):
             self.conn = None
@@ -586,12 +587,17 @@ class Exchange:
         """A pooled connection was stale: send again on a new connection, once."""
         self.retried = True
         self.pool.retries += 1  # type: ignore[union-attr]
+        self._rewind()
+        assert self.upstream is not None
+        self._start_connect(self.upstream)
+
+    def _rewind(self) -> None:
+        """Put the body sent so far back in front of what is still to send (the next
+        try sends it again), and stop the attempt's timer."""
         self.pending = [*(self.replay or ()), *self.pending]
         self.pending_size = sum(map(len, self.pending))
         self.replay = None
         self.deadline = NEVER
-        assert self.upstream is not None
-        self._start_connect(self.upstream)
 
     def _attempt_failed(self, error: ProxyError) -> None:
         """The attempt failed before any of its response reached the client: count it
@@ -633,11 +639,8 @@ class Exchange:
         self._release_upstream()
         pool.retries += 1
         self.tried += (self.upstream,)
-        self.pending = [*(self.replay or ()), *self.pending]
-        self.pending_size = sum(map(len, self.pending))
-        self.replay = None
+        self._rewind()
         self.conn = None
-        self.deadline = NEVER
         delay = pool.retry.backoff(self.attempts)
         self.task = self.client.loop.call_later(delay, self._next_attempt)
 
@@ -652,12 +655,7 @@ class Exchange:
         self.upstream = upstream
         self.released = False
         self.attempts += 1
-        upstream.begin_request()
-        conn = upstream.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open(upstream)
+        self._use(upstream)
 
     def _pick_untried(self) -> Upstream | None:
         """An available upstream this request has not failed on, preferring the
