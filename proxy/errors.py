@@ -2,22 +2,22 @@
 
 Every failure on the upstream side of a request is translated at the boundary
 (connect, upstream protocol, timers) into one of these. Each knows the status the
-client sees when nothing else can be done and whether the request may be tried again
-elsewhere (httpcore ``_exceptions.py``, h11's ``error_status_hint``).
+client sees when nothing else can be done and which ``retry_on`` condition lets the
+request be tried again elsewhere (httpcore ``_exceptions.py``, h11's ``error_status_hint``).
 """
 
 from __future__ import annotations
 
 
 class ProxyError(Exception):
-    """Base class: ``status`` is what the client gets, ``retryable`` whether a retry is safe.
+    """Base class: ``status`` is what the client gets, ``condition`` which ``retry_on``
+    entry allows a retry.
 
     ``sent`` tells whether any byte of the request reached the upstream: a request that
     never left the proxy may be retried whatever its method.
     """
 
     status = 502
-    retryable = False
     sent = True
     #: the ``retries.retry_on`` condition this failure is ("": never retried)
     condition = ""
@@ -30,7 +30,6 @@ class ProxyError(Exception):
 class UpstreamConnectError(ProxyError):
     """Connection refused, unreachable or connect timeout: nothing was sent."""
 
-    retryable = True
     sent = False
     condition = "connect_failure"
 
@@ -38,7 +37,6 @@ class UpstreamConnectError(ProxyError):
 class UpstreamResetError(ProxyError):
     """The upstream closed or reset the connection before a complete response."""
 
-    retryable = True
     condition = "reset_before_response"
 
 

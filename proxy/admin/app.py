@@ -137,9 +137,9 @@ class AdminApi:
         pool = self.server.pools.get(pool_name)
         if pool is None:
             raise ApiError(404, f"no pool named {pool_name!r}")
-        for upstream in pool.upstreams:
-            if upstream.address == address.lower():
-                return pool, upstream
+        upstream = pool.upstream(address.lower())
+        if upstream is not None:
+            return pool, upstream
         raise ApiError(404, f"pool {pool_name!r} has no upstream {address!r} (use host:port)")
 
     async def reload(self, request: web.Request) -> web.Response:

@@ -71,7 +71,6 @@ class RetryPolicy:
         "budget",
         "buffer",
         "conditions",
-        "per_try_timeout",
         "statuses",
     )
 
@@ -81,7 +80,6 @@ class RetryPolicy:
         #: the named conditions (``ProxyError.condition`` values) that allow a retry
         self.conditions = frozenset(c for c in on if isinstance(c, str))
         self.statuses = frozenset(c for c in on if isinstance(c, int))
-        self.per_try_timeout = config.per_try_timeout
         self.backoff_base = config.backoff.base
         self.backoff_max = config.backoff.max
         self.buffer = config.buffer

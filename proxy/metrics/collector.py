@@ -187,9 +187,7 @@ class ProxyCollector(Collector):
         family = GaugeMetricFamily(
             "aiolb_client_connections", "Open client connections.", labels=["listener"]
         )
-        counts: dict[str, int] = {}
-        for listener in (*self.server.listeners, *self.server.retired_listeners):
-            counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
+        counts = self.server.connection_counts()
         if self.server.client_connections is not None:  # the workers' sum
             counts = {**dict.fromkeys(counts, 0), **self.server.client_connections}
         for name, n in counts.items():

@@ -151,10 +151,13 @@ class ProxyServer:
         self._retired.append(listener)
         log.info("listener %s draining (removed from the config)", listener.name)
 
-    @property
-    def retired_listeners(self) -> tuple[Listener, ...]:
-        """Listeners a reload removed that still have connections draining."""
-        return tuple(self._retired)
+    def connection_counts(self) -> dict[str, int]:
+        """Open client connections of this process per listener name (draining ones of
+        retired listeners included)."""
+        counts: dict[str, int] = {}
+        for listener in (*self.listeners, *self._retired):
+            counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
+        return counts
 
     def _sweep_retired(self, now: float) -> None:
         for listener in tuple(self._retired):
@@ -210,29 +213,20 @@ class ProxyServer:
                     if not upstream.healthy:
                         pool.set_healthy(upstream, True)
 
-    def _find(self, pool_name: str, address: str) -> tuple[Pool, Upstream] | None:
+    def find_upstream(self, pool_name: str, address: str) -> tuple[Pool, Upstream] | None:
+        """The pool and the upstream named so, or None when either is gone."""
         pool = self.pools.get(pool_name)
         upstream = pool.upstream(address) if pool is not None else None
         return (pool, upstream) if pool is not None and upstream is not None else None
 
     def check_result(self, pool: str, address: str, ok: bool) -> None:
-        """Count one probe; passes end an ejection at ``healthy_threshold``."""
-        found = self._find(pool, address)
-        if found is None:
-            return
-        p, upstream = found
-        key = "success" if ok else "failure"
-        upstream.health_checks[key] = upstream.health_checks.get(key, 0) + 1
-        if not ok:
-            upstream.passes = 0
-            return
-        upstream.passes += 1
-        check = p.active_check
-        if upstream.ejected and check is not None and upstream.passes >= check.healthy_threshold:
-            p.checks_pass(upstream)
+        """Count one probe (``Pool.check_result``)."""
+        found = self.find_upstream(pool, address)
+        if found is not None:
+            found[0].check_result(found[1], ok)
 
     def health_changed(self, pool: str, address: str, healthy: bool, reason: str) -> None:
-        found = self._find(pool, address)
+        found = self.find_upstream(pool, address)
         if found is not None:
             found[0].set_healthy(found[1], healthy)
 

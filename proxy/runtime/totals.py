@@ -32,14 +32,9 @@ if TYPE_CHECKING:
 def snapshot(server: ProxyServer) -> dict[str, Any]:
     """This process's counters as plain data."""
     now = server.loop.time()
-    connections: dict[str, int] = {}
-    for listener in (*server.listeners, *server.retired_listeners):
-        connections[listener.name] = connections.get(listener.name, 0) + len(
-            listener.connections
-        )
     return {
         "stats": server.stats.snapshot(),
-        "connections": connections,
+        "connections": server.connection_counts(),
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),

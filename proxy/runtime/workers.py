@@ -478,10 +478,10 @@ def _apply_state(server: ProxyServer, upstreams: list[list[Any]]) -> None:
 def _apply_state_one(
     server: ProxyServer, pool_name: str, address: str, healthy: bool | None, enabled: bool
 ) -> None:
-    pool = server.pools.get(pool_name)
-    upstream = pool.upstream(address) if pool is not None else None
-    if pool is None or upstream is None:
+    found = server.find_upstream(pool_name, address)
+    if found is None:
         return
+    pool, upstream = found
     if healthy is not None and upstream.healthy != healthy:
         pool.set_healthy(upstream, healthy)
     if upstream.enabled != enabled:

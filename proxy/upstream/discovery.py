@@ -194,7 +194,7 @@ class Discovery:
 
     async def refresh(self, pool: Pool, key: str) -> float:
         """Resolve one entry now; the seconds until the next refresh."""
-        name = pool.dns_names[key]
+        name = pool.dns_specs[key].host
         try:
             addresses, ttl = await resolve(name, pool.dns_resolver)
         except (ResolveError, OSError) as exc:

@@ -60,7 +60,6 @@ class Upstream:
         "pool",
         "port",
         "returned_at",
-        "spec_max_connections",
         "stats",
         "waiting",
         "weight",
@@ -89,7 +88,6 @@ class Upstream:
         self.passes = 0  # consecutive passed probes (ends an ejection at healthy_threshold)
         # circuit breaking: open connections (connecting, busy or idle), and the
         # exchanges waiting for one when ``max_connections`` are open
-        self.spec_max_connections = spec.max_connections
         self.max_connections = spec.max_connections or pool.max_connections
         self.conns = 0
         self.waiting: deque[Exchange] = deque()
@@ -102,11 +100,6 @@ class Upstream:
     def available(self) -> bool:
         """Healthy, enabled (not drained by an operator) and not ejected."""
         return self.healthy and self.enabled and not self.ejected
-
-    @property
-    def full(self) -> bool:
-        """No idle connection and ``max_connections`` open: a new request must wait."""
-        return not self.idle and self.conns >= self.max_connections
 
     def begin_request(self) -> None:
         """A request starts on this upstream (the balancer's index follows)."""
@@ -216,7 +209,6 @@ class Pool:
         "clock",
         "connect_timeout",
         "discovered",
-        "dns_names",
         "dns_refresh",
         "dns_resolver",
         "dns_specs",
@@ -274,9 +266,9 @@ class Pool:
         self.upstreams = [Upstream(spec, self) for spec in static]
         self._by_address = {u.address: u for u in self.upstreams}
         # ``dns://name:port`` entries (``proxy.upstream.discovery``), keyed "name:port":
-        # the spec each resolved address inherits, the name, the addresses found so far
+        # the spec each resolved address inherits (its ``host`` is the name to resolve)
+        # and the addresses found so far
         self.dns_specs = {spec.address: spec for spec in config.upstreams if spec.dns}
-        self.dns_names = {key: spec.host for key, spec in self.dns_specs.items()}
         self.discovered: dict[str, list[str]] = {key: [] for key in self.dns_specs}
         self.dns_refresh = config.dns_refresh
         self.dns_resolver = config.dns_resolver
@@ -385,6 +377,19 @@ class Pool:
             readmit(upstream, self.clock(), "active health checks pass")
         self.rebuild()
 
+    def check_result(self, upstream: Upstream, ok: bool) -> None:
+        """Count one active probe of ``upstream``; ``healthy_threshold`` passes in a row
+        end an ejection."""
+        key = "success" if ok else "failure"
+        upstream.health_checks[key] = upstream.health_checks.get(key, 0) + 1
+        if not ok:
+            upstream.passes = 0
+            return
+        upstream.passes += 1
+        check = self.active_check
+        if check is not None and upstream.passes >= check.healthy_threshold:
+            self.checks_pass(upstream)
+
     def checks_pass(self, upstream: Upstream) -> None:
         """Active checks have passed ``healthy_threshold`` times in a row while the
         upstream stayed healthy: an ejection (passive) ends now."""
@@ -420,7 +425,6 @@ class Pool:
             if old is not None:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
                 old.max_idle = fresh.max_idle
-                old.spec_max_connections = fresh.spec_max_connections
                 old.max_connections = fresh.max_connections
                 self.upstreams[i] = old
         self._by_address = {u.address: u for u in self.upstreams}
