@@ -10,7 +10,7 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import Recorder, start_proxy, start_recorder
+from tests.support import RawUpstream, Recorder, start_proxy, start_recorder
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -44,3 +44,18 @@ async def proxy() -> AsyncIterator[Callable[[Config], Awaitable[ProxyServer]]]:
     yield make
     for server in started:
         await server.shutdown(timeout=1.0)
+
+
+@pytest.fixture
+async def raw_upstreams() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]:
+    """``RawUpstream`` servers (exact response bytes), stopped after the test."""
+    started: list[RawUpstream] = []
+
+    async def make(responses: dict[bytes, bytes | None], **kwargs: Any) -> RawUpstream:
+        raw = await RawUpstream(responses, **kwargs).start()
+        started.append(raw)
+        return raw
+
+    yield make
+    for raw in started:
+        await raw.stop()

@@ -18,7 +18,6 @@ import pytest
 from proxy.runtime.server import ProxyServer
 from tests.support import (
     HOST,
-    RawUpstream,
     Recorder,
     make_config,
     raw_exchange,
@@ -151,20 +150,6 @@ async def start_with(
     config.setdefault("listener", FAST_LISTENER)
     server = await proxy(make_config([rec.url], **config))
     return server, server.listeners[0].port, rec
-
-
-@pytest.fixture
-async def raw_upstreams() -> Any:
-    started: list[RawUpstream] = []
-
-    async def make(responses: dict[bytes, bytes | None], **kwargs: Any) -> RawUpstream:
-        raw = await RawUpstream(responses, **kwargs).start()
-        started.append(raw)
-        return raw
-
-    yield make
-    for raw in started:
-        await raw.stop()
 
 
 def via_pool(prefix: str, url: str, **pool: Any) -> dict[str, Any]:

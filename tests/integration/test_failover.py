@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
 from proxy.upstream.pool import Upstream
-from tests.support import HOST, RawUpstream, Recorder, make_config, proxy_url, wait_for
+from tests.support import HOST, Recorder, make_config, proxy_url, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 MakeRecorder = Callable[..., Awaitable[Recorder]]
@@ -53,20 +53,6 @@ async def get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int,
 
 def messages(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
-
-
-@pytest.fixture
-async def raw_upstreams() -> Any:
-    started: list[RawUpstream] = []
-
-    async def make(responses: dict[bytes, bytes | None], **kwargs: Any) -> RawUpstream:
-        raw = await RawUpstream(responses, **kwargs).start()
-        started.append(raw)
-        return raw
-
-    yield make
-    for raw in started:
-        await raw.stop()
 
 
 def health_app(status: dict[str, int]) -> dict[str, Any]:
@@ -135,9 +121,10 @@ async def test_a_probe_that_times_out_fails_with_that_reason(
     proxy: MakeProxy, recorders: MakeRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "aiolb")
+    gate = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(2)
+        await gate.wait()  # never answers while the test runs
         return web.Response(text="late")
 
     a = await recorders("a")
@@ -145,6 +132,7 @@ async def test_a_probe_that_times_out_fails_with_that_reason(
     server = await proxy(make_config([a.url, b.url], pool={
         "health_check": {"active": {**FAST_CHECK, "timeout": "150ms"}}}))  # fmt: skip
     await wait_for(lambda: not upstream_of(server, b.url).healthy, 5.0)
+    gate.set()
     assert messages(caplog, "is DOWN")[0].endswith("(last: timeout after 0.15s)")
 
 

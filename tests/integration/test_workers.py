@@ -246,8 +246,10 @@ async def test_a_killed_worker_is_replaced_and_service_continues(
 async def test_sigterm_under_load_completes_every_started_request(
     aiolb: Any, recorders: MakeRecorder, workers: int
 ) -> None:
+    gate = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.5)
+        await gate.wait()  # in flight until the proxy is shutting down
         return web.Response(text="slow")
 
     a = await recorders("a", {"/": slow})
@@ -262,6 +264,8 @@ async def test_sigterm_under_load_completes_every_started_request(
         await wait_for(lambda: len(a.seen) == 20, 10.0)  # all started
         assert proxy.proc is not None
         proxy.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: proxy.logged("shutting down") >= 1, 10.0)
+        gate.set()
         results = await asyncio.gather(*requests)
     assert results == [(200, "slow")] * 20
     assert await proxy.stop() == 0
