@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import shlex
@@ -198,13 +197,6 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def write_json(args: argparse.Namespace, report: dict[str, Any]) -> Path:
-    args.json_dir.mkdir(parents=True, exist_ok=True)
-    path = args.json_dir / f"balancer-bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ------------------------------------------------------------------------------
 
 
@@ -266,14 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     report["summary"] = rows
     report["below_target"] = misses
     report["runs"] = {name: [asdict(r) for r in results] for name, results in runs.items()}
-    print(f"JSON written to {write_json(args, report)}")
+    print(f"JSON written to {harness.write_json(args.json_dir, 'balancer-bench', report)}")
     every_run_ok = all(r.status == "ok" and not r.check for rs in runs.values() for r in rs)
     return 0 if every_run_ok else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
-        sys.exit(130)
+    harness.run_main(main)

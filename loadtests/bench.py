@@ -386,13 +386,6 @@ def noise_warnings(results: list[Result], pin: Pinning) -> list[str]:
     return lines
 
 
-def write_json(args: argparse.Namespace, report: dict[str, Any]) -> Path:
-    args.json_dir.mkdir(parents=True, exist_ok=True)
-    path = args.json_dir / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ------------------------------------------------------------------------------
 
 
@@ -448,13 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in report["warnings"]:
         print(line)
     report["results"] = [asdict(r) for r in results]
-    print(f"JSON written to {write_json(args, report)}")
+    print(f"JSON written to {harness.write_json(args.json_dir, 'bench', report)}")
     return 0 if all(r.status == "ok" and not r.check for r in results) else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
-        sys.exit(130)
+    harness.run_main(main)

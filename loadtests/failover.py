@@ -719,13 +719,6 @@ def markdown(summary: dict[str, Any], wrk: dict[str, Any], pin: Pinning) -> str:
     return "\n".join(out)
 
 
-def write_json(args: argparse.Namespace, report: dict[str, Any]) -> Path:
-    args.json_dir.mkdir(parents=True, exist_ok=True)
-    path = args.json_dir / f"failover-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ------------------------------------------------------------------------------
 
 
@@ -803,13 +796,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "access_log_failures": raw["access_log_failures"],
         "problems": found,
     }
-    print(f"JSON written to {write_json(args, report)}")
+    print(f"JSON written to {harness.write_json(args.json_dir, 'failover', report)}")
     return 1 if found else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
-        sys.exit(130)
+    harness.run_main(main)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
+import json
 import os
 import resource
 import shutil
@@ -18,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -345,31 +348,8 @@ def start_passthrough(session: Session, upstream: Upstream, cpus: str | None) ->
 
 
 def start_nginx_proxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
-    port = session.port()
-    up1, up2 = upstream.ports
-    conf = (
-        nginx_common(session, "proxy", 1)
-        + f"""
-    upstream bench {{
-        server 127.0.0.1:{up1};
-        server 127.0.0.1:{up2};
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 0;
-        location / {{
-            proxy_pass http://bench;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
-    )
-    path = session.path("proxy-nginx.conf")
-    path.write_text(conf)
-    return start(session, "nginx", nginx_argv(session, path), port, cpus=cpus), port
+    """nginx as a one-worker proxy in front of both upstream ports (``keepalive 64``)."""
+    return start_nginx_proxy_workers(session, upstream, cpus, 1, reuseport=False)
 
 
 def start_haproxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
@@ -469,9 +449,9 @@ def start_nginx_proxy_workers(
     reuseport: bool = True,
     name: str = "nginx",
 ) -> tuple[Child, int]:
-    """`start_nginx_proxy` with `workers` worker processes and, with `reuseport`, one
-    SO_REUSEPORT listening socket per worker (as aiolb's workers have); the config and
-    log are named after `name`."""
+    """nginx as a proxy with `workers` worker processes (`keepalive 64` to both upstream
+    ports) and, with `reuseport`, one SO_REUSEPORT listening socket per worker (as
+    aiolb's workers have); the config and log are named after `name`."""
     port = session.port()
     up1, up2 = upstream.ports
     listen = f"127.0.0.1:{port}" + (" reuseport" if reuseport else "")
@@ -498,3 +478,24 @@ def start_nginx_proxy_workers(
     path = session.path(f"{name}.conf")
     path.write_text(conf)
     return start(session, name, nginx_argv(session, path), port, cpus=cpus), port
+
+
+# --- reports and the command line ---------------------------------------------------------
+
+
+def write_json(json_dir: Path, name: str, report: dict[str, Any]) -> Path:
+    """Write ``report`` to ``json_dir/NAME-YYYYmmdd-HHMMSS.json``; the path."""
+    json_dir.mkdir(parents=True, exist_ok=True)
+    path = json_dir / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s status; Ctrl-C exits 130 (the ``Session`` has stopped every
+    process started)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
+        sys.exit(130)

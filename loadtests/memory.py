@@ -373,8 +373,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
-        sys.exit(130)
+    harness.run_main(main)

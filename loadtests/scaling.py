@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime as dt
 import http.client
-import json
 import os
 import re
 import shlex
@@ -607,13 +606,6 @@ def goal(results: Sequence[ScaleResult], plan: Plan) -> str:
     return f"goal ({GOAL_WORKERS} workers >= {GOAL_SPEEDUP} x 1 worker): {speedup:.2f} x, {verdict}"
 
 
-def write_json(args: argparse.Namespace, report: dict[str, Any]) -> Path:
-    args.json_dir.mkdir(parents=True, exist_ok=True)
-    path = args.json_dir / f"scaling-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ------------------------------------------------------------------------------
 
 
@@ -708,13 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "results": [asdict(r) for r in results],
     }
-    print(f"JSON written to {write_json(args, report)}")
+    print(f"JSON written to {harness.write_json(args.json_dir, 'scaling', report)}")
     return 0 if all(r.status == "ok" and not r.check for r in results) else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process started here was stopped", file=sys.stderr)
-        sys.exit(130)
+    harness.run_main(main)
