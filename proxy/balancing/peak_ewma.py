@@ -54,6 +54,7 @@ _FADE_SPEED = 2.0  # what we learned fades to the floor within decay / _FADE_SPE
 _TIME_CONSTANTS = 5.0  # decay / _TIME_CONSTANTS is the moving average's time constant
 _MARGIN = 1.125  # a load must be lower by more than this factor to count as lower
 _NEVER = float("-inf")
+_LINEAR = 0.01  # below this, 1 - exp(-x) is x within 0.5%: no exp() call
 
 
 class Score:
@@ -72,7 +73,8 @@ class Score:
 class PeakEwma:
     """Power of two choices on ``cost * (active + 1) / weight``; learns via ``observe``.
 
-    ``clock`` (seconds, monotonic) and ``rng`` are for tests.
+    ``clock`` (seconds; ``perf_counter``, the clock the exchange passes to ``observe``)
+    and ``rng`` are for tests.
     """
 
     __slots__ = (
@@ -96,7 +98,7 @@ class PeakEwma:
         options: Mapping[str, Any],
         weights: Sequence[float] | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.perf_counter,
         rng: _random.Random | None = None,
     ) -> None:
         self._targets = tuple(upstreams)
@@ -122,9 +124,9 @@ class PeakEwma:
         n = len(targets)
         if n < 2:
             return targets[0] if n else None
-        draw = self._random
-        i = int(draw() * n)
-        j = int(draw() * (n - 1))
+        r = self._random() * n  # one draw for both: its fraction is uniform again
+        i = int(r)
+        j = int((r - i) * (n - 1))
         if j >= i:
             j += 1
         faded, inverse = self._faded, self._inverse
@@ -151,19 +153,21 @@ class PeakEwma:
 
     # -- learning --------------------------------------------------------------------
 
-    def observe(self, upstream: Any, seconds: float) -> None:
-        """Learn from one response: ``seconds`` from sending to the response head."""
+    def observe(self, upstream: Any, seconds: float, now: float | None = None) -> None:
+        """Learn from one response: ``seconds`` from sending to the response head, which
+        arrived at ``now`` (the balancer's clock, ``perf_counter``; read when None)."""
         i = self._index.get(upstream)
         if i is None:  # left this balancer while its request was in flight
             return
+        if now is None:
+            now = self._clock()
         score = self._scores[i]
-        now = self._clock()
         prior = self._faded[i]  # faded at the last refresh, at most decay / 32 ago
         if seconds >= prior:
             cost = seconds
-        else:
-            keep = exp((score.stamp - now) * self._forget_rate)
-            cost = prior * keep + seconds * (1.0 - keep)
+        else:  # the new answer's weight is 1 - exp(-x); about x while x is small
+            x = (now - score.stamp) * self._forget_rate
+            cost = prior + (seconds - prior) * (x if x < _LINEAR else 1.0 - exp(-x))
         score.cost = self._faded[i] = cost
         score.stamp = now
         if now >= self._refresh_due:
@@ -195,6 +199,5 @@ class PeakEwma:
         )
         more = ", ..." if len(self._targets) > 8 else ""
         return (
-            f"<PeakEwma [decay {self._decay:g}s, floor {self._floor * 1000:.2f}ms | "
-            f"{costs}{more}]>"
+            f"<PeakEwma [decay {self._decay:g}s, floor {self._floor * 1000:.2f}ms | {costs}{more}]>"
         )

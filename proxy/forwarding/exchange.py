@@ -424,8 +424,10 @@ class Exchange:
         self.status = status
         self.replay = None
         self.resp_started = True
-        if pool.observe is not None:
-            pool.observe(self.upstream, perf_counter() - self.sent_at)  # type: ignore[arg-type]
+        observe = pool.observe
+        if observe is not None:
+            now = perf_counter()
+            observe(upstream, now - self.sent_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
         found = ResponseHead(raw)
         keep = self.keep_alive and not self.client.draining

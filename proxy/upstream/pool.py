@@ -280,8 +280,9 @@ class Pool:
         #: ``pick(request)``: an available upstream for this request, or None (the 503
         #: path). The balancer's own bound method, set on every rebuild: one call, not two.
         self.pick: Callable[[RequestView], Upstream | None] = self._balancer.pick
-        #: ``observe(upstream, seconds)`` when the balancer learns from latency, else None.
-        self.observe: Callable[[Upstream, float], None] | None = None
+        #: ``observe(upstream, seconds, now)`` when the balancer learns from latency, else
+        #: None: ``seconds`` from sending to the response head, ``now`` its perf_counter.
+        self.observe: Callable[[Upstream, float, float], None] | None = None
         #: ``track(upstream)`` after ``upstream.active`` changes, if the balancer indexes it.
         self.track: Callable[[Upstream], None] | None = None
         #: monotonic seconds, for slow-start ramps (replaceable in tests)

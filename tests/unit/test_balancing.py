@@ -5,7 +5,9 @@ scenarios run on a simulated clock."""
 from __future__ import annotations
 
 import heapq
+import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, get_args
@@ -224,8 +226,8 @@ def test_pool_keeps_peak_ewma_learning_across_rebuilds() -> None:
     fast, slow = pool.upstreams[:2]
     assert pool.observe is not None
     for _ in range(20):
-        pool.observe(fast, 0.001)
-        pool.observe(slow, 0.5)
+        pool.observe(fast, 0.001, time.perf_counter())
+        pool.observe(slow, 0.5, time.perf_counter())
     pool.upstreams[2].healthy = False  # a change elsewhere rebuilds the balancer
     pool.rebuild()
     counts = Counter(pool.pick(ANY_REQUEST) for _ in range(200))
@@ -624,6 +626,28 @@ def test_peak_ewma_new_upstreams_start_at_the_median() -> None:
     new.inherit(old)
     assert "10.0.0.9:80 20.00ms" in repr(new)
     assert "10.0.0.3:80 90.00ms" in repr(new)
+
+
+@pytest.mark.parametrize("gap", [1e-5, 0.01, 0.5, 3.0])
+def test_peak_ewma_averages_a_faster_answer_by_the_time_since_the_last(gap: float) -> None:
+    clock = FakeClock()
+    (target,) = upstreams(1)
+    balancer = PeakEwma([target], {"decay": 10.0}, clock=clock)
+    balancer.observe(target, 0.100)
+    balancer.observe(target, 0.020, clock.now + gap)  # the exchange passes its time
+    keep = math.exp(-gap * 5.0 / 10.0)  # time constant decay / 5
+    expected = 0.100 * keep + 0.020 * (1.0 - keep)
+    cost = balancer._scores[0].cost
+    assert cost == pytest.approx(expected, rel=0.005)
+    assert balancer._scores[0].stamp == clock.now + gap
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_peak_ewma_splits_evenly_between_equal_upstreams(n: int) -> None:
+    targets = upstreams(*[1] * n)
+    balancer = PeakEwma(targets, {}, clock=FakeClock(), rng=random.Random(n))
+    got = shares((balancer.pick(ANY_REQUEST) for _ in range(60_000)), targets)
+    assert got == pytest.approx([1 / n] * n, abs=0.01)
 
 
 def test_peak_ewma_ignores_upstreams_it_does_not_balance() -> None:
