@@ -1,16 +1,20 @@
 """Throughput of aiolb with each balancing algorithm, next to round_robin, measured with wrk.
 
-Starts the same upstream as bench.py (nginx serving fixed bodies on two ports), then for
-each algorithm in ``proxy.balancing.REGISTRY`` starts aiolb with one pool using that
-balancer over both ports (the config is bench.py's in every other respect), checks it
-with two requests, warms up for 1 s and runs wrk on the ``20b`` scenario. Every request
-carries ``X-User`` (the key of ``consistent_hash``). Prints a Markdown table (req/s, p99,
-req/s relative to round_robin) and writes JSON to ``loadtests/results/``. See README.md.
+Starts the same upstream as bench.py (nginx serving fixed bodies on two ports), then one
+aiolb process with a listener and a pool per algorithm in ``proxy.balancing.REGISTRY``,
+each pool over both ports (bench.py's settings otherwise). For each algorithm in turn,
+round after round, it checks the listener with two requests, warms up for 1 s and runs
+wrk on the ``20b`` scenario. One process for all keeps what differs between processes
+(memory layout, hash seed) out of the ratios; ``--separate`` starts one process per
+algorithm and round instead. Every request carries ``X-User`` (the key of
+``consistent_hash``). Prints a Markdown table (req/s, p99, req/s relative to
+round_robin: the median of the rounds' ratios) and writes JSON to
+``loadtests/results/``. See README.md.
 
 Not a test: a measurement. Run from the repository root:
 
     python loadtests/balancer_bench.py                      # every algorithm, 5 s each
-    python loadtests/balancer_bench.py --rounds 3           # interleaved, medians
+    python loadtests/balancer_bench.py --rounds 9 --duration 2   # interleaved, medians
     python loadtests/balancer_bench.py --algorithms round_robin,peak_ewma --duration 2
 """
 
@@ -77,6 +81,7 @@ class BalancerBench(Bench):
         return bench.parse_wrk(log.read_text(errors="replace"))
 
     def start(self, target: str) -> tuple[Child | None, int]:
+        """``--separate``: one aiolb process for ``target`` alone, bench.py's config."""
         session = self.session
         port = session.port()
         config = harness.aiolb_config(session, port, self.upstream)  # bench.py's config
@@ -85,16 +90,56 @@ class BalancerBench(Bench):
             raise harness.StartError(f"no {DEFAULT_LINE.strip()!r} line in {config} to replace")
         path = session.path(f"aiolb-{target}.yaml")
         text = text.replace(DEFAULT_LINE, f"    balancer: {balancer_yaml(target)}\n")
-        if self.args.max_idle is not None:
-            text = re.sub(
-                r"max_idle_connections: \d+", f"max_idle_connections: {self.args.max_idle}", text
-            )
-        path.write_text(text)
+        path.write_text(self._max_idle(text))
         argv = [arg.replace("{config}", str(path)) for arg in self.args.aiolb_cmd]
         child = harness.start(
             session, f"aiolb-{target}", argv, port, cpus=self.pin.proxy, cwd=harness.REPO
         )
         return child, port
+
+    def start_shared(self, names: list[str]) -> tuple[Child, dict[str, int]]:
+        """One aiolb process with a listener and a pool per algorithm (the default): the
+        algorithms then share the process, its memory layout and its hash seed, which
+        otherwise move req/s by more than the 5% being measured."""
+        session = self.session
+        ports = {name: session.port() for name in names}
+        up1, up2 = self.upstream.ports
+        idle = 64 if self.args.max_idle is None else self.args.max_idle
+        listeners, pools = [], []
+        for name in names:
+            listeners.append(
+                f"  - name: {name}\n"
+                f'    bind: "127.0.0.1:{ports[name]}"\n'
+                f"    routes: [{{match: {{path_prefix: /}}, pool: {name}}}]\n"
+            )
+            pools.append(
+                f"  {name}:\n"
+                f"    balancer: {balancer_yaml(name)}\n"
+                f"    max_idle_connections: {idle}\n"
+                f'    upstreams: [{{url: "http://127.0.0.1:{up1}"}}, '
+                f'{{url: "http://127.0.0.1:{up2}"}}]\n'
+            )
+        path = session.path("aiolb-shared.yaml")
+        path.write_text(
+            "listeners:\n"
+            + "".join(listeners)
+            + "pools:\n"
+            + "".join(pools)
+            + f'admin:\n  bind: "127.0.0.1:{session.port()}"\n'
+        )
+        argv = [arg.replace("{config}", str(path)) for arg in self.args.aiolb_cmd]
+        child = harness.start(
+            session, "aiolb-shared", argv, ports[names[0]], cpus=self.pin.proxy,
+            cwd=harness.REPO,
+        )  # fmt: skip
+        return child, ports
+
+    def _max_idle(self, text: str) -> str:
+        if self.args.max_idle is None:
+            return text
+        return re.sub(
+            r"max_idle_connections: \d+", f"max_idle_connections: {self.args.max_idle}", text
+        )
 
 
 # --- command line ----------------------------------------------------------------------
@@ -117,6 +162,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="pool max_idle_connections for every algorithm (default: bench.py config, 64 per "
         "upstream); at least --connections keeps uneven splits from reconnecting",
+    )
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="one aiolb process per algorithm and round, instead of one process with a "
+        "listener per algorithm",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -164,7 +215,6 @@ def cpu_column(row: dict[str, Any], pin: Pinning) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], pin: Pinning) -> str:
-    ref = next((r for r in rows if r["algorithm"] == REFERENCE and r["status"] == "ok"), None)
     out = [
         "| algorithm | req/s | p99 ms | ratio to round_robin | errors "
         "| CPU % proxy core / wrk+upstream |",
@@ -175,7 +225,7 @@ def markdown(rows: list[dict[str, Any]], pin: Pinning) -> str:
             why = (row.get("detail") or "").splitlines()[:1]
             out.append(f"| {row['algorithm']} | {row['status']} | | | | {' '.join(why)} |")
             continue
-        ratio = bench.ratio(row["rps"], ref["rps"] if ref else None)
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "—"
         errors = str(row["errors"]) + (f" (check: {row['checks'][0]})" if row["checks"] else "")
         out.append(
             f"| {row['algorithm']} | {row['rps']:,.0f} | {row['p99_us'] / 1000:.2f} | {ratio} "
@@ -190,11 +240,24 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     if ref is None:
         return [f"{REFERENCE} did not run: no ratios"]
     return [
-        f"{row['algorithm']}: {row['rps'] / ref['rps']:.3f} of {REFERENCE} "
-        f"(target >= {TARGET_RATIO})"
+        f"{row['algorithm']}: {row['ratio']:.3f} of {REFERENCE} (target >= {TARGET_RATIO})"
         for row in rows
-        if row["status"] == "ok" and row["rps"] / ref["rps"] < TARGET_RATIO
+        if row.get("ratio") is not None and row["ratio"] < TARGET_RATIO
     ]
+
+
+def paired_ratio(runs: list[Result], reference: list[Result]) -> float | None:
+    """The median over rounds of req/s relative to round_robin's in the same round.
+
+    Pairing by round cancels the machine's slow drift (on shared VMs, tens of percent
+    within minutes), which medians of each column alone would leave in the ratio.
+    """
+    pairs = [
+        r.rps / ref.rps
+        for r, ref in zip(runs, reference, strict=False)
+        if r.status == "ok" and ref.status == "ok" and r.rps and ref.rps
+    ]
+    return statistics.median(pairs) if pairs else None
 
 
 # --- main ------------------------------------------------------------------------------
@@ -210,11 +273,21 @@ def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, A
     started = dt.datetime.now().isoformat(timespec="seconds")
     runner = BalancerBench(args, session, upstream, pin)
     runs: dict[str, list[Result]] = {name: [] for name in args.algorithms}
+    shared: tuple[Child, dict[str, int]] | None = None
+    if not args.separate:
+        shared = runner.start_shared(args.algorithms)
     for round_ in range(args.rounds):
         if args.rounds > 1:
             print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
         for name in args.algorithms:
-            runs[name] += runner.target(name)
+            if shared is None:
+                runs[name] += runner.target(name)
+                continue
+            result = runner.measure(name, shared[1][name], SCENARIO)
+            print(f"== {name:<22} {bench.summary(result)}", flush=True)
+            runs[name].append(result)
+    if shared is not None:
+        session.stop(shared[0])
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {
         "started": started,
@@ -245,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, session, pin)
     runs: dict[str, list[Result]] = report["runs"]
     rows = [combine(name, results) for name, results in runs.items()]
+    for row in rows:
+        row["ratio"] = paired_ratio(runs[row["algorithm"]], runs[REFERENCE])
     idle = "default" if args.max_idle is None else args.max_idle
     title = (
         f"{SCENARIO.name}: {SCENARIO.about}, {args.duration} s, {args.rounds} round(s), "

@@ -6,6 +6,7 @@ Python per request. Syscalls and the event loop are excluded, so the figure is s
 on a busy machine and shows what the hot path itself costs.
 
     python loadtests/hotpath_bench.py [--requests 200000]
+    python loadtests/hotpath_bench.py --balancers round_robin,peak_ewma
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,17 @@ class FakeTransport:
 
 
 def build(
-    loop: asyncio.AbstractEventLoop, metrics: bool = True, access_log: str | None = None
-) -> tuple[ClientConnection, UpstreamConnection]:
+    loop: asyncio.AbstractEventLoop,
+    metrics: bool = True,
+    access_log: str | None = None,
+    balancer: str = "round_robin",
+    upstreams: int = 1,
+) -> tuple[ClientConnection, list[UpstreamConnection]]:
+    balancer_config: Any = (
+        {"name": balancer, "key": "header:User-Agent"}
+        if (balancer == "consistent_hash")
+        else balancer
+    )
     config = Config.model_validate(
         {
             "listeners": [
@@ -71,7 +82,12 @@ def build(
                     "limits": {"max_requests_per_connection": None},
                 }
             ],
-            "pools": {"p": {"upstreams": [{"url": "http://127.0.0.1:9"}]}},
+            "pools": {
+                "p": {
+                    "balancer": balancer_config,
+                    "upstreams": [{"url": f"http://127.0.0.1:{9 + i}"} for i in range(upstreams)],
+                }
+            },
             "metrics": {"enabled": metrics},
             "access_log": {"path": access_log} if access_log else None,
         }
@@ -79,31 +95,77 @@ def build(
     server = ProxyServer(config, loop)
     client = ClientConnection(server.listeners[0])
     client.connection_made(FakeTransport())  # type: ignore[arg-type]
-    upstream = server.pools["p"].upstreams[0]
-    conn = UpstreamConnection(upstream)
-    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
-    conn.uses = 1
-    upstream.put_idle(conn, 0.0)
-    return client, conn
+    conns = []
+    for upstream in server.pools["p"].upstreams:
+        conn = UpstreamConnection(upstream)
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+        conn.uses = 1
+        upstream.put_idle(conn, 0.0)
+        conns.append(conn)
+    return client, conns
 
 
-def run(requests: int, metrics: bool = True, access_log: str | None = None) -> float:
+def run(
+    requests: int,
+    metrics: bool = True,
+    access_log: str | None = None,
+    balancer: str = "round_robin",
+    upstreams: int = 1,
+) -> float:
     loop = asyncio.new_event_loop()
     try:
-        client, conn = build(loop, metrics, access_log)
-        feed_client, feed_upstream = client.data_received, conn.data_received
-        for _ in range(1000):  # warm up
-            feed_client(REQUEST)
-            feed_upstream(RESPONSE)
-        start = time.process_time()
-        for _ in range(requests):
-            feed_client(REQUEST)
-            feed_upstream(RESPONSE)
-        elapsed = time.process_time() - start
-        assert conn.uses >= requests, "the upstream connection was not reused"
-        return elapsed / requests * 1e6
+        feed = feeder(*build(loop, metrics, access_log, balancer, upstreams))
+        feed(1000)  # warm up
+        return feed(requests) / requests * 1e6
     finally:
         loop.close()
+
+
+def feeder(client: ClientConnection, conns: list[UpstreamConnection]) -> Callable[[int], float]:
+    """``feed(n)``: proxy n requests through ``client``; the process time it took."""
+    feed_client = client.data_received
+
+    def feed_one(n: int) -> float:  # the response goes to the one connection
+        feed_upstream = conns[0].data_received
+        start = time.process_time()
+        for _ in range(n):
+            feed_client(REQUEST)
+            feed_upstream(RESPONSE)
+        return time.process_time() - start
+
+    def feed_picked(n: int) -> float:  # to whichever connection the balancer picked
+        start = time.process_time()
+        for _ in range(n):
+            feed_client(REQUEST)
+            client.exchange.conn.data_received(RESPONSE)  # type: ignore[union-attr]
+        elapsed = time.process_time() - start
+        assert sum(c.uses for c in conns) >= n, "upstream connections were not reused"
+        return elapsed
+
+    return feed_one if len(conns) == 1 else feed_picked
+
+
+def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
+    """Every balancer in one process, taking turns ``slice_`` requests at a time, so that
+    the machine's drift (tens of percent on a shared VM) falls on all of them alike."""
+    loop = asyncio.new_event_loop()
+    try:
+        feeds = {name: feeder(*build(loop, True, None, name, upstreams)) for name in names}
+        spent = dict.fromkeys(names, 0.0)
+        for feed in feeds.values():
+            feed(1000)  # warm up
+        for _ in range(max(1, requests // slice_)):
+            for name, feed in feeds.items():
+                spent[name] += feed(slice_)
+    finally:
+        loop.close()
+    done = max(1, requests // slice_) * slice_
+    cost = {name: spent[name] / done * 1e6 for name in names}
+    ref = cost[names[0]]
+    print(f"| balancer ({upstreams} upstreams) | µs of Python per request | extra vs {names[0]} |")
+    print("| --- | ---: | ---: |")
+    for name in names:
+        print(f"| {name} | {cost[name]:.2f} | {cost[name] - ref:+.2f} |")
 
 
 def main() -> None:
@@ -112,7 +174,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-metrics", action="store_true", help="metrics: {enabled: false}")
     parser.add_argument("--access-log", help="also write a JSON access log to this file")
+    parser.add_argument(
+        "--balancers",
+        help="comma-separated algorithms to compare (the first is the reference), each over "
+        "--upstreams upstreams, taking turns 2,000 requests at a time",
+    )
+    parser.add_argument("--upstreams", type=int, default=2, help="with --balancers")
     args = parser.parse_args()
+    if args.balancers:
+        compare(args.balancers.split(","), args.requests, args.upstreams)
+        return
     best = min(run(args.requests, not args.no_metrics, args.access_log) for _ in range(args.repeat))
     print(f"hot path: {best:.2f} µs of Python per proxied request (best of {args.repeat})")
 
