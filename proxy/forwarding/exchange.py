@@ -45,7 +45,7 @@ from proxy.errors import (
     UpstreamTimeoutError,
 )
 from proxy.forwarding.retry import IDEMPOTENT
-from proxy.http.headers import RequestHeaders, ResponseHead, request_head
+from proxy.http.headers import RequestHeaders, ResponseHead, request_head, response_head
 from proxy.http.responses import CONTINUE_100, error_response
 
 if TYPE_CHECKING:
@@ -209,7 +209,12 @@ class Exchange:
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
-        self._use(upstream)
+        upstream.begin_request()  # _use(upstream), inlined: the common request's path
+        conn = upstream.take_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._open(upstream)
 
     def _use(self, upstream: Upstream) -> None:
         """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
@@ -362,8 +367,8 @@ class Exchange:
             self.pending.append(_LAST_CHUNK)
         if self.resp_done:
             self._finish(False)
-        elif self.conn is not None and not self.resp_started:
-            self._await_response()
+        elif self.conn is not None and not self.resp_started:  # _await_response, inlined
+            self.deadline = self.client.clock.now + self.pool.response_header_timeout  # type: ignore[union-attr]
 
     def _await_response(self) -> None:
         """The whole request is sent: the response header timeout starts now."""
@@ -429,7 +434,7 @@ class Exchange:
             now = perf_counter()
             observe(upstream, now - self.sent_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
-        found = ResponseHead(raw)
+        found = response_head(raw)
         keep = self.keep_alive and not self.client.draining
         extra = b""
         if self.head_request or status == 204 or status == 304:
@@ -468,14 +473,16 @@ class Exchange:
         self.flush_client()
         self.resp_done = True
         self.conn = None
-        conn.release()
+        conn.exchange = None  # released: idle, the pool decides its fate
         upstream = self.upstream
         assert upstream is not None
         if upstream_keep_alive and self.req_done and not self.pending:
             upstream.put_idle(conn, self.client.clock.now)
         else:
             conn.close()
-        self._release_upstream()
+        if not self.released:  # _release_upstream, inlined
+            self.released = True
+            upstream.end_request()
         if self.req_done:
             self._finish(False)
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable
 from typing import Final
 
 # Actions, as small ints: one dict lookup per header decides.
@@ -67,14 +68,14 @@ class RequestIds:
     Cheaper than ``uuid4()`` on every request and as unique in practice.
     """
 
-    __slots__ = ("_counter", "_prefix")
+    __slots__ = ("next",)
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(8).hex().encode()
-        self._counter = itertools.count(1)
-
-    def next(self) -> bytes:
-        return b"%s-%x" % (self._prefix, next(self._counter))
+        prefix = os.urandom(8).hex().encode()
+        #: ``next()``: the next id. A C iterator's ``__next__``: no Python frame per id.
+        self.next: Callable[[], bytes] = map(
+            (prefix + b"-%x").__mod__, itertools.count(1)
+        ).__next__
 
 
 class RequestHeaders:
@@ -242,3 +243,23 @@ class ResponseHead:
             self.close = b"close" in listed
             parts = [parts[0], *_remove_listed(parts[1:], listed)]
         self.head = b"".join(parts)
+
+
+#: Rewritten response heads by their raw bytes. An upstream answers a run of requests
+#: with the same head until its ``Date`` ticks, so most heads are found here and not
+#: parsed again. Bounded: emptied when full; long heads are not kept.
+_HEADS: Final[dict[bytes, ResponseHead]] = {}
+_HEADS_MAX: Final = 512
+_HEAD_CACHED_MAX: Final = 1024  # bytes
+
+
+def response_head(raw: bytes) -> ResponseHead:
+    """``ResponseHead(raw)``, from the cache when the same head was seen recently."""
+    found = _HEADS.get(raw)
+    if found is None:
+        found = ResponseHead(raw)
+        if len(raw) <= _HEAD_CACHED_MAX:
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[raw] = found
+    return found

@@ -119,7 +119,7 @@ class Upstream:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.reusable():
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
                 return conn
             conn.close()
         return None
@@ -129,16 +129,18 @@ class Upstream:
 
         A request waiting for a connection (``max_connections`` reached) gets it first.
         """
-        if self.waiting and conn.reusable():
-            conn.resume_reading()
-            self.waiting.popleft().dequeue(conn)
-            return
-        if len(self.idle) >= self.max_idle or not conn.reusable():
+        if not conn.reusable():
             conn.close()
             return
-        conn.idle_since = now
-        conn.resume_reading()
-        self.idle.append(conn)
+        if conn.reading_paused:
+            conn.resume_reading()
+        if self.waiting:
+            self.waiting.popleft().dequeue(conn)
+        elif len(self.idle) < self.max_idle:
+            conn.idle_since = now
+            self.idle.append(conn)
+        else:
+            conn.close()
 
     def connection_closed(self) -> None:
         """An open connection ended: a waiting request may open a new one."""

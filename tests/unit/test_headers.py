@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.http.headers import RequestHeaders, RequestIds, ResponseHead, request_head
+from proxy.http import headers
+from proxy.http.headers import (
+    RequestHeaders,
+    RequestIds,
+    ResponseHead,
+    request_head,
+    response_head,
+)
 
 OK_HEAD = b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\n"
 
@@ -37,6 +44,34 @@ def test_obs_fold_is_unfolded_and_version_is_ours():
     raw = b"HTTP/1.0 200 OK\r\nX-Long: a\r\n b\r\nContent-Length: 0\r\n\r\n"
     found = ResponseHead(raw)
     assert found.head == b"HTTP/1.1 200 OK\r\nX-Long: a b\r\nContent-Length: 0\r\n"
+
+
+HEADS = [
+    OK_HEAD + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.0 304 Not Modified\r\nX-Long: a\r\n b\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", HEADS)
+def test_cached_response_head_is_the_same_rewrite(raw: bytes):
+    fresh = ResponseHead(raw)
+    for _ in range(2):  # the first call parses and keeps it, the second finds it
+        found = response_head(bytes(raw))  # an equal head in a new buffer, as from a read
+        assert (found.head, found.has_length, found.chunked, found.close) == (
+            fresh.head, fresh.has_length, fresh.chunked, fresh.close,
+        )  # fmt: skip
+    assert response_head(raw) is response_head(bytes(raw))
+
+
+def test_response_head_cache_is_bounded():
+    for i in range(3 * headers._HEADS_MAX):
+        response_head(b"HTTP/1.1 200 OK\r\nETag: %d\r\nContent-Length: 0\r\n\r\n" % i)
+        assert len(headers._HEADS) <= headers._HEADS_MAX
+    long = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
+    assert response_head(long).head == long[:-2]
+    assert long not in headers._HEADS  # long heads are rewritten every time, not kept
 
 
 def test_request_headers_one_pass():
