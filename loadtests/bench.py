@@ -4,6 +4,11 @@ Starts an upstream (nginx serving fixed bodies on two ports, or an aiohttp fallb
 then for each target (direct, aiolb, nginx, haproxy) starts it on a free loopback port,
 checks each scenario with two requests on one connection, warms up for 1 s, runs wrk, and finally
 prints one Markdown table per scenario and writes everything as JSON. See README.md.
+
+``--rounds N`` starts every target once and takes N interleaved turns (round, scenario,
+target). The table then gives medians, and the ratios to nginx are medians of ratios
+taken within each round, so the machine's drift (tens of percent within minutes on a
+shared VM) falls on both sides of every ratio; their range is printed too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -79,6 +85,10 @@ class Result:
     check: str | None = None  # problem found by the one-request check, None when fine
     cpu_busy: dict[int, float] = field(default_factory=dict)  # percent per CPU, timed run
     detail: str | None = None
+    round: int = 0  # with --rounds: which one (from 1); 0 for a single pass
+    #: with --rounds, on the combined row: per-round req/s and p99 ratios to nginx
+    rps_ratios: list[float] = field(default_factory=list)
+    p99_ratios: list[float] = field(default_factory=list)
 
 
 # --- command line ----------------------------------------------------------------------
@@ -101,6 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", type=csv(TARGETS), default=list(DEFAULT_TARGETS))
     parser.add_argument("--duration", type=int, default=6, help="seconds per timed wrk run")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start every target once and take this many interleaved turns; medians and "
+        "per-round ratios (default: one pass, one target at a time)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--aiolb-cmd",
@@ -306,6 +323,71 @@ class Bench:
         return results
 
 
+    def rounds(self, targets: Sequence[str], count: int) -> list[Result]:
+        """Every target started once, then ``count`` turns of (scenario, target)."""
+        scenarios = [SCENARIOS[name] for name in self.args.scenarios]
+        running: dict[str, tuple[Child | None, int]] = {}
+        results: list[Result] = []
+        try:
+            for target in targets:
+                try:
+                    running[target] = self.start(target)
+                except (StartError, OSError) as exc:
+                    print(f"   {target} failed to start: {exc}", flush=True)
+                    results += [
+                        Result(target, s.name, "failed to start", detail=str(exc))
+                        for s in scenarios
+                    ]
+            for n in range(1, count + 1):
+                print(f"-- round {n} of {count}", flush=True)
+                for scenario in scenarios:
+                    for target, (_, port) in running.items():
+                        result = self.measure(target, port, scenario)
+                        result.round = n
+                        results.append(result)
+                        print(f"   {target:<16} {scenario.name:<10} {summary(result)}", flush=True)
+        finally:
+            for child, _ in running.values():
+                if child is not None:
+                    self.session.stop(child)
+        return results
+
+
+def combine_rounds(results: list[Result]) -> list[Result]:
+    """One row per (scenario, target): medians over the rounds, and the ratios to nginx
+    taken within each round (``rps_ratios``, ``p99_ratios``)."""
+    ok = [r for r in results if r.status == "ok"]
+    ref = {(r.scenario, r.round): r for r in ok if r.target == REFERENCE}
+    rows: list[Result] = []
+    keys = dict.fromkeys((r.scenario, r.target) for r in results)
+    for scenario, target in keys:
+        mine = [r for r in ok if r.scenario == scenario and r.target == target]
+        if not mine:
+            rows.append(next(r for r in results if (r.scenario, r.target) == (scenario, target)))
+            continue
+        row = Result(
+            target, scenario, "ok",
+            rps=statistics.median(r.rps or 0.0 for r in mine),
+            p50_us=int(statistics.median(r.p50_us or 0 for r in mine)),
+            p90_us=int(statistics.median(r.p90_us or 0 for r in mine)),
+            p99_us=int(statistics.median(r.p99_us or 0 for r in mine)),
+            errors=sum(r.errors or 0 for r in mine),
+            check=next((r.check for r in mine if r.check), None),
+            cpu_busy={
+                cpu: statistics.median(r.cpu_busy.get(cpu, 0.0) for r in mine)
+                for cpu in mine[0].cpu_busy
+            },
+            round=len(mine),
+        )  # fmt: skip
+        for r in mine:
+            other = ref.get((scenario, r.round))
+            if other is not None and other.rps and r.rps and other.p99_us and r.p99_us:
+                row.rps_ratios.append(r.rps / other.rps)
+                row.p99_ratios.append(r.p99_us / other.p99_us)
+        rows.append(row)
+    return rows
+
+
 def summary(result: Result) -> str:
     if result.status != "ok":
         return f"{result.status}: {result.detail}"
@@ -321,6 +403,14 @@ def ratio(value: float | None, reference: float | None) -> str:
     if value is None or not reference:
         return "—"
     return f"{value / reference:.2f}"
+
+
+def spread(ratios: list[float]) -> str:
+    """The median of per-round ratios, and their range when there are several."""
+    middle = f"{statistics.median(ratios):.2f}"
+    if len(ratios) < 2:
+        return middle
+    return f"{middle} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def cpu_cell(result: Result, pin: Pinning) -> str:
@@ -348,8 +438,8 @@ def table_row(result: Result, ref: Result | None, pin: Pinning) -> str:
         f"{result.p50_us / 1000:.2f}",
         f"{result.p99_us / 1000:.2f}",
         errors,
-        ratio(result.rps, ref_rps),
-        ratio(result.p99_us, ref_p99),
+        spread(result.rps_ratios) if result.rps_ratios else ratio(result.rps, ref_rps),
+        spread(result.p99_ratios) if result.p99_ratios else ratio(result.p99_us, ref_p99),
         cpu_cell(result, pin),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -408,7 +498,10 @@ def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, A
     print(f"upstream: {upstream.note} on ports {upstream.ports}", flush=True)
     started = dt.datetime.now().isoformat(timespec="seconds")
     bench = Bench(args, session, upstream, pin)
-    results = [result for target in args.targets for result in bench.target(target)]
+    if args.rounds > 1:
+        results = bench.rounds(args.targets, args.rounds)
+    else:
+        results = [result for target in args.targets for result in bench.target(target)]
     machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {
         "started": started,
@@ -435,12 +528,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"configs and logs in {session.dir}")
         report = run(args, session, pin)
     results: list[Result] = report["results"]
+    rows = combine_rounds(results) if args.rounds > 1 else results
     print()
-    print(markdown(results, args.scenarios, pin))
+    if args.rounds > 1:
+        print(f"Medians of {args.rounds} interleaved rounds; ratios: the median of the rounds' "
+              "ratios (their range).\n")  # fmt: skip
+    print(markdown(rows, args.scenarios, pin))
     report["warnings"] = noise_warnings(results, pin)
     for line in report["warnings"]:
         print(line)
     report["results"] = [asdict(r) for r in results]
+    if args.rounds > 1:
+        report["combined"] = [asdict(r) for r in rows]
     print(f"JSON written to {harness.write_json(args.json_dir, 'bench', report)}")
     return 0 if all(r.status == "ok" and not r.check for r in results) else 1
 
