@@ -171,13 +171,17 @@ def request_head(
 ) -> bytes:
     """The request head sent upstream (always HTTP/1.1, keep-alive)."""
     xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
-    tail = [
-        b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n",
-        b"X-Request-ID: ", request_id, b"\r\n", VIA,
-    ]
-    if forwarded_host is not None:
-        tail += (b"X-Forwarded-Host: ", forwarded_host, b"\r\n")
-    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", *found.parts, *tail, b"\r\n"))
+    return _REQUEST_HEAD % (
+        method, target, b"".join(found.parts), xff, request_id,
+        b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
+    )  # fmt: skip
+
+
+#: One C-level format per request head (half the time of joining a list of pieces).
+_REQUEST_HEAD: Final = (
+    b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
+    b"X-Request-ID: %s\r\n" + VIA + b"%s\r\n"
+)
 
 
 # A response header that needs more than passing through (hop-by-hop or framing).
