@@ -216,7 +216,7 @@ def cpu_column(row: dict[str, Any], pin: Pinning) -> str:
 
 def markdown(rows: list[dict[str, Any]], pin: Pinning) -> str:
     out = [
-        "| algorithm | req/s | p99 ms | ratio to round_robin | errors "
+        "| algorithm | req/s | p99 ms | ratio to round_robin (range) | errors "
         "| CPU % proxy core / wrk+upstream |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -225,7 +225,7 @@ def markdown(rows: list[dict[str, Any]], pin: Pinning) -> str:
             why = (row.get("detail") or "").splitlines()[:1]
             out.append(f"| {row['algorithm']} | {row['status']} | | | | {' '.join(why)} |")
             continue
-        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "—"
+        ratio = bench.spread(row["ratios"]) if row.get("ratios") else "—"
         errors = str(row["errors"]) + (f" (check: {row['checks'][0]})" if row["checks"] else "")
         out.append(
             f"| {row['algorithm']} | {row['rps']:,.0f} | {row['p99_us'] / 1000:.2f} | {ratio} "
@@ -246,18 +246,17 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def paired_ratio(runs: list[Result], reference: list[Result]) -> float | None:
-    """The median over rounds of req/s relative to round_robin's in the same round.
+def paired_ratios(runs: list[Result], reference: list[Result]) -> list[float]:
+    """Each round's req/s relative to round_robin's in the same round.
 
     Pairing by round cancels the machine's slow drift (on shared VMs, tens of percent
     within minutes), which medians of each column alone would leave in the ratio.
     """
-    pairs = [
+    return [
         r.rps / ref.rps
         for r, ref in zip(runs, reference, strict=False)
         if r.status == "ok" and ref.status == "ok" and r.rps and ref.rps
     ]
-    return statistics.median(pairs) if pairs else None
 
 
 # --- main ------------------------------------------------------------------------------
@@ -319,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Result]] = report["runs"]
     rows = [combine(name, results) for name, results in runs.items()]
     for row in rows:
-        row["ratio"] = paired_ratio(runs[row["algorithm"]], runs[REFERENCE])
+        row["ratios"] = paired_ratios(runs[row["algorithm"]], runs[REFERENCE])
+        row["ratio"] = statistics.median(row["ratios"]) if row["ratios"] else None
     idle = "default" if args.max_idle is None else args.max_idle
     title = (
         f"{SCENARIO.name}: {SCENARIO.about}, {args.duration} s, {args.rounds} round(s), "
