@@ -199,5 +199,6 @@ class PeakEwma:
         )
         more = ", ..." if len(self._targets) > 8 else ""
         return (
-            f"<PeakEwma [decay {self._decay:g}s, floor {self._floor * 1000:.2f}ms | {costs}{more}]>"
+            f"<PeakEwma [decay {self._decay:g}s, floor {self._floor * 1000:.2f}ms | "
+            f"{costs}{more}]>"
         )
