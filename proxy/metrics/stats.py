@@ -35,7 +35,8 @@ def method_label(method: bytes) -> str:
 
 
 class Histogram:
-    """Fixed buckets (non-cumulative counts, the last one is +Inf), sum and count."""
+    """Fixed buckets (non-cumulative counts, the last one is +Inf), sum and count;
+    ``Stats.record`` fills them (inline: it runs per request)."""
 
     __slots__ = ("buckets", "count", "sum")
 
@@ -43,11 +44,6 @@ class Histogram:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
         self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
 
     def quantile(self, q: float) -> float | None:
         """Estimated ``q`` quantile (linear within a bucket), None when empty."""
@@ -80,7 +76,7 @@ class Stats:
         key = (listener, method if method in METHODS else b"OTHER", status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        duration = self.duration  # Histogram.observe, inlined: this runs per request
+        duration = self.duration
         duration.buckets[bisect_left(BUCKETS, seconds)] += 1
         duration.sum += seconds
         duration.count += 1
