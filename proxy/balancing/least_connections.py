@@ -5,9 +5,10 @@ Theory of operation. The score of an upstream is ``active / weight`` (nginx
 the first one taking every request.
 
 - Fast path, O(1): a cursor walks nginx's smooth weighted round-robin order; the
-  first idle upstream among its next ``PROBES`` turns is the answer. Zero is the
-  lowest possible score, so it is a correct one, and while the pool is lightly loaded
-  the picks follow the weighted round robin exactly (nginx breaks ties the same way).
+  first idle upstream among its next ``PROBES`` turns (the next one only, in a pool
+  that is scanned, below) is the answer. Zero is the lowest possible score, so it is
+  a correct one, and while the pool is lightly loaded the picks follow the weighted
+  round robin exactly (nginx breaks ties the same way).
 - Otherwise the lowest score wins: the first lowest at or after ``next``, which then
   moves just past it, so tied upstreams are served in turn (HAProxy's round robin
   within a load level). In a pool of up to ``SCAN_LIMIT`` upstreams the pick computes
@@ -37,6 +38,7 @@ class LeastConnections:
 
     __slots__ = (
         "_cursor",
+        "_equal",
         "_index",
         "_next",
         "_order",
@@ -54,6 +56,7 @@ class LeastConnections:
     ) -> None:
         self._targets = tuple(upstreams)
         self._weights = tuple(effective_weights(upstreams, weights))
+        self._equal = len(set(self._weights)) <= 1
         self._index = {u: i for i, u in enumerate(self._targets)}
         self._scores = [u.active / w for u, w in zip(self._targets, self._weights, strict=True)]
         #: the pool's hook, called after ``upstream.active`` changed; None: not needed
@@ -74,10 +77,13 @@ class LeastConnections:
         candidate = self._targets[order[pos]]
         if not candidate.active:  # the common case, inline
             return candidate
-        candidate = self._later_idle(order)
-        if candidate is not None:
-            return candidate
-        best = self._lowest(self._next) if self.on_active_change else self._scan(self._next)
+        if self.on_active_change is None:  # a small pool: one scan finds an idle one too
+            best = self._scan(self._next)
+        else:
+            candidate = self._later_idle(order)
+            if candidate is not None:
+                return candidate
+            best = self._lowest(self._next)
         self._next = best + 1
         return self._targets[best]
 
@@ -106,8 +112,16 @@ class LeastConnections:
         targets, weights = self._targets, self._weights
         n = len(targets)
         best = start if start < n else 0
-        low = targets[best].active / weights[best]
         i = best
+        if self._equal:  # equal weights: compare the counts themselves
+            low: float = targets[best].active
+            for _ in range(n - 1):
+                i = i + 1 if i + 1 < n else 0
+                active = targets[i].active
+                if active < low:
+                    low, best = active, i
+            return best
+        low = targets[best].active / weights[best]
         for _ in range(n - 1):
             i = i + 1 if i + 1 < n else 0
             score = targets[i].active / weights[i]
