@@ -45,7 +45,13 @@ from proxy.errors import (
     UpstreamTimeoutError,
 )
 from proxy.forwarding.retry import IDEMPOTENT
-from proxy.http.headers import RequestHeaders, ResponseHead, request_head, response_head
+from proxy.http.headers import (
+    RESPONSE_HEADS,
+    RequestHeaders,
+    ResponseHead,
+    request_head,
+    response_head,
+)
 from proxy.http.responses import CONTINUE_100, error_response
 
 if TYPE_CHECKING:
@@ -189,7 +195,8 @@ class Exchange:
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
         client = self.client
-        pool = client.listener.router.route(self.host, self.target)
+        router = client.listener.router
+        pool = router.only or router.route(self.host, self.target)
         if pool is None:
             self.local(404)
             return
@@ -434,7 +441,7 @@ class Exchange:
             now = perf_counter()
             observe(upstream, now - self.sent_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
-        found = response_head(raw)
+        found = RESPONSE_HEADS.get(raw) or response_head(raw)  # a hit costs no call
         keep = self.keep_alive and not self.client.draining
         extra = b""
         if self.head_request or status == 204 or status == 304:
@@ -468,9 +475,12 @@ class Exchange:
         self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        out = self.out  # flush_client, inlined
         if self.mode == CHUNKED:
-            self.out.append(_LAST_CHUNK)
-        self.flush_client()
+            out.append(_LAST_CHUNK)
+        if out:
+            self.out = []
+            self.client.transport.writelines(out)
         self.resp_done = True
         self.conn = None
         conn.exchange = None  # released: idle, the pool decides its fate

@@ -129,7 +129,8 @@ class Upstream:
 
         A request waiting for a connection (``max_connections`` reached) gets it first.
         """
-        if not conn.reusable():
+        t = conn.transport  # conn.reusable(), inlined: this runs per request
+        if conn.closed or t is None or t.is_closing() or conn.exchange is not None:
             conn.close()
             return
         if conn.reading_paused:
