@@ -38,7 +38,6 @@ class LeastConnections:
 
     __slots__ = (
         "_cursor",
-        "_equal",
         "_index",
         "_next",
         "_order",
@@ -56,7 +55,6 @@ class LeastConnections:
     ) -> None:
         self._targets = tuple(upstreams)
         self._weights = tuple(effective_weights(upstreams, weights))
-        self._equal = len(set(self._weights)) <= 1
         self._index = {u: i for i, u in enumerate(self._targets)}
         self._scores = [u.active / w for u, w in zip(self._targets, self._weights, strict=True)]
         #: the pool's hook, called after ``upstream.active`` changed; None: not needed
@@ -112,16 +110,8 @@ class LeastConnections:
         targets, weights = self._targets, self._weights
         n = len(targets)
         best = start if start < n else 0
-        i = best
-        if self._equal:  # equal weights: compare the counts themselves
-            low: float = targets[best].active
-            for _ in range(n - 1):
-                i = i + 1 if i + 1 < n else 0
-                active = targets[i].active
-                if active < low:
-                    low, best = active, i
-            return best
         low = targets[best].active / weights[best]
+        i = best
         for _ in range(n - 1):
             i = i + 1 if i + 1 < n else 0
             score = targets[i].active / weights[i]

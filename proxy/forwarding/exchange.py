@@ -45,13 +45,7 @@ from proxy.errors import (
     UpstreamTimeoutError,
 )
 from proxy.forwarding.retry import IDEMPOTENT
-from proxy.http.headers import (
-    RESPONSE_HEADS,
-    RequestHeaders,
-    ResponseHead,
-    request_head,
-    response_head,
-)
+from proxy.http.headers import RequestHeaders, ResponseHead, request_head, response_head
 from proxy.http.responses import CONTINUE_100, error_response
 
 if TYPE_CHECKING:
@@ -195,8 +189,7 @@ class Exchange:
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
         client = self.client
-        router = client.listener.router
-        pool = router.only or router.route(self.host, self.target)
+        pool = client.listener.router.route(self.host, self.target)
         if pool is None:
             self.local(404)
             return
@@ -216,12 +209,7 @@ class Exchange:
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
-        upstream.begin_request()  # _use(upstream), inlined: the common request's path
-        conn = upstream.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open(upstream)
+        self._use(upstream)
 
     def _use(self, upstream: Upstream) -> None:
         """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
@@ -374,8 +362,8 @@ class Exchange:
             self.pending.append(_LAST_CHUNK)
         if self.resp_done:
             self._finish(False)
-        elif self.conn is not None and not self.resp_started:  # _await_response, inlined
-            self.deadline = self.client.clock.now + self.pool.response_header_timeout  # type: ignore[union-attr]
+        elif self.conn is not None and not self.resp_started:
+            self._await_response()
 
     def _await_response(self) -> None:
         """The whole request is sent: the response header timeout starts now."""
@@ -441,7 +429,7 @@ class Exchange:
             now = perf_counter()
             observe(upstream, now - self.sent_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
-        found = RESPONSE_HEADS.get(raw) or response_head(raw)  # a hit costs no call
+        found = response_head(raw)
         keep = self.keep_alive and not self.client.draining
         extra = b""
         if self.head_request or status == 204 or status == 304:
@@ -475,24 +463,19 @@ class Exchange:
         self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
-        out = self.out  # flush_client, inlined
         if self.mode == CHUNKED:
-            out.append(_LAST_CHUNK)
-        if out:
-            self.out = []
-            self.client.transport.writelines(out)
+            self.out.append(_LAST_CHUNK)
+        self.flush_client()
         self.resp_done = True
         self.conn = None
-        conn.exchange = None  # released: idle, the pool decides its fate
+        conn.release()
         upstream = self.upstream
         assert upstream is not None
         if upstream_keep_alive and self.req_done and not self.pending:
             upstream.put_idle(conn, self.client.clock.now)
         else:
             conn.close()
-        if not self.released:  # _release_upstream, inlined
-            self.released = True
-            upstream.end_request()
+        self._release_upstream()
         if self.req_done:
             self._finish(False)
         else:

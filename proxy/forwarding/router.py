@@ -45,7 +45,7 @@ class _Route(Generic[P]):
 class Router(Generic[P]):
     """Maps ``(host, path)`` to a pool, or None when no route matches (404)."""
 
-    __slots__ = ("_by_host", "_routes", "only")
+    __slots__ = ("_by_host", "_only", "_routes")
 
     def __init__(self, routes: Sequence[tuple[str | None, str, str]], pools: Mapping[str, P]):
         """``routes``: ``(host pattern or None, path prefix, pool name)`` in config order."""
@@ -53,13 +53,11 @@ class Router(Generic[P]):
         self._by_host: dict[bytes, list[_Route[P]]] = {}
         first = self._routes[0]
         catch_all = first.host is None and first.prefix == b"/"
-        #: the pool of a catch-all first route (every request goes there), else None;
-        #: the hot path reads it before calling ``route``
-        self.only: P | None = first.pool if catch_all else None
+        self._only: P | None = first.pool if catch_all else None
 
     def route(self, host: bytes | None, path: bytes) -> P | None:
-        if self.only is not None:
-            return self.only
+        if self._only is not None:
+            return self._only
         key = normalise_host(host) if host else b""
         candidates = self._by_host.get(key)
         if candidates is None:

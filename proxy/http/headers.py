@@ -252,18 +252,18 @@ class ResponseHead:
 #: Rewritten response heads by their raw bytes. An upstream answers a run of requests
 #: with the same head until its ``Date`` ticks, so most heads are found here and not
 #: parsed again. Bounded: emptied when full; long heads are not kept.
-RESPONSE_HEADS: Final[dict[bytes, ResponseHead]] = {}
+_HEADS: Final[dict[bytes, ResponseHead]] = {}
 _HEADS_MAX: Final = 512
 _HEAD_CACHED_MAX: Final = 1024  # bytes
 
 
 def response_head(raw: bytes) -> ResponseHead:
     """``ResponseHead(raw)``, from the cache when the same head was seen recently."""
-    found = RESPONSE_HEADS.get(raw)
+    found = _HEADS.get(raw)
     if found is None:
         found = ResponseHead(raw)
         if len(raw) <= _HEAD_CACHED_MAX:
-            if len(RESPONSE_HEADS) >= _HEADS_MAX:
-                RESPONSE_HEADS.clear()
-            RESPONSE_HEADS[raw] = found
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[raw] = found
     return found

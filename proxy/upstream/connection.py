@@ -112,8 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(ex, f"invalid response from upstream: {exc}")
         if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD and self.exchange is ex:
             self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-        if ex.out:  # not flushed by the response's end
-            ex.flush_client()
+        ex.flush_client()
 
     def pause_writing(self) -> None:
         ex = self.exchange
@@ -173,6 +172,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.uses += 1
         assert self.transport is not None
         self.transport.writelines(data)
+
+    def release(self) -> None:
+        """The exchange is over; the connection is idle (the pool decides its fate)."""
+        self.exchange = None
 
     def reusable(self) -> bool:
         t = self.transport

@@ -119,7 +119,7 @@ class Upstream:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+            if conn.reusable():
                 return conn
             conn.close()
         return None
@@ -129,12 +129,10 @@ class Upstream:
 
         A request waiting for a connection (``max_connections`` reached) gets it first.
         """
-        t = conn.transport  # conn.reusable(), inlined: this runs per request
-        if conn.closed or t is None or t.is_closing() or conn.exchange is not None:
+        if not conn.reusable():
             conn.close()
             return
-        if conn.reading_paused:
-            conn.resume_reading()
+        conn.resume_reading()
         if self.waiting:
             self.waiting.popleft().dequeue(conn)
         elif len(self.idle) < self.max_idle:

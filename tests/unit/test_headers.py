@@ -68,10 +68,10 @@ def test_cached_response_head_is_the_same_rewrite(raw: bytes):
 def test_response_head_cache_is_bounded():
     for i in range(3 * headers._HEADS_MAX):
         response_head(b"HTTP/1.1 200 OK\r\nETag: %d\r\nContent-Length: 0\r\n\r\n" % i)
-        assert len(headers.RESPONSE_HEADS) <= headers._HEADS_MAX
+        assert len(headers._HEADS) <= headers._HEADS_MAX
     long = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
     assert response_head(long).head == long[:-2]
-    assert long not in headers.RESPONSE_HEADS  # long heads are rewritten every time, not kept
+    assert long not in headers._HEADS  # long heads are rewritten every time, not kept
 
 
 def test_request_headers_one_pass():
