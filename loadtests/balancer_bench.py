@@ -104,7 +104,7 @@ class BalancerBench(Bench):
         session = self.session
         ports = {name: session.port() for name in names}
         up1, up2 = self.upstream.ports
-        idle = 64 if self.args.max_idle is None else self.args.max_idle
+        idle = harness.MAX_IDLE if self.args.max_idle is None else self.args.max_idle
         listeners, pools = [], []
         for name in names:
             listeners.append(

@@ -303,6 +303,11 @@ AIOLB_VARIANTS = {
 }
 
 
+#: idle upstream connections aiolb keeps per upstream in the benchmarks (nginx's
+#: ``keepalive 64``, HAProxy's ``http-reuse always``)
+MAX_IDLE = 64
+
+
 def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "") -> Path:
     up1, up2 = upstream.ports
     text = f"""listeners:
@@ -314,7 +319,7 @@ def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "
 pools:
   bench:
     balancer: round_robin
-    max_idle_connections: 64  # like nginx's `keepalive 64` and HAProxy's reuse below
+    max_idle_connections: {MAX_IDLE}  # like nginx's `keepalive 64` and HAProxy's reuse
     upstreams:
       - {{url: "http://127.0.0.1:{up1}"}}
       - {{url: "http://127.0.0.1:{up2}"}}

@@ -125,15 +125,7 @@ def feeder(client: ClientConnection, conns: list[UpstreamConnection]) -> Callabl
     """``feed(n)``: proxy n requests through ``client``; the process time it took."""
     feed_client = client.data_received
 
-    def feed_one(n: int) -> float:  # the response goes to the one connection
-        feed_upstream = conns[0].data_received
-        start = time.process_time()
-        for _ in range(n):
-            feed_client(REQUEST)
-            feed_upstream(RESPONSE)
-        return time.process_time() - start
-
-    def feed_picked(n: int) -> float:  # to whichever connection the balancer picked
+    def feed(n: int) -> float:  # each response to the connection the balancer picked
         start = time.process_time()
         for _ in range(n):
             feed_client(REQUEST)
@@ -142,7 +134,7 @@ def feeder(client: ClientConnection, conns: list[UpstreamConnection]) -> Callabl
         assert sum(c.uses for c in conns) >= n, "upstream connections were not reused"
         return elapsed
 
-    return feed_one if len(conns) == 1 else feed_picked
+    return feed
 
 
 def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
