@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httptools
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
 
+#: Linux only: ask the kernel to acknowledge received data now rather than on its
+#: delayed-ACK timer (see ``UpstreamConnection.data_received``).
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
 
 class _HeadDone(Exception):
     """Raised inside the parser to stop it after the head of a response to HEAD."""
@@ -39,6 +46,8 @@ class _Dropped(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "ack_now",
+        "acked",
         "closed",
         "collecting",
         "exchange",
@@ -68,11 +77,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self.idle_since = 0.0
         self.uses = 0
+        self.ack_now: Callable[[], object] | None = None
+        self.acked = False  # ack_now was called during the current response
 
     # -- asyncio callbacks --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if TCP_QUICKACK is not None and sock is not None:
+            self.ack_now = partial(sock.setsockopt, socket.IPPROTO_TCP, TCP_QUICKACK, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -110,9 +124,31 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(ex, "upstream switched protocols unasked")
         except httptools.HttpParserError as exc:
             self._fail(ex, f"invalid response from upstream: {exc}")
-        if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD and self.exchange is ex:
-            self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+        if self.exchange is ex:
+            if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
+                self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+            elif not self.acked:
+                self._ack_partial()
         ex.flush_client()
+
+    def _ack_partial(self) -> None:
+        """Acknowledge the first part of a response that came in more than one read.
+
+        The proxy answers a request at a time on this connection, so the kernel treats
+        it as interactive and holds back its ACKs for up to 40 ms, hoping to send them
+        with the next request. An upstream whose socket has Nagle's algorithm on (nginx
+        with ``tcp_nopush``, the default for many static-file setups, never sets
+        TCP_NODELAY) holds the last short segment of its response until the earlier
+        ones are acknowledged; the next request waits for this response. Without this,
+        one response in a few hundred stalls for the full delayed-ACK timer. Once per
+        response: after it, the kernel leaves interactive mode until the next request.
+        """
+        self.acked = True
+        if self.ack_now is not None:
+            try:
+                self.ack_now()
+            except OSError:
+                self.ack_now = None  # the socket is going away; connection_lost follows
 
     def pause_writing(self) -> None:
         ex = self.exchange
@@ -169,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw = b""
         self.raw_start = 0
         self.collecting = True
+        self.acked = False
         self.uses += 1
         assert self.transport is not None
         self.transport.writelines(data)

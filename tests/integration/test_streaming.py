@@ -8,6 +8,7 @@ import hashlib
 import aiohttp
 from aiohttp import web
 
+from proxy.upstream.connection import TCP_QUICKACK, UpstreamConnection
 from tests.support import HOST, make_config, proxy_url
 
 MB = 1024 * 1024
@@ -118,3 +119,62 @@ async def test_slow_reader_pauses_the_upstream(recorders, proxy):
     # Kernel socket buffers on both sides hold a few MB; the proxy must not hold the rest.
     assert sent < 40 * MB
     writer.close()
+
+
+async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, monkeypatch):
+    """An upstream with Nagle's algorithm on (nginx with ``tcp_nopush``) holds the short
+    tail of a response until the first part is acknowledged, and the kernel delays that
+    ACK by up to 40 ms on a request-response connection. The proxy asks for the ACK at
+    once, one time per response that arrives in more than one read."""
+    asked = 0
+    ask = UpstreamConnection._ack_partial
+
+    def counting(conn: UpstreamConnection) -> None:
+        nonlocal asked
+        asked += 1
+        ask(conn)
+
+    monkeypatch.setattr(UpstreamConnection, "_ack_partial", counting)
+    first, rest = b"a" * 8000, b"b" * 4000
+    relayed = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if head.startswith(b"GET /small "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12000\r\n\r\n" + first)
+            await relayed.wait()  # the proxy has read the first part: the rest is a new read
+            relayed.clear()
+            writer.write(rest)
+        writer.close()
+
+    server_up = await asyncio.start_server(upstream, HOST, 0)
+    port = server_up.sockets[0].getsockname()[1]
+    try:
+        server = await proxy(make_config([f"http://{HOST}:{port}"]))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        for _ in range(3):
+            writer.write(b"GET /parts HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readexactly(len(first)), 5) == first
+            relayed.set()
+            assert await asyncio.wait_for(reader.readexactly(len(rest)), 5) == rest
+        assert asked == 3
+        for _ in range(3):  # a response read in one piece needs nothing
+            writer.write(b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
+        assert asked == 3
+        (conn,) = server.pools["main"].upstreams[0].idle  # one connection served all six
+        assert conn.uses == 6
+        if TCP_QUICKACK is not None:  # Linux: the kernel took the option every time
+            assert conn.ack_now is not None
+        writer.close()
+    finally:
+        server_up.close()
+        await server_up.wait_closed()
