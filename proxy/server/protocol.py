@@ -31,6 +31,7 @@ from proxy.clock import NEVER
 from proxy.forwarding.exchange import PIPELINE, Exchange
 from proxy.http.headers import RequestHeaders
 from proxy.http.responses import error_response
+from proxy.tcp import acknowledger, no_ack
 
 if TYPE_CHECKING:
     from proxy.server.listener import Listener
@@ -78,6 +79,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing",
         "access_log",
+        "ack_now",
+        "acked",
         "broken",
         "chunk_len",
         "client_ip",
@@ -148,12 +151,15 @@ class ClientConnection(asyncio.Protocol):
         self.broken = False
         self.draining = listener.draining
         self._advancing = False
+        self.ack_now = no_ack
+        self.acked = False  # ack_now was called during the current request
 
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.ack_now = acknowledger(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
@@ -201,6 +207,9 @@ class ClientConnection(asyncio.Protocol):
                 self.head_bytes = size
                 if size > self.max_header:
                     self.reject(431)
+            if self.phase in (HEAD, BODY) and not self.acked:
+                self.acked = True  # more of this request to come: see proxy.tcp
+                self.ack_now()
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange and ex.pending:
             ex.flush_upstream()
@@ -285,6 +294,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self.in_head = True  # whatever follows is the next request's head
         self.head_bytes = -1  # it may begin inside this read
+        self.acked = False
         self.phase = BUSY
         self.deadline = NEVER
         if ex is not None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
+from proxy.tcp import acknowledger, no_ack
 
 log = logging.getLogger("aiolb")
 
@@ -29,10 +27,6 @@ if TYPE_CHECKING:
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
-
-#: Linux only: ask the kernel to acknowledge received data now rather than on its
-#: delayed-ACK timer (see ``UpstreamConnection.data_received``).
-TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _HeadDone(Exception):
@@ -77,16 +71,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self.idle_since = 0.0
         self.uses = 0
-        self.ack_now: Callable[[], object] | None = None
+        self.ack_now = no_ack
         self.acked = False  # ack_now was called during the current response
 
     # -- asyncio callbacks --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if TCP_QUICKACK is not None and sock is not None:
-            self.ack_now = partial(sock.setsockopt, socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        self.ack_now = acknowledger(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -127,28 +119,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is ex:
             if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
                 self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-            elif not self.acked:
-                self._ack_partial()
-        ex.flush_client()
-
-    def _ack_partial(self) -> None:
-        """Acknowledge the first part of a response that came in more than one read.
-
-        The proxy answers a request at a time on this connection, so the kernel treats
-        it as interactive and holds back its ACKs for up to 40 ms, hoping to send them
-        with the next request. An upstream whose socket has Nagle's algorithm on (nginx
-        with ``tcp_nopush``, the default for many static-file setups, never sets
-        TCP_NODELAY) holds the last short segment of its response until the earlier
-        ones are acknowledged; the next request waits for this response. Without this,
-        one response in a few hundred stalls for the full delayed-ACK timer. Once per
-        response: after it, the kernel leaves interactive mode until the next request.
-        """
-        self.acked = True
-        if self.ack_now is not None:
-            try:
+            elif not self.acked:  # more of this response to come: see proxy.tcp
+                self.acked = True
                 self.ack_now()
-            except OSError:
-                self.ack_now = None  # the socket is going away; connection_lost follows
+        ex.flush_client()
 
     def pause_writing(self) -> None:
         ex = self.exchange

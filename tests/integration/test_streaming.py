@@ -8,7 +8,9 @@ import hashlib
 import aiohttp
 from aiohttp import web
 
-from proxy.upstream.connection import TCP_QUICKACK, UpstreamConnection
+from proxy.server import protocol as client_side
+from proxy.tcp import acknowledger
+from proxy.upstream import connection as upstream_side
 from tests.support import HOST, make_config, proxy_url
 
 MB = 1024 * 1024
@@ -121,20 +123,29 @@ async def test_slow_reader_pauses_the_upstream(recorders, proxy):
     writer.close()
 
 
+def _count_acks(monkeypatch, module) -> list[int]:
+    """Count the calls of every ``acknowledger`` the module makes from now on."""
+    calls = [0]
+
+    def counting(transport):
+        ack = acknowledger(transport)
+
+        def ack_now() -> None:
+            calls[0] += 1
+            ack()
+
+        return ack_now
+
+    monkeypatch.setattr(module, "acknowledger", counting)
+    return calls
+
+
 async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, monkeypatch):
     """An upstream with Nagle's algorithm on (nginx with ``tcp_nopush``) holds the short
     tail of a response until the first part is acknowledged, and the kernel delays that
     ACK by up to 40 ms on a request-response connection. The proxy asks for the ACK at
-    once, one time per response that arrives in more than one read."""
-    asked = 0
-    ask = UpstreamConnection._ack_partial
-
-    def counting(conn: UpstreamConnection) -> None:
-        nonlocal asked
-        asked += 1
-        ask(conn)
-
-    monkeypatch.setattr(UpstreamConnection, "_ack_partial", counting)
+    once, one time per response that arrives in more than one read (``proxy.tcp``)."""
+    acks = _count_acks(monkeypatch, upstream_side)
     first, rest = b"a" * 8000, b"b" * 4000
     relayed = asyncio.Event()
 
@@ -153,10 +164,9 @@ async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, mon
             writer.write(rest)
         writer.close()
 
-    server_up = await asyncio.start_server(upstream, HOST, 0)
-    port = server_up.sockets[0].getsockname()[1]
+    up = await asyncio.start_server(upstream, HOST, 0)
     try:
-        server = await proxy(make_config([f"http://{HOST}:{port}"]))
+        server = await proxy(make_config([f"http://{HOST}:{up.sockets[0].getsockname()[1]}"]))
         reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
         for _ in range(3):
             writer.write(b"GET /parts HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -165,16 +175,60 @@ async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, mon
             assert await asyncio.wait_for(reader.readexactly(len(first)), 5) == first
             relayed.set()
             assert await asyncio.wait_for(reader.readexactly(len(rest)), 5) == rest
-        assert asked == 3
+        assert acks == [3]
         for _ in range(3):  # a response read in one piece needs nothing
             writer.write(b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n")
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
-        assert asked == 3
+        assert acks == [3]
         (conn,) = server.pools["main"].upstreams[0].idle  # one connection served all six
         assert conn.uses == 6
-        if TCP_QUICKACK is not None:  # Linux: the kernel took the option every time
-            assert conn.ack_now is not None
         writer.close()
     finally:
-        server_up.close()
-        await server_up.wait_closed()
+        up.close()
+        await up.wait_closed()
+
+
+async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monkeypatch):
+    """The same on the client side: a client with Nagle on that writes a request in parts
+    waits for the ACK of the first part. Once per request that takes more than one read;
+    none for a request read whole."""
+    acks = _count_acks(monkeypatch, client_side)
+    received: list[bytes] = []
+    got = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = b""
+            while len(body) < length:
+                body += await reader.read(length - len(body))
+                got.set()
+            received.append(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    up = await asyncio.start_server(upstream, HOST, 0)
+    try:
+        server = await proxy(make_config([f"http://{HOST}:{up.sockets[0].getsockname()[1]}"]))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 12000\r\n\r\n"
+        for _ in range(3):
+            got.clear()
+            writer.write(head + b"a" * 8000)
+            await asyncio.wait_for(got.wait(), 5)  # the proxy has read and passed on part one
+            writer.write(b"b" * 4000)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
+        assert acks == [3]
+        for _ in range(3):  # a request read in one piece needs nothing
+            writer.write(head + b"c" * 12000)
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
+        assert acks == [3]
+        assert received == [b"a" * 8000 + b"b" * 4000] * 3 + [b"c" * 12000] * 3
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
