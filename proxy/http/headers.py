@@ -184,7 +184,6 @@ _REQUEST_HEAD: Final = (
 )
 
 
-# A response header that needs more than passing through (hop-by-hop or framing).
 # What in a response head needs more than passing through: a hop-by-hop or framing
 # header (group 1 names it), or an obs-fold continuation line.
 _RESPONSE_SPECIAL = re.compile(
@@ -203,14 +202,20 @@ class ResponseHead:
     the parser (strict CRLF, valid tokens), so the common head (no hop-by-hop header but
     a plain ``Connection: keep-alive`` or ``close``) is forwarded as it came, with that
     one line cut out; anything else is split into lines and filtered.
+
+    ``length`` is the body length of a common head (HTTP/1.1, a final status with a body,
+    a Content-Length), else -1; with ``status`` and ``close`` it frames a response whose
+    head the parser has seen before (``known_response_head``).
     """
 
-    __slots__ = ("chunked", "close", "has_length", "head")
+    __slots__ = ("chunked", "close", "has_length", "head", "length", "status")
 
     def __init__(self, raw: bytes) -> None:
         lower = raw.lower()
         self.has_length = b"\r\ncontent-length:" in lower
         self.chunked = self.close = False
+        self.length = -1
+        self.status = 0
         m = _RESPONSE_SPECIAL.search(lower)
         if m is None:
             head = raw[:-2]
@@ -225,7 +230,15 @@ class ResponseHead:
         else:
             self._filter(raw)
             return
-        self.head = head if raw.startswith(b"HTTP/1.1 ") else b"HTTP/1.1 " + head[9:]
+        if not raw.startswith(b"HTTP/1.1 "):
+            self.head = b"HTTP/1.1 " + head[9:]
+            return
+        self.head = head
+        status = int(raw[9:12])
+        if self.has_length and status >= 200 and status != 204 and status != 304:
+            self.status = status
+            start = lower.index(b"\r\ncontent-length:") + 17
+            self.length = int(lower[start : lower.index(b"\r\n", start)])
 
     def _filter(self, raw: bytes) -> None:
         """The general path: one pass over the header lines (obs-fold unfolded)."""
@@ -255,6 +268,12 @@ class ResponseHead:
 _HEADS: Final[dict[bytes, ResponseHead]] = {}
 _HEADS_MAX: Final = 512
 _HEAD_CACHED_MAX: Final = 1024  # bytes
+
+
+def known_response_head(raw: bytes) -> ResponseHead | None:
+    """The cached ``ResponseHead`` of ``raw``: only heads the parser has accepted (the
+    cache is filled by the exchange, from parsed responses) are found."""
+    return _HEADS.get(raw)
 
 
 def response_head(raw: bytes) -> ResponseHead:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
+from proxy.http.headers import ResponseHead, known_response_head
 from proxy.tcp import acknowledger, no_ack
 
 log = logging.getLogger("aiolb")
@@ -98,6 +99,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.responded = True
         if self.collecting:
+            if not self.raw and not ex.head_request:  # a response starts with this read
+                end = data.find(b"\r\n\r\n") + 4
+                if end > 3:
+                    head = data[:end] if end < len(data) else data
+                    known = known_response_head(head)
+                    if known is not None and known.length == len(data) - end:
+                        self._known_response(ex, known, head, data, end)
+                        return
             self.raw = data if not self.raw else self.raw + data
         try:
             self.parser.feed_data(data)
@@ -123,6 +132,21 @@ class UpstreamConnection(asyncio.Protocol):
                 self.acked = True
                 self.ack_now()
         ex.flush_client()
+
+    def _known_response(
+        self, ex: Exchange, known: ResponseHead, head: bytes, data: bytes, end: int
+    ) -> None:
+        """One read holds a whole response, with a head the parser accepted before (so
+        byte for byte the same framing): hand it on as the parser's callbacks would,
+        without parsing it again. The parser is left at a message boundary."""
+        self.collecting = False
+        if not ex.on_response_head(known.status, head):
+            self.exchange = None
+            self.close()
+            return
+        if known.length:
+            ex.on_response_body(data[end:])
+        ex.on_response_complete(self, not known.close)
 
     def pause_writing(self) -> None:
         ex = self.exchange

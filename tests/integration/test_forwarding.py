@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.upstream.connection import UpstreamConnection
 from tests.support import (
     HOST,
     RawUpstream,
@@ -310,3 +312,53 @@ async def test_routing_by_host_wildcard_and_path_prefix(recorders, proxy):
         for host, path, expected in cases:
             async with session.get(proxy_url(server, path), headers={"Host": host}) as resp:
                 assert await resp.text() == expected, (host, path)
+
+
+REPEATED = {
+    b"/plain": b"HTTP/1.1 200 OK\r\nX-Case: plain-%d\r\nContent-Length: 5\r\n\r\nhello",
+    b"/empty": b"HTTP/1.1 200 OK\r\nX-Case: empty-%d\r\nContent-Length: 0\r\n\r\n",
+    b"/missing": b"HTTP/1.1 404 Not Found\r\nX-Case: 404-%d\r\nConnection: keep-alive\r\n"
+    b"Content-Length: 9\r\n\r\nnot found",
+    b"/close": b"HTTP/1.1 200 OK\r\nX-Case: close-%d\r\nConnection: close\r\n"
+    b"Content-Length: 2\r\n\r\nok",
+}
+
+
+async def test_a_repeated_response_head_is_relayed_as_when_first_parsed(proxy, monkeypatch):
+    """An upstream repeats its response head until its ``Date`` ticks. A response read
+    whole, whose head the parser accepted before, is relayed without parsing it again:
+    the client gets the same bytes, and the upstream connection the same fate (kept, or
+    closed after ``Connection: close``)."""
+    known = 0
+    relay = UpstreamConnection._known_response
+
+    def counting(*args: Any) -> None:
+        nonlocal known
+        known += 1
+        relay(*args)
+
+    monkeypatch.setattr(UpstreamConnection, "_known_response", counting)
+    unique = id(object())  # heads that no other test has shown the proxy
+    raw = await RawUpstream(
+        {path: response % unique for path, response in REPEATED.items()},
+        close_after={b"/close"},
+    ).start()
+    try:
+        server = await proxy(make_config([raw.url]))
+        upstream = server.pools["main"].upstreams[0]
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        for path in REPEATED:
+            first = None
+            for _ in range(3):
+                writer.write(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+                response = await asyncio.wait_for(read_response(reader), 5)
+                first = first or response
+                assert response == first
+                assert len(upstream.idle) == (0 if path == b"/close" else 1)
+        assert first == (b"HTTP/1.1 200 OK", {b"x-case": b"close-%d" % unique,
+                                              b"content-length": b"2"}, b"ok")  # fmt: skip
+        assert known == 2 * len(REPEATED)  # each head parsed once, then known
+        assert raw.connections == 3  # the last two /close each needed a new one
+        writer.close()
+    finally:
+        await raw.stop()

@@ -9,6 +9,7 @@ from proxy.http.headers import (
     RequestHeaders,
     RequestIds,
     ResponseHead,
+    known_response_head,
     request_head,
     response_head,
 )
@@ -63,6 +64,33 @@ def test_cached_response_head_is_the_same_rewrite(raw: bytes):
             fresh.head, fresh.has_length, fresh.chunked, fresh.close,
         )  # fmt: skip
     assert response_head(raw) is response_head(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "framing"),
+    [
+        (OK_HEAD + b"\r\n", (200, 2, False)),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length:  17 \r\n\r\n", (404, 17, False)),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", (200, 0, True)),
+        # no fast framing: no length, a status without a body, HTTP/1.0, general filter
+        (b"HTTP/1.1 200 OK\r\nServer: up\r\n\r\n", (0, -1, False)),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", (0, -1, False)),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", (0, -1, False)),
+        (b"HTTP/1.1 101 Switching\r\nContent-Length: 0\r\n\r\n", (0, -1, False)),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", (0, -1, False)),
+        (b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nContent-Length: 2\r\n\r\n", (0, -1, False)),
+    ],
+)
+def test_common_heads_carry_their_framing(raw: bytes, framing: tuple[int, int, bool]):
+    found = ResponseHead(raw)
+    assert (found.status, found.length, found.close) == framing
+
+
+def test_only_heads_seen_before_are_known():
+    raw = b"HTTP/1.1 200 OK\r\nX-Seen: %d\r\nContent-Length: 2\r\n\r\n" % id(object())
+    assert known_response_head(raw) is None
+    found = response_head(raw)
+    assert known_response_head(bytes(raw)) is found
 
 
 def test_response_head_cache_is_bounded():
