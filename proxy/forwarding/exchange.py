@@ -57,6 +57,9 @@ log = logging.getLogger("aiolb")
 
 #: Body bytes held while no upstream connection is attached, before pausing the client.
 PENDING_HIGH_WATER: Final = 64 * 1024
+#: Below this size the pieces of one client write are joined (measured on loopback:
+#: about 0.3 µs less per response up to 4 KiB; from 16 KiB the copy costs more).
+JOIN_BELOW: Final = 8 * 1024
 
 # Response framing towards the client.
 NO_BODY: Final = 0
@@ -504,11 +507,16 @@ class Exchange:
             self.client.close()
 
     def flush_client(self) -> None:
-        """Write what one upstream read produced, in one call."""
+        """Write what one upstream read produced, in one call: small pieces joined into
+        one buffer (less work for uvloop and the kernel than a vector of them), large
+        ones passed as they are (no copy)."""
         out = self.out
         if out:
             self.out = []
-            self.client.transport.writelines(out)
+            if sum(map(len, out)) <= JOIN_BELOW:
+                self.client.transport.write(b"".join(out))
+            else:
+                self.client.transport.writelines(out)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
