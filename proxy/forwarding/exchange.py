@@ -160,7 +160,7 @@ class Exchange:
         self.replay_size = 0
         self.retried = False
         self.sent_at = 0.0
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []  # views: large bodies, not copied
         self.mode = NO_BODY
         self.resp_started = False
         self.resp_done = False
@@ -456,7 +456,7 @@ class Exchange:
         self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
         return True
 
-    def on_response_body(self, data: bytes) -> None:
+    def on_response_body(self, data: bytes | memoryview) -> None:
         mode = self.mode
         self.bytes_out += len(data)
         if mode == CHUNKED:

@@ -5,6 +5,10 @@ straight to the exchange; the exchange decides what the client sees. The connect
 only knows HTTP framing facts the exchange cannot: that a HEAD response has no body
 (httptools cannot be told, so parsing stops after the head and the parser is renewed),
 that 1xx responses precede the real one, and whether it is still reusable.
+
+A response whose head is byte for byte one the parser accepted before (the exchange's
+head cache) is framed from that head instead: its ``Content-Length`` body is counted,
+not parsed, and passed on without a copy. Anything else goes through the parser.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
-from proxy.http.headers import ResponseHead, known_response_head
+from proxy.http.headers import known_response_head
 from proxy.tcp import acknowledger, no_ack
 
 log = logging.getLogger("aiolb")
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
+#: Body bytes after a known head up to this size are copied out of the read (the
+#: exchange joins small writes anyway); more are passed on as a view of it.
+_COPY_MAX = 8 * 1024
 
 
 class _HeadDone(Exception):
@@ -43,11 +50,13 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "ack_now",
         "acked",
+        "body_left",
         "closed",
         "collecting",
         "exchange",
         "idle_since",
         "informational",
+        "keep_alive",
         "parser",
         "raw",
         "raw_start",
@@ -74,6 +83,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.uses = 0
         self.ack_now = no_ack
         self.acked = False  # ack_now was called during the current response
+        self.body_left = 0  # body bytes still to come, when ``_known`` framed the response
+        self.keep_alive = True  # the upstream keeps the connection after that response
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -98,15 +109,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
+        if self.body_left:  # more of a body framed from a known head
+            self._count_body(ex, data)
+        elif self.collecting and not self.raw and not ex.head_request and self._known(ex, data):
+            if self.exchange is not ex:  # the whole response was in this read: relayed
+                return
+        else:
+            self._parse(ex, data)
+        if self.exchange is ex:
+            if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
+                self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+            elif not self.acked:  # more of this response to come: see proxy.tcp
+                self.acked = True
+                self.ack_now()
+        ex.flush_client()
+
+    def _parse(self, ex: Exchange, data: bytes) -> None:
         if self.collecting:
-            if not self.raw and not ex.head_request:  # a response starts with this read
-                end = data.find(b"\r\n\r\n") + 4
-                if end > 3:
-                    head = data[:end] if end < len(data) else data
-                    known = known_response_head(head)
-                    if known is not None and known.length == len(data) - end:
-                        self._known_response(ex, known, head, data, end)
-                        return
             self.raw = data if not self.raw else self.raw + data
         try:
             self.parser.feed_data(data)
@@ -125,28 +144,51 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(ex, "upstream switched protocols unasked")
         except httptools.HttpParserError as exc:
             self._fail(ex, f"invalid response from upstream: {exc}")
-        if self.exchange is ex:
-            if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
-                self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-            elif not self.acked:  # more of this response to come: see proxy.tcp
-                self.acked = True
-                self.ack_now()
-        ex.flush_client()
 
-    def _known_response(
-        self, ex: Exchange, known: ResponseHead, head: bytes, data: bytes, end: int
-    ) -> None:
-        """One read holds a whole response, with a head the parser accepted before (so
-        byte for byte the same framing): hand it on as the parser's callbacks would,
-        without parsing it again. The parser is left at a message boundary."""
+    def _known(self, ex: Exchange, data: bytes) -> bool:
+        """A response starts with this read. If its head is one the parser accepted before
+        (so byte for byte the same framing: ``known_response_head``), and of the common
+        shape with a ``Content-Length`` that this read does not exceed, frame it from the
+        cached head: the body is counted, not parsed (``_count_body``), and passed on
+        without a copy. False: the parser takes the read."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        head = data[:end] if end < len(data) else data
+        known = known_response_head(head)
+        body = len(data) - end
+        if known is None or known.length < body:  # -1: not the common shape
+            return False
         self.collecting = False
         if not ex.on_response_head(known.status, head):
             self.exchange = None
             self.close()
-            return
-        if known.length:
-            ex.on_response_body(data[end:])
-        ex.on_response_complete(self, not known.close)
+            return True
+        part = data[end:] if body <= _COPY_MAX else memoryview(data)[end:]
+        if body == known.length:  # the whole response (the common case for small ones)
+            if body:
+                ex.on_response_body(part)
+            ex.on_response_complete(self, not known.close)
+            return True
+        self.keep_alive = not known.close
+        self.body_left = known.length
+        if body:
+            self._count_body(ex, part)
+        return True
+
+    def _count_body(self, ex: Exchange, data: bytes | memoryview) -> None:
+        """Body bytes of a response framed by ``_known``; the response completes when
+        ``body_left`` reaches 0. Bytes past the end are not ours (a broken upstream):
+        they are dropped with the connection."""
+        left = self.body_left - len(data)
+        if left < 0:
+            data = data[: self.body_left]
+            self.keep_alive = False
+            left = 0
+        self.body_left = left
+        ex.on_response_body(data)
+        if not left:
+            ex.on_response_complete(self, self.keep_alive)
 
     def pause_writing(self) -> None:
         ex = self.exchange

@@ -330,14 +330,15 @@ async def test_a_repeated_response_head_is_relayed_as_when_first_parsed(proxy, m
     the client gets the same bytes, and the upstream connection the same fate (kept, or
     closed after ``Connection: close``)."""
     known = 0
-    relay = UpstreamConnection._known_response
+    frame = UpstreamConnection._known
 
-    def counting(*args: Any) -> None:
+    def counting(*args: Any) -> bool:
         nonlocal known
-        known += 1
-        relay(*args)
+        framed = frame(*args)
+        known += framed
+        return framed
 
-    monkeypatch.setattr(UpstreamConnection, "_known_response", counting)
+    monkeypatch.setattr(UpstreamConnection, "_known", counting)
     unique = id(object())  # heads that no other test has shown the proxy
     raw = await RawUpstream(
         {path: response % unique for path, response in REPEATED.items()},

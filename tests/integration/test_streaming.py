@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy.server import protocol as client_side
 from proxy.tcp import acknowledger
 from proxy.upstream import connection as upstream_side
-from tests.support import HOST, make_config, proxy_url
+from tests.support import HOST, make_config, proxy_url, read_response
 
 MB = 1024 * 1024
 BLOCK = bytes(range(256)) * 4096  # 1 MiB, not all one byte
@@ -228,6 +228,138 @@ async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monk
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
         assert acks == [3]
         assert received == [b"a" * 8000 + b"b" * 4000] * 3 + [b"c" * 12000] * 3
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
+
+
+async def _serve(handler) -> tuple[asyncio.Server, str]:
+    """A raw upstream: ``handler(path, writer)`` answers each request head."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not await handler(head.split(b" ")[1], writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    return server, f"http://{HOST}:{server.sockets[0].getsockname()[1]}"
+
+
+def _count_known(monkeypatch) -> list[int]:
+    """How many responses were framed from a known head (``UpstreamConnection._known``)."""
+    framed = [0]
+    frame = upstream_side.UpstreamConnection._known
+
+    def counting(*args) -> bool:
+        known = frame(*args)
+        framed[0] += known
+        return known
+
+    monkeypatch.setattr(upstream_side.UpstreamConnection, "_known", counting)
+    return framed
+
+
+async def test_large_bodies_framed_from_a_known_head_arrive_whole(proxy, monkeypatch):
+    """Once a head is known, its responses' bodies are counted instead of parsed, over
+    many reads and passed on without copies: each of three 4 MiB bodies arrives whole,
+    on one upstream connection."""
+    framed = _count_known(monkeypatch)
+    head = b"HTTP/1.1 200 OK\r\nX-Case: large-%d\r\nContent-Length: %d\r\n\r\n" % (
+        id(object()), 4 * MB,
+    )  # fmt: skip
+
+    async def large(path: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head)
+        for _ in range(4):
+            writer.write(BLOCK)
+            await writer.drain()
+        return True
+
+    up, url = await _serve(large)
+    try:
+        server = await proxy(make_config([url]))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        for _ in range(3):
+            writer.write(b"GET /large HTTP/1.1\r\nHost: t\r\n\r\n")
+            line, _, body = await asyncio.wait_for(read_response(reader), 10)
+            assert line == b"HTTP/1.1 200 OK" and len(body) == 4 * MB
+            assert hashlib.sha256(body).hexdigest() == _digest(4 * MB)
+        assert framed == [2]  # the first was parsed; then the head was known
+        assert server.pools["main"].upstreams[0].idle[0].uses == 3
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
+
+
+async def test_a_known_head_body_cut_short_closes_the_client(proxy, monkeypatch):
+    """An upstream that closes in the middle of a counted body: the client connection is
+    closed too, so the truncated body is never presented as complete."""
+    framed = _count_known(monkeypatch)
+    head = b"HTTP/1.1 200 OK\r\nX-Case: cut-%d\r\nContent-Length: 100000\r\n\r\n" % id(object())
+
+    async def cut(path: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(head + b"a" * (100000 if path == b"/whole" else 40000))
+        await writer.drain()
+        return path == b"/whole"
+
+    up, url = await _serve(cut)
+    try:
+        server = await proxy(make_config([url]))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        writer.write(b"GET /whole HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 100000
+        writer.write(b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)  # until the proxy closes
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert rest.endswith(b"\r\n\r\n" + b"a" * 40000)  # the part that came, then EOF
+        assert framed == [1]
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
+
+
+async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
+    proxy, monkeypatch
+):
+    """Bytes past a counted body belong to no request: the response is relayed whole and
+    the upstream connection is closed, not reused out of step."""
+    framed = _count_known(monkeypatch)
+    head = b"HTTP/1.1 200 OK\r\nX-Case: extra-%d\r\nContent-Length: 12000\r\n\r\n" % id(object())
+    relayed = asyncio.Event()
+
+    async def extra(path: bytes, writer: asyncio.StreamWriter) -> bool:
+        if path != b"/extra":
+            writer.write(head + b"a" * 12000)
+            return True
+        writer.write(head + b"b" * 8000)
+        await relayed.wait()  # the proxy read the first part: the rest is a later read
+        writer.write(b"c" * 4000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        return True
+
+    up, url = await _serve(extra)
+    try:
+        server = await proxy(make_config([url]))
+        upstream = server.pools["main"].upstreams[0]
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 12000
+        writer.write(b"GET /extra HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await asyncio.wait_for(reader.readexactly(8000), 5) == b"b" * 8000
+        relayed.set()
+        assert await asyncio.wait_for(reader.readexactly(4000), 5) == b"c" * 4000
+        assert framed == [1]
+        assert not upstream.idle  # closed, not pooled
+        writer.write(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")  # the client's is kept
+        assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 12000
         writer.close()
     finally:
         up.close()
