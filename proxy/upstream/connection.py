@@ -21,7 +21,7 @@ import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
 from proxy.http.headers import known_response_head
-from proxy.tcp import acknowledger, no_ack
+from proxy.tcp import JOIN_BELOW, acknowledger, no_ack, write_pieces
 
 log = logging.getLogger("aiolb")
 
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
-#: Body bytes after a known head up to this size are copied out of the read (the
-#: exchange joins small writes anyway); more are passed on as a view of it.
-_COPY_MAX = 8 * 1024
+#: Body bytes after a known head up to this size are copied out of the read (small
+#: writes are joined anyway); more are passed on as a view of it.
+_COPY_MAX = JOIN_BELOW
 
 
 class _HeadDone(Exception):
@@ -248,7 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.acked = False
         self.uses += 1
         assert self.transport is not None
-        self.transport.writelines(data)
+        write_pieces(self.transport, data)
 
     def release(self) -> None:
         """The exchange is over; the connection is idle (the pool decides its fate)."""
