@@ -364,3 +364,53 @@ async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
     finally:
         up.close()
         await up.wait_closed()
+
+
+async def test_a_slow_reader_pauses_the_upstream_on_a_known_head(proxy, monkeypatch):
+    """Back-pressure holds when the body is counted from a known head: a client that
+    stops reading stops the upstream, and the proxy holds no more than its buffers."""
+    framed = _count_known(monkeypatch)
+    total = 200 * MB
+    head = b"HTTP/1.1 200 OK\r\nX-Case: slow-%d\r\nContent-Length: %d\r\n\r\n" % (
+        id(object()), total,
+    )  # fmt: skip
+    sent = 0
+
+    async def endless(path: bytes, writer: asyncio.StreamWriter) -> bool:
+        nonlocal sent
+        sent = 0
+        writer.write(head)
+        for _ in range(total // MB):
+            writer.write(BLOCK)
+            await writer.drain()
+            sent += MB
+        return True
+
+    up, url = await _serve(endless)
+    try:
+        server = await proxy(make_config([url]))
+        reader, writer = await asyncio.open_connection(
+            HOST, server.listeners[0].port, limit=64 * 1024
+        )
+        writer.transport.set_write_buffer_limits(0)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")  # read whole: the head is known
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        left = total
+        while left:
+            left -= len(await asyncio.wait_for(reader.read(min(left, 4 * MB)), 5))
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        await reader.readexactly(MB)  # read a little, then stop reading
+        loop = asyncio.get_running_loop()
+        last, since = sent, loop.time()
+        deadline = loop.time() + 10
+        while loop.time() - since < 0.5:  # wait until the upstream makes no progress for 0.5 s
+            assert loop.time() < deadline, "upstream never stalled"
+            await asyncio.sleep(0.05)
+            if sent != last:
+                last, since = sent, loop.time()
+        assert framed == [1]
+        assert sent < 40 * MB
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
