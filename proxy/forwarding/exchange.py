@@ -10,8 +10,8 @@ the current exchange writes to the client, so pipelined responses stay in order.
 at once; otherwise a connect task is the one task created, and only for new
 connections. Request body chunks (already de-chunked by the parser) are framed again
 and gathered in ``pending``; after each read from the client ``flush_upstream``
-writes them in one call (``proxy.tcp.write_pieces``), or, while no connection is attached yet, keeps
-them and pauses the client above the high-water mark.
+writes them in one call (``proxy.tcp.write_pieces``), or, while no connection is
+attached yet, keeps them and pauses the client above the high-water mark.
 
 Response events come from the upstream connection: the head is rewritten
 (hop-by-hop headers removed, our framing and ``Connection`` header added) and body

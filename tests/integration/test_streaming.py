@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -110,17 +113,54 @@ async def test_slow_reader_pauses_the_upstream(recorders, proxy):
     writer.transport.set_write_buffer_limits(0)
     writer.write(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
     await reader.readexactly(MB)  # read a little, then stop reading
+    # Kernel socket buffers on both sides hold a few MB; the proxy must not hold the rest.
+    assert await _until_stalled(lambda: sent) < 40 * MB
+    writer.close()
+
+
+async def _until_stalled(sent: Callable[[], int]) -> int:
+    """Wait until ``sent()`` has not grown for 0.5 s (at most 10 s); its value then."""
     loop = asyncio.get_running_loop()
-    last, since = sent, loop.time()
+    last, since = sent(), loop.time()
     deadline = loop.time() + 10
-    while loop.time() - since < 0.5:  # wait until the upstream makes no progress for 0.5 s
+    while loop.time() - since < 0.5:
         assert loop.time() < deadline, "upstream never stalled"
         await asyncio.sleep(0.05)
-        if sent != last:
-            last, since = sent, loop.time()
-    # Kernel socket buffers on both sides hold a few MB; the proxy must not hold the rest.
-    assert sent < 40 * MB
-    writer.close()
+        if sent() != last:
+            last, since = sent(), loop.time()
+    return last
+
+
+async def _serve(handler) -> tuple[asyncio.Server, str]:
+    """A raw upstream: ``await handler(head, reader, writer)`` answers each request head
+    (and reads its body, if any); a false result closes the connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not await handler(head, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    return server, f"http://{HOST}:{server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def _proxied(proxy, handler) -> AsyncIterator[tuple[Any, asyncio.StreamReader, Any]]:
+    """The proxy in front of ``_serve(handler)``, and a client connection to it."""
+    up, url = await _serve(handler)
+    try:
+        server = await proxy(make_config([url]))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        yield server, reader, writer
+        writer.close()
+    finally:
+        up.close()
+        await up.wait_closed()
 
 
 def _count_acks(monkeypatch, module) -> list[int]:
@@ -149,25 +189,17 @@ async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, mon
     first, rest = b"a" * 8000, b"b" * 4000
     relayed = asyncio.Event()
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            if head.startswith(b"GET /small "):
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                continue
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12000\r\n\r\n" + first)
-            await relayed.wait()  # the proxy has read the first part: the rest is a new read
-            relayed.clear()
-            writer.write(rest)
-        writer.close()
+    async def upstream(head: bytes, reader, writer: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /small "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12000\r\n\r\n" + first)
+        await relayed.wait()  # the proxy has read the first part: the rest is a new read
+        relayed.clear()
+        writer.write(rest)
+        return True
 
-    up = await asyncio.start_server(upstream, HOST, 0)
-    try:
-        server = await proxy(make_config([f"http://{HOST}:{up.sockets[0].getsockname()[1]}"]))
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    async with _proxied(proxy, upstream) as (server, reader, writer):
         for _ in range(3):
             writer.write(b"GET /parts HTTP/1.1\r\nHost: t\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -182,10 +214,6 @@ async def test_a_response_that_comes_in_parts_is_acknowledged_at_once(proxy, mon
         assert acks == [3]
         (conn,) = server.pools["main"].upstreams[0].idle  # one connection served all six
         assert conn.uses == 6
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
 
 
 async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monkeypatch):
@@ -196,25 +224,17 @@ async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monk
     received: list[bytes] = []
     got = asyncio.Event()
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            body = b""
-            while len(body) < length:
-                body += await reader.read(length - len(body))
-                got.set()
-            received.append(body)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        writer.close()
+    async def upstream(head: bytes, reader, writer: asyncio.StreamWriter) -> bool:
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = b""
+        while len(body) < length:
+            body += await reader.read(length - len(body))
+            got.set()
+        received.append(body)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
 
-    up = await asyncio.start_server(upstream, HOST, 0)
-    try:
-        server = await proxy(make_config([f"http://{HOST}:{up.sockets[0].getsockname()[1]}"]))
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    async with _proxied(proxy, upstream) as (_, reader, writer):
         head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 12000\r\n\r\n"
         for _ in range(3):
             got.clear()
@@ -228,27 +248,6 @@ async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monk
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
         assert acks == [3]
         assert received == [b"a" * 8000 + b"b" * 4000] * 3 + [b"c" * 12000] * 3
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
-
-
-async def _serve(handler) -> tuple[asyncio.Server, str]:
-    """A raw upstream: ``handler(path, writer)`` answers each request head."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not await handler(head.split(b" ")[1], writer):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(serve, HOST, 0)
-    return server, f"http://{HOST}:{server.sockets[0].getsockname()[1]}"
 
 
 def _count_known(monkeypatch) -> list[int]:
@@ -274,17 +273,14 @@ async def test_large_bodies_framed_from_a_known_head_arrive_whole(proxy, monkeyp
         id(object()), 4 * MB,
     )  # fmt: skip
 
-    async def large(path: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def large(request: bytes, reader, writer: asyncio.StreamWriter) -> bool:
         writer.write(head)
         for _ in range(4):
             writer.write(BLOCK)
             await writer.drain()
         return True
 
-    up, url = await _serve(large)
-    try:
-        server = await proxy(make_config([url]))
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    async with _proxied(proxy, large) as (server, reader, writer):
         for _ in range(3):
             writer.write(b"GET /large HTTP/1.1\r\nHost: t\r\n\r\n")
             line, _, body = await asyncio.wait_for(read_response(reader), 10)
@@ -292,10 +288,6 @@ async def test_large_bodies_framed_from_a_known_head_arrive_whole(proxy, monkeyp
             assert hashlib.sha256(body).hexdigest() == _digest(4 * MB)
         assert framed == [2]  # the first was parsed; then the head was known
         assert server.pools["main"].upstreams[0].idle[0].uses == 3
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
 
 
 async def test_a_known_head_body_cut_short_closes_the_client(proxy, monkeypatch):
@@ -304,15 +296,13 @@ async def test_a_known_head_body_cut_short_closes_the_client(proxy, monkeypatch)
     framed = _count_known(monkeypatch)
     head = b"HTTP/1.1 200 OK\r\nX-Case: cut-%d\r\nContent-Length: 100000\r\n\r\n" % id(object())
 
-    async def cut(path: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def cut(request: bytes, reader, writer: asyncio.StreamWriter) -> bool:
+        path = request.split(b" ")[1]
         writer.write(head + b"a" * (100000 if path == b"/whole" else 40000))
         await writer.drain()
         return path == b"/whole"
 
-    up, url = await _serve(cut)
-    try:
-        server = await proxy(make_config([url]))
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    async with _proxied(proxy, cut) as (_, reader, writer):
         writer.write(b"GET /whole HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 100000
         writer.write(b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -320,10 +310,6 @@ async def test_a_known_head_body_cut_short_closes_the_client(proxy, monkeypatch)
         assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
         assert rest.endswith(b"\r\n\r\n" + b"a" * 40000)  # the part that came, then EOF
         assert framed == [1]
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
 
 
 async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
@@ -335,7 +321,8 @@ async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
     head = b"HTTP/1.1 200 OK\r\nX-Case: extra-%d\r\nContent-Length: 12000\r\n\r\n" % id(object())
     relayed = asyncio.Event()
 
-    async def extra(path: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def extra(request: bytes, reader, writer: asyncio.StreamWriter) -> bool:
+        path = request.split(b" ")[1]
         if path != b"/extra":
             writer.write(head + b"a" * 12000)
             return True
@@ -344,11 +331,8 @@ async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
         writer.write(b"c" * 4000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         return True
 
-    up, url = await _serve(extra)
-    try:
-        server = await proxy(make_config([url]))
+    async with _proxied(proxy, extra) as (server, reader, writer):
         upstream = server.pools["main"].upstreams[0]
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
         writer.write(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 12000
         writer.write(b"GET /extra HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -360,10 +344,6 @@ async def test_bytes_after_a_known_head_body_are_dropped_with_the_connection(
         assert not upstream.idle  # closed, not pooled
         writer.write(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")  # the client's is kept
         assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"a" * 12000
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
 
 
 async def test_a_slow_reader_pauses_the_upstream_on_a_known_head(proxy, monkeypatch):
@@ -376,7 +356,7 @@ async def test_a_slow_reader_pauses_the_upstream_on_a_known_head(proxy, monkeypa
     )  # fmt: skip
     sent = 0
 
-    async def endless(path: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def endless(request: bytes, reader, writer: asyncio.StreamWriter) -> bool:
         nonlocal sent
         sent = 0
         writer.write(head)
@@ -386,12 +366,7 @@ async def test_a_slow_reader_pauses_the_upstream_on_a_known_head(proxy, monkeypa
             sent += MB
         return True
 
-    up, url = await _serve(endless)
-    try:
-        server = await proxy(make_config([url]))
-        reader, writer = await asyncio.open_connection(
-            HOST, server.listeners[0].port, limit=64 * 1024
-        )
+    async with _proxied(proxy, endless) as (_, reader, writer):
         writer.transport.set_write_buffer_limits(0)
         writer.write(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")  # read whole: the head is known
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -400,17 +375,5 @@ async def test_a_slow_reader_pauses_the_upstream_on_a_known_head(proxy, monkeypa
             left -= len(await asyncio.wait_for(reader.read(min(left, 4 * MB)), 5))
         writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
         await reader.readexactly(MB)  # read a little, then stop reading
-        loop = asyncio.get_running_loop()
-        last, since = sent, loop.time()
-        deadline = loop.time() + 10
-        while loop.time() - since < 0.5:  # wait until the upstream makes no progress for 0.5 s
-            assert loop.time() < deadline, "upstream never stalled"
-            await asyncio.sleep(0.05)
-            if sent != last:
-                last, since = sent, loop.time()
+        assert await _until_stalled(lambda: sent) < 40 * MB
         assert framed == [1]
-        assert sent < 40 * MB
-        writer.close()
-    finally:
-        up.close()
-        await up.wait_closed()
