@@ -45,7 +45,7 @@ from proxy.errors import (
     UpstreamTimeoutError,
 )
 from proxy.forwarding.retry import IDEMPOTENT
-from proxy.http.headers import RequestHeaders, ResponseHead, request_head, response_head
+from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
 from proxy.tcp import write_pieces
 
@@ -402,9 +402,9 @@ class Exchange:
             return
         self.out += (ResponseHead(raw).head, b"\r\n")
 
-    def on_response_head(self, status: int, raw: bytes) -> bool:
-        """The final response head; False when it is dropped to retry elsewhere (then the
-        connection is closed unread)."""
+    def on_response_head(self, status: int, found: ResponseHead) -> bool:
+        """The final response head, rewritten (``response_head``); False when it is
+        dropped to retry elsewhere (then the connection is closed unread)."""
         pool = self.pool
         assert pool is not None
         upstream = self.upstream
@@ -430,7 +430,6 @@ class Exchange:
             now = perf_counter()
             observe(upstream, now - self.sent_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
-        found = response_head(raw)
         keep = self.keep_alive and not self.client.draining
         extra = b""
         if self.head_request or status == 204 or status == 304:

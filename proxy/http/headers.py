@@ -270,10 +270,10 @@ _HEADS_MAX: Final = 512
 _HEAD_CACHED_MAX: Final = 1024  # bytes
 
 
-def known_response_head(raw: bytes) -> ResponseHead | None:
-    """The cached ``ResponseHead`` of ``raw``: only heads the parser has accepted (the
-    cache is filled by the exchange, from parsed responses) are found."""
-    return _HEADS.get(raw)
+#: ``known_response_head(raw)``: the cached ``ResponseHead`` of ``raw``, or None. Only
+#: heads the parser has accepted are found: the upstream connection fills the cache
+#: (``response_head``) from parsed responses. A C call, no Python frame.
+known_response_head: Final[Callable[[bytes], ResponseHead | None]] = _HEADS.get
 
 
 def response_head(raw: bytes) -> ResponseHead:

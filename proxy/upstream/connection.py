@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
-from proxy.http.headers import known_response_head
+from proxy.http.headers import known_response_head, response_head
 from proxy.tcp import JOIN_BELOW, acknowledger, no_ack, write_pieces
 
 log = logging.getLogger("aiolb")
@@ -160,7 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
         if known is None or known.length < body:  # -1: not the common shape
             return False
         self.collecting = False
-        if not ex.on_response_head(known.status, head):
+        if not ex.on_response_head(known.status, known):
             self.exchange = None
             self.close()
             return True
@@ -217,7 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.raw = b""
         self.collecting = False
-        if not ex.on_response_head(status, raw[start:end] if start or end < len(raw) else raw):
+        found = response_head(raw[start:end] if start or end < len(raw) else raw)
+        if not ex.on_response_head(status, found):
             self.exchange = None
             raise _Dropped
         if ex.head_request:
