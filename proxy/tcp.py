@@ -8,8 +8,8 @@ other way. A peer with Nagle's algorithm on (no TCP_NODELAY: nginx with
 ``tcp_nopush``, many HTTP client libraries) holds back the short last segment of
 what it writes until the earlier segments are acknowledged. When a message arrives
 in parts, each side then waits for the other: the message stalls for the full
-delayed-ACK timer. ``acknowledger`` gives the call that breaks the wait: it asks
-the kernel to acknowledge what has arrived, now. The proxy's own sockets have
+delayed-ACK timer. ``ack_now`` breaks the wait: it asks the kernel to acknowledge
+what has arrived, now. The proxy's own sockets have
 TCP_NODELAY on (uvloop's default), so the proxy never holds its own segments back.
 """
 
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Final
 
 #: Below this size the pieces of one write are joined into one buffer. Measured on
@@ -26,32 +25,24 @@ from typing import Final
 #: pieces; from 16 KiB the copy costs more than it saves.
 JOIN_BELOW: Final = 8 * 1024
 
-#: Linux only; elsewhere ``acknowledger`` gives a call that does nothing.
+#: Linux only; elsewhere ``ack_now`` does nothing.
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
-def no_ack() -> None:
-    """What ``acknowledger`` gives where the option does not exist."""
-    return None
-
-
-def acknowledger(transport: asyncio.BaseTransport) -> Callable[[], None]:
-    """A call that makes the kernel acknowledge, at once, what ``transport``'s socket
-    has received (TCP_QUICKACK). About 2 µs: call it once per message that arrives in
-    more than one read, not per read. It never raises: a socket that is closing
-    ignores it, and ``connection_lost`` follows."""
+def ack_now(transport: asyncio.BaseTransport) -> None:
+    """Make the kernel acknowledge, at once, what ``transport``'s socket has received
+    (TCP_QUICKACK). About 2 µs: call it once per message that arrives in more than one
+    read, not per read. Nothing is kept per connection. It never raises: a socket that
+    is closing ignores it, and ``connection_lost`` follows."""
+    if TCP_QUICKACK is None:
+        return
     sock = transport.get_extra_info("socket")
-    if TCP_QUICKACK is None or sock is None:
-        return no_ack
-    set_option = partial(sock.setsockopt, socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-
-    def ack_now() -> None:
-        try:
-            set_option()
-        except (OSError, ValueError):  # uvloop: ValueError once the socket is closed
-            pass
-
-    return ack_now
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+    except (OSError, ValueError):  # uvloop: ValueError once the socket is closed
+        pass
 
 
 def write_pieces(transport: asyncio.WriteTransport, pieces: Sequence[bytes | memoryview]) -> None:

@@ -31,7 +31,7 @@ from proxy.clock import NEVER
 from proxy.forwarding.exchange import PIPELINE, Exchange
 from proxy.http.headers import RequestHeaders
 from proxy.http.responses import error_response
-from proxy.tcp import acknowledger, no_ack
+from proxy.tcp import ack_now
 
 if TYPE_CHECKING:
     from proxy.server.listener import Listener
@@ -79,7 +79,6 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing",
         "access_log",
-        "ack_now",
         "acked",
         "broken",
         "chunk_len",
@@ -151,7 +150,6 @@ class ClientConnection(asyncio.Protocol):
         self.broken = False
         self.draining = listener.draining
         self._advancing = False
-        self.ack_now = no_ack
         self.acked = False  # ack_now was called during the current request
 
     # -- asyncio callbacks --------------------------------------------------------------
@@ -159,7 +157,6 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        self.ack_now = acknowledger(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
@@ -209,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
                     self.reject(431)
             if self.phase in (HEAD, BODY) and not self.acked:
                 self.acked = True  # more of this request to come: see proxy.tcp
-                self.ack_now()
+                ack_now(self.transport)
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange and ex.pending:
             ex.flush_upstream()

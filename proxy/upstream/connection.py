@@ -21,7 +21,7 @@ import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamResetError
 from proxy.http.headers import known_response_head, response_head
-from proxy.tcp import JOIN_BELOW, acknowledger, no_ack, write_pieces
+from proxy.tcp import JOIN_BELOW, ack_now, write_pieces
 
 log = logging.getLogger("aiolb")
 
@@ -48,7 +48,6 @@ class _Dropped(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "ack_now",
         "acked",
         "body_left",
         "closed",
@@ -81,7 +80,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self.idle_since = 0.0
         self.uses = 0
-        self.ack_now = no_ack
         self.acked = False  # ack_now was called during the current response
         self.body_left = 0  # body bytes still to come, when ``_known`` framed the response
         self.keep_alive = True  # the upstream keeps the connection after that response
@@ -90,7 +88,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.ack_now = acknowledger(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -121,7 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
             elif not self.acked:  # more of this response to come: see proxy.tcp
                 self.acked = True
-                self.ack_now()
+                assert self.transport is not None
+                ack_now(self.transport)
         ex.flush_client()
 
     def _parse(self, ex: Exchange, data: bytes) -> None:

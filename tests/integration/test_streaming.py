@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.server import protocol as client_side
-from proxy.tcp import acknowledger
+from proxy.tcp import ack_now
 from proxy.upstream import connection as upstream_side
 from tests.support import HOST, make_config, proxy_url, read_response
 
@@ -164,19 +164,14 @@ async def _proxied(proxy, handler) -> AsyncIterator[tuple[Any, asyncio.StreamRea
 
 
 def _count_acks(monkeypatch, module) -> list[int]:
-    """Count the calls of every ``acknowledger`` the module makes from now on."""
+    """Count the module's calls of ``proxy.tcp.ack_now`` from now on."""
     calls = [0]
 
-    def counting(transport):
-        ack = acknowledger(transport)
+    def counting(transport) -> None:
+        calls[0] += 1
+        ack_now(transport)
 
-        def ack_now() -> None:
-            calls[0] += 1
-            ack()
-
-        return ack_now
-
-    monkeypatch.setattr(module, "acknowledger", counting)
+    monkeypatch.setattr(module, "ack_now", counting)
     return calls
 
 
