@@ -212,7 +212,8 @@ class ResponseHead:
 
     def __init__(self, raw: bytes) -> None:
         lower = raw.lower()
-        self.has_length = b"\r\ncontent-length:" in lower
+        length_at = lower.find(b"\r\ncontent-length:")
+        self.has_length = length_at >= 0
         self.chunked = self.close = False
         self.length = -1
         self.status = 0
@@ -237,7 +238,7 @@ class ResponseHead:
         status = int(raw[9:12])
         if self.has_length and status >= 200 and status != 204 and status != 304:
             self.status = status
-            start = lower.index(b"\r\ncontent-length:") + 17
+            start = length_at + 17
             self.length = int(lower[start : lower.index(b"\r\n", start)])
 
     def _filter(self, raw: bytes) -> None:

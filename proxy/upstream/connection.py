@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
-#: Body bytes after a known head up to this size are copied out of the read (small
-#: writes are joined anyway); more are passed on as a view of it.
-_COPY_MAX = JOIN_BELOW
 
 
 class _HeadDone(Exception):
@@ -162,16 +159,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange = None
             self.close()
             return True
-        part = data[end:] if body <= _COPY_MAX else memoryview(data)[end:]
-        if body == known.length:  # the whole response (the common case for small ones)
-            if body:
-                ex.on_response_body(part)
-            ex.on_response_complete(self, not known.close)
-            return True
         self.keep_alive = not known.close
         self.body_left = known.length
-        if body:
-            self._count_body(ex, part)
+        # small bodies are copied out of the read (they are joined for writing anyway)
+        self._count_body(ex, data[end:] if body <= JOIN_BELOW else memoryview(data)[end:])
         return True
 
     def _count_body(self, ex: Exchange, data: bytes | memoryview) -> None:
@@ -184,7 +175,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
             left = 0
         self.body_left = left
-        ex.on_response_body(data)
+        if data:
+            ex.on_response_body(data)
         if not left:
             ex.on_response_complete(self, self.keep_alive)
 
