@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
+from proxy.upstream.connection import UpstreamConnection
 
 HOST = "127.0.0.1"
 
@@ -229,3 +230,16 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 def sha256_stream() -> Any:
     return hashlib.sha256()
+
+
+def counting_known(framed: list[int]) -> Callable[..., bool]:
+    """``UpstreamConnection._known``, counting in ``framed[0]`` the responses it framed
+    from a known head; the caller puts it in place (and takes it back)."""
+    frame = UpstreamConnection._known
+
+    def counting(conn: UpstreamConnection, ex: Any, data: bytes) -> bool:
+        known = frame(conn, ex, data)
+        framed[0] += known
+        return known
+
+    return counting

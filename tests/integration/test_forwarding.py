@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +11,7 @@ from proxy.upstream.connection import UpstreamConnection
 from tests.support import (
     HOST,
     RawUpstream,
+    counting_known,
     make_config,
     proxy_url,
     raw_exchange,
@@ -329,16 +329,8 @@ async def test_a_repeated_response_head_is_relayed_as_when_first_parsed(proxy, m
     whole, whose head the parser accepted before, is relayed without parsing it again:
     the client gets the same bytes, and the upstream connection the same fate (kept, or
     closed after ``Connection: close``)."""
-    known = 0
-    frame = UpstreamConnection._known
-
-    def counting(*args: Any) -> bool:
-        nonlocal known
-        framed = frame(*args)
-        known += framed
-        return framed
-
-    monkeypatch.setattr(UpstreamConnection, "_known", counting)
+    known = [0]
+    monkeypatch.setattr(UpstreamConnection, "_known", counting_known(known))
     unique = id(object())  # heads that no other test has shown the proxy
     raw = await RawUpstream(
         {path: response % unique for path, response in REPEATED.items()},
@@ -358,7 +350,7 @@ async def test_a_repeated_response_head_is_relayed_as_when_first_parsed(proxy, m
                 assert len(upstream.idle) == (0 if path == b"/close" else 1)
         assert first == (b"HTTP/1.1 200 OK", {b"x-case": b"close-%d" % unique,
                                               b"content-length": b"2"}, b"ok")  # fmt: skip
-        assert known == 2 * len(REPEATED)  # each head parsed once, then known
+        assert known == [2 * len(REPEATED)]  # each head parsed once, then known
         assert raw.connections == 3  # the last two /close each needed a new one
         writer.close()
     finally:

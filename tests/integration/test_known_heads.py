@@ -2,12 +2,13 @@
 same response did when the parser framed it.
 
 The upstream answers each request with the response of the current example, written in
-pieces at the example's split points. Each example sends that response twice through
-the proxy on one client connection: the first time its head is new and the parser
-frames it, the second time the head is known (``UpstreamConnection._known``) and the
-body is counted. Both answers must be the same bytes, with the right body, and the
-client connection must stay usable. Heads carry a per-example serial number, so no
-example finds a head another one left in the cache.
+pieces at the example's split points; every split falls between two reads of the
+proxy. Each example sends that response twice through the proxy on one client
+connection: the first time its head is new and the parser frames it, the second time
+the head is known (``UpstreamConnection._known``) and the body is counted. Both answers
+must be the same bytes, with the right body, and the client connection must stay
+usable. Heads carry a per-example serial number, so no example finds a head another
+one left in the cache.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 
 from proxy.runtime.server import ProxyServer
 from proxy.upstream.connection import UpstreamConnection
-from tests.support import HOST, make_config, start_proxy
+from tests.support import HOST, counting_known, make_config, start_proxy, wait_for
 
 KNOWN_SETTINGS = settings(
     max_examples=60,
@@ -42,12 +43,27 @@ SERIAL = itertools.count()
 
 
 class SplitUpstream:
-    """Answers every request with ``response``, written in pieces at ``splits``."""
+    """Answers every request with ``response``, written in pieces at ``splits``; each
+    piece only after the proxy has read everything before it, so each is a read of its
+    own. ``read`` is counted by the proxy's upstream connections (the fixture)."""
 
     def __init__(self) -> None:
         self.response = b""
         self.splits: list[int] = []
         self.server: asyncio.Server | None = None
+        self.written = 0
+        self.read = 0
+        self.progress = asyncio.Event()
+
+    def count_read(self, data: bytes) -> None:
+        self.read += len(data)
+        self.progress.set()
+
+    async def _until_read(self) -> None:
+        async with asyncio.timeout(5):
+            while self.read < self.written:
+                self.progress.clear()
+                await self.progress.wait()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, HOST, 0)
@@ -58,11 +74,13 @@ class SplitUpstream:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
                 response, start = self.response, 0
-                for end in [*self.splits, len(response)]:
+                for end in self.splits:
                     writer.write(response[start:end])
-                    await writer.drain()
-                    await asyncio.sleep(0)  # let the proxy read what is there
+                    self.written += end - start
+                    await self._until_read()
                     start = end
+                writer.write(response[start:])
+                self.written += len(response) - start
                 if b"\r\nConnection: close\r\n" in response:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -104,21 +122,22 @@ FRAMED = [0]  # responses framed from a known head, counted in the proxy's threa
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Background, int]]:
-    frame = UpstreamConnection._known
-
-    def counting(conn: UpstreamConnection, ex: Any, data: bytes) -> bool:
-        known = frame(conn, ex, data)
-        FRAMED[0] += known
-        return known
-
-    UpstreamConnection._known = counting  # type: ignore[method-assign]
     background = Background()
+    frame, receive = UpstreamConnection._known, UpstreamConnection.data_received
+
+    def counting_receive(conn: UpstreamConnection, data: bytes) -> None:
+        background.upstream.count_read(data)
+        receive(conn, data)
+
+    UpstreamConnection._known = counting_known(FRAMED)  # type: ignore[method-assign]
+    UpstreamConnection.data_received = counting_receive  # type: ignore[method-assign]
     try:
         port = background.start()
         yield background, port
     finally:
         background.stop()
         UpstreamConnection._known = frame  # type: ignore[method-assign]
+        UpstreamConnection.data_received = receive  # type: ignore[method-assign]
 
 
 def read_response(sock: socket.socket, buffered: bytes) -> tuple[bytes, bytes]:
@@ -185,6 +204,6 @@ def test_known_head_framing_matches_the_parsers(served, shape, cuts) -> None:
         sock.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")  # the client's is kept
         third, _ = read_response(sock, b"")
         assert third == first
-    background.call(asyncio.sleep(0))  # the proxy's callbacks for the third have returned
     if not background.upstream.splits or background.upstream.splits[0] >= len(head):
-        assert FRAMED[0] - framed == 2  # the head came whole in a read: known twice
+        # the head came whole in a read: known twice (counted once the relay returns)
+        background.call(wait_for(lambda: FRAMED[0] - framed == 2))

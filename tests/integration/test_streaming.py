@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.server import protocol as client_side
 from proxy.tcp import ack_now
 from proxy.upstream import connection as upstream_side
-from tests.support import HOST, make_config, proxy_url, read_response
+from tests.support import HOST, counting_known, make_config, proxy_url, read_response
 
 MB = 1024 * 1024
 BLOCK = bytes(range(256)) * 4096  # 1 MiB, not all one byte
@@ -248,14 +248,7 @@ async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monk
 def _count_known(monkeypatch) -> list[int]:
     """How many responses were framed from a known head (``UpstreamConnection._known``)."""
     framed = [0]
-    frame = upstream_side.UpstreamConnection._known
-
-    def counting(*args) -> bool:
-        known = frame(*args)
-        framed[0] += known
-        return known
-
-    monkeypatch.setattr(upstream_side.UpstreamConnection, "_known", counting)
+    monkeypatch.setattr(upstream_side.UpstreamConnection, "_known", counting_known(framed))
     return framed
 
 
