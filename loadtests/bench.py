@@ -310,8 +310,7 @@ class Bench:
         try:
             child, port = self.start(target)
         except (StartError, OSError) as exc:
-            print(f"   {target} failed to start: {exc}", flush=True)
-            return [Result(target, s.name, "failed to start", detail=str(exc)) for s in scenarios]
+            return failed_to_start(target, scenarios, exc)
         results = []
         try:
             for scenario in scenarios:
@@ -321,7 +320,6 @@ class Bench:
             if child is not None:
                 self.session.stop(child)
         return results
-
 
     def rounds(self, targets: Sequence[str], count: int) -> list[Result]:
         """Every target started once, then ``count`` turns of (scenario, target)."""
@@ -333,11 +331,7 @@ class Bench:
                 try:
                     running[target] = self.start(target)
                 except (StartError, OSError) as exc:
-                    print(f"   {target} failed to start: {exc}", flush=True)
-                    results += [
-                        Result(target, s.name, "failed to start", detail=str(exc))
-                        for s in scenarios
-                    ]
+                    results += failed_to_start(target, scenarios, exc)
             for n in range(1, count + 1):
                 print(f"-- round {n} of {count}", flush=True)
                 for scenario in scenarios:
@@ -351,6 +345,11 @@ class Bench:
                 if child is not None:
                     self.session.stop(child)
         return results
+
+
+def failed_to_start(target: str, scenarios: Sequence[Scenario], exc: Exception) -> list[Result]:
+    print(f"   {target} failed to start: {exc}", flush=True)
+    return [Result(target, s.name, "failed to start", detail=str(exc)) for s in scenarios]
 
 
 def combine_rounds(results: list[Result]) -> list[Result]:
