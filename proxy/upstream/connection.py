@@ -88,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = None  # type: ignore[assignment]  # a cycle: see ClientConnection
         upstream = self.upstream
         upstream.connection_closed()
         ex = self.exchange

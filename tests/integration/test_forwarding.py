@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +17,7 @@ from tests.support import (
     proxy_url,
     raw_exchange,
     read_response,
+    wait_for,
 )
 
 
@@ -355,3 +357,35 @@ async def test_a_repeated_response_head_is_relayed_as_when_first_parsed(proxy, m
         writer.close()
     finally:
         await raw.stop()
+
+
+async def test_closed_connections_are_freed_without_the_cyclic_gc(recorders, proxy):
+    """A connection's parser holds bound methods of the connection (a reference cycle).
+    Closing drops the parser, so closed client and upstream connections are freed at
+    once: with connections closing all the time (``max_requests_per_connection``), the
+    cyclic GC would otherwise collect them in pauses of a millisecond or more."""
+    from proxy.server.protocol import ClientConnection
+
+    up = await recorders("a")
+    server = await proxy(make_config([up.url], pool={"max_idle_connections": 0}))
+    listener, upstream = server.listeners[0], server.pools["main"].upstreams[0]
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(5):
+            reader, writer = await asyncio.open_connection(HOST, listener.port)
+            writer.write(b"GET /g%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            status, _, body = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK" and body == b"a"
+            writer.close()
+            await writer.wait_closed()
+        await wait_for(lambda: not listener.connections and upstream.conns == 0)
+
+        def connection_objects() -> list[object]:
+            kinds = (ClientConnection, UpstreamConnection)
+            return [o for o in gc.get_objects() if isinstance(o, kinds)]
+
+        # freed by reference counting once the transports let go (the GC is off)
+        await wait_for(lambda: not connection_objects(), timeout=2.0)
+    finally:
+        gc.enable()
