@@ -48,7 +48,9 @@ def ack_now(transport: asyncio.BaseTransport) -> None:
 def write_pieces(transport: asyncio.WriteTransport, pieces: Sequence[bytes | memoryview]) -> None:
     """Write ``pieces`` in one call: joined into one buffer when small (less work for
     uvloop and the kernel than a vector), as they are when large (no copy)."""
-    if sum(map(len, pieces)) <= JOIN_BELOW:
+    if len(pieces) == 1:  # a request head alone, one read's body: no sizes to add up
+        transport.write(pieces[0])
+    elif sum(map(len, pieces)) <= JOIN_BELOW:
         transport.write(b"".join(pieces))
     else:
         transport.writelines(pieces)
