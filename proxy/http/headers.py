@@ -84,6 +84,7 @@ class RequestHeaders:
     __slots__ = (
         "chunked",
         "close",
+        "connection",
         "content_length",
         "expect_continue",
         "forwarded_for",
@@ -131,6 +132,8 @@ class RequestHeaders:
             self.close = b"close" in listed
             parts = _remove_listed(parts, listed)
         self.parts = parts
+        #: the tokens of the ``Connection`` headers, None when there is none
+        self.connection = listed
 
     def set_host(self, host: bytes) -> None:
         """Replace ``Host`` by an absolute-form target's authority (RFC 9112 3.2.2)."""

@@ -389,3 +389,36 @@ async def test_closed_connections_are_freed_without_the_cyclic_gc(recorders, pro
         await wait_for(lambda: not connection_objects(), timeout=2.0)
     finally:
         gc.enable()
+
+
+async def test_connection_header_and_version_decide_keep_alive(recorders, proxy):
+    """HTTP/1.1 stays open unless it says close; HTTP/1.0 only when it says keep-alive
+    (and is told so); whatever the Connection header, the version is read right."""
+    up = await recorders("a")
+    server = await proxy(make_config([up.url]))
+    port = server.listeners[0].port
+    cases = [
+        (b"HTTP/1.1", b"", True),
+        (b"HTTP/1.1", b"Connection: keep-alive\r\n", True),
+        (b"HTTP/1.1", b"Connection: close\r\n", False),
+        (b"HTTP/1.0", b"", False),
+        (b"HTTP/1.0", b"Connection: keep-alive\r\n", True),
+        (b"HTTP/1.0", b"Connection: close\r\n", False),
+    ]
+    for version, connection, kept in cases:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        request = b"GET /v " + version + b"\r\nHost: t\r\n" + connection
+        try:
+            for _ in range(2 if kept else 1):
+                writer.write(request + b"\r\n")
+                status, headers, body = await read_response(reader)
+                assert status == b"HTTP/1.1 200 OK" and body == b"a", (version, connection)
+                said = headers.get(b"connection", b"").lower()
+                if version == b"HTTP/1.0":
+                    assert said == (b"keep-alive" if kept else b"close"), (version, connection)
+                else:
+                    assert said == (b"" if kept else b"close"), (version, connection)
+            if not kept:  # the proxy closes after the response
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            writer.close()

@@ -134,3 +134,28 @@ def test_duplicate_host_is_refused():
 def test_request_ids_are_unique():
     ids = RequestIds()
     assert len({ids.next() for _ in range(1000)}) == 1000
+
+
+def test_the_parser_keeps_only_http11_alive_without_a_connection_header():
+    """``ClientConnection.on_headers_complete`` takes a request the parser keeps alive and
+    that has no ``Connection`` header as HTTP/1.1 without asking for the version: true of
+    every version the parser accepts (0.9, 1.0, 1.1, 2.0; the others it refuses)."""
+    import httptools
+
+    class Heads:
+        def on_headers_complete(self) -> None:
+            pass
+
+    accepted, kept = set(), set()
+    for major in range(10):
+        for minor in range(10):
+            parser = httptools.HttpRequestParser(Heads())
+            try:
+                parser.feed_data(b"GET / HTTP/%d.%d\r\nHost: a\r\n\r\n" % (major, minor))
+            except httptools.HttpParserError:
+                continue
+            accepted.add(parser.get_http_version())
+            if parser.should_keep_alive():
+                kept.add(parser.get_http_version())
+    assert kept == {"1.1"}
+    assert accepted == {"0.9", "1.0", "1.1", "2.0"}
