@@ -8,6 +8,7 @@ import gc
 import aiohttp
 from aiohttp import web
 
+from proxy.server.protocol import ClientConnection
 from proxy.upstream.connection import UpstreamConnection
 from tests.support import (
     HOST,
@@ -364,8 +365,6 @@ async def test_closed_connections_are_freed_without_the_cyclic_gc(recorders, pro
     Closing drops the parser, so closed client and upstream connections are freed at
     once: with connections closing all the time (``max_requests_per_connection``), the
     cyclic GC would otherwise collect them in pauses of a millisecond or more."""
-    from proxy.server.protocol import ClientConnection
-
     up = await recorders("a")
     server = await proxy(make_config([up.url], pool={"max_idle_connections": 0}))
     listener, upstream = server.listeners[0], server.pools["main"].upstreams[0]
