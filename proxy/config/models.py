@@ -436,10 +436,22 @@ class Backoff(ConfigModel):
 
 class RetryBudget(ConfigModel):
     """Retries may add at most ``percent`` % to a pool's requests (over about ten
-    seconds), plus a reserve of ``min_retries`` so that quiet pools can still retry."""
+    seconds), plus a reserve of ``min_retries_per_second`` so that a quiet or freshly
+    started pool can still retry (Finagle's ``minRetriesPerSec``)."""
 
     percent: Annotated[float, Field(ge=0, le=100)] = 20.0
-    min_retries: Annotated[int, Field(ge=0)] = 3
+    min_retries_per_second: Annotated[float, Field(ge=0)] = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "min_retries" in data:
+            raise ValueError(
+                "'min_retries' (a fixed reserve of retries) was replaced by "
+                "'min_retries_per_second' (a reserve that refills every second; "
+                "default 10): rename the key"
+            )
+        return data
 
 
 class Retries(ConfigModel):

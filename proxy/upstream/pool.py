@@ -414,8 +414,8 @@ class Pool:
         self.retries = previous.retries
         self.overflows = previous.overflows
         self.requests = previous.requests
-        budget, fresh_budget = previous.retry.budget, self.retry.budget
-        budget.ratio, budget.reserve = fresh_budget.ratio, fresh_budget.reserve
+        budget, new_budget = previous.retry.budget, self.retry.budget
+        budget.retune(new_budget.ratio * 100, new_budget.rate)
         self.retry.budget = budget  # the balance carries on: spent tokens stay spent
         for key in self.discovered:  # dns:// entries in both: start from the last answer
             hosts = previous.discovered.get(key)

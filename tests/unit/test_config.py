@@ -244,6 +244,17 @@ def test_balancer_errors(tmp_path: Path) -> None:
     ]
 
 
+def test_retry_budget_old_reserve_key_is_refused_with_the_new_name(tmp_path: Path) -> None:
+    text = VALID + "    retries:\n      budget: {percent: 20, min_retries: 3}\n"
+    assert problems(tmp_path, text) == [
+        "F:12: pools.web.retries.budget: 'min_retries' (a fixed reserve of retries) was "
+        "replaced by 'min_retries_per_second' (a reserve that refills every second; "
+        "default 10): rename the key"
+    ]
+    rate = VALID + "    retries:\n      budget: {min_retries_per_second: 2.5}\n"
+    assert load(tmp_path, rate).pools["web"].retries.budget.min_retries_per_second == 2.5
+
+
 # --- loading: FILE:LINE errors ------------------------------------------------------------
 
 
