@@ -107,12 +107,12 @@ class Exchange:
         "resp_eof",
         "resp_started",
         "retried",
-        "sent_at",
         "started",
         "status",
         "target",
         "task",
         "tried",
+        "tried_at",
         "upstream",
     )
 
@@ -157,7 +157,6 @@ class Exchange:
         self.opening = False  # a connect task counted in ``conns`` has not started yet
         self.replay_size = 0
         self.retried = False
-        self.sent_at = 0.0
         self.out: list[bytes | memoryview] = []  # views: large bodies, not copied
         self.mode = NO_BODY
         self.resp_started = False
@@ -169,7 +168,10 @@ class Exchange:
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
-        self.started = perf_counter() if client.record else 0.0
+        self.started = perf_counter()
+        #: when the current attempt started (a retry's, once there is one): the start of
+        #: the latency a learning balancer is given (``Pool.observe``)
+        self.tried_at = self.started
 
     # -- RequestView, for balancers ---------------------------------------------------
 
@@ -328,8 +330,6 @@ class Exchange:
         else:
             self.replay = None
         self.conn = conn
-        if pool.observe is not None:
-            self.sent_at = perf_counter()
         pending.insert(0, self.head)
         self.pending = []
         self.pending_size = 0
@@ -428,7 +428,7 @@ class Exchange:
         observe = pool.observe
         if observe is not None:
             now = perf_counter()
-            observe(upstream, now - self.sent_at, now)
+            observe(upstream, now - self.tried_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
         keep = self.keep_alive and not self.client.draining
         extra = b""
@@ -657,6 +657,7 @@ class Exchange:
         self.upstream = upstream
         self.released = False
         self.attempts += 1
+        self.tried_at = perf_counter()
         self._use(upstream)
 
     def _pick_untried(self) -> Upstream | None:

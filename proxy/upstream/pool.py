@@ -301,7 +301,7 @@ class Pool:
         old, new = self._balancer, self._factory(chosen, self._options, weights)
         inherit = getattr(new, "inherit", None)
         if inherit is not None:  # carry learned state (e.g. latency averages) across
-            inherit(old)
+            inherit(old, time.perf_counter())  # the clock ``observe`` is given
         self._balancer = new
         self.pick = new.pick
         self.observe = getattr(new, "observe", None)
