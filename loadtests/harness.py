@@ -295,7 +295,8 @@ def start_upstream(session: Session, cpus: str | None, workers: int, kind: str) 
 # --- proxies under test ----------------------------------------------------------------
 
 
-#: aiolb variants for the cost of observability, measured in the same run.
+#: aiolb variants, measured in the same run: ``aiolb`` is the shipped defaults; the
+#: others add one top-level section each (the cost of observability).
 AIOLB_VARIANTS = {
     "aiolb": "",
     "aiolb-nometrics": "metrics: {enabled: false}\n",
@@ -303,27 +304,29 @@ AIOLB_VARIANTS = {
 }
 
 
-#: idle upstream connections aiolb keeps per upstream in the benchmarks (nginx's
-#: ``keepalive 64``, HAProxy's ``http-reuse always``)
-MAX_IDLE = 64
-
-
-def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "") -> Path:
-    up1, up2 = upstream.ports
+def aiolb_config(
+    session: Session,
+    port: int,
+    upstream: Upstream,
+    extra: str = "",
+    pool: str = "",
+    ports: Sequence[int] | None = None,
+) -> Path:
+    """The documented minimal config: a listener, a pool of the upstream ports (or of
+    ``ports``) and the admin address, everything else at its default. ``extra``:
+    top-level YAML to add; ``pool``: lines to add to the pool (indented four spaces)."""
+    upstreams = "".join(
+        f'      - url: "http://127.0.0.1:{p}"\n' for p in (ports or upstream.ports)
+    )
     text = f"""listeners:
   - name: bench
     bind: "127.0.0.1:{port}"
     routes:
-      - match: {{path_prefix: "/"}}
-        pool: bench
+      - pool: bench
 pools:
   bench:
-    balancer: round_robin
-    max_idle_connections: {MAX_IDLE}  # like nginx's `keepalive 64` and HAProxy's reuse
-    upstreams:
-      - {{url: "http://127.0.0.1:{up1}"}}
-      - {{url: "http://127.0.0.1:{up2}"}}
-admin:
+{pool}    upstreams:
+{upstreams}admin:
   bind: "127.0.0.1:{session.port()}"
 """ + extra.replace("ACCESS_LOG", str(session.path("access.log")))
     path = session.path("aiolb.yaml")

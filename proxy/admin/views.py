@@ -10,7 +10,8 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
                                "healthy": true, "enabled": true, "drained": false,
                                "available": true, "active": 1, "idle": 4,
                                "ejected": false, "ejected_until": null, "ejections": 0,
-                               "connections": 5, "waiting": 0,
+                               "connections": 5, "connections_opened": 5,
+                               "waiting": 0,
                                "requests": 120, "errors": 3, "connect_errors": 0,
                                "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
                                "p99_ms": 8.7}]}]}
@@ -20,7 +21,8 @@ start; ``rate`` (requests/s), ``error_rate`` (fraction of those that were 5xx) a
 latency quantiles cover the last ``window_s`` seconds. ``healthy`` is the active checks'
 verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null.
 ``connections`` counts open upstream connections (busy, idle or connecting) against
-``max_connections``; ``waiting`` the requests queued for one.
+``max_connections``, ``connections_opened`` every one established since the start (flat
+under a steady load: connections are reused); ``waiting`` the requests queued for one.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def upstream_view(
         "requests": stats.total,
         "errors": stats.errors,
         "connect_errors": stats.connect_errors,
+        "connections_opened": stats.connections_opened,
         **recent.recent(pool, upstream.address, stats),
     }
 

@@ -517,12 +517,19 @@ class UpstreamSpec(ConfigModel):
 
 
 class Pool(ConfigModel):
-    """A set of upstreams behind one balancer. ``max_idle_connections`` is per upstream."""
+    """A set of upstreams behind one balancer.
+
+    ``max_idle_connections``: idle keep-alive connections kept per upstream; None (the
+    default) keeps every connection that ends a response cleanly, up to the upstream's
+    ``max_connections``, and ``timeouts.idle`` trims the ones not used (HAProxy's and
+    Envoy's unbounded idle pools). A lower cap closes connections a steady load needs
+    again a moment later.
+    """
 
     balancer: BalancerSpec = BalancerSpec()
     upstreams: Annotated[list[UpstreamSpec], Field(min_length=1)]
     timeouts: PoolTimeouts = PoolTimeouts()
-    max_idle_connections: Annotated[int, Field(ge=0)] = 32
+    max_idle_connections: Annotated[int, Field(ge=0)] | None = None
     #: seconds over which an upstream that became available ramps its weight from 10%
     #: to 100% (HAProxy ``slowstart``); None: at once
     slow_start: Annotated[Duration, Field(gt=0)] | None = None

@@ -142,6 +142,12 @@ class ProxyCollector(Collector):
             "aiolb_upstream_connect_errors", "Failed connection attempts to the upstream.",
             labels=UPSTREAM_LABELS,
         )  # fmt: skip
+        opened = CounterMetricFamily(
+            "aiolb_upstream_connections_opened",
+            "Connections established to the upstream (steady load reuses them: a rate "
+            "above zero under steady load means the idle pool closes what it needs).",
+            labels=UPSTREAM_LABELS,
+        )
         ejections = CounterMetricFamily(
             "aiolb_upstream_ejections", "Times passive outlier detection ejected the upstream.",
             labels=UPSTREAM_LABELS,
@@ -156,9 +162,10 @@ class ProxyCollector(Collector):
                 up.add_metric(labels, 1.0 if upstream.available else 0.0)
                 active.add_metric(labels, upstream.active)
                 errors.add_metric(labels, upstream.stats.connect_errors)
+                opened.add_metric(labels, upstream.stats.connections_opened)
                 ejections.add_metric(labels, upstream.ejections)
                 _add_checks(checks, labels, upstream)
-        yield from (up, active, errors, ejections, checks)
+        yield from (up, active, errors, opened, ejections, checks)
 
     def _retries(self) -> Iterator[Metric]:
         retries = CounterMetricFamily(

@@ -2,8 +2,12 @@
 
 Bookkeeping is synchronous (STYLE 2): ``take_idle`` and ``put_idle`` decide in plain
 code which connection to reuse or close; the only await is opening a new connection.
-Idle connections are kept LIFO (the most recently used is the most likely alive) and
-closed after ``timeouts.idle`` or beyond ``max_idle_connections``.
+Idle connections are kept LIFO: the most recently used is reused first (the most
+likely alive), so under a steady load the same connections serve every request and
+the ones a past peak opened sit at the cold end until ``timeouts.idle`` closes them.
+By default every connection that ends a response cleanly is kept (up to
+``max_connections``): a cap below the concurrency would close connections that the
+next burst of requests opens again.
 
 A pool's balancer sees only the available upstreams (primaries, or the backups when
 no primary is available) and is rebuilt whenever that set changes, never per request.
@@ -92,8 +96,9 @@ class Upstream:
         self.conns = 0
         self.waiting: deque[Exchange] = deque()
         self.idle: deque[UpstreamConnection] = deque()
-        #: idle connections kept (the pool's ``max_idle_connections``; 0 once removed)
-        self.max_idle = pool.max_idle
+        #: idle connections kept (the pool's ``max_idle_connections``, by default as many
+        #: as may be open; 0 once removed)
+        self.max_idle = self.max_connections if pool.max_idle is None else pool.max_idle
         self.stats = Stats()
 
     @property
@@ -182,6 +187,7 @@ class Upstream:
         except BaseException:  # cancelled: the client went away
             self.connection_closed()
             raise
+        self.stats.connections_opened += 1
         return conn
 
     def __repr__(self) -> str:
@@ -261,7 +267,8 @@ class Pool:
         self.response_header_timeout = min(t.response_header, per_try or t.response_header)
         self.idle_timeout = t.idle
         self.read_timeout = t.read
-        self.max_idle = config.max_idle_connections
+        #: ``max_idle_connections``; None: each upstream's ``max_connections``
+        self.max_idle: int | None = config.max_idle_connections
         static = [spec for spec in config.upstreams if not spec.dns]
         self.static_addresses = frozenset(spec.address for spec in static)
         self.upstreams = [Upstream(spec, self) for spec in static]

@@ -37,6 +37,7 @@ CONTRACT = {
     "aiolb_upstream_up": "gauge",
     "aiolb_upstream_active_requests": "gauge",
     "aiolb_upstream_connect_errors_total": "counter",
+    "aiolb_upstream_connections_opened_total": "counter",
     "aiolb_retries_total": "counter",
     "aiolb_retries_denied_total": "counter",
     "aiolb_circuit_breaker_overflows_total": "counter",
@@ -48,7 +49,8 @@ CONTRACT = {
 }
 UPSTREAM_FIELDS = {
     "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
-    "idle", "ejected", "ejected_until", "ejections", "connections", "waiting", "requests",
+    "idle", "ejected", "ejected_until", "ejections", "connections", "connections_opened",
+    "waiting", "requests",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 

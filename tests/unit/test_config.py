@@ -132,7 +132,7 @@ def test_every_default() -> None:
     assert listener.limits == Limits(max_header_size=65536, max_uri_size=8192, max_body_size=None)
     assert listener.routes[0].match == Match(host=None, path_prefix="/")
     assert (pool.balancer.name, pool.balancer.options, pool.max_idle_connections) == (
-        "round_robin", {}, 32)  # fmt: skip
+        "round_robin", {}, None)  # fmt: skip
     assert pool.timeouts == PoolTimeouts(connect=3.0, response_header=30.0, idle=60.0, read=60.0)
     assert (pool.upstreams[0].weight, pool.upstreams[0].backup) == (1, False)
 
