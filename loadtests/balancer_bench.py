@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if REFERENCE not in args.algorithms:
         args.algorithms.insert(0, REFERENCE)
     args.scenarios = [SCENARIO.name]  # what Bench.target runs
+    args.pinning = ["unpinned" if args.no_pin else "pinned"]
     args.rounds = max(1, args.rounds)
     return args
 

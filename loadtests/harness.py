@@ -171,6 +171,21 @@ def plan_pinning() -> Pinning:
     return Pinning(str(proxy), load, f"proxy on CPU {proxy}; wrk and upstream on CPU(s) {load}")
 
 
+#: Every process free to use every core, as a user runs it.
+UNPINNED = Pinning(None, None, "not pinned: every process may use every core")
+
+
+def set_affinity(pid: int, cpus: str | None) -> None:
+    """Move ``pid``, its children and all their threads onto ``cpus`` (``"1"``,
+    ``"0,1"``; None: every CPU this script may use), while they run."""
+    wanted = {int(c) for c in cpus.split(",")} if cpus else os.sched_getaffinity(0)
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{member}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), wanted)
+
+
 def raise_nofile(want: int = 65536) -> int:
     """Raise RLIMIT_NOFILE (children inherit it); returns the soft limit now in force."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
