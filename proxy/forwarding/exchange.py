@@ -47,7 +47,7 @@ from proxy.errors import (
 from proxy.forwarding.retry import IDEMPOTENT
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
-from proxy.tcp import write_pieces
+from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
     from proxy.server.protocol import ClientConnection
@@ -330,10 +330,10 @@ class Exchange:
         else:
             self.replay = None
         self.conn = conn
-        pending.insert(0, self.head)
-        self.pending = []
-        self.pending_size = 0
-        conn.send(self, pending)
+        if pending:
+            self.pending = []
+            self.pending_size = 0
+        conn.send(self, self.head, pending)
         if self.client.paused:
             self.client.resume(BODY_WAIT)
         if self.req_done:
@@ -451,6 +451,61 @@ class Exchange:
         elif not self.http_minor:
             extra += b"Connection: keep-alive\r\n"
         self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
+        return True
+
+    def relay_whole(
+        self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
+    ) -> bool:
+        """The fast path: the whole response, framed by a known head (``Content-Length``
+        with ``body`` complete, HTTP/1.1, a final status with a body), arrived in one
+        read of ``conn``: relay and complete it in one step, with the client's head and
+        body in one write. False (nothing done) unless the request was sent whole and
+        the status needs no retry or passive-health decision; then the general path
+        (``on_response_head``, ``on_response_body``, ``on_response_complete``) takes the
+        same response, to the same bytes (a property test holds the two together)."""
+        pool = self.pool
+        assert pool is not None
+        status = known.status
+        if (
+            not self.req_done
+            or self.pending
+            or status in pool.retry.statuses
+            or (status >= 500 and pool.outlier is not None and pool.outlier.with_5xx)
+        ):
+            return False
+        upstream = self.upstream
+        assert upstream is not None
+        if upstream.failures:  # an answer: the run of failures is over
+            upstream.failures = 0
+        self.status = status
+        self.replay = None
+        self.resp_started = self.resp_done = True
+        observe = pool.observe
+        if observe is not None:
+            now = perf_counter()
+            observe(upstream, now - self.tried_at, now)
+        client = self.client
+        keep = self.keep_alive = self.keep_alive and not client.draining
+        if not keep:
+            end = b"Connection: close\r\n\r\n"
+        elif self.http_minor:
+            end = b"\r\n"
+        else:
+            end = b"Connection: keep-alive\r\n\r\n"
+        size = self.bytes_out = len(body)
+        if size <= JOIN_BELOW:
+            client.transport.write(b"".join((known.head, end, body)))
+        else:
+            client.transport.writelines((known.head + end, body))
+        self.conn = conn.exchange = None  # the connection is released
+        conn.collecting = False
+        if known.close:
+            conn.close()
+        else:
+            upstream.put_idle(conn, client.clock.now)
+        self.released = True
+        upstream.end_request()
+        self._finish(False)
         return True
 
     def on_response_body(self, data: bytes | memoryview) -> None:

@@ -137,7 +137,8 @@ class Upstream:
         if not conn.reusable():
             conn.close()
             return
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         if self.waiting:
             self.waiting.popleft().dequeue(conn)
         elif len(self.idle) < self.max_idle:
@@ -219,6 +220,7 @@ class Pool:
         "dns_refresh",
         "dns_resolver",
         "dns_specs",
+        "fast_path",
         "idle_timeout",
         "initially_healthy",
         "max_connections",
@@ -255,6 +257,9 @@ class Pool:
         breaker = config.circuit_breaker
         self.max_connections = breaker.max_connections
         self.max_pending = breaker.max_pending
+        #: a response read whole with a known head is relayed in one step
+        #: (``Exchange.relay_whole``); False: always the general path (tests compare them)
+        self.fast_path = True
         self.queue_timeout = breaker.queue_timeout
         self.pending = 0  # requests waiting for a connection (``Upstream.waiting``)
         self.overflows = 0  # requests refused (503) because max_pending were waiting
