@@ -208,10 +208,22 @@ class Exchange:
             client.transport.write(CONTINUE_100)
         if self.host is None:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
-        self.head = request_head(
+        self.head = head = request_head(
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
+        if pool.fast_path and not self.pending:  # the fast path: nothing but the head
+            conn = upstream.take_idle()
+            if conn is not None:  # ``_use`` and ``_send``, for a pooled connection
+                upstream.begin_request()
+                self.replay = ()  # a pooled connection may prove stale: nothing to replay
+                self.conn = conn
+                conn.send(self, head, ())
+                if self.req_done:  # a pipelined request, read whole while it waited
+                    self._await_response()
+                if client.write_paused:
+                    conn.pause_reading()
+                return
         self._use(upstream)
 
     def _use(self, upstream: Upstream) -> None:

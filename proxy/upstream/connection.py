@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -236,7 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange and the pool -------------------------------------------
 
-    def send(self, ex: Exchange, head: bytes, body: list[bytes]) -> None:
+    def send(self, ex: Exchange, head: bytes, body: Sequence[bytes]) -> None:
         """Start an exchange on this connection, writing its request head and the body
         gathered so far."""
         self.exchange = ex
