@@ -71,10 +71,12 @@ engine_start() {
     deadline=$((SECONDS + 60))
     until docker info >/dev/null 2>&1; do
         if ! kill -0 "$ENGINE_PID" 2>/dev/null; then
+            tail -n 10 "$dir/dockerd.log" >&2
             engine_say "dockerd exited: $(tail -n 1 "$dir/dockerd.log")"
             return 1
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 10 "$dir/dockerd.log" >&2
             engine_say "dockerd did not answer within 60 s: $(tail -n 1 "$dir/dockerd.log")"
             return 1
         fi
@@ -155,7 +157,7 @@ PY
 
 # The trimmed rootfs tarball for SUITE, from the cache or made now; prints its path.
 standin_rootfs() {
-    local suite=$1 cache key tarball mirror work
+    local suite=$1 cache key tarball mirror work partial
     cache=${AIOLB_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/aiolb}
     key=$(printf '%s %s v1' "$suite" "$STANDIN_PACKAGES" | sha256sum | cut -c1-12)
     tarball="$cache/debian-$suite-python-$key.tar"
@@ -181,8 +183,10 @@ standin_rootfs() {
     rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/* \
         "$work"/rootfs/usr/share/{doc,man,info,locale}/*
     mkdir -p "$cache"
-    tar --numeric-owner -C "$work/rootfs" -cf "$tarball.partial" .
-    mv "$tarball.partial" "$tarball"
+    # written beside the final name, then renamed: a concurrent run sees all or nothing
+    partial=$(mktemp "$tarball.XXXXXX")
+    tar --numeric-owner -C "$work/rootfs" -cf "$partial" .
+    mv "$partial" "$tarball"
     rm -rf "$work"
     echo "$tarball"
 }

@@ -125,12 +125,16 @@ else
     if reason=$(engine_unavailable); then skip "$reason"; fi
     step=$(now)
     ENGINE_DIR=$(mktemp -d /tmp/aiolb-engine.XXXXXX)
-    engine_start "$ENGINE_DIR" 2>"$WORK/engine.err" || skip "$(tail -n 1 "$WORK/engine.err")"
+    engine_start "$ENGINE_DIR" 2>"$WORK/engine.err" \
+        || { cat "$WORK/engine.err"; skip "$(tail -n 1 "$WORK/engine.err" | sed 's/^docker_engine: //')"; }
     say "started dockerd $(docker info --format '{{.ServerVersion}}') under $ENGINE_DIR ($(since "$step") s)"
     BUILD_OPTS=(--network host)
     export DOCKER_BUILDKIT=0    # the classic builder: the docker CLI may have no buildx
     step=$(now)
-    standin_base 2>"$WORK/base.err" || { cat "$WORK/base.err"; skip "no base image: $(tail -n 1 "$WORK/base.err")"; }
+    standin_base 2>"$WORK/base.err" || {
+        cat "$WORK/base.err"
+        skip "no base image: $(tail -n 1 "$WORK/base.err" | sed 's/^docker_engine: //')"
+    }
     sed 's/^docker_engine: /docker_smoke: /' "$WORK/base.err"
     say "stand-in base image ready ($(since "$step") s)"
 fi
