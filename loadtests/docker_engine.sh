@@ -91,7 +91,7 @@ engine_stop() {
     [ -d "$dir" ] || return 0
     pid=$(cat "$dir/engine.pid" 2>/dev/null || true)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
+        kill -TERM "$pid" 2>/dev/null || true
         deadline=$((SECONDS + 30))
         while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
         kill -KILL "$pid" 2>/dev/null || true

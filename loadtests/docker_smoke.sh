@@ -46,6 +46,7 @@
 # (where the stand-in's rootfs tarball is kept, default ~/.cache/aiolb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LC_NUMERIC=C   # $EPOCHREALTIME and awk with a "." in the timings
 
 SKIPPED=77
 IMAGE=${AIOLB_SMOKE_IMAGE:-aiolb:smoke}
@@ -91,6 +92,7 @@ skip() {
 }
 
 cleanup() {
+    set +e   # a failing step must not leave the rest (the engine above all) running
     if [ "${AIOLB_SMOKE_KEEP:-0}" = 1 ]; then
         say "keeping containers ${CONTAINERS[*]:-} and compose project $PREFIX"
         [ -z "$ENGINE_DIR" ] || say "and the engine: export DOCKER_HOST=$DOCKER_HOST;" \
