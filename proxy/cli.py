@@ -53,12 +53,21 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         runner.run(main())
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, log_warnings: bool = False) -> Config | None:
+    """The config at ``path`` with the files it names checked (``proxy.config.files``):
+    errors printed (None); warnings printed (or logged) and the config returned."""
+    warnings: list[str] = []
     try:
-        return load_config(path)
+        config = load_config(path, check_files=True, warnings=warnings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return None
+    for line in warnings:
+        if log_warnings:
+            log.warning("%s", line)
+        else:
+            print(line, file=sys.stderr)
+    return config
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -73,7 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.runtime.server import ProxyServer
 
-    config = _load(args.config)
+    config = _load(args.config, log_warnings=True)
     if config is None:
         return EXIT_CONFIG
     from proxy.runtime.workers import Supervisor, worker_count

@@ -4,14 +4,14 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
 
     {"ready": true, "window_s": 10.0,
      "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
-                "retries_denied": 0, "pending": 0, "overflows": 0,
+                "retries_denied": 0, "pending": 0, "overflows": 0, "tunnels": 0,
                 "available": 2, "total": 3,
                 "upstreams": [{"address": "127.0.0.1:9001", "weight": 2, "backup": false,
                                "healthy": true, "enabled": true, "drained": false,
                                "available": true, "active": 1, "idle": 4,
                                "ejected": false, "ejected_until": null, "ejections": 0,
                                "connections": 5, "connections_opened": 5,
-                               "waiting": 0,
+                               "waiting": 0, "tunnels": 0,
                                "requests": 120, "errors": 3, "connect_errors": 0,
                                "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
                                "p99_ms": 8.7}]}]}
@@ -22,7 +22,8 @@ latency quantiles cover the last ``window_s`` seconds. ``healthy`` is the active
 verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null.
 ``connections`` counts open upstream connections (busy, idle or connecting) against
 ``max_connections``, ``connections_opened`` every one established since the start (flat
-under a steady load: connections are reused); ``waiting`` the requests queued for one.
+under a steady load: connections are reused); ``waiting`` the requests queued for one;
+``tunnels`` the open Upgrade (WebSocket) tunnels, which also count in ``active``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def upstream_view(
         "ejections": upstream.ejections,
         "connections": upstream.conns,
         "waiting": len(upstream.waiting),
+        "tunnels": upstream.tunnels,
         "requests": stats.total,
         "errors": stats.errors,
         "connect_errors": stats.connect_errors,
@@ -83,6 +85,7 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
         "retries_denied": pool.retry.budget.denied,
         "pending": pool.pending,
         "overflows": pool.overflows,
+        "tunnels": sum(u.tunnels for u in pool.upstreams),
         "available": sum(u.available for u in pool.upstreams),
         "total": len(pool.upstreams),
         "upstreams": [upstream_view(pool.name, u, recent, now) for u in pool.upstreams],

@@ -35,6 +35,7 @@ def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
         *_clashing_binds(listeners, data.get("admin")),
         *_duplicate_names(listeners),
         *_duplicate_upstreams(pools if isinstance(pools, Mapping) else {}),
+        *_routes_and_redirects(listeners),
     ]
 
 
@@ -137,6 +138,35 @@ def _duplicate_names(listeners: list[tuple[int, Mapping[str, Any]]]) -> Iterator
             yield _problem("duplicate_name", ("listeners", i, "name"), name, message)
         else:
             first[name] = i
+
+
+def _routes_and_redirects(
+    listeners: list[tuple[int, Mapping[str, Any]]],
+) -> Iterator[InitErrorDetails]:
+    """Every route needs a pool unless it redirects to https (itself or by its
+    listener's ``redirect_https``), a listener needs routes unless it redirects, and
+    only plain-HTTP listeners redirect."""
+    for i, listener in listeners:
+        redirect = listener.get("redirect_https", False)
+        routes = listener.get("routes")
+        tls = listener.get("tls") is not None
+        if tls and redirect:
+            message = "redirect_https applies to plain-HTTP listeners; this one has tls"
+            yield _problem("redirect_on_tls", ("listeners", i, "redirect_https"), redirect, message)
+        if routes is None and not redirect:
+            yield _problem("missing", ("listeners", i, "routes"), None, "field required")
+        elif routes == [] and not redirect:
+            message = "must have at least 1 entry (or set redirect_https)"
+            yield _problem("too_short", ("listeners", i, "routes"), routes, message)
+        for j, route in _entries(routes):
+            route_redirect = route.get("redirect_https")
+            loc = ("listeners", i, "routes", j)
+            if tls and route_redirect:
+                message = "redirect_https applies to plain-HTTP listeners; this one has tls"
+                yield _problem("redirect_on_tls", (*loc, "redirect_https"), route_redirect, message)
+            redirects = redirect if route_redirect is None else route_redirect
+            if route.get("pool") is None and not redirects:
+                yield _problem("missing", (*loc, "pool"), None, "field required")
 
 
 def _duplicate_upstreams(pools: Mapping[str, Any]) -> Iterator[InitErrorDetails]:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from proxy.config import files
 from proxy.config.models import Config
 from proxy.config.source import Path, Source, read_source
 
@@ -62,11 +63,20 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    check_files: bool = False,
+    warnings: list[str] | None = None,
+) -> Config:
     """Read, expand, parse and validate the YAML file at ``path``.
 
-    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests). Raises
-    ``ConfigError`` listing every problem found; never another exception for a bad file.
+    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests). ``check_files``:
+    also open the files the config names (``proxy.config.files``), as ``aiolb check``,
+    ``aiolb run`` and a reload do; their warnings (an expired certificate) go to
+    ``warnings`` as ``FILE:LINE: where: warning: ...`` lines. Raises ``ConfigError``
+    listing every problem found; never another exception for a bad file.
     """
     name = os.fspath(path)
     try:
@@ -81,10 +91,17 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{name}:{line}: not valid UTF-8 text"]) from None
-    return parse_config(text, name, env)
+    return parse_config(text, name, env, check_files=check_files, warnings=warnings)
 
 
-def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    text: str,
+    name: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    *,
+    check_files: bool = False,
+    warnings: list[str] | None = None,
+) -> Config:
     """Like ``load_config`` for YAML already in memory; ``name`` stands in for FILE."""
     source = _read(text, name, os.environ if env is None else env)
     data = source.data
@@ -97,10 +114,30 @@ def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | Non
         config = Config.model_validate(data)
     except ValidationError as exc:
         found += _validation_problems(exc, source)
+    if not found and check_files:
+        found = _file_problems(config, source, name, warnings)
     if found:
         found.sort(key=lambda problem: problem[0])  # stable: same-line order kept
         raise ConfigError([_format(name, *problem) for problem in found])
     return config
+
+
+def _file_problems(
+    config: Config, source: Source, name: str, warnings: list[str] | None
+) -> list[tuple[int, str, str]]:
+    """The errors among ``files.check_files``; its warnings appended to ``warnings``."""
+    errors: list[tuple[int, str, str]] = []
+    noted: list[tuple[int, str, str]] = []
+    for problem in files.check_files(config):
+        line = _line(source.lines, problem.loc)
+        if problem.warning:
+            noted.append((line, _where(problem.loc), f"warning: {problem.message}"))
+        else:
+            errors.append((line, _where(problem.loc), problem.message))
+    if warnings is not None:
+        noted.sort(key=lambda problem: problem[0])
+        warnings += [_format(name, *problem) for problem in noted]
+    return errors
 
 
 def _read(text: str, name: str, env: Mapping[str, str]) -> Source:

@@ -37,6 +37,7 @@ from proxy.config.checks import cross_check, merge_errors
 from proxy.config.values import (
     format_address,
     is_dns_url,
+    is_https_url,
     parse_duration,
     parse_size,
     parse_upstream_url,
@@ -249,11 +250,43 @@ class Match(ConfigModel):
         return value
 
 
+#: ``Upgrade`` protocols a route may tunnel (RFC 9110 7.8): lower-case tokens.
+_UPGRADE_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _check_upgrades(value: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in value:
+        token = item.strip().lower()
+        if token == "h2c":
+            raise ValueError("h2c upgrades are never forwarded (aiolb speaks HTTP/1.1 to "
+                             "upstreams); remove 'h2c'")  # fmt: skip
+        if not _UPGRADE_TOKEN.fullmatch(token):
+            raise ValueError(f"invalid upgrade protocol {item!r}; use a token such as websocket")
+        out.append(token)
+    return tuple(out)
+
+
+#: Upgrade protocols (``websocket``), lower-case; ``h2c`` is refused.
+Upgrades = Annotated[tuple[str, ...], BeforeValidator(list), AfterValidator(_check_upgrades)]
+#: ``true`` (redirect to ``https://host/...``), a port (``https://host:PORT/...``), or false.
+RedirectHTTPS = bool | Annotated[int, Field(ge=1, le=65535)]
+
+
 class Route(ConfigModel):
-    """Send requests that ``match`` to the pool named ``pool``."""
+    """Send requests that ``match`` to the pool named ``pool``.
+
+    ``upgrades``: the ``Upgrade`` protocols this route tunnels (a ``101`` from the
+    upstream turns the connection into a byte tunnel); a request for another one gets
+    403. ``redirect_https``: answer with ``308`` to the same URL on https (true: the
+    default port, a number: that port) instead of forwarding; no pool is needed then.
+    None: the listener's ``redirect_https``.
+    """
 
     match: Match = Match()
-    pool: str
+    pool: str | None = None
+    upgrades: Upgrades = ("websocket",)
+    redirect_https: RedirectHTTPS | None = None
 
 
 class BalancerSpec(ConfigModel):
@@ -298,7 +331,8 @@ class BalancerSpec(ConfigModel):
 class PoolTimeouts(ConfigModel):
     """Upstream-side timeouts, in seconds.
 
-    ``connect``: TCP connect (then 502 or a retry). ``response_header``: from the request
+    ``connect``: TCP connect, and the TLS handshake for https upstreams (then 502 or a
+    retry). ``response_header``: from the request
     sent to the complete response head (then 504). ``idle``: how long an idle keep-alive
     connection stays pooled. ``read``: longest gap between two upstream reads once the
     response started.
@@ -308,6 +342,8 @@ class PoolTimeouts(ConfigModel):
     response_header: Timeout = 30.0
     idle: Timeout = 60.0
     read: Timeout = 60.0
+    #: an Upgrade tunnel (WebSocket) with no byte either way for this long is closed
+    tunnel_idle: Timeout = 3600.0
 
 
 def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
@@ -483,6 +519,55 @@ class CircuitBreaker(ConfigModel):
     queue_timeout: Timeout = 5.0
 
 
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+class Certificate(ConfigModel):
+    """A certificate chain (PEM, the leaf first) and its private key (PEM)."""
+
+    cert: str
+    key: str
+
+
+class ListenerTLS(ConfigModel):
+    """TLS termination on a listener.
+
+    ``certificates``: the first is the default; the others are chosen by SNI, by the
+    names in their subjectAltName (``*.example.com`` wildcards too). ``min_version``:
+    the oldest protocol accepted. ``ciphers``: an OpenSSL cipher string for TLS 1.2
+    (None: Python's secure defaults; TLS 1.3 suites are OpenSSL's). ``client_ca``: a
+    PEM file of CAs; set, every client must present a certificate signed by one (mTLS).
+    """
+
+    certificates: Annotated[list[Certificate], Field(min_length=1)]
+    min_version: TLSVersion = "TLSv1.2"
+    ciphers: str | None = None
+    client_ca: str | None = None
+
+
+class UpstreamTLS(ConfigModel):
+    """How a pool talks TLS to its ``https://`` upstreams.
+
+    ``ca``: a PEM file of CAs to verify upstream certificates with (None: the system's
+    store). ``server_name``: the SNI and verification name (None: each url's host).
+    ``cert``/``key``: a client certificate to present. ``verify: false`` accepts any
+    certificate (logged as a warning at start): only when written out.
+    """
+
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+    min_version: TLSVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both or neither")
+        return self
+
+
 class UpstreamSpec(ConfigModel):
     """One upstream server. ``backup`` ones serve only when no primary is available."""
 
@@ -510,6 +595,11 @@ class UpstreamSpec(ConfigModel):
     def dns(self) -> bool:
         """``url: dns://name:port``: this entry stands for every address ``name`` has."""
         return is_dns_url(self.url)
+
+    @property
+    def https(self) -> bool:
+        """``url: https://...``: the proxy talks TLS to this upstream."""
+        return is_https_url(self.url)
 
     def resolved(self, host: str) -> UpstreamSpec:
         """This entry for one address ``name`` resolved to (same weight, backup, limits)."""
@@ -542,16 +632,31 @@ class Pool(ConfigModel):
     #: ``host:port`` of a DNS server to ask directly (reports TTLs); None: the system
     #: resolver (``/etc/hosts``, search domains; no TTLs)
     dns_resolver: BindAddress | None = None
+    #: TLS to the ``https://`` upstreams (None: verified against the system's store)
+    tls: UpstreamTLS | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> Pool:
+        if self.tls is not None and not any(spec.https for spec in self.upstreams):
+            raise ValueError("tls applies to https:// upstreams; this pool has none")
+        return self
 
 
 class Listener(ConfigModel):
-    """One address clients connect to, with its routes (the first match wins)."""
+    """One address clients connect to, with its routes (the first match wins).
+
+    ``tls``: terminate HTTPS here (None: plain HTTP). ``redirect_https`` (plain-HTTP
+    listeners only): every route answers ``308`` to the https URL unless it says
+    otherwise; such a listener needs no routes.
+    """
 
     name: Name
     bind: BindAddress
-    routes: Annotated[list[Route], Field(min_length=1)]
+    routes: list[Route] = []
     timeouts: ListenerTimeouts = ListenerTimeouts()
     limits: Limits = Limits()
+    tls: ListenerTLS | None = None
+    redirect_https: RedirectHTTPS = False
 
     @property
     def host(self) -> str:

@@ -111,16 +111,21 @@ def is_dns_url(url: str) -> bool:
     return url.strip()[:6].lower() == "dns://"
 
 
+def is_https_url(url: str) -> bool:
+    """``https://host:port``: an upstream the proxy talks TLS to."""
+    return url.strip()[:8].lower() == "https://"
+
+
 def parse_upstream_url(url: str) -> tuple[str, int]:
-    """``"http://host:port"`` -> ``(host, port)``; ``"http://host"`` means port 80.
+    """``"http://host:port"`` -> ``(host, port)``; ``"http://host"`` means port 80,
+    ``"https://host"`` port 443.
 
     ``dns://name:port`` parses the same way (see ``is_dns_url``): one upstream per
     address ``name`` resolves to, on ``port``.
 
-    Only plain ``http`` is supported (TLS to upstreams is not). A trailing ``/`` is
-    allowed; any other path, a query, a fragment or credentials are refused: a url
-    names a server, routes choose paths. The host comes back lower-case, IPv6 literals
-    without brackets. Raises ``ValueError`` saying what is wrong.
+    A trailing ``/`` is allowed; any other path, a query, a fragment or credentials are
+    refused: a url names a server, routes choose paths. The host comes back lower-case,
+    IPv6 literals without brackets. Raises ``ValueError`` saying what is wrong.
     """
     try:
         parts = urlsplit(url.strip())
@@ -128,14 +133,16 @@ def parse_upstream_url(url: str) -> tuple[str, int]:
     except ValueError as exc:
         raise ValueError(f"invalid upstream url {url!r}: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme == "https":
-        raise ValueError(f"https upstreams are not supported; use http://host:port, got {url!r}")
-    if scheme not in ("http", "dns") or not parts.hostname:
-        raise ValueError(f"expected http://host:port or dns://name:port, got {url!r}")
+    if scheme not in ("http", "https", "dns") or not parts.hostname:
+        raise ValueError(
+            f"expected http://host:port, https://host:port or dns://name:port, got {url!r}"
+        )
     if parts.path not in ("", "/"):
-        raise ValueError(f"must be http://host:port without a path, got {url!r}")
+        raise ValueError(f"must be {scheme}://host:port without a path, got {url!r}")
     if parts.query or parts.fragment or parts.username is not None:
-        raise ValueError(f"must be just http://host:port, got {url!r}")
+        raise ValueError(f"must be just {scheme}://host:port, got {url!r}")
     if port == 0:
         raise ValueError(f"upstream port must be 1..65535, got {url!r}")
-    return parts.hostname, 80 if port is None else port
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return parts.hostname, port

@@ -42,11 +42,14 @@ from proxy.errors import (
     NoUpstreamError,
     ProxyError,
     UpstreamConnectError,
+    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from proxy.forwarding.retry import IDEMPOTENT
+from proxy.forwarding.router import normalise_host
+from proxy.forwarding.tunnel import Tunnel
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
-from proxy.http.responses import CONTINUE_100, error_response
+from proxy.http.responses import CONTINUE_100, error_response, redirect_response
 from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
@@ -72,6 +75,15 @@ _AUTHORITY: Final = re.compile(
 )
 
 
+_UPGRADE_HEADER: Final = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def _upgrade_token(head: bytes) -> bytes | None:
+    """The protocol a ``101`` head switches to (its ``Upgrade`` header), lower case."""
+    m = _UPGRADE_HEADER.search(head)
+    return m.group(1).strip().lower() if m is not None else None
+
+
 class Exchange:
     __slots__ = (
         "attempts",
@@ -94,6 +106,7 @@ class Exchange:
         "mode",
         "opening",
         "out",
+        "parse_only",
         "pending",
         "pending_size",
         "pool",
@@ -134,7 +147,8 @@ class Exchange:
         self.host = found.host
         self.http_minor = http_minor
         self.keep_alive = keep_alive and not found.close
-        self.head_request = method == b"HEAD"
+        #: HEAD, or an Upgrade: the response goes through the parser, never the fast path
+        self.parse_only = self.head_request = method == b"HEAD"
         self.request_id = found.request_id or client.request_ids.next()
         self.head = b""
         self.pending: list[bytes] = []
@@ -194,9 +208,11 @@ class Exchange:
         client = self.client
         pool = client.listener.router.route(self.host, self.target)
         if pool is None:
-            self.local(404)
+            self._no_pool()
             return
         self.pool = pool
+        if self.found.upgrade is not None and not self._allow_upgrade():
+            return
         pool.requests += 1
         upstream = pool.pick(self)
         if upstream is None:
@@ -210,7 +226,7 @@ class Exchange:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
         self.head = head = request_head(
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
-            self.request_id,
+            self.request_id, client.https,
         )
         if pool.fast_path and not self.pending:  # the fast path: nothing but the head
             conn = upstream.take_idle()
@@ -225,6 +241,54 @@ class Exchange:
                     conn.pause_reading()
                 return
         self._use(upstream)
+
+    def _no_pool(self) -> None:
+        """No pool: a route that redirects to https (308), or no route (404)."""
+        route = self.client.listener.router.match(self.host, self.target)
+        if route is None or not route.redirect:
+            self.local(404)
+            return
+        host = normalise_host(self.host) if self.host else b""
+        if not host or _AUTHORITY.fullmatch(host) is None:
+            self.local(400)
+            return
+        port = b"" if route.redirect is True else b":%d" % route.redirect
+        location = b"https://" + host + port + self.target
+        self.status = 308
+        self.discard = True
+        close = not self.keep_alive or self.client.draining or not self._bodiless()
+        self.client.transport.write(redirect_response(location, close))
+        self.local_status = 0
+        if self.req_done or close:
+            self._finish(close)
+        else:
+            self.local_status = -1  # finished when the (empty) request completes
+
+    def _bodiless(self) -> bool:
+        return not self.found.chunked and self.found.content_length in (None, b"0")
+
+    def _allow_upgrade(self) -> bool:
+        """An Upgrade request: forward the protocols its route allows (``upgrades``),
+        with ``Connection: upgrade``; none allowed -> 403. ``h2c`` never got here."""
+        found = self.found
+        route = self.client.listener.router.match(self.host, self.target)
+        allowed = route.upgrades if route is not None else frozenset()
+        asked = found.upgrade or []
+        tokens = [t for t in asked if t.partition(b"/")[0] in allowed]
+        if not tokens:
+            found.upgrade = None
+            log.info(
+                "403 %s %s: upgrade to %s is not allowed on this route", self.method.decode(),
+                self.target[:200].decode(errors="replace"), b", ".join(asked).decode(),
+            )  # fmt: skip
+            self.local(403)
+            return False
+        found.upgrade = tokens
+        value = b", ".join(tokens)
+        found.parts += (b"Connection", b": ", b"upgrade", b"\r\n")
+        found.parts += (b"Upgrade", b": ", value, b"\r\n")
+        self.parse_only = True  # a 101 (or any answer to it) goes through the parser
+        return True
 
     def _use(self, upstream: Upstream) -> None:
         """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
@@ -369,7 +433,10 @@ class Exchange:
     def on_request_complete(self) -> None:
         self.req_done = True
         if self.local_status:
-            self._write_local(self.local_status, False)
+            if self.local_status < 0:  # answered already (a redirect)
+                self._finish(False)
+            else:
+                self._write_local(self.local_status, False)
             return
         if self.found.chunked and not self.discard:
             self.pending.append(_LAST_CHUNK)
@@ -518,6 +585,42 @@ class Exchange:
         self.released = True
         upstream.end_request()
         self._finish(False)
+        return True
+
+    def on_switch(self, conn: UpstreamConnection, head: bytes, rest: bytes) -> bool:
+        """The upstream answered the Upgrade with ``101`` (``head``, raw); ``rest``
+        followed it. Relay the head and make both connections a tunnel: the request is
+        counted (status 101) and stays in flight on the upstream until the tunnel ends.
+        Never retried from here on. False (a 502 answered) when the ``101`` switches
+        to a protocol the request did not offer."""
+        asked = self.found.upgrade or []
+        protocol = _upgrade_token(head)
+        if protocol is None or protocol.partition(b"/")[0] not in {
+            t.partition(b"/")[0] for t in asked
+        }:
+            self.conn = None
+            self._attempt_failed(UpstreamProtocolError(
+                f"upstream switched to {protocol!r}, not to what was asked"
+            ))  # fmt: skip
+            return False
+        pool, upstream, client = self.pool, self.upstream, self.client
+        assert pool is not None and upstream is not None
+        if upstream.failures:
+            upstream.failures = 0
+        observe = pool.observe
+        if observe is not None:
+            now = perf_counter()
+            observe(upstream, now - self.tried_at, now)
+        self.status = 101
+        self.replay = None
+        self.conn = None
+        self.resp_started = self.resp_done = self.done = True
+        self.deadline = NEVER
+        client.transport.write(head)
+        if client.record:
+            self._record()
+        tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle)
+        tunnel.start(rest)
         return True
 
     def on_response_body(self, data: bytes | memoryview) -> None:
@@ -821,3 +924,4 @@ class Exchange:
 PIPELINE: Final = 1
 BODY_WAIT: Final = 2
 UPSTREAM_FULL: Final = 4
+UPGRADE: Final = 8  # an Upgrade request waits for its answer (``ClientConnection.held``)

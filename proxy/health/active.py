@@ -17,7 +17,9 @@ upstreams do not march in step), probes, and feeds the result into its
 
 HTTP probes use aiohttp with a new connection each time (``force_close``, as HAProxy
 does): a probe that reuses a pooled connection would not notice that the upstream
-stopped accepting. TCP probes only connect.
+stopped accepting. TCP probes only connect. An ``https://`` upstream is probed over
+TLS with the pool's context and server name (a TCP probe completes the handshake), so
+an upstream whose certificate stops verifying goes down like one that stops answering.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -57,6 +60,9 @@ class CheckTarget:
     port: int
     check: ActiveHealthCheck
     initially_healthy: bool = True
+    #: the pool's TLS context for an https upstream (None: plain) and the SNI name
+    ssl: ssl.SSLContext | None = None
+    server_name: str | None = None
 
 
 class _Prober:
@@ -72,6 +78,13 @@ def describe(exc: BaseException, timeout: float) -> str:
     """A short reason for a failed probe: ``connection refused``, ``timeout after 1s``."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return f"timeout after {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_error = exc.certificate_error
+        if isinstance(cert_error, ssl.SSLCertVerificationError) and cert_error.verify_message:
+            return f"certificate verify failed: {cert_error.verify_message}"
+        return f"TLS: {cert_error}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {str(exc.reason or exc).lower()}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         exc = exc.os_error
     if isinstance(exc, OSError) and exc.errno:  # uvloop's strerror names the address
@@ -160,7 +173,10 @@ class HealthChecker:
         try:
             async with asyncio.timeout(check.timeout):
                 if check.type == "tcp":
-                    _, writer = await asyncio.open_connection(target.host, target.port)
+                    _, writer = await asyncio.open_connection(
+                        target.host, target.port, ssl=target.ssl,
+                        server_hostname=target.server_name,
+                    )  # fmt: skip
                     writer.close()
                     return True, "connected"
                 return await self._http(target)
@@ -172,10 +188,14 @@ class HealthChecker:
         if self._session is None:
             connector = aiohttp.TCPConnector(force_close=True, limit=0)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        url = f"http://{format_address(target.host, target.port)}{check.path}"
+        scheme = "https" if target.ssl is not None else "http"
+        url = f"{scheme}://{format_address(target.host, target.port)}{check.path}"
         headers = {"Host": check.host} if check.host else {}
+        tls: dict[str, Any] = {}
+        if target.ssl is not None:
+            tls = {"ssl": target.ssl, "server_hostname": target.server_name}
         async with self._session.request(
-            check.method, url, headers=headers, allow_redirects=False
+            check.method, url, headers=headers, allow_redirects=False, **tls
         ) as response:
             status = response.status
         for low, high in check.expected_status:

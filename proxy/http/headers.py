@@ -2,7 +2,10 @@
 
 Requests: hop-by-hop headers are removed (``Connection`` and every name it lists,
 ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Upgrade``) and so is
-``Expect`` (the proxy answers ``100 Continue`` itself, as nginx does);
+``Expect`` (the proxy answers ``100 Continue`` itself, as nginx does). An Upgrade
+request (``Connection: upgrade`` and an ``Upgrade`` header, no body) is noted in
+``upgrade`` (its protocols, ``h2c`` left out: never forwarded); the exchange puts the
+upgrade headers back for the protocols its route allows.
 ``X-Forwarded-For`` gets the client address appended, ``X-Forwarded-Proto`` and
 ``X-Forwarded-Host`` are set, ``Via`` is added, ``X-Request-ID`` is kept or generated.
 ``Host``, ``Content-Length`` and ``Transfer-Encoding`` pass unchanged: the parser has
@@ -29,6 +32,7 @@ _REQUEST_ID: Final = 4
 _CONTENT_LENGTH: Final = 5
 _TRANSFER_ENCODING: Final = 6
 _EXPECT: Final = 7
+_UPGRADE: Final = 8
 
 _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
@@ -36,7 +40,7 @@ _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"proxy-connection": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
-    b"upgrade": _DROP,
+    b"upgrade": _UPGRADE,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
     b"host": _HOST,
@@ -91,6 +95,7 @@ class RequestHeaders:
         "host",
         "parts",
         "request_id",
+        "upgrade",
     )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -103,6 +108,7 @@ class RequestHeaders:
         self.close = False
         self.expect_continue = False
         listed: list[bytes] | None = None
+        upgrade: bytes | None = None
         actions = _REQUEST_ACTIONS
         for name, value in headers:
             action = actions.get(name.lower())
@@ -128,12 +134,27 @@ class RequestHeaders:
                 self.expect_continue = value.strip().lower() == b"100-continue"
             elif action == _CONNECTION:
                 listed = _connection_tokens(value, listed)
+            elif action == _UPGRADE:
+                upgrade = value if upgrade is None else upgrade + b", " + value
         if listed:
             self.close = b"close" in listed
             parts = _remove_listed(parts, listed)
         self.parts = parts
         #: the tokens of the ``Connection`` headers, None when there is none
         self.connection = listed
+        #: an Upgrade request's protocols (lower case, ``h2c`` left out), else None
+        self.upgrade: list[bytes] | None = None
+        if upgrade is not None and listed and b"upgrade" in listed:
+            self.upgrade = self._upgrades(upgrade)
+
+    def _upgrades(self, value: bytes) -> list[bytes] | None:
+        """The protocols of an ``Upgrade`` header worth forwarding: not ``h2c`` (never
+        forwarded), and none when the request has a body (only bodiless requests are
+        tunnelled; the parser already ended such a request's message)."""
+        if self.chunked or self.content_length not in (None, b"0"):
+            return None
+        tokens = [t for t in _connection_tokens(value, None) if t.partition(b"/")[0] != b"h2c"]
+        return tokens or None
 
     def set_host(self, host: bytes) -> None:
         """Replace ``Host`` by an absolute-form target's authority (RFC 9112 3.2.2)."""
@@ -171,10 +192,12 @@ def request_head(
     client_ip: bytes,
     forwarded_host: bytes | None,
     request_id: bytes,
+    https: bool = False,
 ) -> bytes:
-    """The request head sent upstream (always HTTP/1.1, keep-alive)."""
+    """The request head sent upstream (always HTTP/1.1, keep-alive);
+    ``X-Forwarded-Proto: https`` when the client came over TLS."""
     xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
-    return _REQUEST_HEAD % (
+    return (_REQUEST_HEAD_TLS if https else _REQUEST_HEAD) % (
         method, target, b"".join(found.parts), xff, request_id,
         b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
     )  # fmt: skip
@@ -185,6 +208,7 @@ _REQUEST_HEAD: Final = (
     b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
     b"X-Request-ID: %s\r\n" + VIA + b"%s\r\n"
 )
+_REQUEST_HEAD_TLS: Final = _REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
 
 
 # What in a response head needs more than passing through: a hop-by-hop or framing

@@ -10,7 +10,10 @@ from typing import Final
 
 REASONS: Final[dict[int, bytes]] = {
     100: b"Continue",
+    101: b"Switching Protocols",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -26,6 +29,7 @@ REASONS: Final[dict[int, bytes]] = {
 
 _BODIES: Final[dict[int, bytes]] = {
     400: b"400 Bad Request: the request could not be parsed\n",
+    403: b"403 Forbidden: this route does not allow that Upgrade protocol\n",
     404: b"404 Not Found: no route matches this request\n",
     405: b"405 Method Not Allowed: aiolb is a reverse proxy, not a forward proxy\n",
     408: b"408 Request Timeout: the request was not received in time\n",
@@ -74,3 +78,16 @@ def error_response(status: int, close: bool, head_only: bool = False) -> bytes:
     if head_only:
         return data[: data.index(b"\r\n\r\n") + 4]
     return data
+
+
+def redirect_response(location: bytes, close: bool) -> bytes:
+    """``308 Permanent Redirect`` to ``location`` (``redirect_https``), with no body."""
+    return b"".join(
+        (
+            b"HTTP/1.1 308 Permanent Redirect\r\nLocation: ",
+            location,
+            b"\r\nContent-Length: 0\r\n",
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+        )
+    )

@@ -97,6 +97,7 @@ class ProxyCollector(Collector):
         yield from self._upstream_families()
         yield from self._retries()
         yield self._client_connections()
+        yield self._handshake_errors()
         yield self._reloads()
 
     def _requests(self) -> Metric:
@@ -183,12 +184,17 @@ class ProxyCollector(Collector):
             "aiolb_pending_requests", "Requests waiting for an upstream connection.",
             labels=["pool"],
         )  # fmt: skip
+        tunnels = GaugeMetricFamily(
+            "aiolb_tunnels_active", "Open Upgrade tunnels (WebSocket) to the pool's upstreams.",
+            labels=["pool"],
+        )  # fmt: skip
         for name, pool in self.server.pools.items():
             retries.add_metric([name], pool.retries)
             denied.add_metric([name], pool.retry.budget.denied)
             overflows.add_metric([name], pool.overflows)
             pending.add_metric([name], pool.pending)
-        yield from (retries, denied, overflows, pending)
+            tunnels.add_metric([name], sum(u.tunnels for u in pool.upstreams))
+        yield from (retries, denied, overflows, pending, tunnels)
 
     def _client_connections(self) -> Metric:
         family = GaugeMetricFamily(
@@ -199,6 +205,20 @@ class ProxyCollector(Collector):
             counts = {**dict.fromkeys(counts, 0), **self.server.client_connections}
         for name, n in counts.items():
             family.add_metric([name], n)
+        return family
+
+    def _handshake_errors(self) -> Metric:
+        family = CounterMetricFamily(
+            "aiolb_tls_handshake_errors",
+            "TLS handshakes with clients that failed, by reason (plaintext, timeout, reset, "
+            "version, cipher, client_certificate, unknown_ca, protocol, other).",
+            labels=["listener", "reason"],
+        )
+        counts = self.server.handshake_errors()
+        if self.server.handshake_totals is not None:  # the workers' sum
+            counts = self.server.handshake_totals
+        for (listener, reason), n in sorted(counts.items()):
+            family.add_metric([listener, reason], n)
         return family
 
     def _reloads(self) -> Metric:

@@ -8,12 +8,15 @@ A reload applies the whole new config or changes nothing:
 2. build the new pools, fresh objects no request can reach yet, and bind the sockets
    of listeners that are new (or moved to another address); a failed bind closes what
    was bound and ends the reload;
+   (the certificates and CA files are loaded here too, into the new objects: a file
+   that broke since the check refuses the reload like a config error);
 3. commit with no await in between: every new pool adopts its same-named predecessor
    (``Pool.adopt``: counters, and upstreams that stay are the same objects with their
    health, drain, in-flight count and idle connections), the old pools retire, the
    server's ``pools`` and ``config`` are swapped, and each listener that keeps its
    address gets the new router and config (client connections read
-   ``listener.router`` per request, so keep-alive connections follow at once);
+   ``listener.router`` per request, so keep-alive connections follow at once) and its
+   certificates (new connections take them; open ones keep theirs);
 4. the new listeners start serving on their sockets and the removed ones drain.
 
 A listener keeps its socket when a new listener has the same name and address, or the
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.forwarding.router import Router
+from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -85,11 +88,6 @@ def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerConfig
     return plan
 
 
-def build_router(lc: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
-    """The router of a listener config over ``pools`` (as ``Listener.__init__`` builds it)."""
-    return Router([(r.match.host, r.match.path_prefix, r.pool) for r in lc.routes], pools)
-
-
 async def bind_socket(
     loop: asyncio.AbstractEventLoop, lc: ListenerConfig, reuse_port: bool = False
 ) -> socket.socket:
@@ -136,11 +134,16 @@ def commit_pools(old: Mapping[str, Pool], new: dict[str, Pool]) -> None:
 
 
 def load(path: str) -> tuple[Config | None, list[str]]:
-    """The validated config at ``path``, or None and its problems."""
+    """The validated config at ``path`` (the files it names opened too: a broken new
+    certificate refuses the reload), or None and its problems. Warnings are logged."""
+    warnings: list[str] = []
     try:
-        return load_config(path), []
+        config = load_config(path, check_files=True, warnings=warnings)
     except ConfigError as exc:
         return None, exc.problems
+    for line in warnings:
+        log.warning("%s", line)
+    return config, []
 
 
 async def reload_server(server: ProxyServer) -> list[str]:
@@ -156,8 +159,13 @@ async def reload_server(server: ProxyServer) -> list[str]:
 
 async def apply_config(server: ProxyServer, config: Config, path: str) -> list[str]:
     """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems."""
-    pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
     plan = plan_listeners(server.listeners, config.listeners)
+    try:  # everything that reads a TLS file, before anything changes
+        pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
+        added = [server.make_listener(lc, pools) for lc in plan.added]
+        certificates = [ServerTLS(lc.tls) if lc.tls else None for _, lc in plan.kept]
+    except TLSFileError as exc:
+        return [f"{path}: {exc.message}"]
     serving = server.role != "supervisor"  # a supervisor binds nothing: workers serve
     sockets: list[socket.socket] = []
     if serving:
@@ -167,10 +175,9 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     _warn_unreloaded(server.config, config)
     commit_pools(server.pools, pools)
     server.pools, server.config = pools, config
-    for listener, lc in plan.kept:
-        listener.router, listener.config, listener.name = build_router(lc, pools), lc, lc.name
+    for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
+        listener.apply(lc, pools, tls)
         listener.record = config.metrics.enabled
-    added = [server.make_listener(lc) for lc in plan.added]
     order = {lc.name: i for i, lc in enumerate(config.listeners)}
     kept = [lst for lst, _ in plan.kept]
     server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])

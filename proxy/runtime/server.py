@@ -74,6 +74,9 @@ class ProxyServer:
         self.reuse_port = role == "worker"
         #: client connections per listener, summed over the workers (supervisor only)
         self.client_connections: dict[str, int] | None = None
+        #: failed TLS handshakes by (listener, reason), summed over the workers
+        #: (supervisor only; see ``handshake_errors``)
+        self.handshake_totals: dict[tuple[str, str], int] | None = None
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
         self.request_ids = RequestIds()
@@ -101,12 +104,14 @@ class ProxyServer:
         #: ``dns://`` upstreams: resolved again every ``dns_refresh``
         self.discovery = Discovery(self.sync_health)
 
-    def make_listener(self, lc: ListenerConfig) -> Listener:
-        """A listener for ``lc`` over the current pools (not yet bound)."""
+    def make_listener(self, lc: ListenerConfig, pools: dict[str, Pool] | None = None) -> Listener:
+        """A listener for ``lc`` over ``pools`` (default: the current ones), not yet
+        bound; raises ``TLSFileError`` when its certificates cannot be loaded."""
         return Listener(
-            lc, self.pools, self.loop, self.clock, self.request_ids, self.stats,
-            record=self.config.metrics.enabled, access_log=self.access_log,
-        )
+            lc, self.pools if pools is None else pools, self.loop, self.clock,
+            self.request_ids, self.stats, record=self.config.metrics.enabled,
+            access_log=self.access_log,
+        )  # fmt: skip
 
     async def start(self) -> None:
         """Start the admin API, bind every listener, start the clock.
@@ -150,6 +155,15 @@ class ProxyServer:
         listener.drain()
         self._retired.append(listener)
         log.info("listener %s draining (removed from the config)", listener.name)
+
+    def handshake_errors(self) -> dict[tuple[str, str], int]:
+        """Failed TLS handshakes of this process by ``(listener, reason)``."""
+        counts: dict[tuple[str, str], int] = {}
+        for listener in (*self.listeners, *self._retired):
+            for reason, n in listener.handshake_errors.items():
+                key = (listener.name, reason)
+                counts[key] = counts.get(key, 0) + n
+        return counts
 
     def connection_counts(self) -> dict[str, int]:
         """Open client connections of this process per listener name (draining ones of
@@ -196,7 +210,10 @@ class ProxyServer:
     def check_targets(self) -> list[CheckTarget]:
         """One probe target per upstream of every pool with ``health_check.active``."""
         return [
-            CheckTarget(name, u.address, u.host, u.port, pool.active_check, u.healthy)
+            CheckTarget(
+                name, u.address, u.host, u.port, pool.active_check, u.healthy, u.ssl,
+                u.server_name,
+            )
             for name, pool in self.pools.items()
             if pool.active_check is not None
             for u in pool.upstreams

@@ -11,9 +11,10 @@ its own ``Pool`` and ``Upstream`` objects. The collector and the admin views the
 the supervisor's objects exactly as they read a single process's.
 
 Summed: requests by labels, histograms, connect errors, in-flight requests, open
-connections, ejections, retries, budget denials, overflows, waiting requests and
-client connections. Not summed: active health (the supervisor probes, once; its
-verdicts and probe counts are the truth) and drains (the supervisor decides them).
+connections, open tunnels, ejections, retries, budget denials, overflows, waiting
+requests, client connections and failed TLS handshakes. Not summed: active health (the
+supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
+supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
 health sees only its own traffic).
 """
@@ -35,6 +36,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
     return {
         "stats": server.stats.snapshot(),
         "connections": server.connection_counts(),
+        "handshake_errors": [[*key, n] for key, n in server.handshake_errors().items()],
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),
@@ -47,6 +49,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
                         "stats": u.stats.snapshot(),
                         "active": u.active,
                         "conns": u.conns,
+                        "tunnels": u.tunnels,
                         "waiting": len(u.waiting),
                         "ejections": u.ejections,
                         "ejected_for": max(0.0, u.ejected_until - now) if u.ejected else None,
@@ -85,6 +88,11 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for name, n in snap["connections"].items():
             connections[name] = connections.get(name, 0) + n
     server.client_connections = connections
+    errors: dict[tuple[str, str], int] = {}
+    for snap in snapshots:
+        for listener, reason, n in snap.get("handshake_errors", ()):
+            errors[(listener, reason)] = errors.get((listener, reason), 0) + n
+    server.handshake_totals = errors
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]
         pool.stats = summed_stats([p["stats"] for p in parts])
@@ -99,6 +107,7 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
             upstream.stats = summed_stats([u["stats"] for u in ups])
             upstream.active = sum(u["active"] for u in ups)
             upstream.conns = sum(u["conns"] for u in ups)
+            upstream.tunnels = sum(u.get("tunnels", 0) for u in ups)
             upstream.ejections = sum(u["ejections"] for u in ups)
             ejected_for = [u["ejected_for"] for u in ups if u["ejected_for"] is not None]
             ejected = bool(ejected_for)

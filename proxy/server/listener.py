@@ -1,19 +1,31 @@
 """One listening socket, its router and its client connections.
 
-The listener owns what every connection on it shares (router, limits, timeouts) and
-sweeps its connections' deadlines on each clock tick. Draining stops accepting, lets
-in-flight requests finish with keep-alive off, and closes idle connections.
+The listener owns what every connection on it shares (router, limits, timeouts, TLS)
+and sweeps its connections' deadlines on each clock tick. Draining stops accepting,
+lets in-flight requests finish with keep-alive off, and closes idle connections
+(Upgrade tunnels stay until the shutdown deadline).
+
+TLS: the listener itself wraps each accepted connection in the event loop's own
+``SSLProtocol`` (C in uvloop), with a future of its own that reports how the
+handshake ended, instead of handing ``ssl=`` to ``create_server``. So each connection
+takes the certificates in force when it is accepted (a reload changes them without a
+restart), and every failed handshake (plaintext HTTP, a stall past ``timeouts.header``,
+a reset, a refused client certificate) is counted by reason in ``handshake_errors``
+and logged in one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import logging
 import socket
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from proxy.forwarding.router import Router
+from proxy.forwarding.router import RouteOptions, Router
 from proxy.server.protocol import ClientConnection
+from proxy.tls import ServerTLS, handshake_reason
 
 if TYPE_CHECKING:
     from proxy.clock import Clock
@@ -23,14 +35,33 @@ if TYPE_CHECKING:
     from proxy.metrics.stats import Stats
     from proxy.upstream.pool import Pool
 
+log = logging.getLogger("aiolb")
+
+
+def build_router(config: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
+    """The router of a listener config over ``pools``; a listener that redirects to
+    https with no routes gets one catch-all redirecting route."""
+    routes: list[tuple[str | None, str, str | None]] = []
+    options: list[RouteOptions] = []
+    for r in config.routes:
+        routes.append((r.match.host, r.match.path_prefix, r.pool))
+        redirect = config.redirect_https if r.redirect_https is None else r.redirect_https
+        options.append((r.upgrades, redirect))
+    if not routes:
+        routes.append((None, "/", None))
+        options.append(((), config.redirect_https))
+    return Router(routes, pools, options)
+
 
 class Listener:
     __slots__ = (
+        "_ssl_protocol",
         "access_log",
         "clock",
         "config",
         "connections",
         "draining",
+        "handshake_errors",
         "loop",
         "name",
         "record",
@@ -38,6 +69,7 @@ class Listener:
         "router",
         "server",
         "stats",
+        "tls",
     )
 
     def __init__(
@@ -59,26 +91,58 @@ class Listener:
         self.stats = stats
         self.record = record  # metrics enabled
         self.access_log = access_log
-        routes = [(r.match.host, r.match.path_prefix, r.pool) for r in config.routes]
-        self.router: Router[Pool] = Router(routes, pools)
+        self.router: Router[Pool] = build_router(config, pools)
+        #: the certificates (None: plain HTTP); raises ``TLSFileError`` on a bad file
+        self.tls = ServerTLS(config.tls) if config.tls is not None else None
+        #: failed TLS handshakes by reason, for ``aiolb_tls_handshake_errors_total``
+        self.handshake_errors: dict[str, int] = {}
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
+        self._ssl_protocol = _ssl_protocol_class(loop)
+
+    def apply(
+        self, config: ListenerConfig, pools: Mapping[str, Pool], tls: ServerTLS | None
+    ) -> None:
+        """A reload kept this listener: the new config, router and certificates (new
+        connections get them; open ones keep theirs)."""
+        self.router = build_router(config, pools)
+        self.config, self.name, self.tls = config, config.name, tls
+
+    def accept(self) -> asyncio.BaseProtocol:
+        """The protocol of a connection just accepted: a ``ClientConnection``, wrapped
+        in TLS on a TLS listener (``connection_made`` comes after the handshake)."""
+        conn = ClientConnection(self)
+        tls = self.tls
+        if tls is None:
+            return conn
+        loop = self.loop
+        waiter = loop.create_future()
+        waiter.add_done_callback(lambda done: self._handshake_done(conn, done))
+        protocol: asyncio.BaseProtocol = self._ssl_protocol(
+            loop, conn, tls.context, waiter, server_side=True,
+            ssl_handshake_timeout=self.config.timeouts.header,
+        )  # fmt: skip
+        return protocol
+
+    def _handshake_done(self, conn: ClientConnection, done: asyncio.Future[Any]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if exc is None and conn.transport is not None:
+            return  # the handshake succeeded: the connection was made
+        reason = handshake_reason(exc)
+        self.handshake_errors[reason] = self.handshake_errors.get(reason, 0) + 1
+        detail = str(exc).splitlines()[0][:200] if exc is not None else "connection closed"
+        log.info("listener %s: TLS handshake failed (%s): %s", self.name, reason, detail)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Bind (or adopt ``sock``) and start accepting."""
         if sock is not None:
-            self.server = await self.loop.create_server(
-                lambda: ClientConnection(self), sock=sock, backlog=2048
-            )
+            self.server = await self.loop.create_server(self.accept, sock=sock, backlog=2048)
         else:
             self.server = await self.loop.create_server(
-                lambda: ClientConnection(self),
-                self.config.host,
-                self.config.port,
-                reuse_address=True,
+                self.accept, self.config.host, self.config.port, reuse_address=True,
                 backlog=2048,
-            )
+            )  # fmt: skip
 
     @property
     def port(self) -> int:
@@ -109,3 +173,15 @@ class Listener:
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
         return f"<Listener {self.name} {self.config.bind} [{state}, {len(self.connections)} conns]>"
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BaseProtocol]:
+    """The event loop's own TLS protocol: uvloop's (C) on uvloop, asyncio's otherwise.
+    Both take ``(loop, app_protocol, context, waiter, server_side, ...)``."""
+    module = type(loop).__module__
+    if module.startswith("uvloop"):
+        import uvloop.loop
+
+        cls: Callable[..., asyncio.BaseProtocol] = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+        return cls
+    return asyncio.sslproto.SSLProtocol

@@ -15,7 +15,15 @@ connection, never a traceback: malformed framing or header syntax (400), CONNECT
 response is still due is answered after it, in order.
 
 Timers are deadlines checked by the listener's sweep (``proxy.clock``); the phase
-says what a deadline means: IDLE closes quietly, HEAD and BODY answer 408.
+says what a deadline means: IDLE closes quietly, HEAD and BODY answer 408, TUNNEL
+asks the tunnel whether it has been idle for ``timeouts.tunnel_idle``. The header
+deadline runs from the accept, so on a TLS listener the handshake counts against it.
+
+Upgrade requests (``Connection: upgrade`` and an ``Upgrade`` protocol the route
+allows, see ``Exchange``) stop the parser: what the client sent after the request is
+held, and reading pauses, until the answer. A ``101`` makes the connection a byte
+tunnel (``proxy.forwarding.tunnel``), which gets the held bytes; any other answer is
+an ordinary response, and the held bytes are parsed as the next request.
 """
 
 from __future__ import annotations
@@ -28,12 +36,13 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from proxy.clock import NEVER
-from proxy.forwarding.exchange import PIPELINE, Exchange
+from proxy.forwarding.exchange import PIPELINE, UPGRADE, Exchange
 from proxy.http.headers import RequestHeaders
 from proxy.http.responses import error_response
 from proxy.tcp import ack_now
 
 if TYPE_CHECKING:
+    from proxy.forwarding.tunnel import Tunnel
     from proxy.server.listener import Listener
 
 log = logging.getLogger("aiolb")
@@ -47,6 +56,7 @@ IDLE: Final = 0  # between requests (keep-alive)
 HEAD: Final = 1  # a request head is arriving
 BODY: Final = 2  # a request body is arriving
 BUSY: Final = 3  # request read; its response is pending
+TUNNEL: Final = 4  # an Upgrade tunnel (``proxy.forwarding.tunnel``) owns the transport
 
 
 class _Reject(Exception):
@@ -91,6 +101,8 @@ class ClientConnection(asyncio.Protocol):
         "exchange",
         "head_bytes",
         "headers",
+        "held",
+        "https",
         "in_head",
         "listener",
         "loop",
@@ -110,6 +122,7 @@ class ClientConnection(asyncio.Protocol):
         "timeout_header",
         "timeout_idle",
         "transport",
+        "tunnel",
         "url",
         "write_paused",
     )
@@ -143,7 +156,12 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.chunk_len = 0
         self.phase = IDLE
-        self.deadline = NEVER
+        # accepted now: the header timeout runs from here (a TLS handshake included)
+        self.deadline = self.clock.now + self.timeout_header
+        #: the listener terminates TLS (``X-Forwarded-Proto: https``)
+        self.https = listener.tls is not None
+        self.held = b""  # bytes after an Upgrade request, until its answer
+        self.tunnel: Tunnel | None = None
         self.paused = 0
         self.write_paused = False
         self.closed = False
@@ -162,7 +180,6 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip = peer[0]
             self.client_ip_bytes = peer[0].encode()
         self.listener.connections.add(self)
-        self.deadline = self.clock.now + self.timeout_header
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.broken = True
@@ -373,6 +390,9 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Called on every clock tick by the listener's sweep."""
         if self.deadline <= now:
+            if self.tunnel is not None:
+                self.tunnel.check_idle(now)
+                return
             if self.paused and self.phase != IDLE:  # we stopped reading, not the client
                 self.deadline = now + self.timeout_body
             elif self.phase == IDLE or (self.draining and self.exchange is None):
@@ -384,8 +404,20 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and ex.__class__ is Exchange and ex.deadline <= now:
             ex.on_timeout()
 
+    def become_tunnel(self, tunnel: Tunnel, deadline: float) -> bytes:
+        """A ``101`` made this connection ``tunnel``; returns what the client sent after
+        the Upgrade request (the tunnel's first bytes upstream)."""
+        self.tunnel = tunnel
+        self.phase = TUNNEL
+        self.exchange = None
+        self.broken = True  # nothing more is parsed here
+        self.deadline = deadline
+        held, self.held = self.held, b""
+        return held
+
     def drain(self) -> None:
-        """Graceful shutdown: finish what is in flight, keep-alive off, close when idle."""
+        """Graceful shutdown: finish what is in flight, keep-alive off, close when idle
+        (a tunnel stays open until the shutdown deadline)."""
         self.draining = True
         if self.exchange is None and self.phase == IDLE:
             self.close()
@@ -411,6 +443,10 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
                 else:
                     self.deadline = self.clock.now + self.timeout_idle
+            if self.held:  # an Upgrade request had an ordinary answer: parse on
+                held, self.held = self.held, b""
+                self.resume(UPGRADE)
+                self.data_received(held)
 
     def _method(self) -> bytes:
         """The current request's method, or OTHER if the request line did not parse."""
@@ -435,11 +471,17 @@ class ClientConnection(asyncio.Protocol):
             self.reject(500)
 
     def _after_upgrade(self, data: bytes, offset: int) -> None:
-        """A request asked for ``Upgrade``: it was forwarded without it; parse on."""
+        """The parser stopped after a request with ``Connection: upgrade``. If it is
+        being forwarded as an Upgrade, hold what follows until its answer; otherwise
+        (``h2c``, a refused or bodied upgrade) parse on."""
         if self.broken:
             return
         rest = data[offset:]
-        if rest:
+        last = self.queue[-1] if self.queue else self.exchange
+        if last.__class__ is Exchange and last.found.upgrade is not None and not last.done:
+            self.held = bytes(rest)
+            self.pause(UPGRADE)
+        elif rest:
             self.data_received(rest)
 
     def __repr__(self) -> str:

@@ -46,6 +46,11 @@ class _Dropped(Exception):
     elsewhere): the rest of it is never read, and the connection is closed."""
 
 
+class _Switched(Exception):
+    """Raised inside the parser after a ``101`` to an Upgrade request: the connection
+    now belongs to a tunnel, and nothing more is parsed."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "acked",
@@ -109,7 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.responded = True
         if self.body_left:  # more of a body framed from a known head
             self._count_body(ex, data)
-        elif self.collecting and not self.raw and not ex.head_request and self._known(ex, data):
+        elif self.collecting and not self.raw and not ex.parse_only and self._known(ex, data):
             if self.exchange is not ex:  # the whole response was in this read: relayed
                 return
         else:
@@ -131,6 +136,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Dropped):
                 self.close()
+                return
+            if isinstance(exc.__context__, _Switched):
                 return
             if not isinstance(exc.__context__, _HeadDone):
                 log.error("bug while relaying a response", exc_info=exc.__context__)
@@ -208,6 +215,13 @@ class UpstreamConnection(asyncio.Protocol):
         raw, start = self.raw, self.raw_start
         end = raw.index(b"\r\n\r\n", start) + 4
         status = self.parser.get_status_code()
+        if status == 101 and ex.found.upgrade is not None:  # an Upgrade was asked for
+            self.exchange = None
+            self.collecting = False
+            self.raw = b""
+            if not ex.on_switch(self, raw[start:end], raw[end:]):
+                self.close()
+            raise _Switched
         if status < 200:
             self.informational = True
             self.raw_start = end
@@ -260,6 +274,13 @@ class UpstreamConnection(asyncio.Protocol):
     def reusable(self) -> bool:
         t = self.transport
         return not self.closed and t is not None and not t.is_closing() and self.exchange is None
+
+    def detach(self) -> None:
+        """A tunnel took over the transport: this object is done with it (the tunnel
+        reports the close to the upstream, ``Upstream.connection_closed``)."""
+        self.closed = True
+        self.exchange = None
+        self.parser = None  # type: ignore[assignment]
 
     def close(self) -> None:
         self.exchange = None

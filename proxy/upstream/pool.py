@@ -19,6 +19,7 @@ the balancer and, while a ramp runs, ``sweep`` rebuilds it every tenth of the ra
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from proxy.errors import UpstreamConnectError
 from proxy.forwarding.retry import RetryPolicy
 from proxy.health.outlier import OutlierDetector, readmit
 from proxy.metrics.stats import Stats
+from proxy.tls import client_context, tls_failure
 
 if TYPE_CHECKING:
     from proxy.config import Pool as PoolConfig
@@ -64,7 +66,11 @@ class Upstream:
         "pool",
         "port",
         "returned_at",
+        "server_name",
+        "ssl",
         "stats",
+        "tls_key",
+        "tunnels",
         "waiting",
         "weight",
     )
@@ -76,7 +82,15 @@ class Upstream:
         self.weight: int = spec.weight
         self.backup: bool = spec.backup
         self.pool = pool
+        #: TLS for ``https://`` upstreams (None: plain), the SNI and verification name,
+        #: and what they were built from (a reload that changes it closes idle connections)
+        self.ssl: ssl.SSLContext | None = pool.tls_context if spec.https else None
+        self.server_name: str | None = None
+        if self.ssl is not None:
+            self.server_name = pool.tls_server_name or spec.host
+        self.tls_key = (spec.https, pool.tls_spec)
         self.active = 0
+        self.tunnels = 0  # open Upgrade tunnels (``proxy.forwarding.tunnel``)
         self.enabled = True
         #: the active checks' verdict (``initial_state`` until the first flip)
         self.healthy = pool.initially_healthy
@@ -175,12 +189,21 @@ class Upstream:
         # open it, so that requests in the same loop iteration see the slot taken)
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
+                if self.ssl is None:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+                else:  # the handshake counts against the same timeout
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
+                        server_hostname=self.server_name, ssl_handshake_timeout=timeout,
+                    )  # fmt: skip
         except TimeoutError:
             self.connection_closed()
             raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
+        except ssl.SSLError as exc:
+            self.connection_closed()
+            raise UpstreamConnectError(f"TLS handshake failed: {tls_failure(exc)}") from None
         except OSError as exc:
             self.connection_closed()
             reason = exc.strerror or str(exc) or type(exc).__name__
@@ -240,7 +263,11 @@ class Pool:
         "retry",
         "static_addresses",
         "stats",
+        "tls_context",
+        "tls_server_name",
+        "tls_spec",
         "track",
+        "tunnel_idle",
         "upstreams",
     )
 
@@ -272,6 +299,13 @@ class Pool:
         self.response_header_timeout = min(t.response_header, per_try or t.response_header)
         self.idle_timeout = t.idle
         self.read_timeout = t.read
+        self.tunnel_idle = t.tunnel_idle
+        #: the client context of the https upstreams (built once per pool; raises
+        #: ``TLSFileError`` on a bad file), None when the pool has none
+        self.tls_spec = config.tls
+        has_https = any(spec.https for spec in config.upstreams)
+        self.tls_context = client_context(config.tls) if has_https else None
+        self.tls_server_name = config.tls.server_name if config.tls is not None else None
         #: ``max_idle_connections``; None: each upstream's ``max_connections``
         self.max_idle: int | None = config.max_idle_connections
         static = [spec for spec in config.upstreams if not spec.dns]
@@ -440,6 +474,9 @@ class Pool:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
                 old.max_idle = fresh.max_idle
                 old.max_connections = fresh.max_connections
+                if old.tls_key != fresh.tls_key:  # new TLS settings: no old connection
+                    old.close_idle(float("inf"))
+                old.ssl, old.server_name, old.tls_key = fresh.ssl, fresh.server_name, fresh.tls_key
                 self.upstreams[i] = old
         self._by_address = {u.address: u for u in self.upstreams}
         slow = self._slow_start

@@ -167,7 +167,9 @@ def test_listener_bind_rejects(bind: str) -> None:
     [("http://127.0.0.1:9001", "127.0.0.1", 9001, "127.0.0.1:9001"),
      ("http://Example.COM", "example.com", 80, "example.com:80"),
      ("http://h:81/", "h", 81, "h:81"),
-     ("http://[::1]:9001", "::1", 9001, "[::1]:9001")],
+     ("http://[::1]:9001", "::1", 9001, "[::1]:9001"),
+     ("https://Api.Example", "api.example", 443, "api.example:443"),
+     ("https://10.0.0.1:8443", "10.0.0.1", 8443, "10.0.0.1:8443")],
 )  # fmt: skip
 def test_upstream_url(url: str, host: str, port: int, address: str) -> None:
     spec = UpstreamSpec(url=url)
@@ -176,7 +178,7 @@ def test_upstream_url(url: str, host: str, port: int, address: str) -> None:
 
 @pytest.mark.parametrize(
     ("url", "message"),
-    [("https://h:443", "https upstreams are not supported"), ("http://h:1/api", "without a path"),
+    [("https://h:443/x", "https://host:port without a path"), ("http://h:1/api", "without a path"),
      ("ftp://h", "expected http://host:port"), ("h:9001", "expected http://host:port"),
      ("http://h:0", "1..65535"), ("http://h:99999", "invalid upstream url"),
      ("http://u:p@h:1", "just http://host:port"), ("http://h:1?x=1", "just http://host:port")],
