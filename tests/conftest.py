@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import RawUpstream, Recorder, start_proxy, start_recorder
+from tests.support import CertAuthority, RawUpstream, Recorder, start_proxy, start_recorder
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -19,11 +21,19 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
+def ca(tmp_path: Path) -> CertAuthority:
+    """A certificate authority of this test; its files go to ``tmp_path``."""
+    return CertAuthority(tmp_path)
+
+
+@pytest.fixture
 async def recorders() -> AsyncIterator[Callable[..., Awaitable[Recorder]]]:
     started: list[Recorder] = []
 
-    async def make(name: str, extra: dict[str, Any] | None = None) -> Recorder:
-        rec = await start_recorder(name, extra)
+    async def make(
+        name: str, extra: dict[str, Any] | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> Recorder:
+        rec = await start_recorder(name, extra, ssl_context)
         started.append(rec)
         return rec
 

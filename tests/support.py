@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import trustme
 from aiohttp import web
 
 from proxy.config import Config
@@ -40,10 +43,11 @@ class Recorder:
     seen: list[Seen] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{self.scheme}://{HOST}:{self.port}"
 
     def record(self, request: web.Request) -> None:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -75,11 +79,14 @@ def recorder_app(rec: Recorder, extra: dict[str, Handler] | None = None) -> web.
     return app
 
 
-async def start_recorder(name: str, extra: dict[str, Handler] | None = None) -> Recorder:
-    rec = Recorder(name)
+async def start_recorder(
+    name: str, extra: dict[str, Handler] | None = None, ssl_context: ssl.SSLContext | None = None
+) -> Recorder:
+    """A ``Recorder`` on 127.0.0.1, port 0; over TLS with ``ssl_context``."""
+    rec = Recorder(name, scheme="https" if ssl_context is not None else "http")
     rec.runner = web.AppRunner(recorder_app(rec, extra), access_log=None)
     await rec.runner.setup()
-    site = web.TCPSite(rec.runner, HOST, 0)
+    site = web.TCPSite(rec.runner, HOST, 0, ssl_context=ssl_context)
     await site.start()
     rec.port = rec.runner.addresses[0][1]
     return rec
@@ -226,6 +233,73 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.01)
+
+
+@dataclass
+class CertFiles:
+    """A certificate chain and its key written as PEM files (for a config)."""
+
+    cert: str
+    key: str
+    leaf: trustme.LeafCert
+
+    @property
+    def entry(self) -> dict[str, str]:
+        """``{cert, key}``, as a ``tls.certificates`` entry."""
+        return {"cert": self.cert, "key": self.key}
+
+
+class CertAuthority:
+    """A trustme CA whose certificates are written under ``folder``."""
+
+    def __init__(self, folder: Path, name: str = "ca") -> None:
+        self.ca = trustme.CA()
+        self.folder = folder
+        self.name = name
+        self.count = 0
+        self.cert_file = str(folder / f"{name}.pem")
+        self.ca.cert_pem.write_to_path(self.cert_file)
+
+    def issue(self, *names: str, **kwargs: Any) -> CertFiles:
+        """A certificate for ``names`` (``not_after=...`` for an expired one)."""
+        self.count += 1
+        leaf = self.ca.issue_cert(*names, **kwargs)
+        stem = self.folder / f"{self.name}-{self.count}"
+        cert, key = f"{stem}.pem", f"{stem}.key"
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        for pem in leaf.cert_chain_pems[1:]:
+            pem.write_to_path(cert, append=True)
+        leaf.private_key_pem.write_to_path(key)
+        return CertFiles(cert, key, leaf)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA (and nothing else), ALPN http/1.1."""
+        context = ssl.create_default_context(cafile=self.cert_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server context with a certificate of this CA for ``names``."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert(*names).configure_cert(context)
+        return context
+
+
+async def tls_request(
+    port: int, context: ssl.SSLContext, host: str, data: bytes, *, timeout: float = 5.0
+) -> tuple[bytes, ssl.SSLObject]:
+    """Send ``data`` over TLS (SNI ``host``) on a new connection; (everything read
+    until the proxy closes, the connection's ``SSLObject``)."""
+    reader, writer = await asyncio.open_connection(
+        HOST, port, ssl=context, server_hostname=host
+    )
+    try:
+        writer.write(data)
+        await writer.drain()
+        tls: ssl.SSLObject = writer.get_extra_info("ssl_object")
+        return await asyncio.wait_for(reader.read(), timeout), tls
+    finally:
+        writer.close()
 
 
 def sha256_stream() -> Any:

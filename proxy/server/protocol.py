@@ -443,10 +443,11 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
                 else:
                     self.deadline = self.clock.now + self.timeout_idle
-            if self.held:  # an Upgrade request had an ordinary answer: parse on
+            if self.paused & UPGRADE:  # an Upgrade request had an ordinary answer
                 held, self.held = self.held, b""
                 self.resume(UPGRADE)
-                self.data_received(held)
+                if held:  # parse on
+                    self.data_received(held)
 
     def _method(self) -> bytes:
         """The current request's method, or OTHER if the request line did not parse."""

@@ -50,7 +50,7 @@ CONTRACT = {
 UPSTREAM_FIELDS = {
     "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
     "idle", "ejected", "ejected_until", "ejections", "connections", "connections_opened",
-    "waiting", "requests",
+    "waiting", "tunnels", "requests",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 
