@@ -10,6 +10,12 @@ scenario, target). The table then gives medians, and the ratios to nginx are med
 ratios taken within each round, so the machine's drift (tens of percent within minutes
 on a shared VM) falls on both sides of every ratio; their range is printed too.
 
+The ``https*`` scenarios run the same requests over TLS (a second listener on every
+proxy with one ECDSA P-256 certificate; wrk speaks TLS), ``handshake`` sends each
+request with ``Connection: close``, so every request is a new TCP connection and a new
+full TLS handshake (wrk keeps no sessions): new handshakes per second. ``direct`` and
+``passthrough`` have no TLS listener; those rows say so.
+
 ``--pinning pinned,unpinned`` (the default) measures both ways in the same run: pinned,
 the proxy under test has a core to itself and wrk and the upstream share the other;
 unpinned, every process may use every core, as a user runs it. Between the two the
@@ -27,6 +33,7 @@ import platform
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -63,6 +70,8 @@ class Scenario:
     upload_bytes: int
     expect_bytes: int | None
     about: str
+    tls: bool = False  # over the target's TLS listener
+    close: bool = False  # ``Connection: close``: a new connection (and handshake) per request
 
     @property
     def method(self) -> str:
@@ -74,14 +83,25 @@ SCENARIOS = {
     "64k": Scenario("64k", "/64k", 0, 64 * 1024, "GET, 64 KiB response body"),
     "1m": Scenario("1m", "/1m", 0, 1024 * 1024, "GET, 1 MiB response body"),
     "upload64k": Scenario("upload64k", "/upload", 64 * 1024, None, "POST 64 KiB, small answer"),
+    "https20b": Scenario("https20b", "/20b", 0, 20, "HTTPS keep-alive, 20-byte body", tls=True),
+    "https64k": Scenario("https64k", "/64k", 0, 64 * 1024, "HTTPS keep-alive, 64 KiB body",
+                         tls=True),
+    "handshake": Scenario("handshake", "/20b", 0, 20, "HTTPS, Connection: close: a new TLS "
+                          "handshake per request", tls=True, close=True),
 }
+#: The scenarios a run without ``--scenarios`` measures (the TLS ones on request).
+DEFAULT_SCENARIOS = ("20b", "64k", "1m", "upload64k")
+#: Targets with a TLS listener (``--scenarios https20b,...``).
+TLS_TARGETS = ("aiolb", "nginx", "haproxy", "aiolb-nometrics", "aiolb-accesslog")
 
 
 @dataclass
 class Result:
     target: str
     scenario: str
-    status: str  # "ok", "failed to start", "not answering", "no responses", "wrk failed"
+    #: "ok", "failed to start", "not answering", "no responses", "wrk failed",
+    #: "no TLS listener"
+    status: str
     rps: float | None = None
     p50_us: int | None = None
     p90_us: int | None = None
@@ -114,7 +134,8 @@ def csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", type=csv(tuple(SCENARIOS)), default=list(SCENARIOS))
+    parser.add_argument("--scenarios", type=csv(tuple(SCENARIOS)), default=list(DEFAULT_SCENARIOS),
+                        help="default: %(default)s; TLS: https20b,https64k,handshake")
     parser.add_argument("--targets", type=csv(TARGETS), default=list(DEFAULT_TARGETS))
     parser.add_argument("--duration", type=int, default=6, help="seconds per timed wrk run")
     parser.add_argument("--connections", type=int, default=64)
@@ -214,7 +235,11 @@ def check_once(port: int, scenario: Scenario) -> str | None:
 
     Returns what was wrong with an answer, or None; raises NoAnswer when none came.
     """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    if scenario.tls:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=10, context=ssl._create_unverified_context()
+        )
     body = b"x" * scenario.upload_bytes if scenario.upload_bytes else None
     try:
         for _ in range(2):
@@ -232,8 +257,12 @@ def check_once(port: int, scenario: Scenario) -> str | None:
     return None
 
 
-def wrk_argv(args: argparse.Namespace, url: str, seconds: int) -> list[str]:
+def wrk_argv(
+    args: argparse.Namespace, url: str, seconds: int, close: bool = False
+) -> list[str]:
     argv = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s"]
+    if close:
+        argv += ["-H", "Connection: close"]
     return [*argv, "--timeout", WRK_TIMEOUT, "-s", str(WRK_SCRIPT), url]
 
 
@@ -272,6 +301,8 @@ class Bench:
     pin: Pinning
     pinned: Pinning | None = None
     mode: str = "pinned"
+    #: each running target's TLS port (targets without one are absent)
+    tls_ports: dict[str, int] = field(default_factory=dict)
 
     def use(self, mode: str) -> None:
         """Switch every running process to ``mode``'s pinning: the upstream to the load
@@ -285,12 +316,13 @@ class Bench:
             harness.set_affinity(child.pid, self.pin.load if load else self.pin.proxy)
 
     def wrk(self, target: str, port: int, scenario: Scenario, seconds: int) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{port}{scenario.path}"
+        scheme = "https" if scenario.tls else "http"
+        url = f"{scheme}://127.0.0.1:{port}{scenario.path}"
         env = {**os.environ, "WRK_BODY_BYTES": str(scenario.upload_bytes)}
         log = self.session.path(f"wrk-{target}-{scenario.name}-{seconds}s.log")
         with log.open("wb") as out:
             subprocess.run(
-                harness.pinned(wrk_argv(self.args, url, seconds), self.pin.load),
+                harness.pinned(wrk_argv(self.args, url, seconds, scenario.close), self.pin.load),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -301,6 +333,11 @@ class Bench:
         return parse_wrk(log.read_text(errors="replace"))
 
     def measure(self, target: str, port: int, scenario: Scenario) -> Result:
+        if scenario.tls:
+            tls_port = self.tls_ports.get(target)
+            if tls_port is None:
+                return Result(target, scenario.name, "no TLS listener", detail="not measured")
+            port = tls_port
         try:
             problem = check_once(port, scenario)
         except NoAnswer as exc:
@@ -324,14 +361,19 @@ class Bench:
         session, upstream, cpus = self.session, self.upstream, self.pin.proxy
         if target == "direct":
             return None, upstream.ports[0]
-        if target in harness.AIOLB_VARIANTS:
-            extra = harness.AIOLB_VARIANTS[target]
-            return harness.start_aiolb(session, upstream, cpus, self.args.aiolb_cmd, extra)
-        if target == "nginx":
-            return harness.start_nginx_proxy(session, upstream, cpus)
         if target == "passthrough":
             return harness.start_passthrough(session, upstream, cpus)
-        return harness.start_haproxy(session, upstream, cpus)
+        tls_port = None
+        if target in TLS_TARGETS and any(SCENARIOS[s].tls for s in self.args.scenarios):
+            tls_port = self.tls_ports[target] = session.port()
+        if target in harness.AIOLB_VARIANTS:
+            extra = harness.AIOLB_VARIANTS[target]
+            return harness.start_aiolb(
+                session, upstream, cpus, self.args.aiolb_cmd, extra, tls_port=tls_port
+            )
+        if target == "nginx":
+            return harness.start_nginx_proxy(session, upstream, cpus, tls_port=tls_port)
+        return harness.start_haproxy(session, upstream, cpus, tls_port=tls_port)
 
     def target(self, target: str) -> list[Result]:
         scenarios = [SCENARIOS[name] for name in self.args.scenarios]

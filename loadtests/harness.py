@@ -96,6 +96,23 @@ class Session:
     def path(self, name: str) -> Path:
         return self.dir / name
 
+    def certificate(self) -> tuple[Path, Path, Path]:
+        """A self-signed ECDSA P-256 certificate for ``localhost`` and 127.0.0.1 (made
+        once per session with openssl): cert, key, and both in one file (HAProxy)."""
+        cert, key, both = self.path("tls.pem"), self.path("tls.key"), self.path("tls-both.pem")
+        if not cert.exists():
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                 "-keyout", str(key), "-out", str(cert)],
+                check=True, capture_output=True, timeout=30,
+            )  # fmt: skip
+            both.write_bytes(cert.read_bytes() + key.read_bytes())
+            for path in (cert, key, both):
+                path.chmod(0o644)  # nginx workers may run as nobody
+        return cert, key, both
+
     def port(self) -> int:
         """A free loopback port not handed out before in this session."""
         while True:
@@ -326,19 +343,31 @@ def aiolb_config(
     extra: str = "",
     pool: str = "",
     ports: Sequence[int] | None = None,
+    tls_port: int | None = None,
 ) -> Path:
     """The documented minimal config: a listener, a pool of the upstream ports (or of
     ``ports``) and the admin address, everything else at its default. ``extra``:
-    top-level YAML to add; ``pool``: lines to add to the pool (indented four spaces)."""
+    top-level YAML to add; ``pool``: lines to add to the pool (indented four spaces);
+    ``tls_port``: a second listener there, with TLS (the session's certificate)."""
     upstreams = "".join(
         f'      - url: "http://127.0.0.1:{p}"\n' for p in (ports or upstream.ports)
     )
+    tls = ""
+    if tls_port is not None:
+        cert, key, _ = session.certificate()
+        tls = f"""  - name: bench-tls
+    bind: "127.0.0.1:{tls_port}"
+    tls:
+      certificates: [{{cert: "{cert}", key: "{key}"}}]
+    routes:
+      - pool: bench
+"""
     text = f"""listeners:
   - name: bench
     bind: "127.0.0.1:{port}"
     routes:
       - pool: bench
-pools:
+{tls}pools:
   bench:
 {pool}    upstreams:
 {upstreams}admin:
@@ -354,10 +383,15 @@ def default_aiolb_cmd() -> list[str]:
 
 
 def start_aiolb(
-    session: Session, upstream: Upstream, cpus: str | None, cmd: Sequence[str], extra: str = ""
+    session: Session,
+    upstream: Upstream,
+    cpus: str | None,
+    cmd: Sequence[str],
+    extra: str = "",
+    tls_port: int | None = None,
 ) -> tuple[Child, int]:
     port = session.port()
-    config = str(aiolb_config(session, port, upstream, extra))
+    config = str(aiolb_config(session, port, upstream, extra, tls_port=tls_port))
     argv = [arg.replace("{config}", config) for arg in cmd]
     return start(session, "aiolb", argv, port, cpus=cpus, cwd=REPO), port
 
@@ -370,13 +404,23 @@ def start_passthrough(session: Session, upstream: Upstream, cpus: str | None) ->
     return start(session, "passthrough", argv, port, cpus=cpus), port
 
 
-def start_nginx_proxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
-    """nginx as a one-worker proxy in front of both upstream ports (``keepalive 64``)."""
-    return start_nginx_proxy_workers(session, upstream, cpus, 1, reuseport=False)
+def start_nginx_proxy(
+    session: Session, upstream: Upstream, cpus: str | None, tls_port: int | None = None
+) -> tuple[Child, int]:
+    """nginx as a one-worker proxy in front of both upstream ports (``keepalive 64``);
+    ``tls_port``: also HTTPS there, with the session's certificate."""
+    return start_nginx_proxy_workers(session, upstream, cpus, 1, reuseport=False,
+                                     tls_port=tls_port)  # fmt: skip
 
 
-def start_haproxy(session: Session, upstream: Upstream, cpus: str | None) -> tuple[Child, int]:
+def start_haproxy(
+    session: Session, upstream: Upstream, cpus: str | None, tls_port: int | None = None
+) -> tuple[Child, int]:
     port = session.port()
+    tls_bind = ""
+    if tls_port is not None:
+        both = session.certificate()[2]
+        tls_bind = f"    bind 127.0.0.1:{tls_port} ssl crt {both} alpn http/1.1\n"
     up1, up2 = upstream.ports
     maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2)
     conf = f"""global
@@ -392,7 +436,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port}
-    default_backend bench
+{tls_bind}    default_backend bench
 
 backend bench
     balance roundrobin
@@ -471,13 +515,21 @@ def start_nginx_proxy_workers(
     workers: int,
     reuseport: bool = True,
     name: str = "nginx",
+    tls_port: int | None = None,
 ) -> tuple[Child, int]:
     """nginx as a proxy with `workers` worker processes (`keepalive 64` to both upstream
     ports) and, with `reuseport`, one SO_REUSEPORT listening socket per worker (as
-    aiolb's workers have); the config and log are named after `name`."""
+    aiolb's workers have); the config and log are named after `name`. ``tls_port``:
+    HTTPS there too (the session's certificate; nginx's defaults otherwise: TLS 1.2
+    and 1.3, session tickets on)."""
     port = session.port()
     up1, up2 = upstream.ports
     listen = f"127.0.0.1:{port}" + (" reuseport" if reuseport else "")
+    if tls_port is not None:
+        cert, key, _ = session.certificate()
+        listen += (f";\n        listen 127.0.0.1:{tls_port} ssl"
+                   + (" reuseport" if reuseport else "")
+                   + f";\n        ssl_certificate {cert};\n        ssl_certificate_key {key}")
     conf = (
         nginx_common(session, name, workers)
         + f"""

@@ -226,7 +226,7 @@ class Exchange:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
         self.head = head = request_head(
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
-            self.request_id, client.https,
+            self.request_id, client.head_template,
         )
         if pool.fast_path and not self.pending:  # the fast path: nothing but the head
             conn = upstream.take_idle()

@@ -192,23 +192,24 @@ def request_head(
     client_ip: bytes,
     forwarded_host: bytes | None,
     request_id: bytes,
-    https: bool = False,
+    template: bytes = b"",
 ) -> bytes:
-    """The request head sent upstream (always HTTP/1.1, keep-alive);
-    ``X-Forwarded-Proto: https`` when the client came over TLS."""
+    """The request head sent upstream (always HTTP/1.1, keep-alive). ``template``:
+    ``REQUEST_HEAD``, or ``REQUEST_HEAD_TLS`` (``X-Forwarded-Proto: https``) when the
+    client came over TLS; the client connection keeps its own (no choice per request)."""
     xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
-    return (_REQUEST_HEAD_TLS if https else _REQUEST_HEAD) % (
+    return (template or REQUEST_HEAD) % (
         method, target, b"".join(found.parts), xff, request_id,
         b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
     )  # fmt: skip
 
 
 #: One C-level format per request head (half the time of joining a list of pieces).
-_REQUEST_HEAD: Final = (
+REQUEST_HEAD: Final = (
     b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
     b"X-Request-ID: %s\r\n" + VIA + b"%s\r\n"
 )
-_REQUEST_HEAD_TLS: Final = _REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
+REQUEST_HEAD_TLS: Final = REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
 
 
 # What in a response head needs more than passing through: a hop-by-hop or framing

@@ -37,7 +37,7 @@ import httptools
 
 from proxy.clock import NEVER
 from proxy.forwarding.exchange import PIPELINE, UPGRADE, Exchange
-from proxy.http.headers import RequestHeaders
+from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders
 from proxy.http.responses import error_response
 from proxy.tcp import ack_now
 
@@ -100,9 +100,9 @@ class ClientConnection(asyncio.Protocol):
         "draining",
         "exchange",
         "head_bytes",
+        "head_template",
         "headers",
         "held",
-        "https",
         "in_head",
         "listener",
         "loop",
@@ -158,8 +158,8 @@ class ClientConnection(asyncio.Protocol):
         self.phase = IDLE
         # accepted now: the header timeout runs from here (a TLS handshake included)
         self.deadline = self.clock.now + self.timeout_header
-        #: the listener terminates TLS (``X-Forwarded-Proto: https``)
-        self.https = listener.tls is not None
+        #: the upstream request head's format: ``X-Forwarded-Proto: https`` behind TLS
+        self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
         self.held = b""  # bytes after an Upgrade request, until its answer
         self.tunnel: Tunnel | None = None
         self.paused = 0

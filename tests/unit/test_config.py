@@ -490,3 +490,55 @@ def test_env_example_uses_the_environment() -> None:
     config = load_config(Path(__file__).parents[2] / "config" / "env.yaml", env=env)
     assert (config.listeners[0].bind, config.admin.token, config.workers) == (
         "0.0.0.0:9000", "s3cret", 3)  # fmt: skip
+
+
+# --- TLS, redirects and Upgrade settings -------------------------------------------------------
+
+TLS_LISTENER = VALID.replace(
+    "    routes:\n", "    tls:\n      certificates: [{cert: a.pem, key: a.key}]\n    routes:\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VALID.replace("      - pool: web", "      - pool: web\n        upgrades: [websocket, h2c]"),
+         "F:6: listeners[0].routes[0].upgrades: h2c upgrades are never forwarded (aiolb speaks "
+         "HTTP/1.1 to upstreams); remove 'h2c'"),
+        (VALID.replace("      - pool: web", "      - pool: web\n        upgrades: ['web socket']"),
+         "F:6: listeners[0].routes[0].upgrades: invalid upgrade protocol 'web socket'; use a "
+         "token such as websocket"),
+        (VALID + "    tls: {ca: ca.pem}\n",
+         "F:7: pools.web: tls applies to https:// upstreams; this pool has none"),
+        (VALID.replace('http://127.0.0.1:9001"', 'https://127.0.0.1:9001"')
+         + "    tls: {cert: c.pem}\n",
+         "F:11: pools.web.tls: cert and key go together: set both or neither"),
+        (TLS_LISTENER.replace("    routes:\n", "    redirect_https: true\n    routes:\n"),
+         "F:6: listeners[0].redirect_https: redirect_https applies to plain-HTTP listeners; "
+         "this one has tls"),
+        (VALID.replace("    routes:\n      - pool: web\n", ""),
+         "F:2: listeners[0]: missing required key 'routes'"),
+        (VALID.replace("      - pool: web", "      - match: {path_prefix: /}\n"
+                                            "        redirect_https: false"),
+         "F:5: listeners[0].routes[0]: missing required key 'pool'"),
+        (TLS_LISTENER.replace("TLSv1.2", "").replace("[{cert", "[{cert").replace(
+            "certificates:", "min_version: TLSv1.1\n      certificates:"),
+         "F:5: listeners[0].tls.min_version: unknown value 'TLSv1.1'; expected 'TLSv1.2' or "
+         "'TLSv1.3'"),
+    ],
+)  # fmt: skip
+def test_tls_redirect_and_upgrade_settings_are_checked(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert problems(tmp_path, text) == [expected]
+
+
+def test_redirect_routes_need_no_pool_and_upgrades_default_to_websocket(tmp_path: Path) -> None:
+    config = load(tmp_path, VALID.replace("    routes:\n      - pool: web\n",
+                                          "    redirect_https: 8443\n"))  # fmt: skip
+    assert config.listeners[0].routes == [] and config.listeners[0].redirect_https == 8443
+    route = load(tmp_path, VALID).listeners[0].routes[0]
+    assert route.upgrades == ("websocket",) and route.redirect_https is None
+    upstream = load(tmp_path, VALID.replace("http://127.0.0.1:9001", "https://a.test"))
+    spec = upstream.pools["web"].upstreams[0]
+    assert (spec.https, spec.address) == (True, "a.test:443")
