@@ -13,7 +13,10 @@ on a shared VM) falls on both sides of every ratio; their range is printed too.
 The ``https*`` scenarios run the same requests over TLS (a second listener on every
 proxy with one ECDSA P-256 certificate; wrk speaks TLS), ``handshake`` sends each
 request with ``Connection: close``, so every request is a new TCP connection and a new
-full TLS handshake (wrk keeps no sessions): new handshakes per second. ``direct`` and
+TLS handshake, resumed from a session ticket (wrk keeps its sessions, as browsers do);
+``handshake-full`` makes every one a full handshake (``openssl s_time -new``, as many
+processes as ``--threads``, GETs of the 20-byte body; requests/s is handshakes/s, and
+there are no latency percentiles). ``direct`` and
 ``passthrough`` have no TLS listener; those rows say so.
 
 ``--pinning pinned,unpinned`` (the default) measures both ways in the same run: pinned,
@@ -30,6 +33,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -37,6 +41,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +77,7 @@ class Scenario:
     about: str
     tls: bool = False  # over the target's TLS listener
     close: bool = False  # ``Connection: close``: a new connection (and handshake) per request
+    full: bool = False  # ``openssl s_time -new``: a full handshake per request, not wrk
 
     @property
     def method(self) -> str:
@@ -87,7 +93,10 @@ SCENARIOS = {
     "https64k": Scenario("https64k", "/64k", 0, 64 * 1024, "HTTPS keep-alive, 64 KiB body",
                          tls=True),
     "handshake": Scenario("handshake", "/20b", 0, 20, "HTTPS, Connection: close: a new TLS "
-                          "handshake per request", tls=True, close=True),
+                          "connection per request (sessions resumed)", tls=True, close=True),
+    "handshake-full": Scenario("handshake-full", "/20b", 0, 20, "HTTPS, a new connection and "
+                               "a full handshake per request (openssl s_time -new)", tls=True,
+                               close=True, full=True),
 }
 #: The scenarios a run without ``--scenarios`` measures (the TLS ones on request).
 DEFAULT_SCENARIOS = ("20b", "64k", "1m", "upload64k")
@@ -332,12 +341,40 @@ class Bench:
             )
         return parse_wrk(log.read_text(errors="replace"))
 
+    def s_time(self, port: int, scenario: Scenario, seconds: int) -> float:
+        """Full handshakes (and GETs) per second from ``--threads`` s_time processes."""
+        argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time",
+                str(seconds), "-www", scenario.path]  # fmt: skip
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(harness.pinned(argv, self.pin.load), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            for _ in range(self.args.threads)
+        ]  # fmt: skip
+        total = 0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=seconds + 30)
+            found = re.search(rb"(\d+) connections in [0-9.]+s", out)
+            total += int(found.group(1)) if found else 0
+        return total / (time.perf_counter() - started)
+
+    def measure_full(self, target: str, port: int, scenario: Scenario) -> Result:
+        self.s_time(port, scenario, WARMUP_S)
+        before = harness.cpu_times()
+        rate = self.s_time(port, scenario, self.args.duration)
+        busy = harness.cpu_busy(before, harness.cpu_times())
+        result = Result(target, scenario.name, "ok", rps=rate, p50_us=0, p90_us=0, p99_us=0,
+                        errors=0, cpu_busy=busy, pinning=self.mode)  # fmt: skip
+        return result if rate else Result(target, scenario.name, "no responses")
+
     def measure(self, target: str, port: int, scenario: Scenario) -> Result:
         if scenario.tls:
             tls_port = self.tls_ports.get(target)
             if tls_port is None:
                 return Result(target, scenario.name, "no TLS listener", detail="not measured")
             port = tls_port
+            if scenario.full:
+                return self.measure_full(target, port, scenario)
         try:
             problem = check_once(port, scenario)
         except NoAnswer as exc:
@@ -467,9 +504,10 @@ def combine_rounds(results: list[Result]) -> list[Result]:
         )  # fmt: skip
         for r in mine:
             other = ref.get((pinning, scenario, r.round))
-            if other is not None and other.rps and r.rps and other.p99_us and r.p99_us:
+            if other is not None and other.rps and r.rps:
                 row.rps_ratios.append(r.rps / other.rps)
-                row.p99_ratios.append(r.p99_us / other.p99_us)
+                if other.p99_us and r.p99_us:  # none for handshake-full
+                    row.p99_ratios.append(r.p99_us / other.p99_us)
         rows.append(row)
     return rows
 

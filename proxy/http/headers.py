@@ -192,13 +192,13 @@ def request_head(
     client_ip: bytes,
     forwarded_host: bytes | None,
     request_id: bytes,
-    template: bytes = b"",
+    template: bytes,
 ) -> bytes:
     """The request head sent upstream (always HTTP/1.1, keep-alive). ``template``:
     ``REQUEST_HEAD``, or ``REQUEST_HEAD_TLS`` (``X-Forwarded-Proto: https``) when the
     client came over TLS; the client connection keeps its own (no choice per request)."""
     xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
-    return (template or REQUEST_HEAD) % (
+    return template % (
         method, target, b"".join(found.parts), xff, request_id,
         b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
     )  # fmt: skip

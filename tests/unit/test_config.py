@@ -502,7 +502,7 @@ TLS_LISTENER = VALID.replace(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (VALID.replace("      - pool: web", "      - pool: web\n        upgrades: [websocket, h2c]"),
+        (VALID.replace("- pool: web", "- pool: web\n        upgrades: [websocket, h2c]"),
          "F:6: listeners[0].routes[0].upgrades: h2c upgrades are never forwarded (aiolb speaks "
          "HTTP/1.1 to upstreams); remove 'h2c'"),
         (VALID.replace("      - pool: web", "      - pool: web\n        upgrades: ['web socket']"),

@@ -6,6 +6,8 @@ import pytest
 
 from proxy.http import headers
 from proxy.http.headers import (
+    REQUEST_HEAD,
+    REQUEST_HEAD_TLS,
     RequestHeaders,
     RequestIds,
     ResponseHead,
@@ -118,12 +120,42 @@ def test_request_headers_one_pass():
     )
     assert found.host == b"shop.test" and found.request_id == b"abc"
     assert found.expect_continue and found.content_length == b"5" and not found.chunked
-    head = request_head(b"POST", b"/x", found, b"127.0.0.1", found.host, b"rid")
+    head = request_head(b"POST", b"/x", found, b"127.0.0.1", found.host, b"rid", REQUEST_HEAD)
     assert head == (
         b"POST /x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\nAccept: */*\r\n"
         b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
         b"X-Request-ID: rid\r\nVia: 1.1 aiolb\r\nX-Forwarded-Host: shop.test\r\n\r\n"
     )
+
+
+def test_tls_clients_get_x_forwarded_proto_https():
+    found = RequestHeaders([(b"Host", b"a")])
+    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD_TLS)
+    assert b"\r\nX-Forwarded-Proto: https\r\n" in head
+    assert head.count(b"X-Forwarded-Proto") == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "upgrade"),
+    [
+        ([(b"Connection", b"Upgrade"), (b"Upgrade", b"WebSocket")], [b"websocket"]),
+        ([(b"Connection", b"keep-alive, upgrade"), (b"Upgrade", b"foo/2, websocket")],
+         [b"foo/2", b"websocket"]),
+        ([(b"Upgrade", b"websocket")], None),  # Connection does not list it: hop-by-hop, dropped
+        ([(b"Connection", b"upgrade")], None),  # nothing to upgrade to
+        ([(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c")], None),  # never
+        ([(b"Connection", b"upgrade"), (b"Upgrade", b"h2c, websocket")], [b"websocket"]),
+        ([(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"Content-Length", b"3")],
+         None),  # a body: forwarded as a plain request
+    ],
+)  # fmt: skip
+def test_upgrade_requests_are_noted_and_their_headers_never_forwarded_as_they_are(
+    headers: list[tuple[bytes, bytes]], upgrade: list[bytes] | None
+) -> None:
+    found = RequestHeaders([(b"Host", b"a"), *headers])
+    assert found.upgrade == upgrade
+    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD)
+    assert b"upgrade" not in head.lower().replace(b"x-forwarded", b"")
 
 
 def test_duplicate_host_is_refused():
