@@ -22,6 +22,7 @@ from tests.admin_support import samples, scrape
 from tests.support import (
     HOST,
     CertAuthority,
+    RawUpstream,
     Recorder,
     make_config,
     raw_exchange,
@@ -227,38 +228,28 @@ async def test_protocols_a_route_does_not_allow_are_refused_and_h2c_never_forwar
         up.seen[0].headers.get("Connection", "").lower())
 
 
-class RawSwitch:
+class RawSwitch(RawUpstream):
     """A raw upstream: answers an Upgrade with 101 (``Upgrade: foo``), then echoes bytes,
     or, with ``flood``, sends that many bytes and counts what it could write."""
 
     def __init__(self, flood: int = 0) -> None:
+        super().__init__({})
         self.flood = flood
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.received = b""
         self.writers: list[asyncio.StreamWriter] = []
         self.sent = 0
 
-    async def start(self) -> RawSwitch:
-        self.server = await asyncio.start_server(self.handle, HOST, 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         try:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
                          b"Upgrade: foo\r\n\r\nhello after 101|")  # fmt: skip
-            if self.flood:
-                chunk = b"z" * 65536
-                while self.sent < self.flood:
-                    writer.write(chunk)
-                    self.sent += len(chunk)
-                    await writer.drain()
-                return
-            while data := await reader.read(65536):
-                self.received += data
+            chunk = b"z" * 65536
+            while self.sent < self.flood:
+                writer.write(chunk)
+                self.sent += len(chunk)
+                await writer.drain()
+            while not self.flood and (data := await reader.read(65536)):
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -267,11 +258,9 @@ class RawSwitch:
             writer.close()
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for writer in self.writers:
-                writer.transport.abort()
-            await self.server.wait_closed()
+        for writer in self.writers:
+            writer.transport.abort()
+        await super().stop()
 
 
 @pytest.fixture
@@ -279,7 +268,8 @@ async def raw_switch() -> AsyncIterator[Callable[..., Awaitable[RawSwitch]]]:
     started: list[RawSwitch] = []
 
     async def make(**kwargs: Any) -> RawSwitch:
-        switch = await RawSwitch(**kwargs).start()
+        switch = RawSwitch(**kwargs)
+        await switch.start()
         started.append(switch)
         return switch
 
