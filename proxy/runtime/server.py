@@ -80,7 +80,8 @@ class ProxyServer:
         #: responses the proxy made before any pool was chosen (400, 404, 408, ...)
         self.stats = Stats()
         #: None unless ``access_log`` is configured; opening it may raise OSError
-        self.access_log = AccessLog(config.access_log.path) if config.access_log else None
+        log_config = config.access_log
+        self.access_log = AccessLog(log_config.path, log_config.format) if log_config else None
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False

@@ -56,6 +56,7 @@ class Upstream:
         "idle",
         "max_connections",
         "max_idle",
+        "name",
         "passes",
         "pool",
         "port",
@@ -69,6 +70,8 @@ class Upstream:
         self.host: str = spec.host
         self.port: int = spec.port
         self.address: str = spec.address
+        #: the config's ``name``, else the address (the dashboard's and logs' label)
+        self.name: str = spec.label
         self.weight: int = spec.weight
         self.backup: bool = spec.backup
         self.pool = pool
@@ -426,6 +429,7 @@ class Pool:
             old = kept.get(fresh.address)
             if old is not None:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
+                old.name = fresh.name
                 old.max_idle = fresh.max_idle
                 old.max_connections = fresh.max_connections
                 self.upstreams[i] = old

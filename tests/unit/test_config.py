@@ -367,6 +367,44 @@ def test_duplicate_upstream(tmp_path: Path) -> None:
     ]
 
 
+def named_upstreams(first: str, second: str) -> str:
+    """``VALID`` with ``name:`` on its two upstreams (lines 10 and 12)."""
+    text = VALID.replace('9001"', f'9001"\n        name: {first}')
+    return text.replace('9002"', f'9002"\n        name: {second}')
+
+
+def test_duplicate_upstream_name(tmp_path: Path) -> None:
+    assert problems(tmp_path, named_upstreams("app", "app")) == [
+        "F:12: pools.web.upstreams[1].name: duplicate upstream name 'app' (also upstreams[0])"
+    ]
+    named = load(tmp_path, named_upstreams("app-1", "app-2"))
+    assert [u.label for u in named.pools["web"].upstreams] == ["app-1", "app-2"]
+    assert load(tmp_path, VALID).pools["web"].upstreams[0].label == "127.0.0.1:9001"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("[status, nope]", "unknown access log field 'nope'; fields: time, client,"),
+        ("[status, status]", "each access log field may be listed once"),
+        ("'$client $nope'", "unknown access log field $nope; fields: time, client,"),
+        ("'costs $5'", "'$' at 6 starts no field; write $$ for '$'"),
+        ("[]", "must be a list of field names or a template string"),
+    ],
+)
+def test_access_log_format_errors(tmp_path: Path, fmt: str, message: str) -> None:
+    text = VALID + f"access_log:\n  path: stdout\n  format: {fmt}\n"
+    found = problems(tmp_path, text)
+    assert len(found) == 1 and found[0].startswith(f"F:13: access_log.format: {message}"), found
+
+
+def test_access_log_format_forms(tmp_path: Path) -> None:
+    text = VALID + "access_log:\n  format: [status, path]\n"
+    assert load(tmp_path, text).access_log.format == ("status", "path")  # type: ignore[union-attr]
+    template = VALID + "access_log:\n  format: '$$ $status'\n"
+    assert load(tmp_path, template).access_log.format == "$$ $status"  # type: ignore[union-attr]
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     text = VALID.replace("routes:", "name: again\n    routes:")
     assert problems(tmp_path, text) == ["F:4: listeners[0].name: duplicate key 'name'"]
