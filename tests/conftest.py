@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import RawUpstream, Recorder, start_proxy, start_recorder
+from tests.support import Aiolb, RawUpstream, Recorder, start_proxy, start_recorder
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -59,3 +61,24 @@ async def raw_upstreams() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]
     yield make
     for raw in started:
         await raw.stop()
+
+
+@pytest.fixture
+async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]]:
+    """``aiolb run`` on a config text (written to ``tmp_path/aiolb.yaml``), as a process;
+    killed after the test, which fails if it printed a traceback."""
+    started: list[Aiolb] = []
+
+    async def make(text: str, workers: int = 1, env: dict[str, str] | None = None) -> Aiolb:
+        path = tmp_path / "aiolb.yaml"
+        path.write_text(text)
+        proc = await Aiolb(path).start(workers, env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.proc is not None and proc.proc.returncode is None:
+            await proc.stop(signal.SIGKILL)
+    for proc in started:
+        assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
