@@ -8,6 +8,10 @@ at its own line. Problems are sorted by line. Problems that have no line (the fi
 cannot be read) are ``FILE: message``; YAML syntax errors stop at the first one, since
 nothing after it can be trusted. ``ConfigError`` carries the lines in ``.problems``;
 ``str()`` joins them with newlines, ready for stderr.
+
+``load_document`` also keeps the line of every key (a ``Document``), so that checks
+made after validation (``proxy.runtime.preflight``) and failures at start-up (a port
+in use) can point at the key to change, in the same ``FILE:LINE: key: message`` form.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import yaml
@@ -62,12 +67,31 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+@dataclass(frozen=True)
+class Document:
+    """A validated config, the name of its file, and the line of every key in it."""
+
+    config: Config
+    name: str
+    lines: Mapping[Path, int]
+
+    def problem(self, loc: Path, message: str) -> str:
+        """``FILE:LINE: key: message`` for ``loc`` (the line of its nearest key that
+        appears in the file: a default that was left out points at its section)."""
+        return _format(self.name, _line(self.lines, loc), _where(loc), message)
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, expand, parse and validate the YAML file at ``path``.
 
     ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests). Raises
     ``ConfigError`` listing every problem found; never another exception for a bad file.
     """
+    return load_document(path, env).config
+
+
+def load_document(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Document:
+    """``load_config``, keeping the file's name and lines (a ``Document``)."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -81,11 +105,18 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{name}:{line}: not valid UTF-8 text"]) from None
-    return parse_config(text, name, env)
+    return parse_document(text, name, env)
 
 
 def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Like ``load_config`` for YAML already in memory; ``name`` stands in for FILE."""
+    return parse_document(text, name, env).config
+
+
+def parse_document(
+    text: str, name: str = "<config>", env: Mapping[str, str] | None = None
+) -> Document:
+    """Like ``load_document`` for YAML already in memory."""
     source = _read(text, name, os.environ if env is None else env)
     data = source.data
     if not isinstance(data, dict):
@@ -100,7 +131,7 @@ def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | Non
     if found:
         found.sort(key=lambda problem: problem[0])  # stable: same-line order kept
         raise ConfigError([_format(name, *problem) for problem in found])
-    return config
+    return Document(config, name, MappingProxyType(source.lines))
 
 
 def _read(text: str, name: str, env: Mapping[str, str]) -> Source:

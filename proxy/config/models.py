@@ -719,6 +719,10 @@ class Config(ConfigModel):
     """Worker processes; ``auto``: one per CPU core (``aiolb run --workers`` overrides)."""
     shutdown_timeout: Timeout = 30.0
     """On SIGTERM, how long in-flight requests may take before connections are cut."""
+    pid_file: str | None = None
+    """Write the process id here while serving (the supervisor's, with workers) and
+    remove it on exit; ``aiolb reload`` and ``aiolb stop`` signal it when the admin API
+    cannot be reached. null: no file."""
 
     @model_validator(mode="wrap")
     @classmethod

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A reload applies the whole new config or changes nothing:
 
-1. read and validate the file (``load_config``); any problem ends the reload;
+1. read and validate the file as ``aiolb check`` does (``proxy.runtime.preflight``);
+   any problem ends the reload;
 2. build the new pools, fresh objects no request can reach yet, and bind the sockets
    of listeners that are new (or moved to another address); a failed bind closes what
    was bound and ends the reload;
@@ -32,8 +33,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError
+from proxy.config.values import format_address
 from proxy.forwarding.router import Router
+from proxy.runtime.preflight import validate
 from proxy.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -135,12 +138,14 @@ def commit_pools(old: Mapping[str, Pool], new: dict[str, Pool]) -> None:
         previous.retire()
 
 
-def load(path: str) -> tuple[Config | None, list[str]]:
-    """The validated config at ``path``, or None and its problems."""
+async def load(path: str) -> tuple[Config | None, list[str]]:
+    """The config at ``path`` validated as ``aiolb check`` does, or None and its
+    problems (in a thread: the preflight reads files and resolves host names)."""
     try:
-        return load_config(path), []
+        document = await asyncio.to_thread(validate, path)
     except ConfigError as exc:
         return None, exc.problems
+    return document.config, []
 
 
 async def reload_server(server: ProxyServer) -> list[str]:
@@ -148,7 +153,7 @@ async def reload_server(server: ProxyServer) -> list[str]:
     path = server.config_path
     if path is None:
         return ["no config file to reload (the server was not started with -c FILE)"]
-    config, problems = load(path)
+    config, problems = await load(path)
     if config is None:
         return problems
     return await apply_config(server, config, path)
@@ -179,6 +184,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.sync_health()
     for listener, sock in zip(added, sockets, strict=serving):
         await server.start_listener(listener, sock)
+        where = format_address(listener.config.host, listener.port)
+        log.info("listener %s serving on %s", listener.name, where)
     for listener in plan.removed:
         server.retire_listener(listener)
     return []

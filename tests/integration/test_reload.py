@@ -86,7 +86,8 @@ async def test_reload_applies_a_changed_pool(
         assert [await send(keep_alive, "GET", proxy_url(server, "/x")) for _ in range(3)] == [
             (200, "a")] * 3  # fmt: skip
         path.write_text(yaml_config([a.url, b.url], weight=2))
-        assert await reload(server) == (200, {"applied": True, "errors": []})
+        assert await reload(server) == (200, {"applied": True, "errors": [], "changes": [
+            f"pool main: upstream {HOST}:{b.port} added, upstream {HOST}:{a.port} changed"]})
         assert server.listeners[0].port == port  # the same socket kept serving
         new_a = server.pools["main"].upstreams[0]
         assert new_a is old_a and new_a.weight == 2 and new_a.stats.total == 3
