@@ -353,3 +353,17 @@ async def test_demo_answers_through_the_proxy_and_stops_on_ctrl_c():
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0
+
+
+# --- the example configs ------------------------------------------------------------------
+
+
+def test_example_lists_and_prints_the_example_configs(cli: Cli) -> None:
+    code, out, _ = cli("example")
+    names = sorted(path.stem for path in (REPO / "config").glob("*.yaml"))
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[: len(names)]] == names
+    assert "aiolb      the documented default configuration." in out
+    assert cli("example", "aiolb") == (0, (REPO / "config" / "aiolb.yaml").read_text(), "")
+    assert cli("example", "routing.yaml")[1] == (REPO / "config" / "routing.yaml").read_text()
+    code, out, err = cli("example", "nope")
+    assert (code, out) == (2, "") and err.startswith("aiolb example: no example 'nope'; there")

@@ -28,7 +28,9 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
+from proxy.config.diff import describe_changes
 from proxy.config.source import expand
+from proxy.config.values import format_duration, format_size
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "config").glob("*.yaml"))
 
@@ -515,3 +517,56 @@ def test_env_example_uses_the_environment() -> None:
     config = load_config(Path(__file__).parents[2] / "config" / "env.yaml", env=env)
     assert (config.listeners[0].bind, config.admin.token, config.workers) == (
         "0.0.0.0:9000", "s3cret", 3)  # fmt: skip
+
+
+# --- printing values back: durations and sizes ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.25, "250ms"), (0.025, "25ms"), (30.0, "30s"), (300.0, "5m"), (3600.0, "1h"),
+     (1.5, "1.5s"), (0.0, "0s"), (90.0, "90s"), (0.0125, "0.0125s"), (1e-05, "0.00001s")],
+)  # fmt: skip
+def test_format_duration_reads_back(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text and parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(65536, "64KiB"), (8192, "8KiB"), (1 << 20, "1MiB"), (3 << 30, "3GiB"),
+                       (1000, 1000), (0, 0)],
+)  # fmt: skip
+def test_format_size_reads_back(size: int, text: str | int) -> None:
+    assert format_size(size) == text and parse_size(text) == size
+
+
+# --- what a reload changes ---------------------------------------------------------------
+
+
+def test_describe_changes() -> None:
+    old = Config.model_validate(minimal(
+        pools={"web": {"upstreams": [{"url": "http://127.0.0.1:9001"},
+                                     {"url": "http://127.0.0.1:9002"}]},
+               "old": {"upstreams": [{"url": "http://127.0.0.1:9009"}]}},
+        listeners=[{"name": "a", "bind": "127.0.0.1:8080", "routes": [{"pool": "web"}]},
+                   {"name": "gone", "bind": "127.0.0.1:8081", "routes": [{"pool": "old"}]}],
+    ))  # fmt: skip
+    assert describe_changes(old, old) == []
+    new = Config.model_validate(minimal(
+        pools={"web": {"upstreams": [{"url": "http://127.0.0.1:9001", "weight": 3},
+                                     {"url": "http://127.0.0.1:9003"}],
+                       "retries": {"attempts": 3}},
+               "api": {"upstreams": [{"url": "http://127.0.0.1:9100"}]}},
+        listeners=[{"name": "a", "bind": "127.0.0.1:8090", "routes": [{"pool": "api"}]},
+                   {"name": "b", "bind": "127.0.0.1:8091", "routes": [{"pool": "web"}]}],
+        workers=2,
+    ))  # fmt: skip
+    assert describe_changes(old, new) == [
+        "listener a: bind 127.0.0.1:8080 -> 127.0.0.1:8090, routes changed",
+        "listener b added (127.0.0.1:8091)",
+        "listener gone removed",
+        "pool web: upstream 127.0.0.1:9003 added, upstream 127.0.0.1:9002 removed, "
+        "upstream 127.0.0.1:9001 changed, retries changed",
+        "pool api added (1 upstream)",
+        "pool old removed",
+        "workers changed",
+    ]
