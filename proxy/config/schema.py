@@ -47,7 +47,9 @@ class Key:
     path: str
     field: FieldInfo
     #: the model of the key's value when it is a section (else None)
-    section: type[BaseModel] | None
+    section: type[BaseModel] | None = None
+    #: where the keys inside a section are: ``listeners[]``, ``pools.<name>``, ``admin``
+    inner: str = ""
 
     @property
     def name(self) -> str:
@@ -86,7 +88,7 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[Key]:
         path = f"{prefix}.{name}" if prefix else name
         nested, shape = _nested(field.annotation)
         section = nested if nested is not None and nested not in LEAVES else None
-        yield Key(path, field, section)
+        yield Key(path, field, section, path + shape if section is not None else "")
         if section is not None:
             yield from keys(section, path + shape)
 

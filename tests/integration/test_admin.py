@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.admin import AdminError, start_admin
 from proxy.admin.security import is_loopback
 from proxy.config import Admin, Config
+from proxy.metrics.collector import METRICS
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import admin, get_json, request_counts, samples, scrape, send
 from tests.support import HOST, Recorder, make_config, proxy_url, unused_port, wait_for
@@ -97,6 +98,22 @@ async def test_metrics_expose_every_contract_metric(
     assert up == {(("pool", "main"), ("upstream", server_rec(server).address)): 1.0}
     reloads = samples(text, "aiolb_config_reloads_total")
     assert reloads == {(("result", "success"),): 0.0, (("result", "failure"),): 0.0}
+    # the families are METRICS (docs/metrics.md), no more, no fewer
+    ours = {name: kind for name, kind in families.items() if name.startswith("aiolb_")}
+    assert ours == {spec.name: spec.kind for spec in METRICS}
+    # nothing answered yet: no pool="" series (it appears with the first such response)
+    assert samples(text, "aiolb_request_duration_seconds_count") == {(("pool", "main"),): 0.0}
+
+
+async def test_responses_before_routing_get_a_pool_empty_series(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"path_prefix": "/api/"}, "pool": "main"}]
+    server = await proxy(make_config([(await recorders("a")).url], routes=routes))
+    async with aiohttp.ClientSession() as session:
+        assert (await send(session, "GET", proxy_url(server, "/nowhere")))[0] == 404
+    counts = samples(await scrape(server), "aiolb_request_duration_seconds_count")
+    assert counts == {(("pool", ""),): 1.0, (("pool", "main"),): 0.0}
 
 
 def server_rec(server: ProxyServer) -> Any:

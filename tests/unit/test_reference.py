@@ -7,9 +7,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
+from proxy.config.models import BALANCER_OPTIONS
 from proxy.config.schema import keys
+from proxy.docs import REFERENCES, config_reference
+from proxy.docs import main as docs_main
 
 REPO = Path(__file__).parents[2]
 DEFAULT_CONFIG = REPO / "config" / "aiolb.yaml"
@@ -82,3 +86,30 @@ def test_the_outline_reads_live_commented_and_flow_keys() -> None:
         "pools.<name>.retries", "pools.<name>.retries.attempts",
         "pools.<name>.retries.budget", "workers",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_the_references_are_what_the_code_says(name: str) -> None:
+    committed = (REPO / "docs" / name).read_text()
+    assert committed == REFERENCES[name](), f"docs/{name} is stale: run python -m proxy.docs"
+
+
+def test_the_config_reference_has_every_key() -> None:
+    text = config_reference()
+    for key in keys():
+        parent = key.path.rsplit(".", 1)[0] if "." in key.path else ""
+        heading = f"## `{parent}`" if parent else "## Top level"
+        section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+        assert f"| `{key.name}` | {key.type} |" in section, key.path
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(list(keys())) + sum(len(m.model_fields) for m in
+                                                BALANCER_OPTIONS.values())  # fmt: skip
+    for name in BALANCER_OPTIONS:
+        assert f"### `{name}`" in text
+
+
+def test_check_mode_finds_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert docs_main([str(tmp_path)]) == 0 and docs_main(["--check", str(tmp_path)]) == 0
+    (tmp_path / "metrics.md").write_text("old\n")
+    assert docs_main(["--check", str(tmp_path)]) == 1
+    assert "stale (run python -m proxy.docs)" in capsys.readouterr().err
