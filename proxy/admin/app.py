@@ -6,6 +6,8 @@
 | ``GET /readyz`` | 200 ``ready`` once listeners are bound and the config loaded, else 503 |
 | ``GET /metrics`` | Prometheus text format (OpenMetrics if the scraper asks for it) |
 | ``GET /api/pools`` | pools and upstreams (shape: ``proxy.admin.views``) |
+| ``GET /api/server`` | version, uptime, config file, listeners and their routes |
+| ``GET /api/trends`` | per pool, requests/s, 5xx share and p99 over the last 5 minutes |
 | ``POST /api/pools/{pool}/upstreams/{host:port}/drain`` | no new requests to it |
 | ``POST /api/pools/{pool}/upstreams/{host:port}/enable`` | back in rotation |
 | ``POST /api/reload`` | ``{"applied", "errors", "changes"}``: 200, 400, 409 without a file |
@@ -31,7 +33,8 @@ from prometheus_client.exposition import choose_encoder
 from proxy.admin.errors import ApiError, json_errors, json_response
 from proxy.admin.recent import RecentStats
 from proxy.admin.security import admin_token, bearer_auth, check_exposure
-from proxy.admin.views import pools_view, upstream_view
+from proxy.admin.trends import Trends
+from proxy.admin.views import pools_view, server_view, upstream_view
 from proxy.errors import BindError
 from proxy.metrics.collector import build_registry
 
@@ -60,6 +63,7 @@ class AdminApi:
         self.token = token
         self.registry = build_registry(server)
         self.recent = RecentStats()
+        self.trends = Trends()
         self.dashboard = DASHBOARD.read_text() if DASHBOARD.exists() else PLACEHOLDER
 
     def app(self) -> web.Application:
@@ -71,6 +75,8 @@ class AdminApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/pools", self.pools)
+        r.add_get("/api/server", self.server_info)
+        r.add_get("/api/trends", self.trends_info)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/drain", self.drain)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/enable", self.enable)
         r.add_post("/api/reload", self.reload)
@@ -80,7 +86,9 @@ class AdminApi:
 
     async def _sampling(self, app: web.Application) -> AsyncIterator[None]:
         """Run the once-a-second sampler of recent rates for the app's lifetime."""
-        task = asyncio.create_task(self.recent.run(lambda: self.server.pools, self._refresh))
+        task = asyncio.create_task(
+            self.recent.run(lambda: self.server.pools, self._refresh, self.trends.sample)
+        )
         yield
         task.cancel()
         try:
@@ -113,6 +121,13 @@ class AdminApi:
     async def pools(self, request: web.Request) -> web.Response:
         await self._refresh()
         return json_response(pools_view(self.server, self.recent))
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        await self._refresh()
+        return json_response(server_view(self.server))
+
+    async def trends_info(self, request: web.Request) -> web.Response:
+        return json_response(self.trends.view())
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._set_enabled(request, False)

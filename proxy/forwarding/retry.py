@@ -57,6 +57,13 @@ class RetryBudget:
         self.balance -= 1
         return True
 
+    def available(self, requests: int, now: float) -> float:
+        """Retries ``allow`` would grant now, for the admin API (changes nothing)."""
+        balance = self.balance
+        if self.updated:
+            balance *= math.exp(-(now - self.updated) / self.ttl)
+        return max(0.0, self.reserve + balance + self.ratio * (requests - self.seen))
+
     def __repr__(self) -> str:
         return f"<RetryBudget [{self.reserve + self.balance:.1f} tokens, {self.denied} denied]>"
 

@@ -242,10 +242,7 @@ class ProxyCollector(Collector):
 
     def _client_connections(self) -> Metric:
         family = gauge("aiolb_client_connections")
-        counts = self.server.connection_counts()
-        if self.server.client_connections is not None:  # the workers' sum
-            counts = {**dict.fromkeys(counts, 0), **self.server.client_connections}
-        for name, n in counts.items():
+        for name, n in self.server.client_connection_counts().items():
             family.add_metric([name], n)
         return family
 

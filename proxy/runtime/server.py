@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
@@ -20,6 +21,7 @@ from proxy.clock import Clock
 from proxy.config import Config
 from proxy.config import Listener as ListenerConfig
 from proxy.config.diff import describe_changes
+from proxy.config.values import format_address
 from proxy.errors import BindError
 from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
@@ -79,6 +81,12 @@ class ProxyServer:
         self.reuse_port = role == "worker"
         #: client connections per listener, summed over the workers (supervisor only)
         self.client_connections: dict[str, int] | None = None
+        #: retries each pool's budget allows now, summed over the workers (supervisor only)
+        self.retry_budget_left: dict[str, float] | None = None
+        #: when this server was built (Unix time), for the admin API's uptime
+        self.started_at = time.time()
+        #: worker processes serving traffic (set by a supervisor; 1 in a single process)
+        self.workers = 1
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
         self.request_ids = RequestIds()
@@ -170,6 +178,21 @@ class ProxyServer:
         for listener in (*self.listeners, *self._retired):
             counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
         return counts
+
+    def client_connection_counts(self) -> dict[str, int]:
+        """Open client connections per listener: this process's, or on a supervisor the
+        workers' sum (the last one they reported)."""
+        counts = self.connection_counts()
+        if self.client_connections is not None:
+            counts = {**dict.fromkeys(counts, 0), **self.client_connections}
+        return counts
+
+    def listener_addresses(self) -> dict[str, str]:
+        """``host:port`` each configured listener serves on: the bound port for ``:0``
+        (on a supervisor, the port it reserved for its workers)."""
+        ports = {lst.name: lst.port for lst in self.listeners if lst.server is not None}
+        return {lc.name: format_address(lc.host, ports.get(lc.name, lc.port))
+                for lc in self.config.listeners}  # fmt: skip
 
     def _sweep_retired(self, now: float) -> None:
         for listener in tuple(self._retired):

@@ -11,21 +11,21 @@ import os
 from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.config.values import format_address, format_duration
+from proxy.config.values import format_duration
 
 if TYPE_CHECKING:
     from proxy.config import Listener, Pool, Route
     from proxy.runtime.server import ProxyServer
 
 
-def startup_lines(server: ProxyServer, workers: int = 1) -> list[str]:
+def startup_lines(server: ProxyServer) -> list[str]:
     """The summary of a started ``server`` (a supervisor's lists its workers' listeners)."""
     config = server.config
     path = server.config_path or "(built in)"
-    plural = "s" if workers != 1 else ""
-    lines = [f"aiolb {__version__} serving {path} (pid {os.getpid()}, {workers} worker{plural})"]
-    ports = {lst.name: lst.port for lst in server.listeners if lst.server is not None}
-    lines += [_listener(lc, ports.get(lc.name, lc.port)) for lc in config.listeners]
+    workers = f"{server.workers} worker{'s' if server.workers != 1 else ''}"
+    lines = [f"aiolb {__version__} serving {path} (pid {os.getpid()}, {workers})"]
+    addresses = server.listener_addresses()
+    lines += [_listener(lc, addresses[lc.name]) for lc in config.listeners]
     lines += [_pool(name, pool) for name, pool in config.pools.items()]
     if server.admin is not None:
         token = "token required" if server.admin.token else "no token"
@@ -33,9 +33,9 @@ def startup_lines(server: ProxyServer, workers: int = 1) -> list[str]:
     return lines
 
 
-def _listener(lc: Listener, port: int) -> str:
+def _listener(lc: Listener, address: str) -> str:
     routes = ", ".join(_route(route) for route in lc.routes)
-    return f"listener {lc.name} serving on {format_address(lc.host, port)}: {routes}"
+    return f"listener {lc.name} serving on {address}: {routes}"
 
 
 def _route(route: Route) -> str:

@@ -11,9 +11,10 @@ its own ``Pool`` and ``Upstream`` objects. The collector and the admin views the
 the supervisor's objects exactly as they read a single process's.
 
 Summed: requests by labels, histograms, connect errors, in-flight requests, open
-connections, ejections, retries, budget denials, overflows, waiting requests and
-client connections. Not summed: active health (the supervisor probes, once; its
-verdicts and probe counts are the truth) and drains (the supervisor decides them).
+connections, ejections, retries, budget denials and the retries budgets allow now,
+overflows, waiting requests and client connections. Not summed: active health (the
+supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
+supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
 health sees only its own traffic).
 """
@@ -40,6 +41,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
                 "stats": pool.stats.snapshot(),
                 "retries": pool.retries,
                 "denied": pool.retry.budget.denied,
+                "budget_left": pool.retry.budget.available(pool.requests, now),
                 "overflows": pool.overflows,
                 "pending": pool.pending,
                 "upstreams": {
@@ -84,11 +86,13 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for name, n in snap["connections"].items():
             connections[name] = connections.get(name, 0) + n
     server.client_connections = connections
+    server.retry_budget_left = {}
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]
         pool.stats = summed_stats([p["stats"] for p in parts])
         pool.retries = sum(p["retries"] for p in parts)
         pool.retry.budget.denied = sum(p["denied"] for p in parts)
+        server.retry_budget_left[name] = sum(p["budget_left"] for p in parts)
         pool.overflows = sum(p["overflows"] for p in parts)
         pool.pending = sum(p["pending"] for p in parts)
         changed = False

@@ -143,6 +143,7 @@ class Supervisor:
         self.server = ProxyServer(self.config, role="supervisor")
         self.server.config_path = path
         self.server.control = self
+        self.server.workers = count
         self.server.checker = HealthChecker(self)
         self.workers = [Worker(i) for i in range(count)]
         self.loop = self.server.loop
@@ -231,7 +232,7 @@ class Supervisor:
         """Start the supervisor and the workers; serve until stopped. The exit code."""
         await self.server.start()
         self.server.ready = False  # until every worker serves
-        for line in startup_lines(self.server, self.count):
+        for line in startup_lines(self.server):
             log.info("%s", line)
         self._install_signals()
         for worker in self.workers:

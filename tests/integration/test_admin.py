@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import __version__
 from proxy.admin import AdminError, start_admin
 from proxy.admin.security import is_loopback
 from proxy.config import Admin, Config
@@ -41,7 +42,7 @@ CONTRACT = {
     "aiolb_config_reloads_total": "counter",
 }
 UPSTREAM_FIELDS = {
-    "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
+    "address", "name", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
     "idle", "ejected", "ejected_until", "ejections", "connections", "waiting", "requests",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
@@ -193,7 +194,8 @@ async def test_api_pools_describes_every_upstream(
 ) -> None:
     a, b = await recorders("a"), await recorders("b")
     pool = {"balancer": "weighted_round_robin",
-            "upstreams": [{"url": a.url, "weight": 3}, {"url": b.url, "backup": True}]}  # fmt: skip
+            "upstreams": [{"url": a.url, "weight": 3, "name": "app-a"},
+                          {"url": b.url, "backup": True}]}  # fmt: skip
     server = await proxy(make_config([], pool=pool))
     async with aiohttp.ClientSession() as session:
         for _ in range(4):
@@ -209,6 +211,7 @@ async def test_api_pools_describes_every_upstream(
     assert set(first) == UPSTREAM_FIELDS
     assert (first["address"], first["weight"], first["backup"]) == (address(a), 3, False)
     assert (second["address"], second["backup"]) == (address(b), True)
+    assert (first["name"], second["name"]) == ("app-a", address(b))  # default: the address
     assert first["healthy"] and first["enabled"] and not first["drained"] and first["available"]
     assert (first["requests"], first["errors"], first["active"]) == (4, 0, 0)
     assert first["ejected_until"] is None and first["ejections"] == 0 and not first["ejected"]
@@ -218,6 +221,60 @@ async def test_api_pools_describes_every_upstream(
     assert first["rate"] > 0 and first["error_rate"] == 0.0
     assert first["p50_ms"] is not None and first["p99_ms"] >= first["p50_ms"]
     assert second["requests"] == 0 and second["p50_ms"] is None
+    # 4 requests deposited 20% each on top of the reserve of 3; nothing spent
+    assert main["retry_budget"] == {"left": 3.8, "percent": 20.0, "min_retries": 3, "denied": 0}
+    assert main["ejection"] == {"passive": True, "ejected": 0, "max_percent": 50}
+
+
+async def test_api_server_describes_the_listeners_and_routes(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main"},
+              {"match": {"path_prefix": "/"}, "pool": "main"}]  # fmt: skip
+    server = await proxy(make_config([(await recorders("a")).url], routes=routes))
+    server.config_path = "some/aiolb.yaml"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy_url(server, "/x")) as resp:  # keep-alive: still open
+            assert resp.status == 200
+            status, body, _ = await get_json(server, "/api/server")
+    assert status == 200
+    assert body["version"] == __version__ and body["config_path"] == "some/aiolb.yaml"
+    assert body["workers"] == 1 and body["ready"] is True
+    assert 0 <= body["uptime_s"] < 60 and abs(body["started_at"] - server.started_at) < 0.01
+    assert body["listeners"] == [{
+        "name": "test", "bind": f"{HOST}:{server.listeners[0].port}", "connections": 1,
+        "routes": [{"host": "api.example.com", "path_prefix": "/v1/", "pool": "main"},
+                   {"host": None, "path_prefix": "/", "pool": "main"}],
+    }]  # fmt: skip
+
+
+async def test_api_trends_has_a_point_per_pool_each_second(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"path_prefix": "/"}, "pool": "main"},
+              {"match": {"path_prefix": "/other/"}, "pool": "other"}]  # fmt: skip
+    up = await recorders("a")
+    other = {"other": {"upstreams": [{"url": up.url}]}}
+    server = await proxy(make_config([up.url], routes=routes, pools=other))
+
+    async def trends() -> dict[str, Any]:
+        return (await get_json(server, "/api/trends"))[1]
+
+    async with aiohttp.ClientSession() as session:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len((await trends())["pools"].get("main", {}).get("t", [])) < 2:
+            assert loop.time() < deadline, await trends()
+            for _ in range(5):
+                assert (await send(session, "GET", proxy_url(server, "/x")))[0] == 200
+            await asyncio.sleep(0.2)  # traffic keeps flowing while the sampler ticks
+    body = await trends()
+    main, other = body["pools"]["main"], body["pools"]["other"]
+    assert body["points"] == 300 and set(main) == {"t", "rate", "error_rate", "p99_ms"}
+    assert len(main["t"]) == len(main["rate"]) == len(main["p99_ms"]) >= 2
+    assert main["t"] == sorted(main["t"]) and 0.5 < main["t"][-1] - main["t"][-2] < 3
+    assert max(main["rate"]) > 0 and any(p is not None for p in main["p99_ms"])
+    assert set(other["rate"]) == {0.0} and set(other["p99_ms"]) == {None}  # no traffic
 
 
 async def test_drain_stops_new_requests_and_enable_restores(
