@@ -215,42 +215,41 @@ class Browser:
                 )
             await asyncio.sleep(0.05)
 
-    async def click(self, selector: str) -> None:
-        """Press and release the left mouse button over the element, like a user."""
+    async def _box(self, selector: str, what: str) -> dict[str, float]:
+        """Scroll the element into view; its box in the viewport (``x``, ``y``, ``width``,
+        ``height``) and the page's scroll offsets (``sx``, ``sy``)."""
         box = await self.evaluate(
             f"""(() => {{
                 const el = document.querySelector({json.dumps(selector)});
                 if (!el) return null;
                 el.scrollIntoView({{block: "center"}});
                 const r = el.getBoundingClientRect();
-                return {{x: r.left + r.width / 2, y: r.top + r.height / 2}};
+                return {{x: r.left, y: r.top, width: r.width, height: r.height,
+                         sx: scrollX, sy: scrollY}};
             }})()"""
         )
-        if not box:
-            raise BrowserError(f"nothing matches {selector!r} to click")
+        if not box or not box["width"] or not box["height"]:
+            raise BrowserError(f"nothing visible matches {selector!r} to {what}")
+        found: dict[str, float] = box
+        return found
+
+    async def click(self, selector: str) -> None:
+        """Press and release the left mouse button over the element, like a user."""
+        box = await self._box(selector, "click")
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             extra = {} if kind == "mouseMoved" else {"button": "left", "clickCount": 1}
-            await self.call("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], **extra)
+            await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
 
     async def screenshot(self, selector: str, save: Path | None = None) -> Image:
         """The pixels of the element matching ``selector`` as the page shows it now
         (scrolled into view; ``save``: also write the PNG there, for a human to look at)."""
-        box = await self.evaluate(
-            f"""(() => {{
-                const el = document.querySelector({json.dumps(selector)});
-                if (!el) return null;
-                el.scrollIntoView({{block: "center"}});
-                const r = el.getBoundingClientRect();
-                return {{x: r.left + scrollX, y: r.top + scrollY, width: r.width,
-                         height: r.height}};
-            }})()"""
-        )
-        if not box or not box["width"] or not box["height"]:
-            raise BrowserError(f"nothing visible matches {selector!r} to capture")
+        box = await self._box(selector, "capture")
+        clip = {"x": box["x"] + box["sx"], "y": box["y"] + box["sy"], "width": box["width"],
+                "height": box["height"], "scale": 1}  # fmt: skip
         shot = await self.call(
-            "Page.captureScreenshot", format="png", clip={**box, "scale": 1},
-            captureBeyondViewport=True,
-        )  # fmt: skip
+            "Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True
+        )
         png = base64.b64decode(shot["data"])
         if save is not None:
             save.write_bytes(png)
