@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import shlex
 import signal
 import statistics
@@ -48,7 +47,6 @@ SCENARIO = bench.SCENARIOS["20b"]
 USER_HEADER = "X-User: bench-user-42"
 #: the ``balancer:`` value for each algorithm that needs options (YAML flow mapping)
 BALANCERS = {"consistent_hash": '{name: consistent_hash, key: "header:X-User"}'}
-DEFAULT_LINE = "    balancer: round_robin\n"
 
 
 def balancer_yaml(name: str) -> str:
@@ -84,13 +82,9 @@ class BalancerBench(Bench):
         """``--separate``: one aiolb process for ``target`` alone, bench.py's config."""
         session = self.session
         port = session.port()
-        config = harness.aiolb_config(session, port, self.upstream)  # bench.py's config
-        text = config.read_text()
-        if DEFAULT_LINE not in text:
-            raise harness.StartError(f"no {DEFAULT_LINE.strip()!r} line in {config} to replace")
+        config = harness.aiolb_config(session, port, self.upstream, pool=self._pool_lines(target))
         path = session.path(f"aiolb-{target}.yaml")
-        text = text.replace(DEFAULT_LINE, f"    balancer: {balancer_yaml(target)}\n")
-        path.write_text(self._max_idle(text))
+        config.rename(path)
         argv = [arg.replace("{config}", str(path)) for arg in self.args.aiolb_cmd]
         child = harness.start(
             session, f"aiolb-{target}", argv, port, cpus=self.pin.proxy, cwd=harness.REPO
@@ -104,7 +98,6 @@ class BalancerBench(Bench):
         session = self.session
         ports = {name: session.port() for name in names}
         up1, up2 = self.upstream.ports
-        idle = harness.MAX_IDLE if self.args.max_idle is None else self.args.max_idle
         listeners, pools = [], []
         for name in names:
             listeners.append(
@@ -114,9 +107,8 @@ class BalancerBench(Bench):
             )
             pools.append(
                 f"  {name}:\n"
-                f"    balancer: {balancer_yaml(name)}\n"
-                f"    max_idle_connections: {idle}\n"
-                f'    upstreams: [{{url: "http://127.0.0.1:{up1}"}}, '
+                + self._pool_lines(name)
+                + f'    upstreams: [{{url: "http://127.0.0.1:{up1}"}}, '
                 f'{{url: "http://127.0.0.1:{up2}"}}]\n'
             )
         path = session.path("aiolb-shared.yaml")
@@ -134,12 +126,12 @@ class BalancerBench(Bench):
         )  # fmt: skip
         return child, ports
 
-    def _max_idle(self, text: str) -> str:
-        if self.args.max_idle is None:
-            return text
-        return re.sub(
-            r"max_idle_connections: \d+", f"max_idle_connections: {self.args.max_idle}", text
-        )
+    def _pool_lines(self, name: str) -> str:
+        """The pool's balancer, and ``--max-idle`` when given (else the default)."""
+        lines = f"    balancer: {balancer_yaml(name)}\n"
+        if self.args.max_idle is not None:
+            lines += f"    max_idle_connections: {self.args.max_idle}\n"
+        return lines
 
 
 # --- command line ----------------------------------------------------------------------
@@ -160,8 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-idle",
         type=int,
         default=None,
-        help="pool max_idle_connections for every algorithm (default: bench.py config, 64 per "
-        "upstream); at least --connections keeps uneven splits from reconnecting",
+        help="pool max_idle_connections for every algorithm (default: the shipped default, "
+        "no cap below max_connections)",
     )
     parser.add_argument(
         "--separate",
@@ -185,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if REFERENCE not in args.algorithms:
         args.algorithms.insert(0, REFERENCE)
     args.scenarios = [SCENARIO.name]  # what Bench.target runs
+    args.pinning = ["unpinned" if args.no_pin else "pinned"]
     args.rounds = max(1, args.rounds)
     return args
 

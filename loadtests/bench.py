@@ -5,10 +5,15 @@ then for each target (direct, aiolb, nginx, haproxy) starts it on a free loopbac
 checks each scenario with two requests on one connection, warms up for 1 s, runs wrk, and finally
 prints one Markdown table per scenario and writes everything as JSON. See README.md.
 
-``--rounds N`` starts every target once and takes N interleaved turns (round, scenario,
-target). The table then gives medians, and the ratios to nginx are medians of ratios
-taken within each round, so the machine's drift (tens of percent within minutes on a
-shared VM) falls on both sides of every ratio; their range is printed too.
+``--rounds N`` starts every target once and takes N interleaved turns (round, pinning,
+scenario, target). The table then gives medians, and the ratios to nginx are medians of
+ratios taken within each round, so the machine's drift (tens of percent within minutes
+on a shared VM) falls on both sides of every ratio; their range is printed too.
+
+``--pinning pinned,unpinned`` (the default) measures both ways in the same run: pinned,
+the proxy under test has a core to itself and wrk and the upstream share the other;
+unpinned, every process may use every core, as a user runs it. Between the two the
+running processes are moved (``sched_setaffinity``), not restarted.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ TARGETS = (
 )
 DEFAULT_TARGETS = TARGETS[:5]
 REFERENCE = "nginx"
+PINNINGS = ("pinned", "unpinned")
 NOISE_BUSY_PERCENT = 15.0
 
 
@@ -86,6 +92,7 @@ class Result:
     cpu_busy: dict[int, float] = field(default_factory=dict)  # percent per CPU, timed run
     detail: str | None = None
     round: int = 0  # with --rounds: which one (from 1); 0 for a single pass
+    pinning: str = "pinned"  # "pinned" or "unpinned" (see --pinning)
     #: with --rounds, on the combined row: per-round req/s and p99 ratios to nginx
     rps_ratios: list[float] = field(default_factory=list)
     p99_ratios: list[float] = field(default_factory=list)
@@ -134,13 +141,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="nginx upstream workers (default: one per core left to wrk and the upstream)",
     )
     parser.add_argument(
-        "--no-pin",
-        action="store_true",
-        help="let all processes share all cores (as in the 2-core row of ANCHORS.md)",
+        "--pinning",
+        type=csv(PINNINGS),
+        default=list(PINNINGS),
+        help="pinned: the proxy on a core of its own; unpinned: every process on every "
+        "core, as a user runs it (default: both, interleaved)",
     )
+    parser.add_argument("--no-pin", action="store_true", help="same as --pinning unpinned")
     parser.add_argument("--json-dir", type=Path, default=harness.HERE / "results")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.no_pin:
+        args.pinning = ["unpinned"]
+    return args
 
 
 # --- machine ---------------------------------------------------------------------------
@@ -249,12 +262,27 @@ def to_result(target: str, scenario: Scenario, data: dict[str, Any], check: str 
 
 @dataclass
 class Bench:
-    """What every run shares: options, temp dir and children, upstream, pinning."""
+    """What every run shares: options, temp dir and children, upstream, pinning.
+
+    ``pin`` is the pinning in force; ``pinned`` the plan for the pinned mode."""
 
     args: argparse.Namespace
     session: Session
     upstream: Upstream
     pin: Pinning
+    pinned: Pinning | None = None
+    mode: str = "pinned"
+
+    def use(self, mode: str) -> None:
+        """Switch every running process to ``mode``'s pinning: the upstream to the load
+        CPUs, the proxies under test to the proxy CPU (or all of them to every CPU)."""
+        if self.pinned is None:
+            self.pinned = self.pin
+        self.mode = mode
+        self.pin = self.pinned if mode == "pinned" else harness.UNPINNED
+        for child in self.session.children:
+            load = child.name.startswith("upstream")
+            harness.set_affinity(child.pid, self.pin.load if load else self.pin.proxy)
 
     def wrk(self, target: str, port: int, scenario: Scenario, seconds: int) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}{scenario.path}"
@@ -289,6 +317,7 @@ class Bench:
             return Result(target, scenario.name, "no responses", check=problem, detail=detail)
         result = to_result(target, scenario, data, problem)
         result.cpu_busy = busy
+        result.pinning = self.mode
         return result
 
     def start(self, target: str) -> tuple[Child | None, int]:
@@ -313,9 +342,11 @@ class Bench:
             return failed_to_start(target, scenarios, exc)
         results = []
         try:
-            for scenario in scenarios:
-                results.append(self.measure(target, port, scenario))
-                print(f"   {scenario.name:<10} {summary(results[-1])}", flush=True)
+            for mode in self.args.pinning:
+                self.use(mode)
+                for scenario in scenarios:
+                    results.append(self.measure(target, port, scenario))
+                    print(f"   {mode:<8} {scenario.name:<10} {summary(results[-1])}", flush=True)
         finally:
             if child is not None:
                 self.session.stop(child)
@@ -334,12 +365,15 @@ class Bench:
                     results += failed_to_start(target, scenarios, exc)
             for n in range(1, count + 1):
                 print(f"-- round {n} of {count}", flush=True)
-                for scenario in scenarios:
-                    for target, (_, port) in running.items():
-                        result = self.measure(target, port, scenario)
-                        result.round = n
-                        results.append(result)
-                        print(f"   {target:<16} {scenario.name:<10} {summary(result)}", flush=True)
+                for mode in self.args.pinning:
+                    self.use(mode)
+                    for scenario in scenarios:
+                        for target, (_, port) in running.items():
+                            result = self.measure(target, port, scenario)
+                            result.round = n
+                            results.append(result)
+                            print(f"   {mode:<8} {target:<16} {scenario.name:<10} "
+                                  f"{summary(result)}", flush=True)  # fmt: skip
         finally:
             for child, _ in running.values():
                 if child is not None:
@@ -352,17 +386,27 @@ def failed_to_start(target: str, scenarios: Sequence[Scenario], exc: Exception) 
     return [Result(target, s.name, "failed to start", detail=str(exc)) for s in scenarios]
 
 
+def rows_of(results: list[Result], pinning: str, scenario: str) -> list[Result]:
+    """Results of one table: one pinning mode, one scenario ("failed to start" rows,
+    which have no mode, in every table)."""
+    return [
+        r for r in results
+        if r.scenario == scenario and (r.pinning == pinning or r.status == "failed to start")
+    ]  # fmt: skip
+
+
 def combine_rounds(results: list[Result]) -> list[Result]:
     """One row per (scenario, target): medians over the rounds, and the ratios to nginx
     taken within each round (``rps_ratios``, ``p99_ratios``)."""
     ok = [r for r in results if r.status == "ok"]
-    ref = {(r.scenario, r.round): r for r in ok if r.target == REFERENCE}
+    ref = {(r.pinning, r.scenario, r.round): r for r in ok if r.target == REFERENCE}
     rows: list[Result] = []
-    keys = dict.fromkeys((r.scenario, r.target) for r in results)
-    for scenario, target in keys:
-        mine = [r for r in ok if r.scenario == scenario and r.target == target]
+    keys = dict.fromkeys((r.pinning, r.scenario, r.target) for r in results)
+    for pinning, scenario, target in keys:
+        key = (pinning, scenario, target)
+        mine = [r for r in ok if (r.pinning, r.scenario, r.target) == key]
         if not mine:
-            rows.append(next(r for r in results if (r.scenario, r.target) == (scenario, target)))
+            rows.append(next(r for r in results if (r.pinning, r.scenario, r.target) == key))
             continue
         row = Result(
             target, scenario, "ok",
@@ -377,9 +421,10 @@ def combine_rounds(results: list[Result]) -> list[Result]:
                 for cpu in mine[0].cpu_busy
             },
             round=len(mine),
+            pinning=pinning,
         )  # fmt: skip
         for r in mine:
-            other = ref.get((scenario, r.round))
+            other = ref.get((pinning, scenario, r.round))
             if other is not None and other.rps and r.rps and other.p99_us and r.p99_us:
                 row.rps_ratios.append(r.rps / other.rps)
                 row.p99_ratios.append(r.p99_us / other.p99_us)
@@ -444,18 +489,25 @@ def table_row(result: Result, ref: Result | None, pin: Pinning) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown(results: list[Result], scenarios: Sequence[str], pin: Pinning) -> str:
-    head = (
-        "| target | requests/s | p50 ms | p99 ms | errors | req/s vs nginx | p99 vs nginx "
-        "| CPU % proxy core / wrk+upstream |"
-    )
+def markdown(
+    results: list[Result], scenarios: Sequence[str], pinnings: Sequence[str], pin: Pinning
+) -> str:
+    """One table per pinning mode and scenario; ``pin``: the pinned mode's plan."""
     out = []
-    for name in scenarios:
-        rows = [r for r in results if r.scenario == name]
-        ref = next((r for r in rows if r.target == REFERENCE and r.status == "ok"), None)
-        out += [f"### {name}: {SCENARIOS[name].about}", "", head, "| --- |" + " ---: |" * 7]
-        out += [table_row(r, ref, pin) for r in rows]
-        out.append("")
+    for pinning in pinnings:
+        mode_pin = pin if pinning == "pinned" else harness.UNPINNED
+        cpu = "CPU % proxy core / wrk+upstream" if mode_pin.proxy else "CPU % (all cores)"
+        head = (
+            "| target | requests/s | p50 ms | p99 ms | errors | req/s vs nginx | p99 vs nginx "
+            f"| {cpu} |"
+        )
+        for name in scenarios:
+            rows = rows_of(results, pinning, name)
+            ref = next((r for r in rows if r.target == REFERENCE and r.status == "ok"), None)
+            out += [f"### {name}, {pinning}: {SCENARIOS[name].about}", "", head,
+                    "| --- |" + " ---: |" * 7]  # fmt: skip
+            out += [table_row(r, ref, mode_pin) for r in rows]
+            out.append("")
     return "\n".join(out)
 
 
@@ -466,7 +518,8 @@ def noise_warnings(results: list[Result], pin: Pinning) -> list[str]:
     lines = []
     for result in results:
         busy = result.cpu_busy.get(int(pin.proxy), 0.0)
-        if result.target == "direct" and busy > NOISE_BUSY_PERCENT:
+        pinned = result.pinning == "pinned"
+        if pinned and result.target == "direct" and busy > NOISE_BUSY_PERCENT:
             lines.append(
                 f"warning: CPU {pin.proxy} was {busy:.0f}% busy during direct/{result.scenario} "
                 "although nothing of this benchmark ran there: other load shares this machine, "
@@ -517,11 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    pin = (
-        harness.Pinning(None, None, "not pinned: --no-pin")
-        if args.no_pin
-        else harness.plan_pinning()
-    )
+    pin = harness.plan_pinning() if "pinned" in args.pinning else harness.UNPINNED
     with Session(keep_dir=args.keep_tmp) as session:
         if args.keep_tmp:
             print(f"configs and logs in {session.dir}")
@@ -532,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds > 1:
         print(f"Medians of {args.rounds} interleaved rounds; ratios: the median of the rounds' "
               "ratios (their range).\n")  # fmt: skip
-    print(markdown(rows, args.scenarios, pin))
+    print(markdown(rows, args.scenarios, args.pinning, pin))
     report["warnings"] = noise_warnings(results, pin)
     for line in report["warnings"]:
         print(line)

@@ -161,8 +161,6 @@ def aiolb_config(
         pool: {POOL}
 pools:
   {POOL}:
-    balancer: round_robin
-    max_idle_connections: 64
     upstreams:
 {upstreams}
     health_check:

@@ -171,6 +171,21 @@ def plan_pinning() -> Pinning:
     return Pinning(str(proxy), load, f"proxy on CPU {proxy}; wrk and upstream on CPU(s) {load}")
 
 
+#: Every process free to use every core, as a user runs it.
+UNPINNED = Pinning(None, None, "not pinned: every process may use every core")
+
+
+def set_affinity(pid: int, cpus: str | None) -> None:
+    """Move ``pid``, its children and all their threads onto ``cpus`` (``"1"``,
+    ``"0,1"``; None: every CPU this script may use), while they run."""
+    wanted = {int(c) for c in cpus.split(",")} if cpus else os.sched_getaffinity(0)
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{member}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), wanted)
+
+
 def raise_nofile(want: int = 65536) -> int:
     """Raise RLIMIT_NOFILE (children inherit it); returns the soft limit now in force."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -295,7 +310,8 @@ def start_upstream(session: Session, cpus: str | None, workers: int, kind: str) 
 # --- proxies under test ----------------------------------------------------------------
 
 
-#: aiolb variants for the cost of observability, measured in the same run.
+#: aiolb variants, measured in the same run: ``aiolb`` is the shipped defaults; the
+#: others add one top-level section each (the cost of observability).
 AIOLB_VARIANTS = {
     "aiolb": "",
     "aiolb-nometrics": "metrics: {enabled: false}\n",
@@ -303,27 +319,29 @@ AIOLB_VARIANTS = {
 }
 
 
-#: idle upstream connections aiolb keeps per upstream in the benchmarks (nginx's
-#: ``keepalive 64``, HAProxy's ``http-reuse always``)
-MAX_IDLE = 64
-
-
-def aiolb_config(session: Session, port: int, upstream: Upstream, extra: str = "") -> Path:
-    up1, up2 = upstream.ports
+def aiolb_config(
+    session: Session,
+    port: int,
+    upstream: Upstream,
+    extra: str = "",
+    pool: str = "",
+    ports: Sequence[int] | None = None,
+) -> Path:
+    """The documented minimal config: a listener, a pool of the upstream ports (or of
+    ``ports``) and the admin address, everything else at its default. ``extra``:
+    top-level YAML to add; ``pool``: lines to add to the pool (indented four spaces)."""
+    upstreams = "".join(
+        f'      - url: "http://127.0.0.1:{p}"\n' for p in (ports or upstream.ports)
+    )
     text = f"""listeners:
   - name: bench
     bind: "127.0.0.1:{port}"
     routes:
-      - match: {{path_prefix: "/"}}
-        pool: bench
+      - pool: bench
 pools:
   bench:
-    balancer: round_robin
-    max_idle_connections: {MAX_IDLE}  # like nginx's `keepalive 64` and HAProxy's reuse
-    upstreams:
-      - {{url: "http://127.0.0.1:{up1}"}}
-      - {{url: "http://127.0.0.1:{up2}"}}
-admin:
+{pool}    upstreams:
+{upstreams}admin:
   bind: "127.0.0.1:{session.port()}"
 """ + extra.replace("ACCESS_LOG", str(session.path("access.log")))
     path = session.path("aiolb.yaml")

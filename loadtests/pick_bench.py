@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,7 @@ def make(name: str, n: int, active: Callable[[int], int]) -> Any:
     observe = getattr(balancer, "observe", None)
     if observe is not None:  # give a latency-aware balancer something to compare
         for i, upstream in enumerate(targets):
-            observe(upstream, 0.002 + 0.001 * (i % 5))
+            observe(upstream, 0.002 + 0.001 * (i % 5), 1000.0)
     return balancer
 
 
@@ -76,7 +77,8 @@ def per_observe(n: int, number: int, repeat: int) -> float:
     balancer = make("peak_ewma", n, lambda i: 0)
     upstream = balancer.pick(BenchRequest())
     observe = balancer.observe
-    runs = timeit.repeat(lambda: observe(upstream, 0.003), number=number, repeat=repeat)
+    now = time.perf_counter()
+    runs = timeit.repeat(lambda: observe(upstream, 0.003, now), number=number, repeat=repeat)
     return min(runs) / number * 1e6
 
 

@@ -7,15 +7,16 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
      "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
                 "retries_denied": 0, "pending": 0, "overflows": 0,
                 "available": 2, "total": 3,
-                "retry_budget": {"left": 3.0, "percent": 20.0, "min_retries": 3,
-                                 "denied": 0},
+                "retry_budget": {"left": 10.0, "percent": 20.0,
+                                 "min_retries_per_second": 10.0, "denied": 0},
                 "ejection": {"passive": true, "ejected": 0, "max_percent": 50},
                 "upstreams": [{"address": "127.0.0.1:9001", "name": "web-1",
                                "weight": 2, "backup": false,
                                "healthy": true, "enabled": true, "drained": false,
                                "available": true, "active": 1, "idle": 4,
                                "ejected": false, "ejected_until": null, "ejections": 0,
-                               "connections": 5, "waiting": 0,
+                               "connections": 5, "connections_opened": 5,
+                               "waiting": 0,
                                "requests": 120, "errors": 3, "connect_errors": 0,
                                "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
                                "p99_ms": 8.7}]}]}
@@ -25,10 +26,12 @@ start; ``rate`` (requests/s), ``error_rate`` (fraction of those that were 5xx) a
 latency quantiles cover the last ``window_s`` seconds. ``healthy`` is the active checks'
 verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null.
 ``connections`` counts open upstream connections (busy, idle or connecting) against
-``max_connections``; ``waiting`` the requests queued for one. ``name`` is the config's
-upstream ``name``, else the address. ``retry_budget.left`` is how many retries the
-pool's budget allows now (summed over the workers); ``ejection`` says whether passive
-health is on, how many upstreams it has out, and its ``max_ejection_percent``.
+``max_connections``, ``connections_opened`` every one established since the start (flat
+under a steady load: connections are reused); ``waiting`` the requests queued for one.
+``name`` is the config's upstream ``name``, else the address. ``retry_budget.left`` is
+how many retries the pool's budget allows now (summed over the workers); ``ejection``
+says whether passive health is on, how many upstreams it has out, and its
+``max_ejection_percent``.
 
 Shape of ``GET /api/server``::
 
@@ -84,6 +87,7 @@ def upstream_view(
         "requests": stats.total,
         "errors": stats.errors,
         "connect_errors": stats.connect_errors,
+        "connections_opened": stats.connections_opened,
         **recent.recent(pool, upstream.address, stats),
     }
 
@@ -116,7 +120,7 @@ def _budget(server: ProxyServer, pool: Pool, spec: PoolConfig | None, now: float
     return {
         "left": round(left, 1),
         "percent": settings.percent if settings is not None else None,
-        "min_retries": settings.min_retries if settings is not None else None,
+        "min_retries_per_second": settings.min_retries_per_second if settings else None,
         "denied": budget.denied,
     }
 

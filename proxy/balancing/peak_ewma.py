@@ -30,17 +30,19 @@ about one request per half decay time) or, being fast, replaces the faded estima
 that joins a pool with history starts at the pool's median cost. The pool calls
 ``inherit`` on every rebuild, so all of this survives changes of the upstream set.
 
-Cost per request. A pick reads each upstream's faded cost from a list instead of
-computing the fade, and reads no clock: ``observe`` stores a fresh cost there and, every
-decay / 32, recomputes the floor and all faded costs. Fading thus moves in steps of
-decay / 32 (and, with less than one response per step, waits for the next response),
-which changes none of the above.
+Cost per request. No balancer reads a clock: the pool passes the time to ``observe``
+(the ``perf_counter`` the exchange read when the response head arrived) and to
+``inherit``. A pick reads each upstream's faded cost, already divided by its weight,
+from a list instead of computing the fade: ``observe`` stores a fresh cost there and,
+every decay / 32, recomputes the floor and all faded costs. Fading thus moves in steps
+of decay / 32 (and, with less than one response per step, waits for the next
+response), which changes none of the above. With two upstreams a pick compares both
+and, when neither is lower by the margin, they take turns: no random draw.
 """
 
 from __future__ import annotations
 
 import random as _random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from math import exp
 from typing import Any
@@ -73,12 +75,10 @@ class Score:
 class PeakEwma:
     """Power of two choices on ``cost * (active + 1) / weight``; learns via ``observe``.
 
-    ``clock`` (seconds; ``perf_counter``, the clock the exchange passes to ``observe``)
-    and ``rng`` are for tests.
+    ``rng`` is for tests.
     """
 
     __slots__ = (
-        "_clock",
         "_decay",
         "_fade_rate",
         "_faded",
@@ -86,10 +86,13 @@ class PeakEwma:
         "_forget_rate",
         "_index",
         "_inverse",
+        "_last",
         "_random",
         "_refresh_due",
         "_scores",
         "_targets",
+        "_turn",
+        "_weighted",
     )
 
     def __init__(
@@ -98,7 +101,6 @@ class PeakEwma:
         options: Mapping[str, Any],
         weights: Sequence[float] | None = None,
         *,
-        clock: Callable[[], float] = time.perf_counter,
         rng: _random.Random | None = None,
     ) -> None:
         self._targets = tuple(upstreams)
@@ -108,20 +110,33 @@ class PeakEwma:
             raise ValueError("decay must be > 0")
         self._fade_rate = _FADE_SPEED / self._decay
         self._forget_rate = _TIME_CONSTANTS / self._decay
-        self._clock = clock
         self._random: Callable[[], float] = (rng or _random).random
         self._scores = tuple(Score() for _ in self._targets)
         self._index = {u: i for i, u in enumerate(self._targets)}
         #: each upstream's cost as picks read it: set by ``observe``, faded by ``_refresh``
         self._faded = [0.0] * len(self._targets)
+        #: ``(faded + epsilon) / weight`` per upstream: a pick's load is this * (active + 1)
+        self._weighted = [_EPSILON * inv for inv in self._inverse]
         self._floor = 0.0
         self._refresh_due = _NEVER
+        self._last = _NEVER  # the latest time passed in (for ``repr``)
+        self._turn = 0  # two upstreams with equal loads take turns
 
     # -- picking ---------------------------------------------------------------------
 
     def pick(self, request: RequestView) -> Any | None:
-        targets = self._targets
+        targets, weighted = self._targets, self._weighted
         n = len(targets)
+        if n == 2:
+            a, b = targets
+            load_a = weighted[0] * (a.active + 1)
+            load_b = weighted[1] * (b.active + 1)
+            if load_b * _MARGIN < load_a:
+                return b
+            if load_a * _MARGIN < load_b:
+                return a
+            self._turn = turn = 1 - self._turn
+            return targets[turn]
         if n < 2:
             return targets[0] if n else None
         r = self._random() * n  # one draw for both: its fraction is uniform again
@@ -129,9 +144,8 @@ class PeakEwma:
         j = int((r - i) * (n - 1))
         if j >= i:
             j += 1
-        faded, inverse = self._faded, self._inverse
-        load_i = (faded[i] + _EPSILON) * (targets[i].active + 1) * inverse[i]
-        load_j = (faded[j] + _EPSILON) * (targets[j].active + 1) * inverse[j]
+        load_i = weighted[i] * (targets[i].active + 1)
+        load_j = weighted[j] * (targets[j].active + 1)
         return targets[j] if load_j * _MARGIN < load_i else targets[i]
 
     def cost(self, score: Score, now: float) -> float:
@@ -149,18 +163,18 @@ class PeakEwma:
         if recent:
             self._floor = min(recent)
         self._faded = [self.cost(s, now) for s in self._scores]
+        pairs = zip(self._faded, self._inverse, strict=True)
+        self._weighted = [(faded + _EPSILON) * inverse for faded, inverse in pairs]
         self._refresh_due = now + self._decay / _REFRESHES
 
     # -- learning --------------------------------------------------------------------
 
-    def observe(self, upstream: Any, seconds: float, now: float | None = None) -> None:
-        """Learn from one response: ``seconds`` from sending to the response head, which
-        arrived at ``now`` (the balancer's clock, ``perf_counter``; read when None)."""
+    def observe(self, upstream: Any, seconds: float, now: float) -> None:
+        """Learn from one response: ``seconds`` from the attempt's start to the response
+        head, which arrived at ``now`` (``perf_counter``, read by the caller)."""
         i = self._index.get(upstream)
         if i is None:  # left this balancer while its request was in flight
             return
-        if now is None:
-            now = self._clock()
         score = self._scores[i]
         prior = self._faded[i]  # faded at the last refresh, at most decay / 32 ago
         if seconds >= prior:
@@ -169,16 +183,17 @@ class PeakEwma:
             x = (now - score.stamp) * self._forget_rate
             cost = prior + (seconds - prior) * (x if x < _LINEAR else 1.0 - exp(-x))
         score.cost = self._faded[i] = cost
-        score.stamp = now
+        self._weighted[i] = (cost + _EPSILON) * self._inverse[i]
+        score.stamp = self._last = now
         if now >= self._refresh_due:
             self._refresh(now)
 
-    def inherit(self, old: object) -> None:
-        """Keep what ``old`` (the balancer this one replaces) learned."""
+    def inherit(self, old: object, now: float) -> None:
+        """Keep what ``old`` (the balancer this one replaces) learned; ``now`` as for
+        ``observe``."""
         if not isinstance(old, PeakEwma):
             return
         known = [s.cost for s in old._scores if s.stamp != _NEVER]
-        now = self._clock()
         median = sorted(known)[len(known) // 2] if known else 0.0
         scores = []
         for upstream in self._targets:
@@ -189,12 +204,15 @@ class PeakEwma:
                 scores.append(old._scores[i])
         self._scores = tuple(scores)
         self._floor = old._floor
+        self._turn = old._turn
+        self._last = now
         self._refresh(now)
 
     def __repr__(self) -> str:
-        now = self._clock()
+        now = self._last  # costs as of the latest time the pool passed in
         costs = ", ".join(
-            f"{u.address} {self.cost(s, now) * 1000:.2f}ms/{u.active}"
+            f"{u.address} {(s.cost if now == _NEVER else self.cost(s, now)) * 1000:.2f}ms"
+            f"/{u.active}"
             for u, s in zip(self._targets[:8], self._scores, strict=False)
         )
         more = ", ..." if len(self._targets) > 8 else ""

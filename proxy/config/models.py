@@ -501,12 +501,25 @@ class Backoff(ConfigModel):
 
 class RetryBudget(ConfigModel):
     """Retries may add at most ``percent`` % to a pool's requests (over about ten
-    seconds), plus a reserve of ``min_retries`` so that quiet pools can still retry."""
+    seconds), plus a reserve of ``min_retries_per_second`` so that a quiet or freshly
+    started pool can still retry (Finagle's ``minRetriesPerSec``)."""
 
     percent: Annotated[float, Field(ge=0, le=100)] = 20.0
     """Retries may add at most this percentage to the pool's requests."""
-    min_retries: Annotated[int, Field(ge=0)] = 3
-    """Retries always allowed in reserve, so that a quiet pool can retry at all."""
+    min_retries_per_second: Annotated[float, Field(ge=0)] = 10.0
+    """Retries always allowed on top, refilled every second (at most one second's worth
+    held), so that a quiet or freshly started pool can retry at all."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "min_retries" in data:
+            raise ValueError(
+                "'min_retries' (a fixed reserve of retries) was replaced by "
+                "'min_retries_per_second' (a reserve that refills every second; "
+                "default 10): rename the key"
+            )
+        return data
 
 
 class Retries(ConfigModel):
@@ -596,7 +609,14 @@ class UpstreamSpec(ConfigModel):
 
 
 class Pool(ConfigModel):
-    """A set of upstreams behind one balancer. ``max_idle_connections`` is per upstream."""
+    """A set of upstreams behind one balancer.
+
+    ``max_idle_connections``: idle keep-alive connections kept per upstream; None (the
+    default) keeps every connection that ends a response cleanly, up to the upstream's
+    ``max_connections``, and ``timeouts.idle`` trims the ones not used (HAProxy's and
+    Envoy's unbounded idle pools). A lower cap closes connections a steady load needs
+    again a moment later.
+    """
 
     balancer: BalancerSpec = BalancerSpec()
     """``NAME`` or ``{name: NAME, ...options}``: ``round_robin``,
@@ -606,8 +626,10 @@ class Pool(ConfigModel):
     """The servers behind the pool."""
     timeouts: PoolTimeouts = PoolTimeouts()
     """Upstream-side timeouts."""
-    max_idle_connections: Annotated[int, Field(ge=0)] = 32
-    """Idle keep-alive connections kept per upstream."""
+    max_idle_connections: Annotated[int, Field(ge=0)] | None = None
+    """Idle keep-alive connections kept per upstream; null: every connection that ends a
+    response cleanly, up to the upstream's ``max_connections`` (``timeouts.idle`` trims
+    the ones not used)."""
     slow_start: Annotated[Duration, Field(gt=0)] | None = None
     """Time over which an upstream that became available ramps its weight from 10% to
     100% (HAProxy's ``slowstart``); null: at once."""

@@ -47,7 +47,7 @@ from proxy.errors import (
 from proxy.forwarding.retry import IDEMPOTENT
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response
-from proxy.tcp import write_pieces
+from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
     from proxy.server.protocol import ClientConnection
@@ -107,12 +107,12 @@ class Exchange:
         "resp_eof",
         "resp_started",
         "retried",
-        "sent_at",
         "started",
         "status",
         "target",
         "task",
         "tried",
+        "tried_at",
         "upstream",
     )
 
@@ -157,7 +157,6 @@ class Exchange:
         self.opening = False  # a connect task counted in ``conns`` has not started yet
         self.replay_size = 0
         self.retried = False
-        self.sent_at = 0.0
         self.out: list[bytes | memoryview] = []  # views: large bodies, not copied
         self.mode = NO_BODY
         self.resp_started = False
@@ -169,7 +168,10 @@ class Exchange:
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
-        self.started = perf_counter() if client.record else 0.0
+        self.started = perf_counter()
+        #: when the current attempt started (a retry's, once there is one): the start of
+        #: the latency a learning balancer is given (``Pool.observe``)
+        self.tried_at = self.started
 
     # -- RequestView, for balancers ---------------------------------------------------
 
@@ -206,10 +208,22 @@ class Exchange:
             client.transport.write(CONTINUE_100)
         if self.host is None:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
-        self.head = request_head(
+        self.head = head = request_head(
             self.method, self.target, self.found, client.client_ip_bytes, self.host,
             self.request_id,
         )
+        if pool.fast_path and not self.pending:  # the fast path: nothing but the head
+            conn = upstream.take_idle()
+            if conn is not None:  # ``_use`` and ``_send``, for a pooled connection
+                upstream.begin_request()
+                self.replay = ()  # a pooled connection may prove stale: nothing to replay
+                self.conn = conn
+                conn.send(self, head, ())
+                if self.req_done:  # a pipelined request, read whole while it waited
+                    self._await_response()
+                if client.write_paused:
+                    conn.pause_reading()
+                return
         self._use(upstream)
 
     def _use(self, upstream: Upstream) -> None:
@@ -328,12 +342,10 @@ class Exchange:
         else:
             self.replay = None
         self.conn = conn
-        if pool.observe is not None:
-            self.sent_at = perf_counter()
-        pending.insert(0, self.head)
-        self.pending = []
-        self.pending_size = 0
-        conn.send(self, pending)
+        if pending:
+            self.pending = []
+            self.pending_size = 0
+        conn.send(self, self.head, pending)
         if self.client.paused:
             self.client.resume(BODY_WAIT)
         if self.req_done:
@@ -428,7 +440,7 @@ class Exchange:
         observe = pool.observe
         if observe is not None:
             now = perf_counter()
-            observe(upstream, now - self.sent_at, now)
+            observe(upstream, now - self.tried_at, now)
         self.deadline = self.client.clock.now + pool.read_timeout
         keep = self.keep_alive and not self.client.draining
         extra = b""
@@ -451,6 +463,61 @@ class Exchange:
         elif not self.http_minor:
             extra += b"Connection: keep-alive\r\n"
         self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
+        return True
+
+    def relay_whole(
+        self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
+    ) -> bool:
+        """The fast path: the whole response, framed by a known head (``Content-Length``
+        with ``body`` complete, HTTP/1.1, a final status with a body), arrived in one
+        read of ``conn``: relay and complete it in one step, with the client's head and
+        body in one write. False (nothing done) unless the request was sent whole and
+        the status needs no retry or passive-health decision; then the general path
+        (``on_response_head``, ``on_response_body``, ``on_response_complete``) takes the
+        same response, to the same bytes (a property test holds the two together)."""
+        pool = self.pool
+        assert pool is not None
+        status = known.status
+        if (
+            not self.req_done
+            or self.pending
+            or status in pool.retry.statuses
+            or (status >= 500 and pool.outlier is not None and pool.outlier.with_5xx)
+        ):
+            return False
+        upstream = self.upstream
+        assert upstream is not None
+        if upstream.failures:  # an answer: the run of failures is over
+            upstream.failures = 0
+        self.status = status
+        self.replay = None
+        self.resp_started = self.resp_done = True
+        observe = pool.observe
+        if observe is not None:
+            now = perf_counter()
+            observe(upstream, now - self.tried_at, now)
+        client = self.client
+        keep = self.keep_alive = self.keep_alive and not client.draining
+        if not keep:
+            end = b"Connection: close\r\n\r\n"
+        elif self.http_minor:
+            end = b"\r\n"
+        else:
+            end = b"Connection: keep-alive\r\n\r\n"
+        size = self.bytes_out = len(body)
+        if size <= JOIN_BELOW:
+            client.transport.write(b"".join((known.head, end, body)))
+        else:
+            client.transport.writelines((known.head + end, body))
+        self.conn = conn.exchange = None  # the connection is released
+        conn.collecting = False
+        if known.close:
+            conn.close()
+        else:
+            upstream.put_idle(conn, client.clock.now)
+        self.released = True
+        upstream.end_request()
+        self._finish(False)
         return True
 
     def on_response_body(self, data: bytes | memoryview) -> None:
@@ -657,6 +724,7 @@ class Exchange:
         self.upstream = upstream
         self.released = False
         self.attempts += 1
+        self.tried_at = perf_counter()
         self._use(upstream)
 
     def _pick_untried(self) -> Upstream | None:

@@ -88,6 +88,9 @@ METRICS: Final = (
                "Requests in flight to the upstream."),
     MetricSpec("aiolb_upstream_connect_errors", "counter", UPSTREAM_LABELS,
                "Failed connection attempts to the upstream."),
+    MetricSpec("aiolb_upstream_connections_opened", "counter", UPSTREAM_LABELS,
+               "Connections established to the upstream (steady load reuses them: a rate "
+               "above zero under steady load means the idle pool closes what it needs)."),
     MetricSpec("aiolb_upstream_ejections", "counter", UPSTREAM_LABELS,
                "Times passive outlier detection ejected the upstream."),
     MetricSpec("aiolb_health_checks", "counter", (*UPSTREAM_LABELS, "result"),
@@ -216,6 +219,7 @@ class ProxyCollector(Collector):
         up = gauge("aiolb_upstream_up")
         active = gauge("aiolb_upstream_active_requests")
         errors = counter("aiolb_upstream_connect_errors")
+        opened = counter("aiolb_upstream_connections_opened")
         ejections = counter("aiolb_upstream_ejections")
         checks = counter("aiolb_health_checks")
         for name, pool in self.server.pools.items():
@@ -224,9 +228,10 @@ class ProxyCollector(Collector):
                 up.add_metric(labels, 1.0 if upstream.available else 0.0)
                 active.add_metric(labels, upstream.active)
                 errors.add_metric(labels, upstream.stats.connect_errors)
+                opened.add_metric(labels, upstream.stats.connections_opened)
                 ejections.add_metric(labels, upstream.ejections)
                 _add_checks(checks, labels, upstream)
-        yield from (up, active, errors, ejections, checks)
+        yield from (up, active, errors, opened, ejections, checks)
 
     def _retries(self) -> Iterator[Metric]:
         retries = counter("aiolb_retries")

@@ -63,7 +63,7 @@ class Histogram:
 class Stats:
     """Requests by ``(listener, method, status)``, a latency histogram, error counters."""
 
-    __slots__ = ("connect_errors", "duration", "requests")
+    __slots__ = ("connect_errors", "connections_opened", "duration", "requests")
 
     def __init__(self) -> None:
         #: ``(listener name, method bytes, status)`` -> count; method as sent, mapped to a
@@ -71,6 +71,7 @@ class Stats:
         self.requests: dict[tuple[str, bytes, int], int] = {}
         self.duration = Histogram()
         self.connect_errors = 0
+        self.connections_opened = 0  # upstream connections established
 
     def record(self, listener: str, method: bytes, status: int, seconds: float) -> None:
         key = (listener, method if method in METHODS else b"OTHER", status)
@@ -96,6 +97,7 @@ class Stats:
             "buckets": list(self.duration.buckets),
             "sum": self.duration.sum,
             "connect_errors": self.connect_errors,
+            "connections_opened": self.connections_opened,
         }
 
     def __repr__(self) -> str:

@@ -74,6 +74,7 @@ def summed_stats(snapshots: Sequence[dict[str, Any]]) -> Stats:
         hist.count += sum(snap["buckets"])
         hist.sum += snap["sum"]
         total.connect_errors += snap["connect_errors"]
+        total.connections_opened += snap["connections_opened"]
     return total
 
 

@@ -8,13 +8,16 @@ that 1xx responses precede the real one, and whether it is still reusable.
 
 A response whose head is byte for byte one the parser accepted before (the exchange's
 head cache) is framed from that head instead: its ``Content-Length`` body is counted,
-not parsed, and passed on without a copy. Anything else goes through the parser.
+not parsed, and passed on without a copy. When such a response arrives whole in one
+read, ``Exchange.relay_whole`` relays and completes it in one step (the fast path).
+Anything else goes through the parser.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -155,6 +158,10 @@ class UpstreamConnection(asyncio.Protocol):
         body = len(data) - end
         if known is None or known.length < body:  # -1: not the common shape
             return False
+        if known.length == body and self.upstream.pool.fast_path:  # all of it in this read
+            whole = data[end:] if body <= JOIN_BELOW else memoryview(data)[end:]
+            if ex.relay_whole(self, known, whole):
+                return True
         self.collecting = False
         if not ex.on_response_head(known.status, known):
             self.exchange = None
@@ -230,8 +237,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange and the pool -------------------------------------------
 
-    def send(self, ex: Exchange, data: list[bytes]) -> None:
-        """Start an exchange on this connection, writing its first bytes."""
+    def send(self, ex: Exchange, head: bytes, body: Sequence[bytes]) -> None:
+        """Start an exchange on this connection, writing its request head and the body
+        gathered so far."""
         self.exchange = ex
         self.responded = False
         self.raw = b""
@@ -240,7 +248,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.acked = False
         self.uses += 1
         assert self.transport is not None
-        write_pieces(self.transport, data)
+        if body:
+            write_pieces(self.transport, [head, *body])
+        else:  # a request without a body, or whose body has not arrived yet
+            self.transport.write(head)
 
     def release(self) -> None:
         """The exchange is over; the connection is idle (the pool decides its fate)."""

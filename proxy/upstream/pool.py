@@ -2,8 +2,12 @@
 
 Bookkeeping is synchronous (STYLE 2): ``take_idle`` and ``put_idle`` decide in plain
 code which connection to reuse or close; the only await is opening a new connection.
-Idle connections are kept LIFO (the most recently used is the most likely alive) and
-closed after ``timeouts.idle`` or beyond ``max_idle_connections``.
+Idle connections are kept LIFO: the most recently used is reused first (the most
+likely alive), so under a steady load the same connections serve every request and
+the ones a past peak opened sit at the cold end until ``timeouts.idle`` closes them.
+By default every connection that ends a response cleanly is kept (up to
+``max_connections``): a cap below the concurrency would close connections that the
+next burst of requests opens again.
 
 A pool's balancer sees only the available upstreams (primaries, or the backups when
 no primary is available) and is rebuilt whenever that set changes, never per request.
@@ -95,8 +99,9 @@ class Upstream:
         self.conns = 0
         self.waiting: deque[Exchange] = deque()
         self.idle: deque[UpstreamConnection] = deque()
-        #: idle connections kept (the pool's ``max_idle_connections``; 0 once removed)
-        self.max_idle = pool.max_idle
+        #: idle connections kept (the pool's ``max_idle_connections``, by default as many
+        #: as may be open; 0 once removed)
+        self.max_idle = self.max_connections if pool.max_idle is None else pool.max_idle
         self.stats = Stats()
 
     @property
@@ -135,7 +140,8 @@ class Upstream:
         if not conn.reusable():
             conn.close()
             return
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         if self.waiting:
             self.waiting.popleft().dequeue(conn)
         elif len(self.idle) < self.max_idle:
@@ -185,6 +191,7 @@ class Upstream:
         except BaseException:  # cancelled: the client went away
             self.connection_closed()
             raise
+        self.stats.connections_opened += 1
         return conn
 
     def __repr__(self) -> str:
@@ -216,6 +223,7 @@ class Pool:
         "dns_refresh",
         "dns_resolver",
         "dns_specs",
+        "fast_path",
         "idle_timeout",
         "initially_healthy",
         "max_connections",
@@ -252,6 +260,9 @@ class Pool:
         breaker = config.circuit_breaker
         self.max_connections = breaker.max_connections
         self.max_pending = breaker.max_pending
+        #: a response read whole with a known head is relayed in one step
+        #: (``Exchange.relay_whole``); False: always the general path (tests compare them)
+        self.fast_path = True
         self.queue_timeout = breaker.queue_timeout
         self.pending = 0  # requests waiting for a connection (``Upstream.waiting``)
         self.overflows = 0  # requests refused (503) because max_pending were waiting
@@ -264,7 +275,8 @@ class Pool:
         self.response_header_timeout = min(t.response_header, per_try or t.response_header)
         self.idle_timeout = t.idle
         self.read_timeout = t.read
-        self.max_idle = config.max_idle_connections
+        #: ``max_idle_connections``; None: each upstream's ``max_connections``
+        self.max_idle: int | None = config.max_idle_connections
         static = [spec for spec in config.upstreams if not spec.dns]
         self.static_addresses = frozenset(spec.address for spec in static)
         self.upstreams = [Upstream(spec, self) for spec in static]
@@ -304,7 +316,7 @@ class Pool:
         old, new = self._balancer, self._factory(chosen, self._options, weights)
         inherit = getattr(new, "inherit", None)
         if inherit is not None:  # carry learned state (e.g. latency averages) across
-            inherit(old)
+            inherit(old, time.perf_counter())  # the clock ``observe`` is given
         self._balancer = new
         self.pick = new.pick
         self.observe = getattr(new, "observe", None)
@@ -417,8 +429,8 @@ class Pool:
         self.retries = previous.retries
         self.overflows = previous.overflows
         self.requests = previous.requests
-        budget, fresh_budget = previous.retry.budget, self.retry.budget
-        budget.ratio, budget.reserve = fresh_budget.ratio, fresh_budget.reserve
+        budget, new_budget = previous.retry.budget, self.retry.budget
+        budget.retune(new_budget.ratio * 100, new_budget.rate)
         self.retry.budget = budget  # the balance carries on: spent tokens stay spent
         for key in self.discovered:  # dns:// entries in both: start from the last answer
             hosts = previous.discovered.get(key)

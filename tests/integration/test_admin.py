@@ -32,6 +32,7 @@ CONTRACT = {
     "aiolb_upstream_up": "gauge",
     "aiolb_upstream_active_requests": "gauge",
     "aiolb_upstream_connect_errors_total": "counter",
+    "aiolb_upstream_connections_opened_total": "counter",
     "aiolb_retries_total": "counter",
     "aiolb_retries_denied_total": "counter",
     "aiolb_circuit_breaker_overflows_total": "counter",
@@ -42,8 +43,9 @@ CONTRACT = {
     "aiolb_config_reloads_total": "counter",
 }
 UPSTREAM_FIELDS = {
-    "address", "name", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
-    "idle", "ejected", "ejected_until", "ejections", "connections", "waiting", "requests",
+    "address", "name", "weight", "backup", "healthy", "enabled", "drained", "available",
+    "active", "idle", "ejected", "ejected_until", "ejections", "connections",
+    "connections_opened", "waiting", "requests",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 
@@ -221,8 +223,9 @@ async def test_api_pools_describes_every_upstream(
     assert first["rate"] > 0 and first["error_rate"] == 0.0
     assert first["p50_ms"] is not None and first["p99_ms"] >= first["p50_ms"]
     assert second["requests"] == 0 and second["p50_ms"] is None
-    # 4 requests deposited 20% each on top of the reserve of 3; nothing spent
-    assert main["retry_budget"] == {"left": 3.8, "percent": 20.0, "min_retries": 3, "denied": 0}
+    # 4 requests deposited 20% each, on top of a full reserve (one second's worth: 10)
+    assert main["retry_budget"] == {"left": 10.8, "percent": 20.0, "min_retries_per_second": 10.0,
+                                    "denied": 0}  # fmt: skip
     assert main["ejection"] == {"passive": True, "ejected": 0, "max_percent": 50}
 
 

@@ -293,7 +293,7 @@ async def test_dashboard_shows_version_listeners_names_trends_and_pool_state(
     heading = 'section[data-pool="main"] h2'
     assert await browser.wait_until(js(f"{heading} [data-field=retry_budget]", "el.textContent"),
                                     what="retry budget") == (
-        "retry budget: 3 retries left (20% of requests + 3 in reserve), 0 denied")  # fmt: skip
+        "retry budget: 10 retries left (20% of requests + 10/s), 0 denied")  # fmt: skip
     assert await browser.evaluate(js(f"{heading} [data-field=ejection]", "el.textContent")) == (
         "ejected: 0 of 2 (at most 50%)")  # fmt: skip
 

@@ -3,7 +3,7 @@ them: real processes on 127.0.0.1.
 
 ``demo_upstream.py`` is the upstream of docker-compose and of the Kubernetes example;
 ``healthcheck.py`` is the image's HEALTHCHECK. Docker itself is exercised by
-``loadtests/docker_smoke.sh`` where an engine is available.
+``loadtests/docker_smoke.sh``, which CI runs on an engine it starts.
 """
 
 from __future__ import annotations

@@ -515,6 +515,29 @@ async def test_upstream_refusing_connections_gets_502(
     await assert_still_serving(port)
 
 
+async def test_a_pipelined_request_behind_another_still_times_out(
+    proxy: MakeProxy, recorders: MakeRecorder, raw_upstreams: Any
+) -> None:
+    """The second of two pipelined requests was read whole while it waited; once it is
+    sent, on a pooled connection, its response header timeout runs like any other."""
+    raw = await raw_upstreams({b"/hang": None})
+    _, port, _ = await start_with(
+        proxy, recorders, **via_pool("/hang", raw.url, timeouts={"response_header": "300ms"})
+    )
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        ok = b"GET /hang-not HTTP/1.1\r\nHost: a\r\n\r\n"  # answered at once by the same upstream
+        writer.write(ok)  # leaves a pooled connection to it
+        status, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
+        assert status == b"HTTP/1.1 200 OK"
+        writer.write(ok + b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = await asyncio.wait_for(read_response(reader), 5.0)
+        second = await asyncio.wait_for(read_response(reader), 5.0)
+        assert (first[0], second[0]) == (b"HTTP/1.1 200 OK", b"HTTP/1.1 504 Gateway Timeout")
+    finally:
+        writer.close()
+
+
 async def test_upstream_that_never_answers_gets_504(
     proxy: MakeProxy, recorders: MakeRecorder, raw_upstreams: Any
 ) -> None:

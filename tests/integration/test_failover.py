@@ -182,8 +182,7 @@ async def test_an_upstream_that_never_answers_is_retried_after_the_per_try_timeo
     hang = await raw_upstreams({b"/": None})
     good = await recorders("good")
     server = await proxy(make_config([hang.url, good.url], pool={
-        "retries": {"retry_on": ["timeout"], "per_try_timeout": "200ms",
-                    "budget": {"min_retries": 10}},  # six requests earn no 20% budget
+        "retries": {"retry_on": ["timeout"], "per_try_timeout": "200ms"},
         "health_check": {"passive": None}}))  # fmt: skip
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
@@ -206,7 +205,7 @@ async def test_a_503_is_retried_on_another_upstream_when_asked(
     bad = await recorders("bad", {"/": unavailable})
     good = await recorders("good")
     server = await proxy(make_config([bad.url, good.url], pool={
-        "retries": {"retry_on": [503], "budget": {"min_retries": 10}}}))  # fmt: skip
+        "retries": {"retry_on": [503]}}))  # fmt: skip
     async with aiohttp.ClientSession() as session:
         results = Counter([await get(session, proxy_url(server)) for _ in range(10)])
         assert results == {(200, "good"): 10}
@@ -294,11 +293,37 @@ async def test_retries_avoid_an_upstream_that_just_failed_for_others(
     dead = [f"http://{HOST}:{closed_port()}" for _ in range(2)]
     server = await proxy(make_config([*dead, good.url], pool={
         "health_check": {"passive": {"consecutive_failures": 1000}},
-        "retries": {"budget": {"min_retries": 100}}}))  # fmt: skip
+        "retries": {"budget": {"min_retries_per_second": 100}}}))  # fmt: skip
     async with aiohttp.ClientSession() as session:
         results = Counter([(await get(session, proxy_url(server)))[0] for _ in range(60)])
     assert results[200] >= 58 and set(results) <= {200, 502}
     assert server.pools["main"].retries >= 38  # two thirds started on a dead upstream
+
+
+async def test_a_freshly_started_pool_retries_every_request_that_needs_it(
+    proxy: MakeProxy, recorders: MakeRecorder, raw_upstreams: Any
+) -> None:
+    """One of two upstreams never answers; 20 GETs, 4 at a time, on a proxy that has
+    just started and so has earned no 20% budget yet: the reserve (a rate, 10 a second
+    by default) lets every one that hit the silent upstream be retried."""
+    hang = await raw_upstreams({b"/": None})
+    good = await recorders("good")
+    server = await proxy(make_config([hang.url, good.url], pool={
+        "retries": {"attempts": 2, "retry_on": ["connect_failure", "timeout"],
+                    "per_try_timeout": "500ms"}}))  # fmt: skip
+    statuses = Counter[int]()
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for _ in range(5):
+            status, _ = await get(session, proxy_url(server))
+            statuses[status] += 1
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(4)))
+    assert statuses == {200: 20}
+    assert len(good.seen) == 20
+    assert server.pools["main"].retries == len(hang.heads) >= 2
+    assert server.pools["main"].retry.budget.denied == 0
 
 
 async def test_an_outage_of_every_upstream_stays_within_the_retry_budget(
@@ -306,7 +331,7 @@ async def test_an_outage_of_every_upstream_stays_within_the_retry_budget(
 ) -> None:
     """Every upstream answers 503 and 503 is retryable with 3 attempts: without a budget
     the upstreams would see 3x the requests; with the default 20% budget, at most 1.2x
-    (plus the reserve of 3), and every client gets its 503."""
+    plus the reserve's 10 a second, and every client gets its 503."""
 
     async def unavailable(request: web.Request) -> web.Response:
         return web.Response(status=503, text="down")
@@ -322,11 +347,16 @@ async def test_an_outage_of_every_upstream_stays_within_the_retry_budget(
                 statuses[resp.status] += 1
                 await resp.read()
 
+    loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
+        started = loop.time()
         await asyncio.gather(*(client(session, total // 20) for _ in range(20)))
+        seconds = loop.time() - started
     attempts = sum(len(u.seen) for u in ups)
     assert statuses == {503: total}
-    assert total < attempts <= total * 1.2 + 3 + 1  # +1: the balance decays back a little
+    # the reserve starts with one second's worth (10) and refills at 10 a second
+    assert total < attempts <= total * 1.2 + 10 * seconds + 10 + 1  # +1: decay rounding
+    assert attempts < total * 2  # far below the 3x that 3 attempts would allow
     assert server.pools["main"].retry.budget.denied > 0
 
 

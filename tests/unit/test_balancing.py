@@ -221,6 +221,31 @@ def test_pool_uses_backups_only_while_no_primary_is_available(name: str) -> None
     assert picked_addresses(pool) == {"10.0.0.1:80"}
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_no_balancer_reads_a_clock(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Picks, observations and rebuilds take the time they are given: a balancer that
+    read a clock of its own would pay for it on every request."""
+    def no_clock() -> float:
+        raise AssertionError(f"{name} read a clock")
+
+    monkeypatch.setattr(time, "perf_counter", no_clock)
+    monkeypatch.setattr(time, "monotonic", no_clock)
+    monkeypatch.setattr(time, "time", no_clock)
+    targets = upstreams(1, 2, 3)
+    old = REGISTRY[name](targets, OPTIONS.get(name, {}))
+    balancer = REGISTRY[name](targets, OPTIONS.get(name, {}))
+    inherit = getattr(balancer, "inherit", None)
+    if inherit is not None:
+        inherit(old, 1000.0)
+    observe = getattr(balancer, "observe", None)
+    for step in range(200):
+        picked = balancer.pick(ANY_REQUEST)
+        assert picked in targets
+        if observe is not None:
+            observe(picked, 0.001 * (1 + step % 3), 1000.0 + step * 0.01)
+    assert repr(balancer)
+
+
 def test_pool_keeps_peak_ewma_learning_across_rebuilds() -> None:
     pool = Pool("p", pool_config("peak_ewma"))
     fast, slow = pool.upstreams[:2]
@@ -551,9 +576,7 @@ class Simulation:
     def __init__(self, rate: float, seed: int) -> None:
         self.clock = FakeClock()
         self.targets = upstreams(1, 1)
-        self.balancer = PeakEwma(
-            self.targets, {"decay": 10.0}, clock=self.clock, rng=random.Random(seed + 99)
-        )
+        self.balancer = PeakEwma(self.targets, {"decay": 10.0}, rng=random.Random(seed + 99))
         self.rng = random.Random(seed)
         self.rate = rate
         self.in_flight: list[tuple[float, int, FakeUpstream, float]] = []
@@ -580,7 +603,7 @@ class Simulation:
             done, _, upstream, took = heapq.heappop(self.in_flight)
             self.clock.now = done
             upstream.active -= 1
-            self.balancer.observe(upstream, took)
+            self.balancer.observe(upstream, took, done)
 
 
 EVEN = (0.005, 0.005)
@@ -602,14 +625,14 @@ def test_peak_ewma_moves_traffic_off_a_slow_upstream_and_back(rate: int, seed: i
 def test_peak_ewma_probes_a_starved_upstream_rarely() -> None:
     clock = FakeClock()
     fast, slow = targets = upstreams(1, 1)
-    balancer = PeakEwma(targets, {"decay": 10.0}, clock=clock, rng=random.Random(1))
-    balancer.observe(fast, 0.01)
-    balancer.observe(slow, 1.0)
+    balancer = PeakEwma(targets, {"decay": 10.0}, rng=random.Random(1))
+    balancer.observe(fast, 0.01, clock.now)
+    balancer.observe(slow, 1.0, clock.now)
     picks_of_slow = []
     for step in range(1000):  # 10 s, a pick every 10 ms, answers at once
         clock.now += 0.01
         picked = balancer.pick(ANY_REQUEST)
-        balancer.observe(picked, 0.01 if picked is fast else 1.0)
+        balancer.observe(picked, 0.01 if picked is fast else 1.0, clock.now)
         if picked is slow:
             picks_of_slow.append(step)
     assert 1 <= len(picks_of_slow) <= 4  # about one per half decay time
@@ -618,12 +641,12 @@ def test_peak_ewma_probes_a_starved_upstream_rarely() -> None:
 def test_peak_ewma_new_upstreams_start_at_the_median() -> None:
     clock = FakeClock()
     old_targets = upstreams(1, 1, 1)
-    old = PeakEwma(old_targets, {}, clock=clock)
+    old = PeakEwma(old_targets, {})
     for upstream, seconds in zip(old_targets, (0.01, 0.02, 0.09), strict=True):
-        old.observe(upstream, seconds)
+        old.observe(upstream, seconds, clock.now)
     newcomer = FakeUpstream("10.0.0.9:80")
-    new = PeakEwma([*old_targets, newcomer], {}, clock=clock)
-    new.inherit(old)
+    new = PeakEwma([*old_targets, newcomer], {})
+    new.inherit(old, clock.now)
     assert "10.0.0.9:80 20.00ms" in repr(new)
     assert "10.0.0.3:80 90.00ms" in repr(new)
 
@@ -632,8 +655,8 @@ def test_peak_ewma_new_upstreams_start_at_the_median() -> None:
 def test_peak_ewma_averages_a_faster_answer_by_the_time_since_the_last(gap: float) -> None:
     clock = FakeClock()
     (target,) = upstreams(1)
-    balancer = PeakEwma([target], {"decay": 10.0}, clock=clock)
-    balancer.observe(target, 0.100)
+    balancer = PeakEwma([target], {"decay": 10.0})
+    balancer.observe(target, 0.100, clock.now)
     balancer.observe(target, 0.020, clock.now + gap)  # the exchange passes its time
     keep = math.exp(-gap * 5.0 / 10.0)  # time constant decay / 5
     expected = 0.100 * keep + 0.020 * (1.0 - keep)
@@ -645,15 +668,15 @@ def test_peak_ewma_averages_a_faster_answer_by_the_time_since_the_last(gap: floa
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_peak_ewma_splits_evenly_between_equal_upstreams(n: int) -> None:
     targets = upstreams(*[1] * n)
-    balancer = PeakEwma(targets, {}, clock=FakeClock(), rng=random.Random(n))
+    balancer = PeakEwma(targets, {}, rng=random.Random(n))
     got = shares((balancer.pick(ANY_REQUEST) for _ in range(60_000)), targets)
     assert got == pytest.approx([1 / n] * n, abs=0.01)
 
 
 def test_peak_ewma_ignores_upstreams_it_does_not_balance() -> None:
     balancer = PeakEwma(upstreams(1), {})
-    balancer.observe(FakeUpstream("10.9.9.9:80"), 1.0)
-    balancer.inherit(WeightedRandom(upstreams(1), {}))
+    balancer.observe(FakeUpstream("10.9.9.9:80"), 1.0, 1000.0)
+    balancer.inherit(WeightedRandom(upstreams(1), {}), 1000.0)
     assert "floor 0.00ms" in repr(balancer)
 
 

@@ -134,7 +134,7 @@ def test_every_default() -> None:
     assert listener.limits == Limits(max_header_size=65536, max_uri_size=8192, max_body_size=None)
     assert listener.routes[0].match == Match(host=None, path_prefix="/")
     assert (pool.balancer.name, pool.balancer.options, pool.max_idle_connections) == (
-        "round_robin", {}, 32)  # fmt: skip
+        "round_robin", {}, None)  # fmt: skip
     assert pool.timeouts == PoolTimeouts(connect=3.0, response_header=30.0, idle=60.0, read=60.0)
     assert (pool.upstreams[0].weight, pool.upstreams[0].backup) == (1, False)
 
@@ -244,6 +244,17 @@ def test_balancer_errors(tmp_path: Path) -> None:
     assert problems(tmp_path, text) == [
         "F:8: pools.web.balancer: balancer 'round_robin' takes no options, got 'foo'"
     ]
+
+
+def test_retry_budget_old_reserve_key_is_refused_with_the_new_name(tmp_path: Path) -> None:
+    text = VALID + "    retries:\n      budget: {percent: 20, min_retries: 3}\n"
+    assert problems(tmp_path, text) == [
+        "F:12: pools.web.retries.budget: 'min_retries' (a fixed reserve of retries) was "
+        "replaced by 'min_retries_per_second' (a reserve that refills every second; "
+        "default 10): rename the key"
+    ]
+    rate = VALID + "    retries:\n      budget: {min_retries_per_second: 2.5}\n"
+    assert load(tmp_path, rate).pools["web"].retries.budget.min_retries_per_second == 2.5
 
 
 # --- loading: FILE:LINE errors ------------------------------------------------------------

@@ -131,7 +131,8 @@ def test_adopt_keeps_upstream_objects_and_counters() -> None:
     assert new.upstreams[0] is two and two.pool is new and not two.enabled
     assert new.upstreams[1] is not one and one.pool is old
     assert new.stats is old.stats and new.retries == 4
-    assert old.max_idle == 0 and new.max_idle == 32  # only the removed one stops pooling
+    assert old.max_idle == 0 and new.max_idle is None  # only the removed one stops pooling
+    assert one.max_idle == 0 and two.max_idle == 1024  # the kept one pools as before
 
 
 def test_adopt_does_not_restart_slow_start_for_kept_upstreams() -> None:

@@ -8,7 +8,8 @@ Service selecting nothing, a headless Service whose name the dns:// upstream doe
 resolve) only show up during a rollout. Each test reads the value from the file that
 owns it and checks that the others agree: the listener and admin ports come from the
 aiolb config, the config path from the Dockerfile, the drain time from the code.
-``loadtests/docker_smoke.sh`` checks the built image itself where a Docker engine runs.
+``loadtests/docker_smoke.sh`` builds and runs the image itself (in CI, on an engine it starts);
+``test_kubernetes_schemas.py`` validates the manifests against the Kubernetes API schemas.
 """
 
 from __future__ import annotations

@@ -178,29 +178,49 @@ def test_initial_state_unhealthy() -> None:
 
 def test_budget_bounds_a_retry_storm() -> None:
     """Every request wants a retry (an outage): retries stay within percent of the
-    requests plus the reserve, however the requests are spread over time."""
-    budget = RetryBudget(percent=20, reserve=3)
-    now, requests, retries = 0.0, 0, 0
-    for _ in range(5000):
-        requests += 1
-        now += 0.001
-        retries += budget.allow(requests, now)
-    assert retries <= 0.2 * requests + 3 + 1
-    assert retries >= 0.2 * requests * 0.9  # and the budget is actually usable
+    requests plus the reserve's rate times the time, however the requests are spread."""
+    for gap in (0.0001, 0.001, 0.01, 0.1):  # 10,000 to 10 requests a second
+        budget = RetryBudget(percent=20, per_second=10)
+        now, requests, retries = 1.0, 0, 0
+        for _ in range(5000):
+            requests += 1
+            now += gap
+            retries += budget.allow(requests, now)
+        seconds = now - 1.0
+        assert retries <= 0.2 * requests + 10 * seconds + 10, gap  # +10: it starts full
+        assert retries >= min(requests, 0.2 * requests + 10 * seconds) * 0.9, gap  # usable
 
 
 def test_budget_absorbs_a_burst_after_healthy_traffic() -> None:
     """A second of traffic with no retries banks tokens: a sudden burst of retries (an
     upstream dying with requests in flight) goes through."""
-    budget = RetryBudget(percent=20, reserve=3)
+    budget = RetryBudget(percent=20, per_second=0)
     assert budget.allow(1000, 1.0)  # the pool saw 1000 requests by t=1s
     assert all(budget.allow(1000, 1.0) for _ in range(150))
 
 
-def test_budget_reserve_lets_a_quiet_pool_retry() -> None:
-    budget = RetryBudget(percent=20, reserve=3)
+def test_budget_reserve_is_a_rate_that_lets_a_quiet_pool_retry() -> None:
+    """A freshly started pool has earned nothing: the reserve allows one second's worth
+    of retries at once, then refills at its rate (Finagle's minRetriesPerSec)."""
+    budget = RetryBudget(percent=20, per_second=3)
     assert [budget.allow(1, 1.0) for _ in range(4)] == [True, True, True, False]
     assert budget.denied == 1
+    assert not budget.allow(1, 1.2)  # 0.6 of a token back: not yet
+    assert budget.allow(1, 1.4)  # 1.2 back
+    assert [budget.allow(1, 11.0) for _ in range(4)] == [True, True, True, False]  # full again
+    off = RetryBudget(percent=20, per_second=0)
+    assert not off.allow(1, 1.0)  # no reserve and nothing earned: no retry
+    slow = RetryBudget(percent=0, per_second=0.5)
+    assert [slow.allow(1, 1.0), slow.allow(1, 1.0), slow.allow(1, 2.0), slow.allow(1, 3.0)] == [
+        True, False, False, True]  # fmt: skip
+
+
+def test_budget_retune_keeps_what_was_spent() -> None:
+    budget = RetryBudget(percent=20, per_second=2)
+    assert budget.allow(0, 1.0) and budget.allow(0, 1.0) and not budget.allow(0, 1.0)
+    budget.retune(50, 4)  # a reload: a faster reserve, but the spent tokens stay spent
+    assert not budget.allow(0, 1.0)
+    assert budget.allow(0, 1.25)  # refilling at 4 a second now
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:
@@ -223,7 +243,7 @@ def test_retry_defaults_follow_design() -> None:
     p = config.pools["p"]
     assert p.retries.attempts == 2  # one retry
     assert set(p.retries.retry_on) == {"connect_failure", "reset_before_response"}
-    assert (p.retries.budget.percent, p.retries.budget.min_retries) == (20, 3)
+    assert (p.retries.budget.percent, p.retries.budget.min_retries_per_second) == (20, 10)
     assert (p.retries.backoff.base, p.retries.backoff.max) == (0.025, 0.25)
     assert p.health_check.active is None  # opt-in: aiolb cannot guess the path
     passive = p.health_check.passive
