@@ -74,7 +74,7 @@ class MetricSpec:
         return f"{self.name}_total" if self.kind == "counter" else self.name
 
 
-#: Every family aiolb exposes, in exposition order (DESIGN.md's "Metrics contract" and
+#: Every family aiolb exposes, in exposition order (the design's metrics contract and
 #: the additions since); ``docs/metrics.md`` is generated from it.
 METRICS: Final = (
     MetricSpec("aiolb_requests", "counter", REQUEST_LABELS,
