@@ -677,7 +677,8 @@ class Metrics(ConfigModel):
     """Hot-path counters behind ``/metrics``; ``enabled: false`` skips recording."""
 
     enabled: bool = True
-    """Record the hot-path counters behind ``/metrics``."""
+    """Record the hot-path counters behind ``/metrics`` (an access log records them
+    anyway: its lines are written where requests are counted)."""
 
 
 def _check_log_format(value: object) -> str | tuple[str, ...]:
@@ -745,6 +746,13 @@ class Config(ConfigModel):
     """Write the process id here while serving (the supervisor's, with workers) and
     remove it on exit; ``aiolb reload`` and ``aiolb stop`` signal it when the admin API
     cannot be reached. null: no file."""
+
+    @property
+    def records_requests(self) -> bool:
+        """Whether finished requests are recorded: for the metrics, or for the access
+        log, whose line is written where a request is counted (``metrics.enabled:
+        false`` with an access log still counts, rather than logging nothing)."""
+        return self.metrics.enabled or self.access_log is not None
 
     @model_validator(mode="wrap")
     @classmethod

@@ -174,7 +174,7 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.pools, server.config = pools, config
     for listener, lc in plan.kept:
         listener.router, listener.config, listener.name = build_router(lc, pools), lc, lc.name
-        listener.record = config.metrics.enabled
+        listener.record = config.records_requests
     added = [server.make_listener(lc) for lc in plan.added]
     order = {lc.name: i for i, lc in enumerate(config.listeners)}
     kept = [lst for lst, _ in plan.kept]

@@ -119,7 +119,7 @@ class ProxyServer:
         """A listener for ``lc`` over the current pools (not yet bound)."""
         return Listener(
             lc, self.pools, self.loop, self.clock, self.request_ids, self.stats,
-            record=self.config.metrics.enabled, access_log=self.access_log,
+            record=self.config.records_requests, access_log=self.access_log,
         )
 
     async def start(self) -> None:

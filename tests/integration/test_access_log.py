@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.config import Config
+from proxy.config.models import Metrics
 from tests.support import make_config, proxy_url, wait_for
 
 
@@ -132,3 +133,17 @@ async def test_durations_have_sub_millisecond_resolution(recorders, proxy, tmp_p
     await wait_for(lambda: len(durations()) == 20, timeout=5)
     assert all(d > 0 for d in durations())
     assert any(d != round(d) for d in durations())  # not whole milliseconds
+
+
+async def test_metrics_off_still_writes_the_access_log(recorders, proxy, tmp_path: Path):
+    up = await recorders("a")
+    log_path = tmp_path / "access.log"
+    config = _with_access_log(make_config([up.url]), str(log_path))
+    config = config.model_copy(update={"metrics": Metrics(enabled=False)})
+    server = await proxy(config)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(proxy_url(server)) as resp:
+                assert resp.status == 200
+    await wait_for(lambda: len(_lines(log_path)) == 3, timeout=5)
+    assert all(0 < json.loads(line)["duration_ms"] < 5000 for line in _lines(log_path))
