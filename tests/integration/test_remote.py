@@ -13,6 +13,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from tests.support import HOST, Aiolb, Recorder, aiolb_cli, unused_port, wait_for
 
 MakeRecorder = Callable[..., Awaitable[Recorder]]
@@ -81,11 +83,13 @@ async def test_reload_says_what_changed_or_why_not(
     assert proc.proc is not None and proc.proc.returncode is None
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_stop_drains_and_returns_once_aiolb_is_gone(
-    recorders: MakeRecorder, aiolb: MakeAiolb
+    recorders: MakeRecorder, aiolb: MakeAiolb, workers: int
 ) -> None:
     a = await recorders("a")
-    proc = await aiolb(config_text([a.url], f'{{bind: "{HOST}:{unused_port()}"}}'))
+    admin = f'{{bind: "{HOST}:{unused_port()}"}}'
+    proc = await aiolb(config_text([a.url], admin, top=f"workers: {workers}\n"), workers)
     code, out, err = await cli("stop", "-c", str(proc.path))
     assert (code, err) == (0, ""), err
     assert out.splitlines()[-1] == "stopped"
