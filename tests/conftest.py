@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import Aiolb, RawUpstream, Recorder, start_proxy, start_recorder
+from tests.support import Aiolb, RawUpstream, Recorder, RedisServer, start_proxy, start_recorder
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -82,3 +82,11 @@ async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]
             await proc.stop(signal.SIGKILL)
     for proc in started:
         assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

@@ -96,6 +96,25 @@ class Entry:
         self.response_time = times[1]
         self.lifetime = lifetime(self.status, self.cc, self.headers, ttl)
 
+    def meta(self) -> dict[str, object]:
+        """Everything but the body, as JSON-able values (the Redis store's record)."""
+        return {
+            "head": self.head.decode("latin-1"),
+            "age0": self.age0,
+            "response_time": self.response_time,
+            "lifetime": self.lifetime,
+        }
+
+    @classmethod
+    def restore(cls, key: bytes, vary: tuple[bytes, ...], variant: tuple[bytes, ...],
+                meta: dict[str, object], body: bytes) -> Entry:  # fmt: skip
+        """The entry ``meta()`` described (its head holds no ``Age``; the times carry it)."""
+        entry = cls(key, vary, variant, str(meta["head"]).encode("latin-1"), body, (0.0, 0.0), None)
+        entry.age0 = float(meta["age0"])  # type: ignore[arg-type]
+        entry.response_time = float(meta["response_time"])  # type: ignore[arg-type]
+        entry.lifetime = float(meta["lifetime"])  # type: ignore[arg-type]
+        return entry
+
     def age(self, now: float) -> float:
         """Current age at ``now`` (Unix time)."""
         return self.age0 + (now - self.response_time)
