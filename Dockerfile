@@ -17,9 +17,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# Only what the package build reads (.dockerignore keeps the rest out of the context).
+# Only what the package build reads (.dockerignore keeps the rest out of the context):
+# config/ is the package's proxy.example_configs (aiolb example).
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
+COPY config ./config
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir .
 

@@ -6,7 +6,7 @@ httptools only to find where messages end. No header rewriting, routing, timeout
 metrics, retries or error handling. ``bench.py --targets ...,passthrough`` runs it next
 to aiolb so that a run shows how much of the gap to nginx is Python's event loop and
 sockets (this row) and how much is aiolb's features (the difference to this row); it
-is the "protocol pass-through" of ANCHORS.md.
+is the "protocol pass-through" of the design's anchor measurements.
 
     python loadtests/passthrough.py PORT UPSTREAM_PORT[,UPSTREAM_PORT...]
 """

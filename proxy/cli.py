@@ -1,45 +1,111 @@
-"""The command line: ``aiolb run | check | demo | version`` (also ``python -m proxy``).
+"""The command line: ``aiolb run | check | reload | stop | demo | example | version``
+(also ``python -m proxy``).
 
-Expected failures (a bad config, a port in use) print one clear line and exit
-non-zero; tracebacks are for bugs only.
+Expected failures print clear lines and exit non-zero, never a traceback: a bad flag
+is one ``aiolb: ...`` line and exit 2 (``--help`` says more); a config ``run`` would
+refuse is ``FILE:LINE: key: message`` per problem and exit 2, from ``check`` as from
+``run`` (both go through ``proxy.runtime.preflight.validate``); an address in use is
+``FILE:LINE: key: ...`` naming the key to change, and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import yaml
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import ConfigError, Document
+
+if TYPE_CHECKING:
+    from proxy.errors import BindError
 
 log = logging.getLogger("aiolb")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+CONFIG_ENV = "AIOLB_CONFIG"
+LOG_LEVEL_ENV = "AIOLB_LOG_LEVEL"
+COMMANDS = "run,check,reload,stop,demo,example,version"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aiolb", description="asyncio HTTP/1.1 load balancer")
-    p.add_argument("--log-level", default=os.environ.get("AIOLB_LOG_LEVEL", "info"))
-    sub = p.add_subparsers(dest="command", required=True)
-    default_config = os.environ.get("AIOLB_CONFIG")
-    run = sub.add_parser("run", help="serve a config until SIGTERM/SIGINT")
-    run.add_argument("-c", "--config", default=default_config, required=default_config is None)
-    run.add_argument("--workers", type=int, default=None, help="worker processes")
-    check = sub.add_parser("check", help="validate a config file")
-    check.add_argument("-c", "--config", default=default_config, required=default_config is None)
+class Parser(argparse.ArgumentParser):
+    """argparse, with every usage mistake as one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.replace(", '_worker'", "")  # the internal command stays unlisted
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> Parser:
+    p = Parser(
+        prog="aiolb",
+        description="asyncio HTTP/1.1 reverse proxy and load balancer",
+        epilog=f"environment: {CONFIG_ENV} (default for -c), AIOLB_ADMIN_TOKEN, "
+        f"{LOG_LEVEL_ENV} (default for --log-level)",
+    )
+    p.add_argument("-V", "--version", action="version", version=f"aiolb {__version__}")
+    p.add_argument(
+        "--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else info)",
+    )  # fmt: skip
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    run = sub.add_parser("run", help="serve a config until SIGTERM/SIGINT; SIGHUP reloads it")
+    _config_option(run)
+    run.add_argument("--workers", type=int, metavar="N", help="worker processes (overrides "
+                     "the config's workers)")  # fmt: skip
+    check = sub.add_parser("check", help="validate a config as run would; exit 0, or 2 with "
+                           "FILE:LINE: problem lines")  # fmt: skip
+    _config_option(check)
+    check.add_argument("--print", action="store_true", help="print the effective config: "
+                       "every default filled in, ${VAR}s expanded, secrets hidden")  # fmt: skip
+    reload = sub.add_parser("reload", help="make the running aiolb re-read its config")
+    _config_option(reload)
+    stop = sub.add_parser("stop", help="stop the running aiolb gracefully (as SIGTERM)")
+    _config_option(stop)
     demo = sub.add_parser("demo", help="three demo upstreams with the proxy in front")
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080; "
+                      "0: any free port)")  # fmt: skip
+    demo.add_argument("--admin-port", type=int, default=9901, metavar="PORT",
+                      help="admin API port (default 9901; a free one if it is busy)")  # fmt: skip
+    example = sub.add_parser("example", help="list the example configs, or print one")
+    example.add_argument("name", nargs="?", help="the example to print (e.g. aiolb)")
     sub.add_parser("version", help="print the version")
-    worker = sub.add_parser("_worker")  # started by the supervisor (proxy.runtime.workers)
+    worker = sub.add_parser("_worker")  # started by the supervisor; not listed in --help
     worker.add_argument("--control-fd", type=int, required=True)
     worker.add_argument("--index", type=int, default=0)
     return p
+
+
+def _config_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "-c", "--config", metavar="FILE", default=os.environ.get(CONFIG_ENV),
+        help=f"the YAML config (default: ${CONFIG_ENV})",
+    )  # fmt: skip
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed flags, with the checks argparse cannot make (one line, exit 2)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"a command is required: {COMMANDS}")
+    if args.log_level is None:
+        level = os.environ.get(LOG_LEVEL_ENV, "info").lower()
+        if level not in LOG_LEVELS:
+            parser.error(f"{LOG_LEVEL_ENV}={level!r} is not a log level: {', '.join(LOG_LEVELS)}")
+        args.log_level = level
+    if hasattr(args, "config") and not args.config:
+        parser.error(f"{args.command}: -c FILE is required (or set {CONFIG_ENV})")
+    return args
 
 
 def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -53,55 +119,105 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         runner.run(main())
 
 
-def _load(path: str, log_warnings: bool = False) -> Config | None:
-    """The config at ``path`` with the files it names checked (``proxy.config.files``):
-    errors printed (None); warnings printed (or logged) and the config returned."""
-    warnings: list[str] = []
+def _validate(path: str, log_warnings: bool = False) -> Document | None:
+    """The config at ``path`` as ``run`` would take it, or None after printing why not.
+    Its warnings (an expired certificate) are printed, or logged with ``log_warnings``."""
+    from proxy.runtime.preflight import validate, warnings
+
     try:
-        config = load_config(path, check_files=True, warnings=warnings)
+        document = validate(path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return None
-    for line in warnings:
+    for line in warnings(document):
         if log_warnings:
             log.warning("%s", line)
         else:
             print(line, file=sys.stderr)
-    return config
+    return document
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
+    document = _validate(args.config)
+    if document is None:
         return EXIT_CONFIG
-    pools = len(config.pools)
-    print(f"{args.config}: OK ({len(config.listeners)} listeners, {pools} pools)")
+    config = document.config
+    if args.print:
+        print(_effective_yaml(document), end="")
+        return 0
+    upstreams = sum(len(pool.upstreams) for pool in config.pools.values())
+    counts = (_count(len(config.listeners), "listener"), _count(len(config.pools), "pool"),
+              _count(upstreams, "upstream"))  # fmt: skip
+    print(f"{args.config}: OK ({', '.join(counts)})")
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.runtime.server import ProxyServer
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
-    config = _load(args.config, log_warnings=True)
-    if config is None:
+
+def _effective_yaml(document: Document) -> str:
+    from proxy.admin.security import TOKEN_ENV
+    from proxy.config.schema import HIDDEN, effective
+
+    config = document.config
+    header = [
+        f"# The effective config of {document.name} (aiolb {__version__}): every default",
+        f"# filled in, ${{VAR}}s expanded, secrets shown as {HIDDEN}.",
+    ]
+    if config.admin.token is None and os.environ.get(TOKEN_ENV):
+        header.append(f"# admin.token: null here, but {TOKEN_ENV} is set and is the token.")
+    body = yaml.safe_dump(effective(config), sort_keys=False, allow_unicode=True)
+    return "\n".join(header) + "\n" + body
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    document = _validate(args.config, log_warnings=True)
+    if document is None:
         return EXIT_CONFIG
+    config = document.config
+    from proxy.remote import PidFile
+    from proxy.runtime.server import ProxyServer
     from proxy.runtime.workers import Supervisor, worker_count
 
     workers = worker_count(args.workers if args.workers is not None else config.workers)
-    if workers > 1:
-        code = {"exit": 0}
+    code = {"exit": 0}
 
-        async def supervise() -> None:
-            code["exit"] = await Supervisor(config, args.config, workers).serve()
+    async def supervise() -> None:
+        code["exit"] = await Supervisor(config, args.config, workers).serve()
 
-        return _serve(supervise) or code["exit"]
-
-    async def main() -> None:
+    async def single() -> None:
         server = ProxyServer(config)
         server.config_path = args.config  # SIGHUP and POST /api/reload read it again
         await server.serve()
 
-    return _serve(main)
+    pid_file = PidFile(config.pid_file) if config.pid_file else None
+    if pid_file is not None:
+        pid_file.write()
+    try:
+        return _serve(supervise if workers > 1 else single, document) or code["exit"]
+    finally:
+        if pid_file is not None:
+            pid_file.remove()
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    """``reload`` / ``stop``: through the admin API of the proxy serving ``-c FILE``."""
+    from proxy import remote
+
+    document = _validate(args.config)
+    if document is None:
+        if args.command == "reload":
+            print("nothing sent: the running aiolb keeps its config", file=sys.stderr)
+        return EXIT_CONFIG
+    action = remote.reload if args.command == "reload" else remote.stop
+    try:
+        action(document.config)
+    except remote.RemoteError as exc:
+        print(f"aiolb {args.command}: {exc}" if exc.code != EXIT_CONFIG else str(exc),
+              file=sys.stderr)  # fmt: skip
+        return exc.code
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -114,22 +230,50 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo import DemoPortBusy, run_demo
 
     async def main() -> None:
-        await run_demo(args.port)
+        await run_demo(args.port, admin_port=args.admin_port)
 
-    return _serve(main)
+    try:
+        return _serve(main)
+    except DemoPortBusy as exc:
+        print(f"aiolb demo: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
-def _serve(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+def cmd_example(args: argparse.Namespace) -> int:
+    from proxy.examples import example_text, examples
+
+    found = examples()
+    if args.name is None:
+        width = max(map(len, found))
+        for name, summary in found.items():
+            print(f"{name:<{width}}  {summary}")
+        print("\naiolb example NAME prints one; aiolb example aiolb > aiolb.yaml starts a config")
+        return 0
+    text = example_text(args.name)
+    if text is None:
+        print(f"aiolb example: no example {args.name!r}; there are: {', '.join(found)}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    print(text, end="")
+    return 0
+
+
+def _serve(main: Callable[[], Coroutine[Any, Any, None]], document: Document | None = None) -> int:
+    """Run ``main``; start-up failures are one line each (with the key to change)."""
     from proxy.admin import AdminError
+    from proxy.errors import BindError
 
     try:
         _run_loop(main)
     except AdminError as exc:
         print(f"aiolb: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BindError as exc:
+        print(_bind_problem(exc, document), file=sys.stderr)
+        return EXIT_RUNTIME
     except OSError as exc:
         print(f"aiolb: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -138,15 +282,27 @@ def _serve(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     return 0
 
 
+def _bind_problem(exc: BindError, document: Document | None) -> str:
+    in_use = exc.errno == errno.EADDRINUSE
+    hint = "another process holds it: stop it or change this key" if in_use else ""
+    message = f"cannot listen on {exc.address}: {exc.reason}" + (f" ({hint})" if hint else "")
+    if document is None:
+        return f"aiolb: cannot start: {exc}"
+    return document.problem(exc.loc, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _arguments(argv)
     name = f"%(name)s[worker {args.index}]" if args.command == "_worker" else "%(name)s"
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {name}: %(message)s",
         stream=sys.stderr,
     )
-    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "_worker": cmd_worker}
+    commands = {
+        "run": cmd_run, "check": cmd_check, "reload": cmd_remote, "stop": cmd_remote,
+        "demo": cmd_demo, "example": cmd_example, "_worker": cmd_worker,
+    }  # fmt: skip
     if args.command == "version":
         print(f"aiolb {__version__}")
         return 0

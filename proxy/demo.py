@@ -13,12 +13,17 @@ from typing import TextIO
 from aiohttp import web
 
 from proxy.config import Config
+from proxy.errors import BindError
 from proxy.runtime.server import ProxyServer
 
 log = logging.getLogger("aiolb")
 
 DEMO_NAMES = ("demo-1", "demo-2", "demo-3")
 DEMO_ADMIN_PORT = 9901  # the documented default; a free port if it is taken
+
+
+class DemoPortBusy(Exception):
+    """The proxy port of ``aiolb demo`` is taken (one line: what to do)."""
 
 
 def demo_app(name: str) -> web.Application:
@@ -72,8 +77,11 @@ def demo_config(proxy_port: int, upstream_ports: list[int], admin_port: int) -> 
     )
 
 
-async def run_demo(port: int = 8080, out: TextIO = sys.stdout) -> None:
-    """Serve the demo until SIGINT/SIGTERM."""
+async def run_demo(
+    port: int = 8080, out: TextIO = sys.stdout, admin_port: int = DEMO_ADMIN_PORT
+) -> None:
+    """Serve the demo until SIGINT/SIGTERM. A busy ``admin_port`` moves the admin API to
+    a free port (and the banner says so); a busy ``port`` raises ``DemoPortBusy``."""
     runners: list[web.AppRunner] = []
     ports: list[int] = []
     try:
@@ -81,12 +89,19 @@ async def run_demo(port: int = 8080, out: TextIO = sys.stdout) -> None:
             runner, up_port = await start_upstream(name)
             runners.append(runner)
             ports.append(up_port)
-        server = ProxyServer(demo_config(port, ports, DEMO_ADMIN_PORT))
+        server = ProxyServer(demo_config(port, ports, admin_port))
         server.admin_fallback = True  # another aiolb on 9901 must not stop the demo
-        await server.start()
+        try:
+            await server.start()
+        except BindError as exc:
+            raise DemoPortBusy(
+                f"cannot listen on 127.0.0.1:{port}: {exc.reason}; choose another port with "
+                "--port N (--port 0: any free port)"
+            ) from None
         bound = server.listeners[0].port
-        admin_url = server.admin.url if server.admin is not None else ""
-        _print_banner(out, bound, ports, admin_url)
+        assert server.admin is not None  # the demo always serves the admin API
+        moved_from = admin_port if admin_port not in (0, server.admin.port) else None
+        _print_banner(out, bound, ports, server.admin.url, moved_from)
         server._install_signals()
         await server._stopped.wait()
     finally:
@@ -94,9 +109,20 @@ async def run_demo(port: int = 8080, out: TextIO = sys.stdout) -> None:
             await runner.cleanup()
 
 
-def _print_banner(out: TextIO, port: int, ports: list[int], admin_url: str) -> None:
+def _print_banner(
+    out: TextIO, port: int, ports: list[int], admin_url: str, moved_from: int | None
+) -> None:
+    """What to curl; ``moved_from``: the admin port asked for, when it was busy."""
     url = f"http://127.0.0.1:{port}"
     lines = [f"aiolb demo: proxy on {url} in front of {len(ports)} upstreams (round robin)"]
+    if moved_from is not None:
+        lines += [
+            "",
+            f"NOTE: port {moved_from} is busy (another aiolb?), so this demo's admin API "
+            f"and dashboard are on {admin_url},",
+            f"      NOT on http://127.0.0.1:{moved_from} (--admin-port N picks another).",
+            "",
+        ]
     lines += [f"  {name}  http://127.0.0.1:{p}" for name, p in zip(DEMO_NAMES, ports, strict=True)]
     lines += [
         "",

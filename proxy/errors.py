@@ -4,9 +4,16 @@ Every failure on the upstream side of a request is translated at the boundary
 (connect, upstream protocol, timers) into one of these. Each knows the status the
 client sees when nothing else can be done and which ``retry_on`` condition lets the
 request be tried again elsewhere (httpcore ``_exceptions.py``, h11's ``error_status_hint``).
+
+At start-up, a socket that cannot be bound becomes a ``BindError`` naming the config
+key that chose the address, so that the operator is told which key to change.
+(Config problems are ``proxy.config.ConfigError``, a refused admin exposure
+``proxy.admin.AdminError``: both are found before anything is bound.)
 """
 
 from __future__ import annotations
+
+import os
 
 
 class ProxyError(Exception):
@@ -67,3 +74,26 @@ class CircuitOpenError(ProxyError):
 
     status = 503
     sent = False
+
+
+class BindError(OSError):
+    """An address of the config cannot be bound (in use, not local, not permitted).
+
+    ``loc`` is the key that set it (``("listeners", 0, "bind")``, ``("admin", "bind")``),
+    ``address`` what it says; ``str()`` reads ``listeners[0].bind 127.0.0.1:8080:
+    address already in use``.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], address: str, error: OSError) -> None:
+        self.loc = loc
+        self.address = address
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        self.reason = (reason or type(error).__name__).lower()
+        super().__init__(error.errno, f"{_dotted(loc)} {address}: {self.reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)[1:]

@@ -5,7 +5,9 @@ profile, reads the port Chromium chose from ``DevToolsActivePort`` in that profi
 talks to the page target over aiohttp's websocket client: ``evaluate`` runs JavaScript
 and returns its value, ``wait_until`` polls a JavaScript condition against a deadline,
 ``click`` presses a real mouse button over an element, ``type_text`` types into the
-focused element. Uncaught JavaScript exceptions in the page are collected in ``errors``.
+focused element, ``screenshot`` captures what an element looks like on screen (as
+decoded pixels, ``Image``). Uncaught JavaScript exceptions in the page are collected in
+``errors``.
 
 Chromium is required, not optional: CI installs it (``apt-get install -y chromium
 chromium-driver``). ``find_chromium`` fails the test with that line when it is missing;
@@ -15,11 +17,16 @@ chromium-driver``). ``find_chromium`` fails the test with that line when it is m
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import os
 import shutil
+import struct
 import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,22 +215,45 @@ class Browser:
                 )
             await asyncio.sleep(0.05)
 
-    async def click(self, selector: str) -> None:
-        """Press and release the left mouse button over the element, like a user."""
+    async def _box(self, selector: str, what: str) -> dict[str, float]:
+        """Scroll the element into view; its box in the viewport (``x``, ``y``, ``width``,
+        ``height``) and the page's scroll offsets (``sx``, ``sy``)."""
         box = await self.evaluate(
             f"""(() => {{
                 const el = document.querySelector({json.dumps(selector)});
                 if (!el) return null;
                 el.scrollIntoView({{block: "center"}});
                 const r = el.getBoundingClientRect();
-                return {{x: r.left + r.width / 2, y: r.top + r.height / 2}};
+                return {{x: r.left, y: r.top, width: r.width, height: r.height,
+                         sx: scrollX, sy: scrollY}};
             }})()"""
         )
-        if not box:
-            raise BrowserError(f"nothing matches {selector!r} to click")
+        if not box or not box["width"] or not box["height"]:
+            raise BrowserError(f"nothing visible matches {selector!r} to {what}")
+        found: dict[str, float] = box
+        return found
+
+    async def click(self, selector: str) -> None:
+        """Press and release the left mouse button over the element, like a user."""
+        box = await self._box(selector, "click")
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             extra = {} if kind == "mouseMoved" else {"button": "left", "clickCount": 1}
-            await self.call("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], **extra)
+            await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
+
+    async def screenshot(self, selector: str, save: Path | None = None) -> Image:
+        """The pixels of the element matching ``selector`` as the page shows it now
+        (scrolled into view; ``save``: also write the PNG there, for a human to look at)."""
+        box = await self._box(selector, "capture")
+        clip = {"x": box["x"] + box["sx"], "y": box["y"] + box["sy"], "width": box["width"],
+                "height": box["height"], "scale": 1}  # fmt: skip
+        shot = await self.call(
+            "Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True
+        )
+        png = base64.b64decode(shot["data"])
+        if save is not None:
+            save.write_bytes(png)
+        return Image.from_png(png)
 
     async def type_text(self, text: str) -> None:
         """Type into the focused element."""
@@ -255,3 +285,68 @@ class Browser:
                 self.process.kill()
                 await self.process.wait()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Image:
+    """Decoded 8-bit RGB(A) pixels: ``pixels[y][x]`` is ``(r, g, b)``."""
+
+    width: int
+    height: int
+    pixels: list[list[tuple[int, int, int]]]
+
+    def count(self, test: Callable[[tuple[int, int, int]], bool]) -> int:
+        """How many pixels pass ``test``."""
+        return sum(test(pixel) for row in self.pixels for pixel in row)
+
+    @classmethod
+    def from_png(cls, data: bytes) -> Image:
+        """A non-interlaced 8-bit RGB or RGBA PNG (what Chromium writes)."""
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+        at, idat, header = 8, b"", b""
+        while at < len(data):
+            (length,), kind = struct.unpack(">I", data[at : at + 4]), data[at + 4 : at + 8]
+            body = data[at + 8 : at + 8 + length]
+            at += 12 + length
+            if kind == b"IHDR":
+                header = body
+            elif kind == b"IDAT":
+                idat += body
+        width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header)
+        assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+        channels = 4 if color == 6 else 3
+        rows = _unfilter(zlib.decompress(idat), width * channels, height, channels)
+        pixels = [[tuple(row[x * channels : x * channels + 3]) for x in range(width)]
+                  for row in rows]  # fmt: skip
+        return cls(width, height, pixels)  # type: ignore[arg-type]
+
+
+def _unfilter(raw: bytes, stride: int, height: int, bpp: int) -> list[bytearray]:
+    """PNG scanline filters undone (None, Sub, Up, Average, Paeth)."""
+    rows: list[bytearray] = []
+    previous = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up, corner = previous[i], previous[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                line[i] = (line[i] + _paeth(left, up, corner)) & 0xFF
+        rows.append(line)
+        previous = line
+    return rows
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    if pa <= pb and pa <= pc:
+        return a
+    return b if pb <= pc else c

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import CertAuthority, RawUpstream, Recorder, start_proxy, start_recorder
+from tests.support import (
+    Aiolb,
+    CertAuthority,
+    RawUpstream,
+    Recorder,
+    RedisServer,
+    start_proxy,
+    start_recorder,
+)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -69,3 +78,32 @@ async def raw_upstreams() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]
     yield make
     for raw in started:
         await raw.stop()
+
+
+@pytest.fixture
+async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]]:
+    """``aiolb run`` on a config text (written to ``tmp_path/aiolb.yaml``), as a process;
+    killed after the test, which fails if it printed a traceback."""
+    started: list[Aiolb] = []
+
+    async def make(text: str, workers: int = 1, env: dict[str, str] | None = None) -> Aiolb:
+        path = tmp_path / "aiolb.yaml"
+        path.write_text(text)
+        proc = await Aiolb(path).start(workers, env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.proc is not None and proc.proc.returncode is None:
+            await proc.stop(signal.SIGKILL)
+    for proc in started:
+        assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

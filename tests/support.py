@@ -4,18 +4,28 @@
 headers, the client port, i.e. which upstream connection carried the request).
 ``RawUpstream`` is an asyncio server answering with exact bytes, for framing cases
 aiohttp cannot produce (1xx, close-delimited bodies, truncation, garbage).
+``Aiolb`` is ``aiolb run -c FILE`` as a real process; ``aiolb_cli`` runs one command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
 import ssl
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import trustme
 from aiohttp import web
 
@@ -24,6 +34,7 @@ from proxy.runtime.server import ProxyServer
 from proxy.upstream.connection import UpstreamConnection
 
 HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -317,3 +328,122 @@ def counting_known(framed: list[int]) -> Callable[..., bool]:
         return known
 
     return counting
+
+
+def unused_port() -> int:
+    """A loopback port nobody listens on (the system picked it for port 0, then it was
+    closed): connections are refused, and a config may name it for a fixed address."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def aiolb_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy ARGS`` as a user runs it (``env`` replaces the environment, less
+    ``AIOLB_ADMIN_TOKEN`` unless it names it)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("AIOLB_ADMIN_TOKEN", "AIOLB_CONFIG")}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=REPO, env={**base, **(env or {})},
+    )  # fmt: skip
+
+
+class Aiolb:
+    """A running ``aiolb run -c FILE`` and what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self.port = 0
+        self.admin = ""
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, workers: int = 1, env: dict[str, str] | None = None) -> Aiolb:
+        """Start it and wait until it serves (``env``: added to the environment, which
+        has no ``AIOLB_ADMIN_TOKEN`` otherwise)."""
+        base = {k: v for k, v in os.environ.items() if k != "AIOLB_ADMIN_TOKEN"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "-c", str(self.path),
+            stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**base, **(env or {})},
+        )  # fmt: skip
+        self._reader = asyncio.ensure_future(self._read())
+        await wait_for(lambda: self.port and self.admin and self.logged(
+            f"{workers} workers serving" if workers > 1 else "serving on"), 30.0)  # fmt: skip
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := (await self.proc.stderr.readline()).decode():
+            self.lines.append(line)
+            if not self.port and (m := re.search(r"listener \S+ serving on [\d.]+:(\d+)", line)):
+                self.port = int(m.group(1))
+            if m := re.search(r"admin API on (http://\S+)", line):
+                self.admin = m.group(1)
+
+    def logged(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/"
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return sorted(int(p) for p in children.split())
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(f"{self.admin}/metrics") as resp:
+            return await resp.text()
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, its data in a temp dir; it can
+    be killed and started again on the same port (for outage tests)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = unused_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        argv = [binary, "--port", str(self.port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None

@@ -6,9 +6,12 @@
 | ``GET /readyz`` | 200 ``ready`` once listeners are bound and the config loaded, else 503 |
 | ``GET /metrics`` | Prometheus text format (OpenMetrics if the scraper asks for it) |
 | ``GET /api/pools`` | pools and upstreams (shape: ``proxy.admin.views``) |
+| ``GET /api/server`` | version, uptime, config file, listeners and their routes |
+| ``GET /api/trends`` | per pool, requests/s, 5xx share and p99 over the last 5 minutes |
 | ``POST /api/pools/{pool}/upstreams/{host:port}/drain`` | no new requests to it |
 | ``POST /api/pools/{pool}/upstreams/{host:port}/enable`` | back in rotation |
-| ``POST /api/reload`` | ``{"applied": bool, "errors": [...]}``: 200, 400, or 409 without a file |
+| ``POST /api/reload`` | ``{"applied", "errors", "changes"}``: 200, 400, 409 without a file |
+| ``POST /api/stop`` | 202 ``{"stopping": true, "shutdown_timeout_s": N}``, then as SIGTERM |
 | ``GET /`` | the dashboard page (``dashboard.html`` next to this module) |
 
 POST bodies are optional; one that is sent must be a JSON object with no fields
@@ -20,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +33,9 @@ from prometheus_client.exposition import choose_encoder
 from proxy.admin.errors import ApiError, json_errors, json_response
 from proxy.admin.recent import RecentStats
 from proxy.admin.security import admin_token, bearer_auth, check_exposure
-from proxy.admin.views import pools_view, upstream_view
+from proxy.admin.trends import Trends
+from proxy.admin.views import pools_view, server_view, upstream_view
+from proxy.errors import BindError
 from proxy.metrics.collector import build_registry
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ class AdminApi:
         self.token = token
         self.registry = build_registry(server)
         self.recent = RecentStats()
+        self.trends = Trends()
         self.dashboard = DASHBOARD.read_text() if DASHBOARD.exists() else PLACEHOLDER
 
     def app(self) -> web.Application:
@@ -70,15 +75,20 @@ class AdminApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/pools", self.pools)
+        r.add_get("/api/server", self.server_info)
+        r.add_get("/api/trends", self.trends_info)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/drain", self.drain)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/enable", self.enable)
         r.add_post("/api/reload", self.reload)
+        r.add_post("/api/stop", self.stop)
         app.cleanup_ctx.append(self._sampling)
         return app
 
     async def _sampling(self, app: web.Application) -> AsyncIterator[None]:
         """Run the once-a-second sampler of recent rates for the app's lifetime."""
-        task = asyncio.create_task(self.recent.run(lambda: self.server.pools, self._refresh))
+        task = asyncio.create_task(
+            self.recent.run(lambda: self.server.pools, self._refresh, self.trends.sample)
+        )
         yield
         task.cancel()
         try:
@@ -111,6 +121,13 @@ class AdminApi:
     async def pools(self, request: web.Request) -> web.Response:
         await self._refresh()
         return json_response(pools_view(self.server, self.recent))
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        await self._refresh()
+        return json_response(server_view(self.server))
+
+    async def trends_info(self, request: web.Request) -> web.Response:
+        return json_response(self.trends.view())
 
     async def drain(self, request: web.Request) -> web.Response:
         return await self._set_enabled(request, False)
@@ -147,9 +164,18 @@ class AdminApi:
         await read_options(request)
         if self.server.config_path is None:
             problem = "no config file to reload (this server was not started with -c FILE)"
-            return json_response({"applied": False, "errors": [problem]}, 409)
-        errors = await self.server.reload()
-        return json_response({"applied": not errors, "errors": errors}, 400 if errors else 200)
+            return json_response({"applied": False, "errors": [problem], "changes": []}, 409)
+        errors, changes = await self.server.reload_report()
+        answer = {"applied": not errors, "errors": errors, "changes": changes}
+        return json_response(answer, 400 if errors else 200)
+
+    async def stop(self, request: web.Request) -> web.Response:
+        """Same as SIGTERM: answer, then drain and exit (the admin API stops last)."""
+        await read_options(request)
+        log.info("stop requested through the admin API")
+        self.server.loop.call_soon(self.server.request_exit)
+        timeout = self.server.config.shutdown_timeout
+        return json_response({"stopping": True, "shutdown_timeout_s": timeout}, 202)
 
 
 async def read_options(request: web.Request) -> None:
@@ -170,10 +196,14 @@ async def read_options(request: web.Request) -> None:
 class AdminHandle:
     """A running admin server: where it listens, and ``stop()``."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, token: str | None = None
+    ) -> None:
         self.runner = runner
         self.host = host
         self.port = port
+        #: the bearer token the API asks for (None: open)
+        self.token = token
 
     @property
     def url(self) -> str:
@@ -194,7 +224,7 @@ async def start_admin(
     """Serve the admin API for ``server`` on ``admin.bind`` (port 0: any free port).
 
     Raises ``AdminError`` before binding anything when the address is not loopback and
-    no token is set, and ``OSError`` naming ``admin.bind`` when the bind fails, unless
+    no token is set, and ``BindError`` naming ``admin.bind`` when the bind fails, unless
     ``fallback_to_any_port`` (the demo) lets it take a free port instead.
     """
     token = admin_token(admin)
@@ -207,11 +237,10 @@ async def start_admin(
     except OSError as exc:
         if not fallback_to_any_port:
             await runner.cleanup()
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OSError(exc.errno, f"admin.bind {admin.bind}: {reason}") from None
+            raise BindError(("admin", "bind"), admin.bind, exc) from None
         log.warning("admin port %s is busy; using a free port", admin.port)
         port = await _bind(runner, admin.host, 0)
-    return AdminHandle(runner, admin.host, port)
+    return AdminHandle(runner, admin.host, port, token)
 
 
 async def _bind(runner: web.AppRunner, host: str, port: int) -> int:

@@ -123,14 +123,19 @@ class RecentStats:
         self,
         pools: Callable[[], Mapping[str, Pool]],
         refresh: Callable[[], Awaitable[None]] | None = None,
+        also: Callable[[Mapping[str, Pool]], None] | None = None,
     ) -> None:
         """Sample ``pools()`` every ``interval`` seconds until cancelled (after
-        ``refresh()``, which brings worker processes' counters in)."""
+        ``refresh()``, which brings worker processes' counters in); ``also`` samples
+        the same pools at the same moment (``Trends.sample``)."""
         while True:
             try:
                 if refresh is not None:
                     await refresh()
-                self.sample(pools())
+                current = pools()
+                self.sample(current)
+                if also is not None:
+                    also(current)
             except Exception:  # a bug here must not end the sampling for good
                 log.exception("sampling upstream statistics failed")
             await asyncio.sleep(self.interval)

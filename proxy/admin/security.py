@@ -50,13 +50,23 @@ def admin_token(admin: Admin, env: Mapping[str, str] | None = None) -> str | Non
     return admin.token or env.get(TOKEN_ENV) or None
 
 
-def check_exposure(admin: Admin, token: str | None) -> None:
-    """Raise ``AdminError`` when ``admin.bind`` is not loopback and there is no token."""
+def exposure_problem(admin: Admin, token: str | None) -> str | None:
+    """Why the admin must not listen as configured (a non-loopback ``admin.bind`` and
+    no token), or None. Shared by ``aiolb check`` (``proxy.runtime.preflight``) and the
+    start itself, so both refuse the same configs in the same words."""
     if token is None and not is_loopback(admin.host):
-        raise AdminError(
-            f"admin.bind {admin.bind} is not a loopback address and no token is set: "
+        return (
+            f"{admin.bind} is not a loopback address and no token is set: "
             f"set admin.token or {TOKEN_ENV}, or bind the admin to 127.0.0.1"
         )
+    return None
+
+
+def check_exposure(admin: Admin, token: str | None) -> None:
+    """Raise ``AdminError`` when ``admin.bind`` is not loopback and there is no token."""
+    problem = exposure_problem(admin, token)
+    if problem is not None:
+        raise AdminError(f"admin.bind {problem}")
 
 
 def authorized(header: str, expected: bytes) -> bool:

@@ -1,4 +1,5 @@
-"""The JSON the admin API answers with: pools, upstreams, their live state and rates.
+"""The JSON the admin API answers with: pools, upstreams, their live state and rates;
+the server itself, its listeners and routes.
 
 Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enable)::
 
@@ -6,7 +7,11 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
      "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
                 "retries_denied": 0, "pending": 0, "overflows": 0, "tunnels": 0,
                 "available": 2, "total": 3,
-                "upstreams": [{"address": "127.0.0.1:9001", "weight": 2, "backup": false,
+                "retry_budget": {"left": 10.0, "percent": 20.0,
+                                 "min_retries_per_second": 10.0, "denied": 0},
+                "ejection": {"passive": true, "ejected": 0, "max_percent": 50},
+                "upstreams": [{"address": "127.0.0.1:9001", "name": "web-1",
+                               "weight": 2, "backup": false,
                                "healthy": true, "enabled": true, "drained": false,
                                "available": true, "active": 1, "idle": 4,
                                "ejected": false, "ejected_until": null, "ejections": 0,
@@ -24,6 +29,17 @@ verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null
 ``max_connections``, ``connections_opened`` every one established since the start (flat
 under a steady load: connections are reused); ``waiting`` the requests queued for one;
 ``tunnels`` the open Upgrade (WebSocket) tunnels, which also count in ``active``.
+``name`` is the config's upstream ``name``, else the address. ``retry_budget.left`` is
+how many retries the pool's budget allows now (summed over the workers); ``ejection``
+says whether passive health is on, how many upstreams it has out, and its
+``max_ejection_percent``.
+
+Shape of ``GET /api/server``::
+
+    {"version": "0.1.0", "started_at": 1790000000.0, "uptime_s": 12.3,
+     "config_path": "config/aiolb.yaml", "workers": 1, "ready": true,
+     "listeners": [{"name": "public", "bind": "127.0.0.1:8080", "connections": 2,
+                    "routes": [{"host": null, "path_prefix": "/", "pool": "web"}]}]}
 """
 
 from __future__ import annotations
@@ -31,8 +47,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from proxy import __version__
+
 if TYPE_CHECKING:
     from proxy.admin.recent import RecentStats
+    from proxy.config import Pool as PoolConfig
     from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
@@ -52,6 +71,7 @@ def upstream_view(
     stats = upstream.stats
     return {
         "address": upstream.address,
+        "name": upstream.name,
         "weight": upstream.weight,
         "backup": upstream.backup,
         "healthy": upstream.healthy,
@@ -88,7 +108,58 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
         "tunnels": sum(u.tunnels for u in pool.upstreams),
         "available": sum(u.available for u in pool.upstreams),
         "total": len(pool.upstreams),
+        "retry_budget": _budget(server, pool, spec, now),
+        "ejection": _ejection(pool, spec),
         "upstreams": [upstream_view(pool.name, u, recent, now) for u in pool.upstreams],
+    }
+
+
+def _budget(server: ProxyServer, pool: Pool, spec: PoolConfig | None, now: float) -> Any:
+    summed = server.retry_budget_left
+    budget = pool.retry.budget
+    left = summed.get(pool.name, 0.0) if summed is not None else budget.available(
+        pool.requests, now)  # fmt: skip
+    settings = spec.retries.budget if spec is not None else None
+    return {
+        "left": round(left, 1),
+        "percent": settings.percent if settings is not None else None,
+        "min_retries_per_second": settings.min_retries_per_second if settings else None,
+        "denied": budget.denied,
+    }
+
+
+def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
+    passive = spec.health_check.passive if spec is not None else None
+    return {
+        "passive": passive is not None,
+        "ejected": sum(u.ejected for u in pool.upstreams),
+        "max_percent": passive.max_ejection_percent if passive is not None else None,
+    }
+
+
+def server_view(server: ProxyServer) -> dict[str, Any]:
+    """The whole ``GET /api/server`` answer."""
+    counts = server.client_connection_counts()
+    addresses = server.listener_addresses()
+    return {
+        "version": __version__,
+        "started_at": round(server.started_at, 3),
+        "uptime_s": round(time.time() - server.started_at, 3),
+        "config_path": server.config_path,
+        "workers": server.workers,
+        "ready": server.ready,
+        "listeners": [
+            {
+                "name": lc.name,
+                "bind": addresses[lc.name],
+                "connections": counts.get(lc.name, 0),
+                "routes": [
+                    {"host": r.match.host, "path_prefix": r.match.path_prefix, "pool": r.pool}
+                    for r in lc.routes
+                ],
+            }
+            for lc in server.config.listeners
+        ],
     }
 
 

@@ -6,7 +6,14 @@ config from plain data (tests, the demo). Both validate everything once; the res
 is immutable.
 """
 
-from proxy.config.loader import ConfigError, load_config, parse_config
+from proxy.config.loader import (
+    ConfigError,
+    Document,
+    load_config,
+    load_document,
+    parse_config,
+    parse_document,
+)
 from proxy.config.models import (
     BALANCER_NAMES,
     ActiveHealthCheck,
@@ -40,6 +47,7 @@ __all__ = [
     "CircuitBreaker",
     "Config",
     "ConfigError",
+    "Document",
     "Duration",
     "HealthCheck",
     "Limits",
@@ -54,7 +62,9 @@ __all__ = [
     "Size",
     "UpstreamSpec",
     "load_config",
+    "load_document",
     "parse_config",
+    "parse_document",
     "parse_duration",
     "parse_size",
 ]

@@ -3,15 +3,15 @@
 Field validation sees one value at a time; these checks compare values across the
 whole file: every route names a defined pool, no two listeners (nor a listener and the
 admin server) bind the same address, listener names are unique, and no pool lists the
-same upstream twice. They read the raw mapping defensively (anything malformed is the
-field validators' business and is skipped here), so their errors are reported together
-with the field errors in one ``ValidationError``, each at the ``loc`` of the offending
-value: the loader turns that into ``FILE:LINE``.
+same upstream (or upstream ``name``) twice. They read the raw mapping defensively
+(anything malformed is the field validators' business and is skipped here), so their
+errors are reported together with the field errors in one ``ValidationError``, each at
+the ``loc`` of the offending value: the loader turns that into ``FILE:LINE``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any, get_args
 
 from pydantic import ValidationError
@@ -127,17 +127,37 @@ def _clashing_binds(
         seen.append((key, f"listeners[{i}]"))
 
 
-def _duplicate_names(listeners: list[tuple[int, Mapping[str, Any]]]) -> Iterator[InitErrorDetails]:
-    first: dict[str, int] = {}
-    for i, listener in listeners:
-        name = listener.get("name")
-        if not isinstance(name, str):
+def _repeats(keyed: Iterable[tuple[int, Hashable | None]]) -> Iterator[tuple[int, int]]:
+    """``(index, index of its first occurrence)`` for every key seen before (None: skip)."""
+    first: dict[Hashable, int] = {}
+    for i, key in keyed:
+        if key is None:
             continue
-        if name in first:
-            message = f"duplicate listener name {name!r} (also listeners[{first[name]}])"
-            yield _problem("duplicate_name", ("listeners", i, "name"), name, message)
+        if key in first:
+            yield i, first[key]
         else:
-            first[name] = i
+            first[key] = i
+
+
+def _text(item: Mapping[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _duplicate_names(listeners: list[tuple[int, Mapping[str, Any]]]) -> Iterator[InitErrorDetails]:
+    by_index = dict(listeners)
+    for i, first in _repeats((i, _text(lst, "name")) for i, lst in listeners):
+        name = by_index[i]["name"]
+        message = f"duplicate listener name {name!r} (also listeners[{first}])"
+        yield _problem("duplicate_name", ("listeners", i, "name"), name, message)
+
+
+def _upstream_key(upstream: Mapping[str, Any]) -> tuple[str, int] | None:
+    url = upstream.get("url")
+    try:
+        return parse_upstream_url(url) if isinstance(url, str) else None
+    except ValueError:
+        return None
 
 
 def _routes_and_redirects(
@@ -170,21 +190,19 @@ def _routes_and_redirects(
 
 
 def _duplicate_upstreams(pools: Mapping[str, Any]) -> Iterator[InitErrorDetails]:
+    """The same url twice in a pool, or the same upstream ``name``."""
     for name, pool in pools.items():
         if not isinstance(pool, Mapping):
             continue
-        first: dict[tuple[str, int], int] = {}
-        for i, upstream in _entries(pool.get("upstreams")):
-            url = upstream.get("url")
-            try:
-                key = parse_upstream_url(url) if isinstance(url, str) else None
-            except ValueError:
-                key = None
-            if key is None:
-                continue
-            if key in first:
-                message = f"duplicate upstream {url!r} (also upstreams[{first[key]}])"
-                loc = ("pools", name, "upstreams", i, "url")
-                yield _problem("duplicate_upstream", loc, url, message)
-            else:
-                first[key] = i
+        upstreams = dict(_entries(pool.get("upstreams")))
+        urls = ((i, _upstream_key(u)) for i, u in upstreams.items())
+        for i, first in _repeats(urls):
+            url = upstreams[i]["url"]
+            message = f"duplicate upstream {url!r} (also upstreams[{first}])"
+            yield _problem("duplicate_upstream", ("pools", name, "upstreams", i, "url"), url,
+                           message)  # fmt: skip
+        for i, first in _repeats((i, _text(u, "name")) for i, u in upstreams.items()):
+            label = upstreams[i]["name"]
+            message = f"duplicate upstream name {label!r} (also upstreams[{first}])"
+            loc = ("pools", name, "upstreams", i, "name")
+            yield _problem("duplicate_upstream_name", loc, label, message)

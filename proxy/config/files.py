@@ -4,10 +4,10 @@ The models validate what the YAML says; this opens what it points to, the way th
 proxy will when it starts or reloads: every certificate with its key (a missing file,
 a key that is not the certificate's, a cipher string that matches nothing are errors),
 every CA file. An expired certificate and ``verify: false`` are warnings: the proxy
-still starts. ``check_files`` is the one function ``aiolb check``, ``aiolb run`` and
-a reload call (through ``load_config(..., check_files=True)``, which turns each
-problem's ``loc`` into ``FILE:LINE``). Relative paths are taken from the working
-directory, as the proxy opens them.
+still starts. ``check_files`` is what the preflight (``proxy.runtime.preflight``:
+``tls_files`` and ``tls_warnings``) runs for ``aiolb check``, ``aiolb run`` and every
+reload, turning each problem's ``loc`` into ``FILE:LINE``. Relative paths are taken
+from the working directory, as the proxy opens them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ at its own line. Problems are sorted by line. Problems that have no line (the fi
 cannot be read) are ``FILE: message``; YAML syntax errors stop at the first one, since
 nothing after it can be trusted. ``ConfigError`` carries the lines in ``.problems``;
 ``str()`` joins them with newlines, ready for stderr.
+
+``load_document`` also keeps the line of every key (a ``Document``), so that checks
+made after validation (``proxy.runtime.preflight``) and failures at start-up (a port
+in use) can point at the key to change, in the same ``FILE:LINE: key: message`` form.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from proxy.config import files
 from proxy.config.models import Config
 from proxy.config.source import Path, Source, read_source
 
@@ -63,21 +67,31 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(
-    path: str | os.PathLike[str],
-    env: Mapping[str, str] | None = None,
-    *,
-    check_files: bool = False,
-    warnings: list[str] | None = None,
-) -> Config:
+@dataclass(frozen=True)
+class Document:
+    """A validated config, the name of its file, and the line of every key in it."""
+
+    config: Config
+    name: str
+    lines: Mapping[Path, int]
+
+    def problem(self, loc: Path, message: str) -> str:
+        """``FILE:LINE: key: message`` for ``loc`` (the line of its nearest key that
+        appears in the file: a default that was left out points at its section)."""
+        return _format(self.name, _line(self.lines, loc), _where(loc), message)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, expand, parse and validate the YAML file at ``path``.
 
-    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests). ``check_files``:
-    also open the files the config names (``proxy.config.files``), as ``aiolb check``,
-    ``aiolb run`` and a reload do; their warnings (an expired certificate) go to
-    ``warnings`` as ``FILE:LINE: where: warning: ...`` lines. Raises ``ConfigError``
-    listing every problem found; never another exception for a bad file.
+    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests). Raises
+    ``ConfigError`` listing every problem found; never another exception for a bad file.
     """
+    return load_document(path, env).config
+
+
+def load_document(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Document:
+    """``load_config``, keeping the file's name and lines (a ``Document``)."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -91,18 +105,18 @@ def load_config(
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{name}:{line}: not valid UTF-8 text"]) from None
-    return parse_config(text, name, env, check_files=check_files, warnings=warnings)
+    return parse_document(text, name, env)
 
 
-def parse_config(
-    text: str,
-    name: str = "<config>",
-    env: Mapping[str, str] | None = None,
-    *,
-    check_files: bool = False,
-    warnings: list[str] | None = None,
-) -> Config:
+def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Like ``load_config`` for YAML already in memory; ``name`` stands in for FILE."""
+    return parse_document(text, name, env).config
+
+
+def parse_document(
+    text: str, name: str = "<config>", env: Mapping[str, str] | None = None
+) -> Document:
+    """Like ``load_document`` for YAML already in memory."""
     source = _read(text, name, os.environ if env is None else env)
     data = source.data
     if not isinstance(data, dict):
@@ -114,30 +128,10 @@ def parse_config(
         config = Config.model_validate(data)
     except ValidationError as exc:
         found += _validation_problems(exc, source)
-    if not found and check_files:
-        found = _file_problems(config, source, name, warnings)
     if found:
         found.sort(key=lambda problem: problem[0])  # stable: same-line order kept
         raise ConfigError([_format(name, *problem) for problem in found])
-    return config
-
-
-def _file_problems(
-    config: Config, source: Source, name: str, warnings: list[str] | None
-) -> list[tuple[int, str, str]]:
-    """The errors among ``files.check_files``; its warnings appended to ``warnings``."""
-    errors: list[tuple[int, str, str]] = []
-    noted: list[tuple[int, str, str]] = []
-    for problem in files.check_files(config):
-        line = _line(source.lines, problem.loc)
-        if problem.warning:
-            noted.append((line, _where(problem.loc), f"warning: {problem.message}"))
-        else:
-            errors.append((line, _where(problem.loc), problem.message))
-    if warnings is not None:
-        noted.sort(key=lambda problem: problem[0])
-        warnings += [_format(name, *problem) for problem in noted]
-    return errors
+    return Document(config, name, MappingProxyType(source.lines))
 
 
 def _read(text: str, name: str, env: Mapping[str, str]) -> Source:

@@ -53,6 +53,34 @@ def _duration_seconds(text: str) -> float:
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
+def format_duration(seconds: float) -> str:
+    """The shortest duration string ``parse_duration`` reads back as ``seconds``:
+    ``0.25`` -> ``250ms``, ``30.0`` -> ``30s``, ``300.0`` -> ``5m``, ``1.5`` -> ``1.5s``."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    milliseconds = seconds * 1000
+    if 0 < seconds < 1 and milliseconds == int(milliseconds):
+        return f"{int(milliseconds)}ms"
+    return f"{_decimal(seconds)}s"
+
+
+def _decimal(number: float) -> str:
+    """A float in plain decimal notation (``repr`` may use an exponent)."""
+    text = repr(number)
+    return text if "e" not in text else f"{number:.15f}".rstrip("0").rstrip(".")
+
+
+def format_size(size: int) -> str | int:
+    """``65536`` -> ``64KiB``, ``1048576`` -> ``1MiB``; other sizes stay a byte count."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return size
+
+
 def parse_size(value: object) -> object:
     """A byte count from a size string; anything else but a bool is returned unchanged.
 

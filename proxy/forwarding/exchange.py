@@ -888,9 +888,8 @@ class Exchange:
         if access_log is not None:
             access_log.record(
                 time.time(), client.client_ip, self.method, self.target, self.status,
-                self.body_size, self.bytes_out, seconds,
-                upstream.address if upstream is not None else "", self.attempts,
-                self.request_id,
+                self.body_size, self.bytes_out, seconds, self.attempts, self.request_id,
+                self.host, self.headers, client.listener.name, self.pool, upstream,
             )
 
     def abort(self) -> None:

@@ -86,6 +86,16 @@ class RetryBudget:
             return False
         return True
 
+    def available(self, requests: int, now: float) -> float:
+        """Tokens for retries now, earned and reserve (each retry ``allow`` grants spends
+        one), for the admin API: computed as ``allow`` would, changing nothing."""
+        balance, spare = self.balance, self.spare
+        if self.updated:
+            elapsed = now - self.updated
+            balance *= math.exp(-elapsed / self.ttl)
+            spare = min(self.capacity, spare + elapsed * self.rate)
+        return max(0.0, balance + self.ratio * (requests - self.seen)) + spare
+
     def __repr__(self) -> str:
         return (
             f"<RetryBudget [{self.balance:.1f} earned + {self.spare:.1f} reserve tokens, "

@@ -1,6 +1,7 @@
-"""JSON lines access log that never blocks the event loop.
+"""The access log: one line per request, never blocking the event loop.
 
-The hot path appends one formatted line to a list. On each clock tick the list is
+The hot path appends one formatted line to a list (the format, JSON fields or a
+template, is compiled once: ``proxy.metrics.log_format``). On each clock tick the list is
 handed, whole, to a writer thread (one queue operation per tick, not per request),
 which writes it with ``os.write``. A full disk, a closed stdout or a writer that falls
 behind costs lines, never the proxy: they are dropped, counted in ``dropped``, and a
@@ -9,14 +10,18 @@ warning is logged at most once a minute.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from proxy.metrics.log_format import DEFAULT_FIELDS, compile_format
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
 
@@ -29,13 +34,15 @@ _WARN_EVERY: Final = 60.0
 
 class AccessLog:
     __slots__ = (
-        "_fd", "_last_warning", "_lines", "_owns_fd", "_prefix", "_queue", "_second",
-        "_thread", "dropped", "path",
+        "_fd", "_format", "_last_warning", "_lines", "_owns_fd", "_prefix", "_queue",
+        "_second", "_thread", "dropped", "path",
     )
 
-    def __init__(self, path: str) -> None:
-        """``path``: ``stdout``/``-`` or a file (opened for append; OSError if it cannot be)."""
+    def __init__(self, path: str, format: str | tuple[str, ...] = DEFAULT_FIELDS) -> None:
+        """``path``: ``stdout``/``-`` or a file (opened for append; OSError if it cannot
+        be). ``format``: ``access_log.format``, a field list (JSON) or a template."""
         self.path = path
+        self._format = compile_format(format, self.timestamp)
         if path in ("stdout", "-"):
             self._fd, self._owns_fd = sys.stdout.fileno(), False
         else:
@@ -52,16 +59,16 @@ class AccessLog:
 
     def record(
         self, now: float, client: str, method: bytes, target: bytes, status: int,
-        bytes_in: int, bytes_out: int, seconds: float, upstream: str, attempts: int,
-        request_id: bytes,
+        bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
+        host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
+        pool: Pool | None, upstream: Upstream | None,
     ) -> None:
-        """Format and queue one request's line (the hot path; ``now`` is ``time.time()``)."""
-        self.write(
-            f'{{"time":"{self.timestamp(now)}","client":"{client}",'
-            f'"method":"{method.decode("latin-1")}","path":{quote(target)},"status":{status},'
-            f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{seconds * 1000:.3f},'
-            f'"upstream":"{upstream}","attempts":{attempts},"request_id":{quote(request_id)}}}\n'
-        )
+        """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
+        ``upstream`` None: the proxy answered itself, ``pool`` None: before routing)."""
+        self.write(self._format(
+            now, client, method, target, status, bytes_in, bytes_out, seconds, attempts,
+            request_id, host, headers, listener, pool, upstream,
+        ))  # fmt: skip
 
     def timestamp(self, now: float) -> str:
         """``2026-11-23T02:55:00.123Z``; the part up to the second is cached."""
@@ -123,14 +130,3 @@ class AccessLog:
 
     def __repr__(self) -> str:
         return f"<AccessLog {self.path} [{len(self._lines)} pending, {self.dropped} dropped]>"
-
-
-def quote(value: bytes) -> str:
-    """A JSON string for bytes a client chose; plain printable ASCII skips ``json.dumps``.
-
-    (Methods need no quoting: the parser accepts only token characters there.)
-    """
-    text = value.decode("latin-1")
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    return json.dumps(text)

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 The hot path only ever touches plain ints, dicts and lists (``proxy.metrics.stats``);
-nothing here runs per request. When ``/metrics`` is scraped, ``ProxyCollector.collect``
-walks the server's state once and yields one family per metric of DESIGN.md's
-"Metrics contract":
+nothing here runs per request. ``METRICS`` names every family once (name, type, labels,
+help): the collector builds its families from it and ``docs/metrics.md`` is generated
+from it (``python -m proxy.docs``). When ``/metrics`` is scraped,
+``ProxyCollector.collect`` walks the server's state once and yields one family per
+metric:
 
 - ``aiolb_requests_total``: the server's ``stats`` (responses made before a pool was
   chosen: ``pool=""``, ``upstream=""``), each pool's ``stats`` (``upstream=""``) and each
@@ -13,11 +15,12 @@ walks the server's state once and yields one family per metric of DESIGN.md's
   emitted twice.
 - ``aiolb_request_duration_seconds``: per pool, the pool's own histogram plus those of
   all its upstreams (so ``_count`` is the number of requests for that pool); the
-  server's histogram is ``pool=""``. Buckets are made cumulative here.
+  server's histogram is ``pool=""``, once it has counted a request. Buckets are made
+  cumulative here.
 - gauges and counters read straight off ``Upstream`` (availability, in-flight,
-  connect errors, ejections, probe results), ``Pool`` (retries, retries the budget
-  denied, circuit-breaker overflows, requests waiting for a connection), the listeners
-  and ``ProxyServer.reloads``.
+  connect errors, ejections, probe results, open tunnels), ``Pool`` (retries, retries
+  the budget denied, circuit-breaker overflows, requests waiting for a connection), the
+  listeners (connections, failed TLS handshakes) and ``ProxyServer.reloads``.
 
 The registry is built per server (``build_registry``): the one piece of metrics state
 that is not a plain counter, and no module-level global.
@@ -25,8 +28,10 @@ that is not a plain counter, and no module-level global.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, Literal
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -46,10 +51,106 @@ if TYPE_CHECKING:
     from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Upstream
 
-REQUEST_LABELS = ["listener", "pool", "upstream", "method", "code"]
-UPSTREAM_LABELS = ["pool", "upstream"]
+REQUEST_LABELS = ("listener", "pool", "upstream", "method", "code")
+UPSTREAM_LABELS = ("pool", "upstream")
 #: ``le`` label values, formatted once (``+Inf`` last)
 LE = [repr(float(b)) for b in BUCKETS] + ["+Inf"]
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric family: its name (without ``_total``), type, labels and help text."""
+
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]
+    help: str
+
+    @property
+    def exposed(self) -> str:
+        """The name in the exposition: counters get ``_total``."""
+        return f"{self.name}_total" if self.kind == "counter" else self.name
+
+
+#: Every family aiolb exposes, in exposition order (the design's metrics contract and
+#: the additions since); ``docs/metrics.md`` is generated from it.
+METRICS: Final = (
+    MetricSpec("aiolb_requests", "counter", REQUEST_LABELS,
+               'Requests answered, by upstream and status (upstream "": the proxy answered '
+               "itself)."),
+    MetricSpec("aiolb_request_duration_seconds", "histogram", ("pool",),
+               "Time from the request head to the end of the response, per pool."),
+    MetricSpec("aiolb_upstream_up", "gauge", UPSTREAM_LABELS,
+               "1 if the upstream is available (healthy, enabled, not ejected), else 0."),
+    MetricSpec("aiolb_upstream_active_requests", "gauge", UPSTREAM_LABELS,
+               "Requests in flight to the upstream."),
+    MetricSpec("aiolb_upstream_connect_errors", "counter", UPSTREAM_LABELS,
+               "Failed connection attempts to the upstream."),
+    MetricSpec("aiolb_upstream_connections_opened", "counter", UPSTREAM_LABELS,
+               "Connections established to the upstream (steady load reuses them: a rate "
+               "above zero under steady load means the idle pool closes what it needs)."),
+    MetricSpec("aiolb_upstream_ejections", "counter", UPSTREAM_LABELS,
+               "Times passive outlier detection ejected the upstream."),
+    MetricSpec("aiolb_health_checks", "counter", (*UPSTREAM_LABELS, "result"),
+               "Active health check probes, by result."),
+    MetricSpec("aiolb_retries", "counter", ("pool",), "Requests sent to an upstream again."),
+    MetricSpec("aiolb_retries_denied", "counter", ("pool",),
+               "Retries the retry budget refused."),
+    MetricSpec("aiolb_circuit_breaker_overflows", "counter", ("pool",),
+               "Requests refused with 503 by the circuit breaker (max_pending or "
+               "queue_timeout)."),
+    MetricSpec("aiolb_pending_requests", "gauge", ("pool",),
+               "Requests waiting for an upstream connection."),
+    MetricSpec("aiolb_tunnels_active", "gauge", ("pool",),
+               "Open Upgrade tunnels (WebSocket) to the pool's upstreams; each also counts "
+               "as an active request of its upstream."),
+    MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
+    MetricSpec("aiolb_tls_handshake_errors", "counter", ("listener", "reason"),
+               "TLS handshakes with clients that failed, by reason."),
+    MetricSpec("aiolb_config_reloads", "counter", ("result",),
+               "Configuration reloads, by result."),
+)  # fmt: skip
+_SPECS: Final = {spec.name: spec for spec in METRICS}
+
+#: What each label holds (bounded whatever clients send).
+LABELS: Final[Mapping[str, str]] = MappingProxyType({
+    "listener": "the listener's `name`",
+    "pool": 'the pool\'s name; `""` for responses made before a route chose a pool (404, '
+            "400, 408, ...)",
+    "upstream": 'the upstream\'s `host:port`; `""` when the proxy answered itself (502, 503, '
+                "504, or no pool)",
+    "method": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE, or OTHER",
+    "code": "the status the client got",
+    "result": "`success` or `failure`",
+    "reason": "why a TLS handshake failed: `plaintext` (HTTP on a TLS port), `timeout` "
+              "(`timeouts.header`), `reset`, `version`, `cipher`, `client_certificate`, "
+              "`unknown_ca`, `protocol` or `other`",
+    "le": "histogram bucket bound in seconds: 0.001 to 10, and +Inf",
+})  # fmt: skip
+
+
+def _spec(name: str, kind: Kind) -> MetricSpec:
+    spec = _SPECS[name]
+    assert spec.kind == kind, f"{name} is a {spec.kind}"
+    return spec
+
+
+def counter(name: str) -> CounterMetricFamily:
+    """The empty counter family ``name`` of ``METRICS`` (named without ``_total``)."""
+    spec = _spec(name, "counter")
+    return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+
+
+def gauge(name: str) -> GaugeMetricFamily:
+    spec = _spec(name, "gauge")
+    return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+
+
+def histogram(name: str) -> HistogramMetricFamily:
+    spec = _spec(name, "histogram")
+    return HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
 
 
 def add_requests(
@@ -107,22 +208,16 @@ class ProxyCollector(Collector):
             add_requests(totals, pool.stats, name, "")
             for up in pool.upstreams:
                 add_requests(totals, up.stats, name, up.address)
-        family = CounterMetricFamily(
-            "aiolb_requests", "Requests answered, by upstream and status (upstream "
-            "\"\": the proxy answered itself).", labels=REQUEST_LABELS,
-        )  # fmt: skip
+        family = counter("aiolb_requests")
         for labels, n in sorted(totals.items()):
             family.add_metric(list(labels), n)
         return family
 
     def _durations(self) -> Metric:
-        family = HistogramMetricFamily(
-            "aiolb_request_duration_seconds",
-            "Time from the request head to the end of the response, per pool.",
-            labels=["pool"],
-        )
-        buckets, total = merged([self.server.stats.duration])
-        family.add_metric([""], cumulative(buckets), total)
+        family = histogram("aiolb_request_duration_seconds")
+        if self.server.stats.duration.count:  # responses made before a pool was chosen
+            buckets, total = merged([self.server.stats.duration])
+            family.add_metric([""], cumulative(buckets), total)
         for name, pool in self.server.pools.items():
             parts = [pool.stats.duration, *(up.stats.duration for up in pool.upstreams)]
             buckets, total = merged(parts)
@@ -130,33 +225,12 @@ class ProxyCollector(Collector):
         return family
 
     def _upstream_families(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "aiolb_upstream_up",
-            "1 if the upstream is available (healthy, enabled, not ejected), else 0.",
-            labels=UPSTREAM_LABELS,
-        )  # fmt: skip
-        active = GaugeMetricFamily(
-            "aiolb_upstream_active_requests", "Requests in flight to the upstream.",
-            labels=UPSTREAM_LABELS,
-        )  # fmt: skip
-        errors = CounterMetricFamily(
-            "aiolb_upstream_connect_errors", "Failed connection attempts to the upstream.",
-            labels=UPSTREAM_LABELS,
-        )  # fmt: skip
-        opened = CounterMetricFamily(
-            "aiolb_upstream_connections_opened",
-            "Connections established to the upstream (steady load reuses them: a rate "
-            "above zero under steady load means the idle pool closes what it needs).",
-            labels=UPSTREAM_LABELS,
-        )
-        ejections = CounterMetricFamily(
-            "aiolb_upstream_ejections", "Times passive outlier detection ejected the upstream.",
-            labels=UPSTREAM_LABELS,
-        )  # fmt: skip
-        checks = CounterMetricFamily(
-            "aiolb_health_checks", "Active health check probes, by result.",
-            labels=[*UPSTREAM_LABELS, "result"],
-        )  # fmt: skip
+        up = gauge("aiolb_upstream_up")
+        active = gauge("aiolb_upstream_active_requests")
+        errors = counter("aiolb_upstream_connect_errors")
+        opened = counter("aiolb_upstream_connections_opened")
+        ejections = counter("aiolb_upstream_ejections")
+        checks = counter("aiolb_health_checks")
         for name, pool in self.server.pools.items():
             for upstream in pool.upstreams:
                 labels = [name, upstream.address]
@@ -169,25 +243,11 @@ class ProxyCollector(Collector):
         yield from (up, active, errors, opened, ejections, checks)
 
     def _retries(self) -> Iterator[Metric]:
-        retries = CounterMetricFamily(
-            "aiolb_retries", "Requests sent to an upstream again.", labels=["pool"]
-        )
-        denied = CounterMetricFamily(
-            "aiolb_retries_denied", "Retries the retry budget refused.", labels=["pool"]
-        )
-        overflows = CounterMetricFamily(
-            "aiolb_circuit_breaker_overflows",
-            "Requests refused with 503 by the circuit breaker (max_pending or queue_timeout).",
-            labels=["pool"],
-        )
-        pending = GaugeMetricFamily(
-            "aiolb_pending_requests", "Requests waiting for an upstream connection.",
-            labels=["pool"],
-        )  # fmt: skip
-        tunnels = GaugeMetricFamily(
-            "aiolb_tunnels_active", "Open Upgrade tunnels (WebSocket) to the pool's upstreams.",
-            labels=["pool"],
-        )  # fmt: skip
+        retries = counter("aiolb_retries")
+        denied = counter("aiolb_retries_denied")
+        overflows = counter("aiolb_circuit_breaker_overflows")
+        pending = gauge("aiolb_pending_requests")
+        tunnels = gauge("aiolb_tunnels_active")
         for name, pool in self.server.pools.items():
             retries.add_metric([name], pool.retries)
             denied.add_metric([name], pool.retry.budget.denied)
@@ -197,23 +257,13 @@ class ProxyCollector(Collector):
         yield from (retries, denied, overflows, pending, tunnels)
 
     def _client_connections(self) -> Metric:
-        family = GaugeMetricFamily(
-            "aiolb_client_connections", "Open client connections.", labels=["listener"]
-        )
-        counts = self.server.connection_counts()
-        if self.server.client_connections is not None:  # the workers' sum
-            counts = {**dict.fromkeys(counts, 0), **self.server.client_connections}
-        for name, n in counts.items():
+        family = gauge("aiolb_client_connections")
+        for name, n in self.server.client_connection_counts().items():
             family.add_metric([name], n)
         return family
 
     def _handshake_errors(self) -> Metric:
-        family = CounterMetricFamily(
-            "aiolb_tls_handshake_errors",
-            "TLS handshakes with clients that failed, by reason (plaintext, timeout, reset, "
-            "version, cipher, client_certificate, unknown_ca, protocol, other).",
-            labels=["listener", "reason"],
-        )
+        family = counter("aiolb_tls_handshake_errors")
         counts = self.server.handshake_errors()
         if self.server.handshake_totals is not None:  # the workers' sum
             counts = self.server.handshake_totals
@@ -222,9 +272,7 @@ class ProxyCollector(Collector):
         return family
 
     def _reloads(self) -> Metric:
-        family = CounterMetricFamily(
-            "aiolb_config_reloads", "Configuration reloads, by result.", labels=["result"]
-        )
+        family = counter("aiolb_config_reloads")
         for result in ("success", "failure"):
             family.add_metric([result], self.server.reloads.get(result, 0))
         return family

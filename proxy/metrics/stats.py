@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Recording a finished request costs one dict update and one histogram bucket
-increment (``bisect`` in C), about what ANCHORS.md gives for a plain dict increment,
+increment (``bisect`` in C), about the cost of a plain dict increment,
 instead of prometheus-client's ``labels(...).inc()`` at over a microsecond per call.
 The collector (``proxy.metrics.collector``) turns these into metric families only when
 ``/metrics`` is scraped. Nothing here takes a lock: one event loop owns them. With

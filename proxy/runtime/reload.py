@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A reload applies the whole new config or changes nothing:
 
-1. read and validate the file (``load_config``); any problem ends the reload;
+1. read and validate the file as ``aiolb check`` does (``proxy.runtime.preflight``);
+   any problem ends the reload;
 2. build the new pools, fresh objects no request can reach yet, and bind the sockets
    of listeners that are new (or moved to another address); a failed bind closes what
    was bound and ends the reload;
@@ -35,7 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError
+from proxy.config.values import format_address
+from proxy.runtime.preflight import validate, warnings
 from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
 
@@ -133,17 +136,17 @@ def commit_pools(old: Mapping[str, Pool], new: dict[str, Pool]) -> None:
         previous.retire()
 
 
-def load(path: str) -> tuple[Config | None, list[str]]:
-    """The validated config at ``path`` (the files it names opened too: a broken new
-    certificate refuses the reload), or None and its problems. Warnings are logged."""
-    warnings: list[str] = []
+async def load(path: str) -> tuple[Config | None, list[str]]:
+    """The config at ``path`` validated as ``aiolb check`` does (a broken new certificate
+    refuses the reload), or None and its problems (in a thread: the preflight reads
+    files and resolves host names). Its warnings are logged."""
     try:
-        config = load_config(path, check_files=True, warnings=warnings)
+        document = await asyncio.to_thread(validate, path)
     except ConfigError as exc:
         return None, exc.problems
-    for line in warnings:
-        log.warning("%s", line)
-    return config, []
+    for line in await asyncio.to_thread(warnings, document):
+        log.warning("reload: %s", line)
+    return document.config, []
 
 
 async def reload_server(server: ProxyServer) -> list[str]:
@@ -151,7 +154,7 @@ async def reload_server(server: ProxyServer) -> list[str]:
     path = server.config_path
     if path is None:
         return ["no config file to reload (the server was not started with -c FILE)"]
-    config, problems = load(path)
+    config, problems = await load(path)
     if config is None:
         return problems
     return await apply_config(server, config, path)
@@ -177,7 +180,7 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.pools, server.config = pools, config
     for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
         listener.apply(lc, pools, tls)
-        listener.record = config.metrics.enabled
+        listener.record = config.records_requests
     order = {lc.name: i for i, lc in enumerate(config.listeners)}
     kept = [lst for lst, _ in plan.kept]
     server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])
@@ -186,6 +189,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.sync_health()
     for listener, sock in zip(added, sockets, strict=serving):
         await server.start_listener(listener, sock)
+        where = format_address(listener.config.host, listener.port)
+        log.info("listener %s serving on %s", listener.name, where)
     for listener in plan.removed:
         server.retire_listener(listener)
     return []

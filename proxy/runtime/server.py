@@ -13,17 +13,22 @@ import gc
 import logging
 import signal
 import socket
+import time
 from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
 from proxy.clock import Clock
 from proxy.config import Config
 from proxy.config import Listener as ListenerConfig
+from proxy.config.diff import describe_changes
+from proxy.config.values import format_address
+from proxy.errors import BindError
 from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime.reload import bind_socket, reload_server
+from proxy.runtime.summary import startup_lines
 from proxy.server.listener import Listener
 from proxy.upstream.discovery import Discovery
 from proxy.upstream.pool import Pool, Upstream
@@ -49,6 +54,8 @@ class Control(Protocol):
     async def refresh(self) -> None: ...
 
     async def reload(self) -> list[str]: ...
+
+    def request_stop(self) -> None: ...
 
 
 #: ``single``: one process does everything; ``supervisor``: admin API, health checks and
@@ -77,13 +84,20 @@ class ProxyServer:
         #: failed TLS handshakes by (listener, reason), summed over the workers
         #: (supervisor only; see ``handshake_errors``)
         self.handshake_totals: dict[tuple[str, str], int] | None = None
+        #: retries each pool's budget allows now, summed over the workers (supervisor only)
+        self.retry_budget_left: dict[str, float] | None = None
+        #: when this server was built (Unix time), for the admin API's uptime
+        self.started_at = time.time()
+        #: worker processes serving traffic (set by a supervisor; 1 in a single process)
+        self.workers = 1
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
         self.request_ids = RequestIds()
         #: responses the proxy made before any pool was chosen (400, 404, 408, ...)
         self.stats = Stats()
         #: None unless ``access_log`` is configured; opening it may raise OSError
-        self.access_log = AccessLog(config.access_log.path) if config.access_log else None
+        log_config = config.access_log
+        self.access_log = AccessLog(log_config.path, log_config.format) if log_config else None
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False
@@ -109,7 +123,7 @@ class ProxyServer:
         bound; raises ``TLSFileError`` when its certificates cannot be loaded."""
         return Listener(
             lc, self.pools if pools is None else pools, self.loop, self.clock,
-            self.request_ids, self.stats, record=self.config.metrics.enabled,
+            self.request_ids, self.stats, record=self.config.records_requests,
             access_log=self.access_log,
         )  # fmt: skip
 
@@ -117,20 +131,17 @@ class ProxyServer:
         """Start the admin API, bind every listener, start the clock.
 
         Raises ``AdminError`` (a non-loopback admin without a token) before binding
-        anything, or OSError if a bind fails.
+        anything, ``BindError`` naming the key (``admin.bind``, ``listeners[i].bind``) if a
+        bind fails.
         """
         if self.role != "worker":
             admin = self.config.admin
             self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
-            log.info("admin API on %s", self.admin.url)
         try:
             await self.discovery.start(self.pools)  # the first requests find upstreams
             if self.role != "supervisor":
-                for listener in self.listeners:
-                    sock = None
-                    if self.reuse_port:
-                        sock = await bind_socket(self.loop, listener.config, reuse_port=True)
-                    await self.start_listener(listener, sock)
+                for i, listener in enumerate(self.listeners):
+                    await self._bind_listener(i, listener)
         except BaseException:
             await self.discovery.close()
             if self.admin is not None:
@@ -144,11 +155,20 @@ class ProxyServer:
         self.sync_health()
         self.ready = True
 
+    async def _bind_listener(self, index: int, listener: Listener) -> None:
+        """Start ``listeners[index]``; a failed bind is a ``BindError`` naming its key."""
+        try:
+            sock = None
+            if self.reuse_port:
+                sock = await bind_socket(self.loop, listener.config, reuse_port=True)
+            await self.start_listener(listener, sock)
+        except OSError as exc:
+            raise BindError(("listeners", index, "bind"), listener.config.bind, exc) from None
+
     async def start_listener(self, listener: Listener, sock: socket.socket | None = None) -> None:
         """Bind ``listener`` (or serve on ``sock``) and sweep its deadlines on each tick."""
         await listener.start(sock)
         self.clock.add_sweeper(listener.sweep)
-        log.info("listener %s serving on %s", listener.name, self._where(listener))
 
     def retire_listener(self, listener: Listener) -> None:
         """A reload removed ``listener``: drain it; it is forgotten once its connections end."""
@@ -173,6 +193,21 @@ class ProxyServer:
             counts[listener.name] = counts.get(listener.name, 0) + len(listener.connections)
         return counts
 
+    def client_connection_counts(self) -> dict[str, int]:
+        """Open client connections per listener: this process's, or on a supervisor the
+        workers' sum (the last one they reported)."""
+        counts = self.connection_counts()
+        if self.client_connections is not None:
+            counts = {**dict.fromkeys(counts, 0), **self.client_connections}
+        return counts
+
+    def listener_addresses(self) -> dict[str, str]:
+        """``host:port`` each configured listener serves on: the bound port for ``:0``
+        (on a supervisor, the port it reserved for its workers)."""
+        ports = {lst.name: lst.port for lst in self.listeners if lst.server is not None}
+        return {lc.name: format_address(lc.host, ports.get(lc.name, lc.port))
+                for lc in self.config.listeners}  # fmt: skip
+
     def _sweep_retired(self, now: float) -> None:
         for listener in tuple(self._retired):
             if not listener.connections:
@@ -189,21 +224,28 @@ class ProxyServer:
         Returns [] when the new config was applied, else its problems (``FILE:LINE:
         ...``) and nothing changed. See ``proxy.runtime.reload``.
         """
+        return (await self.reload_report())[0]
+
+    async def reload_report(self) -> tuple[list[str], list[str]]:
+        """``reload``, with what it changed: ``(problems, changes)``, one of them empty
+        (``proxy.config.diff`` phrases; no changes when the file says what runs)."""
         if self._stopping:
-            return ["the server is shutting down"]
+            return ["the server is shutting down"], []
         async with self._reload_lock:
+            before = self.config
             if self.control is not None:
                 problems = await self.control.reload()
             else:
                 problems = await reload_server(self)
+            changes = [] if problems else describe_changes(before, self.config)
         self.reloads["failure" if problems else "success"] += 1
         for problem in problems:
             log.error("reload refused: %s", problem)
         if problems:
             log.error("reload failed; the running config stays")
         else:
-            log.info("reloaded %s", self.config_path)
-        return problems
+            log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no changes")
+        return problems, changes
 
     # -- health: the checker's targets and its verdicts (``proxy.health.active``) -------
 
@@ -251,10 +293,6 @@ class ProxyServer:
         for pool in self.pools.values():
             pool.sweep(now)
 
-    @staticmethod
-    def _where(listener: Listener) -> str:
-        return f"{listener.config.host}:{listener.port}"
-
     async def shutdown(self, timeout: float | None = None) -> None:
         """Graceful drain: stop accepting, finish in-flight requests, then close."""
         self.ready = False
@@ -285,8 +323,15 @@ class ProxyServer:
         """Return once ``shutdown`` has finished."""
         await self._stopped.wait()
 
+    def request_exit(self) -> None:
+        """Stop serving as SIGTERM does, workers included (``POST /api/stop``)."""
+        if self.control is not None:
+            self.control.request_stop()
+        else:
+            self.request_stop()
+
     def request_stop(self) -> None:
-        """Start a graceful shutdown (from a signal handler)."""
+        """Start a graceful shutdown of this server (from a signal handler)."""
         if not self._stopped.is_set() and not self._stopping:
             self._stopping = True
             self.loop.create_task(self.shutdown())
@@ -294,6 +339,8 @@ class ProxyServer:
     async def serve(self) -> None:
         """Start, then serve until SIGTERM or SIGINT (a second SIGINT exits at once)."""
         await self.start()
+        for line in startup_lines(self):
+            log.info("%s", line)
         self._install_signals()
         # Everything built so far (modules, config, pools) lives as long as the process:
         # keep it out of the cyclic GC's full collections, which would otherwise walk

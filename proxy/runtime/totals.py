@@ -11,8 +11,9 @@ its own ``Pool`` and ``Upstream`` objects. The collector and the admin views the
 the supervisor's objects exactly as they read a single process's.
 
 Summed: requests by labels, histograms, connect errors, in-flight requests, open
-connections, open tunnels, ejections, retries, budget denials, overflows, waiting
-requests, client connections and failed TLS handshakes. Not summed: active health (the
+connections, open tunnels, ejections, retries, budget denials and the retries budgets
+allow now, overflows, waiting requests, client connections and failed TLS handshakes.
+Not summed: active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
 supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
@@ -42,6 +43,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
                 "stats": pool.stats.snapshot(),
                 "retries": pool.retries,
                 "denied": pool.retry.budget.denied,
+                "budget_left": pool.retry.budget.available(pool.requests, now),
                 "overflows": pool.overflows,
                 "pending": pool.pending,
                 "upstreams": {
@@ -93,11 +95,13 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for listener, reason, n in snap.get("handshake_errors", ()):
             errors[(listener, reason)] = errors.get((listener, reason), 0) + n
     server.handshake_totals = errors
+    server.retry_budget_left = {}
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]
         pool.stats = summed_stats([p["stats"] for p in parts])
         pool.retries = sum(p["retries"] for p in parts)
         pool.retry.budget.denied = sum(p["denied"] for p in parts)
+        server.retry_budget_left[name] = sum(p["budget_left"] for p in parts)
         pool.overflows = sum(p["overflows"] for p in parts)
         pool.pending = sum(p["pending"] for p in parts)
         changed = False

@@ -43,13 +43,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from proxy.config import Config
+from proxy.errors import BindError
 from proxy.health.active import HealthChecker
 from proxy.runtime.reload import apply_config, load
 from proxy.runtime.server import ProxyServer
+from proxy.runtime.summary import startup_lines
 from proxy.runtime.totals import absorb, snapshot
 
 log = logging.getLogger("aiolb")
@@ -70,13 +72,19 @@ def worker_count(value: int | str) -> int:
     return int(value)
 
 
-def reserve(config: Config) -> tuple[Config, list[socket.socket]]:
-    """Bind (not listen) every listener address with SO_REUSEPORT; the config with the
-    ports that ``:0`` got. Raises OSError naming the listener when an address is busy."""
+def reserve(
+    config: Config, names: Collection[str] | None = None
+) -> tuple[Config, list[socket.socket]]:
+    """Bind (not listen) every listener address (or those ``names``) with SO_REUSEPORT;
+    the config with the ports that ``:0`` got. Raises ``BindError`` naming the key when
+    an address is busy."""
     sockets: list[socket.socket] = []
     listeners = []
     try:
-        for lc in config.listeners:
+        for i, lc in enumerate(config.listeners):
+            if names is not None and lc.name not in names:
+                listeners.append(lc)
+                continue
             infos = socket.getaddrinfo(
                 lc.host or None, lc.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
@@ -88,8 +96,7 @@ def reserve(config: Config) -> tuple[Config, list[socket.socket]]:
             try:
                 sock.bind(address[:2])
             except OSError as exc:
-                where = f"listener {lc.name!r} {lc.bind}"
-                raise OSError(exc.errno, f"{where}: {exc.strerror}") from None
+                raise BindError(("listeners", i, "bind"), lc.bind, exc) from None
             port = sock.getsockname()[1]
             host = f"[{lc.host}]" if ":" in lc.host else lc.host
             listeners.append(lc.model_copy(update={"bind": f"{host}:{port}"}))
@@ -136,6 +143,7 @@ class Supervisor:
         self.server = ProxyServer(self.config, role="supervisor")
         self.server.config_path = path
         self.server.control = self
+        self.server.workers = count
         self.server.checker = HealthChecker(self)
         self.workers = [Worker(i) for i in range(count)]
         self.loop = self.server.loop
@@ -161,13 +169,13 @@ class Supervisor:
     async def reload(self) -> list[str]:
         if self.path is None:
             return ["no config file to reload (the server was not started with -c FILE)"]
-        config, problems = load(self.path)
+        config, problems = await load(self.path)
         if config is None:
             return problems
         try:
             config = self._keep_ports(config)
         except OSError as exc:
-            return [f"{self.path}: cannot bind: {exc.strerror or exc}"]
+            return [f"{self.path}: cannot bind: {exc}"]
         problems = await apply_config(self.server, config, self.path)
         if problems:
             return problems
@@ -195,13 +203,11 @@ class Supervisor:
             else:
                 listeners.append(lc)
                 fresh.append(lc)
+        config = config.model_copy(update={"listeners": listeners})
         if fresh:
-            reserved, sockets = reserve(config.model_copy(update={"listeners": fresh}))
+            config, sockets = reserve(config, {lc.name for lc in fresh})
             self._reserved += sockets
-            binds = {lc.name: lc.bind for lc in reserved.listeners}
-            listeners = [lc.model_copy(update={"bind": binds.get(lc.name, lc.bind)})
-                         for lc in listeners]  # fmt: skip
-        return config.model_copy(update={"listeners": listeners})
+        return config
 
     # -- HealthSink: the supervisor probes, every worker hears ----------------------------
 
@@ -226,6 +232,8 @@ class Supervisor:
         """Start the supervisor and the workers; serve until stopped. The exit code."""
         await self.server.start()
         self.server.ready = False  # until every worker serves
+        for line in startup_lines(self.server):
+            log.info("%s", line)
         self._install_signals()
         for worker in self.workers:
             self._spawn(worker)
@@ -339,9 +347,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         def on_term() -> None:
-            if not self._stopping:
-                log.info("shutting down: the workers finish their in-flight requests")
-                self._spawn_task(self.stop())
+            self.request_stop()
 
         def on_int() -> None:
             if self._stopping:
@@ -357,6 +363,12 @@ class Supervisor:
         self.loop.add_signal_handler(signal.SIGTERM, on_term)
         self.loop.add_signal_handler(signal.SIGINT, on_int)
         self.loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    def request_stop(self) -> None:
+        """SIGTERM's graceful stop of every worker, then of the supervisor."""
+        if not self._stopping:
+            log.info("shutting down: the workers finish their in-flight requests")
+            self._spawn_task(self.stop())
 
     def _signal_workers(self, sig: int) -> None:
         for worker in self.workers:
@@ -410,6 +422,9 @@ class WorkerControl:
 
     async def reload(self) -> list[str]:
         return ["reloads go through the supervisor (SIGHUP to it, or POST /api/reload)"]
+
+    def request_stop(self) -> None:
+        """Workers have no admin API: nothing calls this."""
 
 
 async def run_worker(control_fd: int, index: int) -> int:

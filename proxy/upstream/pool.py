@@ -62,6 +62,7 @@ class Upstream:
         "idle",
         "max_connections",
         "max_idle",
+        "name",
         "passes",
         "pool",
         "port",
@@ -79,6 +80,8 @@ class Upstream:
         self.host: str = spec.host
         self.port: int = spec.port
         self.address: str = spec.address
+        #: the config's ``name``, else the address (the dashboard's and logs' label)
+        self.name: str = spec.label
         self.weight: int = spec.weight
         self.backup: bool = spec.backup
         self.pool = pool
@@ -472,6 +475,7 @@ class Pool:
             old = kept.get(fresh.address)
             if old is not None:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
+                old.name = fresh.name
                 old.max_idle = fresh.max_idle
                 old.max_connections = fresh.max_connections
                 if old.tls_key != fresh.tls_key:  # new TLS settings: no old connection

@@ -8,12 +8,7 @@ method and status, including the responses the proxy made itself.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,14 +16,14 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import __version__
 from proxy.admin import AdminError, start_admin
 from proxy.admin.security import is_loopback
 from proxy.config import Admin, Config
+from proxy.metrics.collector import METRICS
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import admin, get_json, request_counts, samples, scrape, send
-from tests.support import HOST, Recorder, make_config, proxy_url, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import HOST, Recorder, make_config, proxy_url, unused_port, wait_for
 
 #: DESIGN.md "Metrics contract": exposition name -> type
 CONTRACT = {
@@ -48,21 +43,14 @@ CONTRACT = {
     "aiolb_config_reloads_total": "counter",
 }
 UPSTREAM_FIELDS = {
-    "address", "weight", "backup", "healthy", "enabled", "drained", "available", "active",
-    "idle", "ejected", "ejected_until", "ejections", "connections", "connections_opened",
-    "waiting", "tunnels", "requests",
+    "address", "name", "weight", "backup", "healthy", "enabled", "drained", "available",
+    "active", "idle", "ejected", "ejected_until", "ejections", "connections",
+    "connections_opened", "waiting", "tunnels", "requests",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 MakeRecorder = Callable[..., Awaitable[Recorder]]
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def address(rec: Recorder) -> str:
@@ -113,6 +101,22 @@ async def test_metrics_expose_every_contract_metric(
     assert up == {(("pool", "main"), ("upstream", server_rec(server).address)): 1.0}
     reloads = samples(text, "aiolb_config_reloads_total")
     assert reloads == {(("result", "success"),): 0.0, (("result", "failure"),): 0.0}
+    # the families are METRICS (docs/metrics.md), no more, no fewer
+    ours = {name: kind for name, kind in families.items() if name.startswith("aiolb_")}
+    assert ours == {spec.name: spec.kind for spec in METRICS}
+    # nothing answered yet: no pool="" series (it appears with the first such response)
+    assert samples(text, "aiolb_request_duration_seconds_count") == {(("pool", "main"),): 0.0}
+
+
+async def test_responses_before_routing_get_a_pool_empty_series(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"path_prefix": "/api/"}, "pool": "main"}]
+    server = await proxy(make_config([(await recorders("a")).url], routes=routes))
+    async with aiohttp.ClientSession() as session:
+        assert (await send(session, "GET", proxy_url(server, "/nowhere")))[0] == 404
+    counts = samples(await scrape(server), "aiolb_request_duration_seconds_count")
+    assert counts == {(("pool", ""),): 1.0, (("pool", "main"),): 0.0}
 
 
 def server_rec(server: ProxyServer) -> Any:
@@ -122,7 +126,7 @@ def server_rec(server: ProxyServer) -> Any:
 
 async def test_request_counts_are_exact(recorders: MakeRecorder, proxy: MakeProxy) -> None:
     a, b = await recorders("a"), await recorders("b")
-    dead = f"http://{HOST}:{closed_port()}"
+    dead = f"http://{HOST}:{unused_port()}"
     config = make_config(
         [a.url, b.url],
         routes=[{"match": {"path_prefix": "/api/"}, "pool": "main"},
@@ -192,7 +196,8 @@ async def test_api_pools_describes_every_upstream(
 ) -> None:
     a, b = await recorders("a"), await recorders("b")
     pool = {"balancer": "weighted_round_robin",
-            "upstreams": [{"url": a.url, "weight": 3}, {"url": b.url, "backup": True}]}  # fmt: skip
+            "upstreams": [{"url": a.url, "weight": 3, "name": "app-a"},
+                          {"url": b.url, "backup": True}]}  # fmt: skip
     server = await proxy(make_config([], pool=pool))
     async with aiohttp.ClientSession() as session:
         for _ in range(4):
@@ -208,6 +213,7 @@ async def test_api_pools_describes_every_upstream(
     assert set(first) == UPSTREAM_FIELDS
     assert (first["address"], first["weight"], first["backup"]) == (address(a), 3, False)
     assert (second["address"], second["backup"]) == (address(b), True)
+    assert (first["name"], second["name"]) == ("app-a", address(b))  # default: the address
     assert first["healthy"] and first["enabled"] and not first["drained"] and first["available"]
     assert (first["requests"], first["errors"], first["active"]) == (4, 0, 0)
     assert first["ejected_until"] is None and first["ejections"] == 0 and not first["ejected"]
@@ -217,6 +223,61 @@ async def test_api_pools_describes_every_upstream(
     assert first["rate"] > 0 and first["error_rate"] == 0.0
     assert first["p50_ms"] is not None and first["p99_ms"] >= first["p50_ms"]
     assert second["requests"] == 0 and second["p50_ms"] is None
+    # 4 requests deposited 20% each, on top of a full reserve (one second's worth: 10)
+    assert main["retry_budget"] == {"left": 10.8, "percent": 20.0, "min_retries_per_second": 10.0,
+                                    "denied": 0}  # fmt: skip
+    assert main["ejection"] == {"passive": True, "ejected": 0, "max_percent": 50}
+
+
+async def test_api_server_describes_the_listeners_and_routes(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main"},
+              {"match": {"path_prefix": "/"}, "pool": "main"}]  # fmt: skip
+    server = await proxy(make_config([(await recorders("a")).url], routes=routes))
+    server.config_path = "some/aiolb.yaml"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy_url(server, "/x")) as resp:  # keep-alive: still open
+            assert resp.status == 200
+            status, body, _ = await get_json(server, "/api/server")
+    assert status == 200
+    assert body["version"] == __version__ and body["config_path"] == "some/aiolb.yaml"
+    assert body["workers"] == 1 and body["ready"] is True
+    assert 0 <= body["uptime_s"] < 60 and abs(body["started_at"] - server.started_at) < 0.01
+    assert body["listeners"] == [{
+        "name": "test", "bind": f"{HOST}:{server.listeners[0].port}", "connections": 1,
+        "routes": [{"host": "api.example.com", "path_prefix": "/v1/", "pool": "main"},
+                   {"host": None, "path_prefix": "/", "pool": "main"}],
+    }]  # fmt: skip
+
+
+async def test_api_trends_has_a_point_per_pool_each_second(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    routes = [{"match": {"path_prefix": "/"}, "pool": "main"},
+              {"match": {"path_prefix": "/other/"}, "pool": "other"}]  # fmt: skip
+    up = await recorders("a")
+    other = {"other": {"upstreams": [{"url": up.url}]}}
+    server = await proxy(make_config([up.url], routes=routes, pools=other))
+
+    async def trends() -> dict[str, Any]:
+        return (await get_json(server, "/api/trends"))[1]
+
+    async with aiohttp.ClientSession() as session:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len((await trends())["pools"].get("main", {}).get("t", [])) < 2:
+            assert loop.time() < deadline, await trends()
+            for _ in range(5):
+                assert (await send(session, "GET", proxy_url(server, "/x")))[0] == 200
+            await asyncio.sleep(0.2)  # traffic keeps flowing while the sampler ticks
+    body = await trends()
+    main, other = body["pools"]["main"], body["pools"]["other"]
+    assert body["points"] == 300 and set(main) == {"t", "rate", "error_rate", "p99_ms"}
+    assert len(main["t"]) == len(main["rate"]) == len(main["p99_ms"]) >= 2
+    assert main["t"] == sorted(main["t"]) and 0.5 < main["t"][-1] - main["t"][-2] < 3
+    assert max(main["rate"]) > 0 and any(p is not None for p in main["p99_ms"])
+    assert set(other["rate"]) == {0.0} and set(other["p99_ms"]) == {None}  # no traffic
 
 
 async def test_drain_stops_new_requests_and_enable_restores(
@@ -356,24 +417,3 @@ async def test_non_loopback_admin_without_token_is_refused(
 def test_loopback_addresses() -> None:
     assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com", ""]))
-
-
-def test_run_refuses_a_public_admin_without_token(tmp_path: Path) -> None:
-    config = tmp_path / "public.yaml"
-    config.write_text(
-        "listeners:\n"
-        "  - {name: web, bind: \"127.0.0.1:0\", routes: [{pool: main}]}\n"
-        "pools:\n"
-        "  main: {upstreams: [{url: \"http://127.0.0.1:9\"}]}\n"
-        "admin: {bind: \"0.0.0.0:0\"}\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "AIOLB_ADMIN_TOKEN"}
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "run", "-c", str(config)],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
-    )  # fmt: skip
-    assert result.returncode == 2
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("aiolb:")]
-    assert len(lines) == 1, result.stderr
-    assert "admin.bind 0.0.0.0:0" in lines[0] and "AIOLB_ADMIN_TOKEN" in lines[0]
-    assert "Traceback" not in result.stderr

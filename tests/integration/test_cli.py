@@ -6,31 +6,277 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
+import yaml
 
 from proxy import __version__
+from proxy.cli import main
+from proxy.config import load_config
+from proxy.config.schema import HIDDEN
+from tests.support import HOST, REPO, aiolb_cli
 
-REPO = Path(__file__).resolve().parents[2]
+PUBLIC_ADMIN = """\
+listeners:
+  - {name: web, bind: "127.0.0.1:0", routes: [{pool: main}]}
+pools:
+  main: {upstreams: [{url: "http://127.0.0.1:9"}]}
+admin: {bind: "0.0.0.0:0"}
+"""
 
 
-def _aiolb(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO, **kw,
-    )
-
-
-def test_version():
-    result = _aiolb("version")
+def test_version() -> None:
+    result = aiolb_cli("version")
     assert result.returncode == 0 and result.stdout.strip() == f"aiolb {__version__}"
 
 
+Cli = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``main(args)`` in this process: ``(exit code, stdout, stderr)``, for commands that
+    do not serve. ``env`` is set for the call, after clearing the ``AIOLB_*`` variables."""
+
+    def call(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        for name in ("AIOLB_CONFIG", "AIOLB_LOG_LEVEL", "AIOLB_ADMIN_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_flags(cli: Cli, flag: str) -> None:
+    assert cli(flag) == (0, f"aiolb {__version__}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--log-level", "bogus", "version"], {}, "invalid choice: 'bogus'"),
+        (["version"], {"AIOLB_LOG_LEVEL": "loud"}, "AIOLB_LOG_LEVEL='loud' is not a log level"),
+        ([], {}, "a command is required: run,check,"),
+        (["bogus"], {}, "invalid choice: 'bogus'"),
+        (["run"], {}, "run: -c FILE is required (or set AIOLB_CONFIG)"),
+        (["check", "-c", "x.yaml", "--nope"], {}, "unrecognized arguments: --nope"),
+        (["demo", "--port", "many"], {}, "argument --port: invalid int value: 'many'"),
+    ],
+)
+def test_a_usage_mistake_is_one_line_and_exit_2(
+    cli: Cli, args: list[str], env: dict[str, str], says: str
+) -> None:
+    code, out, err = cli(*args, env=env)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("aiolb") and says in err, err
+    assert "_worker" not in err
+
+
+def test_a_bad_flag_from_the_shell_has_no_traceback() -> None:
+    result = aiolb_cli("--log-level", "bogus", "version")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_help_lists_the_commands_and_explains_the_options(cli: Cli) -> None:
+    code, top, _ = cli("--help")
+    assert code == 0
+    for command in ("run", "check", "reload", "stop", "demo", "example", "version"):
+        assert re.search(rf"^\s+{command}\s+\S", top, re.M), (command, top)
+    assert "_worker" not in top
+    assert "--log-level LEVEL" in top and "AIOLB_LOG_LEVEL" in top
+    for command in ("run", "check", "reload", "stop"):
+        text = cli(command, "--help")[1]
+        assert "-c FILE, --config FILE" in text and "(default: $AIOLB_CONFIG)" in text, text
+
+
+def test_config_defaults_to_aiolb_config(cli: Cli) -> None:
+    code, out, _ = cli("check", env={"AIOLB_CONFIG": "config/routing.yaml"})
+    assert code == 0 and out.startswith("config/routing.yaml: OK")
+
+
+# --- check and run refuse the same files --------------------------------------------------
+
+
+def _preflight_cases(tmp_path: Path) -> list[tuple[str, int, str]]:
+    """(config text, line, message start) for each refusal ``run`` makes from the file."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    base = PUBLIC_ADMIN.replace("0.0.0.0:0", "127.0.0.1:0")
+    return [
+        (PUBLIC_ADMIN, 5, "admin.bind: 0.0.0.0:0 is not a loopback address and no token is set"),
+        (base + f"access_log: {{path: {tmp_path}/missing/access.log}}\n", 6,
+         f"access_log.path: cannot create {tmp_path}/missing/access.log: directory "
+         f"{tmp_path}/missing does not exist"),
+        (base + f"access_log: {{path: {log_dir}}}\n", 6, f"access_log.path: {log_dir} is a "
+         "directory"),
+        (base + f"pid_file: {tmp_path}/run/aiolb.pid\n", 6, f"pid_file: cannot create "
+         f"{tmp_path}/run/aiolb.pid: directory {tmp_path}/run does not exist"),
+        (base.replace('bind: "127.0.0.1:0", routes', 'bind: "no-such-host.invalid:0", routes'),
+         2, "listeners[0].bind: host 'no-such-host.invalid' does not resolve"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_check_refuses_what_run_refuses(cli: Cli, tmp_path: Path, case: int) -> None:
+    text, line, message = _preflight_cases(tmp_path)[case]
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    code, out, err = cli("check", "-c", str(path))
+    run = aiolb_cli("run", "-c", str(path))
+    assert code == run.returncode == 2
+    assert err == run.stderr, (err, run.stderr)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}:{line}: {message}"), lines
+    assert "Traceback" not in run.stderr and out == ""
+
+
+def test_a_token_makes_a_public_admin_acceptable(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(PUBLIC_ADMIN)
+    assert cli("check", "-c", str(path), env={"AIOLB_ADMIN_TOKEN": "t"})[0] == 0
+    path.write_text(PUBLIC_ADMIN.replace('"0.0.0.0:0"}', '"0.0.0.0:0", token: s3cret}'))
+    assert cli("check", "-c", str(path))[0] == 0
+
+
+# --- the effective config -------------------------------------------------------------------
+
+
+def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listeners:\n"
+        "  - {name: web, bind: \"127.0.0.1:${PORT}\", routes: [{pool: main}]}\n"
+        "pools:\n"
+        "  main:\n"
+        "    balancer: {name: peak_ewma, decay: 5s}\n"
+        "    upstreams: [{url: \"http://127.0.0.1:9001\", name: app-1}]\n"
+        "admin: {bind: \"127.0.0.1:9902\", token: \"${TOKEN}\"}\n"
+    )
+    env = {"PORT": "8081", "TOKEN": "very-secret-token"}
+    code, out, err = cli("check", "-c", str(path), "--print", env=env)
+    assert code == 0, err
+    assert "very-secret-token" not in out
+    assert out.startswith(f"# The effective config of {path}")
+    data = yaml.safe_load(out)
+    listener, pool = data["listeners"][0], data["pools"]["main"]
+    assert listener["bind"] == "127.0.0.1:8081"  # ${PORT} expanded
+    assert listener["timeouts"] == {"header": "10s", "idle": "1m", "body": "1m"}
+    assert listener["limits"]["max_header_size"] == "64KiB"
+    assert pool["balancer"] == {"name": "peak_ewma", "decay": "5s"}
+    assert pool["upstreams"] == [{"url": "http://127.0.0.1:9001", "name": "app-1", "weight": 1,
+                                  "backup": False, "max_connections": None}]  # fmt: skip
+    assert pool["retries"]["attempts"] == 2 and pool["health_check"]["active"] is None
+    assert data["admin"] == {"bind": "127.0.0.1:9902", "token": HIDDEN}
+    assert data["access_log"] is None and data["workers"] == 1
+    # what it prints is a config that means the same (the token aside)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    expected = load_config(path, env=env)
+    assert load_config(printed, env={}) == expected.model_copy(
+        update={"admin": expected.admin.model_copy(update={"token": HIDDEN})})  # fmt: skip
+
+
+def test_check_print_says_where_the_token_comes_from(cli: Cli) -> None:
+    code, out, _ = cli("check", "-c", "config/aiolb.yaml", "--print",
+                       env={"AIOLB_ADMIN_TOKEN": "from-env"})  # fmt: skip
+    assert code == 0
+    assert "AIOLB_ADMIN_TOKEN is set and is the token" in out and "from-env" not in out
+
+
+# --- start-up: what it serves, and a busy port ---------------------------------------------
+
+
+def test_a_busy_port_names_the_key_to_change(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "c.yaml"
+        path.write_text(PUBLIC_ADMIN.replace("0.0.0.0:0", "127.0.0.1:0").replace(
+            "127.0.0.1:0\", routes", f"127.0.0.1:{port}\", routes"))  # fmt: skip
+        listener = aiolb_cli("run", "-c", str(path))
+        path.write_text(PUBLIC_ADMIN.replace("0.0.0.0:0", f"127.0.0.1:{port}"))
+        admin = aiolb_cli("run", "-c", str(path))
+        demo = aiolb_cli("demo", "--port", str(port))
+    assert listener.returncode == admin.returncode == demo.returncode == 1
+    assert listener.stderr.strip().splitlines()[-1] == (
+        f"{path}:2: listeners[0].bind: cannot listen on 127.0.0.1:{port}: address already in "
+        "use (another process holds it: stop it or change this key)")  # fmt: skip
+    assert admin.stderr.strip().splitlines()[-1].startswith(
+        f"{path}:5: admin.bind: cannot listen on 127.0.0.1:{port}: address already in use")
+    assert demo.stderr.strip() == (
+        f"aiolb demo: cannot listen on 127.0.0.1:{port}: address already in use; choose "
+        "another port with --port N (--port 0: any free port)")  # fmt: skip
+    for result in (listener, admin, demo):
+        assert "Traceback" not in result.stderr
+
+
+async def test_run_says_what_it_serves(recorders, aiolb) -> None:
+    a, b = await recorders("a"), await recorders("b")
+    text = (
+        "listeners:\n"
+        "  - name: public\n"
+        f'    bind: "{HOST}:0"\n'
+        "    routes:\n"
+        "      - {match: {host: api.example.com, path_prefix: /v1/}, pool: api}\n"
+        "      - {pool: web}\n"
+        "pools:\n"
+        "  web:\n"
+        f'    upstreams: [{{url: "{a.url}"}}, {{url: "{b.url}", backup: true}}]\n'
+        "  api:\n"
+        "    balancer: least_connections\n"
+        f'    upstreams: [{{url: "{a.url}"}}]\n'
+        "    health_check: {active: {interval: 2s}}\n"
+        f'admin: {{bind: "{HOST}:0"}}\n'
+    )
+    proc = await aiolb(text)
+    said = [line.split(" aiolb: ", 1)[1].rstrip() for line in proc.lines if " aiolb: " in line]
+    assert said[:5] == [
+        f"aiolb {__version__} serving {proc.path} (pid {proc.proc.pid}, 1 worker)",
+        f"listener public serving on {HOST}:{proc.port}: api.example.com/v1/ -> api, / -> web",
+        "pool web: round_robin, 2 upstreams (1 backup), no active checks, passive on",
+        "pool api: least_connections, 1 upstream, active checks every 2s, passive on",
+        f"admin API on {proc.admin} (dashboard /, metrics /metrics, no token)",
+    ], said
+
+
+async def test_demo_says_prominently_that_the_admin_port_moved() -> None:
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "demo", "--port", "0", "--admin-port", str(busy),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            banner = await _read_banner(proc)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+    admin_url = re.search(r"Admin: dashboard (http://\S+)/ ", banner).group(1)
+    assert not admin_url.endswith(f":{busy}")
+    lines = banner.splitlines()
+    assert lines[2] == (f"NOTE: port {busy} is busy (another aiolb?), so this demo's admin API "
+                        f"and dashboard are on {admin_url},")  # fmt: skip
+    assert lines[3].strip().startswith(f"NOT on http://127.0.0.1:{busy}")
+
+
 def test_check_accepts_the_default_config():
-    result = _aiolb("check", "-c", "config/aiolb.yaml")
+    result = aiolb_cli("check", "-c", "config/aiolb.yaml")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config/aiolb.yaml: OK")
 
@@ -50,7 +296,7 @@ def test_check_reports_every_problem_with_file_and_line(tmp_path):
         "      - {url: \"http://127.0.0.1:9001\"}\n"
         "      - {url: \"http://127.0.0.1:9002\", weight: 0}\n"
     )
-    result = _aiolb("check", "-c", str(bad))
+    result = aiolb_cli("check", "-c", str(bad))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert any(re.match(rf"{re.escape(str(bad))}:6: .*pool.*nowhere", ln) for ln in lines), lines
@@ -61,7 +307,7 @@ def test_check_reports_every_problem_with_file_and_line(tmp_path):
 
 
 def test_check_missing_file_is_one_clear_line(tmp_path):
-    result = _aiolb("check", "-c", str(tmp_path / "nope.yaml"))
+    result = aiolb_cli("check", "-c", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "nope.yaml" in result.stderr and "Traceback" not in result.stderr
@@ -70,7 +316,7 @@ def test_check_missing_file_is_one_clear_line(tmp_path):
 def test_run_refuses_a_bad_config_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("listeners: [\n")
-    result = _aiolb("run", "-c", str(bad))
+    result = aiolb_cli("run", "-c", str(bad))
     assert result.returncode == 2
     assert f"{bad}:" in result.stderr and "Traceback" not in result.stderr
 
@@ -107,3 +353,17 @@ async def test_demo_answers_through_the_proxy_and_stops_on_ctrl_c():
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0
+
+
+# --- the example configs ------------------------------------------------------------------
+
+
+def test_example_lists_and_prints_the_example_configs(cli: Cli) -> None:
+    code, out, _ = cli("example")
+    names = sorted(path.stem for path in (REPO / "config").glob("*.yaml"))
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[: len(names)]] == names
+    assert "aiolb      the documented default configuration." in out
+    assert cli("example", "aiolb") == (0, (REPO / "config" / "aiolb.yaml").read_text(), "")
+    assert cli("example", "routing.yaml")[1] == (REPO / "config" / "routing.yaml").read_text()
+    code, out, err = cli("example", "nope")
+    assert (code, out) == (2, "") and err.startswith("aiolb example: no example 'nope'; there")

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import __version__
 from proxy.admin import AdminHandle, start_admin
 from proxy.config import Admin
 from proxy.runtime.server import ProxyServer
@@ -226,5 +227,101 @@ def test_dashboard_page_is_self_contained():
     assert "<link" not in html.lower()
     for hook in ("data-upstream", "data-state", "data-action", "data-errors",
                  'data-banner="connection-lost"', "data-auth-form", "sessionStorage",
-                 "Authorization", "encodeURIComponent"):
+                 "Authorization", "encodeURIComponent", "data-listeners", "data-chart",
+                 "retry_budget", "api/server", "api/trends"):
         assert hook in html, hook
+
+
+LINE_BLUE = "the rate chart's line (--accent, #2563eb in the light scheme)"
+LINE_PURPLE = "the p99 chart's line (--ejected, #8a3ffc)"
+
+
+def blue(pixel: tuple[int, int, int]) -> bool:
+    r, g, b = pixel
+    return b > 180 and r < 90 and 60 < g < 150
+
+
+def purple(pixel: tuple[int, int, int]) -> bool:
+    r, g, b = pixel
+    return b > 200 and 100 < r < 180 and g < 110
+
+
+def dark(pixel: tuple[int, int, int]) -> bool:
+    return sum(pixel) < 250  # text in the light scheme (#1d2330 and anti-aliasing)
+
+
+async def test_dashboard_shows_version_listeners_names_trends_and_pool_state(
+    recorders, proxy, browser, tmp_path
+):
+    a, b = await recorders("a"), await recorders("b")
+    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main"},
+              {"match": {"path_prefix": "/"}, "pool": "main"}]  # fmt: skip
+    pool = {"upstreams": [{"url": a.url, "name": "app-a"}, {"url": b.url}]}
+    server = await proxy(make_config([], pool=pool, routes=routes))
+    server.config_path = "dashboard-test.yaml"
+    handle = admin_of(server)
+    port = server.listeners[0].port
+    await browser.call("Emulation.setEmulatedMedia",
+                       features=[{"name": "prefers-color-scheme", "value": "light"}])  # fmt: skip
+    await browser.goto(f"{handle.url}/")
+    await browser.wait_until("document.body.dataset.loaded === '1'", what="first poll")
+
+    # the header: version and uptime
+    await browser.wait_until(
+        js("[data-field=version]", f"el.textContent === 'v{__version__}'"), what="version"
+    )
+    uptime = await browser.wait_until(js("[data-field=uptime]", "el.textContent"), what="uptime")
+    assert re.fullmatch(r"up \d+s", uptime), uptime
+
+    # the listeners and their routes
+    listener = 'section[data-listeners] tr[data-listener="test"]'
+    await browser.wait_until(
+        js(f"{listener} [data-field=bind]", f"el.textContent === '{HOST}:{port}'"),
+        what="listener address",
+    )
+    routes_text = await browser.evaluate(js(f"{listener} [data-field=routes]", "el.textContent"))
+    assert routes_text == "api.example.com/v1/ → main/ → main", routes_text
+    assert await browser.evaluate(js("section[data-listeners]", "el.hidden")) is False
+
+    # upstream names: the config's, with the address underneath; else the address
+    a_addr, b_addr = f"{HOST}:{a.port}", f"{HOST}:{b.port}"
+    name_a = await browser.evaluate(js(f"{row(a_addr)} [data-field=name]", "el.innerText"))
+    assert name_a.split() == ["app-a", a_addr], name_a
+    assert await browser.evaluate(js(f"{row(b_addr)} [data-field=name]", "el.innerText")) == b_addr
+
+    # the pool's retry budget and ejection state
+    heading = 'section[data-pool="main"] h2'
+    assert await browser.wait_until(js(f"{heading} [data-field=retry_budget]", "el.textContent"),
+                                    what="retry budget") == (
+        "retry budget: 10 retries left (20% of requests + 10/s), 0 denied")  # fmt: skip
+    assert await browser.evaluate(js(f"{heading} [data-field=ejection]", "el.textContent")) == (
+        "ejected: 0 of 2 (at most 50%)")  # fmt: skip
+
+    # no traffic yet: the charts draw no line
+    trends = 'section[data-pool="main"] .trends'
+    before = await browser.screenshot(trends, save=tmp_path / "trends-before.png")
+    assert before.count(blue) == 0 and before.count(purple) == 0
+
+    # traffic: the charts fill in (a point a second, fetched every 2 s)
+    rate_chart = 'section[data-pool="main"] svg[data-chart="rate"]'
+    p99_chart = 'section[data-pool="main"] svg[data-chart="p99"]'
+    drawn = js(rate_chart, "Number(el.dataset.count) >= 2") + " && " + js(
+        p99_chart, "Number(el.dataset.count) >= 2")  # fmt: skip
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    async with aiohttp.ClientSession() as session:
+        while not await browser.evaluate(drawn):
+            assert loop.time() < deadline, await browser.evaluate("document.body.innerText")
+            assert len(await send(session, server, 10)) == 10
+    assert float(await browser.evaluate(js(rate_chart, "el.dataset.last"))) > 0
+    caption = await browser.evaluate(js(f"{trends} figcaption", "el.textContent"))
+    assert re.fullmatch(r"requests/s: [\d.]+ now, max [\d.]+ \(last \d+ s\)", caption), caption
+
+    # and on screen: both lines are there, in their colours
+    after = await browser.screenshot(trends, save=tmp_path / "trends-after.png")
+    assert after.count(blue) > 40, LINE_BLUE
+    assert after.count(purple) > 40, LINE_PURPLE
+    header = await browser.screenshot("header", save=tmp_path / "header.png")
+    listeners = await browser.screenshot("section[data-listeners]", save=tmp_path / "l.png")
+    assert header.count(dark) > 100 and listeners.count(dark) > 200  # text is drawn
+    assert browser.errors == []

@@ -11,24 +11,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO, unused_port
+
 SCRIPTS = REPO / "deploy" / "docker"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -65,7 +57,7 @@ async def wait_until_answering(url: str, proc: asyncio.subprocess.Process) -> No
 @pytest.fixture
 async def demo_upstream() -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
     """``python demo_upstream.py NAME PORT``, as docker-compose runs it."""
-    port = free_port()
+    port = unused_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SCRIPTS / "demo_upstream.py"), "upstream-7", str(port),
         stderr=asyncio.subprocess.DEVNULL, env=script_env(),
@@ -103,7 +95,7 @@ async def test_demo_upstream_is_healthy_and_stops_cleanly_on_sigterm(
 
 async def test_demo_upstream_takes_name_and_port_from_the_environment() -> None:
     """The Kubernetes example passes the pod name and port as DEMO_NAME and DEMO_PORT."""
-    port = free_port()
+    port = unused_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SCRIPTS / "demo_upstream.py"),
         stderr=asyncio.subprocess.DEVNULL,
@@ -127,7 +119,7 @@ async def test_healthcheck_fails_on_an_error_status_and_a_refused_connection() -
     app.router.add_get("/healthz", not_ready)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = free_port()
+    port = unused_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:

@@ -9,7 +9,6 @@ request on a new connection.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.support import (
     make_config,
     raw_exchange,
     read_response,
+    unused_port,
     wait_for,
 )
 
@@ -78,13 +78,6 @@ async def assert_still_serving(port: int, host: bytes = b"example.test") -> None
     finally:
         writer.close()
         await writer.wait_closed()
-
-
-def closed_port() -> int:
-    """A local port with nothing listening (bound once, then released)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class Uploader(asyncio.Protocol):
@@ -507,7 +500,7 @@ async def test_upstream_refusing_connections_gets_502(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
     _, port, _ = await start_with(
-        proxy, recorders, **via_pool("/down", f"http://{HOST}:{closed_port()}")
+        proxy, recorders, **via_pool("/down", f"http://{HOST}:{unused_port()}")
     )
     reader, writer = await asyncio.open_connection(HOST, port)
     try:

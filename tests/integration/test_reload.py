@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.config import load_config
@@ -86,7 +87,8 @@ async def test_reload_applies_a_changed_pool(
         assert [await send(keep_alive, "GET", proxy_url(server, "/x")) for _ in range(3)] == [
             (200, "a")] * 3  # fmt: skip
         path.write_text(yaml_config([a.url, b.url], weight=2))
-        assert await reload(server) == (200, {"applied": True, "errors": []})
+        assert await reload(server) == (200, {"applied": True, "errors": [], "changes": [
+            f"pool main: upstream {HOST}:{b.port} added, upstream {HOST}:{a.port} changed"]})
         assert server.listeners[0].port == port  # the same socket kept serving
         new_a = server.pools["main"].upstreams[0]
         assert new_a is old_a and new_a.weight == 2 and new_a.stats.total == 3
@@ -121,6 +123,27 @@ async def test_a_broken_file_changes_nothing(
     text = await scrape(server)
     reloads = samples(text, "aiolb_config_reloads_total")
     assert reloads == {(("result", "success"),): 0.0, (("result", "failure"),): 2.0}
+
+
+async def test_a_reload_refuses_what_check_refuses(
+    recorders: MakeRecorder, proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight runs on reloads too: a file ``aiolb check`` refuses is not applied."""
+    monkeypatch.delenv("AIOLB_ADMIN_TOKEN", raising=False)
+    a = await recorders("a")
+    path = tmp_path / "aiolb.yaml"
+    server = await start_from_file(proxy, path, yaml_config([a.url]))
+    public = 'admin:\n  bind: "0.0.0.0:0"'
+    text = yaml_config([a.url]).replace(f'admin:\n  bind: "{HOST}:0"', public)
+    path.write_text(text + f"access_log: {{path: {tmp_path}/no/such/dir/log}}\n")
+    status, body = await reload(server)
+    assert status == 400 and body["applied"] is False
+    assert body["errors"] == [
+        f"{path}:11: admin.bind: 0.0.0.0:0 is not a loopback address and no token is set: "
+        "set admin.token or AIOLB_ADMIN_TOKEN, or bind the admin to 127.0.0.1",
+        f"{path}:12: access_log.path: cannot create {tmp_path}/no/such/dir/log: directory "
+        f"{tmp_path}/no/such/dir does not exist",
+    ]
 
 
 async def test_drain_and_counters_survive_a_reload(

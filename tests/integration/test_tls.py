@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import Config, load_config
+from proxy.config import Config
+from proxy.runtime.preflight import validate, warnings
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import get_json, samples, scrape
 from tests.support import (
@@ -272,10 +273,9 @@ async def test_an_expired_certificate_is_a_warning_and_still_serves(
         f"warning: certificate {expired.cert} expired on 2025-01-02 03:04:05 UTC"
     )
     assert done.stdout.startswith(f"{path}: OK")
-    warnings: list[str] = []
-    config = load_config(path, check_files=True, warnings=warnings)
-    assert len(warnings) == 1
-    server = ProxyServer(config)
+    document = validate(str(path))
+    assert len(warnings(document)) == 1
+    server = ProxyServer(document.config)
     await server.start()
     try:  # the proxy serves it; a client that checks dates refuses it, as it should
         lax = ca.client_context()
@@ -298,7 +298,7 @@ async def test_reload_changes_the_certificate_under_load_without_a_failed_reques
     up = await recorders("a")
     first, second = ca.issue("a.test"), ca.issue("a.test")
     path = write_config(tmp_path / "aiolb.yaml", up.url, [first.entry])
-    server = ProxyServer(load_config(path, check_files=True))
+    server = ProxyServer(validate(str(path)).config)
     server.config_path = str(path)
     await server.start()
     port, context = server.listeners[0].port, ca.client_context()
@@ -342,14 +342,17 @@ async def test_reload_changes_the_certificate_under_load_without_a_failed_reques
         await wait_for(lambda: ok[0] >= 200, timeout=20)
         write_config(path, up.url, [second.entry])
         status, body, _ = await get_json(server, "/api/reload", "POST")
-        assert (status, body) == (200, {"applied": True, "errors": []})
+        assert (status, body["applied"], body["errors"]) == (200, True, [])
+        assert body["changes"] == ["listener public: tls changed"]
         count = len(serials)
         await wait_for(lambda: len(serials) >= count + 20, timeout=20)
         # a broken certificate: the reload is refused, the second one keeps serving
         write_config(path, up.url, [{"cert": second.cert, "key": first.key}])
         status, body, _ = await get_json(server, "/api/reload", "POST")
-        assert status == 422 or body["applied"] is False
-        assert any("is not the private key of" in error for error in body["errors"])
+        assert (status, body["applied"]) == (400, False)
+        assert body["errors"] == [f"{path}:{cert_line(path, 0, 'key')}: "
+                                  "listeners[0].tls.certificates[0].key: "
+                                  f"{first.key} is not the private key of {second.cert}"]
         count = len(serials)
         await wait_for(lambda: len(serials) >= count + 20, timeout=20)
         stop.set()

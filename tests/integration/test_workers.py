@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support import HOST, Recorder, wait_for
+from tests.support import Recorder, wait_for
 
 MakeRecorder = Callable[..., Awaitable[Recorder]]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def config_text(urls: list[str], workers: int, extra_pool: str = "", top: str = "") -> str:
@@ -43,82 +39,6 @@ admin: {{bind: "127.0.0.1:0"}}
 workers: {workers}
 shutdown_timeout: 10s
 {top}"""
-
-
-class Aiolb:
-    """A running ``aiolb run -c FILE`` and what it logged."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[str] = []
-        self.port = 0
-        self.admin = ""
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self, workers: int) -> Aiolb:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "-c", str(self.path),
-            stderr=asyncio.subprocess.PIPE, cwd=REPO,
-            env={k: v for k, v in os.environ.items() if k != "AIOLB_ADMIN_TOKEN"},
-        )  # fmt: skip
-        self._reader = asyncio.ensure_future(self._read())
-        await wait_for(lambda: self.port and self.admin and self.logged(
-            f"{workers} workers serving" if workers > 1 else "serving on"), 30.0)  # fmt: skip
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while line := (await self.proc.stderr.readline()).decode():
-            self.lines.append(line)
-            if m := re.search(r"listener test serving on [\d.]+:(\d+)", line):
-                self.port = int(m.group(1))
-            if m := re.search(r"admin API on (http://\S+)", line):
-                self.admin = m.group(1)
-
-    def logged(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}/"
-
-    def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        return sorted(int(p) for p in children.split())
-
-    async def metrics(self) -> str:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.admin}/metrics") as resp:
-            return await resp.text()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), 30)
-        if self._reader is not None:
-            await self._reader
-        return code
-
-
-@pytest.fixture
-async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]]:
-    started: list[Aiolb] = []
-
-    async def make(text: str, workers: int) -> Aiolb:
-        path = tmp_path / "aiolb.yaml"
-        path.write_text(text)
-        proc = await Aiolb(path).start(workers)
-        started.append(proc)
-        return proc
-
-    yield make
-    for proc in started:
-        if proc.proc is not None and proc.proc.returncode is None:
-            await proc.stop(signal.SIGKILL)
-    for proc in started:
-        assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
 
 
 def metric(text: str, name: str) -> float:

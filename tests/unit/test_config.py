@@ -28,7 +28,9 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
+from proxy.config.diff import describe_changes
 from proxy.config.source import expand
+from proxy.config.values import format_duration, format_size
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "config").glob("*.yaml"))
 
@@ -380,6 +382,44 @@ def test_duplicate_upstream(tmp_path: Path) -> None:
     ]
 
 
+def named_upstreams(first: str, second: str) -> str:
+    """``VALID`` with ``name:`` on its two upstreams (lines 10 and 12)."""
+    text = VALID.replace('9001"', f'9001"\n        name: {first}')
+    return text.replace('9002"', f'9002"\n        name: {second}')
+
+
+def test_duplicate_upstream_name(tmp_path: Path) -> None:
+    assert problems(tmp_path, named_upstreams("app", "app")) == [
+        "F:12: pools.web.upstreams[1].name: duplicate upstream name 'app' (also upstreams[0])"
+    ]
+    named = load(tmp_path, named_upstreams("app-1", "app-2"))
+    assert [u.label for u in named.pools["web"].upstreams] == ["app-1", "app-2"]
+    assert load(tmp_path, VALID).pools["web"].upstreams[0].label == "127.0.0.1:9001"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("[status, nope]", "unknown access log field 'nope'; fields: time, client,"),
+        ("[status, status]", "each access log field may be listed once"),
+        ("'$client $nope'", "unknown access log field $nope; fields: time, client,"),
+        ("'costs $5'", "'$' at 6 starts no field; write $$ for '$'"),
+        ("[]", "must be a list of field names or a template string"),
+    ],
+)
+def test_access_log_format_errors(tmp_path: Path, fmt: str, message: str) -> None:
+    text = VALID + f"access_log:\n  path: stdout\n  format: {fmt}\n"
+    found = problems(tmp_path, text)
+    assert len(found) == 1 and found[0].startswith(f"F:13: access_log.format: {message}"), found
+
+
+def test_access_log_format_forms(tmp_path: Path) -> None:
+    text = VALID + "access_log:\n  format: [status, path]\n"
+    assert load(tmp_path, text).access_log.format == ("status", "path")  # type: ignore[union-attr]
+    template = VALID + "access_log:\n  format: '$$ $status'\n"
+    assert load(tmp_path, template).access_log.format == "$$ $status"  # type: ignore[union-attr]
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     text = VALID.replace("routes:", "name: again\n    routes:")
     assert problems(tmp_path, text) == ["F:4: listeners[0].name: duplicate key 'name'"]
@@ -542,3 +582,56 @@ def test_redirect_routes_need_no_pool_and_upgrades_default_to_websocket(tmp_path
     upstream = load(tmp_path, VALID.replace("http://127.0.0.1:9001", "https://a.test"))
     spec = upstream.pools["web"].upstreams[0]
     assert (spec.https, spec.address) == (True, "a.test:443")
+
+
+# --- printing values back: durations and sizes ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.25, "250ms"), (0.025, "25ms"), (30.0, "30s"), (300.0, "5m"), (3600.0, "1h"),
+     (1.5, "1.5s"), (0.0, "0s"), (90.0, "90s"), (0.0125, "0.0125s"), (1e-05, "0.00001s")],
+)  # fmt: skip
+def test_format_duration_reads_back(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text and parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(65536, "64KiB"), (8192, "8KiB"), (1 << 20, "1MiB"), (3 << 30, "3GiB"),
+                       (1000, 1000), (0, 0)],
+)  # fmt: skip
+def test_format_size_reads_back(size: int, text: str | int) -> None:
+    assert format_size(size) == text and parse_size(text) == size
+
+
+# --- what a reload changes ---------------------------------------------------------------
+
+
+def test_describe_changes() -> None:
+    old = Config.model_validate(minimal(
+        pools={"web": {"upstreams": [{"url": "http://127.0.0.1:9001"},
+                                     {"url": "http://127.0.0.1:9002"}]},
+               "old": {"upstreams": [{"url": "http://127.0.0.1:9009"}]}},
+        listeners=[{"name": "a", "bind": "127.0.0.1:8080", "routes": [{"pool": "web"}]},
+                   {"name": "gone", "bind": "127.0.0.1:8081", "routes": [{"pool": "old"}]}],
+    ))  # fmt: skip
+    assert describe_changes(old, old) == []
+    new = Config.model_validate(minimal(
+        pools={"web": {"upstreams": [{"url": "http://127.0.0.1:9001", "weight": 3},
+                                     {"url": "http://127.0.0.1:9003"}],
+                       "retries": {"attempts": 3}},
+               "api": {"upstreams": [{"url": "http://127.0.0.1:9100"}]}},
+        listeners=[{"name": "a", "bind": "127.0.0.1:8090", "routes": [{"pool": "api"}]},
+                   {"name": "b", "bind": "127.0.0.1:8091", "routes": [{"pool": "web"}]}],
+        workers=2,
+    ))  # fmt: skip
+    assert describe_changes(old, new) == [
+        "listener a: bind 127.0.0.1:8080 -> 127.0.0.1:8090, routes changed",
+        "listener b added (127.0.0.1:8091)",
+        "listener gone removed",
+        "pool web: upstream 127.0.0.1:9003 added, upstream 127.0.0.1:9002 removed, "
+        "upstream 127.0.0.1:9001 changed, retries changed",
+        "pool api added (1 upstream)",
+        "pool old removed",
+        "workers changed",
+    ]

@@ -1,0 +1,261 @@
+"""The Redis store: stored responses shared by every worker and instance on one Redis.
+
+Layout, under ``key_prefix`` (``h``: the SHA-1 of the cache key; ``v``: of a variant):
+
+- ``{p}k:h``: the cache key and the ``Vary`` names of its newest response, one per line
+  (what a lookup needs first, and what ``purge`` by prefix reads);
+- ``{p}s:h``: the set of variants stored for the key;
+- ``{p}m:h:v``: an entry's head and times (JSON, ``Entry.meta``); ``{p}b:h:v``: its body.
+
+A lookup is one round trip for a key that does not vary (the names and the entry of
+the empty variant are fetched in one pipeline), two for one that does. A body is
+written as it streams from the upstream: each chunk is APPENDed to a key of its own
+(``{p}t:h:v:n``) by a writer that keeps at most what Redis has not yet taken, so a
+large body is never held twice; ``commit`` renames it into place with the head, in one
+transaction, and gives every key a TTL (the entry's lifetime plus ``keep_stale``). A
+response cut short is never committed: its temporary key expires.
+
+Redis failing (refused, slow beyond ``timeout``, an error) never fails a request: the
+operation reports a miss or gives up storing, ``errors`` counts it, one log line
+marks the start of the outage, and for ``retry_after`` seconds the store is skipped
+without trying; then the next request tries again, and a success logs the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from proxy.cache.entry import Entry
+from proxy.cache.policy import variant
+
+log = logging.getLogger("aiolb")
+
+#: After an error, Redis is not tried again for this long.
+RETRY_AFTER: Final = 1.0
+#: A temporary body key outlives an unfinished write by this long at most.
+TEMP_TTL: Final = 300
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
+
+
+class RedisStore:
+    """Cache entries in Redis (redis-py's asyncio client, hiredis when installed)."""
+
+    def __init__(
+        self, url: str, key_prefix: str, keep_stale: float, timeout: float = 0.25
+    ) -> None:
+        import redis.asyncio  # only a cache with a Redis store needs it (imported late)
+
+        self.url = url
+        self.prefix = key_prefix
+        self.keep_stale = keep_stale
+        self.timeout = timeout
+        self.client: Any = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.errors = 0
+        self.down_until = 0.0  # monotonic: skip Redis until then
+        self.outage = False
+        self._temp = itertools.count()
+
+    # -- health ----------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        self.down_until = time.monotonic() + RETRY_AFTER
+        if not self.outage:
+            self.outage = True
+            log.warning("cache store %s: %s failed (%s); requests bypass the cache until it "
+                        "answers again", self.url, what, exc or type(exc).__name__)  # fmt: skip
+
+    def worked(self) -> None:
+        if self.outage:
+            self.outage = False
+            log.warning("cache store %s answers again; caching resumed", self.url)
+
+    # -- keys --------------------------------------------------------------------------
+
+    def _keys(self, key: bytes) -> tuple[str, str, str]:
+        """(names key, variants set key, the key's hash)."""
+        h = _digest(key)
+        return f"{self.prefix}k:{h}", f"{self.prefix}s:{h}", h
+
+    def _entry_keys(self, h: str, v: str) -> tuple[str, str]:
+        """(meta key, body key) of the variant ``v`` of the key hashed ``h``."""
+        return f"{self.prefix}m:{h}:{v}", f"{self.prefix}b:{h}:{v}"
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def get(self, key: bytes, request: Sequence[tuple[bytes, bytes]]) -> Entry | None:
+        """The entry for ``key`` matching ``request``'s variant; None on a miss or when
+        Redis fails."""
+        if not self.available:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                entry = await self._get(key, request)
+        except Exception as exc:
+            self.failed("a lookup", exc)
+            return None
+        self.worked()
+        return entry
+
+    async def _get(self, key: bytes, request: Sequence[tuple[bytes, bytes]]) -> Entry | None:
+        names_key, _, h = self._keys(key)
+        meta_key, body_key = self._entry_keys(h, _digest(b""))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(names_key).get(meta_key).get(body_key)
+        record, meta, body = await pipe.execute()
+        if record is None:
+            return None
+        stored_key, *names = bytes(record).split(b"\n")
+        if stored_key != key:  # a SHA-1 collision: not ours
+            return None
+        vary = tuple(names)
+        values = variant(request, vary) if vary else ()
+        if vary:
+            meta, body = await self.client.mget(*self._entry_keys(h, _digest(b"\n".join(values))))
+        if meta is None or body is None:
+            return None
+        return Entry.restore(key, vary, values, json.loads(meta), bytes(body))
+
+    # -- writing -----------------------------------------------------------------------
+
+    def writer(self, key: bytes, vary: tuple[bytes, ...], values: tuple[bytes, ...]) -> BodyWriter:
+        """A writer for the body of ``key``'s response of this variant, as it streams."""
+        temp = f"{self.prefix}t:{_digest(key)}:{next(self._temp)}:{id(self):x}"
+        return BodyWriter(self, key, vary, values, temp)
+
+    async def put(self, entry: Entry) -> None:
+        """Store a whole entry (a 304's refresh, or a body already in memory)."""
+        writer = self.writer(entry.key, entry.vary, entry.variant)
+        writer.append(entry.body)
+        await writer.commit(entry)
+
+    async def remove(self, key: bytes) -> int:
+        """Drop every variant of ``key``; how many there were (0 when Redis fails)."""
+        if not self.available:
+            return 0
+        names_key, set_key, h = self._keys(key)
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                members = await self.client.smembers(set_key)
+                keys = [names_key, set_key]
+                for v in members:
+                    keys += self._entry_keys(h, v.decode())
+                await self.client.delete(*keys)
+        except Exception as exc:
+            self.failed("an invalidation", exc)
+            return 0
+        self.worked()
+        return len(members)
+
+    async def purge(self, prefix: bytes) -> int:
+        """Drop every entry whose cache key starts with ``prefix``; how many."""
+        found = 0
+        async for name in self.client.scan_iter(match=f"{self.prefix}k:*", count=500):
+            record = await self.client.get(name)
+            if record is not None and bytes(record).split(b"\n", 1)[0].startswith(prefix):
+                found += await self.remove(bytes(record).split(b"\n", 1)[0])
+        return found
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class BodyWriter:
+    """Streams one response body into Redis: ``append`` as chunks arrive (never
+    waits), ``commit`` once the body is complete, ``abort`` when it is not."""
+
+    __slots__ = ("failed", "key", "pending", "size", "store", "task", "temp", "values",
+                 "vary")  # fmt: skip
+
+    def __init__(self, store: RedisStore, key: bytes, vary: tuple[bytes, ...],
+                 values: tuple[bytes, ...], temp: str) -> None:  # fmt: skip
+        self.store = store
+        self.key = key
+        self.vary = vary
+        self.values = values
+        self.temp = temp
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.failed = False
+        self.task: asyncio.Task[None] | None = None
+
+    def append(self, chunk: bytes | memoryview) -> None:
+        if self.failed:
+            return
+        self.pending.append(bytes(chunk))
+        self.size += len(chunk)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send what is pending, one pipeline per batch, until nothing is."""
+        client = self.store.client
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                pipe = client.pipeline(transaction=False)
+                for chunk in batch:
+                    pipe.append(self.temp, chunk)
+                pipe.expire(self.temp, TEMP_TTL)
+                await pipe.execute()
+        except Exception as exc:
+            self.failed = True
+            self.pending = []
+            self.store.failed("storing a body", exc)
+        finally:
+            self.task = None
+
+    async def commit(self, entry: Entry) -> bool:
+        """The body is complete: put it in place with ``entry``'s head. False when it
+        could not be stored."""
+        while self.task is not None and not self.failed:
+            await self.task
+        if self.pending and not self.failed:
+            await self._flush()
+        if self.failed:
+            return False
+        store = self.store
+        names_key, set_key, h = store._keys(self.key)
+        v = _digest(b"\n".join(self.values))
+        meta_key, body_key = store._entry_keys(h, v)
+        ttl = max(1, int(entry.lifetime + store.keep_stale + 1))
+        record = b"\n".join((self.key, *self.vary))
+        try:
+            async with asyncio.timeout(store.timeout * 4):
+                pipe = store.client.pipeline(transaction=True)
+                if self.size:
+                    pipe.rename(self.temp, body_key)
+                else:
+                    pipe.set(body_key, b"")
+                pipe.set(meta_key, json.dumps(entry.meta()), ex=ttl)
+                pipe.expire(body_key, ttl)
+                pipe.set(names_key, record, ex=ttl)
+                pipe.sadd(set_key, v).expire(set_key, ttl)
+                await pipe.execute()
+        except Exception as exc:
+            store.failed("storing a response", exc)
+            return False
+        store.worked()
+        return True
+
+    def abort(self) -> None:
+        """The body was cut short or grew too large: nothing is committed (the
+        temporary key expires by itself)."""
+        self.failed = True
+        self.pending = []

@@ -1,0 +1,181 @@
+"""Access log line formats: a list of fields (JSON) or a ``$field`` template (text).
+
+Theory of operation
+-------------------
+``access_log.format`` is turned, once, into one Python function that formats a whole
+line with a single f-string, the way ``collections.namedtuple`` builds its methods:
+the generated source holds only the expressions of the table below (our code) and
+references ``_0``, ``_1``, ... for the literal text between them, which is passed in
+as data, so nothing an operator writes in the config is ever compiled. The default
+JSON line costs what the hand-written f-string it replaced cost.
+
+JSON lines quote what a client chose (path, host, user agent, request id) with
+``json.dumps`` unless it is plain printable ASCII; text lines escape ``"``, ``\\`` and
+bytes outside printable ASCII as ``\\xHH`` (nginx's ``escape=default``) and show a
+missing value as ``-``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import Pool, Upstream
+
+#: The arguments of ``AccessLog.record``, in order: what a formatter is called with.
+ARGUMENTS: Final = (
+    "now", "client", "method", "target", "status", "bytes_in", "bytes_out", "seconds",
+    "attempts", "request_id", "host", "headers", "listener", "pool", "upstream",
+)  # fmt: skip
+
+# field -> (JSON value expression, whether the JSON value needs quotes around it,
+#           text value expression); ``:spec`` after the expression is a format spec
+_FIELDS: Final = {
+    "time": ("timestamp(now)", True, "timestamp(now)"),
+    "client": ("client", True, "client"),
+    "method": ("method.decode('latin-1')", True, "method.decode('latin-1')"),
+    "path": ("quote(target)", False, "escape(target)"),
+    "status": ("status", False, "status"),
+    "bytes_in": ("bytes_in", False, "bytes_in"),
+    "bytes_out": ("bytes_out", False, "bytes_out"),
+    "duration_ms": ("seconds * 1000:.3f", False, "seconds * 1000:.3f"),
+    "host": ("quote_or_null(host)", False, "escape_or_dash(host)"),
+    "user_agent": ("quote_or_null(user_agent(headers))", False,
+                   "escape_or_dash(user_agent(headers))"),
+    "listener": ("listener", True, "listener"),
+    "pool": ("pool_name(pool)", True, "pool_name(pool) or '-'"),
+    "upstream": ("quote_text(upstream_address(upstream))", False,
+                 "upstream_address(upstream) or '-'"),
+    "upstream_name": ("quote_text(upstream_name(upstream))", False,
+                      "upstream_name(upstream) or '-'"),
+    "attempts": ("attempts", False, "attempts"),
+    "request_id": ("quote(request_id)", False, "escape(request_id)"),
+}  # fmt: skip
+
+#: Every field a line can hold.
+FIELDS: Final = tuple(_FIELDS)
+#: The default line: every field but ``upstream_name`` (the address says it already
+#: unless upstreams are named).
+DEFAULT_FIELDS: Final = tuple(name for name in FIELDS if name != "upstream_name")
+
+_VARIABLE: Final = re.compile(r"\$(?:\{([a-z_]+)\}|([a-z_]+)|(\$))")
+_ESCAPE: Final = re.compile(r'["\\\x00-\x1f\x7f-\xff]')
+
+Formatter = Callable[..., str]
+
+
+def parse_template(template: str) -> list[tuple[str, str | None]]:
+    """``"$client $status"`` -> ``[("", "client"), (" ", "status")]``: each piece's
+    literal text before it and its field (None for trailing text). Raises ValueError
+    for an unknown field or a ``$`` that starts nothing (``$$`` is a dollar sign)."""
+    pieces: list[tuple[str, str | None]] = []
+    literal, at = "", 0
+    for match in _VARIABLE.finditer(template):
+        literal += template[at : match.start()]
+        at = match.end()
+        if match.group(3):
+            literal += "$"
+            continue
+        name = match.group(1) or match.group(2)
+        if name not in _FIELDS:
+            raise ValueError(f"unknown access log field ${name}; fields: {', '.join(FIELDS)}")
+        pieces.append((literal, name))
+        literal = ""
+    rest = template[at:]
+    if "$" in rest.replace("$$", ""):
+        raise ValueError(f"'$' at {template.index('$', at)} starts no field; write $$ for '$'")
+    pieces.append((literal + rest, None))
+    return pieces
+
+
+def compile_format(spec: str | tuple[str, ...], timestamp: Callable[[float], str]) -> Formatter:
+    """The line formatter for ``access_log.format``: called with ``ARGUMENTS``, it
+    returns the line with its newline. ``timestamp(now)`` formats the ``time`` field."""
+    if isinstance(spec, str):
+        pieces = [(lit, None if name is None else _FIELDS[name][2])
+                  for lit, name in parse_template(spec)]  # fmt: skip
+    else:
+        pieces = []
+        for i, name in enumerate(spec):
+            expression, quoted, _ = _FIELDS[name]
+            opening = ("{" if i == 0 else ",") + json.dumps(name) + ":" + ('"' if quoted else "")
+            if i and _FIELDS[spec[i - 1]][1]:
+                opening = '"' + opening
+            pieces.append((opening, expression))
+        pieces.append(('"}' if spec and _FIELDS[spec[-1]][1] else "}", None))
+    return _build(pieces, {**_HELPERS, "timestamp": timestamp})
+
+
+def _build(pieces: list[tuple[str, str | None]], namespace: dict[str, object]) -> Formatter:
+    """One function: literal ``_i`` then expression, for every piece, then a newline."""
+    source = ""
+    for i, (literal, expression) in enumerate(pieces):
+        namespace[f"_{i}"] = literal
+        source += f"{{_{i}}}" + (f"{{{expression}}}" if expression is not None else "")
+    code = f'lambda {", ".join(ARGUMENTS)}: f"{source}\\n"'
+    formatter: Formatter = eval(code, namespace)
+    return formatter
+
+
+def quote(value: bytes) -> str:
+    """A JSON string for bytes a client chose; plain printable ASCII skips ``json.dumps``.
+
+    (Methods need no quoting: the parser accepts only token characters there.)
+    """
+    return quote_text(value.decode("latin-1"))
+
+
+def quote_text(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
+def quote_or_null(value: bytes | None) -> str:
+    return "null" if value is None else quote(value)
+
+
+def escape(value: bytes) -> str:
+    """Text-line form of client bytes: ``"``, ``\\`` and non-printable bytes as ``\\xHH``."""
+    text = value.decode("latin-1")
+    return _ESCAPE.sub(lambda m: f"\\x{ord(m.group()):02X}", text)
+
+
+def escape_or_dash(value: bytes | None) -> str:
+    return "-" if value is None else escape(value)
+
+
+def user_agent(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The ``User-Agent`` value of a parsed header list (looked up only when logged)."""
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"user-agent":
+            return value
+    return None
+
+
+def pool_name(pool: Pool | None) -> str:
+    return pool.name if pool is not None else ""
+
+
+def upstream_address(upstream: Upstream | None) -> str:
+    return upstream.address if upstream is not None else ""
+
+
+def upstream_name(upstream: Upstream | None) -> str:
+    return upstream.name if upstream is not None else ""
+
+
+_HELPERS: Final = {
+    "quote": quote,
+    "quote_text": quote_text,
+    "quote_or_null": quote_or_null,
+    "escape": escape,
+    "escape_or_dash": escape_or_dash,
+    "user_agent": user_agent,
+    "pool_name": pool_name,
+    "upstream_address": upstream_address,
+    "upstream_name": upstream_name,
+}
