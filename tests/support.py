@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -236,11 +237,19 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes
     return lines[0], headers, body
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` is true, polling, or fail after ``timeout``."""
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0
+) -> None:
+    """Wait until ``predicate()`` is true, polling, or fail after ``timeout``; an async
+    predicate (one that returns an awaitable: a scrape, a request) is awaited."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while True:
+        ok = predicate()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.01)

@@ -230,11 +230,15 @@ async def test_protocols_a_route_does_not_allow_are_refused_and_h2c_never_forwar
 
 class RawSwitch(RawUpstream):
     """A raw upstream: answers an Upgrade with 101 (``Upgrade: foo``), then echoes bytes,
-    or, with ``flood``, sends that many bytes and counts what it could write."""
+    or, with ``flood``, sends that many bytes and counts what it could write, or, with
+    ``deaf``, reads nothing more until ``hear`` is set, then counts what arrives."""
 
-    def __init__(self, flood: int = 0) -> None:
+    def __init__(self, flood: int = 0, deaf: bool = False) -> None:
         super().__init__({})
         self.flood = flood
+        self.deaf = deaf
+        self.hear = asyncio.Event()
+        self.heard = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.sent = 0
 
@@ -244,6 +248,11 @@ class RawSwitch(RawUpstream):
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
                          b"Upgrade: foo\r\n\r\nhello after 101|")  # fmt: skip
+            if self.deaf:
+                await self.hear.wait()
+                while data := await reader.read(1 << 20):
+                    self.heard += len(data)
+                return
             chunk = b"z" * 65536
             while self.sent < self.flood:
                 writer.write(chunk)
@@ -347,6 +356,34 @@ async def test_back_pressure_holds_a_fast_upstream_for_a_slow_client(
         assert data and set(data) == {ord("z")}
         total += len(data)
     assert total == up.flood
+    writer.close()
+
+
+async def test_back_pressure_holds_a_fast_client_for_a_slow_upstream(
+    raw_switch: Callable[..., Awaitable[RawSwitch]], proxy: MakeProxy
+) -> None:
+    up = await raw_switch(deaf=True)
+    server = await proxy(make_config([f"http://{HOST}:{up.port}"], routes=[
+        {"pool": "main", "upgrades": ["foo"]}]))  # fmt: skip
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    writer.write(UPGRADE % b"foo")
+    await reader.readuntil(b"hello after 101|")
+    chunk, sent = b"y" * 65536, 0
+    while True:  # write until the proxy stops taking bytes: the upstream reads nothing
+        writer.write(chunk)
+        sent += len(chunk)
+        try:
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except TimeoutError:
+            break
+        assert sent < 64 * 1024 * 1024, "the proxy kept reading from the client"
+    conn = next(iter(server.listeners[0].connections))
+    assert conn.tunnel is not None
+    buffered = conn.tunnel.upstream_side.transport.get_write_buffer_size()
+    assert buffered <= 2 * 1024 * 1024, buffered
+    up.hear.set()  # the upstream reads again: everything the client wrote arrives
+    await writer.drain()
+    await wait_for(lambda: up.heard == sent, 10)
     writer.close()
 
 

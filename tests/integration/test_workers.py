@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support import Recorder, wait_for
+from tests.support import HOST, CertAuthority, Recorder, raw_exchange, wait_for
 
 MakeRecorder = Callable[..., Awaitable[Recorder]]
 
@@ -216,3 +216,45 @@ async def test_reload_under_load_fails_nothing_and_a_broken_file_changes_nothing
     assert 'aiolb_config_reloads_total{result="failure"} 1.0' in text
     assert proxy.logged("aiolb.yaml:1: ") >= 1  # FILE:LINE of the broken file
     assert await proxy.stop() == 0
+
+
+async def test_tls_and_tunnels_with_workers_are_summed_by_the_supervisor(
+    aiolb: Any, ca: CertAuthority
+) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    async def echo(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    upstream = await serve(echo, HOST, 0)
+    port = next(iter(upstream.sockets)).getsockname()[1]
+    cert = ca.issue("ws.test")
+    tls = f"    tls: {{certificates: [{{cert: {cert.cert}, key: {cert.key}}}]}}\n"
+    text = config_text([f"http://{HOST}:{port}"], workers=2).replace(
+        "    routes: [{pool: main}]\n", "    routes: [{pool: main}]\n" + tls
+    )
+    try:
+        proxy = await aiolb(text, workers=2)
+        sockets = []
+        for _ in range(6):  # new connections: the kernel spreads them over both workers
+            sockets.append(await connect(f"wss://ws.test:{proxy.port}/", ssl=ca.client_context(),
+                                         host=HOST, port=proxy.port))  # fmt: skip
+            await sockets[-1].send("hi")
+            assert await sockets[-1].recv() == "hi"
+        assert await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+
+        async def summed() -> bool:  # the supervisor's sums follow the workers' counters
+            text = await proxy.metrics()
+            return (metric(text, "aiolb_tunnels_active") == 6
+                    and metric(text, "aiolb_tls_handshake_errors_total") == 1)  # fmt: skip
+
+        await wait_for(summed, 10.0)
+        assert 'reason="plaintext"' in await proxy.metrics()
+        for ws in sockets:
+            await ws.close()
+        assert await proxy.stop() == 0
+    finally:
+        upstream.close()
+        await upstream.wait_closed()
