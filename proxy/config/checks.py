@@ -30,8 +30,10 @@ def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
     """All cross-section problems in raw config ``data``, as pydantic error details."""
     listeners = list(_entries(data.get("listeners")))
     pools = data.get("pools")
+    caches = data.get("caches", {})
     return [
-        *_undefined_pools(listeners, pools if isinstance(pools, Mapping) else None),
+        *_undefined(listeners, pools if isinstance(pools, Mapping) else None, "pool"),
+        *_undefined(listeners, caches if isinstance(caches, Mapping) else None, "cache"),
         *_clashing_binds(listeners, data.get("admin")),
         *_duplicate_names(listeners),
         *_duplicate_upstreams(pools if isinstance(pools, Mapping) else {}),
@@ -69,19 +71,20 @@ def _entries(value: object) -> Iterator[tuple[int, Mapping[str, Any]]]:
         yield from ((i, item) for i, item in enumerate(value) if isinstance(item, Mapping))
 
 
-def _undefined_pools(
-    listeners: list[tuple[int, Mapping[str, Any]]], pools: Mapping[str, Any] | None
+def _undefined(
+    listeners: list[tuple[int, Mapping[str, Any]]], defined: Mapping[str, Any] | None, key: str
 ) -> Iterator[InitErrorDetails]:
-    if pools is None:
+    """Routes whose ``key`` (``pool``, ``cache``) names an entry ``defined`` lacks."""
+    if defined is None:
         return
-    defined = ", ".join(str(name) for name in pools) or "none"
+    names = ", ".join(str(name) for name in defined) or "none"
     for i, listener in listeners:
         for j, route in _entries(listener.get("routes")):
-            name = route.get("pool")
-            if isinstance(name, str) and name not in pools:
-                loc = ("listeners", i, "routes", j, "pool")
-                message = f"pool {name!r} is not defined (defined pools: {defined})"
-                yield _problem("undefined_pool", loc, name, message)
+            name = route.get(key)
+            if isinstance(name, str) and name not in defined:
+                loc = ("listeners", i, "routes", j, key)
+                message = f"{key} {name!r} is not defined (defined {key}s: {names})"
+                yield _problem(f"undefined_{key}", loc, name, message)
 
 
 def _bind_key(value: object) -> tuple[str, int] | None:

@@ -330,6 +330,9 @@ class Route(ConfigModel):
     redirect_https: RedirectHTTPS | None = None
     """``true`` or a port: answer ``308`` to the same URL on https instead of
     forwarding; ``false``: forward; null: the listener's ``redirect_https``."""
+    cache: str | None = None
+    """A cache (``caches``) for the responses of this route; null: none, nothing of the
+    cache runs."""
 
 
 class BalancerSpec(ConfigModel):
@@ -860,6 +863,72 @@ class AccessLog(ConfigModel):
     ``request_id``. The default is every field but ``upstream_name``."""
 
 
+class RedisStore(ConfigModel):
+    """A cache store in Redis, shared by every worker and every instance that uses it."""
+
+    type: Literal["redis"]
+    """``redis``."""
+    url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server (``redis://[:password@]host:port/db``, or ``rediss://`` for TLS)."""
+    key_prefix: str = "aiolb:"
+    """Prefix of every key the cache writes; caches on one Redis need different ones."""
+    timeout: Timeout = 0.25
+    """A Redis operation slower than this counts as an error: the request bypasses
+    the cache."""
+
+
+#: Conditions under which a stale entry is served instead of an upstream's failure.
+USE_STALE: tuple[str, ...] = ("error", "timeout")
+
+
+def _check_use_stale(value: object) -> tuple[str | int, ...]:
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[str | int] = []
+    for item in items:
+        if isinstance(item, str) and item in USE_STALE:
+            out.append(item)
+        elif str(item).strip().isdigit() and 500 <= int(str(item)) <= 599:
+            out.append(int(str(item)))
+        else:
+            raise ValueError(f"unknown condition {item!r}; use error, timeout or a status "
+                             "500-599")  # fmt: skip
+    return tuple(out)
+
+
+#: When a stale entry may stand in for a failure: the names in ``USE_STALE`` and statuses.
+UseStale = Annotated[
+    tuple[str | int, ...],
+    PlainValidator(_check_use_stale),
+    PlainSerializer(list),
+    Kind("list of conditions"),
+]
+
+
+class Cache(ConfigModel):
+    """A shared HTTP cache (RFC 9111) that routes opt into with ``cache: NAME``."""
+
+    store: Literal["memory"] | RedisStore = "memory"
+    """``memory`` (per process, LRU) or ``{type: redis, url: ..., key_prefix: ...}``."""
+    max_size: Annotated[Size, Field(ge=1)] = 256 * 1024 * 1024
+    """Memory store: bytes of heads and bodies held; the least recently used go first."""
+    max_object_size: Annotated[Size, Field(ge=0)] = 8 * 1024 * 1024
+    """Larger responses stream through uncached."""
+    default_ttl: Annotated[Duration, Field(gt=0)] | None = None
+    """Freshness for responses that carry none but are heuristically cacheable (200,
+    301, 404, ...); null: only explicitly fresh responses are stored (RFC 9111 4.2.2
+    heuristics off)."""
+    keep_stale: Annotated[Duration, Field(ge=0)] = 3600.0
+    """How long an entry is kept after it turns stale: to revalidate it with a
+    conditional request, and to serve it when every upstream fails."""
+    lock_timeout: Annotated[Duration, Field(ge=0)] = 5.0
+    """Concurrent misses for one key wait this long for the first one's response
+    (request collapsing, nginx's ``proxy_cache_lock``), then go upstream themselves."""
+    use_stale: UseStale = ("error", "timeout", 502, 503, 504)
+    """When the upstream fails this way (``error``: no upstream available, refused or
+    reset; ``timeout``; a status), a stored response is served however stale, unless it
+    says ``must-revalidate``/``proxy-revalidate`` (nginx ``proxy_cache_use_stale``)."""
+
+
 class Config(ConfigModel):
     """The whole configuration: at least one listener and one pool."""
 
@@ -867,6 +936,8 @@ class Config(ConfigModel):
     """Addresses clients connect to, each with its routes."""
     pools: Annotated[dict[Name, Pool], Field(min_length=1)]
     """Sets of upstreams by name; routes name them."""
+    caches: dict[Name, Cache] = {}
+    """HTTP caches by name; routes opt in with ``cache: NAME``."""
     admin: Admin = Admin()
     """The admin API, dashboard and metrics listener."""
     metrics: Metrics = Metrics()
