@@ -520,8 +520,8 @@ def start_nginx_proxy_workers(
     """nginx as a proxy with `workers` worker processes (`keepalive 64` to both upstream
     ports) and, with `reuseport`, one SO_REUSEPORT listening socket per worker (as
     aiolb's workers have); the config and log are named after `name`. ``tls_port``:
-    HTTPS there too (the session's certificate; nginx's defaults otherwise: TLS 1.2
-    and 1.3, session tickets on)."""
+    HTTPS there too (the session's certificate, TLS 1.2 and 1.3 as aiolb offers them:
+    nginx 1.22's default leaves 1.3 out; session tickets on, its default)."""
     port = session.port()
     up1, up2 = upstream.ports
     listen = f"127.0.0.1:{port}" + (" reuseport" if reuseport else "")
@@ -529,7 +529,8 @@ def start_nginx_proxy_workers(
         cert, key, _ = session.certificate()
         listen += (f";\n        listen 127.0.0.1:{tls_port} ssl"
                    + (" reuseport" if reuseport else "")
-                   + f";\n        ssl_certificate {cert};\n        ssl_certificate_key {key}")
+                   + f";\n        ssl_certificate {cert};\n        ssl_certificate_key {key}"
+                   + ";\n        ssl_protocols TLSv1.2 TLSv1.3")
     conf = (
         nginx_common(session, name, workers)
         + f"""
