@@ -124,7 +124,12 @@ class Session:
                 return port
 
     def spawn(
-        self, name: str, argv: Sequence[str], cpus: str | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        cpus: str | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Child:
         log = self.path(f"{name}.log")
         with log.open("wb") as out:
@@ -134,6 +139,7 @@ class Session:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
