@@ -271,7 +271,8 @@ def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, A
     for round_ in range(args.rounds):
         if args.rounds > 1:
             print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
-        for name in args.algorithms:
+        turn = round_ % len(args.algorithms)  # each round starts with the next one: no
+        for name in args.algorithms[turn:] + args.algorithms[:turn]:  # place is favoured
             if shared is None:
                 runs[name] += runner.target(name)
                 continue

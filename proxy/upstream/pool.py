@@ -63,6 +63,7 @@ class Upstream:
         "max_connections",
         "max_idle",
         "name",
+        "observed_at",
         "passes",
         "pool",
         "port",
@@ -104,6 +105,8 @@ class Upstream:
         self.ejections = 0  # times ejected, for aiolb_upstream_ejections_total
         self.eject_level = 0  # the ejection time multiplier
         self.returned_at = 0.0
+        #: perf_counter before which ``Pool.observe`` is not given another sample
+        self.observed_at = 0.0
         #: active probe results by ``success``/``failure``, for aiolb_health_checks_total
         self.health_checks: dict[str, int] = {}
         self.passes = 0  # consecutive passed probes (ends an ejection at healthy_threshold)
