@@ -2,16 +2,36 @@
 
 Routes are compiled once per config. A lookup normalises the host (lower case, port
 removed), finds the candidate routes for it (cached per host, the cache bounded so
-that client-chosen hosts cannot grow it) and returns the pool of the first route
-whose path prefix matches. A listener with one catch-all route costs nothing.
+that client-chosen hosts cannot grow it) and returns the target of the first route
+whose path prefix matches: for a listener, a ``Route`` (its pool, its filter chain,
+its name). A listener with one catch-all route costs nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from proxy.filters.chain import FilterChain
+    from proxy.upstream.pool import Pool
 
 P = TypeVar("P")
+
+
+class Route:
+    """A matched route: the ``pool`` that serves it, its ``chain`` of filters (None for a
+    route without filters: the exchange then runs no filter code) and its ``name``."""
+
+    __slots__ = ("chain", "name", "pool")
+
+    def __init__(self, name: str, pool: Pool, chain: FilterChain | None = None) -> None:
+        self.name = name
+        self.pool = pool
+        self.chain = chain
+
+    def __repr__(self) -> str:
+        return f"<Route {self.name} -> {self.pool.name} [{self.chain!r}]>"
 
 _CACHE_LIMIT = 1024
 
@@ -43,13 +63,13 @@ class _Route(Generic[P]):
 
 
 class Router(Generic[P]):
-    """Maps ``(host, path)`` to a pool, or None when no route matches (404)."""
+    """Maps ``(host, path)`` to a route's target, or None when no route matches (404)."""
 
     __slots__ = ("_by_host", "_only", "_routes")
 
-    def __init__(self, routes: Sequence[tuple[str | None, str, str]], pools: Mapping[str, P]):
-        """``routes``: ``(host pattern or None, path prefix, pool name)`` in config order."""
-        self._routes = [_Route(host, prefix, pools[name]) for host, prefix, name in routes]
+    def __init__(self, routes: Sequence[tuple[str | None, str, P]]):
+        """``routes``: ``(host pattern or None, path prefix, target)`` in config order."""
+        self._routes = [_Route(host, prefix, target) for host, prefix, target in routes]
         self._by_host: dict[bytes, list[_Route[P]]] = {}
         first = self._routes[0]
         catch_all = first.host is None and first.prefix == b"/"

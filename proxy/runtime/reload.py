@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 
 from proxy.config import Config, ConfigError
 from proxy.config.values import format_address
-from proxy.forwarding.router import Router
 from proxy.runtime.preflight import validate
+from proxy.server.listener import build_router
 from proxy.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -86,11 +86,6 @@ def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerConfig
             plan.kept.append((match, lc))
     plan.removed = left
     return plan
-
-
-def build_router(lc: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
-    """The router of a listener config over ``pools`` (as ``Listener.__init__`` builds it)."""
-    return Router([(r.match.host, r.match.path_prefix, r.pool) for r in lc.routes], pools)
 
 
 async def bind_socket(
@@ -173,7 +168,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     commit_pools(server.pools, pools)
     server.pools, server.config = pools, config
     for listener, lc in plan.kept:
-        listener.router, listener.config, listener.name = build_router(lc, pools), lc, lc.name
+        router = build_router(lc, pools, server.filters)
+        listener.router, listener.config, listener.name = router, lc, lc.name
         listener.record = config.records_requests
     added = [server.make_listener(lc) for lc in plan.added]
     order = {lc.name: i for i, lc in enumerate(config.listeners)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import time
@@ -23,6 +24,7 @@ from proxy.config import Listener as ListenerConfig
 from proxy.config.diff import describe_changes
 from proxy.config.values import format_address
 from proxy.errors import BindError
+from proxy.filters import FilterContext
 from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
@@ -72,8 +74,15 @@ class ProxyServer:
         config: Config,
         loop: asyncio.AbstractEventLoop | None = None,
         role: Role = "single",
+        filters: FilterContext | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
+        #: what the route filters share across reloads: buckets, Redis stores, counters
+        #: (a supervisor hands its workers one shared bucket table)
+        self.filters = filters if filters is not None else FilterContext()
+        if config_path is not None:
+            self.filters.folder = os.path.dirname(os.path.abspath(config_path))
         self.role = role
         #: the supervisor/worker link (``proxy.runtime.workers``); None in one process
         self.control: Control | None = None
@@ -99,7 +108,7 @@ class ProxyServer:
         self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False
         #: the file ``aiolb run -c`` loaded (None: built in code, e.g. the demo)
-        self.config_path: str | None = None
+        self.config_path = config_path
         #: reloads by result, for ``aiolb_config_reloads_total``
         self.reloads = {"success": 0, "failure": 0}
         self.admin: AdminHandle | None = None
@@ -120,6 +129,7 @@ class ProxyServer:
         return Listener(
             lc, self.pools, self.loop, self.clock, self.request_ids, self.stats,
             record=self.config.records_requests, access_log=self.access_log,
+            filters=self.filters,
         )
 
     async def start(self) -> None:
@@ -295,6 +305,7 @@ class ProxyServer:
         await self.discovery.close()
         for pool in self.pools.values():
             pool.close()
+        await self.filters.close()
         self.clock.stop()
         if self.access_log is not None:
             self.access_log.close()

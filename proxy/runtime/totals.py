@@ -10,7 +10,8 @@ for and once a second for the dashboard's rates, and ``absorb`` writes the sums 
 its own ``Pool`` and ``Upstream`` objects. The collector and the admin views then read
 the supervisor's objects exactly as they read a single process's.
 
-Summed: requests by labels, histograms, connect errors, in-flight requests, open
+Summed: requests by labels, histograms, rate-limited requests and rate-limit store
+errors by route and filter, connect errors, in-flight requests, open
 connections, ejections, retries, budget denials and the retries budgets allow now,
 overflows, waiting requests and client connections. Not summed: active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
@@ -36,6 +37,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
     return {
         "stats": server.stats.snapshot(),
         "connections": server.connection_counts(),
+        "filters": server.filters.snapshot(),
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),
@@ -87,6 +89,7 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for name, n in snap["connections"].items():
             connections[name] = connections.get(name, 0) + n
     server.client_connections = connections
+    server.filters.absorb([s.get("filters", []) for s in snapshots])
     server.retry_budget_left = {}
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]

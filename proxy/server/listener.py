@@ -12,7 +12,8 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from proxy.forwarding.router import Router
+from proxy.filters import FilterContext, build_chain
+from proxy.forwarding.router import Route, Router
 from proxy.server.protocol import ClientConnection
 
 if TYPE_CHECKING:
@@ -22,6 +23,19 @@ if TYPE_CHECKING:
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
     from proxy.upstream.pool import Pool
+
+
+def build_router(
+    lc: ListenerConfig, pools: Mapping[str, Pool], filters: FilterContext
+) -> Router[Route]:
+    """The router of a listener config over ``pools``: each route with its pool and its
+    filter chain (None without filters), built once per config."""
+    routes = []
+    for name, rc in zip(lc.route_names(), lc.routes, strict=True):
+        pool = pools[rc.pool]
+        chain = build_chain(name, rc.filters, pool, filters) if rc.filters else None
+        routes.append((rc.match.host, rc.match.path_prefix, Route(name, pool, chain)))
+    return Router(routes)
 
 
 class Listener:
@@ -50,6 +64,7 @@ class Listener:
         stats: Stats,
         record: bool = True,
         access_log: AccessLog | None = None,
+        filters: FilterContext | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -59,8 +74,7 @@ class Listener:
         self.stats = stats
         self.record = record  # metrics enabled
         self.access_log = access_log
-        routes = [(r.match.host, r.match.path_prefix, r.pool) for r in config.routes]
-        self.router: Router[Pool] = Router(routes, pools)
+        self.router = build_router(config, pools, filters or FilterContext())
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
         self.draining = False
