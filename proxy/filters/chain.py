@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiolb")
 
 Hook = Callable[..., Any]
+#: the hooks of one phase: the phase's name (the hook's) and ``(label, hook)`` pairs
+Phase = tuple[str, tuple[tuple[str, Hook], ...]]
 
 
 class FilterChain:
@@ -68,15 +70,16 @@ class FilterChain:
         self.upstreams = self._hooks("upstream_request_filter")
         self.responses = self._hooks("response_filter")
 
-    def _hooks(self, name: str) -> tuple[tuple[str, Hook], ...]:
-        return tuple((label, getattr(f, name)) for label, f in self.filters if implements(f, name))
+    def _hooks(self, name: str) -> Phase:
+        hooks = tuple((label, getattr(f, name)) for label, f in self.filters if implements(f, name))
+        return name, hooks
 
     # -- request side -------------------------------------------------------------------
 
     def request(self, ex: Exchange) -> None:
         """The request phase (then the pick and the upstream phase), for a routed ``ex``."""
         req = Request(self, ex)
-        if self.responses:
+        if self.responses[1]:
             ex.filters = req
         self._run(req, self.requests, 0, (req,), self._pick)
 
@@ -84,7 +87,7 @@ class FilterChain:
         ex = req.ex
         pinned = req.pinned
         upstream = pinned if pinned is not None and pinned.available else self.pool.pick(ex)
-        if upstream is None or not self.upstreams:
+        if upstream is None or not self.upstreams[1]:
             ex.dispatch(upstream, req.target)
             return
         self._run(req, self.upstreams, 0, (req, UpstreamInfo(upstream)),
@@ -93,35 +96,36 @@ class FilterChain:
     def _run(
         self,
         req: Request,
-        hooks: Sequence[tuple[str, Hook]],
+        phase: Phase,
         start: int,
         args: tuple[Any, ...],
         then: Callable[[Request], None],
     ) -> None:
-        """Run ``hooks[start:]`` with ``args`` inline; on to ``then`` unless one answered,
-        failed or went async (then a task finishes the phase)."""
+        """Run the phase's hooks from ``start`` with ``args`` inline; on to ``then``
+        unless one answered, failed or went async (then a task finishes the phase)."""
+        hooks = phase[1]
         for i in range(start, len(hooks)):
             label, hook = hooks[i]
             try:
                 result = hook(*args)
             except Exception as exc:
-                self._failed(req, label, hook, exc)
+                self._failed(req, phase, label, exc)
                 return
             if result is not None:
                 if inspect.isawaitable(result):
                     task = asyncio.get_running_loop().create_task(
-                        self._finish(req, hooks, i, args, result, then)
+                        self._finish(req, phase, i, args, result, then)
                     )
                     req.ex.task = task
                     return
-                if not self._outcome(req, label, hook, result):
+                if not self._outcome(req, phase, label, result):
                     return
         then(req)
 
     async def _finish(
         self,
         req: Request,
-        hooks: Sequence[tuple[str, Hook]],
+        phase: Phase,
         at: int,
         args: tuple[Any, ...],
         pending: Awaitable[Any],
@@ -129,16 +133,16 @@ class FilterChain:
     ) -> None:
         """The rest of a phase after hook ``at`` went async."""
         ex = req.ex
-        label, hook = hooks[at]
+        label = phase[1][at][0]
         try:
             async with asyncio.timeout(self.pool.response_header_timeout):
                 result = await pending
-                if result is None or self._outcome(req, label, hook, result):
-                    for label, hook in hooks[at + 1 :]:
+                if result is None or self._outcome(req, phase, label, result):
+                    for label, hook in phase[1][at + 1 :]:
                         result = hook(*args)
                         if inspect.isawaitable(result):
                             result = await result
-                        if result is not None and not self._outcome(req, label, hook, result):
+                        if result is not None and not self._outcome(req, phase, label, result):
                             break
                     else:
                         ex.task = None
@@ -146,36 +150,36 @@ class FilterChain:
                             then(req)
                         return
         except TimeoutError:
-            self._failed(req, label, hook, TimeoutError(
+            self._failed(req, phase, label, TimeoutError(
                 f"not done within {self.pool.response_header_timeout:g}s"))  # fmt: skip
         except Exception as exc:
-            self._failed(req, label, hook, exc)
+            self._failed(req, phase, label, exc)
         ex.task = None
 
-    def _outcome(self, req: Request, label: str, hook: Hook, result: object) -> bool:
+    def _outcome(self, req: Request, phase: Phase, label: str, result: object) -> bool:
         """A hook's non-None result: a ``LocalResponse`` (request hooks only) answers.
         True to go on."""
         ex = req.ex
-        if isinstance(result, LocalResponse) and hook.__name__ == "request_filter":
+        name = phase[0]
+        if isinstance(result, LocalResponse) and name == "request_filter":
             if not ex.done:
                 req._answer = result
                 ex.filters = req
                 ex.local(result.status)
             return False
-        self._failed(req, label, hook, TypeError(
-            f"{hook.__name__} returned {type(result).__name__}, not None"
-            + (" or a LocalResponse" if hook.__name__ == "request_filter" else "")))  # fmt: skip
+        allowed = "None or a LocalResponse" if name == "request_filter" else "None"
+        self._failed(req, phase, label, TypeError(
+            f"{name} returned {type(result).__name__}, not {allowed}"))  # fmt: skip
         return False
 
-    def _failed(self, req: Request, label: str, hook: Hook, exc: BaseException) -> None:
+    def _failed(self, req: Request, phase: Phase, label: str, exc: BaseException) -> None:
         """Answer 500 for a hook that failed; one log line says which and where."""
         ex = req.ex
         if ex.done:
             return
         where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         at = f" ({where[0].filename}:{where[0].lineno})" if where else ""
-        name = getattr(hook, "__name__", "hook")
-        reason = f"filter {label} on route {self.route}: {name} failed: " + (
+        reason = f"filter {label} on route {self.route}: {phase[0]} failed: " + (
             f"{type(exc).__name__}: {exc}{at}"
         )
         if req.held:

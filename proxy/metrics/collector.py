@@ -19,8 +19,9 @@ metric:
   cumulative here.
 - gauges and counters read straight off ``Upstream`` (availability, in-flight,
   connect errors, ejections, probe results), ``Pool`` (retries, retries the budget
-  denied, circuit-breaker overflows, requests waiting for a connection), the listeners
-  and ``ProxyServer.reloads``.
+  denied, circuit-breaker overflows, requests waiting for a connection), the rate
+  limits' counters (``ProxyServer.filters.counts``: by route and filter name, from the
+  config that names them on), the listeners and ``ProxyServer.reloads``.
 
 The registry is built per server (``build_registry``): the one piece of metrics state
 that is not a plain counter, and no module-level global.
@@ -103,6 +104,11 @@ METRICS: Final = (
                "queue_timeout)."),
     MetricSpec("aiolb_pending_requests", "gauge", ("pool",),
                "Requests waiting for an upstream connection."),
+    MetricSpec("aiolb_rate_limited", "counter", ("route", "filter"),
+               "Requests a rate_limit filter refused (429)."),
+    MetricSpec("aiolb_rate_limit_store_errors", "counter", ("route", "filter"),
+               "Rate-limit decisions the store (Redis) could not make: admitted with "
+               "fail_open, else answered 503."),
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
     MetricSpec("aiolb_config_reloads", "counter", ("result",),
                "Configuration reloads, by result."),
@@ -119,6 +125,8 @@ LABELS: Final[Mapping[str, str]] = MappingProxyType({
     "method": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE, or OTHER",
     "code": "the status the client got",
     "result": "`success` or `failure`",
+    "route": "the route's `name`, else `LISTENER/INDEX` (`public/0`)",
+    "filter": "the rate_limit filter's `name` (default `rate_limit`)",
     "le": "histogram bucket bound in seconds: 0.001 to 10, and +Inf",
 })  # fmt: skip
 
@@ -189,6 +197,7 @@ class ProxyCollector(Collector):
         yield self._durations()
         yield from self._upstream_families()
         yield from self._retries()
+        yield from self._rate_limits()
         yield self._client_connections()
         yield self._reloads()
 
@@ -244,6 +253,14 @@ class ProxyCollector(Collector):
             overflows.add_metric([name], pool.overflows)
             pending.add_metric([name], pool.pending)
         yield from (retries, denied, overflows, pending)
+
+    def _rate_limits(self) -> Iterator[Metric]:
+        limited = counter("aiolb_rate_limited")
+        errors = counter("aiolb_rate_limit_store_errors")
+        for (route, name), counts in sorted(self.server.filters.counts.items()):
+            limited.add_metric([route, name], counts.limited)
+            errors.add_metric([route, name], counts.store_errors)
+        yield from (limited, errors)
 
     def _client_connections(self) -> Metric:
         family = gauge("aiolb_client_connections")
