@@ -12,7 +12,14 @@ import uvloop
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.support import Aiolb, RawUpstream, Recorder, start_proxy, start_recorder
+from tests.support import (
+    Aiolb,
+    RawUpstream,
+    Recorder,
+    RedisServer,
+    start_proxy,
+    start_recorder,
+)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -82,3 +89,16 @@ async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]
             await proc.stop(signal.SIGKILL)
     for proc in started:
         assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free port (files in a temp dir), stopped after the test."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    try:
+        await server.ready()
+        yield server
+    finally:
+        server.kill()

@@ -332,3 +332,52 @@ class Aiolb:
         if self._reader is not None:
             await self._reader
         return code
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port with its files in ``folder``;
+    ``kill`` ends it like a crash, ``start`` brings it back on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = unused_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        return self
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait until it answers PING."""
+
+        async def pong() -> bool:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, self.port)
+            except OSError:
+                return False
+            try:
+                writer.write(b"PING\r\n")
+                return await asyncio.wait_for(reader.readline(), 1.0) == b"+PONG\r\n"
+            finally:
+                writer.close()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await pong():
+            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+            if loop.time() > deadline:
+                raise AssertionError(f"redis-server did not answer within {timeout}s")
+            await asyncio.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -317,7 +317,7 @@ class HeadersOptions(FilterOptions):
             if lower in MANAGED_REQUEST_HEADERS or lower in FRAMING_HEADERS:
                 raise ValueError(f"request header {name!r} is aiolb's to write")
         if "host" in (n.lower() for n in (*self.request.add, *self.request.remove)):
-            raise ValueError("Host may be set, not added or removed")
+            raise ValueError("the Host header may be set, not added or removed")
         for name in self.response.names():
             if name.lower() in FRAMING_HEADERS:
                 raise ValueError(f"response header {name!r} is aiolb's to write")

@@ -40,13 +40,20 @@ _GROUP_BYTES: Final = GROUP * _SLOT.size
 _GROUP_STRUCT: Final = struct.Struct("<" + "Qddd" * GROUP)
 
 
-def take(tokens: float, stamp: float, now: float, rate: float, size: float) -> tuple[float, float]:
-    """One request against a bucket that held ``tokens`` at ``stamp``: ``(left, held)``,
-    ``left`` >= 0 when it passes (the tokens then left), < 0 when refused; ``held`` the
-    tokens the bucket holds afterwards."""
-    tokens = min(size, tokens + (now - stamp) * rate) if now > stamp else tokens
+def take(
+    tokens: float, stamp: float, now: float, rate: float, size: float
+) -> tuple[float, float, float]:
+    """One request against a bucket that held ``tokens`` at ``stamp``: ``(left, held,
+    stamp)``, ``left`` >= 0 when it passes (the tokens then left), < 0 when refused;
+    ``held`` the tokens the bucket holds afterwards, as of the returned ``stamp``. A
+    ``now`` before ``stamp`` (another process read the clock later but took the bucket
+    first) counts as ``stamp``: the bucket's time never goes back, or the time between
+    would be refilled twice."""
+    if now > stamp:
+        tokens = min(size, tokens + (now - stamp) * rate)
+        stamp = now
     left = tokens - 1.0
-    return left, left if left >= 0 else tokens
+    return left, left if left >= 0 else tokens, stamp
 
 
 class LocalBuckets:
@@ -67,8 +74,8 @@ class LocalBuckets:
                 self._trim(now)
             self._buckets[key] = [size - 1.0, now, rate, size]
             return size - 1.0
-        left, bucket[0] = take(bucket[0], bucket[1], now, rate, size)
-        bucket[1], bucket[2], bucket[3] = now, rate, size
+        left, bucket[0], bucket[1] = take(bucket[0], bucket[1], now, rate, size)
+        bucket[2], bucket[3] = rate, size
         return left
 
     def _trim(self, now: float) -> None:
@@ -121,8 +128,8 @@ class SharedBuckets:
         for i in range(GROUP):
             mark, tokens, stamp, full_at = values[4 * i : 4 * i + 4]
             if mark == digest:
-                left, held = take(tokens, stamp, now, rate, size)
-                self._store(offset, i, digest, held, now, rate, size)
+                left, held, stamp = take(tokens, stamp, now, rate, size)
+                self._store(offset, i, digest, held, stamp, rate, size)
                 return left
             if free < 0 and (mark == 0 or full_at <= now):
                 free = i

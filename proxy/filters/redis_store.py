@@ -40,6 +40,8 @@ if tokens == nil then
   tokens = size
 elseif now > tonumber(state[2]) then
   tokens = math.min(size, tokens + (now - tonumber(state[2])) * rate)
+else
+  now = tonumber(state[2])  -- the bucket's time never goes back
 end
 local left = tokens - 1
 if left >= 0 then tokens = left end
