@@ -309,6 +309,14 @@ class Response:
         self._status = int(head[9:12])
         self.changed = False
 
+    def replace(self, head: bytes) -> None:
+        """Take ``head`` (a whole head, as ``head()`` makes them) as the response's head:
+        for a filter that computed the same change for this head before."""
+        self._head = head
+        self._parts = None
+        self._status = int(head[9:12])
+        self.changed = True
+
     @property
     def status(self) -> int:
         return self._status
@@ -334,12 +342,13 @@ class Response:
 
     def head(self) -> bytes:
         """The head with the changes (status line and header lines, each ending CRLF)."""
-        if not self.changed:
-            return self._head
+        head = self._head
+        if not self.changed or (self._parts is None and self._status == int(head[9:12])):
+            return head
         status = self._status
         line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
         if self._parts is None:
-            return line + self._head[self._head.index(b"\r\n") + 2 :]
+            return line + head[head.index(b"\r\n") + 2 :]
         return line + b"".join(self._parts)
 
     def __repr__(self) -> str:

@@ -58,13 +58,20 @@ class _Changes:
             headers.add(name, render(template, request))
 
 
+_MEMO_LIMIT = 512
+
+
 class HeadersFilter(Filter):
-    """Request and response header changes (see the module)."""
+    """Request and response header changes (see the module). Response changes without
+    variables are a function of the upstream's head alone: kept per head (bounded, like
+    the response head cache), so a repeated head is changed once."""
 
     def __init__(self, options: HeadersOptions, site: Site) -> None:
         super().__init__(options)
         request, response = _Changes(options.request), _Changes(options.response)
         self._request, self._response = request, response
+        fixed = not any(v for _, t in (*response.set, *response.add) for v, _ in t)
+        self._memo: dict[bytes, bytes] | None = {} if fixed else None
         if not request:  # a side with nothing to do is not a phase of this filter
             self.request_filter = None  # type: ignore[assignment]
         if not response:
@@ -74,4 +81,16 @@ class HeadersFilter(Filter):
         self._request.apply(request.headers, request)
 
     def response_filter(self, request: Request, response: Response) -> None:
-        self._response.apply(response.headers, request)
+        memo = self._memo
+        if memo is None:
+            self._response.apply(response.headers, request)
+            return
+        before = response.head()
+        after = memo.get(before)
+        if after is None:
+            self._response.apply(response.headers, request)
+            after = response.head()
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            memo[before] = after
+        response.replace(after)

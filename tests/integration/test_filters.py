@@ -430,3 +430,40 @@ async def test_access_ipv4_mapped_ipv6_clients_are_judged_as_ipv4() -> None:
     access = Access(AccessOptions(allow=["192.0.2.0/24"]), None)  # type: ignore[arg-type]
     assert access.allowed("::ffff:192.0.2.7") and not access.allowed("::ffff:198.51.100.7")
     assert not access.allowed("2001:db8::1") and access.allowed("192.0.2.200")
+
+
+# --- the example config and its Python filter (config/filters.yaml) --------------------
+
+
+async def test_the_example_filters_config_and_its_python_filter(recorders: Recorders) -> None:
+    from proxy.config import parse_config
+    from tests.support import REPO
+
+    api, web = await recorders("api"), await recorders("web")
+    path = REPO / "config" / "filters.yaml"
+    text = (path.read_text().replace("127.0.0.1:8080", f"{HOST}:0")
+            .replace("http://127.0.0.1:9001", api.url)
+            .replace("http://127.0.0.1:9002", web.url).replace("http://127.0.0.1:9003", web.url))
+    text += f"admin:\n  bind: \"{HOST}:0\"\n"
+    config = parse_config(text.replace(f"      - url: \"{web.url}\"\n", "", 1), str(path), {})
+    server = ProxyServer(config, config_path=str(path))  # example_filter.py beside it
+    await server.start()
+    try:
+        url = proxy_url(server, "/api/users?page=2")
+        status, headers, body, _ = await get(url)
+        assert (status, headers["WWW-Authenticate"], body) == (401, "ApiKey",
+                                                               "401: unknown API key\n")
+        status, headers, body, _ = await get(url, headers={"X-Api-Key": "k-alice"})
+        assert (status, body) == (200, "api")
+        seen = api.seen[-1]
+        assert seen.path == "/users?page=2" and seen.headers["X-Client"] == "alice"
+        assert seen.headers["X-Upstream"] == f"{HOST}:{api.port}"
+        assert "X-Api-Key" not in seen.headers and seen.headers["X-Client-IP"] == "127.0.0.1"
+        assert headers["Server-Timing"].startswith("aiolb;dur=") and "Server" not in headers
+        assert headers["X-Request-ID"] == seen.headers["X-Request-ID"]
+        status, headers, _, _ = await get(proxy_url(server, "/old/x?y=1"))
+        assert (status, headers["Location"].split("/", 3)[3]) == (301, "new/page?y=1")
+        status, headers, body, _ = await get(proxy_url(server, "/"))
+        assert (status, body) == (200, "web") and headers["Set-Cookie"].startswith("aiolb_sticky=")
+    finally:
+        await server.shutdown(timeout=1.0)
