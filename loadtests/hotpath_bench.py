@@ -161,32 +161,41 @@ def feeder(
     return feed
 
 
-def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
-    """Every balancer in one process, taking turns ``slice_`` requests at a time, so that
-    the machine's drift (tens of percent on a shared VM) falls on all of them alike."""
-    loop = asyncio.new_event_loop()
-    try:
-        feeds = {name: feeder(*build(loop, True, None, name, upstreams)) for name in names}
-        spent = dict.fromkeys(names, 0.0)
-        for feed in feeds.values():
-            feed(1000)  # warm up
-        for _ in range(max(1, requests // slice_)):
-            for name, feed in feeds.items():
-                spent[name] += feed(slice_)
-    finally:
-        loop.close()
+def take_turns(
+    feeds: dict[str, Callable[[int], float]], requests: int, slice_: int, title: str
+) -> None:
+    """Run every feed, taking turns ``slice_`` requests at a time, so that the machine's
+    drift (tens of percent on a shared VM) falls on all of them alike; print µs per
+    request and the extra over the first."""
+    names = list(feeds)
+    spent = dict.fromkeys(names, 0.0)
+    for feed in feeds.values():
+        feed(1000)  # warm up
+    for _ in range(max(1, requests // slice_)):
+        for name, feed in feeds.items():
+            spent[name] += feed(slice_)
     done = max(1, requests // slice_) * slice_
     cost = {name: spent[name] / done * 1e6 for name in names}
     ref = cost[names[0]]
-    print(f"| balancer ({upstreams} upstreams) | µs of Python per request | extra vs {names[0]} |")
+    print(f"| {title} | µs of Python per request | extra vs {names[0]} |")
     print("| --- | ---: | ---: |")
     for name in names:
         print(f"| {name} | {cost[name]:.2f} | {cost[name] - ref:+.2f} |")
 
 
+def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
+    """Every balancer in one process (``take_turns``)."""
+    loop = asyncio.new_event_loop()
+    try:
+        feeds = {name: feeder(*build(loop, True, None, name, upstreams)) for name in names}
+        take_turns(feeds, requests, slice_, f"balancer ({upstreams} upstreams)")
+    finally:
+        loop.close()
+
+
 def compare_filters(names: list[str], requests: int, slice_: int = 2000) -> None:
-    """Each filter variant in one process, taking turns ``slice_`` requests at a time (as
-    ``compare``): µs per request, and the extra over the route without filters."""
+    """Each filter variant in one process (``take_turns``): µs per request, and the extra
+    over the route without filters."""
     loop = asyncio.new_event_loop()
     sticky = REQUEST.replace(b"\r\n\r\n", b"\r\nCookie: aiolb_sticky=%s\r\n\r\n")
     try:
@@ -199,21 +208,9 @@ def compare_filters(names: list[str], requests: int, slice_: int = 2000) -> None
                 ident = chain.filters[0][1].ident(conns[0].upstream.address)  # type: ignore[union-attr,attr-defined]
                 request = sticky % ident.encode()
             feeds[name] = feeder(client, conns, request)
-        spent = dict.fromkeys(names, 0.0)
-        for feed in feeds.values():
-            feed(1000)
-        for _ in range(max(1, requests // slice_)):
-            for name, feed in feeds.items():
-                spent[name] += feed(slice_)
+        take_turns(feeds, requests, slice_, "route filters")
     finally:
         loop.close()
-    done = max(1, requests // slice_) * slice_
-    cost = {name: spent[name] / done * 1e6 for name in names}
-    ref = cost[names[0]]
-    print(f"| route filters | µs of Python per request | extra vs {names[0]} |")
-    print("| --- | ---: | ---: |")
-    for name in names:
-        print(f"| {name} | {cost[name]:.2f} | {cost[name] - ref:+.2f} |")
 
 
 def main() -> None:

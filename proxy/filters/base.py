@@ -287,6 +287,8 @@ class Request:
         """The first value of header ``name`` (lower case) as forwarded now."""
         if name == b"x-forwarded-for":
             return self.ex.found.forwarded_for
+        if name == b"x-request-id":
+            return self.ex.request_id
         parts = self.ex.found.parts
         for i in range(0, len(parts), 4):
             if parts[i].lower() == name:
