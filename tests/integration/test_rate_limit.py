@@ -186,8 +186,19 @@ admin:
         assert await statuses(proxy_url(server), 3) == [200, 200, 429]
         assert await server.reload() == []
         assert await statuses(proxy_url(server), 1) == [429]
+        good = path.read_text()  # a reload with a bad filter is refused; the old one serves
+        path.write_text(good.replace("burst: 2", "burst: 0").replace(
+            "key: route}}", "key: route}}, {python: tests.filter_support:NotAFilter}"))
+        assert await server.reload() == [
+            f"{path}:6: listeners[0].routes[0].filters[0].rate_limit.burst: must be >= 1"]
+        path.write_text(good.replace("filters: [", "filters: [{python: tests.nothere:X}, "))
+        problems = await server.reload()
+        assert problems == [f"{path}:6: listeners[0].routes[0].filters[0].python: cannot "
+                            "import tests.nothere: ModuleNotFoundError: No module named "
+                            "'tests.nothere'"]  # fmt: skip
+        assert await statuses(proxy_url(server), 1) == [429]
         assert samples(await scrape(server), "aiolb_rate_limited_total") == {
-            (("filter", "rate_limit"), ("route", "test/0")): 2.0}  # fmt: skip
+            (("filter", "rate_limit"), ("route", "test/0")): 3.0}  # fmt: skip
     finally:
         await server.shutdown(timeout=1.0)
 
