@@ -7,6 +7,7 @@ on a busy machine and shows what the hot path itself costs.
 
     python loadtests/hotpath_bench.py [--requests 200000]
     python loadtests/hotpath_bench.py --balancers round_robin,peak_ewma
+    python loadtests/hotpath_bench.py --filters        # each filter's cost per request
 """
 
 from __future__ import annotations
@@ -59,12 +60,29 @@ class FakeTransport:
     def close(self) -> None: ...
 
 
+#: One route's filters per variant of ``--filters`` (``none``: the route has none). Every
+#: request passes: the limit is far above the rate, the address is allowed.
+FILTERS: dict[str, list[Any]] = {
+    "none": [],
+    "rate_limit": [{"rate_limit": {"rate": "100000000/s", "key": "client_ip"}}],
+    "headers": [{"headers": {"request": {"set": {"X-Client": "${client_ip}"}},
+                             "response": {"set": {"X-Served-By": "aiolb"}}}}],
+    "headers_request": [{"headers": {"request": {"set": {"X-Client": "${client_ip}"}}}}],
+    "rewrite": [{"rewrite": {"strip_prefix": "/index"}}],
+    "redirect": [{"redirect": {"scheme": "https"}}],
+    "sticky": ["sticky"],
+    "access": [{"access": {"allow": ["127.0.0.0/8"]}}],
+    "python": [{"python": "loadtests.bench_filter:PassThrough"}],
+}  # fmt: skip
+
+
 def build(
     loop: asyncio.AbstractEventLoop,
     metrics: bool = True,
     access_log: str | None = None,
     balancer: str = "round_robin",
     upstreams: int = 1,
+    filters: list[Any] | None = None,
 ) -> tuple[ClientConnection, list[UpstreamConnection]]:
     balancer_config: Any = (
         {"name": balancer, "key": "header:User-Agent"}
@@ -77,7 +95,7 @@ def build(
                 {
                     "name": "b",
                     "bind": "127.0.0.1:0",
-                    "routes": [{"pool": "p"}],
+                    "routes": [{"pool": "p", "filters": filters or []}],
                     # one client connection carries every request
                     "limits": {"max_requests_per_connection": None},
                 }
@@ -121,43 +139,78 @@ def run(
         loop.close()
 
 
-def feeder(client: ClientConnection, conns: list[UpstreamConnection]) -> Callable[[int], float]:
-    """``feed(n)``: proxy n requests through ``client``; the process time it took."""
+def feeder(
+    client: ClientConnection, conns: list[UpstreamConnection], request: bytes = REQUEST
+) -> Callable[[int], float]:
+    """``feed(n)``: proxy n requests through ``client``; the process time it took. A
+    request the proxy answers itself (a redirect) has no upstream response to feed."""
     feed_client = client.data_received
 
     def feed(n: int) -> float:  # each response to the connection the balancer picked
         start = time.process_time()
         for _ in range(n):
-            feed_client(REQUEST)
-            client.exchange.conn.data_received(RESPONSE)  # type: ignore[union-attr]
+            feed_client(request)
+            ex = client.exchange
+            if ex is not None:
+                ex.conn.data_received(RESPONSE)  # type: ignore[union-attr]
         elapsed = time.process_time() - start
-        assert sum(c.uses for c in conns) >= n, "upstream connections were not reused"
+        local = client.exchange is None and not any(c.uses > 1 for c in conns)
+        assert local or sum(c.uses for c in conns) >= n, "upstream connections were not reused"
         return elapsed
 
     return feed
 
 
-def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
-    """Every balancer in one process, taking turns ``slice_`` requests at a time, so that
-    the machine's drift (tens of percent on a shared VM) falls on all of them alike."""
-    loop = asyncio.new_event_loop()
-    try:
-        feeds = {name: feeder(*build(loop, True, None, name, upstreams)) for name in names}
-        spent = dict.fromkeys(names, 0.0)
-        for feed in feeds.values():
-            feed(1000)  # warm up
-        for _ in range(max(1, requests // slice_)):
-            for name, feed in feeds.items():
-                spent[name] += feed(slice_)
-    finally:
-        loop.close()
+def take_turns(
+    feeds: dict[str, Callable[[int], float]], requests: int, slice_: int, title: str
+) -> None:
+    """Run every feed, taking turns ``slice_`` requests at a time, so that the machine's
+    drift (tens of percent on a shared VM) falls on all of them alike; print µs per
+    request and the extra over the first."""
+    names = list(feeds)
+    spent = dict.fromkeys(names, 0.0)
+    for feed in feeds.values():
+        feed(1000)  # warm up
+    for _ in range(max(1, requests // slice_)):
+        for name, feed in feeds.items():
+            spent[name] += feed(slice_)
     done = max(1, requests // slice_) * slice_
     cost = {name: spent[name] / done * 1e6 for name in names}
     ref = cost[names[0]]
-    print(f"| balancer ({upstreams} upstreams) | µs of Python per request | extra vs {names[0]} |")
+    print(f"| {title} | µs of Python per request | extra vs {names[0]} |")
     print("| --- | ---: | ---: |")
     for name in names:
         print(f"| {name} | {cost[name]:.2f} | {cost[name] - ref:+.2f} |")
+
+
+def compare(names: list[str], requests: int, upstreams: int, slice_: int = 2000) -> None:
+    """Every balancer in one process (``take_turns``)."""
+    loop = asyncio.new_event_loop()
+    try:
+        feeds = {name: feeder(*build(loop, True, None, name, upstreams)) for name in names}
+        take_turns(feeds, requests, slice_, f"balancer ({upstreams} upstreams)")
+    finally:
+        loop.close()
+
+
+def compare_filters(names: list[str], requests: int, slice_: int = 2000) -> None:
+    """Each filter variant in one process (``take_turns``): µs per request, and the extra
+    over the route without filters."""
+    loop = asyncio.new_event_loop()
+    sticky = REQUEST.replace(b"\r\n\r\n", b"\r\nCookie: aiolb_sticky=%s\r\n\r\n")
+    try:
+        feeds = {}
+        for name in names:
+            client, conns = build(loop, filters=FILTERS[name])
+            request = REQUEST
+            if name == "sticky":  # a returning client: its cookie names its upstream
+                chain = client.listener.router.route(None, b"/").chain  # type: ignore[union-attr]
+                ident = chain.filters[0][1].ident(conns[0].upstream.address)  # type: ignore[union-attr,attr-defined]
+                request = sticky % ident.encode()
+            feeds[name] = feeder(client, conns, request)
+        take_turns(feeds, requests, slice_, "route filters")
+    finally:
+        loop.close()
 
 
 def main() -> None:
@@ -172,7 +225,18 @@ def main() -> None:
         "--upstreams upstreams, taking turns 2,000 requests at a time",
     )
     parser.add_argument("--upstreams", type=int, default=2, help="with --balancers")
+    parser.add_argument(
+        "--filters",
+        nargs="?",
+        const=",".join(FILTERS),
+        help="comma-separated route filter variants to compare (default: all of "
+        f"{', '.join(FILTERS)}; the first is the reference), taking turns",
+    )
     args = parser.parse_args()
+    if args.filters:
+        names = args.filters.split(",")
+        compare_filters(names if names[0] == "none" else ["none", *names], args.requests)
+        return
     if args.balancers:
         compare(args.balancers.split(","), args.requests, args.upstreams)
         return

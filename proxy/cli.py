@@ -187,8 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         code["exit"] = await Supervisor(config, args.config, workers).serve()
 
     async def single() -> None:
-        server = ProxyServer(config)
-        server.config_path = args.config  # SIGHUP and POST /api/reload read it again
+        # SIGHUP and POST /api/reload read config_path again
+        server = ProxyServer(config, config_path=args.config)
         await server.serve()
 
     pid_file = PidFile(config.pid_file) if config.pid_file else None

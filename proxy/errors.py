@@ -54,6 +54,14 @@ class UpstreamProtocolError(ProxyError):
     condition = "reset_before_response"
 
 
+class FilterError(ProxyError):
+    """A route filter's hook raised, returned what it may not, or did not finish in
+    time: 500 for that request, never retried."""
+
+    status = 500
+    sent = False
+
+
 class UpstreamTimeoutError(ProxyError):
     """No response header within ``timeouts.response_header`` (or ``per_try_timeout``)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,13 @@ async def aiolb(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Aiolb]]
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A real ``redis-server`` on a free loopback port, stopped after the test."""
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free port (files in a temp dir), stopped after the test."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    try:
+        await server.ready()
+        yield server
+    finally:
+        server.kill()

@@ -14,13 +14,11 @@ import hashlib
 import inspect
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,11 +417,11 @@ class Aiolb:
 
 
 class RedisServer:
-    """A real ``redis-server`` on a free loopback port, its data in a temp dir; it can
-    be killed and started again on the same port (for outage tests)."""
+    """A real ``redis-server`` on a free loopback port with its files in ``folder``;
+    ``kill`` ends it like a crash, ``start`` brings it back on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.port = unused_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -431,28 +429,37 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
-        argv = [binary, "--port", str(self.port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        return self
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait until it answers PING."""
+
+        async def pong() -> bool:
             try:
-                with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
+                reader, writer = await asyncio.open_connection(HOST, self.port)
             except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+                return False
+            try:
+                writer.write(b"PING\r\n")
+                return await asyncio.wait_for(reader.readline(), 1.0) == b"+PONG\r\n"
+            finally:
+                writer.close()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await pong():
+            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+            if loop.time() > deadline:
+                raise AssertionError(f"redis-server did not answer within {timeout}s")
+            await asyncio.sleep(0.02)
 
     def kill(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
+            self.proc.wait(timeout=10)

@@ -39,7 +39,13 @@ Shape of ``GET /api/server``::
     {"version": "0.1.0", "started_at": 1790000000.0, "uptime_s": 12.3,
      "config_path": "config/aiolb.yaml", "workers": 1, "ready": true,
      "listeners": [{"name": "public", "bind": "127.0.0.1:8080", "connections": 2,
-                    "routes": [{"host": null, "path_prefix": "/", "pool": "web"}]}]}
+                    "routes": [{"name": "public/0", "host": null, "path_prefix": "/",
+                                "pool": "web", "filters": ["rate_limit", "sticky"],
+                                "rate_limited": 12}]}]}
+
+A route's ``name`` is its config ``name``, else ``LISTENER/INDEX``; ``filters`` its
+filters in order (``python:module:Class`` for a user's); ``rate_limited`` the requests
+its rate limits refused (summed over the workers), as ``aiolb_rate_limited_total``.
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
+from proxy.filters import label
 
 if TYPE_CHECKING:
     from proxy.admin.recent import RecentStats
+    from proxy.config import Listener as ListenerConfig
     from proxy.config import Pool as PoolConfig
     from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
@@ -137,6 +145,19 @@ def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
     }
 
 
+def route_views(server: ProxyServer, lc: ListenerConfig) -> list[dict[str, Any]]:
+    """A listener's routes: name, match, pool, filters and requests rate-limited."""
+    limited: dict[str, int] = {}
+    for (route, _), counts in server.filters.counts.items():
+        limited[route] = limited.get(route, 0) + counts.limited
+    return [
+        {"name": name, "host": r.match.host, "path_prefix": r.match.path_prefix,
+         "pool": r.pool, "filters": [label(f) for f in r.filters],
+         "rate_limited": limited.get(name, 0)}
+        for name, r in zip(lc.route_names(), lc.routes, strict=True)
+    ]  # fmt: skip
+
+
 def server_view(server: ProxyServer) -> dict[str, Any]:
     """The whole ``GET /api/server`` answer."""
     counts = server.client_connection_counts()
@@ -153,10 +174,7 @@ def server_view(server: ProxyServer) -> dict[str, Any]:
                 "name": lc.name,
                 "bind": addresses[lc.name],
                 "connections": counts.get(lc.name, 0),
-                "routes": [
-                    {"host": r.match.host, "path_prefix": r.match.path_prefix, "pool": r.pool}
-                    for r in lc.routes
-                ],
+                "routes": route_views(server, lc),
             }
             for lc in server.config.listeners
         ],

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from proxy.cache.entry import Entry
@@ -196,6 +196,19 @@ class Cache:
         return f"<Cache {self.name} [{self.store!r}, {hits} hits, {misses} misses]>"
 
 
+def build_caches(
+    specs: Mapping[str, CacheConfig], previous: Mapping[str, Cache] | None = None
+) -> dict[str, Cache]:
+    """A ``Cache`` per ``caches:`` entry; a reload keeps each one whose settings did not
+    change (the same object, its entries and counters with it)."""
+    kept = previous or {}
+    out = {}
+    for name, spec in specs.items():
+        old = kept.get(name)
+        out[name] = old if old is not None and old.spec == spec else Cache(name, spec)
+    return out
+
+
 def _not_modified(request: Headers, stored: Headers) -> bool:
     """The client's ``If-None-Match`` (weak comparison) or, without one, its
     ``If-Modified-Since`` says it has this response already (RFC 9110 13.1)."""
@@ -227,4 +240,5 @@ __all__ = [
     "Entry",
     "Flight",
     "Request",
+    "build_caches",
 ]

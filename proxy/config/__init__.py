@@ -6,6 +6,7 @@ config from plain data (tests, the demo). Both validate everything once; the res
 is immutable.
 """
 
+from proxy.config.base import Duration, Size
 from proxy.config.loader import (
     ConfigError,
     Document,
@@ -22,7 +23,6 @@ from proxy.config.models import (
     BalancerSpec,
     CircuitBreaker,
     Config,
-    Duration,
     HealthCheck,
     Limits,
     Listener,
@@ -33,7 +33,6 @@ from proxy.config.models import (
     PoolTimeouts,
     Retries,
     Route,
-    Size,
     UpstreamSpec,
 )
 from proxy.config.values import parse_duration, parse_size

@@ -36,6 +36,7 @@ def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
         *_undefined(listeners, caches if isinstance(caches, Mapping) else None, "cache"),
         *_clashing_binds(listeners, data.get("admin")),
         *_duplicate_names(listeners),
+        *_duplicate_route_names(listeners),
         *_duplicate_upstreams(pools if isinstance(pools, Mapping) else {}),
         *_routes_and_redirects(listeners),
     ]
@@ -130,7 +131,7 @@ def _clashing_binds(
         seen.append((key, f"listeners[{i}]"))
 
 
-def _repeats(keyed: Iterable[tuple[int, Hashable | None]]) -> Iterator[tuple[int, int]]:
+def _repeats(keyed: Iterable[tuple[Any, Hashable | None]]) -> Iterator[tuple[Any, Any]]:
     """``(index, index of its first occurrence)`` for every key seen before (None: skip)."""
     first: dict[Hashable, int] = {}
     for i, key in keyed:
@@ -209,3 +210,20 @@ def _duplicate_upstreams(pools: Mapping[str, Any]) -> Iterator[InitErrorDetails]
             message = f"duplicate upstream name {label!r} (also upstreams[{first}])"
             loc = ("pools", name, "upstreams", i, "name")
             yield _problem("duplicate_upstream_name", loc, label, message)
+
+
+def _duplicate_route_names(
+    listeners: list[tuple[int, Mapping[str, Any]]],
+) -> Iterator[InitErrorDetails]:
+    """Route ``name``s label metrics and rate-limit keys: one route per name."""
+    named = [
+        ((i, j), _text(route, "name"))
+        for i, listener in listeners
+        for j, route in _entries(listener.get("routes"))
+    ]
+    by_place = dict(named)
+    for (i, j), (fi, fj) in _repeats(named):
+        name = by_place[(i, j)]
+        message = f"duplicate route name {name!r} (also listeners[{fi}].routes[{fj}])"
+        yield _problem("duplicate_route_name", ("listeners", i, "routes", j, "name"), name,
+                       message)  # fmt: skip

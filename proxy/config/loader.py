@@ -26,6 +26,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from proxy.config.filters import yaml_loc
 from proxy.config.models import Config
 from proxy.config.source import Path, Source, read_source
 
@@ -55,6 +56,9 @@ _MESSAGES: Mapping[str, str] = MappingProxyType(
         "model_type": "must be a mapping",
         "model_attributes_type": "must be a mapping",
         "literal_error": "unknown value {input!r}; expected {expected}",
+        "union_tag_invalid": "unknown filter {tag!r}; filters: {expected_tags}",
+        "union_tag_not_found": "a filter is a name or a mapping such as "
+        "{{rate_limit: {{rate: 100/s}}}}",
     }
 )
 
@@ -158,11 +162,11 @@ def _validation_problems(exc: ValidationError, source: Source) -> list[tuple[int
     (an unset variable was already reported; its empty stand-in needs no second line)."""
     found = []
     for error in exc.errors():
-        loc = tuple(part for part in error["loc"] if part != "[key]")
+        loc = yaml_loc(tuple(part for part in error["loc"] if part != "[key]"))
         if any(loc[: len(path)] == path for path in source.placeholders):
             continue
-        at = loc[:-1] if error["type"] == "missing" else loc
-        found.append((_line(source.lines, at), _where(at), _message(error)))
+        at, message = explain(error, loc)
+        found.append((_line(source.lines, at), _where(at), message))
     return found
 
 
@@ -173,6 +177,12 @@ def _line(lines: Mapping[Path, int], loc: Path) -> int:
         if line is not None:
             return line
     return 1
+
+
+def explain(error: ErrorDetails, loc: Path) -> tuple[Path, str]:
+    """Where a pydantic error at ``loc`` is reported (a missing key: at the mapping that
+    lacks it) and its message in the words of this file's other errors."""
+    return (loc[:-1] if error["type"] == "missing" else loc), _message(error)
 
 
 def _message(error: ErrorDetails) -> str:

@@ -8,7 +8,9 @@ keeps ``config/aiolb.yaml`` listing every key.
 Paths read as the YAML does: ``listeners[].routes[].pool`` (``[]``: each list item),
 ``pools.<name>.retries.attempts`` (``<name>``: each key of a mapping the operator
 names). ``pools.<name>.balancer`` is one key (a name, or a mapping of the name and its
-options; the options are ``BALANCER_OPTIONS``). A field's ``json_schema_extra`` may say
+options; the options are ``BALANCER_OPTIONS``), and so is a route's ``filters`` list;
+``filter_keys`` walks each filter's options at the path the YAML gives them
+(``listeners[].routes[].filters[].rate_limit.burst``). A field's ``json_schema_extra`` may say
 ``since`` (the version that added the key; default ``FIRST_VERSION``) and ``secret``
 (never printed).
 """
@@ -24,7 +26,9 @@ import annotated_types
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from proxy.config.models import BALANCER_OPTIONS, BalancerSpec, Config, Kind
+from proxy.config.base import Kind
+from proxy.config.filters import FILTER_OPTIONS, FilterOptions, PythonFilterSpec
+from proxy.config.models import BALANCER_OPTIONS, BalancerSpec, Config
 from proxy.config.values import format_duration, format_size
 
 #: The version of the first release: every key without a ``since`` has been there since.
@@ -85,12 +89,28 @@ class Key:
 def keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[Key]:
     """Every key of ``model``, sections before the keys inside them, in field order."""
     for name, field in model.model_fields.items():
+        name = field.alias or name
         path = f"{prefix}.{name}" if prefix else name
         nested, shape = _nested(field.annotation)
         section = nested if nested is not None and nested not in LEAVES else None
         yield Key(path, field, section, path + shape if section is not None else "")
         if section is not None:
             yield from keys(section, path + shape)
+
+
+#: Where a route's filters are: ``listeners[].routes[].filters[]``.
+FILTERS_AT: Final = "listeners[].routes[].filters[]"
+
+
+def filter_prefix(name: str) -> str:
+    """Where filter ``name``'s options are (a python filter's beside ``python``)."""
+    return FILTERS_AT if name == "python" else f"{FILTERS_AT}.{name}"
+
+
+def filter_keys() -> Iterator[Key]:
+    """Every option of every filter (``FILTER_OPTIONS``), at its YAML path."""
+    for name, model in FILTER_OPTIONS.items():
+        yield from keys(model, filter_prefix(name))
 
 
 def _nested(annotation: Any) -> tuple[type[BaseModel] | None, str]:
@@ -155,7 +175,7 @@ def _word(annotation: Any) -> str:
     if origin is list:
         return "list of sections" if _is_model(get_args(annotation)[0]) else "list"
     if origin is dict:
-        return "mapping of names to sections"
+        return "mapping of names to sections" if _is_model(get_args(annotation)[1]) else "mapping"
     return _PLAIN.get(annotation, str(annotation))
 
 
@@ -190,9 +210,17 @@ def effective(config: Config) -> dict[str, Any]:
 
 def _render(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
     return {
-        name: render_value(field, getattr(model, name), dumped[name])
+        field.alias or name: render_value(field, getattr(model, name), dumped[field.alias or name])
         for name, field in type(model).model_fields.items()
     }
+
+
+def _filter(spec: FilterOptions) -> dict[str, Any]:
+    """A filter as YAML writes it: ``{rate_limit: {rate: 100/s, ...}}``."""
+    dumped = spec.model_dump(mode="json")
+    if isinstance(spec, PythonFilterSpec):
+        return dict(dumped)
+    return {spec.NAME: _render(spec, dumped[spec.NAME])}
 
 
 def render_value(field: FieldInfo, value: Any, dumped: Any = None) -> Any:
@@ -206,8 +234,10 @@ def render_value(field: FieldInfo, value: Any, dumped: Any = None) -> Any:
         dumped = _dump(field, value)
     if isinstance(value, BalancerSpec):
         return _balancer(value)
+    if isinstance(value, list) and value and isinstance(value[0], FilterOptions):
+        return [_filter(item) for item in value]
     if isinstance(value, BaseModel):
-        return _render(value, dumped)
+        return _render(value, dumped) if isinstance(dumped, dict) else dumped
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):
         return [_render(item, data) for item, data in zip(value, dumped, strict=True)]
     if isinstance(value, dict) and value and isinstance(next(iter(value.values())), BaseModel):

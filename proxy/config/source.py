@@ -9,7 +9,9 @@ duplicate key, a value YAML cannot construct) are collected with their path, so 
 loader reports them together with the validation errors. Syntax errors abort the walk
 and surface as ``yaml.YAMLError`` from ``read_source``.
 
-Expansion: ``${VAR}`` is the variable's value and a problem if it is unset;
+Expansion: ``${VAR}`` is the variable's value and a problem if it is unset (under a
+route's ``filters``, the request variables ``${client_ip}``, ``${request_id}`` and
+``${host}`` are left for the filters);
 ``${VAR:-default}`` is the default when the variable is unset or empty (as in sh);
 ``$${`` is a literal ``${``. An expanded plain (unquoted) scalar is resolved again as
 YAML, so ``${W:-2}`` is the int 2 and ``${B:-true}`` the bool true; a quoted one stays
@@ -19,7 +21,7 @@ a string.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,19 +31,28 @@ Path = tuple[Any, ...]
 
 _VAR = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _STR_TAG = "tag:yaml.org,2002:str"
+#: ``${NAME}`` under a route's ``filters`` that is a request variable, not the
+#: environment's (``proxy.config.filters.REQUEST_VARIABLES``)
+REQUEST_VARIABLES = ("client_ip", "request_id", "host")
 _SKIP = object()  # a key that could not be built: its entry is left out
 
 
-def expand(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+def expand(
+    text: str, env: Mapping[str, str], keep: Collection[str] = ()
+) -> tuple[str, list[str]]:
     """``text`` with every ``${VAR}`` / ``${VAR:-default}`` replaced, and the unset names.
 
     An unset variable without a default is replaced by an empty string and its name is
-    returned, so the caller can report every one of them.
+    returned, so the caller can report every one of them. Names in ``keep`` are left as
+    they are (``$${NAME}`` too): a route filter's request variables, not the
+    environment's.
     """
     missing: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
         escaped, name, default = match.groups()
+        if name in keep and default is None:
+            return match.group(0)
         if escaped:
             return match.group(0)[1:]
         value = env.get(name)
@@ -134,7 +145,8 @@ class _Walk:
 
     def scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
         if node.tag == _STR_TAG and "${" in node.value:
-            text, missing = expand(node.value, self.env)
+            keep = REQUEST_VARIABLES if _in_filters(path) else ()
+            text, missing = expand(node.value, self.env, keep)
             for name in missing:
                 self.problem(path, node, f"environment variable {name} is not set")
                 self.source.placeholders.add(path)
@@ -154,3 +166,10 @@ class _Walk:
             self.problem(path, node, f"invalid YAML value: {reason}")
             self.source.placeholders.add(path)
             return failed
+
+
+def _in_filters(path: Path) -> bool:
+    """Inside a route's filters: ``listeners[i].routes[j].filters...``."""
+    return len(path) > 4 and path[0] == "listeners" and path[2] == "routes" and (
+        path[4] == "filters"
+    )

@@ -53,6 +53,8 @@ from proxy.http.responses import CONTINUE_100, error_response, redirect_response
 from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
+    from proxy.filters.base import Request
+    from proxy.forwarding.router import Route
     from proxy.server.protocol import ClientConnection
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
@@ -96,6 +98,7 @@ class Exchange:
         "deadline",
         "discard",
         "done",
+        "filters",
         "found",
         "head",
         "head_request",
@@ -160,6 +163,9 @@ class Exchange:
         self.discard = False
         self.local_status = 0
         self.pool: Pool | None = None
+        #: the route's filters' view of this request while its chain has more to do
+        #: (response hooks, a local answer); None on routes without filters
+        self.filters: Request | None = None
         self.upstream: Upstream | None = None
         self.released = False
         self.conn: UpstreamConnection | None = None
@@ -204,22 +210,35 @@ class Exchange:
     # -- start: route, pick, connect --------------------------------------------------
 
     def start(self) -> None:
-        """Become the current exchange: route and send, or answer locally."""
+        """Become the current exchange: route, run the route's filters (if any), pick
+        and send, or answer locally."""
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
-        client = self.client
-        pool = client.listener.router.route(self.host, self.target)
+        route = self.client.listener.router.route(self.host, self.target)
+        if route is None:
+            self.local(404)
+            return
+        pool = route.pool
         if pool is None:
-            self._no_pool()
+            self._redirect(route)
             return
         self.pool = pool
-        if self.found.upgrade is not None and not self._allow_upgrade():
+        if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
         pool.requests += 1
-        upstream = pool.pick(self)
+        if route.chain is not None:  # the request phase, then ``dispatch``
+            route.chain.request(self)
+            return
+        self.dispatch(pool.pick(self), self.target)
+
+    def dispatch(self, upstream: Upstream | None, target: bytes) -> None:
+        """Send the request for ``target`` to the picked ``upstream`` (None: 503)."""
         if upstream is None:
             self._fail(NoUpstreamError("no upstream available"))
             return
+        client = self.client
+        pool = self.pool
+        assert pool is not None
         self.upstream = upstream
         self.attempts = 1
         if self.found.expect_continue and self.http_minor and not self.req_done:
@@ -227,7 +246,7 @@ class Exchange:
         if self.host is None:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
         self.head = head = request_head(
-            self.method, self.target, self.found, client.client_ip_bytes, self.host,
+            self.method, target, self.found, client.client_ip_bytes, self.host,
             self.request_id, client.head_template,
         )
         if pool.fast_path and not self.pending:  # the fast path: nothing but the head
@@ -244,12 +263,8 @@ class Exchange:
                 return
         self._use(upstream)
 
-    def _no_pool(self) -> None:
-        """No pool: a route that redirects to https (308), or no route (404)."""
-        route = self.client.listener.router.match(self.host, self.target)
-        if route is None or not route.redirect:
-            self.local(404)
-            return
+    def _redirect(self, route: Route) -> None:
+        """A route that redirects to https: 308 to the same URL there."""
         host = normalise_host(self.host) if self.host else b""
         if not host or _AUTHORITY.fullmatch(host) is None:
             self.local(400)
@@ -269,12 +284,11 @@ class Exchange:
     def _bodiless(self) -> bool:
         return not self.found.chunked and self.found.content_length in (None, b"0")
 
-    def _allow_upgrade(self) -> bool:
+    def _allow_upgrade(self, route: Route) -> bool:
         """An Upgrade request: forward the protocols its route allows (``upgrades``),
         with ``Connection: upgrade``; none allowed -> 403. ``h2c`` never got here."""
         found = self.found
-        route = self.client.listener.router.match(self.host, self.target)
-        allowed = route.upgrades if route is not None else frozenset()
+        allowed = route.upgrades
         asked = found.upgrade or []
         tokens = [t for t in asked if t.partition(b"/")[0] in allowed]
         if not tokens:
@@ -484,8 +498,9 @@ class Exchange:
         self.out += (ResponseHead(raw).head, b"\r\n")
 
     def on_response_head(self, status: int, found: ResponseHead) -> bool:
-        """The final response head, rewritten (``response_head``); False when it is
-        dropped to retry elsewhere (then the connection is closed unread)."""
+        """The final response head, rewritten (``response_head``) and through the
+        route's response filters; False when it is dropped to retry elsewhere or
+        because a filter failed (then the connection is closed unread)."""
         pool = self.pool
         assert pool is not None
         upstream = self.upstream
@@ -503,6 +518,13 @@ class Exchange:
             )  # fmt: skip
             self._retry()
             return False
+        filters = self.filters
+        if filters is not None:
+            changed = filters.chain.response(self, status, found)
+            if changed is None:  # a filter failed: answered 500
+                self.conn = None
+                return False
+            found, status = changed
         self.status = status
         self.replay = None
         self.resp_started = True
@@ -548,6 +570,7 @@ class Exchange:
         if (
             not self.req_done
             or self.pending
+            or self.filters is not None  # response filters run on the general path
             or status in pool.retry.statuses
             or (status >= 500 and pool.outlier is not None and pool.outlier.with_5xx)
         ):
@@ -638,6 +661,9 @@ class Exchange:
         self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        filters = self.filters
+        if filters is not None and filters.chain.hold_complete(filters, conn, upstream_keep_alive):
+            return  # an async response filter holds the response
         if self.mode == CHUNKED:
             self.out.append(_LAST_CHUNK)
         self.flush_client()
@@ -682,6 +708,8 @@ class Exchange:
         """Write what one upstream read produced, in one call."""
         out = self.out
         if out:
+            if self.filters is not None and self.filters.held:
+                return  # an async response filter is running
             self.out = []
             write_pieces(self.client.transport, out)
 
@@ -748,8 +776,17 @@ class Exchange:
         self.local_status = 0
         self.status = status
         close = close or not self.keep_alive or self.client.draining
-        self.client.transport.write(error_response(status, close, self.head_request))
+        filters = self.filters
+        if filters is not None and filters._answer is not None:  # a filter's answer
+            data = filters._answer.render(close, self.head_request)
+        else:
+            data = error_response(status, close, self.head_request)
+        self.client.transport.write(data)
         self._finish(close)
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer ``error.status`` for ``error`` (a filter's failure) and log it."""
+        self._fail(error)
 
     def _fail(self, error: ProxyError) -> None:
         self._release_upstream()

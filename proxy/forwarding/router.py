@@ -2,23 +2,55 @@
 
 Routes are compiled once per config. A lookup normalises the host (lower case, port
 removed), finds the candidate routes for it (cached per host, the cache bounded so
-that client-chosen hosts cannot grow it) and returns the pool of the first route
-whose path prefix matches. A listener with one catch-all route costs nothing.
-
-A route that redirects to https has no pool: ``route`` returns None for it as for no
-match, and only then does the exchange ask ``match`` which route it was (so the
-common request pays nothing for redirects). ``match`` also gives an Upgrade request
-its route's ``upgrades``.
+that client-chosen hosts cannot grow it) and returns the target of the first route
+whose path prefix matches: for a listener, a ``Route`` (its pool, its filter chain,
+its cache, its name, what it allows). A listener with one catch-all route costs
+nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from proxy.cache import Cache
+    from proxy.filters.chain import FilterChain
+    from proxy.upstream.pool import Pool
 
 P = TypeVar("P")
 
 _CACHE_LIMIT = 1024
+
+
+class Route:
+    """A matched route: the ``pool`` that serves it (None for a route that redirects to
+    https), its ``chain`` of filters and its ``cache`` (None when it has none: the
+    exchange then runs no filter or cache code), its ``name``, the Upgrade protocols it
+    tunnels and ``redirect`` (False, or the https port to redirect to: True for the
+    default one)."""
+
+    __slots__ = ("cache", "chain", "name", "pool", "redirect", "upgrades")
+
+    def __init__(
+        self,
+        name: str,
+        pool: Pool | None,
+        chain: FilterChain | None = None,
+        cache: Cache | None = None,
+        upgrades: Sequence[str] = ("websocket",),
+        redirect: bool | int = False,
+    ) -> None:
+        self.name = name
+        self.pool = None if redirect else pool
+        self.chain = chain
+        self.cache = cache
+        self.upgrades = frozenset(token.encode() for token in upgrades)
+        self.redirect = redirect
+
+    def __repr__(self) -> str:
+        pool = self.pool.name if self.pool is not None else f"redirect {self.redirect}"
+        return f"<Route {self.name} -> {pool} [{self.chain!r}, {self.cache!r}]>"
 
 
 def normalise_host(host: bytes) -> bytes:
@@ -30,23 +62,14 @@ def normalise_host(host: bytes) -> bytes:
     return host.partition(b":")[0]
 
 
-#: What a route may say besides its pool: the Upgrade protocols it tunnels, and
-#: ``redirect_https`` (False, True: the default https port, or a port number).
-RouteOptions = tuple[tuple[str, ...], bool | int]
-DEFAULT_OPTIONS: RouteOptions = (("websocket",), False)
-
-
 class _Route(Generic[P]):
-    __slots__ = ("host", "pool", "prefix", "redirect", "suffix", "upgrades")
+    __slots__ = ("host", "prefix", "suffix", "target")
 
-    def __init__(self, host: str | None, prefix: str, pool: P | None, options: RouteOptions):
+    def __init__(self, host: str | None, prefix: str, target: P) -> None:
         self.host = host.lower().encode() if host else None
         self.suffix = self.host[1:] if self.host and self.host.startswith(b"*.") else None
         self.prefix = prefix.encode()
-        self.upgrades = frozenset(token.encode() for token in options[0])
-        #: False, or the https port to redirect to (True: the default port)
-        self.redirect = options[1]
-        self.pool = None if self.redirect else pool
+        self.target = target
 
     def serves(self, host: bytes) -> bool:
         if self.host is None:
@@ -57,45 +80,21 @@ class _Route(Generic[P]):
 
 
 class Router(Generic[P]):
-    """Maps ``(host, path)`` to a pool, or None when no route matches (404) or the route
-    redirects (``match`` tells which)."""
+    """Maps ``(host, path)`` to a route's target, or None when no route matches (404)."""
 
     __slots__ = ("_by_host", "_only", "_routes")
 
-    def __init__(
-        self,
-        routes: Sequence[tuple[str | None, str, str | None]],
-        pools: Mapping[str, P],
-        options: Sequence[RouteOptions] | None = None,
-    ):
-        """``routes``: ``(host pattern or None, path prefix, pool name)`` in config order;
-        ``options``: each route's ``RouteOptions`` (default: websocket, no redirect)."""
-        extra = options if options is not None else [DEFAULT_OPTIONS] * len(routes)
-        self._routes = [
-            _Route(host, prefix, pools[name] if name is not None else None, opts)
-            for (host, prefix, name), opts in zip(routes, extra, strict=True)
-        ]
+    def __init__(self, routes: Sequence[tuple[str | None, str, P]]):
+        """``routes``: ``(host pattern or None, path prefix, target)`` in config order."""
+        self._routes = [_Route(host, prefix, target) for host, prefix, target in routes]
         self._by_host: dict[bytes, list[_Route[P]]] = {}
         first = self._routes[0] if self._routes else None
         catch_all = first is not None and first.host is None and first.prefix == b"/"
-        self._only: P | None = first.pool if first is not None and catch_all else None
+        self._only: P | None = first.target if first is not None and catch_all else None
 
     def route(self, host: bytes | None, path: bytes) -> P | None:
         if self._only is not None:
             return self._only
-        for r in self._candidates(host):
-            if path.startswith(r.prefix):
-                return r.pool
-        return None
-
-    def match(self, host: bytes | None, path: bytes) -> _Route[P] | None:
-        """The first route that matches (with its options), or None."""
-        for r in self._candidates(host):
-            if path.startswith(r.prefix):
-                return r
-        return None
-
-    def _candidates(self, host: bytes | None) -> list[_Route[P]]:
         key = normalise_host(host) if host else b""
         candidates = self._by_host.get(key)
         if candidates is None:
@@ -103,7 +102,10 @@ class Router(Generic[P]):
             if len(self._by_host) >= _CACHE_LIMIT:
                 self._by_host.clear()
             self._by_host[key] = candidates
-        return candidates
+        for r in candidates:
+            if path.startswith(r.prefix):
+                return r.target
+        return None
 
     def serves_host(self, host: bytes) -> bool:
         """True if a route names this host explicitly (for absolute-form targets)."""

@@ -63,6 +63,17 @@ _RESPONSE_ACTIONS: Final[dict[bytes, int]] = {
 }
 
 _PLAIN_CONNECTION_TOKENS: Final = frozenset((b"close", b"keep-alive"))
+
+#: Headers that frame a message or concern one hop only: the proxy writes its own, and
+#: no filter may set, add or remove them (lower case, as ``str``).
+FRAMING_HEADERS: Final = frozenset((
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+    "transfer-encoding", "content-length", "expect",
+))  # fmt: skip
+#: Request headers the proxy sets on every forwarded request (``request_head``).
+MANAGED_REQUEST_HEADERS: Final = frozenset((
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via",
+))  # fmt: skip
 VIA: Final = b"Via: 1.1 aiolb\r\n"
 
 

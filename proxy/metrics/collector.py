@@ -20,7 +20,9 @@ metric:
 - gauges and counters read straight off ``Upstream`` (availability, in-flight,
   connect errors, ejections, probe results, open tunnels), ``Pool`` (retries, retries
   the budget denied, circuit-breaker overflows, requests waiting for a connection), the
-  listeners (connections, failed TLS handshakes) and ``ProxyServer.reloads``.
+  rate limits' counters (``ProxyServer.filters.counts``: by route and filter name, from
+  the config that names them on), the listeners (connections, failed TLS handshakes)
+  and ``ProxyServer.reloads``.
 
 The registry is built per server (``build_registry``): the one piece of metrics state
 that is not a plain counter, and no module-level global.
@@ -106,6 +108,11 @@ METRICS: Final = (
     MetricSpec("aiolb_tunnels_active", "gauge", ("pool",),
                "Open Upgrade tunnels (WebSocket) to the pool's upstreams; each also counts "
                "as an active request of its upstream."),
+    MetricSpec("aiolb_rate_limited", "counter", ("route", "filter"),
+               "Requests a rate_limit filter refused (429)."),
+    MetricSpec("aiolb_rate_limit_store_errors", "counter", ("route", "filter"),
+               "Rate-limit decisions the store (Redis) could not make: admitted with "
+               "fail_open, else answered 503."),
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
     MetricSpec("aiolb_tls_handshake_errors", "counter", ("listener", "reason"),
                "TLS handshakes with clients that failed, by reason."),
@@ -127,6 +134,8 @@ LABELS: Final[Mapping[str, str]] = MappingProxyType({
     "reason": "why a TLS handshake failed: `plaintext` (HTTP on a TLS port), `timeout` "
               "(`timeouts.header`), `reset`, `version`, `cipher`, `client_certificate`, "
               "`unknown_ca`, `protocol` or `other`",
+    "route": "the route's `name`, else `LISTENER/INDEX` (`public/0`)",
+    "filter": "the rate_limit filter's `name` (default `rate_limit`)",
     "le": "histogram bucket bound in seconds: 0.001 to 10, and +Inf",
 })  # fmt: skip
 
@@ -197,6 +206,7 @@ class ProxyCollector(Collector):
         yield self._durations()
         yield from self._upstream_families()
         yield from self._retries()
+        yield from self._rate_limits()
         yield self._client_connections()
         yield self._handshake_errors()
         yield self._reloads()
@@ -255,6 +265,14 @@ class ProxyCollector(Collector):
             pending.add_metric([name], pool.pending)
             tunnels.add_metric([name], sum(u.tunnels for u in pool.upstreams))
         yield from (retries, denied, overflows, pending, tunnels)
+
+    def _rate_limits(self) -> Iterator[Metric]:
+        limited = counter("aiolb_rate_limited")
+        errors = counter("aiolb_rate_limit_store_errors")
+        for (route, name), counts in sorted(self.server.filters.counts.items()):
+            limited.add_metric([route, name], counts.limited)
+            errors.add_metric([route, name], counts.store_errors)
+        yield from (limited, errors)
 
     def _client_connections(self) -> Metric:
         family = gauge("aiolb_client_connections")

@@ -12,8 +12,9 @@ A check is a function of the validated config and the environment (for
 ``AIOLB_ADMIN_TOKEN``) that yields ``(loc, message)`` per problem, ``loc`` being the
 key's path (``("admin", "bind")``). It reads the file system and the resolver but
 changes nothing and binds nothing: a check must be safe to run next to a running
-proxy. New kinds of start-up refusal (TLS certificates and keys, ``python:`` filters
-that must import) add a function here and an entry in ``PREFLIGHT``.
+proxy. New kinds of start-up refusal (TLS certificates and keys) add a function here
+and an entry in ``PREFLIGHT``. ``python_filters`` needs the file's folder too (a
+filter module may sit next to its config), so ``preflight`` runs it apart.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
+from pydantic import ValidationError
+
 from proxy.admin.security import admin_token, exposure_problem
 from proxy.config import Config, ConfigError, Document, load_document
 from proxy.config.files import check_files
+from proxy.config.filters import PythonFilterSpec
+from proxy.config.loader import explain
+from proxy.filters import python
 
 Loc = tuple[str | int, ...]
 Finding = tuple[Loc, str]
@@ -93,6 +99,35 @@ def tls_warnings(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
             yield problem.loc, problem.message
 
 
+def python_filters(config: Config, folder: str | None) -> Iterator[Finding]:
+    """Every ``python:`` filter must import, be a ``proxy.filters.Filter``, accept its
+    ``options`` (its ``Options`` model) and build (its ``__init__``)."""
+    for i, lc in enumerate(config.listeners):
+        for j, route in enumerate(lc.routes):
+            for k, spec in enumerate(route.filters):
+                if isinstance(spec, PythonFilterSpec):
+                    yield from _python_filter(("listeners", i, "routes", j, "filters", k),
+                                              spec, folder)  # fmt: skip
+
+
+def _python_filter(at: Loc, spec: PythonFilterSpec, folder: str | None) -> Iterator[Finding]:
+    try:
+        cls = python.load(spec.python, folder)
+    except python.LoadError as exc:
+        yield (*at, "python"), str(exc)
+        return
+    try:
+        options = python.options(cls, spec.options)
+    except ValidationError as exc:
+        for error in exc.errors():
+            yield explain(error, (*at, "options", *error["loc"]))
+        return
+    try:
+        cls(options)
+    except Exception as exc:
+        yield (*at, "python"), f"{spec.python}(options) failed: {type(exc).__name__}: {exc}"
+
+
 #: Every preflight check, in the order their problems are listed.
 PREFLIGHT: Final[tuple[Check, ...]] = (
     admin_exposure, access_log_file, pid_file, bind_hosts, tls_files,
@@ -104,11 +139,10 @@ WARNINGS: Final[tuple[Check, ...]] = (tls_warnings,)
 def preflight(document: Document, env: Mapping[str, str] | None = None) -> list[str]:
     """Every check's problems for a loaded ``document``, as ``FILE:LINE: key: message``."""
     env = os.environ if env is None else env
-    return [
-        document.problem(loc, message)
-        for check in PREFLIGHT
-        for loc, message in check(document.config, env)
-    ]
+    folder = os.path.dirname(os.path.abspath(document.name))
+    found = [finding for check in PREFLIGHT for finding in check(document.config, env)]
+    found += python_filters(document.config, folder)
+    return [document.problem(loc, message) for loc, message in found]
 
 
 def warnings(document: Document, env: Mapping[str, str] | None = None) -> list[str]:

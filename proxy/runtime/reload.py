@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from proxy.cache import build_caches
 from proxy.config import Config, ConfigError
 from proxy.config.values import format_address
 from proxy.runtime.preflight import validate, warnings
@@ -165,7 +166,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     plan = plan_listeners(server.listeners, config.listeners)
     try:  # everything that reads a TLS file, before anything changes
         pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
-        added = [server.make_listener(lc, pools) for lc in plan.added]
+        caches = build_caches(config.caches, server.caches)
+        added = [server.make_listener(lc, pools, caches) for lc in plan.added]
         certificates = [ServerTLS(lc.tls) if lc.tls else None for _, lc in plan.kept]
     except TLSFileError as exc:
         return [f"{path}: {exc.message}"]
@@ -177,9 +179,9 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
             return problems
     _warn_unreloaded(server.config, config)
     commit_pools(server.pools, pools)
-    server.pools, server.config = pools, config
+    server.pools, server.config, server.caches = pools, config, caches
     for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
-        listener.apply(lc, pools, tls)
+        listener.apply(lc, pools, tls, caches)
         listener.record = config.records_requests
     order = {lc.name: i for i, lc in enumerate(config.listeners)}
     kept = [lst for lst, _ in plan.kept]

@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import time
 from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
+from proxy.cache import Cache, build_caches
 from proxy.clock import Clock
 from proxy.config import Config
 from proxy.config import Listener as ListenerConfig
 from proxy.config.diff import describe_changes
 from proxy.config.values import format_address
 from proxy.errors import BindError
+from proxy.filters import FilterContext
 from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
@@ -72,8 +75,15 @@ class ProxyServer:
         config: Config,
         loop: asyncio.AbstractEventLoop | None = None,
         role: Role = "single",
+        filters: FilterContext | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
+        #: what the route filters share across reloads: buckets, Redis stores, counters
+        #: (a supervisor hands its workers one shared bucket table)
+        self.filters = filters if filters is not None else FilterContext()
+        if config_path is not None:
+            self.filters.folder = os.path.dirname(os.path.abspath(config_path))
         self.role = role
         #: the supervisor/worker link (``proxy.runtime.workers``); None in one process
         self.control: Control | None = None
@@ -99,10 +109,12 @@ class ProxyServer:
         log_config = config.access_log
         self.access_log = AccessLog(log_config.path, log_config.format) if log_config else None
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
+        #: the ``caches:`` by name (a reload keeps the ones whose settings stay)
+        self.caches = build_caches(config.caches)
         self.listeners = [self.make_listener(lc) for lc in config.listeners]
         self.ready = False
         #: the file ``aiolb run -c`` loaded (None: built in code, e.g. the demo)
-        self.config_path: str | None = None
+        self.config_path = config_path
         #: reloads by result, for ``aiolb_config_reloads_total``
         self.reloads = {"success": 0, "failure": 0}
         self.admin: AdminHandle | None = None
@@ -118,13 +130,19 @@ class ProxyServer:
         #: ``dns://`` upstreams: resolved again every ``dns_refresh``
         self.discovery = Discovery(self.sync_health)
 
-    def make_listener(self, lc: ListenerConfig, pools: dict[str, Pool] | None = None) -> Listener:
-        """A listener for ``lc`` over ``pools`` (default: the current ones), not yet
-        bound; raises ``TLSFileError`` when its certificates cannot be loaded."""
+    def make_listener(
+        self,
+        lc: ListenerConfig,
+        pools: dict[str, Pool] | None = None,
+        caches: dict[str, Cache] | None = None,
+    ) -> Listener:
+        """A listener for ``lc`` over ``pools`` and ``caches`` (default: the current ones),
+        not yet bound; raises ``TLSFileError`` when its certificates cannot be loaded."""
         return Listener(
             lc, self.pools if pools is None else pools, self.loop, self.clock,
             self.request_ids, self.stats, record=self.config.records_requests,
-            access_log=self.access_log,
+            access_log=self.access_log, filters=self.filters,
+            caches=self.caches if caches is None else caches,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -312,6 +330,7 @@ class ProxyServer:
         await self.discovery.close()
         for pool in self.pools.values():
             pool.close()
+        await self.filters.close()
         self.clock.stop()
         if self.access_log is not None:
             self.access_log.close()

@@ -10,10 +10,11 @@ for and once a second for the dashboard's rates, and ``absorb`` writes the sums 
 its own ``Pool`` and ``Upstream`` objects. The collector and the admin views then read
 the supervisor's objects exactly as they read a single process's.
 
-Summed: requests by labels, histograms, connect errors, in-flight requests, open
-connections, open tunnels, ejections, retries, budget denials and the retries budgets
-allow now, overflows, waiting requests, client connections and failed TLS handshakes.
-Not summed: active health (the
+Summed: requests by labels, histograms, rate-limited requests and rate-limit store
+errors by route and filter, connect errors, in-flight requests, open connections, open
+tunnels, ejections, retries, budget denials and the retries budgets allow now,
+overflows, waiting requests, client connections and failed TLS handshakes. Not summed:
+active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
 supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
@@ -38,6 +39,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
         "stats": server.stats.snapshot(),
         "connections": server.connection_counts(),
         "handshake_errors": [[*key, n] for key, n in server.handshake_errors().items()],
+        "filters": server.filters.snapshot(),
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),
@@ -95,6 +97,7 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for listener, reason, n in snap.get("handshake_errors", ()):
             errors[(listener, reason)] = errors.get((listener, reason), 0) + n
     server.handshake_totals = errors
+    server.filters.absorb([s.get("filters", []) for s in snapshots])
     server.retry_budget_left = {}
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]

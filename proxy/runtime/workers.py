@@ -17,12 +17,13 @@ address is free, fixes the port of ``:0`` listeners, and keeps it reserved while
 workers come and go; a socket that does not listen receives no connections.
 
 Control: one socketpair per worker carries JSON lines. The supervisor sends the config
-(with the reserved ports), health verdicts and probe results (so each worker's
-balancers skip what the checks found down and ends ejections as a single process
-would), the full health and drain state once a second (a worker that just started, or
-just discovered an address through DNS, catches up within a second), drains, reloads,
-and requests for counters (``proxy.runtime.totals``); a worker answers the requests
-it was asked by ``id``.
+(with the reserved ports, and the file descriptor of the shared rate-limit buckets,
+passed to the worker at its start: ``proxy.filters.buckets.SharedBuckets``), health
+verdicts and probe results (so each worker's balancers skip what the checks found
+down and ends ejections as a single process would), the full health and drain state
+once a second (a worker that just started, or just discovered an address through DNS,
+catches up within a second), drains, reloads, and requests for counters
+(``proxy.runtime.totals``); a worker answers the requests it was asked by ``id``.
 
 Lifecycle: a worker that exits unasked is started again after a backoff (0.5 s,
 doubling to 30 s; back to 0.5 s once a worker has run for 30 s), and the others keep
@@ -48,6 +49,8 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.errors import BindError
+from proxy.filters import FilterContext
+from proxy.filters.buckets import SharedBuckets
 from proxy.health.active import HealthChecker
 from proxy.runtime.reload import apply_config, load
 from proxy.runtime.server import ProxyServer
@@ -140,8 +143,13 @@ class Supervisor:
         self.path = path
         self.count = count
         self.config, self._reserved = reserve(config)
-        self.server = ProxyServer(self.config, role="supervisor")
-        self.server.config_path = path
+        #: the rate-limit buckets every worker shares (memory store: one limit for the
+        #: instance), handed to each worker as a file descriptor
+        self.buckets = SharedBuckets()
+        self.server = ProxyServer(
+            self.config, role="supervisor", filters=FilterContext(self.buckets),
+            config_path=path,
+        )  # fmt: skip
         self.server.control = self
         self.server.workers = count
         self.server.checker = HealthChecker(self)
@@ -287,14 +295,14 @@ class Supervisor:
                 "--control-fd", str(theirs.fileno()), "--index", str(worker.index)]  # fmt: skip
         try:
             worker.proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(theirs.fileno(),), start_new_session=False
+                *argv, pass_fds=(theirs.fileno(), self.buckets.fd), start_new_session=False
             )
         finally:
             theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
         worker.writer = writer
         worker.send({"op": "config", "config": self.config.model_dump(mode="json"),
-                     "path": self.path})  # fmt: skip
+                     "path": self.path, "buckets_fd": self.buckets.fd})  # fmt: skip
         worker.reader_task = self.loop.create_task(self._read(worker, reader))
         code = await worker.proc.wait()
         worker.ready = False
@@ -433,8 +441,10 @@ async def run_worker(control_fd: int, index: int) -> int:
     reader, writer = await asyncio.open_connection(sock=sock)
     first = json.loads(await reader.readline())
     config = Config.model_validate(first["config"])
-    server = ProxyServer(config, role="worker")
-    server.config_path = first.get("path")
+    buckets = SharedBuckets(first["buckets_fd"])
+    server = ProxyServer(
+        config, role="worker", filters=FilterContext(buckets), config_path=first.get("path")
+    )
     server.control = WorkerControl()
     await server.start()
     loop = asyncio.get_running_loop()

@@ -23,11 +23,13 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from proxy.forwarding.router import RouteOptions, Router
+from proxy.filters import FilterContext, build_chain
+from proxy.forwarding.router import Route, Router
 from proxy.server.protocol import ClientConnection
 from proxy.tls import ServerTLS, handshake_reason
 
 if TYPE_CHECKING:
+    from proxy.cache import Cache
     from proxy.clock import Clock
     from proxy.config import Listener as ListenerConfig
     from proxy.http.headers import RequestIds
@@ -38,19 +40,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiolb")
 
 
-def build_router(config: ListenerConfig, pools: Mapping[str, Pool]) -> Router[Pool]:
-    """The router of a listener config over ``pools``; a listener that redirects to
-    https with no routes gets one catch-all redirecting route."""
-    routes: list[tuple[str | None, str, str | None]] = []
-    options: list[RouteOptions] = []
-    for r in config.routes:
-        routes.append((r.match.host, r.match.path_prefix, r.pool))
-        redirect = config.redirect_https if r.redirect_https is None else r.redirect_https
-        options.append((r.upgrades, redirect))
+def build_router(
+    lc: ListenerConfig,
+    pools: Mapping[str, Pool],
+    filters: FilterContext,
+    caches: Mapping[str, Cache],
+) -> Router[Route]:
+    """The router of a listener config over ``pools``: each route with its pool, its
+    filter chain and its cache (None without), built once per config. A listener that
+    redirects to https with no routes gets one catch-all redirecting route."""
+    routes: list[tuple[str | None, str, Route]] = []
+    for name, rc in zip(lc.route_names(), lc.routes, strict=True):
+        redirect = lc.redirect_https if rc.redirect_https is None else rc.redirect_https
+        pool = pools[rc.pool] if rc.pool is not None and not redirect else None
+        chain = build_chain(name, rc.filters, pool, filters) if rc.filters and pool else None
+        cache = caches[rc.cache] if rc.cache is not None and pool else None
+        route = Route(name, pool, chain, cache, rc.upgrades, redirect)
+        routes.append((rc.match.host, rc.match.path_prefix, route))
     if not routes:
-        routes.append((None, "/", None))
-        options.append(((), config.redirect_https))
-    return Router(routes, pools, options)
+        routes.append((None, "/", Route(f"{lc.name}/0", None, redirect=lc.redirect_https)))
+    return Router(routes)
 
 
 class Listener:
@@ -61,6 +70,7 @@ class Listener:
         "config",
         "connections",
         "draining",
+        "filters",
         "handshake_errors",
         "loop",
         "name",
@@ -82,6 +92,8 @@ class Listener:
         stats: Stats,
         record: bool = True,
         access_log: AccessLog | None = None,
+        filters: FilterContext | None = None,
+        caches: Mapping[str, Cache] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -91,7 +103,9 @@ class Listener:
         self.stats = stats
         self.record = record  # metrics enabled
         self.access_log = access_log
-        self.router: Router[Pool] = build_router(config, pools)
+        #: what the route filters share across reloads (buckets, Redis stores, counters)
+        self.filters = filters if filters is not None else FilterContext()
+        self.router = build_router(config, pools, self.filters, caches or {})
         #: the certificates (None: plain HTTP); raises ``TLSFileError`` on a bad file
         self.tls = ServerTLS(config.tls) if config.tls is not None else None
         #: failed TLS handshakes by reason, for ``aiolb_tls_handshake_errors_total``
@@ -102,11 +116,15 @@ class Listener:
         self._ssl_protocol = _ssl_protocol_class(loop)
 
     def apply(
-        self, config: ListenerConfig, pools: Mapping[str, Pool], tls: ServerTLS | None
+        self,
+        config: ListenerConfig,
+        pools: Mapping[str, Pool],
+        tls: ServerTLS | None,
+        caches: Mapping[str, Cache],
     ) -> None:
         """A reload kept this listener: the new config, router and certificates (new
         connections get them; open ones keep theirs)."""
-        self.router = build_router(config, pools)
+        self.router = build_router(config, pools, self.filters, caches)
         self.config, self.name, self.tls = config, config.name, tls
 
     def accept(self) -> asyncio.BaseProtocol:

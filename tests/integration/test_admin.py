@@ -232,10 +232,16 @@ async def test_api_pools_describes_every_upstream(
 async def test_api_server_describes_the_listeners_and_routes(
     recorders: MakeRecorder, proxy: MakeProxy
 ) -> None:
-    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main"},
+    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main",
+               "name": "api", "filters": [{"rate_limit": {"rate": "1/m", "burst": 1}}, "sticky",
+                                          {"python": "tests.filter_support:Stamp"}]},
               {"match": {"path_prefix": "/"}, "pool": "main"}]  # fmt: skip
     server = await proxy(make_config([(await recorders("a")).url], routes=routes))
     server.config_path = "some/aiolb.yaml"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):  # one admitted, two rate-limited
+            async with session.get(proxy_url(server, "/v1/"), headers={"Host": "api.example.com"}):
+                pass
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy_url(server, "/x")) as resp:  # keep-alive: still open
             assert resp.status == 200
@@ -246,8 +252,12 @@ async def test_api_server_describes_the_listeners_and_routes(
     assert 0 <= body["uptime_s"] < 60 and abs(body["started_at"] - server.started_at) < 0.01
     assert body["listeners"] == [{
         "name": "test", "bind": f"{HOST}:{server.listeners[0].port}", "connections": 1,
-        "routes": [{"host": "api.example.com", "path_prefix": "/v1/", "pool": "main"},
-                   {"host": None, "path_prefix": "/", "pool": "main"}],
+        "routes": [{"name": "api", "host": "api.example.com", "path_prefix": "/v1/",
+                    "pool": "main", "filters": ["rate_limit", "sticky",
+                                                "python:tests.filter_support:Stamp"],
+                    "rate_limited": 2},
+                   {"name": "test/1", "host": None, "path_prefix": "/", "pool": "main",
+                    "filters": [], "rate_limited": 0}],
     }]  # fmt: skip
 
 

@@ -90,6 +90,7 @@ async def test_an_outage_is_a_miss_logged_once_and_recovery_is_automatic(
     down = [r.getMessage() for r in caplog.records if "bypass the cache" in r.getMessage()]
     assert len(down) == 1
     redis_server.start()  # the same port, empty
+    await redis_server.ready()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10.0
     while True:  # each try waits for the store to try Redis again (at most RETRY_AFTER)

@@ -254,7 +254,8 @@ async def test_dashboard_shows_version_listeners_names_trends_and_pool_state(
     recorders, proxy, browser, tmp_path
 ):
     a, b = await recorders("a"), await recorders("b")
-    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main"},
+    routes = [{"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "main",
+               "filters": [{"rate_limit": {"rate": "100/s"}}, "sticky"]},
               {"match": {"path_prefix": "/"}, "pool": "main"}]  # fmt: skip
     pool = {"upstreams": [{"url": a.url, "name": "app-a"}, {"url": b.url}]}
     server = await proxy(make_config([], pool=pool, routes=routes))
@@ -280,7 +281,9 @@ async def test_dashboard_shows_version_listeners_names_trends_and_pool_state(
         what="listener address",
     )
     routes_text = await browser.evaluate(js(f"{listener} [data-field=routes]", "el.textContent"))
-    assert routes_text == "api.example.com/v1/ → main/ → main", routes_text
+    assert routes_text == (
+        "api.example.com/v1/ → main [rate_limit, sticky] 0 rate-limited/ → main"
+    ), routes_text
     assert await browser.evaluate(js("section[data-listeners]", "el.hidden")) is False
 
     # upstream names: the config's, with the address underneath; else the address

@@ -39,4 +39,13 @@ def test_classifiers_and_bounds() -> None:
     project = PYPROJECT["project"]
     assert "Topic :: Internet :: Proxy Servers" in project["classifiers"]
     upper = [req for req in project["dependencies"] if "<" in req]
-    assert upper == ["pydantic>=2.7,<3"]  # only where the next major is known to break
+    assert upper == ["pydantic>=2.11,<3"]  # only where the next major is known to break
+
+
+def test_the_redis_store_is_an_extra_the_tests_install() -> None:
+    """The proxy starts without redis-py (it is imported only for a Redis store); the
+    ``redis`` extra brings it, and the test extra too (the store's tests use it)."""
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    assert not [req for req in project["dependencies"] if req.startswith("redis")]
+    assert "redis>=5.0.1" in extras["redis"] and "redis>=5.0.1" in extras["test"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.config.filters import FILTER_OPTIONS
 from proxy.config.models import BALANCER_OPTIONS
-from proxy.config.schema import keys
+from proxy.config.schema import FILTERS_AT, filter_keys, keys
 from proxy.docs import REFERENCES, config_reference
 from proxy.docs import main as docs_main
 
@@ -57,7 +58,10 @@ def _child(parent: str, key: str) -> str:
     return f"{parent}.{key}" if parent else key
 
 
-_ALL = {key.path for key in keys()}
+#: every key, every filter's options, and the filters' names (``filters[].rate_limit``)
+_ALL = {key.path for key in (*keys(), *filter_keys())} | {
+    f"{FILTERS_AT}.{name}" for name in FILTER_OPTIONS if name != "python"
+}
 _LISTS = {path[: match.start()] for path in _ALL for match in re.finditer(r"\[\]", path)}
 _NAMED = {path.split(".<name>")[0] for path in _ALL if ".<name>" in path}
 
@@ -102,9 +106,10 @@ def test_the_config_reference_has_every_key() -> None:
         section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
         assert f"| `{key.name}` | {key.type} |" in section, key.path
     rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert len(rows) == len(list(keys())) + sum(len(m.model_fields) for m in
-                                                BALANCER_OPTIONS.values())  # fmt: skip
-    for name in BALANCER_OPTIONS:
+    options = [key for key in filter_keys() if key.section is None]
+    balancer_options = sum(len(m.model_fields) for m in BALANCER_OPTIONS.values())
+    assert len(rows) == len(list(keys())) + balancer_options + len(options)
+    for name in (*BALANCER_OPTIONS, *FILTER_OPTIONS):
         assert f"### `{name}`" in text
 
 
