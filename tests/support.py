@@ -173,8 +173,10 @@ def make_config(
     listener: dict[str, Any] | None = None,
     routes: list[dict[str, Any]] | None = None,
     pools: dict[str, Any] | None = None,
+    caches: dict[str, Any] | None = None,
 ) -> Config:
-    """A one-listener config on port 0 in front of ``upstream_urls``."""
+    """A one-listener config on port 0 in front of ``upstream_urls`` (``caches``: the
+    config's ``caches`` section)."""
     main_pool = {"upstreams": [{"url": u} for u in upstream_urls], **(pool or {})}
     return Config.model_validate(
         {
@@ -187,6 +189,7 @@ def make_config(
                 }
             ],
             "pools": {"main": main_pool, **(pools or {})},
+            "caches": caches or {},
             "admin": {"bind": f"{HOST}:0"},
         }
     )

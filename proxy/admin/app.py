@@ -34,7 +34,7 @@ from proxy.admin.errors import ApiError, json_errors, json_response
 from proxy.admin.recent import RecentStats
 from proxy.admin.security import admin_token, bearer_auth, check_exposure
 from proxy.admin.trends import Trends
-from proxy.admin.views import pools_view, server_view, upstream_view
+from proxy.admin.views import caches_view, pools_view, server_view, upstream_view
 from proxy.errors import BindError
 from proxy.metrics.collector import build_registry
 
@@ -79,6 +79,8 @@ class AdminApi:
         r.add_get("/api/trends", self.trends_info)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/drain", self.drain)
         r.add_post("/api/pools/{pool}/upstreams/{upstream}/enable", self.enable)
+        r.add_get("/api/caches", self.caches)
+        r.add_post("/api/caches/{cache}/purge", self.purge)
         r.add_post("/api/reload", self.reload)
         r.add_post("/api/stop", self.stop)
         app.cleanup_ctx.append(self._sampling)
@@ -159,6 +161,33 @@ class AdminApi:
             return pool, upstream
         raise ApiError(404, f"pool {pool_name!r} has no upstream {address!r} (use host:port)")
 
+    async def caches(self, request: web.Request) -> web.Response:
+        await self._refresh()
+        return json_response(caches_view(self.server))
+
+    async def purge(self, request: web.Request) -> web.Response:
+        """Drop stored responses: ``{"url": "http://host/path"}`` (that one, every
+        variant) or ``{"prefix": "/static/"}`` (any host; ``http://host/static/``: that
+        host). Answers how many went."""
+        name = request.match_info["cache"]
+        if name not in self.server.caches:
+            raise ApiError(404, f"no cache named {name!r}")
+        body = await read_body(request)
+        unknown = set(body) - {"url", "prefix"}
+        if unknown or len(body) != 1:
+            raise ApiError(400, 'give one of "url" or "prefix"' + (
+                f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))  # fmt: skip
+        kind, value = next(iter(body.items()))
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, f"{kind} must be a non-empty string")
+        host, target = split_purge_target(value)
+        if kind == "url" and host is None:
+            raise ApiError(400, "url must be absolute: http://host/path")
+        purged = await self.server.purge_cache(name, host, target, exact=kind == "url")
+        log.info("cache %s: %d entries purged by the admin API (%s %s)", name, purged, kind,
+                 value[:200])  # fmt: skip
+        return json_response({"cache": name, "purged": purged})
+
     async def reload(self, request: web.Request) -> web.Response:
         """Same as SIGHUP: 200 if the new config was applied, 400 with its problems."""
         await read_options(request)
@@ -178,19 +207,35 @@ class AdminApi:
         return json_response({"stopping": True, "shutdown_timeout_s": timeout}, 202)
 
 
-async def read_options(request: web.Request) -> None:
-    """Check an optional POST body: nothing, or a JSON object with no fields."""
+async def read_body(request: web.Request) -> dict[str, object]:
+    """A POST body: nothing (an empty object), or a JSON object."""
     raw = await request.read()
     if not raw.strip():
-        return
+        return {}
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"invalid JSON body: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+async def read_options(request: web.Request) -> None:
+    """Check an optional POST body: nothing, or a JSON object with no fields."""
+    body = await read_body(request)
     if body:
         raise ApiError(400, f"unknown field(s): {', '.join(sorted(map(str, body)))}")
+
+
+def split_purge_target(value: str) -> tuple[bytes | None, bytes]:
+    """``http://Host:80/a?b`` -> (``host``, ``/a?b``); ``/a`` -> (None, ``/a``)."""
+    raw = value.encode("latin-1", errors="replace")
+    for scheme in (b"http://", b"https://"):
+        if raw.lower().startswith(scheme):
+            authority, slash, rest = raw[len(scheme):].partition(b"/")
+            return authority.lower().split(b":", 1)[0], slash + rest if slash else b"/"
+    return None, raw
 
 
 class AdminHandle:

@@ -188,3 +188,29 @@ def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
         "window_s": round(recent.span, 3),
         "pools": [pool_view(server, pool, recent) for pool in server.pools.values()],
     }
+
+
+def caches_view(server: ProxyServer) -> dict[str, Any]:
+    """The whole ``GET /api/caches`` answer: every cache, its store and counters.
+
+    ``hit_ratio`` is the share of the lookups (hits, stale hits, revalidations,
+    misses) that were answered without a full upstream response; null before any."""
+    out = []
+    for name, cache in server.caches.items():
+        counts = cache.report()
+        results = counts["results"]
+        lookups = results["hit"] + results["stale"] + results["revalidated"] + results["miss"]
+        served = results["hit"] + results["stale"] + results["revalidated"]
+        store = cache.spec.store
+        out.append({
+            "name": name,
+            "store": "memory" if store == "memory" else "redis",
+            "max_size": cache.spec.max_size if store == "memory" else None,
+            "bytes": counts["bytes"],
+            "entries": counts["entries"],
+            "requests": results,
+            "stored": counts["stored"],
+            "errors": counts["errors"],
+            "hit_ratio": round(served / lookups, 4) if lookups else None,
+        })  # fmt: skip
+    return {"caches": out}

@@ -29,9 +29,12 @@ stale (nginx's ``proxy_cache_use_stale``; RFC 5861 ``stale-if-error`` too).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
 
 from proxy.cache.entry import Entry
 from proxy.cache.memory import MemoryStore
@@ -49,6 +52,9 @@ from proxy.cache.policy import (
 if TYPE_CHECKING:
     from proxy.cache.redis_store import RedisStore
     from proxy.config.models import Cache as CacheConfig
+    from proxy.upstream.pool import Pool
+
+log = logging.getLogger("aiolb")
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -114,6 +120,11 @@ class Cache:
         self.results = dict.fromkeys(RESULTS, 0)
         self.stored = 0
         self.flights: dict[bytes, Flight] = {}
+        #: background work (Redis writes, stale-while-revalidate refreshes), kept alive
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        #: the workers' counters summed (a supervisor's, after ``absorb``); else None
+        self.totals: dict[str, Any] | None = None
 
     # -- deciding ------------------------------------------------------------------------
 
@@ -158,11 +169,18 @@ class Cache:
 
     # -- entries -------------------------------------------------------------------------
 
+    def vary(
+        self, request: Request, response: Headers
+    ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """The request header names ``response`` varies on, and their values in
+        ``request``."""
+        names = vary_names(response) or ()
+        return names, variant(request.headers, names) if names else ()
+
     def entry(self, request: Request, head: bytes, body: bytes, times: tuple[float, float],
               response: Headers) -> Entry:  # fmt: skip
         """A new entry of ``request``'s key and variant from a response."""
-        names = vary_names(response) or ()
-        values = variant(request.headers, names) if names else ()
+        names, values = self.vary(request, response)
         return Entry(request.key, names, values, head, body, times, self.default_ttl)
 
     def hit(self, entry: Entry, request: Request, now: float, status: str, keep_alive: bool,
@@ -186,6 +204,117 @@ class Cache:
             body,
         )
 
+    async def revalidate(self, pool: Pool, request: Request, entry: Entry, host: bytes) -> None:
+        """Fetch ``entry`` again from one of ``pool``'s upstreams, conditionally (the
+        background half of ``stale-while-revalidate``): a 304 refreshes it, a storable
+        response replaces it, anything else leaves it to age out."""
+        upstream = pool.pick(_Background(request))
+        if upstream is None:
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
+                   if k not in _NOT_FORWARDED}  # fmt: skip
+        headers["Host"] = host.decode("latin-1")
+        for name, value in entry.headers:
+            if name == b"etag":
+                headers["If-None-Match"] = value.decode("latin-1")
+            elif name == b"last-modified":
+                headers["If-Modified-Since"] = value.decode("latin-1")
+        scheme = "https" if upstream.ssl is not None else "http"
+        url = f"{scheme}://{upstream.address}{request.key.split(b' ', 1)[1].decode('latin-1')}"
+        sent = time.time()
+        try:
+            async with asyncio.timeout(pool.response_header_timeout):
+                async with self.session().get(
+                    url, headers=headers, allow_redirects=False, ssl=upstream.ssl or False,
+                    server_hostname=upstream.server_name if upstream.ssl else None,
+                ) as resp:  # fmt: skip
+                    body = await resp.content.read(self.max_object_size + 1)
+                    head = _raw_head(resp)
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            log.info("cache %s: refreshing %r failed: %s", self.name, request.key[:200], exc)
+            return
+        received = time.time()
+        if resp.status == 304:
+            entry.refresh(head, (sent, received), self.default_ttl)
+            await self._put(entry)
+            self.results["revalidated"] += 1
+            return
+        response = [(k.lower(), v) for k, v in resp.raw_headers]
+        if len(body) <= self.max_object_size and self.may_store(request, resp.status, response):
+            await self._put(self.entry(request, head, body, (sent, received), response))
+
+    async def _put(self, entry: Entry) -> None:
+        store = self.store
+        if isinstance(store, MemoryStore):
+            store.put(entry)
+        else:
+            await store.put(entry)
+
+    # -- operating it ------------------------------------------------------------------
+
+    def counts(self) -> dict[str, Any]:
+        """The counters (one process's, or the workers' sum after ``absorb``)."""
+        memory = isinstance(self.store, MemoryStore)
+        return {
+            "results": dict(self.results),
+            "stored": self.stored,
+            "errors": self.errors,
+            "bytes": self.store.size if memory else None,  # type: ignore[union-attr]
+            "entries": len(self.store) if memory else None,  # type: ignore[arg-type]
+        }
+
+    def absorb(self, parts: Sequence[dict[str, Any]]) -> None:
+        """Make the counters the sum of the workers' ``counts()``."""
+        self.totals = {
+            "results": {r: sum(p["results"].get(r, 0) for p in parts) for r in RESULTS},
+            "stored": sum(p["stored"] for p in parts),
+            "errors": sum(p["errors"] for p in parts),
+            "bytes": _sum_known(p["bytes"] for p in parts),
+            "entries": _sum_known(p["entries"] for p in parts),
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The counters to show: the workers' sum when there are workers."""
+        return self.totals if self.totals is not None else self.counts()
+
+    @property
+    def errors(self) -> int:
+        """Store operations that failed (the Redis store; the memory store has none)."""
+        return 0 if isinstance(self.store, MemoryStore) else self.store.errors
+
+    async def remove(self, key: bytes) -> int:
+        """Drop every variant stored for ``key``; how many."""
+        store = self.store
+        if isinstance(store, MemoryStore):
+            return store.remove(key)
+        return await store.remove(key)
+
+    async def purge(self, host: bytes | None, prefix: bytes) -> int:
+        """Drop the entries whose target starts with ``prefix`` (on ``host`` only, when
+        given); how many."""
+        def matches(key: bytes) -> bool:
+            where, _, target = key.partition(b" ")
+            return (host is None or where == host) and target.startswith(prefix)
+
+        store = self.store
+        if isinstance(store, MemoryStore):
+            return store.purge_matching(matches)
+        return await store.purge_matching(matches)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        """Stop background work, close the Redis client and the refresh session."""
+        for task in list(self.tasks):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        if not isinstance(self.store, MemoryStore):
+            await self.store.close()
+
     @staticmethod
     def now() -> float:
         """Unix time: ages are differences of ``Date`` values and arrival times."""
@@ -194,6 +323,50 @@ class Cache:
     def __repr__(self) -> str:
         hits, misses = self.results["hit"], self.results["miss"]
         return f"<Cache {self.name} [{self.store!r}, {hits} hits, {misses} misses]>"
+
+
+#: Request headers a background refresh does not send (hop-by-hop, the conditionals it
+#: sets itself, the body's).
+_NOT_FORWARDED: Final = frozenset(
+    {b"host", b"connection", b"keep-alive", b"te", b"upgrade", b"proxy-connection",
+     b"transfer-encoding", b"content-length", b"if-none-match", b"if-modified-since",
+     b"expect"}
+)
+
+
+class _Background:
+    """The request view a balancer gets for a background refresh."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    @property
+    def client_ip(self) -> str:
+        return ""
+
+    @property
+    def target(self) -> bytes:
+        return self.request.key.split(b" ", 1)[1]
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.request.headers if n == name), None)
+
+
+def _raw_head(resp: aiohttp.ClientResponse) -> bytes:
+    """A response head as the proxy forwards it, from aiohttp's response (status line
+    and the headers but the hop-by-hop and framing ones)."""
+    lines = [b"HTTP/1.1 %d %s" % (resp.status, (resp.reason or "").encode("latin-1"))]
+    for name, value in resp.raw_headers:
+        if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding"):
+            lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def _sum_known(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def build_caches(

@@ -11,7 +11,7 @@ remove are O(1) (remove: O(variants of the key)); ``purge`` by prefix scans the 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from proxy.cache.entry import Entry
 from proxy.cache.policy import variant
@@ -58,10 +58,10 @@ class MemoryStore:
         known = self.keys.get(entry.key)
         if known is not None and known.vary != entry.vary:
             self.remove(entry.key)
-            known = None
+        self._drop((entry.key, entry.variant))  # the one it replaces
+        known = self.keys.get(entry.key)
         if known is None:
             known = self.keys[entry.key] = _Key(entry.vary)
-        self._drop((entry.key, entry.variant))
         self.entries[(entry.key, entry.variant)] = entry
         known.variants.add(entry.variant)
         self.size += entry.size
@@ -82,7 +82,11 @@ class MemoryStore:
 
     def purge(self, prefix: bytes) -> int:
         """Drop every entry whose key starts with ``prefix``; how many."""
-        return sum(self.remove(key) for key in [k for k in self.keys if k.startswith(prefix)])
+        return self.purge_matching(lambda key: key.startswith(prefix))
+
+    def purge_matching(self, matches: Callable[[bytes], bool]) -> int:
+        """Drop every entry whose key ``matches``; how many."""
+        return sum(self.remove(key) for key in [k for k in self.keys if matches(k)])
 
     def _drop(self, slot: Slot) -> None:
         entry = self.entries.pop(slot, None)

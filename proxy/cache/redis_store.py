@@ -29,7 +29,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from proxy.cache.entry import Entry
@@ -165,11 +165,16 @@ class RedisStore:
 
     async def purge(self, prefix: bytes) -> int:
         """Drop every entry whose cache key starts with ``prefix``; how many."""
+        return await self.purge_matching(lambda key: key.startswith(prefix))
+
+    async def purge_matching(self, matches: Callable[[bytes], bool]) -> int:
+        """Drop every entry whose cache key ``matches`` (a scan of the key records)."""
         found = 0
         async for name in self.client.scan_iter(match=f"{self.prefix}k:*", count=500):
             record = await self.client.get(name)
-            if record is not None and bytes(record).split(b"\n", 1)[0].startswith(prefix):
-                found += await self.remove(bytes(record).split(b"\n", 1)[0])
+            key = bytes(record).split(b"\n", 1)[0] if record is not None else None
+            if key is not None and matches(key):
+                found += await self.remove(key)
         return found
 
     async def close(self) -> None:

@@ -203,7 +203,7 @@ class Request:
     """
 
     __slots__ = (
-        "_answer", "_complete", "_head_at", "_headers", "_state", "chain", "client_ip",
+        "_complete", "_head_at", "_headers", "_state", "chain", "client_ip",
         "ex", "held", "pinned", "target",
     )  # fmt: skip
 
@@ -216,7 +216,6 @@ class Request:
         self.pinned: Upstream | None = None
         #: an async response hook is running: the response is held (``FilterChain``)
         self.held = False
-        self._answer: LocalResponse | None = None
         self._complete: Any = None
         self._head_at = 0
         self._headers: Headers | None = None

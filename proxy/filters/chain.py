@@ -41,11 +41,13 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from proxy.cache.flow import begin as cache_begin
 from proxy.errors import FilterError
 from proxy.filters.base import Filter, LocalResponse, Request, Response, UpstreamInfo, implements
 from proxy.http.headers import ResponseHead
 
 if TYPE_CHECKING:
+    from proxy.cache import Cache
     from proxy.forwarding.exchange import Exchange
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool
@@ -60,11 +62,13 @@ Phase = tuple[str, tuple[tuple[str, Hook], ...]]
 class FilterChain:
     """The filters of one route, by phase: ``(label, hook)`` pairs in config order."""
 
-    __slots__ = ("filters", "pool", "requests", "responses", "route", "upstreams")
+    __slots__ = ("cache", "filters", "pool", "requests", "responses", "route", "upstreams")
 
     def __init__(self, route: str, pool: Pool, filters: Sequence[tuple[str, Filter]]) -> None:
         self.route = route
         self.pool = pool
+        #: the route's cache, consulted after the request phase (set by the router)
+        self.cache: Cache | None = None
         self.filters = tuple(filters)
         self.requests = self._hooks("request_filter")
         self.upstreams = self._hooks("upstream_request_filter")
@@ -81,7 +85,14 @@ class FilterChain:
         req = Request(self, ex)
         if self.responses[1]:
             ex.filters = req
-        self._run(req, self.requests, 0, (req,), self._pick)
+        self._run(req, self.requests, 0, (req,), self._cached)
+
+    def _cached(self, req: Request) -> None:
+        """The request phase is done: the route's cache may answer; else ``_pick``."""
+        if self.cache is None:
+            self._pick(req)
+        else:
+            cache_begin(req.ex, self.cache, lambda: self._pick(req))
 
     def _pick(self, req: Request) -> None:
         ex = req.ex
@@ -163,8 +174,7 @@ class FilterChain:
         name = phase[0]
         if isinstance(result, LocalResponse) and name == "request_filter":
             if not ex.done:
-                req._answer = result
-                ex.filters = req
+                ex.answer = result
                 ex.local(result.status)
             return False
         allowed = "None or a LocalResponse" if name == "request_filter" else "None"

@@ -36,6 +36,8 @@ import time
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
+from proxy.cache.flow import Answer
+from proxy.cache.flow import begin as cache_begin
 from proxy.clock import NEVER
 from proxy.errors import (
     CircuitOpenError,
@@ -53,7 +55,8 @@ from proxy.http.responses import CONTINUE_100, error_response, redirect_response
 from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
-    from proxy.filters.base import Request
+    from proxy.cache.flow import CacheState
+    from proxy.filters.base import LocalResponse, Request
     from proxy.forwarding.router import Route
     from proxy.server.protocol import ClientConnection
     from proxy.upstream.connection import UpstreamConnection
@@ -90,9 +93,11 @@ def _upgrade_token(head: bytes) -> bytes | None:
 
 class Exchange:
     __slots__ = (
+        "answer",
         "attempts",
         "body_size",
         "bytes_out",
+        "cache_state",
         "client",
         "conn",
         "deadline",
@@ -166,6 +171,11 @@ class Exchange:
         #: the route's filters' view of this request while its chain has more to do
         #: (response hooks, a local answer); None on routes without filters
         self.filters: Request | None = None
+        #: what the route's cache does for this request (None on routes without one)
+        self.cache_state: CacheState | None = None
+        #: a response made for this request in place of the upstream's (a filter's
+        #: ``LocalResponse``, a cache hit): what ``local`` writes; None: an error page
+        self.answer: LocalResponse | Answer | None = None
         self.upstream: Upstream | None = None
         self.released = False
         self.conn: UpstreamConnection | None = None
@@ -226,9 +236,18 @@ class Exchange:
         if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
         pool.requests += 1
-        if route.chain is not None:  # the request phase, then ``dispatch``
+        if route.chain is not None:  # the request phase, then the cache and ``dispatch``
             route.chain.request(self)
             return
+        if route.cache is not None:  # a hit answers; anything else goes on to ``pick``
+            cache_begin(self, route.cache, self.pick)
+            return
+        self.dispatch(pool.pick(self), self.target)
+
+    def pick(self) -> None:
+        """Pick an upstream of the route's pool and send (after the cache missed)."""
+        pool = self.pool
+        assert pool is not None
         self.dispatch(pool.pick(self), self.target)
 
     def dispatch(self, upstream: Upstream | None, target: bytes) -> None:
@@ -518,6 +537,12 @@ class Exchange:
             )  # fmt: skip
             self._retry()
             return False
+        cache = self.cache_state
+        if cache is not None:
+            given = cache.on_head(self, status, found)
+            if isinstance(given, Answer):  # the cache answers instead (a 304, a 5xx)
+                return self._answered_instead(given)
+            found = given
         filters = self.filters
         if filters is not None:
             changed = filters.chain.response(self, status, found)
@@ -554,6 +579,19 @@ class Exchange:
         self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
         return True
 
+    def _answered_instead(self, answer: Answer) -> bool:
+        """The cache answers this request in place of the upstream's response head
+        (a 304 revalidated the stored one; a failure status and a stale one may stand
+        in): its response goes out, the upstream's body is read and dropped."""
+        self.status = answer.status
+        self.replay = None
+        self.resp_started = True
+        self.mode = NO_BODY
+        self.keep_alive = self.keep_alive and not self.client.draining
+        self.out += answer.render(not self.keep_alive, self.head_request)
+        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+        return True
+
     def relay_whole(
         self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
     ) -> bool:
@@ -571,6 +609,7 @@ class Exchange:
             not self.req_done
             or self.pending
             or self.filters is not None  # response filters run on the general path
+            or self.cache_state is not None  # and so does a cache
             or status in pool.retry.statuses
             or (status >= 500 and pool.outlier is not None and pool.outlier.with_5xx)
         ):
@@ -653,6 +692,10 @@ class Exchange:
 
     def on_response_body(self, data: bytes | memoryview) -> None:
         mode = self.mode
+        if self.cache_state is not None:
+            self.cache_state.on_body(data)
+            if mode == NO_BODY:  # the cache answered instead: this body is dropped
+                return
         self.bytes_out += len(data)
         if mode == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -666,6 +709,8 @@ class Exchange:
             return  # an async response filter holds the response
         if self.mode == CHUNKED:
             self.out.append(_LAST_CHUNK)
+        if self.cache_state is not None:
+            self.cache_state.on_complete()
         self.flush_client()
         self.resp_done = True
         self.conn = None
@@ -776,12 +821,12 @@ class Exchange:
         self.local_status = 0
         self.status = status
         close = close or not self.keep_alive or self.client.draining
-        filters = self.filters
-        if filters is not None and filters._answer is not None:  # a filter's answer
-            data = filters._answer.render(close, self.head_request)
-        else:
-            data = error_response(status, close, self.head_request)
-        self.client.transport.write(data)
+        answer = self.answer
+        if answer is None:
+            self.client.transport.write(error_response(status, close, self.head_request))
+        else:  # a filter's LocalResponse, a cache hit
+            data = answer.render(close, self.head_request)
+            write_pieces(self.client.transport, data if isinstance(data, list) else [data])
         self._finish(close)
 
     def fail(self, error: ProxyError) -> None:
@@ -789,6 +834,10 @@ class Exchange:
         self._fail(error)
 
     def _fail(self, error: ProxyError) -> None:
+        cache = self.cache_state
+        if cache is not None and cache.on_failure(self, error):
+            self._release_upstream()
+            return
         self._release_upstream()
         log.warning(
             "%d %s %s: %s%s", error.status, self.method.decode(),
@@ -951,6 +1000,8 @@ class Exchange:
         if conn is not None:
             self.conn = None
             conn.close()
+        if self.cache_state is not None:
+            self.cache_state.abandon()
         self._release_upstream()
         if self.status and self.client.record:  # answered, then cut short: still counted
             self._record()

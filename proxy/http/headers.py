@@ -280,6 +280,15 @@ class ResponseHead:
             start = length_at + 17
             self.length = int(lower[start : lower.index(b"\r\n", start)])
 
+    def with_lines(self, lines: bytes) -> ResponseHead:
+        """A copy with header ``lines`` (each ending in CRLF) added: what a cache or a
+        filter sends; ``self`` may be the head cache's and is never changed."""
+        copy = ResponseHead.__new__(ResponseHead)
+        copy.chunked, copy.close, copy.has_length = self.chunked, self.close, self.has_length
+        copy.length, copy.status = self.length, self.status
+        copy.head = self.head + lines
+        return copy
+
     def _filter(self, raw: bytes) -> None:
         """The general path: one pass over the header lines (obs-fold unfolded)."""
         lines = raw[:-4].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ").split(b"\r\n")

@@ -113,6 +113,17 @@ METRICS: Final = (
     MetricSpec("aiolb_rate_limit_store_errors", "counter", ("route", "filter"),
                "Rate-limit decisions the store (Redis) could not make: admitted with "
                "fail_open, else answered 503."),
+    MetricSpec("aiolb_cache_requests", "counter", ("cache", "result"),
+               "Requests of routes with a cache, by what the cache did: hit (fresh), stale "
+               "(served stale: stale-while-revalidate, stale-if-error, use_stale), "
+               "revalidated (a 304 confirmed the stored response), miss, bypass."),
+    MetricSpec("aiolb_cache_bytes", "gauge", ("cache",),
+               "Bytes of heads and bodies a memory store holds (the workers' sum)."),
+    MetricSpec("aiolb_cache_entries", "gauge", ("cache",),
+               "Responses a memory store holds (the workers' sum)."),
+    MetricSpec("aiolb_cache_errors", "counter", ("cache",),
+               "Cache store operations that failed (Redis down or slow): the request "
+               "bypassed the cache."),
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
     MetricSpec("aiolb_tls_handshake_errors", "counter", ("listener", "reason"),
                "TLS handshakes with clients that failed, by reason."),
@@ -130,11 +141,13 @@ LABELS: Final[Mapping[str, str]] = MappingProxyType({
                 "504, or no pool)",
     "method": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE, or OTHER",
     "code": "the status the client got",
-    "result": "`success` or `failure`",
+    "result": "`success` or `failure`; for `aiolb_cache_requests_total`: `hit`, `stale`, "
+              "`revalidated`, `miss` or `bypass`",
     "reason": "why a TLS handshake failed: `plaintext` (HTTP on a TLS port), `timeout` "
               "(`timeouts.header`), `reset`, `version`, `cipher`, `client_certificate`, "
               "`unknown_ca`, `protocol` or `other`",
     "route": "the route's `name`, else `LISTENER/INDEX` (`public/0`)",
+    "cache": "the cache's name (a key of `caches`)",
     "filter": "the rate_limit filter's `name` (default `rate_limit`)",
     "le": "histogram bucket bound in seconds: 0.001 to 10, and +Inf",
 })  # fmt: skip
@@ -207,6 +220,7 @@ class ProxyCollector(Collector):
         yield from self._upstream_families()
         yield from self._retries()
         yield from self._rate_limits()
+        yield from self._caches()
         yield self._client_connections()
         yield self._handshake_errors()
         yield self._reloads()
@@ -273,6 +287,21 @@ class ProxyCollector(Collector):
             limited.add_metric([route, name], counts.limited)
             errors.add_metric([route, name], counts.store_errors)
         yield from (limited, errors)
+
+    def _caches(self) -> Iterator[Metric]:
+        requests = counter("aiolb_cache_requests")
+        size = gauge("aiolb_cache_bytes")
+        entries = gauge("aiolb_cache_entries")
+        errors = counter("aiolb_cache_errors")
+        for name, cache in sorted(self.server.caches.items()):
+            counts = cache.report()
+            for result, n in counts["results"].items():
+                requests.add_metric([name, result], n)
+            if counts["bytes"] is not None:
+                size.add_metric([name], counts["bytes"])
+                entries.add_metric([name], counts["entries"])
+            errors.add_metric([name], counts["errors"])
+        yield from (requests, size, entries, errors)
 
     def _client_connections(self) -> Metric:
         family = gauge("aiolb_client_connections")

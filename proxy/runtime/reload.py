@@ -179,6 +179,7 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
             return problems
     _warn_unreloaded(server.config, config)
     commit_pools(server.pools, pools)
+    dropped = [c for name, c in server.caches.items() if caches.get(name) is not c]
     server.pools, server.config, server.caches = pools, config, caches
     for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
         listener.apply(lc, pools, tls, caches)
@@ -195,6 +196,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
         log.info("listener %s serving on %s", listener.name, where)
     for listener in plan.removed:
         server.retire_listener(listener)
+    for cache in dropped:  # replaced or removed: background work stops, the store closes
+        await cache.close()
     return []
 
 

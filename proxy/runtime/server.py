@@ -60,6 +60,8 @@ class Control(Protocol):
 
     def request_stop(self) -> None: ...
 
+    async def purge(self, cache: str, host: bytes | None, target: bytes, exact: bool) -> int: ...
+
 
 #: ``single``: one process does everything; ``supervisor``: admin API, health checks and
 #: workers, no traffic; ``worker``: traffic only (health and drains come from the
@@ -129,6 +131,19 @@ class ProxyServer:
         self.checker = HealthChecker(self)
         #: ``dns://`` upstreams: resolved again every ``dns_refresh``
         self.discovery = Discovery(self.sync_health)
+
+    async def purge_cache(self, name: str, host: bytes | None, target: bytes, exact: bool) -> int:
+        """Drop cache ``name``'s entries for ``target`` (``exact``: that target and its
+        variants; else every target it prefixes), on ``host`` or any; in every worker
+        too. How many went."""
+        cache = self.caches[name]
+        if exact and host is not None:
+            purged = await cache.remove(host + b" " + target)
+        else:
+            purged = await cache.purge(host, target)
+        if self.control is not None:
+            purged += await self.control.purge(name, host, target, exact)
+        return purged
 
     def make_listener(
         self,
@@ -331,6 +346,8 @@ class ProxyServer:
         for pool in self.pools.values():
             pool.close()
         await self.filters.close()
+        for cache in self.caches.values():
+            await cache.close()
         self.clock.stop()
         if self.access_log is not None:
             self.access_log.close()

@@ -40,6 +40,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
         "connections": server.connection_counts(),
         "handshake_errors": [[*key, n] for key, n in server.handshake_errors().items()],
         "filters": server.filters.snapshot(),
+        "caches": {name: cache.counts() for name, cache in server.caches.items()},
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),
@@ -98,6 +99,8 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
             errors[(listener, reason)] = errors.get((listener, reason), 0) + n
     server.handshake_totals = errors
     server.filters.absorb([s.get("filters", []) for s in snapshots])
+    for name, cache in server.caches.items():
+        cache.absorb([s["caches"][name] for s in snapshots if name in s.get("caches", {})])
     server.retry_budget_left = {}
     for name, pool in server.pools.items():
         parts = [s["pools"][name] for s in snapshots if name in s["pools"]]

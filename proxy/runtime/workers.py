@@ -165,6 +165,19 @@ class Supervisor:
     def enabled_changed(self, pool: str, address: str, enabled: bool) -> None:
         self._broadcast({"op": "enabled", "pool": pool, "address": address, "enabled": enabled})
 
+    async def purge(self, cache: str, host: bytes | None, target: bytes, exact: bool) -> int:
+        """Purge cache entries in every worker (each has its own memory store); how many
+        went in all (a Redis store is one, purged by the supervisor already)."""
+        if self.config.caches[cache].store != "memory":
+            return 0
+        message = {"op": "purge", "cache": cache, "target": target.decode("latin-1"),
+                   "host": host.decode("latin-1") if host is not None else None,
+                   "exact": exact}  # fmt: skip
+        replies = await asyncio.gather(
+            *(self._ask(w, message) for w in self.workers if w.ready), return_exceptions=True
+        )
+        return sum(r for r in replies if isinstance(r, int))
+
     async def refresh(self) -> None:
         """Bring every ready worker's counters into the supervisor's objects."""
         replies = await asyncio.gather(
@@ -431,6 +444,10 @@ class WorkerControl:
     async def reload(self) -> list[str]:
         return ["reloads go through the supervisor (SIGHUP to it, or POST /api/reload)"]
 
+    async def purge(self, cache: str, host: bytes | None, target: bytes, exact: bool) -> int:
+        """Purges come from the supervisor: nothing to pass on."""
+        return 0
+
     def request_stop(self) -> None:
         """Workers have no admin API: nothing calls this."""
 
@@ -481,6 +498,16 @@ async def run_worker(control_fd: int, index: int) -> int:
             elif op == "enabled":
                 _apply_state_one(server, message["pool"], message["address"], None,
                                  message["enabled"])  # fmt: skip
+            elif op == "purge":
+                host = message["host"].encode("latin-1") if message["host"] is not None else None
+                target = message["target"].encode("latin-1")
+                cache = server.caches.get(message["cache"])
+                purged = 0
+                if cache is not None:
+                    purged = await (cache.remove(host + b" " + target)
+                                    if message["exact"] and host is not None
+                                    else cache.purge(host, target))  # fmt: skip
+                reply(message["id"], purged)
             elif op == "reload":
                 new = Config.model_validate(message["config"])
                 problems = await apply_config(server, new, message["path"] or "")

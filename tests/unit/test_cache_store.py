@@ -59,6 +59,15 @@ def test_the_store_serves_the_right_variant() -> None:
     assert len(store) == 1 and store.get(b"shop.test /a", [(b"accept-language", b"de")]) is not None
 
 
+def test_a_new_response_replaces_the_stored_one_of_its_variant() -> None:
+    store = MemoryStore(10_000)
+    store.put(entry(body=b"one"))
+    store.put(entry(body=b"two"))
+    found = store.get(b"shop.test /a", [])
+    assert found is not None and found.body == b"two"
+    assert len(store) == 1 and store.size == found.size
+
+
 def test_remove_and_purge() -> None:
     store = MemoryStore(100_000)
     for path in (b"/static/a", b"/static/b", b"/api/c"):

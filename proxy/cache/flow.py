@@ -1,0 +1,396 @@
+"""One request through its route's cache: look up, answer from it, or store what comes.
+
+Theory of operation
+-------------------
+The exchange calls ``begin(ex, cache, then)`` once the route's request filters are
+done (``then`` picks an upstream and sends). ``begin`` looks the request up (at once
+with the memory store, in a task with Redis) and either answers from the cache (a
+fresh hit; a stale one within ``stale-while-revalidate``, refreshed in the
+background) or sets ``ex.cache_state`` and calls ``then``: a miss (the first of
+concurrent misses for a key fetches, the others wait for it, ``Flight``), a
+revalidation (the stored validators go into the upstream request), a bypass.
+
+From there the exchange calls the ``CacheState`` at its boundaries:
+
+- ``on_head`` with the upstream's response head: a 304 to a revalidation refreshes the
+  entry and answers with it; a failure status in ``use_stale`` answers with the stale
+  entry; otherwise the head goes on with ``Cache-Status`` added, and a storable
+  response starts to be collected (memory) or streamed into Redis.
+- ``on_body`` with each body chunk; ``on_complete`` when the response ended whole
+  (it is stored then, never before); ``abandon`` when it did not.
+- ``on_failure`` when no upstream answered: a stored entry, however stale, answers
+  instead of the 502/503/504 (``use_stale``: ``error``, ``timeout``), unless it said
+  ``must-revalidate``.
+
+Unsafe methods (anything but GET, HEAD, OPTIONS, TRACE) invalidate the target URI, and
+the ``Location`` / ``Content-Location`` on the same host, once the upstream answers
+them with a status below 400 (RFC 9111 4.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from proxy.cache import (
+    HIT,
+    MISS,
+    REVALIDATE,
+    STALE,
+    Cache,
+    Flight,
+    Request,
+)
+from proxy.cache.entry import Entry, parse_head
+from proxy.cache.memory import MemoryStore
+from proxy.cache.policy import header
+from proxy.errors import ProxyError, UpstreamTimeoutError
+
+if TYPE_CHECKING:
+    from proxy.cache.redis_store import BodyWriter
+    from proxy.forwarding.exchange import Exchange
+    from proxy.http.headers import ResponseHead
+
+log = logging.getLogger("aiolb")
+
+#: Methods that do not invalidate stored responses (RFC 9110 9.2.1: safe).
+SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+
+
+class Answer:
+    """A response the cache gives in place of the upstream's: what ``Exchange.local``
+    writes (``render``)."""
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+        self.status = status
+        self.head = head  # framing and Connection included: ``Cache.hit`` made it
+        self.body = body
+
+    def render(self, close: bool, head_only: bool) -> list[bytes]:
+        return [self.head] if head_only or not self.body else [self.head, self.body]
+
+
+def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
+    """Consult ``cache`` for ``ex``; answer from it, or go on with ``then``."""
+    request = Request(ex.method, ex.host or b"", ex.target, ex.headers)
+    state = ex.cache_state = CacheState(cache, request, then)
+    if request.method not in (b"GET", b"HEAD"):
+        state.invalidate = request.method not in SAFE_METHODS
+        state.status = b"fwd=method"
+        cache.results["bypass"] += 1
+        then()
+        return
+    store = cache.store
+    if isinstance(store, MemoryStore):
+        state.decide(ex, store.get(request.key, request.headers))
+    else:
+        ex.task = asyncio.get_running_loop().create_task(state.lookup(ex))
+
+
+class CacheState:
+    """What a cache does for one exchange, between its request and its response."""
+
+    __slots__ = (
+        "body",
+        "cache",
+        "collect",
+        "entry",
+        "flight",
+        "head",
+        "invalidate",
+        "request",
+        "requested",
+        "size",
+        "status",
+        "then",
+        "waited",
+        "writer",
+    )
+
+    def __init__(self, cache: Cache, request: Request, then: Callable[[], None]) -> None:
+        self.cache = cache
+        self.request = request
+        self.then = then
+        self.entry: Entry | None = None  # the stored response being revalidated
+        self.flight: Flight | None = None  # set when this exchange fetches for others
+        self.status = b"fwd=miss"  # the Cache-Status of a forwarded response
+        self.invalidate = False
+        self.waited = False
+        self.requested = time.time()
+        self.collect: list[bytes] | None = None  # the body, while it is being kept
+        self.writer: BodyWriter | None = None  # or streamed into Redis
+        self.size = 0
+        self.head = b""
+        self.body = b""
+
+    # -- request side ------------------------------------------------------------------
+
+    async def lookup(self, ex: Exchange) -> None:
+        """The Redis store's lookup, in the exchange's task."""
+        store = self.cache.store
+        assert not isinstance(store, MemoryStore)
+        entry = await store.get(self.request.key, self.request.headers)
+        ex.task = None
+        if not ex.done:
+            self.decide(ex, entry)
+
+    def decide(self, ex: Exchange, entry: Entry | None) -> None:
+        cache, request = self.cache, self.request
+        now = time.time()
+        action = cache.decide(request, entry, now)
+        if action in (HIT, STALE):
+            assert entry is not None
+            stale = action == STALE
+            cache.results["stale" if stale else "hit"] += 1
+            self.serve(ex, entry, now, b"hit; fwd=stale" if stale else b"hit")
+            if stale:
+                refresh(ex, cache, request, entry)
+            return
+        if action == REVALIDATE:
+            assert entry is not None
+            self.entry = entry
+            # RFC 9211: ``request`` when only the request's directives ruled a fresh one out
+            fresh = entry.age(now) < entry.lifetime and "no-cache" not in entry.cc
+            self.status = b"fwd=request" if fresh else b"fwd=stale"
+            if not request.conditional:
+                _ask_validators(ex, entry)
+        elif action == MISS:
+            flight = cache.flights.get(request.key)
+            if flight is not None and not self.waited:
+                ex.task = asyncio.get_running_loop().create_task(self.wait(ex, flight))
+                return
+            cache.results["miss"] += 1
+            if flight is None:
+                self.flight = cache.flights[request.key] = Flight()
+        else:  # BYPASS: the request said no-store
+            cache.results["bypass"] += 1
+            self.status = b"fwd=request"
+        self.then()
+
+    async def wait(self, ex: Exchange, flight: Flight) -> None:
+        """Another request is fetching this key: wait for it, then look again."""
+        try:
+            await asyncio.wait_for(flight.done.wait(), self.cache.lock_timeout)
+        except TimeoutError:
+            pass
+        ex.task = None
+        self.waited = True
+        if ex.done:
+            return
+        store = self.cache.store
+        if isinstance(store, MemoryStore):
+            self.decide(ex, store.get(self.request.key, self.request.headers))
+        else:
+            ex.task = asyncio.get_running_loop().create_task(self.lookup(ex))
+
+    def serve(self, ex: Exchange, entry: Entry, now: float, status: bytes) -> None:
+        """Answer ``ex`` with ``entry`` (``Exchange.local`` writes it when due)."""
+        keep = ex.keep_alive and not ex.client.draining and _bodiless(ex)
+        head, body = self.cache.hit(entry, self.request, now, status.decode(), keep,
+                                    ex.http_minor)  # fmt: skip
+        ex.answer = Answer(entry.status if body or not self.request.conditional else 304,
+                           head, body)  # fmt: skip
+        ex.bytes_out = len(body)
+        ex.local(ex.answer.status, close=not keep)
+
+    # -- response side -----------------------------------------------------------------
+
+    def on_head(self, ex: Exchange, status: int, found: ResponseHead) -> ResponseHead | Answer:
+        """The upstream's response head: what to relay (``found`` with ``Cache-Status``),
+        or an ``Answer`` to send instead (the upstream's response is then dropped)."""
+        cache, request = self.cache, self.request
+        now = time.time()
+        if self.invalidate:
+            if status < 400:
+                invalidate(ex, cache, request, found.head)
+            return _with_status(found, self.status)
+        entry = self.entry
+        if entry is not None and status == 304:  # revalidated: the stored one stands
+            entry.refresh(found.head, (self.requested, now), cache.default_ttl)
+            _store(cache, entry)
+            cache.results["revalidated"] += 1
+            self.land()
+            return self.answer(ex, entry, now, b"fwd=stale; fwd-status=304")
+        if entry is not None and status >= 500 and cache.may_serve_stale(entry, now, status):
+            cache.results["stale"] += 1
+            self.land()
+            return self.answer(ex, entry, now, b"hit; fwd=stale; fwd-status=%d" % status)
+        _, lines = parse_head(found.head)
+        headers = [(name, value) for name, value, _ in lines]
+        length = header(headers, b"content-length")
+        fits = length is None or (length.isdigit() and int(length) <= cache.max_object_size)
+        if request.method == b"GET" and fits and cache.may_store(request, status, headers):
+            self.start_storing(found.head, headers)
+            return _with_status(found, self.status + b"; stored")
+        if entry is not None:  # replaced by a response that is not stored: forget it
+            _remove(cache, request.key)
+        self.land()
+        return _with_status(found, self.status)
+
+    def answer(self, ex: Exchange, entry: Entry, now: float, status: bytes) -> Answer:
+        keep = ex.keep_alive and not ex.client.draining
+        head, body = self.cache.hit(entry, self.request, now, status.decode(), keep,
+                                    ex.http_minor)  # fmt: skip
+        ex.bytes_out = len(body)
+        return Answer(entry.status if body or not self.request.conditional else 304, head, body)
+
+    def start_storing(self, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.head = head
+        store = self.cache.store
+        if isinstance(store, MemoryStore):
+            self.collect = []
+            return
+        names, values = self.cache.vary(self.request, headers)
+        self.writer = store.writer(self.request.key, names, values)
+
+    def on_body(self, data: bytes | memoryview) -> None:
+        """A chunk of the response body (de-chunked)."""
+        self.size += len(data)
+        if self.size > self.cache.max_object_size:
+            self.abandon()
+            return
+        if self.collect is not None:
+            self.collect.append(bytes(data))
+        elif self.writer is not None:
+            self.writer.append(data)
+
+    def on_complete(self) -> None:
+        """The response ended whole: store it."""
+        cache = self.cache
+        if self.collect is None and self.writer is None:
+            self.land()
+            return
+        body = b"".join(self.collect) if self.collect is not None else b""
+        times = (self.requested, time.time())
+        _, lines = parse_head(self.head)
+        headers = [(name, value) for name, value, _ in lines]
+        entry = cache.entry(self.request, self.head, body, times, headers)
+        cache.stored += 1
+        writer = self.writer
+        if writer is not None:
+            task = asyncio.get_running_loop().create_task(writer.commit(entry))
+            task.add_done_callback(lambda _: self.land())
+            cache.tasks.add(task)
+            task.add_done_callback(cache.tasks.discard)
+        else:
+            _store(cache, entry)
+            self.land()
+        self.collect = self.writer = None
+
+    def abandon(self) -> None:
+        """The response did not end whole (or grew too large): nothing is stored."""
+        if self.writer is not None:
+            self.writer.abort()
+        self.collect = self.writer = None
+        self.land()
+
+    def land(self) -> None:
+        """This fetch is over: the requests waiting for it look again."""
+        flight = self.flight
+        if flight is not None:
+            self.flight = None
+            if self.cache.flights.get(self.request.key) is flight:
+                del self.cache.flights[self.request.key]
+            flight.done.set()
+
+    def on_failure(self, ex: Exchange, error: ProxyError) -> bool:
+        """No upstream answered: True when a stored entry answered instead."""
+        self.abandon()
+        entry = self.entry
+        if entry is None:
+            return False
+        reason = "timeout" if isinstance(error, UpstreamTimeoutError) else "error"
+        now = time.time()
+        if not self.cache.may_serve_stale(entry, now, reason):
+            return False
+        self.cache.results["stale"] += 1
+        self.serve(ex, entry, now, b"hit; fwd=stale; detail=%s" % reason.encode())
+        return True
+
+
+def _bodiless(ex: Exchange) -> bool:
+    return not ex.found.chunked and ex.found.content_length in (None, b"0")
+
+
+def _with_status(found: ResponseHead, status: bytes) -> ResponseHead:
+    return found.with_lines(b"Cache-Status: aiolb; " + status + b"\r\n")
+
+
+def _ask_validators(ex: Exchange, entry: Entry) -> None:
+    """Make the upstream request conditional on the stored response's validators."""
+    etag = header(entry.headers, b"etag")
+    if etag is not None:
+        ex.found.parts += (b"If-None-Match", b": ", etag, b"\r\n")
+    modified = header(entry.headers, b"last-modified")
+    if modified is not None:
+        ex.found.parts += (b"If-Modified-Since", b": ", modified, b"\r\n")
+
+
+def _store(cache: Cache, entry: Entry) -> None:
+    store = cache.store
+    if isinstance(store, MemoryStore):
+        store.put(entry)
+        return
+    task = asyncio.get_running_loop().create_task(store.put(entry))
+    cache.tasks.add(task)
+    task.add_done_callback(cache.tasks.discard)
+
+
+def _remove(cache: Cache, key: bytes) -> None:
+    store = cache.store
+    if isinstance(store, MemoryStore):
+        store.remove(key)
+        return
+    task = asyncio.get_running_loop().create_task(store.remove(key))
+    cache.tasks.add(task)
+    task.add_done_callback(cache.tasks.discard)
+
+
+def invalidate(ex: Exchange, cache: Cache, request: Request, head: bytes) -> None:
+    """An unsafe method succeeded: the target URI's stored responses go, and those of
+    ``Location`` and ``Content-Location`` when they are on the same host."""
+    _remove(cache, request.key)
+    host = request.key.split(b" ", 1)[0]
+    _, lines = parse_head(head)
+    for name, value, _ in lines:
+        if name in (b"location", b"content-location"):
+            target = _same_host_target(value, host)
+            if target is not None:
+                _remove(cache, host + b" " + target)
+
+
+def _same_host_target(value: bytes, host: bytes) -> bytes | None:
+    """The origin-form target of a ``Location`` value on ``host``, or None."""
+    if value.startswith(b"/"):
+        return value
+    for scheme in (b"http://", b"https://"):
+        if value.lower().startswith(scheme):
+            authority, slash, rest = value[len(scheme):].partition(b"/")
+            if authority.lower().split(b":", 1)[0] == host:
+                return slash + rest if slash else b"/"
+    return None
+
+
+def refresh(ex: Exchange, cache: Cache, request: Request, entry: Entry) -> None:
+    """A stale entry was served (``stale-while-revalidate``): fetch it again in the
+    background, once per key at a time."""
+    if request.key in cache.flights or ex.pool is None:
+        return
+    flight = cache.flights[request.key] = Flight()
+    task = asyncio.get_running_loop().create_task(
+        cache.revalidate(ex.pool, request, entry, ex.host or b"")
+    )
+    cache.tasks.add(task)
+
+    def done(_: object) -> None:
+        cache.tasks.discard(task)
+        if cache.flights.get(request.key) is flight:
+            del cache.flights[request.key]
+        flight.done.set()
+
+    task.add_done_callback(done)
