@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,21 @@ admin:
 """
 
 
-def start_aiolb(session: Session, origin: int, store: str) -> int:
-    port = session.port()
+def start_aiolb(session: Session, origin: int, store: str) -> tuple[int, int]:
+    """aiolb in front of ``origin`` with a cache of ``store``: (port, admin port)."""
+    port, admin = session.port(), session.port()
     path = session.path(f"aiolb-cache-{len(session.children)}.yaml")
-    path.write_text(aiolb_yaml(port, origin, session.port(), store))
+    path.write_text(aiolb_yaml(port, origin, admin, store))
     argv = [a.replace("{config}", str(path)) for a in harness.default_aiolb_cmd()]
     harness.start(session, "aiolb", argv, port, cwd=harness.REPO)
-    return port
+    return port, admin
+
+
+def cache_counts(admin: int) -> dict[str, Any]:
+    """What ``/api/caches`` says of the cache after the run (results, errors)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/caches", timeout=10) as resp:
+        (cache,) = json.load(resp)["caches"]
+    return {"requests": cache["requests"], "errors": cache["errors"]}
 
 
 def start_redis(session: Session) -> str:
@@ -187,17 +196,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for target in args.targets:
         with Session() as session:
             origin = start_origin(session, suite)
+            admin = None
             if target == "nginx":
                 port = start_nginx(session, origin)
             elif target == "aiolb-redis":
                 url = start_redis(session)
                 store = f'{{type: redis, url: "{url}"}}'
-                port = start_aiolb(session, origin, store)
+                port, admin = start_aiolb(session, origin, store)
             else:
-                port = start_aiolb(session, origin, "memory")
+                port, admin = start_aiolb(session, origin, "memory")
             results = run_suite(suite, port)
             report[target] = {"results": results, **summarise(suite, results, session)}
-        print(f"{target:<14} {report[target]['counts']}", flush=True)
+            if admin is not None:
+                report[target]["cache"] = cache_counts(admin)
+        print(f"{target:<14} {report[target]['counts']} {report[target].get('cache', '')}",
+              flush=True)  # fmt: skip
     print()
     kinds = ["✅", "⛔️", "⚠️", "Y", "N", "⚪️", "🔹", "-"]
     print("| target | " + " | ".join(kinds) + " |")

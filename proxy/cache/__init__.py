@@ -235,8 +235,8 @@ class Cache:
             return
         received = time.time()
         if resp.status == 304:
-            entry.refresh(head, (sent, received), self.default_ttl)
-            await self._put(entry)
+            if entry.refresh(head, (sent, received), self.default_ttl):
+                await self._put(entry)
             self.results["revalidated"] += 1
             return
         response = [(k.lower(), v) for k, v in resp.raw_headers]

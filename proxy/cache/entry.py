@@ -22,7 +22,8 @@ _NOT_STORED: Final = frozenset(
 )
 #: Headers a 304 must not change: they describe the stored body (RFC 9111 3.2).
 _NOT_UPDATED: Final = frozenset(
-    (b"content-length", b"content-encoding", b"content-range", b"transfer-encoding")
+    (b"content-length", b"content-encoding", b"content-range", b"content-md5",
+     b"transfer-encoding")
 )
 
 Line = tuple[bytes, bytes, bytes]  # lower-case name, value, the line as it came
@@ -88,11 +89,11 @@ class Entry:
         restart the clock at ``times``."""
         self.lines = [line for line in lines if line[0] not in _NOT_STORED]
         self.headers = [(name, value) for name, value, _ in self.lines]
+        ages = [(name, value) for name, value, _ in lines if name == b"age"]
         self.head = b"\r\n".join([self.status_line, *(raw for *_, raw in self.lines)]) + b"\r\n"
         self.cc = Directives.of(self.headers)
         self.size = len(self.head) + len(self.body) + len(self.key) + 64
-        ages = [(name, value) for name, value, _ in lines if name == b"age"]
-        self.age0 = initial_age([*self.headers, *ages[:1]], *times)
+        self.age0 = initial_age([*self.headers, *ages], *times)
         self.response_time = times[1]
         self.lifetime = lifetime(self.status, self.cc, self.headers, ttl)
 
@@ -123,14 +124,21 @@ class Entry:
         """Seconds left fresh at ``now``; negative once stale (RFC 9211's ``ttl``)."""
         return self.lifetime - self.age(now)
 
-    def refresh(self, head: bytes, times: tuple[float, float], ttl: float | None) -> None:
+    def refresh(self, head: bytes, times: tuple[float, float], ttl: float | None) -> bool:
         """A 304 confirmed this entry: its header lines replace the stored ones of the
-        same names (but those describing the stored body), and the clock restarts."""
+        same names (but those describing the stored body), and the clock restarts.
+        False (nothing changed) when the 304 names another strong validator: it is
+        not about this response (RFC 9111 4.3.4)."""
         _, fresh = parse_head(head)
+        etag = next((value for name, value, _ in fresh if name == b"etag"), None)
+        mine = next((value for name, value in self.headers if name == b"etag"), None)
+        if etag is not None and not etag.startswith(b"W/") and etag != mine:
+            return False
         names = {line[0] for line in fresh if line[0] not in _NOT_UPDATED}
         merged = [line for line in self.lines if line[0] not in names]
         merged += [line for line in fresh if line[0] in names]
         self._update(merged, times, ttl)
+        return True
 
     def __repr__(self) -> str:
         return f"<Entry {self.key[:60]!r} [{self.status}, {len(self.body)} bytes]>"

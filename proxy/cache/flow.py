@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiolb")
 
+#: Redis store: bodies of a known length up to this are collected and stored whole
+#: (this process serves them while Redis takes them); longer ones stream into Redis.
+COLLECT_FOR_REDIS: Final = 1024 * 1024
 #: Methods that do not invalidate stored responses (RFC 9110 9.2.1: safe).
 SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
@@ -211,8 +214,8 @@ class CacheState:
             return _with_status(found, self.status)
         entry = self.entry
         if entry is not None and status == 304:  # revalidated: the stored one stands
-            entry.refresh(found.head, (self.requested, now), cache.default_ttl)
-            _store(cache, entry)
+            if entry.refresh(found.head, (self.requested, now), cache.default_ttl):
+                _store(cache, entry)
             cache.results["revalidated"] += 1
             self.land()
             return self.answer(ex, entry, now, b"fwd=stale; fwd-status=304")
@@ -240,9 +243,15 @@ class CacheState:
         return Answer(entry.status if body or not self.request.conditional else 304, head, body)
 
     def start_storing(self, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """Keep the body as it comes: in memory (the memory store; and for Redis, a body
+        of known size up to ``COLLECT_FOR_REDIS``, stored whole once complete and served
+        from this process until Redis has it), else streamed into Redis."""
         self.head = head
         store = self.cache.store
-        if isinstance(store, MemoryStore):
+        length = header(headers, b"content-length")
+        if isinstance(store, MemoryStore) or (
+            length is not None and int(length) <= COLLECT_FOR_REDIS
+        ):
             self.collect = []
             return
         names, values = self.cache.vary(self.request, headers)
@@ -346,7 +355,7 @@ def _remove(cache: Cache, key: bytes) -> None:
     if isinstance(store, MemoryStore):
         store.remove(key)
         return
-    task = asyncio.get_running_loop().create_task(store.remove(key))
+    task = store.forget(key)
     cache.tasks.add(task)
     task.add_done_callback(cache.tasks.discard)
 

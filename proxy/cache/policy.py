@@ -208,11 +208,19 @@ def lifetime(
 
 def initial_age(response: Headers, request_time: float, response_time: float) -> float:
     """The corrected initial age of a response received at ``response_time`` for a
-    request sent at ``request_time`` (RFC 9111 4.2.3; Unix times)."""
+    request sent at ``request_time`` (RFC 9111 4.2.3; Unix times). An ``Age`` that is
+    not one non-negative integer (several lines, a fraction, a sign, anything else;
+    of a list, the first member counts) makes the response as old as can be: it is
+    never served as fresh (the cautious reading of RFC 9111 5.1)."""
     date = http_date(header(response, b"date"))
     apparent = max(0.0, response_time - date) if date is not None else 0.0
-    age_value = header(response, b"age")
-    age = float(age_value) if age_value is not None and age_value.strip().isdigit() else 0.0
+    ages = [value for name, value in response if name == b"age"]
+    age = 0.0
+    if ages:
+        first = ages[0].split(b",", 1)[0].strip()
+        if len(ages) > 1 or not first.isdigit():
+            return MAX_LIFETIME * 2
+        age = float(first)
     corrected = age + (response_time - request_time)
     return max(apparent, corrected)
 

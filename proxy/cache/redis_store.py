@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from proxy.cache.entry import Entry
 from proxy.cache.policy import variant
+from proxy.redis_client import redis_client
 
 log = logging.getLogger("aiolb")
 
@@ -53,19 +54,20 @@ class RedisStore:
     def __init__(
         self, url: str, key_prefix: str, keep_stale: float, timeout: float = 0.25
     ) -> None:
-        import redis.asyncio  # only a cache with a Redis store needs it (imported late)
-
         self.url = url
         self.prefix = key_prefix
         self.keep_stale = keep_stale
         self.timeout = timeout
-        self.client: Any = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self.client: Any = redis_client(url, timeout)
         self.errors = 0
         self.down_until = 0.0  # monotonic: skip Redis until then
         self.outage = False
         self._temp = itertools.count()
+        #: whole entries being written (``put``), by key: this process serves them from
+        #: here until Redis has them, so a hit right after a store finds what it stored
+        self.pending: dict[bytes, list[Entry]] = {}
+        #: keys being removed (``forget``): misses here until Redis has dropped them
+        self.removing: dict[bytes, int] = {}
 
     # -- health ----------------------------------------------------------------------
 
@@ -102,6 +104,11 @@ class RedisStore:
     async def get(self, key: bytes, request: Sequence[tuple[bytes, bytes]]) -> Entry | None:
         """The entry for ``key`` matching ``request``'s variant; None on a miss or when
         Redis fails."""
+        if key in self.removing:
+            return None
+        for waiting in self.pending.get(key, ()):
+            if (variant(request, waiting.vary) if waiting.vary else ()) == waiting.variant:
+                return waiting
         if not self.available:
             return None
         try:
@@ -140,10 +147,38 @@ class RedisStore:
         return BodyWriter(self, key, vary, values, temp)
 
     async def put(self, entry: Entry) -> None:
-        """Store a whole entry (a 304's refresh, or a body already in memory)."""
-        writer = self.writer(entry.key, entry.vary, entry.variant)
-        writer.append(entry.body)
-        await writer.commit(entry)
+        """Store a whole entry (a 304's refresh, or a body already in memory); until
+        Redis has it, ``get`` in this process finds it in ``pending``."""
+        waiting = self.pending.setdefault(entry.key, [])
+        waiting[:] = [e for e in waiting if e.variant != entry.variant] + [entry]
+        try:
+            writer = self.writer(entry.key, entry.vary, entry.variant)
+            writer.append(entry.body)
+            await writer.commit(entry)
+        finally:
+            waiting = self.pending.get(entry.key, [])
+            if entry in waiting:
+                waiting.remove(entry)
+            if not waiting:
+                self.pending.pop(entry.key, None)
+
+    def forget(self, key: bytes) -> asyncio.Task[int]:
+        """``remove`` in a task, ``key`` missing in this process from now on (not only
+        once the task has run): an invalidation is seen by the very next request."""
+        self.pending.pop(key, None)
+        self.removing[key] = self.removing.get(key, 0) + 1
+
+        async def run() -> int:
+            try:
+                return await self.remove(key)
+            finally:
+                left = self.removing.get(key, 1) - 1
+                if left:
+                    self.removing[key] = left
+                else:
+                    self.removing.pop(key, None)
+
+        return asyncio.get_running_loop().create_task(run())
 
     async def remove(self, key: bytes) -> int:
         """Drop every variant of ``key``; how many there were (0 when Redis fails)."""

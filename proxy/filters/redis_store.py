@@ -23,6 +23,8 @@ import logging
 import time
 from typing import Any, Final
 
+from proxy.redis_client import redis_client
+
 log = logging.getLogger("aiolb")
 
 #: Seconds without asking Redis after an error.
@@ -57,16 +59,9 @@ class RedisBuckets:
     __slots__ = ("_client", "_script", "down_until", "errors", "outage", "timeout", "url")
 
     def __init__(self, url: str, timeout: float) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         self.url = url
         self.timeout = timeout
-        self._client: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
-        )  # fmt: skip
+        self._client: Any = redis_client(url, timeout)
         self._script = self._client.register_script(TOKEN_BUCKET)
         self.down_until = 0.0  # monotonic time before which Redis is not asked
         self.outage = False

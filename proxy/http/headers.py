@@ -302,7 +302,9 @@ class ResponseHead:
             if action is None or action == _CONTENT_LENGTH:
                 parts += (name, b": ", value, b"\r\n")
             elif action == _TRANSFER_ENCODING:
-                self.chunked = True
+                # chunked last: the parser de-chunks; any other coding last: the body
+                # ends when the upstream closes (RFC 9112 6.3)
+                self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
             elif action == _CONNECTION:
                 listed = _connection_tokens(value, listed)
         if listed:

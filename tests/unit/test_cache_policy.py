@@ -108,6 +108,18 @@ def test_current_age_follows_rfc_9111_4_2_3() -> None:
     assert current_age([], T0, T0, T0 + 5) == 5.0
 
 
+@pytest.mark.parametrize(
+    ("ages", "fresh"),
+    [([b"5"], True), ([b"5, 7200"], True), ([b"7200"], False), ([b"abc"], False),
+     ([b"-5"], False), ([b"5.0"], False), ([b"5", b"6"], False), ([b"5;x=1"], False)],
+)  # fmt: skip
+def test_an_age_that_is_not_one_integer_makes_a_response_stale(
+    ages: list[bytes], fresh: bool
+) -> None:
+    headers = [(b"age", a) for a in ages]
+    assert (current_age(headers, T0, T0, T0) < 3600) is fresh
+
+
 def test_must_revalidate() -> None:
     assert not must_revalidate(cc(""), cc("max-age=60"), 10, 60)
     assert must_revalidate(cc(""), cc("max-age=60"), 60, 60)  # stale

@@ -44,6 +44,17 @@ def test_a_304_refreshes_headers_and_restarts_the_clock() -> None:
     assert b"X-New: 1\r\n" in e.head and b"Content-Length" not in e.head
 
 
+def test_a_304_with_another_strong_validator_changes_nothing() -> None:
+    e = entry()
+    before = (e.head, e.age0, e.lifetime)
+    assert not e.refresh(b"HTTP/1.1 304 Not Modified\r\nETag: \"v2\"\r\nX-New: 1\r\n",
+                         (T0 + 100, T0 + 100), None)  # fmt: skip
+    assert (e.head, e.age0, e.lifetime) == before
+    assert e.refresh(b"HTTP/1.1 304 Not Modified\r\nETag: W/\"v1\"\r\nContent-MD5: x\r\n",
+                     (T0 + 100, T0 + 100), None)  # a weak one: about this response  # fmt: skip
+    assert b"Content-MD5" not in e.head  # it describes the stored body: not taken
+
+
 def test_the_store_serves_the_right_variant() -> None:
     store = MemoryStore(10_000)
     vary = (b"accept-language",)
