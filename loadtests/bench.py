@@ -125,6 +125,8 @@ class Result:
     #: with --rounds, on the combined row: per-round req/s and p99 ratios to nginx
     rps_ratios: list[float] = field(default_factory=list)
     p99_ratios: list[float] = field(default_factory=list)
+    #: CPU seconds of the target's processes over the timed run, where charged
+    cpu_s: float | None = None
 
 
 # --- command line ----------------------------------------------------------------------
@@ -312,6 +314,8 @@ class Bench:
     mode: str = "pinned"
     #: each running target's TLS port (targets without one are absent)
     tls_ports: dict[str, int] = field(default_factory=dict)
+    #: processes whose CPU time a target's timed run is charged (``Result.cpu_s``)
+    charged: dict[str, list[int]] = field(default_factory=dict)
 
     def use(self, mode: str) -> None:
         """Switch every running process to ``mode``'s pinning: the upstream to the load
@@ -382,8 +386,10 @@ class Bench:
         try:
             self.wrk(target, port, scenario, WARMUP_S)
             before = harness.cpu_times()
+            spent = harness.cpu_seconds(self.charged.get(target, []))
             data = self.wrk(target, port, scenario, self.args.duration)
             busy = harness.cpu_busy(before, harness.cpu_times())
+            spent = harness.cpu_seconds(self.charged.get(target, [])) - spent
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             return Result(target, scenario.name, "wrk failed", check=problem, detail=str(exc))
         if not data["requests"]:
@@ -391,6 +397,7 @@ class Bench:
             return Result(target, scenario.name, "no responses", check=problem, detail=detail)
         result = to_result(target, scenario, data, problem)
         result.cpu_busy = busy
+        result.cpu_s = spent if target in self.charged else None
         result.pinning = self.mode
         return result
 

@@ -64,8 +64,22 @@ STALE: Final = 2
 REVALIDATE: Final = 3
 MISS: Final = 4
 
+#: A hit's head: the stored one, then Age, Cache-Status, the framing (``Cache.hit``).
+HEAD_HIT: Final = b"%sAge: %d\r\nCache-Status: aiolb; %s; ttl=%d\r\nContent-Length: %d\r\n%s\r\n"
+#: A 304 for a client's own validators: the stored header lines, Age, Cache-Status.
+HEAD_304: Final = (
+    b"HTTP/1.1 304 Not Modified\r\n%sAge: %d\r\nCache-Status: aiolb; %s; ttl=%d\r\n%s\r\n"
+)
+
 #: ``aiolb_cache_requests_total`` results.
 RESULTS: Final = ("hit", "miss", "stale", "bypass", "revalidated")
+
+
+#: Request headers that change a cache's decision (the others matter only to ``Vary``).
+_DECIDING: Final = frozenset(
+    (b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since")
+)
+_NO_DIRECTIVES: Final = Directives()
 
 
 class Request:
@@ -78,12 +92,15 @@ class Request:
         #: the cache key: the request's authority and target (a HEAD uses its GET's)
         self.key = host.lower().split(b":", 1)[0] + b" " + target
         #: lower-case header names, as the cache's decisions and ``Vary`` read them
-        self.headers = [(name.lower(), value) for name, value in headers]
-        self.cc = Directives.of_request(self.headers)
-        self.authorized = any(name == b"authorization" for name, _ in self.headers)
-        self.conditional = any(
-            name in (b"if-none-match", b"if-modified-since") for name, _ in self.headers
-        )
+        self.headers = lowered = [(name.lower(), value) for name, value in headers]
+        self.cc = _NO_DIRECTIVES  # shared, never changed
+        self.authorized = self.conditional = False
+        if any(name in _DECIDING for name, _ in lowered):
+            self.cc = Directives.of_request(lowered)
+            self.authorized = any(name == b"authorization" for name, _ in lowered)
+            self.conditional = any(
+                name in (b"if-none-match", b"if-modified-since") for name, _ in lowered
+            )
 
 
 class Flight:
@@ -130,19 +147,24 @@ class Cache:
 
     def decide(self, request: Request, entry: Entry | None, now: float) -> int:
         """What to do for ``request`` given what is stored for it (``entry``)."""
-        if request.method not in (b"GET", b"HEAD") or "no-store" in request.cc:
-            return BYPASS
+        cc = request.cc
         if entry is None:
-            return MISS
-        age = entry.age(now)
+            return MISS if request.method in (b"GET", b"HEAD") and "no-store" not in cc else BYPASS
+        age = entry.age0 + (now - entry.response_time)
+        if not cc and age < entry.lifetime and "no-cache" not in entry.cc and (
+            request.method in (b"GET", b"HEAD")
+        ):
+            return HIT  # the common hit: a fresh entry, a request without directives
+        if request.method not in (b"GET", b"HEAD") or "no-store" in cc:
+            return BYPASS
         if age > entry.lifetime + self.keep_stale:
             return MISS  # kept too long: treated as gone
-        if not must_revalidate(request.cc, entry.cc, age, entry.lifetime):
+        if not must_revalidate(cc, entry.cc, age, entry.lifetime):
             return HIT
         stale_for = age - entry.lifetime
         if (
             stale_for > 0
-            and "no-cache" not in request.cc
+            and "no-cache" not in cc
             and "no-cache" not in entry.cc
             and stale_allowed(entry.cc, "stale-while-revalidate", stale_for)
         ):
@@ -183,26 +205,28 @@ class Cache:
         names, values = self.vary(request, response)
         return Entry(request.key, names, values, head, body, times, self.default_ttl)
 
-    def hit(self, entry: Entry, request: Request, now: float, status: str, keep_alive: bool,
+    def hit(self, entry: Entry, request: Request, now: float, status: bytes, keep_alive: bool,
             http_minor: int) -> tuple[bytes, bytes]:  # fmt: skip
         """(head, body) for serving ``entry``: ``Age``, ``Cache-Status: aiolb; STATUS``,
-        the framing; a 304 without a body when the client's own validators match."""
-        age = max(0, int(entry.age(now)))
-        ttl = int(entry.lifetime - entry.age(now))
+        the framing; a 304 without a body when the client's own validators match. The
+        head of the last hit is kept on the entry: hits within the same second of age
+        send the same bytes."""
+        current = entry.age0 + (now - entry.response_time)
+        age = int(current) if current > 0 else 0
+        ttl = int(entry.lifetime - current)
         connection = (b"" if keep_alive and http_minor else b"Connection: keep-alive\r\n"
                       if keep_alive else b"Connection: close\r\n")  # fmt: skip
-        cache_status = b"Cache-Status: aiolb; %s; ttl=%d\r\n" % (status.encode(), ttl)
         if request.conditional and _not_modified(request.headers, entry.headers):
             rest = entry.head.partition(b"\r\n")[2]
-            head = b"HTTP/1.1 304 Not Modified\r\n" + rest
-            return head + b"Age: %d\r\n%s%s\r\n" % (age, cache_status, connection), b""
+            return HEAD_304 % (rest, age, status, ttl, connection), b""
         body = b"" if request.method == b"HEAD" else entry.body
-        return (
-            entry.head
-            + b"Age: %d\r\n%sContent-Length: %d\r\n%s\r\n"
-            % (age, cache_status, len(entry.body), connection),
-            body,
-        )
+        shown = (age, ttl, status, connection)
+        last = entry.shown
+        if last is not None and last[0] == shown:
+            return last[1], body
+        head = HEAD_HIT % (entry.head, age, status, ttl, len(entry.body), connection)
+        entry.shown = (shown, head)
+        return head, body
 
     async def revalidate(self, pool: Pool, request: Request, entry: Entry, host: bytes) -> None:
         """Fetch ``entry`` again from one of ``pool``'s upstreams, conditionally (the

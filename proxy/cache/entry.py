@@ -55,6 +55,7 @@ class Entry:
         "lifetime",
         "lines",
         "response_time",
+        "shown",
         "size",
         "status",
         "status_line",
@@ -82,6 +83,8 @@ class Entry:
         self.status_line, lines = parse_head(head)
         self.status = int(self.status_line[9:12])
         self.lines: list[Line] = []
+        #: the last hit's (age, ttl, status, Connection) and the head it sent
+        self.shown: tuple[tuple[int, int, bytes, bytes], bytes] | None = None
         self._update(lines, times, default_ttl)
 
     def _update(self, lines: list[Line], times: tuple[float, float], ttl: float | None) -> None:
@@ -96,6 +99,7 @@ class Entry:
         self.age0 = initial_age([*self.headers, *ages], *times)
         self.response_time = times[1]
         self.lifetime = lifetime(self.status, self.cc, self.headers, ttl)
+        self.shown = None
 
     def meta(self) -> dict[str, object]:
         """Everything but the body, as JSON-able values (the Redis store's record)."""

@@ -116,7 +116,8 @@ METRICS: Final = (
     MetricSpec("aiolb_cache_requests", "counter", ("cache", "result"),
                "Requests of routes with a cache, by what the cache did: hit (fresh), stale "
                "(served stale: stale-while-revalidate, stale-if-error, use_stale), "
-               "revalidated (a 304 confirmed the stored response), miss, bypass."),
+               "revalidated (a 304 confirmed the stored response), miss (forwarded: nothing usable "
+               "stored, or a revalidation answered with a new response), bypass."),
     MetricSpec("aiolb_cache_bytes", "gauge", ("cache",),
                "Bytes of heads and bodies a memory store holds (the workers' sum)."),
     MetricSpec("aiolb_cache_entries", "gauge", ("cache",),

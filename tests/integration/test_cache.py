@@ -5,6 +5,7 @@ with ``cache:``. What is asserted is what a client and the upstream see: bodies,
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.cache.flow import CacheState
 from proxy.config import Config
+from proxy.forwarding.exchange import Exchange
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import get_json, samples, scrape
 from tests.support import HOST, Recorder, make_config, proxy_url, read_response, wait_for
@@ -435,6 +438,46 @@ async def test_a_route_without_a_cache_has_no_cache_state(
     writer.close()
     assert b"cache-status" not in headers
     assert server.listeners[0].router.route(b"t", b"/c").cache is None  # type: ignore[union-attr]
+
+
+async def test_cached_requests_are_freed_without_the_cyclic_gc(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """Misses, hits, revalidations and bypasses leave no reference cycle: the exchange
+    and its cache state go as soon as the response is out, not in a GC pause."""
+
+    async def revalidated(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-cache", "ETag": '"v1"'}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(text="v1", headers=headers)
+
+    up = await recorders("a", {
+        "/fresh": answering({"Cache-Control": "max-age=60"}),
+        "/revalidated": revalidated,
+        "/not-stored": answering({"Cache-Control": "no-store"}),
+    })  # fmt: skip
+    server = await proxy(cached_config(up.url))
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    gc.collect()
+    gc.disable()
+    try:
+        for path in [b"/fresh"] * 3 + [b"/revalidated"] * 2 + [b"/not-stored"]:
+            writer.write(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+            status, headers, _ = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK" and b"cache-status" in headers
+        writer.write(b"POST /fresh HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        await read_response(reader)
+
+        def left() -> list[object]:
+            return [o for o in gc.get_objects() if isinstance(o, (Exchange, CacheState))]
+
+        await wait_for(lambda: not left(), timeout=2.0)
+    finally:
+        gc.enable()
+        writer.close()
+    assert server.caches["main"].report()["results"] == {
+        "hit": 2, "miss": 3, "stale": 0, "bypass": 1, "revalidated": 1}  # fmt: skip
 
 
 async def test_the_redis_store_is_shared_by_two_instances_and_survives_an_outage(
