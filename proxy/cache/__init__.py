@@ -66,10 +66,6 @@ MISS: Final = 4
 
 #: A hit's head: the stored one, then Age, Cache-Status, the framing (``Cache.hit``).
 HEAD_HIT: Final = b"%sAge: %d\r\nCache-Status: aiolb; %s; ttl=%d\r\nContent-Length: %d\r\n%s\r\n"
-#: A 304 for a client's own validators: the stored header lines, Age, Cache-Status.
-HEAD_304: Final = (
-    b"HTTP/1.1 304 Not Modified\r\n%sAge: %d\r\nCache-Status: aiolb; %s; ttl=%d\r\n%s\r\n"
-)
 
 #: ``aiolb_cache_requests_total`` results.
 RESULTS: Final = ("hit", "miss", "stale", "bypass", "revalidated")
@@ -206,27 +202,45 @@ class Cache:
         return Entry(request.key, names, values, head, body, times, self.default_ttl)
 
     def hit(self, entry: Entry, request: Request, now: float, status: bytes, keep_alive: bool,
-            http_minor: int) -> tuple[bytes, bytes]:  # fmt: skip
-        """(head, body) for serving ``entry``: ``Age``, ``Cache-Status: aiolb; STATUS``,
-        the framing; a 304 without a body when the client's own validators match. The
-        head of the last hit is kept on the entry: hits within the same second of age
-        send the same bytes."""
+            http_minor: int) -> tuple[int, bytes, bytes]:  # fmt: skip
+        """(status, head, body) for serving ``entry``: the stored head with ``Age``,
+        ``Cache-Status: aiolb; STATUS`` and the framing; a 304 without a body when the
+        client's own validators match. The head of the last hit is kept on the entry:
+        hits within the same second of age send the same bytes."""
+        if request.conditional:
+            code, head, framing, body = self.hit_split(entry, request, now, status, keep_alive,
+                                                       http_minor)  # fmt: skip
+            return code, head + framing, body
         current = entry.age0 + (now - entry.response_time)
         age = int(current) if current > 0 else 0
         ttl = int(entry.lifetime - current)
         connection = (b"" if keep_alive and http_minor else b"Connection: keep-alive\r\n"
                       if keep_alive else b"Connection: close\r\n")  # fmt: skip
-        if request.conditional and _not_modified(request.headers, entry.headers):
-            rest = entry.head.partition(b"\r\n")[2]
-            return HEAD_304 % (rest, age, status, ttl, connection), b""
         body = b"" if request.method == b"HEAD" else entry.body
         shown = (age, ttl, status, connection)
         last = entry.shown
         if last is not None and last[0] == shown:
-            return last[1], body
+            return entry.status, last[1], body
         head = HEAD_HIT % (entry.head, age, status, ttl, len(entry.body), connection)
         entry.shown = (shown, head)
-        return head, body
+        return entry.status, head, body
+
+    def hit_split(
+        self, entry: Entry, request: Request, now: float, status: bytes, keep_alive: bool,
+        http_minor: int,
+    ) -> tuple[int, bytes, bytes, bytes]:  # fmt: skip
+        """``hit`` with its head in two: (status, the status line and header lines, what
+        response filters see; the framing after them and the blank line; body)."""
+        current = entry.age0 + (now - entry.response_time)
+        lines = b"Age: %d\r\nCache-Status: aiolb; %s; ttl=%d\r\n" % (
+            int(current) if current > 0 else 0, status, int(entry.lifetime - current))
+        connection = _connection(keep_alive, http_minor)
+        if request.conditional and _not_modified(request.headers, entry.headers):
+            rest = entry.head.partition(b"\r\n")[2]
+            return 304, b"HTTP/1.1 304 Not Modified\r\n" + rest + lines, connection + b"\r\n", b""
+        body = b"" if request.method == b"HEAD" else entry.body
+        framing = b"Content-Length: %d\r\n%s\r\n" % (len(entry.body), connection)
+        return entry.status, entry.head + lines, framing, body
 
     async def revalidate(self, pool: Pool, request: Request, entry: Entry, host: bytes) -> None:
         """Fetch ``entry`` again from one of ``pool``'s upstreams, conditionally (the
@@ -404,6 +418,13 @@ def build_caches(
         old = kept.get(name)
         out[name] = old if old is not None and old.spec == spec else Cache(name, spec)
     return out
+
+
+def _connection(keep_alive: bool, http_minor: int) -> bytes:
+    """The ``Connection`` line a hit needs: none for HTTP/1.1 kept alive."""
+    if keep_alive:
+        return b"" if http_minor else b"Connection: keep-alive\r\n"
+    return b"Connection: close\r\n"
 
 
 def _not_modified(request: Headers, stored: Headers) -> bool:

@@ -47,12 +47,12 @@ from proxy.cache import (
 from proxy.cache.entry import Entry, parse_head
 from proxy.cache.memory import MemoryStore
 from proxy.cache.policy import header
-from proxy.errors import ProxyError, UpstreamTimeoutError
+from proxy.errors import FilterError, ProxyError, UpstreamTimeoutError
+from proxy.http.headers import ResponseHead
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import BodyWriter
     from proxy.forwarding.exchange import Exchange
-    from proxy.http.headers import ResponseHead
 
 log = logging.getLogger("aiolb")
 
@@ -65,17 +65,28 @@ SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 class Answer:
     """A response the cache gives in place of the upstream's: what ``Exchange.local``
-    writes (``render``)."""
+    writes (``render``). ``head``: the status line and header lines (``framing`` empty:
+    the whole head), ``framing``: the lines after them and the blank line."""
 
-    __slots__ = ("body", "head", "status")
+    __slots__ = ("body", "framing", "head", "status")
 
-    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+    def __init__(self, status: int, head: bytes, framing: bytes, body: bytes) -> None:
         self.status = status
-        self.head = head  # framing and Connection included: ``Cache.hit`` made it
+        self.head = head
+        self.framing = framing
         self.body = body
 
     def render(self, close: bool, head_only: bool) -> list[bytes]:
-        return [self.head] if head_only or not self.body else [self.head, self.body]
+        head = self.head + self.framing if self.framing else self.head
+        return [head] if head_only or not self.body else [head, self.body]
+
+    def response_head(self) -> ResponseHead:
+        """The head as the route's response filters take an upstream's."""
+        found = ResponseHead.__new__(ResponseHead)
+        found.chunked = found.close = False
+        found.has_length, found.length = True, len(self.body)
+        found.status, found.head = self.status, self.head
+        return found
 
 
 def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
@@ -105,15 +116,27 @@ def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
 
 def serve(ex: Exchange, cache: Cache, request: Request, entry: Entry, now: float,
           status: bytes) -> None:  # fmt: skip
-    """Answer ``ex`` with ``entry`` (``Exchange.local`` writes it when due)."""
+    """Answer ``ex`` with ``entry`` (``Exchange.local`` writes it when due), through the
+    route's response filters when it has any."""
     found = ex.found
     keep = (ex.keep_alive and not ex.client.draining and not found.chunked
             and found.content_length in (None, b"0"))  # fmt: skip
-    head, body = cache.hit(entry, request, now, status, keep, ex.http_minor)
-    answer = ex.answer = Answer(entry.status if body or not request.conditional else 304,
-                                head, body)  # fmt: skip
-    ex.bytes_out = len(body)
-    ex.local(answer.status, close=not keep)
+    filters = ex.filters
+    if filters is None:
+        code, head, body = cache.hit(entry, request, now, status, keep, ex.http_minor)
+        ex.answer = Answer(code, head, b"", body)
+        ex.bytes_out = len(body)
+        ex.local(code, close=not keep)
+        return
+    code, head, framing, body = cache.hit_split(entry, request, now, status, keep,
+                                                ex.http_minor)  # fmt: skip
+
+    def send(head: bytes, code: int) -> None:
+        ex.answer = Answer(code, head, framing, body)
+        ex.bytes_out = len(body)
+        ex.local(code, close=not keep)
+
+    filters.chain.answer(ex, head, send)
 
 
 class CacheState:
@@ -259,9 +282,10 @@ class CacheState:
 
     def answer(self, ex: Exchange, entry: Entry, now: float, status: bytes) -> Answer:
         keep = ex.keep_alive and not ex.client.draining
-        head, body = self.cache.hit(entry, self.request, now, status, keep, ex.http_minor)
+        code, head, framing, body = self.cache.hit_split(entry, self.request, now, status, keep,
+                                                         ex.http_minor)  # fmt: skip
         ex.bytes_out = len(body)
-        return Answer(entry.status if body or not self.request.conditional else 304, head, body)
+        return Answer(code, head, framing, body)
 
     def start_storing(self, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """Keep the body as it comes: in memory (the memory store; and for Redis, a body
@@ -329,10 +353,11 @@ class CacheState:
             flight.done.set()
 
     def on_failure(self, ex: Exchange, error: ProxyError) -> bool:
-        """No upstream answered: True when a stored entry answered instead."""
+        """No upstream answered: True when a stored entry answered instead (not for a
+        route filter's failure: that is the answer's own)."""
         self.abandon()
         entry = self.entry
-        if entry is None:
+        if entry is None or isinstance(error, FilterError):
             return False
         reason = "timeout" if isinstance(error, UpstreamTimeoutError) else "error"
         now = time.time()

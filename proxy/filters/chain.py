@@ -219,6 +219,17 @@ class FilterChain:
         self._hold(req, response)
         return _with_head(found, None), status
 
+    def answer(self, ex: Exchange, head: bytes, then: Callable[[bytes, int], None]) -> None:
+        """The response hooks over a response the proxy answers with itself from its
+        cache (``head``: status line and header lines): ``then(head, status)`` with what
+        they leave, at once or once an async hook is done (nothing was written yet: no
+        hold). A hook that fails answers 500 instead."""
+        req = ex.filters
+        assert req is not None
+        response = Response(head)
+        self._run(req, self.responses, 0, (req, response),
+                  lambda _: then(response.head(), response.status))  # fmt: skip
+
     def _hold(self, req: Request, response: Response) -> None:
         ex = req.ex
         conn = ex.conn

@@ -582,13 +582,26 @@ class Exchange:
     def _answered_instead(self, answer: Answer) -> bool:
         """The cache answers this request in place of the upstream's response head
         (a 304 revalidated the stored one; a failure status and a stale one may stand
-        in): its response goes out, the upstream's body is read and dropped."""
-        self.status = answer.status
+        in), through the route's response filters: its response goes out, the
+        upstream's body is read and dropped. False when a filter failed (500)."""
+        head, status = answer.head, answer.status
+        filters = self.filters
+        if filters is not None:
+            changed = filters.chain.response(self, status, answer.response_head())
+            if changed is None:  # a filter failed: answered 500
+                self.conn = None
+                return False
+            head, status = changed[0].head, changed[1]
+        self.status = status
         self.replay = None
         self.resp_started = True
         self.mode = NO_BODY
         self.keep_alive = self.keep_alive and not self.client.draining
-        self.out += answer.render(not self.keep_alive, self.head_request)
+        self.out.append(head)  # where a held response's head goes
+        if answer.framing:
+            self.out.append(answer.framing)
+        if answer.body and not self.head_request:
+            self.out.append(answer.body)
         self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
         return True
 

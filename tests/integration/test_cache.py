@@ -440,6 +440,51 @@ async def test_a_route_without_a_cache_has_no_cache_state(
     assert server.listeners[0].router.route(b"t", b"/c").cache is None  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("hooks", ["sync", "async"])
+async def test_the_routes_response_filters_see_every_answer_from_the_cache(
+    proxy: MakeProxy, recorders: MakeRecorder, hooks: str
+) -> None:
+    """What is stored is the upstream's head; the route's response filters run on each
+    response the client gets: a hit, a 304 merged into the stored one, a stale one
+    standing in for a 503, a miss (each once, with this request's own values)."""
+    calls: list[int] = []
+
+    async def revalidated(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-cache", "ETag": '"v1"'}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(text="r", headers=headers)
+
+    async def failing(request: web.Request) -> web.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return web.Response(text="s", headers={"Cache-Control": "max-age=0"})
+        return web.Response(status=503, text="down")
+
+    up = await recorders("a", {"/fresh": answering({"Cache-Control": "max-age=60"}, "f"),
+                               "/revalidated": revalidated, "/stale": failing})  # fmt: skip
+    stamp = {"python": "tests.filter_support:Stamp", "options": {"async": hooks == "async"}}
+    server = await proxy(make_config([up.url], caches={"main": {}}, routes=[
+        {"pool": "main", "cache": "main", "filters": [stamp]}]))  # fmt: skip
+    seen: dict[str, list[tuple[int, str, str]]] = {}
+    async with aiohttp.ClientSession() as session:
+        for path in ["/fresh", "/revalidated", "/stale"]:
+            for _ in range(2):
+                async with session.get(proxy_url(server, path)) as resp:
+                    await resp.read()
+                    assert resp.headers.getall("X-Stamp-Response") == ["200"], path
+                    state = resp.headers.getall("X-Stamp-State")
+                    assert len(state) == 1, (path, state)  # not stored with the response
+                    seen.setdefault(path, []).append(
+                        (resp.status, resp.headers["Cache-Status"], state[0]))
+    for path, (first, second) in seen.items():
+        assert first[0] == second[0] == 200 and first[2] != second[2], path  # its own id
+        assert "stored" in first[1], path
+    assert seen["/fresh"][1][1].startswith("aiolb; hit")
+    assert "fwd-status=304" in seen["/revalidated"][1][1]
+    assert "fwd-status=503" in seen["/stale"][1][1]
+
+
 async def test_cached_requests_are_freed_without_the_cyclic_gc(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
