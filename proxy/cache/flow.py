@@ -273,7 +273,7 @@ class CacheState:
         length = header(headers, b"content-length")
         fits = length is None or (length.isdigit() and int(length) <= cache.max_object_size)
         if request.method == b"GET" and fits and cache.may_store(request, status, headers):
-            self.start_storing(found.head, headers)
+            self.start_storing(ex, found.head, headers)
             return _with_status(found, self.status + b"; stored")
         if entry is not None:  # replaced by a response that is not stored: forget it
             _remove(cache, request.key)
@@ -287,7 +287,7 @@ class CacheState:
         ex.bytes_out = len(body)
         return Answer(code, head, framing, body)
 
-    def start_storing(self, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def start_storing(self, ex: Exchange, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """Keep the body as it comes: in memory (the memory store; and for Redis, a body
         of known size up to ``COLLECT_FOR_REDIS``, stored whole once complete and served
         from this process until Redis has it), else streamed into Redis."""
@@ -300,7 +300,7 @@ class CacheState:
             self.collect = []
             return
         names, values = self.cache.vary(self.request, headers)
-        self.writer = store.writer(self.request.key, names, values)
+        self.writer = store.writer(self.request.key, names, values, ex.store_behind)
 
     def on_body(self, data: bytes | memoryview) -> None:
         """A chunk of the response body (de-chunked)."""

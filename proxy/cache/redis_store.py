@@ -10,8 +10,9 @@ Layout, under ``key_prefix`` (``h``: the SHA-1 of the cache key; ``v``: of a var
 A lookup is one round trip for a key that does not vary (the names and the entry of
 the empty variant are fetched in one pipeline), two for one that does. A body is
 written as it streams from the upstream: each chunk is APPENDed to a key of its own
-(``{p}t:h:v:n``) by a writer that keeps at most what Redis has not yet taken, so a
-large body is never held twice; ``commit`` renames it into place with the head, in one
+(``{p}t:h:v:n``) by a writer that keeps only what Redis has not yet taken, so a
+large body is never held whole (a writer that Redis falls ``MAX_BACKLOG`` behind gives
+up: the response goes on uncached); ``commit`` renames it into place with the head, in one
 transaction, and gives every key a TTL (the entry's lifetime plus ``keep_stale``). A
 response cut short is never committed: its temporary key expires.
 
@@ -42,6 +43,13 @@ log = logging.getLogger("aiolb")
 RETRY_AFTER: Final = 1.0
 #: A temporary body key outlives an unfinished write by this long at most.
 TEMP_TTL: Final = 300
+#: A body writer holds the upstream back (``hold(True)``) when Redis is this far behind
+#: it, and lets it go on once Redis is within ``RESUME_AT``.
+HOLD_AT: Final = 4 * 1024 * 1024
+RESUME_AT: Final = 1024 * 1024
+#: A writer gives up when Redis falls this far behind all the same (nothing to hold
+#: back): the response goes on uncached rather than held in memory.
+MAX_BACKLOG: Final = 32 * 1024 * 1024
 
 
 def _digest(data: bytes) -> str:
@@ -83,8 +91,10 @@ class RedisStore:
             log.warning("cache store %s: %s failed (%s); requests bypass the cache until it "
                         "answers again", self.url, what, exc or type(exc).__name__)  # fmt: skip
 
-    def worked(self) -> None:
-        if self.outage:
+    def worked(self, started: float) -> None:
+        """An operation begun at ``started`` (monotonic) succeeded: the outage is over,
+        unless it began before the last failure (a reply already on its way then)."""
+        if self.outage and started >= self.down_until - RETRY_AFTER:
             self.outage = False
             log.warning("cache store %s answers again; caching resumed", self.url)
 
@@ -111,13 +121,14 @@ class RedisStore:
                 return waiting
         if not self.available:
             return None
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout * 2):
                 entry = await self._get(key, request)
         except Exception as exc:
             self.failed("a lookup", exc)
             return None
-        self.worked()
+        self.worked(started)
         return entry
 
     async def _get(self, key: bytes, request: Sequence[tuple[bytes, bytes]]) -> Entry | None:
@@ -141,10 +152,12 @@ class RedisStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def writer(self, key: bytes, vary: tuple[bytes, ...], values: tuple[bytes, ...]) -> BodyWriter:
-        """A writer for the body of ``key``'s response of this variant, as it streams."""
+    def writer(self, key: bytes, vary: tuple[bytes, ...], values: tuple[bytes, ...],
+               hold: Callable[[bool], None] | None = None) -> BodyWriter:  # fmt: skip
+        """A writer for the body of ``key``'s response of this variant, as it streams
+        (``hold``: stops and restarts what it streams from, see ``BodyWriter``)."""
         temp = f"{self.prefix}t:{_digest(key)}:{next(self._temp)}:{id(self):x}"
-        return BodyWriter(self, key, vary, values, temp)
+        return BodyWriter(self, key, vary, values, temp, hold)
 
     async def put(self, entry: Entry) -> None:
         """Store a whole entry (a 304's refresh, or a body already in memory); until
@@ -185,6 +198,7 @@ class RedisStore:
         if not self.available:
             return 0
         names_key, set_key, h = self._keys(key)
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout * 2):
                 members = await self.client.smembers(set_key)
@@ -195,7 +209,7 @@ class RedisStore:
         except Exception as exc:
             self.failed("an invalidation", exc)
             return 0
-        self.worked()
+        self.worked(started)
         return len(members)
 
     async def purge(self, prefix: bytes) -> int:
@@ -218,19 +232,25 @@ class RedisStore:
 
 class BodyWriter:
     """Streams one response body into Redis: ``append`` as chunks arrive (never
-    waits), ``commit`` once the body is complete, ``abort`` when it is not."""
+    waits), ``commit`` once the body is complete, ``abort`` when it is not. When Redis
+    falls ``HOLD_AT`` behind, ``hold(True)`` stops the upstream (back-pressure, as a
+    slow client's does) and ``hold(False)`` restarts it once Redis has caught up."""
 
-    __slots__ = ("failed", "key", "pending", "size", "store", "task", "temp", "values",
-                 "vary")  # fmt: skip
+    __slots__ = ("backlog", "failed", "held", "hold", "key", "pending", "size", "store",
+                 "task", "temp", "values", "vary")  # fmt: skip
 
     def __init__(self, store: RedisStore, key: bytes, vary: tuple[bytes, ...],
-                 values: tuple[bytes, ...], temp: str) -> None:  # fmt: skip
+                 values: tuple[bytes, ...], temp: str,
+                 hold: Callable[[bool], None] | None = None) -> None:  # fmt: skip
+        self.hold = hold
+        self.held = False
         self.store = store
         self.key = key
         self.vary = vary
         self.values = values
         self.temp = temp
         self.pending: list[bytes] = []
+        self.backlog = 0  # bytes of ``pending``
         self.size = 0
         self.failed = False
         self.task: asyncio.Task[None] | None = None
@@ -240,6 +260,13 @@ class BodyWriter:
             return
         self.pending.append(bytes(chunk))
         self.size += len(chunk)
+        self.backlog += len(chunk)
+        if self.backlog > HOLD_AT and not self.held and self.hold is not None:
+            self.held = True
+            self.hold(True)
+        elif self.backlog > MAX_BACKLOG:  # held back, and still far behind: not stored
+            self.abort()
+            return
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -248,22 +275,35 @@ class BodyWriter:
         client = self.store.client
         try:
             while self.pending:
-                batch, self.pending = self.pending, []
+                batch, self.pending, self.backlog = self.pending, [], 0
                 pipe = client.pipeline(transaction=False)
                 for chunk in batch:
                     pipe.append(self.temp, chunk)
                 pipe.expire(self.temp, TEMP_TTL)
-                await pipe.execute()
+                async with asyncio.timeout(self.store.timeout * 4):
+                    await pipe.execute()
+                if self.held and self.backlog < RESUME_AT:
+                    self.release()
         except Exception as exc:
             self.failed = True
-            self.pending = []
+            self.pending, self.backlog = [], 0
             self.store.failed("storing a body", exc)
+            self.release()
         finally:
             self.task = None
+
+    def release(self) -> None:
+        """Let the upstream go on, if this writer held it back."""
+        if self.held:
+            self.held = False
+            if self.hold is not None:
+                self.hold(False)
 
     async def commit(self, entry: Entry) -> bool:
         """The body is complete: put it in place with ``entry``'s head. False when it
         could not be stored."""
+        self.release()  # the body is all here: nothing more to hold back
+        self.hold = None
         while self.task is not None and not self.failed:
             await self.task
         if self.pending and not self.failed:
@@ -276,6 +316,7 @@ class BodyWriter:
         meta_key, body_key = store._entry_keys(h, v)
         ttl = max(1, int(entry.lifetime + store.keep_stale + 1))
         record = b"\n".join((self.key, *self.vary))
+        started = time.monotonic()
         try:
             async with asyncio.timeout(store.timeout * 4):
                 pipe = store.client.pipeline(transaction=True)
@@ -291,7 +332,7 @@ class BodyWriter:
         except Exception as exc:
             store.failed("storing a response", exc)
             return False
-        store.worked()
+        store.worked(started)
         return True
 
     def abort(self) -> None:
@@ -299,3 +340,6 @@ class BodyWriter:
         temporary key expires by itself)."""
         self.failed = True
         self.pending = []
+        self.backlog = 0
+        self.release()
+        self.hold = None

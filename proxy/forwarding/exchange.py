@@ -785,10 +785,26 @@ class Exchange:
         if paused:
             conn.pause_reading()
             self.deadline = NEVER  # a slow reader is not a slow upstream
-        else:
+            return
+        state = self.cache_state
+        if state is not None and state.writer is not None and state.writer.held:
+            return  # the cache's store still holds the upstream back
+        conn.resume_reading()
+        if self.resp_started:
+            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+
+    def store_behind(self, behind: bool) -> None:
+        """The cache's store fell behind this response's body, or caught up: stop or
+        restart the upstream, as a slow client does (``client_write_paused``)."""
+        conn = self.conn
+        if conn is None:
+            return
+        if behind:
+            conn.pause_reading()
+            self.deadline = NEVER  # a slow store is not a slow upstream
+        elif not self.client.write_paused:
             conn.resume_reading()
-            if self.resp_started:
-                self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     # -- endings ------------------------------------------------------------------------
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
 from proxy.cache.entry import Entry
-from proxy.cache.redis_store import RedisStore
+from proxy.cache.redis_store import HOLD_AT, MAX_BACKLOG, RedisStore
 from tests.support import RedisServer, wait_for
 
 T0 = 1796119200.0
@@ -77,6 +78,36 @@ async def test_a_body_streams_in_chunks_and_only_a_complete_one_is_stored(
     assert await store.get(b"shop.test /cut", []) is None
 
 
+async def test_a_writer_holds_the_upstream_back_while_redis_catches_up(
+    store: RedisStore,
+) -> None:
+    holds: list[bool] = []
+    writer = store.writer(b"shop.test /big", (), (), holds.append)
+    block = bytes(range(256)) * 4096
+    for _ in range(HOLD_AT // len(block) + 1):  # faster than Redis takes them
+        writer.append(block)
+    assert holds == [True]
+    await wait_for(lambda: holds == [True, False], 5.0)  # Redis took them: go on
+    writer.append(block)
+    assert await writer.commit(entry(b"shop.test /big", b""))
+    found = await store.get(b"shop.test /big", [])
+    assert found is not None and found.body == block * (HOLD_AT // len(block) + 2)
+    assert holds == [True, False]
+
+
+async def test_a_writer_redis_falls_far_behind_gives_up_and_holds_nothing(
+    store: RedisStore,
+) -> None:
+    writer = store.writer(b"shop.test /flood", (), ())  # nothing to hold back
+    block = bytes(1024 * 1024)
+    for _ in range(MAX_BACKLOG // len(block) + 1):  # faster than Redis takes them
+        writer.append(block)
+    assert (writer.failed, writer.pending, writer.backlog) == (True, [], 0)
+    assert not await writer.commit(entry(b"shop.test /flood", b""))
+    assert await store.get(b"shop.test /flood", []) is None
+    assert store.available and store.errors == 0  # not an outage: Redis is fine
+
+
 async def test_an_outage_is_a_miss_logged_once_and_recovery_is_automatic(
     redis_server: RedisServer, store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -102,3 +133,17 @@ async def test_an_outage_is_a_miss_logged_once_and_recovery_is_automatic(
         assert loop.time() < deadline, "caching did not resume"
     assert found.body == b"again"
     assert any("caching resumed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_reply_sent_before_the_outage_does_not_end_it(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "aiolb")
+    before = time.monotonic()  # an operation under way when Redis went away
+    store.failed("storing a response", ConnectionError("Connection closed by server."))
+    store.worked(before)  # its reply had arrived already: Redis is still down
+    assert store.outage
+    store.worked(time.monotonic())  # one begun after the failure: Redis is back
+    assert not store.outage
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "bypass the cache" in said[0] and "caching resumed" in said[1]
