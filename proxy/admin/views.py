@@ -146,13 +146,13 @@ def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
 
 
 def route_views(server: ProxyServer, lc: ListenerConfig) -> list[dict[str, Any]]:
-    """A listener's routes: name, match, pool, filters and requests rate-limited."""
+    """A listener's routes: name, match, pool, filters, cache and requests rate-limited."""
     limited: dict[str, int] = {}
     for (route, _), counts in server.filters.counts.items():
         limited[route] = limited.get(route, 0) + counts.limited
     return [
         {"name": name, "host": r.match.host, "path_prefix": r.match.path_prefix,
-         "pool": r.pool, "filters": [label(f) for f in r.filters],
+         "pool": r.pool, "filters": [label(f) for f in r.filters], "cache": r.cache,
          "rate_limited": limited.get(name, 0)}
         for name, r in zip(lc.route_names(), lc.routes, strict=True)
     ]  # fmt: skip

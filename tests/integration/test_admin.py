@@ -255,9 +255,9 @@ async def test_api_server_describes_the_listeners_and_routes(
         "routes": [{"name": "api", "host": "api.example.com", "path_prefix": "/v1/",
                     "pool": "main", "filters": ["rate_limit", "sticky",
                                                 "python:tests.filter_support:Stamp"],
-                    "rate_limited": 2},
+                    "cache": None, "rate_limited": 2},
                    {"name": "test/1", "host": None, "path_prefix": "/", "pool": "main",
-                    "filters": [], "rate_limited": 0}],
+                    "filters": [], "cache": None, "rate_limited": 0}],
     }]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy import __version__
 from proxy.admin import AdminHandle, start_admin
@@ -327,4 +328,49 @@ async def test_dashboard_shows_version_listeners_names_trends_and_pool_state(
     header = await browser.screenshot("header", save=tmp_path / "header.png")
     listeners = await browser.screenshot("section[data-listeners]", save=tmp_path / "l.png")
     assert header.count(dark) > 100 and listeners.count(dark) > 200  # text is drawn
+    assert browser.errors == []
+
+
+async def test_dashboard_shows_each_cache_with_its_hit_ratio_and_size(
+    recorders, proxy, browser, tmp_path
+):
+    async def cacheable(request):
+        return web.Response(text="cached body", headers={"Cache-Control": "max-age=60"})
+
+    up = await recorders("a", {"/c": cacheable})
+    server = await proxy(make_config([up.url], routes=[{"pool": "main", "cache": "main"}],
+                                     caches={"main": {"max_size": "1MiB"}}))  # fmt: skip
+    handle = admin_of(server)
+    await browser.call("Emulation.setEmulatedMedia",
+                       features=[{"name": "prefers-color-scheme", "value": "light"}])  # fmt: skip
+    await browser.goto(f"{handle.url}/")
+    await browser.wait_until("document.body.dataset.loaded === '1'", what="first poll")
+    cache_row = 'section[data-caches] tr[data-cache="main"]'
+    await browser.wait_until(js(f"{cache_row} [data-field=store]", "el.textContent === 'memory'"),
+                             what="the cache's row")  # fmt: skip
+    assert await browser.evaluate(js(f"{cache_row} [data-field=ratio]", "el.textContent")) == "—"
+    route = await browser.wait_until(js("span[data-route] [data-field=cache]", "el.textContent"),
+                                     what="the route's cache")  # fmt: skip
+    assert route == " cache main"
+    meter = f"{cache_row} .meter"
+    before = await browser.screenshot(meter, save=tmp_path / "meter-before.png")
+    assert before.count(blue) == 0  # no lookups yet: an empty bar
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):  # a miss that is stored, then three hits
+            async with session.get(proxy_url(server, "/c")) as resp:
+                assert (resp.status, await resp.text()) == (200, "cached body")
+    assert len(up.seen) == 1
+    await browser.wait_until(js(f"{cache_row} [data-field=ratio]", "el.textContent === '75.0%'"),
+                             what="hit ratio 75%")  # fmt: skip
+    texts = await browser.evaluate(js(cache_row, "Array.from(el.children, (td) => td.textContent)"))
+    size = texts[3]
+    assert re.fullmatch(r"\d+ B of 1\.0 MiB, 1 entry", size), size
+    assert int(size.split()[0]) == server.caches["main"].store.size > len("cached body")
+    assert texts[4:] == ["3 hit, 0 stale, 0 revalidated, 1 miss, 0 bypass", "1", "0"], texts
+    after = await browser.screenshot(meter, save=tmp_path / "meter-after.png")
+    share = after.count(blue) / (after.width * after.height)
+    assert 0.6 < share < 0.85, f"the bar fills three quarters, not {share:.0%}"
+    section = await browser.screenshot("section[data-caches]", save=tmp_path / "caches.png")
+    assert section.count(dark) > 200  # text is drawn
     assert browser.errors == []
