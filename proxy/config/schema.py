@@ -69,7 +69,7 @@ class Key:
         if self.field.is_required():
             return "required"
         value = self.field.get_default(call_default_factory=True)
-        if self.section is not None and value is not None:
+        if self.section is not None and isinstance(value, BaseModel | dict | list):
             return "{}"  # on, with the defaults of the keys inside
         return flow(render_value(self.field, value))
 
