@@ -39,10 +39,12 @@ import aiohttp
 from proxy.cache.entry import Entry
 from proxy.cache.memory import MemoryStore
 from proxy.cache.policy import (
+    SURROGATE_CAPABILITY,
     UNSAFE_METHODS,
     Directives,
     http_date,
     must_revalidate,
+    response_directives,
     stale_allowed,
     storable,
     variant,
@@ -120,6 +122,7 @@ class Cache:
         self.keep_stale = spec.keep_stale
         self.lock_timeout = spec.lock_timeout
         self.use_stale_on = frozenset(spec.use_stale)
+        self.surrogate = spec.surrogate_control
         self.store: MemoryStore | RedisStore
         if spec.store == "memory":
             self.store = MemoryStore(spec.max_size)
@@ -170,7 +173,7 @@ class Cache:
     def may_store(self, request: Request, status: int, head: Headers) -> bool:
         """May this response to ``request`` be stored?"""
         why = storable(
-            request.method, status, request.cc, Directives.of(head), head,
+            request.method, status, request.cc, response_directives(head, self.surrogate), head,
             request.authorized, self.default_ttl is not None,
         )  # fmt: skip
         return why is None
@@ -199,7 +202,8 @@ class Cache:
               response: Headers) -> Entry:  # fmt: skip
         """A new entry of ``request``'s key and variant from a response."""
         names, values = self.vary(request, response)
-        return Entry(request.key, names, values, head, body, times, self.default_ttl)
+        return Entry(request.key, names, values, head, body, times, self.default_ttl,
+                     self.surrogate)  # fmt: skip
 
     def hit(self, entry: Entry, request: Request, now: float, status: bytes, keep_alive: bool,
             http_minor: int) -> tuple[int, bytes, bytes]:  # fmt: skip
@@ -252,6 +256,8 @@ class Cache:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
                    if k not in _NOT_FORWARDED}  # fmt: skip
         headers["Host"] = host.decode("latin-1")
+        if self.surrogate:
+            headers["Surrogate-Capability"] = SURROGATE_CAPABILITY[2].decode()
         for name, value in entry.headers:
             if name == b"etag":
                 headers["If-None-Match"] = value.decode("latin-1")

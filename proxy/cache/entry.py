@@ -4,15 +4,16 @@ An ``Entry`` keeps what a hit needs ready: ``head``, the status line and the hea
 lines to send (every header the proxy forwarded but the framing ones and ``Age``,
 each line ending in CRLF), and the body; a hit adds ``Age``, ``Cache-Status``,
 ``Content-Length`` and ``Connection``. ``headers`` (lower-case names), ``cc`` and the
-times feed ``proxy.cache.policy``. A 304 from a revalidation updates the entry in
-place (``refresh``, RFC 9111 4.3.4).
+times feed ``proxy.cache.policy``. With ``surrogate`` (the cache reads
+``Surrogate-Control``), that header is kept in ``lines`` and ``headers`` but never sent.
+A 304 from a revalidation updates the entry in place (``refresh``, RFC 9111 4.3.4).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from proxy.cache.policy import Directives, initial_age, lifetime
+from proxy.cache.policy import Directives, initial_age, lifetime, response_directives
 
 #: Headers a stored response does not keep: the proxy writes its own framing and
 #: ``Age``, and ``Cache-Status`` from an upstream cache would be stale on a hit.
@@ -59,6 +60,7 @@ class Entry:
         "size",
         "status",
         "status_line",
+        "surrogate",
         "variant",
         "vary",
     )
@@ -72,11 +74,14 @@ class Entry:
         body: bytes,
         times: tuple[float, float],
         default_ttl: float | None,
+        surrogate: bool = False,
     ) -> None:
         """``head``: as forwarded; ``times``: (request sent, response received), Unix
         times; ``vary``/``variant``: the request header names the response varies on
-        and their values in the request that fetched it."""
+        and their values in the request that fetched it; ``surrogate``: go by its
+        ``Surrogate-Control`` (and do not send it)."""
         self.key = key
+        self.surrogate = surrogate
         self.vary = vary
         self.variant = variant
         self.body = body
@@ -93,8 +98,11 @@ class Entry:
         self.lines = [line for line in lines if line[0] not in _NOT_STORED]
         self.headers = [(name, value) for name, value, _ in self.lines]
         ages = [(name, value) for name, value, _ in lines if name == b"age"]
-        self.head = b"\r\n".join([self.status_line, *(raw for *_, raw in self.lines)]) + b"\r\n"
-        self.cc = Directives.of(self.headers)
+        self.cc = response_directives(self.headers, self.surrogate)
+        shown = ([raw for name, _, raw in self.lines if name != b"surrogate-control"]
+                 if self.surrogate and Directives.surrogate(self.headers)  # ours: not sent
+                 else [raw for *_, raw in self.lines])  # fmt: skip
+        self.head = b"\r\n".join([self.status_line, *shown]) + b"\r\n"
         self.size = len(self.head) + len(self.body) + len(self.key) + 64
         self.age0 = initial_age([*self.headers, *ages], *times)
         self.response_time = times[1]
@@ -108,6 +116,7 @@ class Entry:
             "age0": self.age0,
             "response_time": self.response_time,
             "lifetime": self.lifetime,
+            "cc": dict(self.cc),  # the head sent holds no Surrogate-Control
         }
 
     @classmethod
@@ -118,6 +127,9 @@ class Entry:
         entry.age0 = float(meta["age0"])  # type: ignore[arg-type]
         entry.response_time = float(meta["response_time"])  # type: ignore[arg-type]
         entry.lifetime = float(meta["lifetime"])  # type: ignore[arg-type]
+        cc = meta.get("cc")
+        if isinstance(cc, dict):
+            entry.cc = Directives(cc)
         return entry
 
     def age(self, now: float) -> float:

@@ -46,7 +46,7 @@ from proxy.cache import (
 )
 from proxy.cache.entry import Entry, parse_head
 from proxy.cache.memory import MemoryStore
-from proxy.cache.policy import header
+from proxy.cache.policy import SURROGATE_CAPABILITY, Directives, header
 from proxy.errors import FilterError, ProxyError, UpstreamTimeoutError
 from proxy.http.headers import ResponseHead
 
@@ -218,6 +218,8 @@ class CacheState:
         else:  # BYPASS: the request said no-store
             cache.results["bypass"] += 1
             self.status = b"fwd=request"
+        if cache.surrogate:
+            ex.found.parts += SURROGATE_CAPABILITY
         self.go_on()
 
     def go_on(self) -> None:
@@ -268,12 +270,16 @@ class CacheState:
             return self.answer(ex, entry, now, b"hit; fwd=stale; fwd-status=%d" % status)
         if entry is not None:  # a revalidation answered with a response of its own
             cache.results["miss"] += 1
-        _, lines = parse_head(found.head)
+        upstream_head = found.head
+        status_line, lines = parse_head(upstream_head)
         headers = [(name, value) for name, value, _ in lines]
+        if (cache.surrogate and any(name == b"surrogate-control" for name, _ in headers)
+                and Directives.surrogate(headers)):  # fmt: skip
+            found = _without(found, status_line, lines, b"surrogate-control")  # ours: not sent
         length = header(headers, b"content-length")
         fits = length is None or (length.isdigit() and int(length) <= cache.max_object_size)
         if request.method == b"GET" and fits and cache.may_store(request, status, headers):
-            self.start_storing(ex, found.head, headers)
+            self.start_storing(ex, upstream_head, headers)
             return _with_status(found, self.status + b"; stored")
         if entry is not None:  # replaced by a response that is not stored: forget it
             _remove(cache, request.key)
@@ -367,6 +373,15 @@ class CacheState:
         serve(ex, self.cache, self.request, entry, now,
               b"hit; fwd=stale; detail=%s" % reason.encode())
         return True
+
+
+def _without(found: ResponseHead, status_line: bytes, lines: list[tuple[bytes, bytes, bytes]],
+             name: bytes) -> ResponseHead:  # fmt: skip
+    """A copy of ``found`` without the header lines called ``name``."""
+    copy = found.with_lines(b"")
+    copy.head = b"".join([status_line, b"\r\n", *(raw + b"\r\n" for n, _, raw in lines
+                                                   if n != name)])  # fmt: skip
+    return copy
 
 
 def _with_status(found: ResponseHead, status: bytes) -> ResponseHead:

@@ -8,6 +8,10 @@ lower-case) and the times it recorded, and gets decisions back.
 
 - ``Directives`` parses ``Cache-Control`` (every field line, comma-separated, names
   case-insensitive, values unquoted; a directive given twice keeps its first value).
+  ``response_directives`` is what the cache goes by: a response's ``Surrogate-Control``
+  directives for aiolb (untargeted, or ``;aiolb``), when it has any, replace its
+  ``Cache-Control`` ones (Edge Architecture Specification 1.0, as Fastly and Varnish
+  read it); the client still gets the ``Cache-Control``.
 - ``storable`` answers RFC 9111 section 3 for a *shared* cache: ``no-store`` on either
   side, ``private``, a request with ``Authorization`` unless the response allows it
   (``public``, ``s-maxage``, ``must-revalidate``), ``Vary: *``, a status that is
@@ -41,6 +45,10 @@ STORABLE_STATUSES: Final = frozenset(
 UNSAFE_METHODS: Final = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH"))
 #: Lifetimes are capped: nothing is considered fresh for longer than a year.
 MAX_LIFETIME: Final = 365 * 86400.0
+#: The device token of ``Surrogate-Control: max-age=60;aiolb``, and what the upstream
+#: request says of this cache (``Surrogate-Capability: aiolb="Surrogate/1.0"``).
+SURROGATE_TOKEN: Final = "aiolb"
+SURROGATE_CAPABILITY: Final = (b"Surrogate-Capability", b": ", b'aiolb="Surrogate/1.0"', b"\r\n")
 
 
 class Directives(dict[str, str | None]):
@@ -52,6 +60,23 @@ class Directives(dict[str, str | None]):
         for name, value in headers:
             if name == b"cache-control":
                 for part in _split_list(value):
+                    key, eq, arg = part.partition("=")
+                    key = key.strip().lower()
+                    if key and key not in found:
+                        found[key] = arg.strip().strip('"') if eq else None
+        return found
+
+    @classmethod
+    def surrogate(cls, headers: Headers) -> Directives:
+        """The ``Surrogate-Control`` directives for this cache: those without a target
+        and those targeted at ``SURROGATE_TOKEN`` (``max-age=60;aiolb``)."""
+        found = cls()
+        for name, value in headers:
+            if name == b"surrogate-control":
+                for part in _split_list(value):
+                    part, _, target = part.partition(";")
+                    if target and target.strip().lower() != SURROGATE_TOKEN:
+                        continue  # for another device
                     key, eq, arg = part.partition("=")
                     key = key.strip().lower()
                     if key and key not in found:
@@ -75,6 +100,17 @@ class Directives(dict[str, str | None]):
         if value is None or not value.isdigit():
             return None
         return int(value)
+
+
+def response_directives(headers: Headers, surrogate: bool) -> Directives:
+    """The directives a cache goes by for a response: with ``surrogate`` (the cache
+    reads ``Surrogate-Control``), its directives for this cache when there are any;
+    else ``Cache-Control``'s."""
+    if surrogate:
+        found = Directives.surrogate(headers)
+        if found:
+            return found
+    return Directives.of(headers)
 
 
 def _split_list(value: bytes) -> Iterable[str]:

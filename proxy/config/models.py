@@ -924,6 +924,12 @@ class Cache(ConfigModel):
     """When the upstream fails this way (``error``: no upstream available, refused or
     reset; ``timeout``; a status), a stored response is served however stale, unless it
     says ``must-revalidate``/``proxy-revalidate`` (nginx ``proxy_cache_use_stale``)."""
+    surrogate_control: bool = True
+    """Read the upstream's ``Surrogate-Control`` (untargeted or ``;aiolb`` directives
+    replace ``Cache-Control``'s for this cache; a header with some is not passed on:
+    one with only other devices' is), and send
+    ``Surrogate-Capability: aiolb="Surrogate/1.0"`` upstream (Edge Architecture
+    Specification 1.0, as Fastly and Varnish do); false: the header passes through."""
 
 
 class Config(ConfigModel):

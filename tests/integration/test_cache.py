@@ -106,6 +106,36 @@ async def test_authorization_with_a_public_response_is_stored(
     assert calls == [1]
 
 
+@pytest.mark.parametrize(
+    ("surrogate", "cache_control", "option", "stored", "passed_on"),
+    [
+        ("max-age=60", "no-store", True, True, False),  # ours, and it says store
+        ("max-age=60;aiolb", "no-store", True, True, False),  # targeted at aiolb
+        ("no-store", "max-age=60", True, False, False),  # ours says no
+        ("max-age=60;other-cdn", "no-store", True, False, True),  # another device's
+        ("max-age=60", "no-store", False, False, True),  # surrogate_control: false
+    ],
+    ids=["max-age", "targeted", "no-store", "other-target", "option-off"],
+)
+async def test_surrogate_control_goes_before_cache_control_and_is_not_passed_on(
+    proxy: MakeProxy, recorders: MakeRecorder, surrogate: str, cache_control: str,
+    option: bool, stored: bool, passed_on: bool,
+) -> None:  # fmt: skip
+    calls: list[int] = []
+    headers = {"Cache-Control": cache_control, "Surrogate-Control": surrogate}
+    up = await recorders("a", {"/c": answering(headers, "s", 200, calls)})
+    server = await proxy(cached_config(up.url, surrogate_control=option))
+    async with aiohttp.ClientSession() as session:
+        answers = [await fetch(session, server, "/c") for _ in range(2)]
+    assert calls == ([1] if stored else [1, 1])
+    assert [a[1] for a in answers] == (["s 1", "s 1"] if stored else ["s 1", "s 2"])
+    for _, _, got in answers:  # the client's Cache-Control is the upstream's, always
+        assert got["Cache-Control"] == cache_control
+        assert got.get("Surrogate-Control") == (surrogate if passed_on else None)
+    capability = up.seen[0].headers.get("Surrogate-Capability")
+    assert capability == ('aiolb="Surrogate/1.0"' if option else None)
+
+
 async def test_vary_keeps_one_response_per_variant(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:

@@ -147,3 +147,17 @@ async def test_a_reply_sent_before_the_outage_does_not_end_it(
     assert not store.outage
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "bypass the cache" in said[0] and "caching resumed" in said[1]
+
+
+async def test_an_entry_that_went_by_surrogate_control_comes_back_the_same(
+    store: RedisStore,
+) -> None:
+    head = (b"HTTP/1.1 200 OK\r\nCache-Control: no-cache\r\n"
+            b"Surrogate-Control: max-age=60\r\n")  # fmt: skip
+    stored = Entry(b"shop.test /s", (), (), head, b"x", (T0, T0), None, surrogate=True)
+    assert (stored.lifetime, dict(stored.cc)) == (60.0, {"max-age": "60"})
+    assert b"Surrogate-Control" not in stored.head  # never sent to a client
+    await store.put(stored)
+    found = await store.get(b"shop.test /s", [])
+    assert found is not None
+    assert (found.head, found.lifetime, dict(found.cc)) == (stored.head, 60.0, {"max-age": "60"})
