@@ -9,6 +9,7 @@ from proxy.cache.policy import (
     current_age,
     lifetime,
     must_revalidate,
+    response_directives,
     stale_allowed,
     storable,
     variant,
@@ -143,3 +144,14 @@ def test_stale_windows_follow_rfc_5861_unless_revalidation_is_required() -> None
     assert not stale_allowed(cc("max-age=1, stale-if-error=300, must-revalidate"),
                              "stale-if-error", 1)  # fmt: skip
     assert not stale_allowed(cc("max-age=1"), "stale-if-error", 1)
+
+
+def test_surrogate_control_directives_for_aiolb_replace_cache_control() -> None:
+    head = [(b"cache-control", b"no-store, private"),
+            (b"surrogate-control", b'max-age=60;aiolb, no-store;other-cdn, foo="a,b"')]  # fmt: skip
+    assert Directives.surrogate(head) == {"max-age": "60", "foo": "a,b"}
+    assert response_directives(head, surrogate=True) == {"max-age": "60", "foo": "a,b"}
+    assert response_directives(head, surrogate=False) == {"no-store": None, "private": None}
+    others_only = [(b"cache-control", b"max-age=5"),
+                   (b"surrogate-control", b"max-age=60;other-cdn")]  # fmt: skip
+    assert response_directives(others_only, surrogate=True) == {"max-age": "5"}
