@@ -111,25 +111,24 @@ class Entry:
 
     def meta(self) -> dict[str, object]:
         """Everything but the body, as JSON-able values (the Redis store's record)."""
+        stored = b"\r\n".join([self.status_line, *(raw for *_, raw in self.lines)]) + b"\r\n"
         return {
-            "head": self.head.decode("latin-1"),
+            "head": stored.decode("latin-1"),  # Surrogate-Control included: not ``head``
+            "surrogate": self.surrogate,
             "age0": self.age0,
             "response_time": self.response_time,
             "lifetime": self.lifetime,
-            "cc": dict(self.cc),  # the head sent holds no Surrogate-Control
         }
 
     @classmethod
     def restore(cls, key: bytes, vary: tuple[bytes, ...], variant: tuple[bytes, ...],
                 meta: dict[str, object], body: bytes) -> Entry:  # fmt: skip
         """The entry ``meta()`` described (its head holds no ``Age``; the times carry it)."""
-        entry = cls(key, vary, variant, str(meta["head"]).encode("latin-1"), body, (0.0, 0.0), None)
+        entry = cls(key, vary, variant, str(meta["head"]).encode("latin-1"), body, (0.0, 0.0),
+                    None, meta.get("surrogate") is True)  # fmt: skip
         entry.age0 = float(meta["age0"])  # type: ignore[arg-type]
         entry.response_time = float(meta["response_time"])  # type: ignore[arg-type]
         entry.lifetime = float(meta["lifetime"])  # type: ignore[arg-type]
-        cc = meta.get("cc")
-        if isinstance(cc, dict):
-            entry.cc = Directives(cc)
         return entry
 
     def age(self, now: float) -> float:

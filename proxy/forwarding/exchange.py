@@ -779,31 +779,30 @@ class Exchange:
 
     def client_write_paused(self, paused: bool) -> None:
         """The client's write buffer crossed a water mark: stop or restart the upstream."""
-        conn = self.conn
-        if conn is None:
-            return
-        if paused:
-            conn.pause_reading()
-            self.deadline = NEVER  # a slow reader is not a slow upstream
-            return
         state = self.cache_state
-        if state is not None and state.writer is not None and state.writer.held:
-            return  # the cache's store still holds the upstream back
-        conn.resume_reading()
-        if self.resp_started:
-            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+        self._hold_upstream(paused, state is not None and state.writer is not None
+                            and state.writer.held)  # fmt: skip
 
     def store_behind(self, behind: bool) -> None:
         """The cache's store fell behind this response's body, or caught up: stop or
-        restart the upstream, as a slow client does (``client_write_paused``)."""
+        restart the upstream, as a slow client does."""
+        self._hold_upstream(behind, self.client.write_paused)
+
+    def _hold_upstream(self, hold: bool, held_still: bool) -> None:
+        """Stop reading the upstream, or go on unless the other reason (a slow client,
+        a slow cache store: ``held_still``) still holds it. A held upstream has no read
+        deadline: a slow reader is not a slow upstream."""
         conn = self.conn
         if conn is None:
             return
-        if behind:
+        if hold:
             conn.pause_reading()
-            self.deadline = NEVER  # a slow store is not a slow upstream
-        elif not self.client.write_paused:
-            conn.resume_reading()
+            self.deadline = NEVER
+            return
+        if held_still:
+            return
+        conn.resume_reading()
+        if self.resp_started:
             self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     # -- endings ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.admin_support import samples
-from tests.support import HOST, Aiolb, Recorder, RedisServer, wait_for
+from tests.support import HOST, Aiolb, RawUpstream, Recorder, RedisServer, wait_for
 
 MakeAiolb = Callable[..., Awaitable[Aiolb]]
 MakeRecorder = Callable[..., Awaitable[Recorder]]
@@ -49,23 +49,14 @@ workers: {workers}
 """
 
 
-class BigUpstream:
+class BigUpstream(RawUpstream):
     """Answers every request with ``size`` bytes of ``BLOCK``s, cacheable for a
     minute, chunked (no length known in advance) or with a ``Content-Length``."""
 
     def __init__(self, size: int, chunked: bool) -> None:
+        super().__init__({})
         self.size, self.chunked = size, chunked
         self.calls = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> BigUpstream:
-        self.server = await asyncio.start_server(self._handle, HOST, 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://{HOST}:{self.server.sockets[0].getsockname()[1]}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -90,11 +81,6 @@ class BigUpstream:
             pass
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 def expected_crc(size: int) -> int:
@@ -140,6 +126,18 @@ async def download(url: str, pid: int) -> tuple[int, int, Any, int]:
     return size, crc, headers, peak - base
 
 
+async def stored_in(redis_server: RedisServer, timeout: float = 10.0) -> None:
+    """Wait until an entry is committed to Redis (its key record is there)."""
+    client = aioredis.from_url(redis_server.url)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await client.keys("aiolb:k:*"):
+            assert asyncio.get_running_loop().time() < deadline, "nothing was stored"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
 async def cache_report(proc: Aiolb) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(f"{proc.admin}/api/caches") as resp:
         body: dict[str, Any] = await resp.json()
@@ -150,7 +148,8 @@ async def test_a_1_gib_response_passes_a_cached_route_with_memory_flat(
     aiolb: MakeAiolb,
 ) -> None:
     size = 1024 * MIB
-    up = await BigUpstream(size, chunked=True).start()  # no length: stored until too big
+    up = BigUpstream(size, chunked=True)  # no length: kept until it is too big
+    await up.start()
     try:
         proc = await aiolb(config(up.url))
         assert proc.proc is not None
@@ -170,7 +169,8 @@ async def test_a_large_body_streams_into_redis_with_memory_flat_and_comes_back_w
     aiolb: MakeAiolb, redis_server: RedisServer,
 ) -> None:  # fmt: skip
     size = 96 * MIB
-    up = await BigUpstream(size, chunked=False).start()
+    up = BigUpstream(size, chunked=False)
+    await up.start()
     store = f'{{type: redis, url: "{redis_server.url}"}}'
     try:
         proc = await aiolb(config(up.url, store, max_object_size="128MiB"))
@@ -179,14 +179,7 @@ async def test_a_large_body_streams_into_redis_with_memory_flat_and_comes_back_w
         assert (got, crc) == (size, expected_crc(size))
         assert headers["Cache-Status"] == "aiolb; fwd=miss; stored"
         assert growth < 40 * MIB, f"RSS grew by {growth / MIB:.0f} MiB while storing"
-        client = aioredis.from_url(redis_server.url)
-        try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not await client.keys("aiolb:k:*"):  # committed
-                assert asyncio.get_running_loop().time() < deadline, "never stored"
-                await asyncio.sleep(0.02)
-        finally:
-            await client.aclose()
+        await stored_in(redis_server)
         got, crc, headers, _ = await download(f"{proc.url}big", proc.proc.pid)
         assert (got, crc) == (size, expected_crc(size))
         assert headers["Cache-Status"].startswith("aiolb; hit")
@@ -228,14 +221,7 @@ async def test_two_workers_on_one_redis_share_hits_and_ride_out_an_outage_under_
     # one worker stores, the other serves the hit
     status, body, cache_status, _ = await get("/c")
     assert (status, body, cache_status) == (200, "/c 1", "aiolb; fwd=miss; stored")
-    client = aioredis.from_url(redis_server.url)
-    try:
-        deadline = asyncio.get_running_loop().time() + 10
-        while not await client.keys("aiolb:k:*"):
-            assert asyncio.get_running_loop().time() < deadline, "never stored"
-            await asyncio.sleep(0.02)
-    finally:
-        await client.aclose()
+    await stored_in(redis_server)
     hits: set[str] = set()
     for _ in range(200):
         status, body, cache_status, pid = await get("/c")

@@ -161,3 +161,7 @@ async def test_an_entry_that_went_by_surrogate_control_comes_back_the_same(
     found = await store.get(b"shop.test /s", [])
     assert found is not None
     assert (found.head, found.lifetime, dict(found.cc)) == (stored.head, 60.0, {"max-age": "60"})
+    # a 304 that says nothing of freshness leaves it going by Surrogate-Control
+    assert found.refresh(b"HTTP/1.1 304 Not Modified\r\nX-New: 1\r\n", (T0, T0 + 1), None)
+    assert (found.lifetime, dict(found.cc)) == (60.0, {"max-age": "60"})
+    assert b"X-New: 1" in found.head and b"Surrogate-Control" not in found.head
