@@ -15,15 +15,17 @@ from typing import Any, Final
 MAX_CONNECTIONS: Final = 64
 
 
-def redis_client(url: str, timeout: float) -> Any:
+def redis_client(url: str, timeout: float, read_timeout: float | None = None) -> Any:
     """A client of ``url`` whose connects, commands and waits for a pooled connection
-    each take at most ``timeout`` seconds."""
+    each take at most ``timeout`` seconds (a reply's reading: ``read_timeout``, when
+    given: a large cached body takes longer than a command's answer should)."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
+        url, max_connections=MAX_CONNECTIONS, timeout=timeout,
+        socket_timeout=read_timeout if read_timeout is not None else timeout,
         socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0,
     )  # fmt: skip
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose closes both

@@ -41,6 +41,12 @@ log = logging.getLogger("aiolb")
 
 #: After an error, Redis is not tried again for this long.
 RETRY_AFTER: Final = 1.0
+#: A lookup fetches a body's first this many bytes with its head, in one round trip...
+FIRST_PART: Final = 1024 * 1024
+#: ...and gives the rest of a larger one time for at least this many bytes a second.
+BULK_RATE: Final = 50 * 1024 * 1024
+#: redis-py's read timeout for the cache's client (operations have their own).
+READ_BACKSTOP: Final = 30.0
 #: A temporary body key outlives an unfinished write by this long at most.
 TEMP_TTL: Final = 300
 #: A body writer holds the upstream back (``hold(True)``) when Redis is this far behind
@@ -66,7 +72,9 @@ class RedisStore:
         self.prefix = key_prefix
         self.keep_stale = keep_stale
         self.timeout = timeout
-        self.client: Any = redis_client(url, timeout)
+        # each operation has its own deadline (a large body's by its size): the socket's
+        # read timeout is only a backstop
+        self.client: Any = redis_client(url, timeout, read_timeout=READ_BACKSTOP)
         self.errors = 0
         self.down_until = 0.0  # monotonic: skip Redis until then
         self.outage = False
@@ -123,8 +131,7 @@ class RedisStore:
             return None
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.timeout * 2):
-                entry = await self._get(key, request)
+            entry = await self._get(key, request)
         except Exception as exc:
             self.failed("a lookup", exc)
             return None
@@ -132,22 +139,34 @@ class RedisStore:
         return entry
 
     async def _get(self, key: bytes, request: Sequence[tuple[bytes, bytes]]) -> Entry | None:
+        """The lookup: within twice ``timeout`` for the names, the head and a body's first
+        ``FIRST_PART`` bytes; the rest of a larger body gets time by its size."""
         names_key, _, h = self._keys(key)
         meta_key, body_key = self._entry_keys(h, _digest(b""))
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(names_key).get(meta_key).get(body_key)
-        record, meta, body = await pipe.execute()
-        if record is None:
+        async with asyncio.timeout(self.timeout * 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(names_key)
+            _first_part(pipe, meta_key, body_key)
+            record, meta, there, body, size = await pipe.execute()
+            if record is None:
+                return None
+            stored_key, *names = bytes(record).split(b"\n")
+            if stored_key != key:  # a SHA-1 collision: not ours
+                return None
+            vary = tuple(names)
+            values = variant(request, vary) if vary else ()
+            if vary:
+                meta_key, body_key = self._entry_keys(h, _digest(b"\n".join(values)))
+                pipe = self.client.pipeline(transaction=False)
+                meta, there, body, size = await _first_part(pipe, meta_key, body_key).execute()
+        if meta is None or not there:
             return None
-        stored_key, *names = bytes(record).split(b"\n")
-        if stored_key != key:  # a SHA-1 collision: not ours
-            return None
-        vary = tuple(names)
-        values = variant(request, vary) if vary else ()
-        if vary:
-            meta, body = await self.client.mget(*self._entry_keys(h, _digest(b"\n".join(values))))
-        if meta is None or body is None:
-            return None
+        if size > len(body):  # a large body: the rest, at no less than BULK_RATE
+            async with asyncio.timeout(self.timeout * 2 + size / BULK_RATE):
+                rest = await self.client.getrange(body_key, len(body), -1)
+            if len(body) + len(rest) != size:  # replaced meanwhile: not this entry's
+                return None
+            body = bytes(body) + bytes(rest)
         return Entry.restore(key, vary, values, json.loads(meta), bytes(body))
 
     # -- writing -----------------------------------------------------------------------
@@ -343,3 +362,11 @@ class BodyWriter:
         self.backlog = 0
         self.release()
         self.hold = None
+
+
+
+def _first_part(pipe: Any, meta_key: str, body_key: str) -> Any:
+    """Queue what a lookup needs of one entry: its head, whether its body is there
+    (GETRANGE answers "" for a missing key too), the body's first part and its size."""
+    return pipe.get(meta_key).exists(body_key).getrange(body_key, 0, FIRST_PART - 1).strlen(
+        body_key)

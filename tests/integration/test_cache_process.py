@@ -182,7 +182,7 @@ async def test_a_large_body_streams_into_redis_with_memory_flat_and_comes_back_w
         await stored_in(redis_server)
         got, crc, headers, _ = await download(f"{proc.url}big", proc.proc.pid)
         assert (got, crc) == (size, expected_crc(size))
-        assert headers["Cache-Status"].startswith("aiolb; hit")
+        assert headers["Cache-Status"].startswith("aiolb; hit"), proc.lines[-5:]
         assert up.calls == 1
     finally:
         await up.stop()

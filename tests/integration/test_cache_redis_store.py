@@ -165,3 +165,23 @@ async def test_an_entry_that_went_by_surrogate_control_comes_back_the_same(
     assert found.refresh(b"HTTP/1.1 304 Not Modified\r\nX-New: 1\r\n", (T0, T0 + 1), None)
     assert (found.lifetime, dict(found.cc)) == (60.0, {"max-age": "60"})
     assert b"X-New: 1" in found.head and b"Surrogate-Control" not in found.head
+
+
+async def test_a_body_that_takes_longer_than_the_timeout_to_read_is_a_hit(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url, "aiolb-slow:", keep_stale=60.0, timeout=0.02)
+    try:
+        body = bytes(range(256)) * (256 * 1024)  # 64 MiB: far more than 20 ms of reading
+        writer = store.writer(b"shop.test /big", (), ())
+        for start in range(0, len(body), 1024 * 1024):
+            writer.append(body[start : start + 1024 * 1024])
+            await asyncio.sleep(0)  # as the upstream's reads would come
+            while writer.task is not None:
+                await writer.task
+        assert await writer.commit(entry(b"shop.test /big", b""))
+        found = await store.get(b"shop.test /big", [])
+        assert found is not None and found.body == body
+        assert store.errors == 0
+    finally:
+        await store.close()
