@@ -245,18 +245,19 @@ def lifetime(
 def initial_age(response: Headers, request_time: float, response_time: float) -> float:
     """The corrected initial age of a response received at ``response_time`` for a
     request sent at ``request_time`` (RFC 9111 4.2.3; Unix times). An ``Age`` that is
-    not one non-negative integer (several lines, a fraction, a sign, anything else;
-    of a list, the first member counts) makes the response as old as can be: it is
-    never served as fresh (the cautious reading of RFC 9111 5.1)."""
+    not one non-negative integer (several lines, a list in one line, a fraction, a
+    sign, anything else) makes the response as old as can be: it is never served as
+    fresh. RFC 9111 5.1 would take a list's first member; a list means intermediaries
+    disagree about the age, and erring towards the upstream never serves one too old."""
     date = http_date(header(response, b"date"))
     apparent = max(0.0, response_time - date) if date is not None else 0.0
     ages = [value for name, value in response if name == b"age"]
     age = 0.0
     if ages:
-        first = ages[0].split(b",", 1)[0].strip()
-        if len(ages) > 1 or not first.isdigit():
+        value = ages[0].strip()
+        if len(ages) > 1 or not value.isdigit():
             return MAX_LIFETIME * 2
-        age = float(first)
+        age = float(value)
     corrected = age + (response_time - request_time)
     return max(apparent, corrected)
 

@@ -47,6 +47,8 @@ FIRST_PART: Final = 1024 * 1024
 BULK_RATE: Final = 50 * 1024 * 1024
 #: redis-py's read timeout for the cache's client (operations have their own).
 READ_BACKSTOP: Final = 30.0
+#: Invalidations remembered (for writes begun before them) before old ones are dropped.
+FORGOTTEN_MAX: Final = 4096
 #: A temporary body key outlives an unfinished write by this long at most.
 TEMP_TTL: Final = 300
 #: A body writer holds the upstream back (``hold(True)``) when Redis is this far behind
@@ -84,6 +86,9 @@ class RedisStore:
         self.pending: dict[bytes, list[Entry]] = {}
         #: keys being removed (``forget``): misses here until Redis has dropped them
         self.removing: dict[bytes, int] = {}
+        #: key -> when (monotonic) it was last invalidated: a write begun before that is
+        #: not committed, or removed again when it committed meanwhile
+        self.forgotten: dict[bytes, float] = {}
 
     # -- health ----------------------------------------------------------------------
 
@@ -199,6 +204,10 @@ class RedisStore:
         once the task has run): an invalidation is seen by the very next request."""
         self.pending.pop(key, None)
         self.removing[key] = self.removing.get(key, 0) + 1
+        now = time.monotonic()
+        if len(self.forgotten) >= FORGOTTEN_MAX:  # keep the recent ones
+            self.forgotten = {k: t for k, t in self.forgotten.items() if now - t < TEMP_TTL}
+        self.forgotten[key] = now
 
         async def run() -> int:
             try:
@@ -255,8 +264,8 @@ class BodyWriter:
     falls ``HOLD_AT`` behind, ``hold(True)`` stops the upstream (back-pressure, as a
     slow client's does) and ``hold(False)`` restarts it once Redis has caught up."""
 
-    __slots__ = ("backlog", "failed", "held", "hold", "key", "pending", "size", "store",
-                 "task", "temp", "values", "vary")  # fmt: skip
+    __slots__ = ("backlog", "failed", "held", "hold", "key", "pending", "size", "started",
+                 "store", "task", "temp", "values", "vary")  # fmt: skip
 
     def __init__(self, store: RedisStore, key: bytes, vary: tuple[bytes, ...],
                  values: tuple[bytes, ...], temp: str,
@@ -268,6 +277,7 @@ class BodyWriter:
         self.vary = vary
         self.values = values
         self.temp = temp
+        self.started = time.monotonic()
         self.pending: list[bytes] = []
         self.backlog = 0  # bytes of ``pending``
         self.size = 0
@@ -294,12 +304,13 @@ class BodyWriter:
         client = self.store.client
         try:
             while self.pending:
-                batch, self.pending, self.backlog = self.pending, [], 0
+                batch, size = self.pending, self.backlog
+                self.pending, self.backlog = [], 0
                 pipe = client.pipeline(transaction=False)
                 for chunk in batch:
                     pipe.append(self.temp, chunk)
                 pipe.expire(self.temp, TEMP_TTL)
-                async with asyncio.timeout(self.store.timeout * 4):
+                async with asyncio.timeout(self.store.timeout * 4 + size / BULK_RATE):
                     await pipe.execute()
                 if self.held and self.backlog < RESUME_AT:
                     self.release()
@@ -327,7 +338,7 @@ class BodyWriter:
             await self.task
         if self.pending and not self.failed:
             await self._flush()
-        if self.failed:
+        if self.failed or self.invalidated():
             return False
         store = self.store
         names_key, set_key, h = store._keys(self.key)
@@ -352,7 +363,15 @@ class BodyWriter:
             store.failed("storing a response", exc)
             return False
         store.worked(started)
+        if self.invalidated():  # while the transaction was on its way: not stored after all
+            await store.remove(self.key)
+            return False
         return True
+
+    def invalidated(self) -> bool:
+        """An unsafe request invalidated this key after this response was requested."""
+        when = self.store.forgotten.get(self.key)
+        return when is not None and when >= self.started
 
     def abort(self) -> None:
         """The body was cut short or grew too large: nothing is committed (the
@@ -362,7 +381,6 @@ class BodyWriter:
         self.backlog = 0
         self.release()
         self.hold = None
-
 
 
 def _first_part(pipe: Any, meta_key: str, body_key: str) -> Any:

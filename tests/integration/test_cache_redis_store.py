@@ -170,9 +170,9 @@ async def test_an_entry_that_went_by_surrogate_control_comes_back_the_same(
 async def test_a_body_that_takes_longer_than_the_timeout_to_read_is_a_hit(
     redis_server: RedisServer,
 ) -> None:
-    store = RedisStore(redis_server.url, "aiolb-slow:", keep_stale=60.0, timeout=0.02)
+    store = RedisStore(redis_server.url, "aiolb-slow:", keep_stale=60.0, timeout=0.05)
     try:
-        body = bytes(range(256)) * (256 * 1024)  # 64 MiB: far more than 20 ms of reading
+        body = bytes(range(256)) * (256 * 1024)  # 64 MiB: far more than 50 ms of reading
         writer = store.writer(b"shop.test /big", (), ())
         for start in range(0, len(body), 1024 * 1024):
             writer.append(body[start : start + 1024 * 1024])
@@ -185,3 +185,19 @@ async def test_a_body_that_takes_longer_than_the_timeout_to_read_is_a_hit(
         assert store.errors == 0
     finally:
         await store.close()
+
+
+async def test_a_response_invalidated_while_it_was_being_written_is_not_stored(
+    store: RedisStore,
+) -> None:
+    await store.put(entry(b"shop.test /a", b"old"))
+    writer = store.writer(b"shop.test /a", (), ())  # a GET's response arriving...
+    writer.append(b"new")
+    await store.forget(b"shop.test /a")  # ...when a POST to the same URI succeeds
+    assert not await writer.commit(entry(b"shop.test /a", b""))
+    assert await store.get(b"shop.test /a", []) is None
+    later = store.writer(b"shop.test /a", (), ())  # a response requested afterwards is
+    later.append(b"newer")
+    assert await later.commit(entry(b"shop.test /a", b""))
+    found = await store.get(b"shop.test /a", [])
+    assert found is not None and found.body == b"newer"

@@ -111,7 +111,8 @@ def test_current_age_follows_rfc_9111_4_2_3() -> None:
 
 @pytest.mark.parametrize(
     ("ages", "fresh"),
-    [([b"5"], True), ([b"5, 7200"], True), ([b"7200"], False), ([b"abc"], False),
+    [([b"5"], True), ([b"5, 7200"], False), ([b"0, 0"], False), ([b"7200"], False),
+     ([b"abc"], False),
      ([b"-5"], False), ([b"5.0"], False), ([b"5", b"6"], False), ([b"5;x=1"], False)],
 )  # fmt: skip
 def test_an_age_that_is_not_one_integer_makes_a_response_stale(
