@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -145,9 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=algorithms(),
         help="comma-separated; round_robin is added first if missing (default: all)",
     )
-    parser.add_argument("--duration", type=int, default=5, help="seconds per timed wrk run")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs; medians")
-    parser.add_argument("--connections", type=int, default=64)
+    bench.add_run_options(parser, duration=5, rounds=1)
     parser.add_argument(
         "--max-idle",
         type=int,
@@ -161,18 +158,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one aiolb process per algorithm and round, instead of one process with a "
         "listener per algorithm",
     )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--aiolb-cmd",
-        type=shlex.split,
-        default=harness.default_aiolb_cmd(),
-        help="command that runs aiolb; {config} is replaced by the generated YAML path",
-    )
-    parser.add_argument("--upstream", choices=("nginx", "aiohttp"), default="nginx")
-    parser.add_argument("--upstream-workers", type=int, default=0)
-    parser.add_argument("--no-pin", action="store_true", help="let all processes share all cores")
-    parser.add_argument("--json-dir", type=Path, default=harness.HERE / "results")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
     if REFERENCE not in args.algorithms:
         args.algorithms.insert(0, REFERENCE)

@@ -132,6 +132,27 @@ class Result:
 # --- command line ----------------------------------------------------------------------
 
 
+def add_run_options(parser: argparse.ArgumentParser, duration: int, rounds: int) -> None:
+    """The options of the benchmarks that compare variants within one pinning
+    (balancer_bench, filter_bench, cache_bench): wrk's runs, how aiolb and the upstream
+    start, pinning and output."""
+    parser.add_argument("--duration", type=int, default=duration, help="seconds per timed wrk run")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved runs; medians")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--aiolb-cmd",
+        type=shlex.split,
+        default=harness.default_aiolb_cmd(),
+        help="command that runs aiolb; {config} is replaced by the generated YAML path",
+    )
+    parser.add_argument("--upstream", choices=("nginx", "aiohttp"), default="nginx")
+    parser.add_argument("--upstream-workers", type=int, default=0)
+    parser.add_argument("--no-pin", action="store_true", help="let all processes share all cores")
+    parser.add_argument("--json-dir", type=Path, default=harness.HERE / "results")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+
+
 def csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
 import shutil
 import signal
 import statistics
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import bench
@@ -114,16 +112,7 @@ def start_redis(session: Session, cpus: str | None) -> str | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=bench.csv(tuple(VARIANTS)), default=list(VARIANTS))
-    parser.add_argument("--duration", type=int, default=4, help="seconds per timed wrk run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs; medians")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--aiolb-cmd", type=shlex.split, default=harness.default_aiolb_cmd())
-    parser.add_argument("--upstream", choices=("nginx", "aiohttp"), default="nginx")
-    parser.add_argument("--upstream-workers", type=int, default=0)
-    parser.add_argument("--no-pin", action="store_true", help="let all processes share all cores")
-    parser.add_argument("--json-dir", type=Path, default=harness.HERE / "results")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    bench.add_run_options(parser, duration=4, rounds=5)
     args = parser.parse_args(argv)
     if REFERENCE not in args.variants:
         args.variants.insert(0, REFERENCE)
