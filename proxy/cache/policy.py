@@ -60,10 +60,7 @@ class Directives(dict[str, str | None]):
         for name, value in headers:
             if name == b"cache-control":
                 for part in _split_list(value):
-                    key, eq, arg = part.partition("=")
-                    key = key.strip().lower()
-                    if key and key not in found:
-                        found[key] = arg.strip().strip('"') if eq else None
+                    found._take(part)
         return found
 
     @classmethod
@@ -75,13 +72,17 @@ class Directives(dict[str, str | None]):
             if name == b"surrogate-control":
                 for part in _split_list(value):
                     part, _, target = part.partition(";")
-                    if target and target.strip().lower() != SURROGATE_TOKEN:
-                        continue  # for another device
-                    key, eq, arg = part.partition("=")
-                    key = key.strip().lower()
-                    if key and key not in found:
-                        found[key] = arg.strip().strip('"') if eq else None
+                    if not target or target.strip().lower() == SURROGATE_TOKEN:
+                        found._take(part)  # not for another device
         return found
+
+    def _take(self, part: str) -> None:
+        """One ``name[=value]`` member (a value unquoted); a name given twice keeps its
+        first value."""
+        key, eq, arg = part.partition("=")
+        key = key.strip().lower()
+        if key and key not in self:
+            self[key] = arg.strip().strip('"') if eq else None
 
     @classmethod
     def of_request(cls, headers: Headers) -> Directives:
