@@ -454,13 +454,11 @@ class RedisServer:
             finally:
                 writer.close()
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not await pong():
+        async def answers() -> bool:
             assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
-            if loop.time() > deadline:
-                raise AssertionError(f"redis-server did not answer within {timeout}s")
-            await asyncio.sleep(0.02)
+            return await pong()
+
+        await wait_for(answers, timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -274,13 +274,13 @@ async def test_api_trends_has_a_point_per_pool_each_second(
         return (await get_json(server, "/api/trends"))[1]
 
     async with aiohttp.ClientSession() as session:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while len((await trends())["pools"].get("main", {}).get("t", [])) < 2:
-            assert loop.time() < deadline, await trends()
+
+        async def two_points() -> bool:  # traffic keeps flowing while the sampler ticks
             for _ in range(5):
                 assert (await send(session, "GET", proxy_url(server, "/x")))[0] == 200
-            await asyncio.sleep(0.2)  # traffic keeps flowing while the sampler ticks
+            return len((await trends())["pools"].get("main", {}).get("t", [])) >= 2
+
+        await wait_for(two_points, 10.0)
     body = await trends()
     main, other = body["pools"]["main"], body["pools"]["other"]
     assert body["points"] == 300 and set(main) == {"t", "rate", "error_rate", "p99_ms"}

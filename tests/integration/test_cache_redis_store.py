@@ -176,8 +176,7 @@ async def test_a_body_that_takes_longer_than_the_timeout_to_read_is_a_hit(
         writer = store.writer(b"shop.test /big", (), ())
         for start in range(0, len(body), 1024 * 1024):
             writer.append(body[start : start + 1024 * 1024])
-            await asyncio.sleep(0)  # as the upstream's reads would come
-            while writer.task is not None:
+            while writer.task is not None:  # as the upstream's reads would come
                 await writer.task
         assert await writer.commit(entry(b"shop.test /big", b""))
         found = await store.get(b"shop.test /big", [])

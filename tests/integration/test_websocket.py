@@ -341,10 +341,15 @@ async def test_back_pressure_holds_a_fast_upstream_for_a_slow_client(
     await reader.readuntil(b"hello after 101|")
     # the client reads nothing more: the upstream must be held back, not buffered
     await wait_for(lambda: up.sent > 0)
-    sent = -1
-    while sent != up.sent:  # wait until the upstream cannot write any more
-        sent = up.sent
-        await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    last = [up.sent, loop.time()]  # the upstream's count, and when it last grew
+
+    def stalled() -> bool:  # the upstream could write nothing for 0.2 s
+        if up.sent != last[0]:
+            last[:] = [up.sent, loop.time()]
+        return loop.time() - last[1] >= 0.2
+
+    await wait_for(stalled, 20.0)
     conn = next(iter(server.listeners[0].connections))
     assert conn.tunnel is not None
     buffered = conn.tunnel.client_side.transport.get_write_buffer_size()
