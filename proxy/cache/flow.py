@@ -95,14 +95,15 @@ def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
     store = cache.store
     if isinstance(store, MemoryStore) and request.method in (b"GET", b"HEAD"):  # a hit at once
         entry = store.get(request.key, request.headers)
-        if entry is not None:
-            now = time.time()
-            if cache.decide(request, entry, now) == HIT:
-                cache.results["hit"] += 1
-                serve(ex, cache, request, entry, now, b"hit")
-                return
+        now = time.time()
+        action = cache.decide(request, entry, now)
+        if action == HIT:
+            assert entry is not None
+            cache.results["hit"] += 1
+            serve(ex, cache, request, entry, now, b"hit")
+            return
         state = ex.cache_state = CacheState(cache, request, then)
-        state.decide(ex, entry)
+        state.act(ex, entry, action, now)
         return
     state = ex.cache_state = CacheState(cache, request, then)
     if request.method not in (b"GET", b"HEAD"):
@@ -187,9 +188,13 @@ class CacheState:
             self.decide(ex, entry)
 
     def decide(self, ex: Exchange, entry: Entry | None) -> None:
-        cache, request = self.cache, self.request
+        """What to do with the entry a lookup found (or None), now."""
         now = time.time()
-        action = cache.decide(request, entry, now)
+        self.act(ex, entry, self.cache.decide(self.request, entry, now), now)
+
+    def act(self, ex: Exchange, entry: Entry | None, action: int, now: float) -> None:
+        """Do what ``Cache.decide`` chose for ``entry`` at ``now``."""
+        cache, request = self.cache, self.request
         if action in (HIT, STALE):
             assert entry is not None
             stale = action == STALE

@@ -863,10 +863,10 @@ class Exchange:
 
     def _fail(self, error: ProxyError) -> None:
         cache = self.cache_state
-        if cache is not None and cache.on_failure(self, error):
-            self._release_upstream()
-            return
+        answered = cache is not None and cache.on_failure(self, error)  # a stale entry
         self._release_upstream()
+        if answered:
+            return
         log.warning(
             "%d %s %s: %s%s", error.status, self.method.decode(),
             self.target[:200].decode(errors="replace"),
