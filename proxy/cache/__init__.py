@@ -131,8 +131,6 @@ class Cache:
 
             redis = spec.store
             self.store = RedisStore(redis.url, redis.key_prefix, spec.keep_stale, redis.timeout)
-        #: the memory store answers at once; Redis needs an await
-        self.sync = isinstance(self.store, MemoryStore)
         self.results = dict.fromkeys(RESULTS, 0)
         self.stored = 0
         self.flights: dict[bytes, Flight] = {}
@@ -218,8 +216,7 @@ class Cache:
         current = entry.age0 + (now - entry.response_time)
         age = int(current) if current > 0 else 0
         ttl = int(entry.lifetime - current)
-        connection = (b"" if keep_alive and http_minor else b"Connection: keep-alive\r\n"
-                      if keep_alive else b"Connection: close\r\n")  # fmt: skip
+        connection = _connection(keep_alive, http_minor)
         body = b"" if request.method == b"HEAD" else entry.body
         shown = (age, ttl, status, connection)
         last = entry.shown
