@@ -17,9 +17,9 @@ transaction, and gives every key a TTL (the entry's lifetime plus ``keep_stale``
 response cut short is never committed: its temporary key expires.
 
 Redis failing (refused, slow beyond ``timeout``, an error) never fails a request: the
-operation reports a miss or gives up storing, ``errors`` counts it, one log line
-marks the start of the outage, and for ``retry_after`` seconds the store is skipped
-without trying; then the next request tries again, and a success logs the recovery.
+operation reports a miss or gives up storing, and the store's ``RedisCircuit`` counts
+it, logs the start of the outage once and skips Redis for ``RETRY_AFTER``; then the
+next request tries again, and a success logs the recovery.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from typing import Any, Final
 
 from proxy.cache.entry import Entry
 from proxy.cache.policy import variant
-from proxy.redis_client import redis_client
+from proxy.redis_client import RedisCircuit, redis_client
 
 log = logging.getLogger("aiolb")
 
-#: After an error, Redis is not tried again for this long.
-RETRY_AFTER: Final = 1.0
 #: A lookup fetches a body's first this many bytes with its head, in one round trip...
 FIRST_PART: Final = 1024 * 1024
 #: ...and gives the rest of a larger one time for at least this many bytes a second.
@@ -64,7 +62,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
-class RedisStore:
+class RedisStore(RedisCircuit):
     """Cache entries in Redis (redis-py's asyncio client, hiredis when installed)."""
 
     def __init__(
@@ -77,9 +75,7 @@ class RedisStore:
         # each operation has its own deadline (a large body's by its size): the socket's
         # read timeout is only a backstop
         self.client: Any = redis_client(url, timeout, read_timeout=READ_BACKSTOP)
-        self.errors = 0
-        self.down_until = 0.0  # monotonic: skip Redis until then
-        self.outage = False
+        super().__init__()
         self._temp = itertools.count()
         #: whole entries being written (``put``), by key: this process serves them from
         #: here until Redis has them, so a hit right after a store finds what it stored
@@ -90,26 +86,14 @@ class RedisStore:
         #: not committed, or removed again when it committed meanwhile
         self.forgotten: dict[bytes, float] = {}
 
-    # -- health ----------------------------------------------------------------------
+    # -- health (RedisCircuit) ----------------------------------------------------------
 
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+    def outage_began(self, what: str, exc: BaseException) -> None:
+        log.warning("cache store %s: %s failed (%s); requests bypass the cache until it "
+                    "answers again", self.url, what, exc or type(exc).__name__)  # fmt: skip
 
-    def failed(self, what: str, exc: BaseException) -> None:
-        self.errors += 1
-        self.down_until = time.monotonic() + RETRY_AFTER
-        if not self.outage:
-            self.outage = True
-            log.warning("cache store %s: %s failed (%s); requests bypass the cache until it "
-                        "answers again", self.url, what, exc or type(exc).__name__)  # fmt: skip
-
-    def worked(self, started: float) -> None:
-        """An operation begun at ``started`` (monotonic) succeeded: the outage is over,
-        unless it began before the last failure (a reply already on its way then)."""
-        if self.outage and started >= self.down_until - RETRY_AFTER:
-            self.outage = False
-            log.warning("cache store %s answers again; caching resumed", self.url)
+    def outage_ended(self) -> None:
+        log.warning("cache store %s answers again; caching resumed", self.url)
 
     # -- keys --------------------------------------------------------------------------
 
@@ -132,9 +116,9 @@ class RedisStore:
         for waiting in self.pending.get(key, ()):
             if (variant(request, waiting.vary) if waiting.vary else ()) == waiting.variant:
                 return waiting
-        if not self.available:
-            return None
         started = time.monotonic()
+        if started < self.down_until:  # skipped for a while after an error
+            return None
         try:
             entry = await self._get(key, request)
         except Exception as exc:

@@ -23,12 +23,9 @@ import logging
 import time
 from typing import Any, Final
 
-from proxy.redis_client import redis_client
+from proxy.redis_client import RedisCircuit, redis_client
 
 log = logging.getLogger("aiolb")
-
-#: Seconds without asking Redis after an error.
-RETRY_AFTER: Final = 1.0
 
 TOKEN_BUCKET: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -53,46 +50,42 @@ return string.format('%.17g', left)
 """
 
 
-class RedisBuckets:
-    """A Redis server's buckets, as ``take`` decisions; one per url and settings."""
+class RedisBuckets(RedisCircuit):
+    """A Redis server's buckets, as ``take`` decisions; one per url and settings.
+    ``errors`` counts the failed round trips (``RedisCircuit``)."""
 
-    __slots__ = ("_client", "_script", "down_until", "errors", "outage", "timeout", "url")
+    __slots__ = ("_client", "_script", "timeout", "url")
 
     def __init__(self, url: str, timeout: float) -> None:
+        super().__init__()
         self.url = url
         self.timeout = timeout
         self._client: Any = redis_client(url, timeout)
         self._script = self._client.register_script(TOKEN_BUCKET)
-        self.down_until = 0.0  # monotonic time before which Redis is not asked
-        self.outage = False
-        self.errors = 0  # failed round trips
 
     async def take(self, key: bytes, rate: float, size: float) -> float | None:
         """The tokens left after taking one from ``key``'s bucket (< 0: refused), or
         None when Redis cannot say (down, or the circuit is open)."""
-        now = time.monotonic()
-        if now < self.down_until:
+        started = time.monotonic()
+        if started < self.down_until:  # the circuit is open
             return None
         try:
             left = await self._script(keys=[key], args=[repr(rate), repr(size)])
             value = float(left)
         except Exception as exc:  # redis-py's errors, OSError, timeouts, a bad answer
-            self._failed(exc, now)
+            self.failed("a decision", exc)
             return None
-        if self.outage:
-            self.outage = False
-            log.warning("rate limit store %s answers again", self.url)
+        self.worked(started)
         return value
 
-    def _failed(self, exc: Exception, now: float) -> None:
-        self.errors += 1
-        self.down_until = now + RETRY_AFTER
-        if not self.outage:
-            self.outage = True
-            log.error(
-                "rate limit store %s unreachable (%s: %s); deciding without it until it "
-                "answers", self.url, type(exc).__name__, exc or "no detail",
-            )  # fmt: skip
+    def outage_began(self, what: str, exc: BaseException) -> None:
+        log.error(
+            "rate limit store %s unreachable (%s: %s); deciding without it until it "
+            "answers", self.url, type(exc).__name__, exc or "no detail",
+        )  # fmt: skip
+
+    def outage_ended(self) -> None:
+        log.warning("rate limit store %s answers again", self.url)
 
     async def close(self) -> None:
         await self._client.aclose()
