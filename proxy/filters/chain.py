@@ -45,6 +45,7 @@ from proxy.cache.flow import begin as cache_begin
 from proxy.errors import FilterError
 from proxy.filters.base import Filter, LocalResponse, Request, Response, UpstreamInfo, implements
 from proxy.http.headers import ResponseHead
+from proxy.upstream.connection import FILTER_HOLD
 
 if TYPE_CHECKING:
     from proxy.cache import Cache
@@ -234,7 +235,7 @@ class FilterChain:
         ex = req.ex
         conn = ex.conn
         if conn is not None:
-            conn.pause_reading()
+            conn.pause_reading(FILTER_HOLD)
         task = ex.task
         assert isinstance(task, asyncio.Task)
 
@@ -257,7 +258,7 @@ class FilterChain:
         if complete is not None:
             ex.on_response_complete(*complete)
         elif ex.conn is not None:
-            ex.conn.resume_reading()
+            ex.conn.resume_reading(FILTER_HOLD)
 
     def hold_complete(self, req: Request, conn: UpstreamConnection, keep_alive: bool) -> bool:
         """``on_response_complete`` while the response is held: keep it for later."""

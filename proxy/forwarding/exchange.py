@@ -53,6 +53,7 @@ from proxy.forwarding.tunnel import Tunnel
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response, redirect_response
 from proxy.tcp import JOIN_BELOW, write_pieces
+from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
 
 if TYPE_CHECKING:
     from proxy.cache.flow import CacheState
@@ -278,7 +279,7 @@ class Exchange:
                 if self.req_done:  # a pipelined request, read whole while it waited
                     self._await_response()
                 if client.write_paused:
-                    conn.pause_reading()
+                    conn.pause_reading(CLIENT_SLOW)
                 return
         self._use(upstream)
 
@@ -450,7 +451,7 @@ class Exchange:
         if self.req_done:
             self._await_response()
         if self.client.write_paused:
-            conn.pause_reading()
+            conn.pause_reading(CLIENT_SLOW)
 
     # -- request body, from the client connection ------------------------------------
 
@@ -779,30 +780,26 @@ class Exchange:
 
     def client_write_paused(self, paused: bool) -> None:
         """The client's write buffer crossed a water mark: stop or restart the upstream."""
-        state = self.cache_state
-        self._hold_upstream(paused, state is not None and state.writer is not None
-                            and state.writer.held)  # fmt: skip
+        self._hold_upstream(CLIENT_SLOW, paused)
 
     def store_behind(self, behind: bool) -> None:
         """The cache's store fell behind this response's body, or caught up: stop or
         restart the upstream, as a slow client does."""
-        self._hold_upstream(behind, self.client.write_paused)
+        self._hold_upstream(STORE_BEHIND, behind)
 
-    def _hold_upstream(self, hold: bool, held_still: bool) -> None:
-        """Stop reading the upstream, or go on unless the other reason (a slow client,
-        a slow cache store: ``held_still``) still holds it. A held upstream has no read
-        deadline: a slow reader is not a slow upstream."""
+    def _hold_upstream(self, reason: int, hold: bool) -> None:
+        """Stop reading the upstream for ``reason``, or drop that reason (it reads again
+        when no other holds it). A held upstream has no read deadline: a slow reader is
+        not a slow upstream."""
         conn = self.conn
         if conn is None:
             return
         if hold:
-            conn.pause_reading()
+            conn.pause_reading(reason)
             self.deadline = NEVER
             return
-        if held_still:
-            return
-        conn.resume_reading()
-        if self.resp_started:
+        conn.resume_reading(reason)
+        if not conn.reading_paused and self.resp_started:
             self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     # -- endings ------------------------------------------------------------------------

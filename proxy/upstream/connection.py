@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
+
+# Why a connection's reading is paused (bits of ``reading_paused``); it reads again
+# once no reason is left.
+CLIENT_SLOW: Final = 1  # the client's write buffer is full
+STORE_BEHIND: Final = 2  # the cache's Redis store is behind the body
+FILTER_HOLD: Final = 4  # an async response filter holds the response
 
 
 class _HeadDone(Exception):
@@ -82,7 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.informational = False
         self.responded = False  # any byte of the current response received
         self.closed = False
-        self.reading_paused = False
+        self.reading_paused = 0  # the reasons (CLIENT_SLOW, ...) it is paused for
         self.idle_since = 0.0
         self.uses = 0
         self.acked = False  # ack_now was called during the current response
@@ -289,15 +295,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
             self.upstream.forget(self)
 
-    def pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
+    def pause_reading(self, reason: int) -> None:
+        if self.transport is None:
+            return
+        if not self.reading_paused:
             self.transport.pause_reading()
+        self.reading_paused |= reason
 
-    def resume_reading(self) -> None:
+    def resume_reading(self, reason: int) -> None:
+        """Drop ``reason``; read again when no other holds it back."""
         if self.reading_paused and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+            self.reading_paused &= ~reason
+            if not self.reading_paused:
+                self.transport.resume_reading()
 
     def _fail(self, ex: Exchange, reason: str) -> None:
         self.exchange = None

@@ -158,7 +158,7 @@ class Upstream:
             conn.close()
             return
         if conn.reading_paused:
-            conn.resume_reading()
+            conn.resume_reading(conn.reading_paused)  # every reason: the message is over
         if self.waiting:
             self.waiting.popleft().dequeue(conn)
         elif len(self.idle) < self.max_idle:
