@@ -249,24 +249,23 @@ async def test_close_delimited_response_becomes_chunked_for_http11(proxy):
         await raw.stop()
 
 
-async def test_a_transfer_coding_other_than_chunked_last_is_delimited_by_close(proxy):
+async def test_a_transfer_coding_other_than_chunked_last_is_delimited_by_close(
+    proxy, raw_upstreams
+):
     """RFC 9112 6.3: a response whose Transfer-Encoding does not end in chunked has a
     body that ends with the connection; the client gets all of it, chunked."""
-    raw = await RawUpstream(
+    raw = await raw_upstreams(
         {b"/te": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-custom\r\n\r\nall of it"},
         close_after={b"/te"},
-    ).start()
-    try:
-        server = await proxy(make_config([raw.url]))
-        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
-        writer.write(b"GET /te HTTP/1.1\r\nHost: t\r\n\r\n")
-        _, headers, body = await read_response(reader)
-        assert headers[b"transfer-encoding"] == b"chunked" and body == b"all of it"
-        writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")  # client connection kept
-        assert (await read_response(reader))[2] == b"ok"
-        writer.close()
-    finally:
-        await raw.stop()
+    )
+    server = await proxy(make_config([raw.url]))
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    writer.write(b"GET /te HTTP/1.1\r\nHost: t\r\n\r\n")
+    _, headers, body = await read_response(reader)
+    assert headers[b"transfer-encoding"] == b"chunked" and body == b"all of it"
+    writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")  # client connection kept
+    assert (await read_response(reader))[2] == b"ok"
+    writer.close()
 
 
 async def test_response_hop_by_hop_headers_are_not_relayed(proxy):
