@@ -98,7 +98,7 @@ BindAddress = Annotated[str, AfterValidator(_check_bind), Kind("host:port")]
 UpstreamURL = Annotated[str, AfterValidator(_check_upstream_url), Kind("url")]
 #: A worker process count >= 1, or ``"auto"`` for one per CPU core.
 Workers = Annotated[
-    int | Literal["auto"], PlainValidator(_check_workers), Kind("integer or \"auto\"")
+    int | Literal["auto"], PlainValidator(_check_workers), Kind('integer or "auto"')
 ]
 
 
@@ -187,7 +187,12 @@ class ListenerTimeouts(ConfigModel):
     idle: Timeout = 60.0
     """Time a keep-alive connection may wait for its next request."""
     body: Timeout = 60.0
-    """Longest gap between two reads of a request body (then 408)."""
+    """Longest gap between two reads of a request body (then 408); also how long an
+    upstream may take none of a request body before the request fails (504)."""
+    send: Timeout = 60.0
+    """How long a client may read nothing of a response while the proxy has more to
+    send (its write buffer full); then the connection is closed, freeing its upstream
+    connection (nginx's ``send_timeout``)."""
 
 
 class Limits(ConfigModel):
@@ -209,6 +214,17 @@ class Limits(ConfigModel):
     max_requests_per_connection: Annotated[int, Field(ge=1)] | None = 1000
     """Requests per client connection; the last answer says ``Connection: close``
     (nginx's ``keepalive_requests``). null: unlimited."""
+    body_buffer_size: Annotated[Size, Field(ge=0, le=16 * 1024 * 1024)] = 65536
+    """A request body up to this size is read whole before an upstream connection is
+    taken, so a client that sends it slowly holds no upstream connection (nginx's
+    ``proxy_request_buffering`` with ``client_body_buffer_size``, in memory only);
+    larger bodies stream. 0: every body streams at once."""
+    max_headers: Annotated[int, Field(ge=1)] = 100
+    """Most header lines in a request head (then 431): Envoy's ``max_headers_count``."""
+    underscores_in_headers: bool = False
+    """Forward request headers whose names contain ``_``. Off (nginx's default): they
+    are dropped, since CGI and WSGI read ``X_Forwarded_Proto`` as the proxy's own
+    ``X-Forwarded-Proto``."""
 
 
 class Match(ConfigModel):
@@ -268,7 +284,9 @@ def _check_upgrades(value: list[str]) -> tuple[str, ...]:
 
 #: Upgrade protocols (``websocket``), lower-case; ``h2c`` is refused.
 Upgrades = Annotated[
-    tuple[str, ...], BeforeValidator(list), AfterValidator(_check_upgrades),
+    tuple[str, ...],
+    BeforeValidator(list),
+    AfterValidator(_check_upgrades),
     Kind("list of protocols"),
 ]
 #: ``true`` (redirect to ``https://host/...``), a port (``https://host:PORT/...``), or false.
@@ -377,6 +395,10 @@ class PoolTimeouts(ConfigModel):
     """How long an idle keep-alive upstream connection stays pooled."""
     read: Timeout = 60.0
     """Longest gap between two upstream reads once the response started."""
+    send: Timeout = 60.0
+    """Longest an upstream may take none of a request body (its connection's write
+    buffer full) before the request fails (504, or closed mid-response): nginx's
+    ``proxy_send_timeout``."""
     tunnel_idle: Timeout = 3600.0
     """An Upgrade tunnel (WebSocket) with no traffic either way for this long is
     closed."""
@@ -395,7 +417,7 @@ def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
             lo, hi = int(low), int(high) if dash else int(low)
         except ValueError:
             raise ValueError(
-                f"invalid status {item!r}; use a code (200) or a range (\"200-399\")"
+                f'invalid status {item!r}; use a code (200) or a range ("200-399")'
             ) from None
         if not 100 <= lo <= hi <= 599:
             raise ValueError(f"invalid status range {item!r}; codes are 100-599, low first")

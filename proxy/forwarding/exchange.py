@@ -78,9 +78,7 @@ UNTIL_CLOSE: Final = 3
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: An absolute-form authority we accept: host or [IPv6] and an optional port.
-_AUTHORITY: Final = re.compile(
-    rb"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
-)
+_AUTHORITY: Final = re.compile(rb"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 _UPGRADE_HEADER: Final = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*)", re.IGNORECASE)
@@ -102,6 +100,7 @@ class Exchange:
         "client",
         "conn",
         "deadline",
+        "deferred",
         "discard",
         "done",
         "filters",
@@ -131,6 +130,8 @@ class Exchange:
         "resp_eof",
         "resp_started",
         "retried",
+        "sent_at",
+        "sent_mark",
         "started",
         "status",
         "target",
@@ -189,6 +190,12 @@ class Exchange:
         self.queued = False  # waiting for a connection (``max_connections`` reached)
         self.opening = False  # a connect task counted in ``conns`` has not started yet
         self.replay_size = 0
+        #: the upstream picked and the target, while a small body is read whole before
+        #: a connection is taken (``limits.body_buffer_size``)
+        self.deferred: tuple[Upstream, bytes] | None = None
+        #: the upstream's write buffer when the client was paused for it, and when
+        self.sent_mark = 0
+        self.sent_at = 0.0
         self.retried = False
         self.out: list[bytes | memoryview] = []  # views: large bodies, not copied
         self.mode = NO_BODY
@@ -257,17 +264,27 @@ class Exchange:
             self._fail(NoUpstreamError("no upstream available"))
             return
         client = self.client
+        found = self.found
+        body_to_come = (found.content_length is not None or found.chunked) and not self.req_done
+        if body_to_come and self._defer(upstream, target):
+            return
         pool = self.pool
         assert pool is not None
         self.upstream = upstream
         self.attempts = 1
-        if self.found.expect_continue and self.http_minor and not self.req_done:
+        if found.expect_continue and self.http_minor and not self.req_done:
+            found.expect_continue = False
             client.transport.write(CONTINUE_100)
         if self.host is None:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
         self.head = head = request_head(
-            self.method, target, self.found, client.client_ip_bytes, self.host,
-            self.request_id, client.head_template,
+            self.method,
+            target,
+            self.found,
+            client.client_ip_bytes,
+            self.host,
+            self.request_id,
+            client.head_template,
         )
         if pool.fast_path and not self.pending:  # the fast path: nothing but the head
             conn = upstream.take_idle()
@@ -282,6 +299,32 @@ class Exchange:
                     conn.pause_reading(CLIENT_SLOW)
                 return
         self._use(upstream)
+
+    def _defer(self, upstream: Upstream, target: bytes) -> bool:
+        """A request whose body is still arriving: if it may fit the body buffer, read
+        it first and take an upstream connection only then (``_undefer``), so a client
+        that sends its body slowly holds a client connection, not an upstream one
+        (nginx's ``proxy_request_buffering``). False: stream it now."""
+        limit = self.client.body_buffer
+        found = self.found
+        if (
+            self.deferred is not None
+            or self.pending_size > limit
+            or (not found.chunked and int(found.content_length or 0) > limit)
+        ):
+            return False
+        self.deferred = (upstream, target)
+        if found.expect_continue and self.http_minor:
+            found.expect_continue = False
+            self.client.transport.write(CONTINUE_100)
+        return True
+
+    def _undefer(self) -> None:
+        """The buffered body is complete, or outgrew the buffer: send now."""
+        deferred = self.deferred
+        assert deferred is not None
+        self.deferred = None
+        self.dispatch(*deferred)  # not deferred again: complete, or over the buffer
 
     def _redirect(self, route: Route) -> None:
         """A route that redirects to https: 308 to the same URL there."""
@@ -315,7 +358,8 @@ class Exchange:
             found.upgrade = None
             log.info(
                 "403 %s %s: upgrade to %s is not allowed on this route", self.method.decode(),
-                self.target[:200].decode(errors="replace"), b", ".join(asked).decode(),
+                self.target[:200].decode(errors="replace"),
+                b", ".join(asked)[:200].decode(errors="replace"),
             )  # fmt: skip
             self.local(403)
             return False
@@ -465,6 +509,8 @@ class Exchange:
         else:
             self.pending.append(data)
         self.pending_size += size
+        if self.deferred is not None and self.pending_size > self.client.body_buffer:
+            self._undefer()
 
     def on_request_complete(self) -> None:
         self.req_done = True
@@ -476,6 +522,9 @@ class Exchange:
             return
         if self.found.chunked and not self.discard:
             self.pending.append(_LAST_CHUNK)
+        if self.deferred is not None:
+            self._undefer()
+            return
         if self.resp_done:
             self._finish(False)
         elif self.conn is not None and not self.resp_started:
@@ -741,8 +790,11 @@ class Exchange:
         else:
             self._finish(True)  # the client is still sending: close after the response
 
-    def on_upstream_lost(self, conn: UpstreamConnection, error: ProxyError) -> None:
-        """The upstream connection closed or broke during this exchange."""
+    def on_upstream_lost(
+        self, conn: UpstreamConnection, error: ProxyError, reset: bool = False
+    ) -> None:
+        """The upstream connection closed or broke during this exchange (``reset``: not
+        a clean end of file, so never the end of a close-delimited body)."""
         self.conn = None
         if self.done:
             return
@@ -752,12 +804,13 @@ class Exchange:
                 self._retry_fresh()
                 return
             self._attempt_failed(error)
-        elif self.resp_eof:  # a close-delimited body ends with the connection
+        elif self.resp_eof and not reset:  # a close-delimited body ends with a clean close
             self.on_response_complete(conn, False)
         else:
             log.warning(
                 "%s %s: upstream %s closed mid-response; closing the client connection",
-                self.method.decode(), self.target[:200].decode(errors="replace"),
+                self.method.decode(),
+                self.target[:200].decode(errors="replace"),
                 conn.upstream.address,
             )
             self.abort()
@@ -774,9 +827,36 @@ class Exchange:
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
+            conn = self.conn
+            if conn is not None and conn.transport is not None:
+                self.sent_mark = conn.transport.get_write_buffer_size()
+                self.sent_at = self.client.clock.now
             self.client.pause(UPSTREAM_FULL)
         else:
             self.client.resume(UPSTREAM_FULL)
+
+    def upstream_stalled(self, now: float) -> bool:
+        """The client is paused because the upstream's write buffer is full. True (and
+        the request failed: 504, or closed mid-response) when the upstream has taken
+        none of the body for the pool's ``timeouts.send``."""
+        conn = self.conn
+        if conn is None or conn.transport is None or self.done:
+            return False
+        size = conn.transport.get_write_buffer_size()
+        if size < self.sent_mark:
+            self.sent_mark, self.sent_at = size, now
+            return False
+        if now - self.sent_at < self.pool.send_timeout:  # type: ignore[union-attr]
+            return False
+        self.conn = None
+        conn.close()
+        if self.resp_started:
+            log.warning("upstream took none of the request body in time; closing")
+            self.abort()
+            self.client.close()
+        else:
+            self._attempt_failed(UpstreamTimeoutError("upstream took none of the request body"))
+        return True
 
     def client_write_paused(self, paused: bool) -> None:
         """The client's write buffer crossed a water mark: stop or restart the upstream."""
@@ -865,9 +945,12 @@ class Exchange:
         if answered:
             return
         log.warning(
-            "%d %s %s: %s%s", error.status, self.method.decode(),
+            "%d %s %s: %s%s",
+            error.status,
+            self.method.decode(),
             self.target[:200].decode(errors="replace"),
-            f"upstream {self.upstream.address}: " if self.upstream else "", error.reason,
+            f"upstream {self.upstream.address}: " if self.upstream else "",
+            error.reason,
         )
         self.local(error.status)
 
@@ -1003,9 +1086,21 @@ class Exchange:
         access_log = client.access_log
         if access_log is not None:
             access_log.record(
-                time.time(), client.client_ip, self.method, self.target, self.status,
-                self.body_size, self.bytes_out, seconds, self.attempts, self.request_id,
-                self.host, self.headers, client.listener.name, self.pool, upstream,
+                time.time(),
+                client.client_ip,
+                self.method,
+                self.target,
+                self.status,
+                self.body_size,
+                self.bytes_out,
+                seconds,
+                self.attempts,
+                self.request_id,
+                self.host,
+                self.headers,
+                client.listener.name,
+                self.pool,
+                upstream,
             )
 
     def abort(self) -> None:

@@ -10,9 +10,15 @@ upgrade headers back for the protocols its route allows.
 ``X-Forwarded-Host`` are set, ``Via`` is added, ``X-Request-ID`` is kept or generated.
 ``Host``, ``Content-Length`` and ``Transfer-Encoding`` pass unchanged: the parser has
 already rejected ambiguous framing, and a chunked body is re-chunked on the way out.
+A ``Connection`` header that names one of them is an attack, not a hop-by-hop option
+(removing ``Content-Length`` while the body is forwarded smuggles that body upstream as
+a request): such a request is refused (``ValueError``, a 400). So is a ``Host`` that is
+not an RFC 3986 authority (``a b``, ``a/b@c``): RFC 9112 3.2.
 
 Responses: the same hop-by-hop names and ``Transfer-Encoding`` are removed; the
-forwarding layer writes its own framing and ``Connection`` header.
+forwarding layer writes its own framing and ``Connection`` header. A response whose
+``Connection`` header names a framing header is refused (``ValueError``: the upstream
+connection turns it into a 502), as the request side is.
 """
 
 from __future__ import annotations
@@ -63,6 +69,34 @@ _RESPONSE_ACTIONS: Final[dict[bytes, int]] = {
 }
 
 _PLAIN_CONNECTION_TOKENS: Final = frozenset((b"close", b"keep-alive"))
+#: Names a ``Connection`` header may never remove: the message's framing and its Host.
+_PROTECTED: Final = frozenset((b"content-length", b"transfer-encoding", b"host"))
+
+#: A valid ``Host`` value (RFC 9112 3.2, RFC 3986 3.2.2): a reg-name (unreserved,
+#: percent-escapes, sub-delims) or an IP literal, and an optional port. No userinfo,
+#: no slash, no space or control.
+_HOST_VALUE: Final = re.compile(
+    rb"(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*(?::[0-9]*)?"
+    rb"|\[[0-9A-Fa-f:.]+\](?::[0-9]*)?|\[v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]"
+    rb"(?::[0-9]*)?"
+)
+#: Host values already found valid: clients repeat a handful, so most requests pay a
+#: dict lookup rather than the pattern. Bounded: emptied when full.
+_GOOD_HOSTS: Final[dict[bytes, bool]] = {}
+_GOOD_HOSTS_MAX: Final = 1024
+
+
+def valid_host(value: bytes) -> bool:
+    """Is ``value`` a ``Host`` header value RFC 9112 allows? (kept per value)"""
+    if value in _GOOD_HOSTS:
+        return True
+    if _HOST_VALUE.fullmatch(value) is None:
+        return False
+    if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:
+        _GOOD_HOSTS.clear()
+    _GOOD_HOSTS[value] = True
+    return True
+
 
 #: Headers that frame a message or concern one hop only: the proxy writes its own, and
 #: no filter may set, add or remove them (lower case, as ``str``).
@@ -88,9 +122,7 @@ class RequestIds:
     def __init__(self) -> None:
         prefix = os.urandom(8).hex().encode()
         #: ``next()``: the next id. A C iterator's ``__next__``: no Python frame per id.
-        self.next: Callable[[], bytes] = map(
-            (prefix + b"-%x").__mod__, itertools.count(1)
-        ).__next__
+        self.next: Callable[[], bytes] = map((prefix + b"-%x").__mod__, itertools.count(1)).__next__
 
 
 class RequestHeaders:
@@ -130,11 +162,13 @@ class RequestHeaders:
             elif action == _HOST:
                 if self.host is not None:
                     raise ValueError("duplicate Host header")
+                if value not in _GOOD_HOSTS and not valid_host(value):
+                    raise ValueError("invalid Host header")
                 self.host = value
                 parts += (name, b": ", value, b"\r\n")
             elif action == _XFF:
-                self.forwarded_for = value if self.forwarded_for is None else (
-                    self.forwarded_for + b", " + value
+                self.forwarded_for = (
+                    value if self.forwarded_for is None else (self.forwarded_for + b", " + value)
                 )
             elif action == _REQUEST_ID:
                 self.request_id = value
@@ -149,7 +183,7 @@ class RequestHeaders:
                 upgrade = value if upgrade is None else upgrade + b", " + value
         if listed:
             self.close = b"close" in listed
-            parts = _remove_listed(parts, listed)
+            parts = _remove_listed(parts, listed)  # raises for a framing header
         self.parts = parts
         #: the tokens of the ``Connection`` headers, None when there is none
         self.connection = listed
@@ -185,10 +219,15 @@ def _connection_tokens(value: bytes, listed: list[bytes] | None) -> list[bytes]:
 
 
 def _remove_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
-    """Drop the headers a ``Connection`` header names (rare: only non-plain tokens)."""
+    """Drop the headers a ``Connection`` header names (rare: only non-plain tokens).
+    ValueError when it names ``Content-Length``, ``Transfer-Encoding`` or ``Host``."""
     names = {t for t in listed if t not in _PLAIN_CONNECTION_TOKENS}
     if not names:
         return parts
+    if not names.isdisjoint(_PROTECTED):
+        raise ValueError("Connection header names " + ", ".join(
+            sorted(n.decode("latin-1") for n in names & _PROTECTED)
+        ))  # fmt: skip
     kept: list[bytes] = []
     for i in range(0, len(parts), 4):
         if parts[i].lower() not in names:

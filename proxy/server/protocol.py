@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from proxy.clock import NEVER
-from proxy.forwarding.exchange import PIPELINE, UPGRADE, Exchange
+from proxy.forwarding.exchange import PIPELINE, UPGRADE, UPSTREAM_FULL, Exchange
 from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders
 from proxy.http.responses import error_response
 from proxy.tcp import ack_now
@@ -90,6 +90,7 @@ class ClientConnection(asyncio.Protocol):
         "_advancing",
         "access_log",
         "acked",
+        "body_buffer",
         "broken",
         "chunk_len",
         "client_ip",
@@ -108,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
         "loop",
         "max_body",
         "max_header",
+        "max_headers",
         "max_requests",
         "max_uri",
         "parser",
@@ -116,13 +118,18 @@ class ClientConnection(asyncio.Protocol):
         "phase",
         "queue",
         "record",
+        "reframe",
         "request_ids",
+        "send_deadline",
+        "send_mark",
         "served",
         "timeout_body",
         "timeout_header",
         "timeout_idle",
+        "timeout_send",
         "transport",
         "tunnel",
+        "underscores",
         "url",
         "write_paused",
     )
@@ -138,11 +145,19 @@ class ClientConnection(asyncio.Protocol):
         self.max_header = limits.max_header_size
         self.max_uri = limits.max_uri_size
         self.max_body = limits.max_body_size
+        self.max_headers = limits.max_headers
+        self.body_buffer = limits.body_buffer_size
+        self.underscores = limits.underscores_in_headers
         self.max_requests = limits.max_requests_per_connection or 0
         self.served = 0  # requests read on this connection
         self.timeout_header = timeouts.header
         self.timeout_idle = timeouts.idle
         self.timeout_body = timeouts.body
+        self.timeout_send = timeouts.send
+        #: while the client reads nothing (writing paused): when to look again, and the
+        #: write buffer's size then (``_check_send``)
+        self.send_deadline = NEVER
+        self.send_mark = 0
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
@@ -169,6 +184,9 @@ class ClientConnection(asyncio.Protocol):
         self.draining = listener.draining
         self._advancing = False
         self.acked = False  # ack_now was called during the current request
+        #: the request being parsed has a body and Upgrade headers, so the parser ends
+        #: its message at the head: its body is read by its framing (``_reframe``)
+        self.reframe = False
 
     # -- asyncio callbacks --------------------------------------------------------------
 
@@ -209,7 +227,11 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             self._callback_failed(exc.__context__)
         except httptools.HttpParserUpgrade as exc:
-            self._after_upgrade(data, exc.args[0] if exc.args else len(data))
+            offset = exc.args[0] if exc.args else len(data)
+            if self.reframe:
+                self._reframe(data, offset)
+            else:
+                self._after_upgrade(data, offset)
         except httptools.HttpParserError as exc:
             log.info("400 from %s: %s", self.client_ip, exc)
             self.reject(400)
@@ -234,12 +256,15 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_deadline = self.clock.now + self.timeout_send
+        self.send_mark = self.transport.get_write_buffer_size()
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange:
             ex.client_write_paused(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline = NEVER
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange:
             ex.client_write_paused(False)
@@ -253,9 +278,14 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:  # trailers of a chunked body arrive here too: dropped
+            if b"_" in name and not self.underscores:
+                return  # nginx's underscores_in_headers off: CGI would read X_A as X-A
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if not self.in_head:  # the stand-in head of a reframed body (``_reframe``)
+            self.url = b""
+            return
         self.in_head = False
         parser = self.parser
         method = parser.get_method()
@@ -263,6 +293,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(405)
         limit = self.max_header
         if self.head_bytes + self.chunk_len > limit and self._head_size() > limit:
+            raise _Reject(431)
+        if len(self.headers) > self.max_headers:
             raise _Reject(431)
         try:
             found = RequestHeaders(self.headers)
@@ -284,6 +316,8 @@ class ClientConnection(asyncio.Protocol):
             if version != "1.1" and version != "1.0":
                 raise _Reject(505)
             minor = 1 if version == "1.1" else 0
+            if found.chunked and not minor:  # RFC 9112 6.1: close after it
+                keep_alive = False
         self.served += 1
         if self.served == self.max_requests:  # like nginx's keepalive_requests
             keep_alive = False
@@ -294,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
         if has_body:
             self.phase = BODY
             self.deadline = self.clock.now + self.timeout_body
+            if parser.should_upgrade():  # the parser ends this message at its head
+                self.reframe = True
         else:
             self.phase = BUSY
             self.deadline = NEVER
@@ -314,6 +350,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(413)
 
     def on_message_complete(self) -> None:
+        if self.reframe:  # ended at the head by the parser: the body follows
+            return
         ex = self.parsing
         self.parsing = None
         self.in_head = True  # whatever follows is the next request's head
@@ -389,11 +427,20 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         """Called on every clock tick by the listener's sweep."""
+        if self.send_deadline <= now and self._client_stalled(now):
+            return
         if self.deadline <= now:
             if self.tunnel is not None:
                 self.tunnel.check_idle(now)
                 return
             if self.paused and self.phase != IDLE:  # we stopped reading, not the client
+                ex = self.exchange
+                if (
+                    self.paused & UPSTREAM_FULL
+                    and ex.__class__ is Exchange
+                    and ex.upstream_stalled(now)
+                ):
+                    return  # the upstream took none of the body in that time: 504
                 self.deadline = now + self.timeout_body
             elif self.phase == IDLE or (self.draining and self.exchange is None):
                 self.close()
@@ -403,6 +450,25 @@ class ClientConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None and ex.__class__ is Exchange and ex.deadline <= now:
             ex.on_timeout()
+
+    def _client_stalled(self, now: float) -> bool:
+        """The client has read nothing of a full write buffer for ``timeouts.send``
+        (nginx's ``send_timeout``): close, which also frees the upstream. A client that
+        reads, however slowly, gets another period."""
+        if self.closed or not self.write_paused:
+            self.send_deadline = NEVER
+            return False
+        size = self.transport.get_write_buffer_size()
+        if size < self.send_mark:
+            self.send_mark = size
+            self.send_deadline = now + self.timeout_send
+            return False
+        log.info(
+            "closing the connection of %s: it read nothing for %gs", self.client_ip,
+            self.timeout_send,
+        )  # fmt: skip
+        self.close()
+        return True
 
     def become_tunnel(self, tunnel: Tunnel, deadline: float) -> bytes:
         """A ``101`` made this connection ``tunnel``; returns what the client sent after
@@ -435,8 +501,10 @@ class ClientConnection(asyncio.Protocol):
                 nxt.start()
         finally:
             self._advancing = False
-        if self.exchange is None and not self.closed:
+        if not self.queue and not self.closed:
+            # nothing waits behind the current exchange: read on (its body may be to come)
             self.resume(PIPELINE)
+        if self.exchange is None and not self.closed:
             if self.phase == BUSY:
                 self.phase = IDLE
                 if self.draining:
@@ -470,6 +538,27 @@ class ClientConnection(asyncio.Protocol):
         else:
             log.error("bug while handling a request from %s", self.client_ip, exc_info=exc)
             self.reject(500)
+
+    def _reframe(self, data: bytes, offset: int) -> None:
+        """A request with a body and ``Connection: upgrade`` (never tunnelled): the
+        parser ended its message at the head, so the body would be parsed as requests.
+        A new parser is given a stand-in head with the request's own framing (its
+        callbacks ignore it), then the rest: the body reaches the exchange as any body,
+        and what follows it is the next request."""
+        self.reframe = False
+        ex = self.parsing
+        if ex is None or self.broken:
+            return
+        found = ex.found
+        framing = (
+            b"Transfer-Encoding: chunked" if found.chunked
+            else b"Content-Length: " + (found.content_length or b"0")
+        )  # fmt: skip
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        rest = data[offset:]
+        if rest:
+            self.data_received(rest)
 
     def _after_upgrade(self, data: bytes, offset: int) -> None:
         """The parser stopped after a request with ``Connection: upgrade``. If it is

@@ -11,6 +11,15 @@ head cache) is framed from that head instead: its ``Content-Length`` body is cou
 not parsed, and passed on without a copy. When such a response arrives whole in one
 read, ``Exchange.relay_whole`` relays and completes it in one step (the fast path).
 Anything else goes through the parser.
+
+A parsed response completes after the read that ended it has been parsed whole
+(``finished``), never from inside the parser: bytes after it in the same read (a
+second response to one request, garbage) are found first (``on_message_begin``), and
+then the connection is closed rather than pooled, so nothing of one response can reach
+the next exchange. A status below 100, a ``101`` nobody asked for and a head whose
+``Connection`` header names a framing header are invalid responses (502), with nothing
+of them relayed. A close-delimited body ends with a clean close (FIN); a reset leaves it
+unterminated, and the client connection is closed.
 """
 
 from __future__ import annotations
@@ -52,6 +61,16 @@ class _Dropped(Exception):
     elsewhere): the rest of it is never read, and the connection is closed."""
 
 
+class _Invalid(Exception):
+    """Raised inside the parser for a response that parses but must not be relayed
+    (``reason``): the exchange fails it as a protocol error (502 or a retry)."""
+
+
+class _Extra(Exception):
+    """Raised inside the parser when a message begins after the current response ended
+    in the same read: the connection is out of step and is closed."""
+
+
 class _Switched(Exception):
     """Raised inside the parser after a ``101`` to an Upgrade request: the connection
     now belongs to a tunnel, and nothing more is parsed."""
@@ -64,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "collecting",
         "exchange",
+        "finished",
         "idle_since",
         "informational",
         "keep_alive",
@@ -94,6 +114,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.acked = False  # ack_now was called during the current response
         self.body_left = 0  # body bytes still to come, when ``_known`` framed the response
         self.keep_alive = True  # the upstream keeps the connection after that response
+        #: the parsed response ended in the current read: 1 (the connection may be
+        #: kept), 2 (closed after it), 0 (not yet); completed once the read is parsed
+        self.finished = 0
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -110,7 +133,12 @@ class UpstreamConnection(asyncio.Protocol):
             upstream.forget(self)
             return
         self.exchange = None
-        ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
+        if exc is None:  # end of file: a close-delimited body may end here
+            ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
+        else:  # a reset (or a broken transport): never the end of a body
+            ex.on_upstream_lost(
+                self, UpstreamResetError(f"upstream reset the connection ({exc})"), reset=True
+            )
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -140,22 +168,42 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Dropped):
+            error = exc.__context__
+            if isinstance(error, _Dropped):
                 self.close()
                 return
-            if isinstance(exc.__context__, _Switched):
+            if isinstance(error, _Switched):
                 return
-            if not isinstance(exc.__context__, _HeadDone):
-                log.error("bug while relaying a response", exc_info=exc.__context__)
-                self._fail(ex, "internal error")
-            else:
-                keep_alive = self.parser.should_keep_alive()
+            if isinstance(error, _HeadDone):
+                keep_alive = self.parser.should_keep_alive() and self.finished != 2
                 self.parser = httptools.HttpResponseParser(self)
+                self.finished = 0
                 ex.on_response_complete(self, keep_alive)
+            elif isinstance(error, _Extra):
+                self.finished = 2  # completed below, and the connection closed
+            elif isinstance(error, _Invalid):
+                self._fail(ex, str(error))
+                return
+            else:
+                log.error("bug while relaying a response", exc_info=error)
+                self._fail(ex, "internal error")
+                return
         except httptools.HttpParserUpgrade:
-            self._fail(ex, "upstream switched protocols unasked")
+            if not self.finished:
+                self._fail(ex, "upstream switched protocols unasked")
+                return
+            self.finished = 2
         except httptools.HttpParserError as exc:
-            self._fail(ex, f"invalid response from upstream: {exc}")
+            if not self.finished:
+                self._fail(ex, f"invalid response from upstream: {exc}")
+                return
+            self.finished = 2  # bytes after a complete response: out of step
+        finished = self.finished
+        if finished:
+            self.finished = 0
+            if finished == 2:
+                self.parser = httptools.HttpResponseParser(self)  # never reused anyway
+            ex.on_response_complete(self, finished == 1)
 
     def _known(self, ex: Exchange, data: bytes) -> bool:
         """A response starts with this read. If its head is one the parser accepted before
@@ -215,13 +263,19 @@ class UpstreamConnection(asyncio.Protocol):
     # No on_header/on_status: the head is taken from the raw bytes (``self.raw``), so
     # the parser validates and frames, and Python sees one call per head, not per line.
 
+    def on_message_begin(self) -> None:
+        if self.finished:  # a second message in the read that ended the response
+            raise _Extra
+
     def on_headers_complete(self) -> None:
         ex = self.exchange
         assert ex is not None
         raw, start = self.raw, self.raw_start
         end = raw.index(b"\r\n\r\n", start) + 4
         status = self.parser.get_status_code()
-        if status == 101 and ex.found.upgrade is not None:  # an Upgrade was asked for
+        if status == 101:
+            if ex.found.upgrade is None:  # nobody asked: relay nothing of it
+                raise _Invalid("upstream switched protocols unasked")
             self.exchange = None
             self.collecting = False
             self.raw = b""
@@ -229,17 +283,24 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
             raise _Switched
         if status < 200:
+            if status < 100:
+                raise _Invalid(f"invalid status {status} from upstream")
             self.informational = True
             self.raw_start = end
             ex.on_informational(status, raw[start:end])
             return
         self.raw = b""
         self.collecting = False
-        found = response_head(raw[start:end] if start or end < len(raw) else raw)
+        try:
+            found = response_head(raw[start:end] if start or end < len(raw) else raw)
+        except ValueError as exc:  # a Connection header naming a framing header
+            raise _Invalid(f"invalid response from upstream: {exc}") from None
         if not ex.on_response_head(status, found):
             self.exchange = None
             raise _Dropped
         if ex.head_request:
+            if end < len(raw):  # bytes after the head of a response to HEAD
+                self.finished = 2
             raise _HeadDone
 
     def on_body(self, body: bytes) -> None:
@@ -251,9 +312,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.informational:
             self.informational = False
             return
-        ex = self.exchange
-        assert ex is not None
-        ex.on_response_complete(self, self.parser.should_keep_alive())
+        # completed by ``_parse`` once this read is parsed whole
+        self.finished = 1 if self.parser.should_keep_alive() else 2
 
     # -- used by the exchange and the pool -------------------------------------------
 
@@ -266,6 +326,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw_start = 0
         self.collecting = True
         self.acked = False
+        self.finished = 0
         self.uses += 1
         assert self.transport is not None
         if body:

@@ -267,6 +267,7 @@ class Pool:
         "response_header_timeout",
         "retries",
         "retry",
+        "send_timeout",
         "static_addresses",
         "stats",
         "tls_context",
@@ -305,6 +306,7 @@ class Pool:
         self.response_header_timeout = min(t.response_header, per_try or t.response_header)
         self.idle_timeout = t.idle
         self.read_timeout = t.read
+        self.send_timeout = t.send
         self.tunnel_idle = t.tunnel_idle
         #: the client context of the https upstreams (built once per pool; raises
         #: ``TLSFileError`` on a bad file), None when the pool has none

@@ -227,7 +227,9 @@ async def test_invalid_chunk_size_gets_400_and_close(
 async def test_invalid_chunk_after_the_head_was_forwarded_gets_400(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
-    _, port, rec = await start_with(proxy, recorders)
+    # a streamed body (no request buffering), so the head goes upstream before the chunk
+    streaming = {**FAST_LISTENER, "limits": {"body_buffer_size": 0}}
+    _, port, rec = await start_with(proxy, recorders, listener=streaming)
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
         writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")

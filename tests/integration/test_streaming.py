@@ -150,11 +150,13 @@ async def _serve(handler) -> tuple[asyncio.Server, str]:
 
 
 @contextlib.asynccontextmanager
-async def _proxied(proxy, handler) -> AsyncIterator[tuple[Any, asyncio.StreamReader, Any]]:
+async def _proxied(
+    proxy, handler, **listener: Any
+) -> AsyncIterator[tuple[Any, asyncio.StreamReader, Any]]:
     """The proxy in front of ``_serve(handler)``, and a client connection to it."""
     up, url = await _serve(handler)
     try:
-        server = await proxy(make_config([url]))
+        server = await proxy(make_config([url], listener=listener or None))
         reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
         yield server, reader, writer
         writer.close()
@@ -229,7 +231,8 @@ async def test_a_request_that_comes_in_parts_is_acknowledged_at_once(proxy, monk
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         return True
 
-    async with _proxied(proxy, upstream) as (_, reader, writer):
+    # bodies stream (no request buffering): the upstream sees part one before part two
+    async with _proxied(proxy, upstream, limits={"body_buffer_size": 0}) as (_, reader, writer):
         head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 12000\r\n\r\n"
         for _ in range(3):
             got.clear()
