@@ -828,26 +828,30 @@ class Exchange:
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
             conn = self.conn
+            client = self.client
             if conn is not None and conn.transport is not None:
                 self.sent_mark = conn.transport.get_write_buffer_size()
-                self.sent_at = self.client.clock.now
-            self.client.pause(UPSTREAM_FULL)
+                now = self.sent_at = client.clock.now
+                due = now + self.pool.send_timeout  # type: ignore[union-attr]
+                if due < client.deadline:  # look then (``upstream_stalled``)
+                    client.deadline = due
+            client.pause(UPSTREAM_FULL)
         else:
             self.client.resume(UPSTREAM_FULL)
 
-    def upstream_stalled(self, now: float) -> bool:
-        """The client is paused because the upstream's write buffer is full. True (and
-        the request failed: 504, or closed mid-response) when the upstream has taken
-        none of the body for the pool's ``timeouts.send``."""
+    def upstream_stalled(self, now: float) -> float:
+        """The client is paused because the upstream's write buffer is full: when to
+        look again, or 0.0 when the upstream has taken none of the body for the pool's
+        ``timeouts.send`` (then the request failed: 504, or closed mid-response)."""
         conn = self.conn
         if conn is None or conn.transport is None or self.done:
-            return False
+            return now + self.client.timeout_body
+        send_timeout: float = self.pool.send_timeout  # type: ignore[union-attr]
         size = conn.transport.get_write_buffer_size()
         if size < self.sent_mark:
             self.sent_mark, self.sent_at = size, now
-            return False
-        if now - self.sent_at < self.pool.send_timeout:  # type: ignore[union-attr]
-            return False
+        if now - self.sent_at < send_timeout:
+            return self.sent_at + send_timeout
         self.conn = None
         conn.close()
         if self.resp_started:
@@ -856,7 +860,7 @@ class Exchange:
             self.client.close()
         else:
             self._attempt_failed(UpstreamTimeoutError("upstream took none of the request body"))
-        return True
+        return 0.0
 
     def client_write_paused(self, paused: bool) -> None:
         """The client's write buffer crossed a water mark: stop or restart the upstream."""

@@ -435,13 +435,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             if self.paused and self.phase != IDLE:  # we stopped reading, not the client
                 ex = self.exchange
-                if (
-                    self.paused & UPSTREAM_FULL
-                    and ex.__class__ is Exchange
-                    and ex.upstream_stalled(now)
-                ):
-                    return  # the upstream took none of the body in that time: 504
-                self.deadline = now + self.timeout_body
+                if self.paused & UPSTREAM_FULL and ex.__class__ is Exchange:
+                    again = ex.upstream_stalled(now)
+                    if not again:  # the upstream took none of the body in time: 504
+                        return
+                    self.deadline = again
+                else:
+                    self.deadline = now + self.timeout_body
             elif self.phase == IDLE or (self.draining and self.exchange is None):
                 self.close()
             else:
@@ -467,7 +467,9 @@ class ClientConnection(asyncio.Protocol):
             "closing the connection of %s: it read nothing for %gs", self.client_ip,
             self.timeout_send,
         )  # fmt: skip
-        self.close()
+        self.broken = self.closed = True
+        self.deadline = self.send_deadline = NEVER
+        self.transport.abort()  # close() would wait for the buffer the client never reads
         return True
 
     def become_tunnel(self, tunnel: Tunnel, deadline: float) -> bytes:
