@@ -30,7 +30,9 @@ from collections.abc import Callable
 from typing import Final
 
 # Actions, as small ints: one dict lookup per header decides.
-_DROP: Final = 0
+_PASS: Final = 0  # any other header: forwarded as it came
+_UNDERSCORE: Final = 9  # a name with ``_``: dropped unless the listener allows them
+_DROP: Final = 10
 _CONNECTION: Final = 1
 _HOST: Final = 2
 _XFF: Final = 3
@@ -56,6 +58,23 @@ _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
 }
+
+#: Request header names as they came (any case) -> action: one lookup, no ``lower()``,
+#: per header. Bounded: emptied when full (client-chosen names cannot grow it).
+_REQUEST_NAMES: Final[dict[bytes, int]] = {}
+_REQUEST_NAMES_MAX: Final = 4096
+
+
+def _request_action(name: bytes) -> int:
+    """What to do with a request header ``name`` (kept in ``_REQUEST_NAMES``)."""
+    action = _REQUEST_ACTIONS.get(name.lower())
+    if action is None:
+        action = _UNDERSCORE if name.find(b"_") != -1 else _PASS
+    if len(_REQUEST_NAMES) >= _REQUEST_NAMES_MAX:
+        _REQUEST_NAMES.clear()
+    _REQUEST_NAMES[name] = action
+    return action
+
 
 _RESPONSE_ACTIONS: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
@@ -141,7 +160,9 @@ class RequestHeaders:
         "upgrade",
     )
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]], underscores: bool = False) -> None:
+        """``underscores``: forward header names with ``_`` (dropped otherwise: nginx's
+        ``underscores_in_headers off``, since CGI and WSGI read ``X_A`` as ``X-A``)."""
         parts: list[bytes] = []
         self.host: bytes | None = None
         self.forwarded_for: bytes | None = None
@@ -152,12 +173,14 @@ class RequestHeaders:
         self.expect_continue = False
         listed: list[bytes] | None = None
         upgrade: bytes | None = None
-        actions = _REQUEST_ACTIONS
+        names = _REQUEST_NAMES
         for name, value in headers:
-            action = actions.get(name.lower())
-            if action is None or action == _CONTENT_LENGTH:
+            action = names.get(name)
+            if action is None:
+                action = _request_action(name)
+            if not action or action == _CONTENT_LENGTH:
                 parts += (name, b": ", value, b"\r\n")
-                if action is not None:
+                if action:
                     self.content_length = value
             elif action == _HOST:
                 if self.host is not None:
@@ -181,6 +204,8 @@ class RequestHeaders:
                 listed = _connection_tokens(value, listed)
             elif action == _UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
+            elif action == _UNDERSCORE and underscores:
+                parts += (name, b": ", value, b"\r\n")
         if listed:
             self.close = b"close" in listed
             parts = _remove_listed(parts, listed)  # raises for a framing header

@@ -278,8 +278,6 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:  # trailers of a chunked body arrive here too: dropped
-            if b"_" in name and not self.underscores:
-                return  # nginx's underscores_in_headers off: CGI would read X_A as X-A
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -297,7 +295,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self.headers) > self.max_headers:
             raise _Reject(431)
         try:
-            found = RequestHeaders(self.headers)
+            found = RequestHeaders(self.headers, self.underscores)
         except ValueError:
             raise _Reject(400) from None
         has_body = found.chunked or found.content_length not in (None, b"0")

@@ -172,7 +172,7 @@ def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> Non
     data = yaml.safe_load(out)
     listener, pool = data["listeners"][0], data["pools"]["main"]
     assert listener["bind"] == "127.0.0.1:8081"  # ${PORT} expanded
-    assert listener["timeouts"] == {"header": "10s", "idle": "1m", "body": "1m"}
+    assert listener["timeouts"] == {"header": "10s", "idle": "1m", "body": "1m", "send": "1m"}
     assert listener["limits"]["max_header_size"] == "64KiB"
     assert pool["balancer"] == {"name": "peak_ewma", "decay": "5s"}
     assert pool["upstreams"] == [{"url": "http://127.0.0.1:9001", "name": "app-1", "weight": 1,

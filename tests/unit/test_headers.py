@@ -191,3 +191,53 @@ def test_the_parser_keeps_only_http11_alive_without_a_connection_header():
                 kept.add(parser.get_http_version())
     assert kept == {"1.1"}
     assert accepted == {"0.9", "1.0", "1.1", "2.0"}
+
+
+# -- issue #23: framing headers a Connection header may not remove, Host syntax ----------
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"Content-Length", b"close, Content-Length", b"Transfer-Encoding", b"Host",
+     b"keep-alive , content-length", b"HOST"],
+)  # fmt: skip
+def test_a_connection_header_naming_a_framing_header_is_refused(connection: bytes):
+    found = [(b"Host", b"x"), (b"Content-Length", b"33"), (b"Connection", connection)]
+    with pytest.raises(ValueError, match="Connection header names"):
+        RequestHeaders(found)
+
+
+def test_a_connection_header_may_still_name_other_headers():
+    found = RequestHeaders(
+        [(b"Host", b"x"), (b"Connection", b"X-Secret, close"), (b"X-Secret", b"s")]
+    )
+    assert b"X-Secret" not in b"".join(found.parts)
+    assert found.close
+
+
+@pytest.mark.parametrize("connection", [b"Content-Length", b"keep-alive, Transfer-Encoding"])
+def test_a_response_whose_connection_names_framing_is_refused(connection: bytes):
+    raw = b"HTTP/1.1 200 OK\r\nConnection: " + connection + b"\r\nContent-Length: 2\r\n\r\n"
+    with pytest.raises(ValueError, match="Connection header names"):
+        ResponseHead(raw)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"example.com", b"example.com:8080", b"127.0.0.1:80", b"[::1]:443", b"[::1]", b"",
+     b"xn--bcher-kva.example", b"a_b.internal", b"host:"],
+)  # fmt: skip
+def test_valid_host_values_pass(host: bytes):
+    assert headers.valid_host(host)
+    assert RequestHeaders([(b"Host", host)]).host == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a b", b"a/b@c", b"user@host", b"a/b", b"x\x01", b"[::1", b"host:80:80", b"h\\x",
+     b"example.com:8o"],
+)  # fmt: skip
+def test_invalid_host_values_are_refused(host: bytes):
+    assert not headers.valid_host(host)
+    with pytest.raises(ValueError, match="invalid Host"):
+        RequestHeaders([(b"Host", host)])
