@@ -233,7 +233,7 @@ def split_purge_target(value: str) -> tuple[bytes | None, bytes]:
     raw = value.encode("latin-1", errors="replace")
     for scheme in (b"http://", b"https://"):
         if raw.lower().startswith(scheme):
-            authority, slash, rest = raw[len(scheme):].partition(b"/")
+            authority, slash, rest = raw[len(scheme) :].partition(b"/")
             return authority.lower().split(b":", 1)[0], slash + rest if slash else b"/"
     return None, raw
 

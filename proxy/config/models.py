@@ -98,7 +98,7 @@ BindAddress = Annotated[str, AfterValidator(_check_bind), Kind("host:port")]
 UpstreamURL = Annotated[str, AfterValidator(_check_upstream_url), Kind("url")]
 #: A worker process count >= 1, or ``"auto"`` for one per CPU core.
 Workers = Annotated[
-    int | Literal["auto"], PlainValidator(_check_workers), Kind("integer or \"auto\"")
+    int | Literal["auto"], PlainValidator(_check_workers), Kind('integer or "auto"')
 ]
 
 
@@ -268,7 +268,9 @@ def _check_upgrades(value: list[str]) -> tuple[str, ...]:
 
 #: Upgrade protocols (``websocket``), lower-case; ``h2c`` is refused.
 Upgrades = Annotated[
-    tuple[str, ...], BeforeValidator(list), AfterValidator(_check_upgrades),
+    tuple[str, ...],
+    BeforeValidator(list),
+    AfterValidator(_check_upgrades),
     Kind("list of protocols"),
 ]
 #: ``true`` (redirect to ``https://host/...``), a port (``https://host:PORT/...``), or false.
@@ -395,7 +397,7 @@ def _parse_statuses(value: object) -> tuple[tuple[int, int], ...]:
             lo, hi = int(low), int(high) if dash else int(low)
         except ValueError:
             raise ValueError(
-                f"invalid status {item!r}; use a code (200) or a range (\"200-399\")"
+                f'invalid status {item!r}; use a code (200) or a range ("200-399")'
             ) from None
         if not 100 <= lo <= hi <= 599:
             raise ValueError(f"invalid status range {item!r}; codes are 100-599, low first")
