@@ -178,7 +178,7 @@ def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> Non
     assert pool["upstreams"] == [{"url": "http://127.0.0.1:9001", "name": "app-1", "weight": 1,
                                   "backup": False, "max_connections": None}]  # fmt: skip
     assert pool["retries"]["attempts"] == 2 and pool["health_check"]["active"] is None
-    assert data["admin"] == {"bind": "127.0.0.1:9902", "token": HIDDEN}
+    assert data["admin"] == {"bind": "127.0.0.1:9902", "token": HIDDEN, "allowed_hosts": None}
     assert data["access_log"] is None and data["workers"] == 1
     # what it prints is a config that means the same (the token aside)
     printed = tmp_path / "printed.yaml"
