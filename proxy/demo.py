@@ -132,7 +132,8 @@ def _print_banner(
         "",
         f"Admin: dashboard {admin_url}/  metrics {admin_url}/metrics",
         f"  curl -s {admin_url}/api/pools",
-        f"  curl -s -X POST {admin_url}/api/pools/demo/upstreams/127.0.0.1:{ports[0]}/drain",
+        f"  curl -s -X POST -H 'X-Aiolb-Admin: 1' "
+        f"{admin_url}/api/pools/demo/upstreams/127.0.0.1:{ports[0]}/drain",
         "",
         "Press Ctrl-C to stop.",
     ]

@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, Final
 
-from proxy.admin.security import admin_token
+from proxy.admin.security import ADMIN_HEADER, admin_token
 from proxy.config import Config
 from proxy.config.values import format_address
 
@@ -57,7 +57,8 @@ def call(config: Config, method: str, path: str, timeout: float = CALL_TIMEOUT) 
     nothing answers (or the port is 0: unknown), ``RemoteError`` for a refused token."""
     if config.admin.port == 0:
         raise ConnectionError("admin.bind has port 0, chosen when aiolb starts")
-    headers = {"Accept": "application/json"}
+    # X-Aiolb-Admin: the admin refuses a POST a web page could send (proxy.admin.security)
+    headers = {"Accept": "application/json", ADMIN_HEADER: "1"}
     token = admin_token(config.admin)
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"

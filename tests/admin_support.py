@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin.security import ADMIN_HEADER
 from proxy.runtime.server import ProxyServer
 
 
@@ -46,6 +47,10 @@ def request_counts(text: str) -> dict[tuple[str, str, str, str, str], int]:
 async def get_json(
     server: ProxyServer, path: str, method: str = "GET", **kw: Any
 ) -> tuple[int, Any, dict[str, str]]:
+    """One admin call; a POST carries ``X-Aiolb-Admin`` as ``aiolb reload`` and the
+    dashboard do (the admin refuses a POST that a web page could send)."""
+    if method not in ("GET", "HEAD"):
+        kw["headers"] = {ADMIN_HEADER: "1", **(kw.get("headers") or {})}
     async with aiohttp.ClientSession() as session:
         async with session.request(method, admin(server, path), **kw) as resp:
             return resp.status, await resp.json(), dict(resp.headers)

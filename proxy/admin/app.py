@@ -14,6 +14,9 @@
 | ``POST /api/stop`` | 202 ``{"stopping": true, "shutdown_timeout_s": N}``, then as SIGTERM |
 | ``GET /`` | the dashboard page (``dashboard.html`` next to this module) |
 
+A POST must carry ``Content-Type: application/json`` or ``X-Aiolb-Admin: 1`` (or, with
+a token, ``Authorization``), else 403: a page on another site cannot send those, and the
+admin also checks ``Host``, ``Origin`` and ``Sec-Fetch-Site`` (``proxy.admin.security``).
 POST bodies are optional; one that is sent must be a JSON object with no fields
 (none are defined yet), else 400. Errors are ``{"error": "..."}`` (``proxy.admin.errors``).
 """
@@ -32,7 +35,13 @@ from prometheus_client.exposition import choose_encoder
 
 from proxy.admin.errors import ApiError, json_errors, json_response
 from proxy.admin.recent import RecentStats
-from proxy.admin.security import admin_token, bearer_auth, check_exposure
+from proxy.admin.security import (
+    admin_token,
+    allowed_hosts,
+    bearer_auth,
+    browser_guard,
+    check_exposure,
+)
 from proxy.admin.trends import Trends
 from proxy.admin.views import caches_view, pools_view, server_view, upstream_view
 from proxy.errors import BindError
@@ -58,16 +67,22 @@ SHUTDOWN_TIMEOUT = 2.0  # seconds an admin request may still run when the proxy 
 class AdminApi:
     """The handlers over one ``ProxyServer``; ``app()`` wires them into aiohttp."""
 
-    def __init__(self, server: ProxyServer, token: str | None) -> None:
+    def __init__(
+        self, server: ProxyServer, token: str | None, hosts: frozenset[str] | None
+    ) -> None:
         self.server = server
         self.token = token
+        #: host names a ``Host`` may carry besides loopback ones (None: any)
+        self.hosts = hosts
         self.registry = build_registry(server)
         self.recent = RecentStats()
         self.trends = Trends()
         self.dashboard = DASHBOARD.read_text() if DASHBOARD.exists() else PLACEHOLDER
 
     def app(self) -> web.Application:
-        middlewares = [json_errors] + ([bearer_auth(self.token)] if self.token else [])
+        # the token first: a request without it gets 401 (what to fix), whatever else
+        auth = [bearer_auth(self.token)] if self.token else []
+        middlewares = [json_errors, *auth, browser_guard(self.hosts, self.token is not None)]
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
         r = app.router
         r.add_get("/", self.index)
@@ -233,7 +248,7 @@ def split_purge_target(value: str) -> tuple[bytes | None, bytes]:
     raw = value.encode("latin-1", errors="replace")
     for scheme in (b"http://", b"https://"):
         if raw.lower().startswith(scheme):
-            authority, slash, rest = raw[len(scheme):].partition(b"/")
+            authority, slash, rest = raw[len(scheme) :].partition(b"/")
             return authority.lower().split(b":", 1)[0], slash + rest if slash else b"/"
     return None, raw
 
@@ -274,7 +289,7 @@ async def start_admin(
     """
     token = admin_token(admin)
     check_exposure(admin, token)
-    app = AdminApi(server, token).app()
+    app = AdminApi(server, token, allowed_hosts(admin, token)).app()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

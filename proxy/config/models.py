@@ -119,6 +119,28 @@ def _option_problem(error: ErrorDetails) -> str:
     return f"{key}: {error['msg'].removeprefix('Value error, ')}"
 
 
+def _check_allowed_hosts(value: object) -> tuple[str, ...]:
+    """``admin.allowed_hosts``: host names (lower case, IPv6 without brackets), or ``*``."""
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of host names, such as [aiolb.internal]")
+    out: list[str] = []
+    for item in value:
+        name = str(item).strip().lower().rstrip(".")
+        name = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+        if not name or any(c in name for c in "/@[] \t") or ("*" in name and name != "*"):
+            raise ValueError(f'invalid host name {item!r}; use a name, an IP address or "*"')
+        if name.count(":") == 1:
+            raise ValueError(f"list host names without a port: {item!r}")
+        out.append(name)
+    return tuple(out)
+
+
+#: Host names the admin answers (``admin.allowed_hosts``); ``*`` for any.
+AllowedHosts = Annotated[
+    tuple[str, ...], BeforeValidator(_check_allowed_hosts), Kind("list of host names")
+]
+
+
 class Admin(ConfigModel):
     """The admin and metrics server. An empty ``token`` means none (no auth)."""
 
@@ -128,6 +150,11 @@ class Admin(ConfigModel):
     token: str | None = Field(default=None, json_schema_extra={"secret": True})
     """Bearer token the admin API asks for (``Authorization: Bearer TOKEN``); null:
     ``AIOLB_ADMIN_TOKEN`` if set, else no token."""
+    allowed_hosts: AllowedHosts | None = None
+    """Host names a request's ``Host`` may carry, besides loopback ones (``localhost``,
+    ``127.0.0.1``, ``[::1]``) and ``bind``'s address, which are always accepted; others
+    get 403 (against DNS rebinding). ``["*"]``: any. null: any when a token is set (the
+    token guards the API), else only those. ``/healthz`` and ``/readyz`` answer any."""
 
     @field_validator("token", mode="before")
     @classmethod

@@ -427,3 +427,132 @@ async def test_non_loopback_admin_without_token_is_refused(
 def test_loopback_addresses() -> None:
     assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com", ""]))
+
+
+# --- browsers: DNS rebinding, cross-site and CORS-simple requests (issue #23) ------------
+
+
+async def admin_call(
+    server: ProxyServer, method: str, path: str, headers: dict[str, str], data: bytes = b""
+) -> tuple[int, str]:
+    """One request to the real admin listener with exactly these headers (``Host``
+    included, when given): (status, the ``error`` of a JSON answer, else its text)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, admin(server, path), headers=headers, data=data) as r:
+            if r.content_type == "application/json":
+                return r.status, str((await r.json()).get("error", ""))
+            return r.status, await r.text()
+
+
+async def test_a_cross_site_post_cannot_stop_the_proxy(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    # the audit's request: what any page the browser shows can send, with no preflight
+    server = await proxy(make_config([(await recorders("a")).url]))
+    attack = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    status, error = await admin_call(server, "POST", "/api/stop", attack, b"stop")
+    assert status == 403 and "Origin 'http://evil.example'" in error
+    async with aiohttp.ClientSession() as session:
+        assert await send(session, "GET", proxy_url(server, "/x")) == (200, "a")
+    assert server.ready and (await admin_call(server, "GET", "/readyz", {}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "word"),
+    [
+        ({"Content-Type": "text/plain"}, "X-Aiolb-Admin"),
+        ({}, "Content-Type: application/json"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, "X-Aiolb-Admin"),
+        ({"Origin": "null", "X-Aiolb-Admin": "1"}, "Origin 'null'"),
+        ({"Origin": "http://127.0.0.1:1", "Content-Type": "application/json"}, "Origin"),
+        ({"Sec-Fetch-Site": "cross-site", "X-Aiolb-Admin": "1"}, "cross-site"),
+        ({"Sec-Fetch-Site": "same-site", "X-Aiolb-Admin": "1"}, "same-site"),
+    ],
+)
+async def test_a_post_a_page_could_send_is_refused(
+    recorders: MakeRecorder, proxy: MakeProxy, headers: dict[str, str], word: str
+) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    assert server.admin is not None
+    status, error = await admin_call(server, "POST", "/api/reload", headers)
+    assert status == 403 and word in error, error
+    up = f"/api/pools/main/upstreams/{server_rec(server).address}/drain"
+    assert (await admin_call(server, "POST", up, headers))[0] == 403
+    assert server_rec(server).enabled  # nothing drained
+
+
+async def test_the_admins_own_pages_and_scripts_may_post(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    server = await proxy(make_config([(await recorders("a")).url]))
+    assert server.admin is not None
+    own = {"Origin": server.admin.url, "Sec-Fetch-Site": "same-origin"}
+    for headers in ({"X-Aiolb-Admin": "1"}, {"Content-Type": "application/json; charset=utf-8"},
+                    {**own, "X-Aiolb-Admin": "yes"}, {**own, "Content-Type": "application/json"},
+                    {"Sec-Fetch-Site": "none", "X-Aiolb-Admin": "1"}):  # fmt: skip
+        status, error = await admin_call(server, "POST", "/api/reload", headers)
+        assert status == 409 and error == "", (headers, error)  # reached the handler
+    # even the dashboard's own page marks its POSTs: a form on another site could not
+    status, error = await admin_call(server, "POST", "/api/reload", own)
+    assert status == 403 and "X-Aiolb-Admin" in error
+
+
+async def test_a_rebound_host_name_cannot_read_the_api(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    # DNS rebinding: evil.example now resolves to 127.0.0.1, and its page reads the API
+    server = await proxy(make_config([(await recorders("a")).url]))
+    evil = {"Host": "evil.example:9901"}
+    for path in ("/api/pools", "/metrics", "/", "/nope"):
+        status, error = await admin_call(server, "GET", path, evil)
+        assert status == 403 and "Host 'evil.example:9901' is not allowed" in error, path
+    for path in ("/healthz", "/readyz"):  # probes name the pod's IP: any Host
+        assert (await admin_call(server, "GET", path, evil))[0] == 200, path
+    for host in ("localhost:9901", "LOCALHOST.", "127.8.0.1", "[::1]:9901", f"{HOST}:1"):
+        assert (await admin_call(server, "GET", "/api/pools", {"Host": host}))[0] == 200, host
+    for host in ("localhost.evil.example", "127.0.0.1.evil.example", "0.0.0.0:9901"):
+        assert (await admin_call(server, "GET", "/api/pools", {"Host": host}))[0] == 403, host
+
+
+async def test_allowed_hosts_name_more_hosts_or_any(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    config = make_config([(await recorders("a")).url])
+    server = await proxy(with_admin(config, allowed_hosts=["aiolb.internal"]))
+    for host, status in (("aiolb.internal:9901", 200), ("AIOLB.internal", 200),
+                         ("localhost", 200), ("evil.example", 403)):  # fmt: skip
+        assert (await admin_call(server, "GET", "/api/pools", {"Host": host}))[0] == status, host
+    headers = {"Host": "aiolb.internal:9", "Origin": "http://aiolb.internal:9"}
+    headers["Content-Type"] = "application/json"
+    assert (await admin_call(server, "POST", "/api/reload", headers))[0] == 409
+    anywhere = await proxy(with_admin(config, allowed_hosts=["*"]))
+    assert (await admin_call(anywhere, "GET", "/api/pools", {"Host": "evil.example"}))[0] == 200
+
+
+async def test_with_a_token_any_host_unless_allowed_hosts_says(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    config = make_config([(await recorders("a")).url])
+    auth = {"Authorization": "Bearer s3cret"}
+    server = await proxy(with_admin(config, token="s3cret"))
+    # a remote admin is reached by names the proxy cannot know; the token guards the API
+    status, _ = await admin_call(server, "GET", "/api/pools", {**auth, "Host": "lb-1.corp:9901"})
+    assert status == 200
+    # the bearer header is one no page can send cross-site without a preflight: enough
+    assert (await admin_call(server, "POST", "/api/reload", auth))[0] == 409
+    cross = {**auth, "Origin": "http://evil.example", "Content-Type": "application/json"}
+    assert (await admin_call(server, "POST", "/api/reload", cross))[0] == 403
+    listed = await proxy(with_admin(config, token="s3cret", allowed_hosts=["lb-1.corp"]))
+    for host, status in (("lb-1.corp:9901", 200), ("evil.example", 403), ("127.0.0.1", 200)):
+        got, _ = await admin_call(listed, "GET", "/api/pools", {**auth, "Host": host})
+        assert got == status, host
+
+
+def test_allowed_hosts_are_names_without_ports() -> None:
+    admin_ = Admin(allowed_hosts=["Aiolb.Internal.", "[::1]", "10.0.0.7", "*"])
+    assert admin_.allowed_hosts == ("aiolb.internal", "::1", "10.0.0.7", "*")
+    for bad, word in (("aiolb.internal", "list of host names"), (["a.b:9901"], "port"),
+                      (["*.example.com"], "invalid host name"), ([""], "invalid"),
+                      (["[::1]:9901"], "invalid"), (["http://a.b"], "invalid")):  # fmt: skip
+        with pytest.raises(ValueError, match=word):
+            Admin(allowed_hosts=bad)

@@ -157,12 +157,12 @@ def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> Non
     path = tmp_path / "c.yaml"
     path.write_text(
         "listeners:\n"
-        "  - {name: web, bind: \"127.0.0.1:${PORT}\", routes: [{pool: main}]}\n"
+        '  - {name: web, bind: "127.0.0.1:${PORT}", routes: [{pool: main}]}\n'
         "pools:\n"
         "  main:\n"
         "    balancer: {name: peak_ewma, decay: 5s}\n"
-        "    upstreams: [{url: \"http://127.0.0.1:9001\", name: app-1}]\n"
-        "admin: {bind: \"127.0.0.1:9902\", token: \"${TOKEN}\"}\n"
+        '    upstreams: [{url: "http://127.0.0.1:9001", name: app-1}]\n'
+        'admin: {bind: "127.0.0.1:9902", token: "${TOKEN}"}\n'
     )
     env = {"PORT": "8081", "TOKEN": "very-secret-token"}
     code, out, err = cli("check", "-c", str(path), "--print", env=env)
@@ -178,7 +178,7 @@ def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> Non
     assert pool["upstreams"] == [{"url": "http://127.0.0.1:9001", "name": "app-1", "weight": 1,
                                   "backup": False, "max_connections": None}]  # fmt: skip
     assert pool["retries"]["attempts"] == 2 and pool["health_check"]["active"] is None
-    assert data["admin"] == {"bind": "127.0.0.1:9902", "token": HIDDEN}
+    assert data["admin"] == {"bind": "127.0.0.1:9902", "token": HIDDEN, "allowed_hosts": None}
     assert data["access_log"] is None and data["workers"] == 1
     # what it prints is a config that means the same (the token aside)
     printed = tmp_path / "printed.yaml"
@@ -214,8 +214,13 @@ def test_a_busy_port_names_the_key_to_change(tmp_path: Path) -> None:
     assert listener.stderr.strip().splitlines()[-1] == (
         f"{path}:2: listeners[0].bind: cannot listen on 127.0.0.1:{port}: address already in "
         "use (another process holds it: stop it or change this key)")  # fmt: skip
-    assert admin.stderr.strip().splitlines()[-1].startswith(
-        f"{path}:5: admin.bind: cannot listen on 127.0.0.1:{port}: address already in use")
+    assert (
+        admin.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"{path}:5: admin.bind: cannot listen on 127.0.0.1:{port}: address already in use"
+        )
+    )
     assert demo.stderr.strip() == (
         f"aiolb demo: cannot listen on 127.0.0.1:{port}: address already in use; choose "
         "another port with --port N (--port 0: any free port)")  # fmt: skip
@@ -286,15 +291,15 @@ def test_check_reports_every_problem_with_file_and_line(tmp_path):
     bad.write_text(
         "listeners:\n"
         "  - name: public\n"
-        "    bind: \"127.0.0.1:8080\"\n"
+        '    bind: "127.0.0.1:8080"\n'
         "    routes:\n"
-        "      - match: {path_prefix: \"/\"}\n"
+        '      - match: {path_prefix: "/"}\n'
         "        pool: nowhere\n"
         "pools:\n"
         "  web:\n"
         "    upstreams:\n"
-        "      - {url: \"http://127.0.0.1:9001\"}\n"
-        "      - {url: \"http://127.0.0.1:9002\", weight: 0}\n"
+        '      - {url: "http://127.0.0.1:9001"}\n'
+        '      - {url: "http://127.0.0.1:9002", weight: 0}\n'
     )
     result = aiolb_cli("check", "-c", str(bad))
     assert result.returncode == 2
@@ -333,9 +338,16 @@ async def _read_banner(proc: asyncio.subprocess.Process) -> str:
 
 async def test_demo_answers_through_the_proxy_and_stops_on_ctrl_c():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "demo", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         banner = await _read_banner(proc)
