@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from proxy.config.models import Match
 from proxy.http.target import normal_target
 
 
@@ -130,3 +132,21 @@ def test_normalising_is_idempotent_and_leaves_no_dots_or_empty_segments(target: 
     assert b"\\" not in path
     for escape in path.split(b"%")[1:]:
         assert escape[:2] == escape[:2].upper() and int(escape[:2], 16) > 0
+
+
+@pytest.mark.parametrize(
+    ("prefix", "written"),
+    [
+        ("//api", "; write '/api'"),
+        ("/a/./b", "; write '/a/b'"),
+        ("/x/../admin", "; write '/admin'"),
+        ("/%61dmin", "; write '/admin'"),
+        ("/caf%c3%a9", "; write '/caf%C3%A9'"),
+        ("/a\\b", ""),
+    ],
+)
+def test_a_path_prefix_no_normalised_path_starts_with_is_refused(prefix: str, written: str):
+    with pytest.raises(ValidationError) as refused:
+        Match(path_prefix=prefix)
+    assert f"can never match a normalised request path{written} [" in str(refused.value)
+    assert all(Match(path_prefix=p) for p in ("/", "/api/", "/a/.well-known", "/a%2F", "/q?x="))
