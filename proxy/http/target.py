@@ -22,8 +22,8 @@ What cannot be made safe is refused (``None``; the exchange answers 400 and clos
 some servers take it for ``/``), and a ``.`` or ``..`` hidden behind an encoded slash
 or backslash (``..%2F``: a server that decodes ``%2F`` would climb there).
 
-The common target has none of ``%``, ``/.``, ``//`` and ``\\``: four scans in C and
-the same object back, nothing allocated.
+The common target has none of ``%``, ``/.``, ``//`` and ``\\``: four scans in C and the
+same object back, nothing allocated.
 """
 
 from __future__ import annotations
@@ -42,19 +42,28 @@ def normal_target(target: bytes) -> bytes | None:
 
     Only origin-form targets (``/...``) change; ``*`` passes as it is.
     """
-    if b"%" not in target and b"/." not in target and b"//" not in target and b"\\" not in target:
+    # ``b"%" in target`` first tries b"%" as an integer and formats a TypeError that it
+    # then drops; an int is a plain memchr (37 is "%", 92 a backslash). For two bytes,
+    # ``replace`` (argument clinic) is cheaper than ``find`` (PyArg_ParseTuple), and it
+    # returns the object itself when there is nothing to replace.
+    if (
+        37 not in target
+        and 92 not in target
+        and target.replace(b"//", b"") is target
+        and target.replace(b"/.", b"") is target
+    ):
         return target
     if target[:1] != b"/":
         return target
     path, mark, query = target.partition(b"?")
-    if b"\\" in path:
+    if 92 in path:
         return None
-    if b"%" in path:
+    if 37 in path:
         decoded = _decode(path)
         if decoded is None:
             return None
         path = decoded
-    elif b"/." not in path and b"//" not in path:
+    elif path.find(b"/.") < 0 and path.find(b"//") < 0:
         return target  # what the scan saw was in the query
     normal = _remove_dot_segments(path)
     if normal is None:
