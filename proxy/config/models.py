@@ -43,6 +43,7 @@ from proxy.config.values import (
     parse_upstream_url,
     split_host_port,
 )
+from proxy.http.target import normal_target
 from proxy.metrics.log_format import DEFAULT_FIELDS, FIELDS, parse_template
 
 # These two must name exactly the keys of ``proxy.balancing.REGISTRY`` (a test checks it):
@@ -259,13 +260,15 @@ class Match(ConfigModel):
 
     ``host``: an exact host (``api.example.com``) or a wildcard (``*.example.com``, which
     matches any subdomain but not ``example.com`` itself), stored lower-case, without a
-    port; None matches every host. ``path_prefix``: the raw request path starts with it.
+    port; None matches every host. ``path_prefix``: the request's normalised target
+    (``proxy.http.target``) starts with it, so it must be written normalised itself.
     """
 
     host: str | None = None
     """``api.example.com`` or ``*.example.com`` (subdomains only); null: any host."""
     path_prefix: str = "/"
-    """The request path starts with this."""
+    """The request path starts with this, after normalisation (RFC 3986: `%61` is `a`,
+    other escapes in upper case, `//`, `/./` and `/x/../` merged or removed)."""
 
     @field_validator("host")
     @classmethod
@@ -289,6 +292,10 @@ class Match(ConfigModel):
             raise ValueError(f"must start with '/', got {value!r}")
         if not value.isascii() or not value.isprintable() or " " in value:
             raise ValueError(f"must be printable ASCII without spaces, got {value!r}")
+        normal = normal_target(value.encode() + b"x")  # "x": a prefix may end in a segment
+        if normal != value.encode() + b"x":
+            written = "" if normal is None else f"; write {normal[:-1].decode()!r}"
+            raise ValueError(f"{value!r} can never match a normalised request path{written}")
         return value
 
 
