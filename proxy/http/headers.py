@@ -16,9 +16,9 @@ a request): such a request is refused (``ValueError``, a 400). So is a ``Host`` 
 not an RFC 3986 authority (``a b``, ``a/b@c``): RFC 9112 3.2.
 
 Responses: the same hop-by-hop names and ``Transfer-Encoding`` are removed; the
-forwarding layer writes its own framing and ``Connection`` header. A response whose
-``Connection`` header names a framing header is refused (``ValueError``: the upstream
-connection turns it into a 502), as the request side is.
+forwarding layer writes its own framing and ``Connection`` header. A ``Connection``
+header naming ``Content-Length`` does not remove it (the body was framed by it: removed,
+the client would get a keep-alive response with no length), as nginx does.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def valid_host(value: bytes) -> bool:
     """Is ``value`` a ``Host`` header value RFC 9112 allows? (kept per value)"""
     if value in _GOOD_HOSTS:
         return True
-    if _HOST_VALUE.fullmatch(value) is None:
+    if not value or _HOST_VALUE.fullmatch(value) is None:  # empty: 400, as nginx
         return False
     if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:
         _GOOD_HOSTS.clear()
@@ -243,13 +243,16 @@ def _connection_tokens(value: bytes, listed: list[bytes] | None) -> list[bytes]:
     return tokens if listed is None else listed + tokens
 
 
-def _remove_listed(parts: list[bytes], listed: list[bytes]) -> list[bytes]:
+def _remove_listed(parts: list[bytes], listed: list[bytes], refuse: bool = True) -> list[bytes]:
     """Drop the headers a ``Connection`` header names (rare: only non-plain tokens).
-    ValueError when it names ``Content-Length``, ``Transfer-Encoding`` or ``Host``."""
+    ``Content-Length``, ``Transfer-Encoding`` and ``Host`` are never dropped: a request
+    naming one is refused (ValueError), a response (``refuse`` False) keeps them."""
     names = {t for t in listed if t not in _PLAIN_CONNECTION_TOKENS}
     if not names:
         return parts
-    if not names.isdisjoint(_PROTECTED):
+    if not refuse:
+        names -= _PROTECTED
+    elif not names.isdisjoint(_PROTECTED):
         raise ValueError("Connection header names " + ", ".join(
             sorted(n.decode("latin-1") for n in names & _PROTECTED)
         ))  # fmt: skip
@@ -373,7 +376,7 @@ class ResponseHead:
                 listed = _connection_tokens(value, listed)
         if listed:
             self.close = b"close" in listed
-            parts = [parts[0], *_remove_listed(parts[1:], listed)]
+            parts = [parts[0], *_remove_listed(parts[1:], listed, refuse=False)]
         self.head = b"".join(parts)
 
 

@@ -16,10 +16,9 @@ A parsed response completes after the read that ended it has been parsed whole
 (``finished``), never from inside the parser: bytes after it in the same read (a
 second response to one request, garbage) are found first (``on_message_begin``), and
 then the connection is closed rather than pooled, so nothing of one response can reach
-the next exchange. A status below 100, a ``101`` nobody asked for and a head whose
-``Connection`` header names a framing header are invalid responses (502), with nothing
-of them relayed. A close-delimited body ends with a clean close (FIN); a reset leaves it
-unterminated, and the client connection is closed.
+the next exchange. A status below 100 and a ``101`` nobody asked for are invalid
+responses (502), with nothing of them relayed. A close-delimited body ends with a clean
+close (FIN); a reset leaves it unterminated, and the client connection is closed.
 """
 
 from __future__ import annotations
@@ -293,7 +292,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.collecting = False
         try:
             found = response_head(raw[start:end] if start or end < len(raw) else raw)
-        except ValueError as exc:  # a Connection header naming a framing header
+        except ValueError as exc:  # a head the parser passed but the rules cannot read
             raise _Invalid(f"invalid response from upstream: {exc}") from None
         if not ex.on_response_head(status, found):
             self.exchange = None
