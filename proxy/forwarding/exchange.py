@@ -52,7 +52,7 @@ from proxy.forwarding.router import normalise_host
 from proxy.forwarding.tunnel import Tunnel
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
 from proxy.http.responses import CONTINUE_100, error_response, redirect_response
-from proxy.http.target import normal_target
+from proxy.http.target import known_target, normal_target
 from proxy.tcp import JOIN_BELOW, write_pieces
 from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
 
@@ -233,7 +233,8 @@ class Exchange:
         and send, or answer locally."""
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
-        target = normal_target(self.target)  # what routes, filters, cache, upstream see
+        # what routes, filters, the cache and the upstream see (``proxy.http.target``)
+        target = known_target(self.target) or normal_target(self.target)
         if target is None:
             log.info("400 request target refused: %r", self.target[:200])
             self.local(400, close=True)

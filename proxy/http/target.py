@@ -23,7 +23,9 @@ some servers take it for ``/``), and a ``.`` or ``..`` hidden behind an encoded 
 or backslash (``..%2F``: a server that decodes ``%2F`` would climb there).
 
 The common target has none of ``%``, ``/.``, ``//`` and ``\\``: four scans in C and the
-same object back, nothing allocated.
+same object back, nothing allocated. Clients repeat their targets, so the exchange asks
+``known_target`` first: the result ``normal_target`` gave for the same bytes before (a
+dict lookup, no Python frame), kept in a bounded dict that is emptied when full.
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ _UNRESERVED: Final = frozenset(
 )
 _HEX: Final = frozenset(b"0123456789ABCDEFabcdef")
 _DOTS: Final = (b".", b"..")
+
+#: Targets normalised before -> their normal form (refused ones are not kept).
+_KNOWN: Final[dict[bytes, bytes]] = {}
+_KNOWN_MAX: Final = 4096
+#: ``known_target(target)``: what ``normal_target`` gave for these bytes, or None.
+known_target: Final = _KNOWN.get
+
+
+def _keep(target: bytes, normal: bytes) -> bytes:
+    if len(_KNOWN) >= _KNOWN_MAX:
+        _KNOWN.clear()
+    _KNOWN[target] = normal
+    return normal
 
 
 def normal_target(target: bytes) -> bytes | None:
@@ -52,7 +67,7 @@ def normal_target(target: bytes) -> bytes | None:
         and target.replace(b"//", b"") is target
         and target.replace(b"/.", b"") is target
     ):
-        return target
+        return _keep(target, target)
     if target[:1] != b"/":
         return target
     path, mark, query = target.partition(b"?")
@@ -64,11 +79,11 @@ def normal_target(target: bytes) -> bytes | None:
             return None
         path = decoded
     elif path.find(b"/.") < 0 and path.find(b"//") < 0:
-        return target  # what the scan saw was in the query
+        return _keep(target, target)  # what the scan saw was in the query
     normal = _remove_dot_segments(path)
     if normal is None:
         return None
-    return normal + mark + query
+    return _keep(target, normal + mark + query)
 
 
 def _decode(path: bytes) -> bytes | None:
