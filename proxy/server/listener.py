@@ -173,7 +173,11 @@ class Listener:
 
     def sweep(self, now: float) -> None:
         for conn in tuple(self.connections):
-            conn.check_timeouts(now)
+            try:
+                conn.check_timeouts(now)
+            except Exception as exc:  # one connection's bug must not stop the others' timers
+                log.error("bug in the timeouts of %r", conn, exc_info=exc)
+                conn.transport.abort()
 
     def stop_accepting(self) -> None:
         if self.server is not None:

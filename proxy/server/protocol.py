@@ -200,59 +200,65 @@ class ClientConnection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = self.broken = True
-        self.listener.connections.discard(self)
-        # The parser holds bound methods of this object: drop it, so that a closed
-        # connection is freed now by its reference count, not later by the cyclic GC
-        # (whose pauses, with connections closing all the time, reach milliseconds).
-        self.parser = None  # type: ignore[assignment]
-        if self.exchange is not None:
-            self.exchange.abort()
-            self.exchange = None
-        if self.parsing is not None:
-            self.parsing.abort()
-            self.parsing = None
-        while self.queue:
-            self.queue.popleft().abort()
+        try:
+            self.closed = self.broken = True
+            self.listener.connections.discard(self)
+            # The parser holds bound methods of this object: drop it, so that a closed
+            # connection is freed now by its reference count, not later by the cyclic GC
+            # (whose pauses, with connections closing all the time, reach milliseconds).
+            self.parser = None  # type: ignore[assignment]
+            if self.exchange is not None:
+                self.exchange.abort()
+                self.exchange = None
+            if self.parsing is not None:
+                self.parsing.abort()
+                self.parsing = None
+            while self.queue:
+                self.queue.popleft().abort()
+        except Exception as error:  # a bug: it never escapes a protocol callback
+            log.error("bug while closing a connection from %s", self.client_ip, exc_info=error)
 
     def data_received(self, data: bytes) -> None:
-        if self.broken:
-            return
-        self.chunk_len = len(data)
-        if self.phase == IDLE:  # the first byte of a request: the header timer starts
-            self.phase = HEAD
-            self.deadline = self.clock.now + self.timeout_header
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            self._callback_failed(exc.__context__)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args else len(data)
-            if self.reframe:
-                self._reframe(data, offset)
-            else:
-                self._after_upgrade(data, offset)
-        except httptools.HttpParserError as exc:
-            log.info("400 from %s: %s", self.client_ip, exc)
-            self.reject(400)
-        else:
-            if self.in_head:  # a head is unfinished: count it against max_header_size
-                size = self.head_bytes
-                if size < 0:  # it began in this read: the unfinished line, the parsed part
-                    size = len(data) - data.rfind(b"\n") - 1
-                    if self.url:
-                        size += self._head_size()
+            if self.broken:
+                return
+            self.chunk_len = len(data)
+            if self.phase == IDLE:  # the first byte of a request: the header timer starts
+                self.phase = HEAD
+                self.deadline = self.clock.now + self.timeout_header
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                self._callback_failed(exc.__context__)
+            except httptools.HttpParserUpgrade as exc:
+                offset = exc.args[0] if exc.args else len(data)
+                if self.reframe:
+                    self._reframe(data, offset)
                 else:
-                    size += len(data)
-                self.head_bytes = size
-                if size > self.max_header:
-                    self.reject(431)
-            if self.phase in (HEAD, BODY) and not self.acked:
-                self.acked = True  # more of this request to come: see proxy.tcp
-                ack_now(self.transport)
-        ex = self.exchange
-        if ex is not None and ex.__class__ is Exchange and ex.pending:
-            ex.flush_upstream()
+                    self._after_upgrade(data, offset)
+            except httptools.HttpParserError as exc:
+                log.info("400 from %s: %s", self.client_ip, exc)
+                self.reject(400)
+            else:
+                if self.in_head:  # a head is unfinished: count it against max_header_size
+                    size = self.head_bytes
+                    if size < 0:  # it began in this read: the unfinished line, the parsed part
+                        size = len(data) - data.rfind(b"\n") - 1
+                        if self.url:
+                            size += self._head_size()
+                    else:
+                        size += len(data)
+                    self.head_bytes = size
+                    if size > self.max_header:
+                        self.reject(431)
+                if self.phase in (HEAD, BODY) and not self.acked:
+                    self.acked = True  # more of this request to come: see proxy.tcp
+                    ack_now(self.transport)
+            ex = self.exchange
+            if ex is not None and ex.__class__ is Exchange and ex.pending:
+                ex.flush_upstream()
+        except Exception as exc:  # a bug: it never escapes a protocol callback
+            self._callback_failed(exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -123,43 +123,49 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.parser = None  # type: ignore[assignment]  # a cycle: see ClientConnection
-        upstream = self.upstream
-        upstream.connection_closed()
-        ex = self.exchange
-        if ex is None:
-            upstream.forget(self)
-            return
-        self.exchange = None
-        if exc is None:  # end of file: a close-delimited body may end here
-            ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
-        else:  # a reset (or a broken transport): never the end of a body
-            ex.on_upstream_lost(
-                self, UpstreamResetError(f"upstream reset the connection ({exc})"), reset=True
-            )
+        try:
+            self.closed = True
+            self.parser = None  # type: ignore[assignment]  # a cycle: see ClientConnection
+            upstream = self.upstream
+            upstream.connection_closed()
+            ex = self.exchange
+            if ex is None:
+                upstream.forget(self)
+                return
+            self.exchange = None
+            if exc is None:  # end of file: a close-delimited body may end here
+                ex.on_upstream_lost(self, UpstreamResetError("upstream closed the connection"))
+            else:  # a reset (or a broken transport): never the end of a body
+                ex.on_upstream_lost(
+                    self, UpstreamResetError(f"upstream reset the connection ({exc})"), reset=True
+                )
+        except Exception as error:  # a bug: it never escapes a protocol callback
+            log.error("bug after an upstream connection closed", exc_info=error)
 
     def data_received(self, data: bytes) -> None:
-        ex = self.exchange
-        if ex is None:  # bytes on an idle connection: it is out of step, drop it
-            self.close()
-            return
-        self.responded = True
-        if self.body_left:  # more of a body framed from a known head
-            self._count_body(ex, data)
-        elif self.collecting and not self.raw and not ex.parse_only and self._known(ex, data):
-            if self.exchange is not ex:  # the whole response was in this read: relayed
+        try:
+            ex = self.exchange
+            if ex is None:  # bytes on an idle connection: it is out of step, drop it
+                self.close()
                 return
-        else:
-            self._parse(ex, data)
-        if self.exchange is ex:
-            if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
-                self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-            elif not self.acked:  # more of this response to come: see proxy.tcp
-                self.acked = True
-                assert self.transport is not None
-                ack_now(self.transport)
-        ex.flush_client()
+            self.responded = True
+            if self.body_left:  # more of a body framed from a known head
+                self._count_body(ex, data)
+            elif self.collecting and not self.raw and not ex.parse_only and self._known(ex, data):
+                if self.exchange is not ex:  # the whole response was in this read: relayed
+                    return
+            else:
+                self._parse(ex, data)
+            if self.exchange is ex:
+                if self.collecting and len(self.raw) > MAX_RESPONSE_HEAD:
+                    self._fail(ex, f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+                elif not self.acked:  # more of this response to come: see proxy.tcp
+                    self.acked = True
+                    assert self.transport is not None
+                    ack_now(self.transport)
+            ex.flush_client()
+        except Exception as exc:  # a bug: it never escapes a protocol callback
+            self._bug(exc)
 
     def _parse(self, ex: Exchange, data: bytes) -> None:
         if self.collecting:
@@ -368,6 +374,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused &= ~reason
             if not self.reading_paused:
                 self.transport.resume_reading()
+
+    def _bug(self, exc: Exception) -> None:
+        """Something raised while relaying a response: log it, fail the exchange (a 502,
+        or a closed client connection mid-response) and close this connection."""
+        log.error("bug while relaying a response", exc_info=exc)
+        ex = self.exchange
+        if ex is None:
+            self.close()
+            return
+        try:
+            self._fail(ex, "internal error")
+        except Exception as again:
+            log.error("bug while failing a response", exc_info=again)
+            self.close()
 
     def _fail(self, ex: Exchange, reason: str) -> None:
         self.exchange = None
