@@ -322,17 +322,25 @@ class Exchange:
         ):
             return False
         self.deferred = (upstream, target)
+        client = self.client
+        if client.paused & BODY_WAIT:  # gathered while a filter ran: now it is buffered
+            client.resume(BODY_WAIT)
         if found.expect_continue and self.http_minor:
             found.expect_continue = False
-            self.client.transport.write(CONTINUE_100)
+            client.transport.write(CONTINUE_100)
         return True
 
     def _undefer(self) -> None:
-        """The buffered body is complete, or outgrew the buffer: send now."""
+        """The buffered body is complete, or outgrew the buffer: send now (to the upstream
+        picked at the head, unless it left the rotation meanwhile)."""
         deferred = self.deferred
         assert deferred is not None
         self.deferred = None
-        self.dispatch(*deferred)  # not deferred again: complete, or over the buffer
+        picked, target = deferred
+        upstream: Upstream | None = picked
+        if not picked.available:
+            upstream = self.pool.pick(self)  # type: ignore[union-attr]
+        self.dispatch(upstream, target)  # not deferred again: complete, or over the buffer
 
     def _redirect(self, route: Route) -> None:
         """A route that redirects to https: 308 to the same URL there."""
@@ -498,8 +506,8 @@ class Exchange:
             self.pending = []
             self.pending_size = 0
         conn.send(self, self.head, pending)
-        if self.client.paused:
-            self.client.resume(BODY_WAIT)
+        if self.client.paused:  # a new connection: its own write buffer decides from here
+            self.client.resume(BODY_WAIT | UPSTREAM_FULL)
         if self.req_done:
             self._await_response()
         if self.client.write_paused:
@@ -551,7 +559,9 @@ class Exchange:
             return
         conn = self.conn
         if conn is None:
-            if self.pending_size > PENDING_HIGH_WATER:
+            # a body waiting for a connection pauses the client; one being buffered on
+            # purpose (``deferred``) is bounded by the buffer instead
+            if self.pending_size > PENDING_HIGH_WATER and self.deferred is None:
                 self.client.pause(BODY_WAIT)
             return
         replay = self.replay
@@ -836,30 +846,26 @@ class Exchange:
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
             conn = self.conn
-            client = self.client
             if conn is not None and conn.transport is not None:
                 self.sent_mark = conn.transport.get_write_buffer_size()
-                now = self.sent_at = client.clock.now
-                due = now + self.pool.send_timeout  # type: ignore[union-attr]
-                if due < client.deadline:  # look then (``upstream_stalled``)
-                    client.deadline = due
-            client.pause(UPSTREAM_FULL)
+                self.sent_at = self.client.clock.now
+            self.client.pause(UPSTREAM_FULL)
         else:
             self.client.resume(UPSTREAM_FULL)
 
-    def upstream_stalled(self, now: float) -> float:
-        """The client is paused because the upstream's write buffer is full: when to
-        look again, or 0.0 when the upstream has taken none of the body for the pool's
-        ``timeouts.send`` (then the request failed: 504, or closed mid-response)."""
+    def upstream_stalled(self, now: float) -> bool:
+        """The client is paused because the upstream's write buffer is full (checked on
+        every tick). True when the upstream has taken none of the body for the pool's
+        ``timeouts.send``: then the request failed (504, or closed mid-response)."""
         conn = self.conn
         if conn is None or conn.transport is None or self.done:
-            return now + self.client.timeout_body
-        send_timeout: float = self.pool.send_timeout  # type: ignore[union-attr]
+            return False
         size = conn.transport.get_write_buffer_size()
         if size < self.sent_mark:
             self.sent_mark, self.sent_at = size, now
-        if now - self.sent_at < send_timeout:
-            return self.sent_at + send_timeout
+            return False
+        if now - self.sent_at < self.pool.send_timeout:  # type: ignore[union-attr]
+            return False
         self.conn = None
         conn.close()
         if self.resp_started:
@@ -868,7 +874,7 @@ class Exchange:
             self.client.close()
         else:
             self._attempt_failed(UpstreamTimeoutError("upstream took none of the request body"))
-        return 0.0
+        return True
 
     def client_write_paused(self, paused: bool) -> None:
         """The client's write buffer crossed a water mark: stop or restart the upstream."""

@@ -196,6 +196,8 @@ class RequestHeaders:
             elif action == _REQUEST_ID:
                 self.request_id = value
             elif action == _TRANSFER_ENCODING:
+                if value.strip().lower() != b"chunked":  # the only coding a request may use
+                    raise ValueError("unsupported Transfer-Encoding")
                 self.chunked = True
                 parts += (name, b": ", value, b"\r\n")
             elif action == _EXPECT:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from proxy.clock import NEVER
-from proxy.forwarding.exchange import PIPELINE, UPGRADE, UPSTREAM_FULL, Exchange
+from proxy.forwarding.exchange import BODY_WAIT, PIPELINE, UPGRADE, UPSTREAM_FULL, Exchange
 from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders
 from proxy.http.responses import error_response
 from proxy.tcp import ack_now
@@ -51,6 +51,10 @@ log = logging.getLogger("aiolb")
 #: Bounds memory per streaming connection; large enough that a 64 KiB response does
 #: not bounce the upstream between paused and resumed.
 WRITE_HIGH_WATER: Final = 256 * 1024
+
+#: Reasons to stop reading that belong to the current exchange (its upstream is full, or
+#: its body waits for a connection): they end with it.
+_EXCHANGE_PAUSES: Final = UPSTREAM_FULL | BODY_WAIT
 
 IDLE: Final = 0  # between requests (keep-alive)
 HEAD: Final = 1  # a request head is arriving
@@ -220,43 +224,48 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.broken:
-                return
-            self.chunk_len = len(data)
-            if self.phase == IDLE:  # the first byte of a request: the header timer starts
-                self.phase = HEAD
-                self.deadline = self.clock.now + self.timeout_header
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserCallbackError as exc:
-                self._callback_failed(exc.__context__)
-            except httptools.HttpParserUpgrade as exc:
-                offset = exc.args[0] if exc.args else len(data)
-                if self.reframe:
-                    self._reframe(data, offset)
-                else:
-                    self._after_upgrade(data, offset)
-            except httptools.HttpParserError as exc:
-                log.info("400 from %s: %s", self.client_ip, exc)
-                self.reject(400)
-            else:
-                if self.in_head:  # a head is unfinished: count it against max_header_size
-                    size = self.head_bytes
-                    if size < 0:  # it began in this read: the unfinished line, the parsed part
-                        size = len(data) - data.rfind(b"\n") - 1
-                        if self.url:
-                            size += self._head_size()
+            while True:  # once, unless an Upgrade request leaves bytes to parse on
+                if self.broken:
+                    return
+                self.chunk_len = len(data)
+                if self.phase == IDLE:  # the first byte of a request: the header timer starts
+                    self.phase = HEAD
+                    self.deadline = self.clock.now + self.timeout_header
+                rest = b""
+                try:
+                    self.parser.feed_data(data)
+                except httptools.HttpParserCallbackError as exc:
+                    self._callback_failed(exc.__context__)
+                except httptools.HttpParserUpgrade as exc:
+                    offset = exc.args[0] if exc.args else len(data)
+                    if self.reframe:
+                        rest = self._reframe(data, offset)
                     else:
-                        size += len(data)
-                    self.head_bytes = size
-                    if size > self.max_header:
-                        self.reject(431)
-                if self.phase in (HEAD, BODY) and not self.acked:
-                    self.acked = True  # more of this request to come: see proxy.tcp
-                    ack_now(self.transport)
-            ex = self.exchange
-            if ex is not None and ex.__class__ is Exchange and ex.pending:
-                ex.flush_upstream()
+                        rest = self._after_upgrade(data, offset)
+                except httptools.HttpParserError as exc:
+                    log.info("400 from %s: %s", self.client_ip, exc)
+                    self.reject(400)
+                else:
+                    if self.in_head:  # a head is unfinished: count it against max_header_size
+                        size = self.head_bytes
+                        if size < 0:  # it began in this read: count what of it was parsed
+                            # (where in the read it began is unknown: the bytes after the
+                            # last LF may be the previous body's; the next read counts whole)
+                            size = self._head_size() if self.url else 0
+                        else:
+                            size += len(data)
+                        self.head_bytes = size
+                        if size > self.max_header:
+                            self.reject(431)
+                    if self.phase in (HEAD, BODY) and not self.acked:
+                        self.acked = True  # more of this request to come: see proxy.tcp
+                        ack_now(self.transport)
+                ex = self.exchange
+                if ex is not None and ex.__class__ is Exchange and ex.pending:
+                    ex.flush_upstream()
+                if not rest:
+                    return
+                data = rest  # a loop, not a call: a thousand such requests in one read
         except Exception as exc:  # a bug: it never escapes a protocol callback
             self._callback_failed(exc)
 
@@ -373,6 +382,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.exchange:
             return
         self.exchange = None
+        if self.paused & _EXCHANGE_PAUSES:  # its upstream's pauses end with it
+            self.resume(_EXCHANGE_PAUSES)
         if not keep_alive or self.closed:
             self.close()
         elif self.queue or self._advancing or self.paused or self.draining:
@@ -433,19 +444,16 @@ class ClientConnection(asyncio.Protocol):
         """Called on every clock tick by the listener's sweep."""
         if self.send_deadline <= now and self._client_stalled(now):
             return
+        if self.paused & UPSTREAM_FULL:  # the upstream takes no body: its own deadline
+            ex = self.exchange
+            if ex.__class__ is Exchange and ex.upstream_stalled(now):
+                return  # 504, or closed mid-response
         if self.deadline <= now:
             if self.tunnel is not None:
                 self.tunnel.check_idle(now)
                 return
             if self.paused and self.phase != IDLE:  # we stopped reading, not the client
-                ex = self.exchange
-                if self.paused & UPSTREAM_FULL and ex.__class__ is Exchange:
-                    again = ex.upstream_stalled(now)
-                    if not again:  # the upstream took none of the body in time: 504
-                        return
-                    self.deadline = again
-                else:
-                    self.deadline = now + self.timeout_body
+                self.deadline = now + self.timeout_body
             elif self.phase == IDLE or (self.draining and self.exchange is None):
                 self.close()
             else:
@@ -482,6 +490,8 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = tunnel
         self.phase = TUNNEL
         self.exchange = None
+        self.write_paused = False  # the tunnel's side protocol gets the transport's pauses
+        self.send_deadline = NEVER
         self.broken = True  # nothing more is parsed here
         self.deadline = deadline
         held, self.held = self.held, b""
@@ -545,16 +555,16 @@ class ClientConnection(asyncio.Protocol):
             log.error("bug while handling a request from %s", self.client_ip, exc_info=exc)
             self.reject(500)
 
-    def _reframe(self, data: bytes, offset: int) -> None:
+    def _reframe(self, data: bytes, offset: int) -> bytes:
         """A request with a body and ``Connection: upgrade`` (never tunnelled): the
         parser ended its message at the head, so the body would be parsed as requests.
         A new parser is given a stand-in head with the request's own framing (its
-        callbacks ignore it), then the rest: the body reaches the exchange as any body,
-        and what follows it is the next request."""
+        callbacks ignore it); what it returns, the rest of the read, is parsed next: the
+        body reaches the exchange as any body, and what follows it is the next request."""
         self.reframe = False
         ex = self.parsing
         if ex is None or self.broken:
-            return
+            return b""
         found = ex.found
         framing = (
             b"Transfer-Encoding: chunked" if found.chunked
@@ -562,23 +572,21 @@ class ClientConnection(asyncio.Protocol):
         )  # fmt: skip
         self.parser = httptools.HttpRequestParser(self)
         self.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
-        rest = data[offset:]
-        if rest:
-            self.data_received(rest)
+        return data[offset:]
 
-    def _after_upgrade(self, data: bytes, offset: int) -> None:
+    def _after_upgrade(self, data: bytes, offset: int) -> bytes:
         """The parser stopped after a request with ``Connection: upgrade``. If it is
-        being forwarded as an Upgrade, hold what follows until its answer; otherwise
-        (``h2c``, a refused or bodied upgrade) parse on."""
+        being forwarded as an Upgrade, hold what follows until its answer (b"");
+        otherwise (``h2c``, a refused upgrade) return it, to parse on."""
         if self.broken:
-            return
+            return b""
         rest = data[offset:]
         last = self.queue[-1] if self.queue else self.exchange
         if last.__class__ is Exchange and last.found.upgrade is not None and not last.done:
             self.held = bytes(rest)
             self.pause(UPGRADE)
-        elif rest:
-            self.data_received(rest)
+            return b""
+        return rest
 
     def __repr__(self) -> str:
         return (
