@@ -350,11 +350,13 @@ def aiolb_config(
     pool: str = "",
     ports: Sequence[int] | None = None,
     tls_port: int | None = None,
+    listener: str = "",
 ) -> Path:
     """The documented minimal config: a listener, a pool of the upstream ports (or of
     ``ports``) and the admin address, everything else at its default. ``extra``:
     top-level YAML to add; ``pool``: lines to add to the pool (indented four spaces);
-    ``tls_port``: a second listener there, with TLS (the session's certificate)."""
+    ``tls_port``: a second listener there, with TLS (the session's certificate);
+    ``listener``: lines to add to the first listener (indented four spaces)."""
     upstreams = "".join(
         f'      - url: "http://127.0.0.1:{p}"\n' for p in (ports or upstream.ports)
     )
@@ -371,7 +373,7 @@ def aiolb_config(
     text = f"""listeners:
   - name: bench
     bind: "127.0.0.1:{port}"
-    routes:
+{listener}    routes:
       - pool: bench
 {tls}pools:
   bench:
