@@ -866,14 +866,7 @@ class Exchange:
             return False
         if now - self.sent_at < self.pool.send_timeout:  # type: ignore[union-attr]
             return False
-        self.conn = None
-        conn.close()
-        if self.resp_started:
-            log.warning("upstream took none of the request body in time; closing")
-            self.abort()
-            self.client.close()
-        else:
-            self._attempt_failed(UpstreamTimeoutError("upstream took none of the request body"))
+        self._late("upstream took none of the request body in time")
         return True
 
     def client_write_paused(self, paused: bool) -> None:
@@ -911,16 +904,22 @@ class Exchange:
             self.pool.overflows += 1  # type: ignore[union-attr]
             self._fail(CircuitOpenError("no connection free within the queue timeout"))
             return
+        self._late("upstream read timeout" if self.resp_started else "no response header in time")
+
+    def _late(self, reason: str) -> None:
+        """The upstream did not keep time: close its connection; before the response
+        head reached the client the attempt failed (504, or a retry), after it the
+        client connection is closed (a truncated body is never presented as complete)."""
         conn = self.conn
         if conn is not None:
             self.conn = None
             conn.close()
         if self.resp_started:
-            log.warning("upstream read timeout; closing the client connection")
+            log.warning("%s; closing the client connection", reason)
             self.abort()
             self.client.close()
         else:
-            self._attempt_failed(UpstreamTimeoutError("no response header in time"))
+            self._attempt_failed(UpstreamTimeoutError(reason))
 
     def local(self, status: int, close: bool = False) -> None:
         """Answer with the proxy's own response.

@@ -33,6 +33,23 @@ async def _to_close(client: RawClient, timeout: float = 5.0) -> bytes:
         client.close()
 
 
+def _answers_late(late: bytes, delay: float) -> Callable[..., Awaitable[None]]:
+    """An upstream that answers each request with its path (a 4-byte body read first),
+    ``delay`` seconds late for the path ``late``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"content-length: 4" in head.lower():
+                await reader.readexactly(4)
+            path = head.split(b" ")[1]
+            await asyncio.sleep(delay if path == late else 0)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            await writer.drain()
+
+    return serve
+
+
 async def test_a_deferred_body_over_64k_is_not_stuck(proxy: MakeProxy) -> None:
     """``limits.body_buffer_size`` may be up to 16 MiB, but ``Exchange.flush_upstream``
     pauses the client (BODY_WAIT) at 64 KiB pending while no connection is attached,
@@ -70,17 +87,7 @@ async def test_no_408_after_the_upstream_took_the_body(proxy: MakeProxy) -> None
     then 408. Here the transport's pause/resume calls are made by hand at that point
     (deterministic). Should: 200 and the connection kept for the next request."""
 
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if b"content-length: 4" in head.lower():
-                await reader.readexactly(4)
-            path = head.split(b" ")[1]
-            await asyncio.sleep(1.0 if path == b"/slow" else 0)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
-            await writer.drain()
-
-    upstream = await asyncio.start_server(slow, HOST, 0)
+    upstream = await asyncio.start_server(_answers_late(b"/slow", 1.0), HOST, 0)
     try:
         url = f"http://{HOST}:{upstream.sockets[0].getsockname()[1]}"
         server = await proxy(make_config([url], pool={"timeouts": {"send": "300ms"}}))
@@ -160,17 +167,7 @@ async def test_a_pause_for_a_full_upstream_ends_with_its_exchange(proxy: MakePro
     and the connection goes idle, but nothing read the client's next request until the
     idle timeout closed it. The pause belongs to the exchange: it ends with it."""
 
-    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if b"content-length: 4" in head.lower():
-                await reader.readexactly(4)
-            path = head.split(b" ")[1]
-            await asyncio.sleep(0.3 if path == b"/early" else 0)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
-            await writer.drain()
-
-    upstream = await asyncio.start_server(early, HOST, 0)
+    upstream = await asyncio.start_server(_answers_late(b"/early", 0.3), HOST, 0)
     try:
         url = f"http://{HOST}:{upstream.sockets[0].getsockname()[1]}"
         server = await proxy(make_config([url]))
