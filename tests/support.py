@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import trustme
 from aiohttp import web
 
@@ -419,6 +421,10 @@ class Aiolb:
         return code
 
 
+#: How a test that needs Redis fails on a machine without it.
+REDIS_MISSING = "redis-server is not installed: apt-get install redis-server"
+
+
 class RedisServer:
     """A real ``redis-server`` on a free loopback port with its files in ``folder``;
     ``kill`` ends it like a crash, ``start`` brings it back on the same port."""
@@ -433,6 +439,10 @@ class RedisServer:
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it; a test fails (never skips: CI must run them all) with the line to
+        install it when ``redis-server`` is not on the PATH."""
+        if shutil.which("redis-server") is None:
+            pytest.fail(REDIS_MISSING, pytrace=False)
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
              "--appendonly", "no", "--dir", str(self.folder)],
