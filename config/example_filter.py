@@ -1,5 +1,6 @@
 """An example filter written in Python, for config/filters.yaml (``python:
-example_filter:ApiKeys``; aiolb finds it next to the config file that names it).
+example_filter:ApiKeys``; aiolb finds it next to the config file that names it, else
+uses its own copy: ``aiolb example example_filter.py`` prints it).
 
 Clients must send one of the configured API keys in ``X-Api-Key``; the upstream is
 told which client it is (``X-Client``) and which upstream it is (``X-Upstream``); every

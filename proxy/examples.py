@@ -8,6 +8,7 @@ folder itself.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -32,11 +33,25 @@ def examples() -> dict[str, str]:
 
 
 def example_text(name: str) -> str | None:
-    """The text of example ``name`` (``aiolb`` or ``aiolb.yaml``), or None."""
+    """The text of example ``name`` (``aiolb`` or ``aiolb.yaml``), or of a Python module
+    an example names (``example_filter.py``), or None."""
+    if name.endswith(".py"):
+        entry = _folder() / name
+        return entry.read_text() if "/" not in name and entry.is_file() else None
     name = name.removesuffix(".yaml")
     if name not in examples():
         return None
     return (_folder() / f"{name}.yaml").read_text()
+
+
+def module_folder(module: str) -> str | None:
+    """The folder holding the examples' own Python module ``module`` (a top-level name,
+    ``example_filter``), or None when they have none: the ``python`` filter's last
+    place to look, so that ``aiolb example filters`` runs as printed."""
+    entry = _folder() / f"{module}.py"
+    if isinstance(entry, Path) and entry.is_file():
+        return str(entry.parent)
+    return None
 
 
 def _summary(text: str) -> str:
@@ -49,5 +64,11 @@ def _summary(text: str) -> str:
             continue
         words += line.lstrip("#").split()
     sentence = " ".join(words).removeprefix("aiolb:").strip()
-    end = sentence.find(". ")
-    return sentence[: end + 1] if end >= 0 else sentence
+    for end in re.finditer(r"\.(?= )", sentence):
+        if sentence[: end.start()].rpartition(" ")[2].lower() not in _ABBREVIATIONS:
+            return sentence[: end.end()]
+    return sentence
+
+
+#: Words whose period does not end a sentence (``e.g.`` in the ``limits`` example).
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "vs", "cf", "approx"})

@@ -351,14 +351,17 @@ def unused_port() -> int:
 
 
 def aiolb_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     """``python -m proxy ARGS`` as a user runs it (``env`` replaces the environment, less
-    ``AIOLB_ADMIN_TOKEN`` unless it names it)."""
+    ``AIOLB_ADMIN_TOKEN`` unless it names it; ``cwd``: run there, with this checkout's
+    ``proxy`` still the one imported)."""
     base = {k: v for k, v in os.environ.items() if k not in ("AIOLB_ADMIN_TOKEN", "AIOLB_CONFIG")}
+    if cwd != REPO:
+        base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=REPO, env={**base, **(env or {})},
+        timeout=timeout, cwd=cwd, env={**base, **(env or {})},
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """``python``: a filter class of the user's own, ``module:Class``.
 
 ``load(path, folder)`` imports ``module`` (from the Python path, else from ``folder``,
-the config file's folder, so that a filter can sit next to its config) and finds
+the config file's folder, so that a filter can sit next to its config, else from the
+example configs: ``example_filter`` of ``aiolb example filters``) and finds
 ``Class`` in it (``Outer.Inner`` works too); it must be a subclass of
 ``proxy.filters.Filter``. ``options(cls, raw)`` validates the
 config's ``options`` with the class's ``Options`` model, when it has one. The
@@ -44,17 +45,30 @@ def load(path: str, folder: str | None = None) -> type[Filter]:
 
 
 def _import(name: str, folder: str | None) -> Any:
-    """``import name``, looking in ``folder`` too when the Python path lacks it."""
+    """``import name``, looking in ``folder`` too when the Python path lacks it, and
+    last in the example configs' folder (``example_filter``: ``aiolb example filters``
+    runs as printed, and a copy next to the config wins)."""
+    from proxy.examples import module_folder
+
+    top = name.partition(".")[0]
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if folder is None or exc.name != name.partition(".")[0]:
+        if exc.name != top:
             raise
-    sys.path.append(folder)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(folder)
+        missing = exc
+    for extra in (folder, module_folder(top)):
+        if extra is None:
+            continue
+        sys.path.append(extra)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != top:
+                raise
+        finally:
+            sys.path.remove(extra)
+    raise missing
 
 
 def options(cls: type[Filter], raw: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ from proxy import __version__
 from proxy.cli import main
 from proxy.config import load_config
 from proxy.config.schema import HIDDEN
-from tests.support import HOST, REPO, aiolb_cli
+from tests.support import HOST, REPO, CertAuthority, aiolb_cli
 
 PUBLIC_ADMIN = """\
 listeners:
@@ -379,3 +379,42 @@ def test_example_lists_and_prints_the_example_configs(cli: Cli) -> None:
     assert cli("example", "routing.yaml")[1] == (REPO / "config" / "routing.yaml").read_text()
     code, out, err = cli("example", "nope")
     assert (code, out) == (2, "") and err.startswith("aiolb example: no example 'nope'; there")
+
+
+def test_every_example_passes_check_as_printed_in_an_empty_folder(
+    cli: Cli, tmp_path: Path
+) -> None:
+    names = sorted(path.stem for path in (REPO / "config").glob("*.yaml"))
+    tls = CertAuthority(tmp_path)  # the tls example's files are the user's: made here
+    files = {"example": tls.issue("example.com"), "api": tls.issue("api.example.com")}
+    for name in names:
+        folder = tmp_path / name
+        folder.mkdir()
+        text = cli("example", name)[1]
+        if name == "tls":
+            for stem, pair in files.items():
+                text = text.replace(f"/etc/aiolb/tls/{stem}.pem", pair.cert)
+                text = text.replace(f"/etc/aiolb/tls/{stem}.key", pair.key)
+            text = text.replace("/etc/aiolb/tls/internal-ca.pem", tls.cert_file)
+        (folder / f"{name}.yaml").write_text(text)
+        checked = aiolb_cli("check", "-c", f"{name}.yaml", cwd=folder)
+        assert checked.returncode == 0, (name, checked.stderr)
+        assert sorted(path.name for path in folder.iterdir()) == [f"{name}.yaml"]
+
+
+def test_the_python_filter_of_the_filters_example_prints_and_wins_when_copied(
+    tmp_path: Path,
+) -> None:
+    module = aiolb_cli("example", "example_filter.py", cwd=tmp_path)
+    assert module.stdout == (REPO / "config" / "example_filter.py").read_text()
+    (tmp_path / "filters.yaml").write_text((REPO / "config" / "filters.yaml").read_text())
+    (tmp_path / "example_filter.py").write_text(
+        module.stdout.replace("keys: dict[str, str] = Field(min_length=1)", "keys: int"))
+    checked = aiolb_cli("check", "-c", "filters.yaml", cwd=tmp_path)  # the copy is imported
+    assert checked.returncode == 2 and ".filters[2].options.keys: " in checked.stderr
+
+
+def test_example_descriptions_are_whole_sentences(cli: Cli) -> None:
+    out = cli("example")[1]
+    assert ("limits     Tighter client limits and timeouts, e.g. for an API that takes small "
+            "JSON bodies and whose upstreams must answer quickly.\n") in out  # fmt: skip
