@@ -19,8 +19,6 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import yaml
-
 from proxy import __version__
 from proxy.config import ConfigError, Document
 
@@ -158,7 +156,7 @@ def _count(n: int, noun: str) -> str:
 
 def _effective_yaml(document: Document) -> str:
     from proxy.admin.security import TOKEN_ENV
-    from proxy.config.schema import HIDDEN, effective
+    from proxy.config.schema import HIDDEN, effective_yaml
 
     config = document.config
     header = [
@@ -167,8 +165,7 @@ def _effective_yaml(document: Document) -> str:
     ]
     if config.admin.token is None and os.environ.get(TOKEN_ENV):
         header.append(f"# admin.token: null here, but {TOKEN_ENV} is set and is the token.")
-    body = yaml.safe_dump(effective(config), sort_keys=False, allow_unicode=True)
-    return "\n".join(header) + "\n" + body
+    return "\n".join(header) + "\n" + effective_yaml(config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

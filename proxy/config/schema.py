@@ -17,12 +17,14 @@ options; the options are ``BALANCER_OPTIONS``), and so is a route's ``filters`` 
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import annotated_types
+import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
@@ -206,6 +208,23 @@ def effective(config: Config) -> dict[str, Any]:
     """``config`` as plain YAML data: every key with its value (defaults included),
     durations and sizes in their short forms, secrets replaced by ``HIDDEN``."""
     return _render(config, config.model_dump(mode="json"))
+
+
+#: Stands for a route's default name in ``effective_yaml`` until it becomes a comment.
+_DEFAULT_NAME = "__aiolb_default_name__"
+
+
+def effective_yaml(config: Config) -> str:
+    """``effective(config)`` as YAML (what ``aiolb check --print`` shows); a route
+    without a name says which it has: ``name: null  # public/0``. The text loads as
+    the same config."""
+    data = effective(config)
+    for listener, spec in zip(data["listeners"], config.listeners, strict=True):
+        for route, name in zip(listener["routes"], spec.route_names(), strict=True):
+            if route["name"] is None:
+                route["name"] = _DEFAULT_NAME + name
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return re.sub(rf"\bname: {_DEFAULT_NAME}(\S+)", r"name: null  # \1", text)
 
 
 def _render(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:

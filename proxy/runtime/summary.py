@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.config.values import format_duration
 
 if TYPE_CHECKING:
-    from proxy.config import Listener, Pool, Route
+    from proxy.config import Listener, Pool, Route, UpstreamSpec
     from proxy.runtime.server import ProxyServer
 
 
@@ -34,25 +34,56 @@ def startup_lines(server: ProxyServer) -> list[str]:
 
 
 def _listener(lc: Listener, address: str) -> str:
-    routes = ", ".join(_route(route) for route in lc.routes)
-    return f"listener {lc.name} serving on {address}: {routes}"
+    routes = ", ".join(_route(lc, route) for route in lc.routes)
+    if not lc.routes:  # a redirect_https listener: every request gets the 308
+        routes = f"/ -> {_redirect(lc.redirect_https)}"
+    return f"listener {lc.name} serving on {address}{_tls(lc)}: {routes}"
 
 
-def _route(route: Route) -> str:
-    return f"{route.match.host or ''}{route.match.path_prefix} -> {route.pool}"
+def _tls(lc: Listener) -> str:
+    """`` with TLS (2 certificates, TLSv1.2+)``; empty for plain HTTP."""
+    if lc.tls is None:
+        return ""
+    count = len(lc.tls.certificates)
+    parts = [f"{count} certificate{'s' if count != 1 else ''}", f"{lc.tls.min_version}+"]
+    if lc.tls.client_ca is not None:
+        parts.append("client certificates required")
+    return f" with TLS ({', '.join(parts)})"
+
+
+def _route(lc: Listener, route: Route) -> str:
+    redirect = lc.redirect_https if route.redirect_https is None else route.redirect_https
+    target = _redirect(redirect) if redirect is not False else route.pool
+    return f"{route.match.host or ''}{route.match.path_prefix} -> {target}"
+
+
+def _redirect(redirect: bool | int) -> str:
+    return "https (308)" if redirect is True else f"https:{redirect} (308)"
+
+
+#: The most upstreams a pool's line names; the rest are counted.
+_SHOWN = 8
 
 
 def _pool(name: str, pool: Pool) -> str:
-    backups = sum(spec.backup for spec in pool.upstreams)
     count = len(pool.upstreams)
-    upstreams = f"{count} upstream{'s' if count != 1 else ''}"
-    if backups:
-        upstreams += f" ({backups} backup{'s' if backups != 1 else ''})"
-    names = sum(spec.dns for spec in pool.upstreams)
-    if names:
-        upstreams += f", {names} of them dns:// names (one upstream per address)"
+    shown = ", ".join(_upstream(spec) for spec in pool.upstreams[:_SHOWN])
+    if count > _SHOWN:
+        shown += f" and {count - _SHOWN} more"
+    upstreams = f"{count} upstream{'s' if count != 1 else ''} ({shown})"
     active = pool.health_check.active
     checks = (f"active checks every {format_duration(active.interval)}" if active is not None
               else "no active checks")  # fmt: skip
     passive = "passive on" if pool.health_check.passive is not None else "passive off"
     return f"pool {name}: {pool.balancer.name}, {upstreams}, {checks}, {passive}"
+
+
+def _upstream(spec: UpstreamSpec) -> str:
+    """``app-1=127.0.0.1:9001 [backup, weight 2]``; ``dns://`` and ``https://`` kept."""
+    where = spec.url if spec.dns else f"https://{spec.address}" if spec.https else spec.address
+    if spec.dns:
+        where += " (one per address)"
+    notes = [word for word, on in (("backup", spec.backup), (f"weight {spec.weight}",
+             spec.weight != 1)) if on]  # fmt: skip
+    text = f"{spec.name}={where}" if spec.name else where
+    return f"{text} [{', '.join(notes)}]" if notes else text

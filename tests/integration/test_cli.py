@@ -188,6 +188,22 @@ def test_check_print_shows_the_effective_config(cli: Cli, tmp_path: Path) -> Non
         update={"admin": expected.admin.model_copy(update={"token": HIDDEN})})  # fmt: skip
 
 
+def test_check_print_names_each_route_as_the_proxy_does(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listeners:\n"
+        '  - name: public\n    bind: "127.0.0.1:0"\n'
+        "    routes: [{pool: main, match: {path_prefix: /a/}}, {pool: main, name: rest}]\n"
+        'pools: {main: {upstreams: [{url: "http://127.0.0.1:9001"}]}}\n'
+    )
+    code, out, err = cli("check", "-c", str(path), "--print")
+    assert code == 0, err
+    assert "  - name: null  # public/0\n" in out and "  - name: rest\n" in out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    assert load_config(printed) == load_config(path)
+
+
 def test_check_print_says_where_the_token_comes_from(cli: Cli) -> None:
     code, out, _ = cli("check", "-c", "config/aiolb.yaml", "--print",
                        env={"AIOLB_ADMIN_TOKEN": "from-env"})  # fmt: skip
@@ -228,8 +244,9 @@ def test_a_busy_port_names_the_key_to_change(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
-async def test_run_says_what_it_serves(recorders, aiolb) -> None:
+async def test_run_says_what_it_serves(recorders, aiolb, tmp_path: Path) -> None:
     a, b = await recorders("a"), await recorders("b")
+    pair = CertAuthority(tmp_path).issue("example.com")
     text = (
         "listeners:\n"
         "  - name: public\n"
@@ -237,9 +254,20 @@ async def test_run_says_what_it_serves(recorders, aiolb) -> None:
         "    routes:\n"
         "      - {match: {host: api.example.com, path_prefix: /v1/}, pool: api}\n"
         "      - {pool: web}\n"
+        "  - name: secure\n"
+        f'    bind: "{HOST}:0"\n'
+        f"    tls: {{certificates: [{{cert: {pair.cert}, key: {pair.key}}}]}}\n"
+        "    routes: [{pool: web}]\n"
+        "  - name: plain\n"
+        f'    bind: "{HOST}:0"\n'
+        "    redirect_https: 8443\n"
+        "  - name: mixed\n"
+        f'    bind: "{HOST}:0"\n'
+        "    routes: [{match: {path_prefix: /login}, redirect_https: true}, {pool: api}]\n"
         "pools:\n"
         "  web:\n"
-        f'    upstreams: [{{url: "{a.url}"}}, {{url: "{b.url}", backup: true}}]\n'
+        f'    upstreams: [{{url: "{a.url}", name: app-a, weight: 2}},\n'
+        f'                {{url: "{b.url}", backup: true}}]\n'
         "  api:\n"
         "    balancer: least_connections\n"
         f'    upstreams: [{{url: "{a.url}"}}]\n'
@@ -248,11 +276,19 @@ async def test_run_says_what_it_serves(recorders, aiolb) -> None:
     )
     proc = await aiolb(text)
     said = [line.split(" aiolb: ", 1)[1].rstrip() for line in proc.lines if " aiolb: " in line]
-    assert said[:5] == [
+    serving = (re.match(r"listener \S+ serving on \S+:(\d+)", line) for line in said)
+    ports = [m.group(1) for m in serving if m]
+    a_at, b_at = a.url.removeprefix("http://"), b.url.removeprefix("http://")
+    assert said[:8] == [
         f"aiolb {__version__} serving {proc.path} (pid {proc.proc.pid}, 1 worker)",
         f"listener public serving on {HOST}:{proc.port}: api.example.com/v1/ -> api, / -> web",
-        "pool web: round_robin, 2 upstreams (1 backup), no active checks, passive on",
-        "pool api: least_connections, 1 upstream, active checks every 2s, passive on",
+        f"listener secure serving on {HOST}:{ports[1]} with TLS (1 certificate, TLSv1.2+): "
+        "/ -> web",
+        f"listener plain serving on {HOST}:{ports[2]}: / -> https:8443 (308)",
+        f"listener mixed serving on {HOST}:{ports[3]}: /login -> https (308), / -> api",
+        f"pool web: round_robin, 2 upstreams (app-a={a_at} [weight 2], {b_at} [backup]), "
+        "no active checks, passive on",
+        f"pool api: least_connections, 1 upstream ({a_at}), active checks every 2s, passive on",
         f"admin API on {proc.admin} (dashboard /, metrics /metrics, no token)",
     ], said
 
