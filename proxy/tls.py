@@ -24,6 +24,7 @@ report it at the right ``FILE:LINE`` and the runtime can refuse a bad reload.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -90,7 +91,8 @@ def read_certificate(path: str, field: str = "cert") -> CertificateInfo:
         reason = exc.strerror or str(exc)
         raise TLSFileError(field, f"cannot read {path}: {reason.lower()}") from None
     except ssl.SSLError:
-        raise TLSFileError(field, f"{path} is not a PEM certificate") from None
+        _expect(field, path, "certificate")
+        raise TLSFileError(field, f"{path} is damaged: its PEM data does not decode") from None
     sans = decoded.get("subjectAltName", ())
     names = tuple(value.lower() for kind, value in sans if kind == "DNS")
     if not names:
@@ -119,24 +121,80 @@ def load_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise TLSFileError(field, f"cannot read {path}: {reason.lower()}") from None
+    _expect("cert", cert, "certificate")
+    _expect("key", key, "private key")
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _Encrypted:
+        raise TLSFileError("key", f"{key} holds an encrypted private key: {_DECRYPT}") from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise TLSFileError("key", f"{key} is not the private key of {cert}") from None
-        if exc.reason in ("NO_START_LINE", "BAD_END_LINE") or "PEM" in str(exc.library):
-            raise TLSFileError("cert", f"{cert} or {key} is not valid PEM ({exc.reason})") from None
-        raise TLSFileError("key", f"cannot load {cert} with {key}: {exc.reason or exc}") from None
+        field, path = ("key", key) if _decodes(cert) else ("cert", cert)
+        raise TLSFileError(field, f"{path} is damaged: its PEM data does not decode") from None
+
+
+#: What to do with an encrypted key: the proxy starts unattended, with no one to ask.
+_DECRYPT = "aiolb cannot ask for its passphrase; write it decrypted (openssl pkey -in KEY -out NEW)"
+_BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----", re.MULTILINE)
+
+
+class _Encrypted(Exception):
+    """OpenSSL asked for a passphrase."""
+
+
+def _no_password() -> bytes:
+    raise _Encrypted
+
+
+def _expect(field: str, path: str, what: str) -> None:
+    """``TLSFileError`` in plain words unless the PEM file ``path`` holds a ``what``
+    (``certificate`` or ``private key``): not PEM at all, PEM of another kind, an
+    encrypted key."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(1 << 20)
+    except OSError:
+        return  # the loader says why
+    labels = [label.decode() for label in _BEGIN.findall(data)]
+    if not labels:
+        if not data.strip():
+            raise TLSFileError(field, f"{path} is empty: it should hold a PEM {what}")
+        kind = "binary (DER?)" if data[:1] == b"\x30" else "text"
+        raise TLSFileError(field, f"{path} is not a PEM file ({kind}): it should hold a "
+                           f"{what} (-----BEGIN ...-----)")  # fmt: skip
+    if what == "private key" and (
+        "ENCRYPTED PRIVATE KEY" in labels or b"Proc-Type: 4,ENCRYPTED" in data
+    ):
+        raise TLSFileError(field, f"{path} holds an encrypted private key: {_DECRYPT}")
+    wanted = "CERTIFICATE" if what == "certificate" else "PRIVATE KEY"
+    if not any(label.endswith(wanted) for label in labels):
+        found = ", ".join(dict.fromkeys(labels))
+        other = "PRIVATE KEY" if what == "certificate" else "CERTIFICATE"
+        swapped = any(label.endswith(other) for label in labels)
+        hint = f": is it the {other.lower().removeprefix('private ')}?" if swapped else ""
+        raise TLSFileError(field, f"{path} holds no {what} (it holds: {found}){hint}")
+
+
+def _decodes(path: str) -> bool:
+    """True if the first certificate in ``path`` decodes."""
+    try:
+        ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+    except (ssl.SSLError, OSError):
+        return False
+    return True
 
 
 def load_cas(context: ssl.SSLContext, path: str, field: str) -> None:
     """Trust the CA certificates in the PEM file ``path``."""
     try:
+        _expect(field, path, "certificate")
         context.load_verify_locations(cafile=path)
     except FileNotFoundError:
         raise TLSFileError(field, f"cannot read {path}: no such file") from None
-    except ssl.SSLError as exc:
-        raise TLSFileError(field, f"{path} holds no usable CA certificate ({exc.reason})") from None
+    except ssl.SSLError:
+        raise TLSFileError(field, f"{path} holds no usable CA certificate: its PEM data does "
+                           "not decode") from None  # fmt: skip
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise TLSFileError(field, f"cannot read {path}: {reason.lower()}") from None

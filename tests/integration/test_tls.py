@@ -259,6 +259,58 @@ async def test_check_reports_missing_files_and_mismatched_keys(
         ], command
 
 
+async def test_check_says_in_plain_words_which_tls_file_is_wrong(
+    ca: CertAuthority, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    good, other = ca.issue("a.test"), ca.issue("b.test")
+    key = serialization.load_pem_private_key(good.leaf.private_key_pem.bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))  # fmt: skip
+    text, der, damaged = tmp_path / "notes.txt", tmp_path / "cert.der", tmp_path / "damaged.pem"
+    text.write_text("hello\n")
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(Path(good.cert).read_text()))
+    pem = Path(good.cert).read_text().splitlines()
+    damaged.write_text("\n".join([pem[0], pem[1].replace("M", "!"), *pem[2:]]) + "\n")
+    path = write_config(tmp_path / "bad.yaml", "http://127.0.0.1:9", [
+        {"cert": good.key, "key": good.key},         # the key where the certificate goes
+        {"cert": good.cert, "key": good.cert},       # the certificate where the key goes
+        {"cert": good.cert, "key": str(encrypted)},
+        {"cert": str(text), "key": good.key},
+        {"cert": str(der), "key": good.key},
+        {"cert": good.cert, "key": str(text)},
+        {"cert": str(damaged), "key": good.key},
+        {"cert": good.cert, "key": other.key},
+    ])  # fmt: skip
+    done = await asyncio.to_thread(aiolb, "check", "-c", str(path))
+    assert done.returncode == 2, done.stderr
+
+    def at(index: int, field: str) -> str:
+        return f"{path}:{cert_line(path, index, field)}: listeners[0].tls.certificates[{index}]"
+
+    decrypt = ("aiolb cannot ask for its passphrase; write it decrypted "
+               "(openssl pkey -in KEY -out NEW)")  # fmt: skip
+    assert done.stderr.strip().splitlines() == [
+        f"{at(0, 'cert')}.cert: {good.key} holds no certificate (it holds: EC PRIVATE KEY): "
+        "is it the key?",
+        f"{at(1, 'key')}.key: {good.cert} holds no private key (it holds: CERTIFICATE): is it "
+        "the certificate?",
+        f"{at(2, 'key')}.key: {encrypted} holds an encrypted private key: {decrypt}",
+        f"{at(3, 'cert')}.cert: {text} is not a PEM file (text): it should hold a certificate "
+        "(-----BEGIN ...-----)",
+        f"{at(4, 'cert')}.cert: {der} is not a PEM file (binary (DER?)): it should hold a "
+        "certificate (-----BEGIN ...-----)",
+        f"{at(5, 'key')}.key: {text} is not a PEM file (text): it should hold a private key "
+        "(-----BEGIN ...-----)",
+        f"{at(6, 'cert')}.cert: {damaged} is damaged: its PEM data does not decode",
+        f"{at(7, 'key')}.key: {other.key} is not the private key of {good.cert}",
+    ]
+    assert "PEM lib" not in done.stderr and "_ssl.c" not in done.stderr
+
+
 async def test_an_expired_certificate_is_a_warning_and_still_serves(
     recorders: MakeRecorder, ca: CertAuthority, tmp_path: Path
 ) -> None:
