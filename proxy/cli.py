@@ -183,17 +183,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     code = {"exit": 0}
 
+    # written once the listeners and the admin API are bound: a second ``aiolb run`` that
+    # cannot bind never touches the running one's file (nginx does the same)
+    pid_file = PidFile(config.pid_file) if config.pid_file else None
+    on_bound = pid_file.write if pid_file is not None else None
+
     async def supervise() -> None:
-        code["exit"] = await Supervisor(config, args.config, workers).serve()
+        code["exit"] = await Supervisor(config, args.config, workers).serve(on_bound)
 
     async def single() -> None:
         # SIGHUP and POST /api/reload read config_path again
         server = ProxyServer(config, config_path=args.config)
-        await server.serve()
+        await server.serve(on_bound)
 
-    pid_file = PidFile(config.pid_file) if config.pid_file else None
-    if pid_file is not None:
-        pid_file.write()
     try:
         return _serve(supervise if workers > 1 else single, document) or code["exit"]
     finally:

@@ -8,8 +8,9 @@ gone. When the admin API cannot be reached (or its port is 0, chosen at start) a
 config names a ``pid_file``, the signals do the same (SIGHUP, SIGTERM), as ``nginx -s``
 does; a signalled reload's outcome is in the proxy's log.
 
-``pid_file`` (``PidFile``) is written by ``aiolb run`` once it serves and removed when
-it exits.
+``pid_file`` (``PidFile``) is written by ``aiolb run`` once its listeners and admin API
+are bound (a start that fails leaves a running instance's file alone) and removed when it
+exits if it still names it.
 
 Every failure is a ``RemoteError``: one line for stderr and the exit code (1: the
 proxy could not be reached or did not do it; 2: the new config was refused).
@@ -18,6 +19,7 @@ proxy could not be reached or did not do it; 2: the new config was refused).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -35,6 +37,8 @@ CALL_TIMEOUT: Final = 30.0
 #: Beyond ``shutdown_timeout``, how long ``stop`` waits for the proxy to be gone.
 STOP_GRACE: Final = 10.0
 _WILDCARDS: Final = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+log = logging.getLogger("aiolb")
 
 
 class RemoteError(Exception):
@@ -179,7 +183,18 @@ class PidFile:
         self.path = path
 
     def write(self) -> None:
-        """Write this process's id (atomically: a reader never sees half a number)."""
+        """Write this process's id (atomically: a reader never sees half a number).
+
+        ``aiolb run`` calls it once it is bound, so a second instance that cannot bind
+        never gets here; one that can (other ports, the same ``pid_file``) takes the
+        file over with a warning naming the process it named."""
+        try:
+            before = self.read()
+        except RemoteError:
+            before = None
+        if before is not None and before != os.getpid() and _alive(before):
+            log.warning("pid_file %s named pid %d, still running; it now names this "
+                        "process (%d)", self.path, before, os.getpid())  # fmt: skip
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
@@ -372,12 +373,17 @@ class ProxyServer:
             self._stopping = True
             self.loop.create_task(self.shutdown())
 
-    async def serve(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT (a second SIGINT exits at once)."""
+    async def serve(self, on_bound: Callable[[], None] | None = None) -> None:
+        """Start, then serve until SIGTERM or SIGINT (a second SIGINT exits at once).
+
+        ``on_bound`` runs once every listener and the admin API are bound (``aiolb run``
+        writes its ``pid_file`` there: a start that fails never touches it)."""
         await self.start()
         for line in startup_lines(self):
             log.info("%s", line)
-        self._install_signals()
+        self._install_signals()  # first: a signal sent to the pid in the file is handled
+        if on_bound is not None:
+            on_bound()
         # Everything built so far (modules, config, pools) lives as long as the process:
         # keep it out of the cyclic GC's full collections, which would otherwise walk
         # every object and show up as multi-millisecond pauses in the latency tail.

@@ -44,7 +44,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from proxy.config import Config
@@ -249,13 +249,18 @@ class Supervisor:
 
     # -- running ---------------------------------------------------------------------------
 
-    async def serve(self) -> int:
-        """Start the supervisor and the workers; serve until stopped. The exit code."""
+    async def serve(self, on_bound: Callable[[], None] | None = None) -> int:
+        """Start the supervisor and the workers; serve until stopped. The exit code.
+
+        ``on_bound`` runs once the admin API and every listener's address are bound
+        (``ProxyServer.serve``)."""
         await self.server.start()
         self.server.ready = False  # until every worker serves
         for line in startup_lines(self.server):
             log.info("%s", line)
-        self._install_signals()
+        self._install_signals()  # first: a signal sent to the pid in the file is handled
+        if on_bound is not None:
+            on_bound()
         for worker in self.workers:
             self._spawn(worker)
         self._spawn_task(self._broadcast_state())

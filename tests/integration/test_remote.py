@@ -134,3 +134,44 @@ async def test_nothing_running_is_one_clear_line(tmp_path: Path) -> None:
     code, _, err = await cli("stop", "-c", str(path))
     assert code == 1 and "which is not running" in err, err
     assert os.path.exists(stale)
+
+
+@pytest.mark.parametrize("clash", ["listener", "admin"])
+async def test_a_second_run_that_cannot_bind_leaves_the_pid_file_alone(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path, clash: str
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:{unused_port()}"}}'
+    proc = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert proc.proc is not None
+    assert pid_file.read_text() == f"{proc.proc.pid}\n"
+
+    # the same pid_file, and the running one's listener port or admin address
+    second = tmp_path / "second.yaml"
+    if clash == "listener":
+        text = config_text([a.url], f'{{bind: "{HOST}:{unused_port()}"}}',
+                           top=f"pid_file: {pid_file}\n", listener_port=proc.port)  # fmt: skip
+    else:
+        text = config_text([a.url], admin, top=f"pid_file: {pid_file}\n")
+    second.write_text(text)
+    code, _, err = await cli("run", "-c", str(second))
+    assert code == 1 and "cannot listen on" in err, err
+    assert pid_file.read_text() == f"{proc.proc.pid}\n"  # still the running one's
+
+    # so stop finds it by the file (and by the admin API)
+    code, out, err = await cli("stop", "-c", str(proc.path))
+    assert (code, err) == (0, "") and out.splitlines()[-1] == "stopped", (out, err)
+    assert not pid_file.exists()
+
+
+async def test_a_pid_file_naming_another_process_is_not_removed_at_exit(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    proc = await aiolb(config_text([a.url], f'{{bind: "{HOST}:0"}}',
+                                   top=f"pid_file: {pid_file}\n"))  # fmt: skip
+    pid_file.write_text(f"{os.getpid()}\n")  # another instance took it over since
+    assert await proc.stop() == 0
+    assert pid_file.read_text() == f"{os.getpid()}\n"
