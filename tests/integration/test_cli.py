@@ -19,7 +19,7 @@ from proxy import __version__
 from proxy.cli import main
 from proxy.config import load_config
 from proxy.config.schema import HIDDEN
-from tests.support import HOST, REPO, aiolb_cli
+from tests.support import HOST, REPO, aiolb_cli, wait_for
 
 PUBLIC_ADMIN = """\
 listeners:
@@ -379,3 +379,52 @@ def test_example_lists_and_prints_the_example_configs(cli: Cli) -> None:
     assert cli("example", "routing.yaml")[1] == (REPO / "config" / "routing.yaml").read_text()
     code, out, err = cli("example", "nope")
     assert (code, out) == (2, "") and err.startswith("aiolb example: no example 'nope'; there")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_run_tells_systemd_when_it_is_ready_reloading_and_stopping(
+    recorders, aiolb, tmp_path: Path, workers: int
+) -> None:
+    """``Type=notify``: the datagrams on ``$NOTIFY_SOCKET`` (a path, or an abstract name
+    written ``@name``), from the process systemd started only."""
+    a = await recorders("a")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if workers == 1:
+        address = str(tmp_path / "notify")
+        notify.bind(address)
+    else:
+        address = f"@aiolb-test-{os.getpid()}-{id(notify)}"
+        notify.bind("\0" + address[1:])
+    notify.setblocking(False)
+    messages: list[str] = []
+
+    def received() -> list[str]:
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                return messages
+
+    text = (
+        f'listeners: [{{name: web, bind: "{HOST}:0", routes: [{{pool: main}}]}}]\n'
+        f'pools: {{main: {{upstreams: [{{url: "{a.url}"}}]}}}}\n'
+        f'admin: {{bind: "{HOST}:0"}}\n'
+        f"workers: {workers}\n"
+    )
+    try:
+        proc = await aiolb(text, workers, env={"NOTIFY_SOCKET": address})
+        await wait_for(lambda: bool(received()))
+        assert messages == ["READY=1\n"]  # once, from the main process
+        async with aiohttp.ClientSession() as s, s.get(proc.url) as resp:
+            assert resp.status == 200
+
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: len(received()) == 3)
+        reloading, ready = messages[1:3]
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+\n", reloading), reloading
+        assert ready == "READY=1\n"
+
+        assert await proc.stop() == 0
+        assert received()[3:] == ["STOPPING=1\n"]
+    finally:
+        notify.close()
