@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.cli import main
+from proxy.cli import _arguments, main
 from proxy.config import load_config
 from proxy.config.schema import HIDDEN
 from tests.support import HOST, REPO, aiolb_cli, wait_for
@@ -73,6 +73,7 @@ def test_version_flags(cli: Cli, flag: str) -> None:
         (["run"], {}, "run: -c FILE is required (or set AIOLB_CONFIG)"),
         (["check", "-c", "x.yaml", "--nope"], {}, "unrecognized arguments: --nope"),
         (["demo", "--port", "many"], {}, "argument --port: invalid int value: 'many'"),
+        (["run", "-c", "x.yaml", "--log-level", "loud"], {}, "invalid choice: 'loud'"),
     ],
 )
 def test_a_usage_mistake_is_one_line_and_exit_2(
@@ -82,6 +83,28 @@ def test_a_usage_mistake_is_one_line_and_exit_2(
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and err.startswith("aiolb") and says in err, err
     assert "_worker" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "level"),
+    [
+        (["run", "-c", "x.yaml", "--log-level", "debug"], "debug"),
+        (["--log-level", "error", "run", "-c", "x.yaml"], "error"),
+        (["--log-level", "error", "check", "-c", "x.yaml", "--log-level", "DEBUG"], "debug"),
+        (["stop", "--log-level", "warning", "-c", "x.yaml"], "warning"),
+        (["check", "-c", "x.yaml"], "info"),
+    ],
+)
+def test_log_level_goes_before_or_after_the_command(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], level: str
+) -> None:
+    monkeypatch.delenv("AIOLB_LOG_LEVEL", raising=False)
+    assert _arguments(args).log_level == level  # the last one given wins
+
+
+def test_log_level_after_the_command_from_the_shell() -> None:
+    result = aiolb_cli("check", "-c", "config/aiolb.yaml", "--log-level", "debug")
+    assert result.returncode == 0 and result.stdout.startswith("config/aiolb.yaml: OK")
 
 
 def test_a_bad_flag_from_the_shell_has_no_traceback() -> None:
