@@ -222,6 +222,8 @@ def cmd_remote(args: argparse.Namespace) -> int:
     if document is None:
         if args.command == "reload":
             print("nothing sent: the running aiolb keeps its config", file=sys.stderr)
+        else:
+            print(remote.stop_by_hand(args.config), file=sys.stderr)
         return EXIT_CONFIG
     action = remote.reload if args.command == "reload" else remote.stop
     try:

@@ -28,6 +28,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, Final
 
+import yaml
+
 from proxy.admin.security import ADMIN_HEADER, admin_token
 from proxy.config import Config
 from proxy.config.values import format_address
@@ -117,6 +119,36 @@ def stop(config: Config, out: Callable[[str], None] = print) -> None:
         f"{config.shutdown_timeout:g}s)")  # fmt: skip
     _wait(lambda: not _answers(config), deadline, f"aiolb at {admin_url(config)}")
     out("stopped")
+
+
+def stop_by_hand(path: str) -> str:
+    """What to do when ``aiolb stop -c path`` cannot read its config: how to send the
+    SIGTERM it would have sent (with the pid, when the file's ``pid_file`` names a running
+    process; the file is read as plain YAML, whatever else is wrong with it)."""
+    anyway = "nothing sent: to stop the running aiolb anyway, kill -TERM"
+    how = "SIGTERM drains as aiolb stop does"
+    pid_path = _raw_pid_file(path)
+    if pid_path is None:
+        return f"{anyway} <pid> ({how}; its start-up line says 'serving FILE (pid N, ...)')"
+    try:
+        pid = PidFile(pid_path).read()
+    except RemoteError as exc:
+        return f"{anyway} <pid> ({how}; {exc})"
+    if not _alive(pid):
+        return f"nothing sent: {pid_path} names pid {pid}, which is not running"
+    return f"{anyway} {pid} (from {pid_path}; {how})"
+
+
+def _raw_pid_file(path: str) -> str | None:
+    """The ``pid_file`` a config file names, read without validating it (None when
+    the file cannot be read as YAML or names none, or names it through ``${VAR}``)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = data.get("pid_file") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value and "${" not in value else None
 
 
 def _body(raw: bytes) -> Any:

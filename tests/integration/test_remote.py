@@ -175,3 +175,30 @@ async def test_a_pid_file_naming_another_process_is_not_removed_at_exit(
     pid_file.write_text(f"{os.getpid()}\n")  # another instance took it over since
     assert await proc.stop() == 0
     assert pid_file.read_text() == f"{os.getpid()}\n"
+
+
+async def test_stop_with_a_broken_config_says_how_to_stop_it_by_hand(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:{unused_port()}"}}'
+    proc = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert proc.proc is not None
+    path = str(proc.path)
+    proc.path.write_text(config_text([a.url], admin, top=f"pid_file: {pid_file}\nbogus: 1\n"))
+    code, out, err = await cli("stop", "-c", path)
+    assert (code, out) == (2, "")
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{path}:8: bogus:"), err
+    assert lines[-1] == (f"nothing sent: to stop the running aiolb anyway, kill -TERM "
+                         f"{proc.proc.pid} (from {pid_file}; SIGTERM drains as aiolb stop "
+                         "does)")  # fmt: skip
+    assert proc.proc.returncode is None  # still serving
+
+    # no pid_file (or no YAML at all): the pid is in its start-up line
+    proc.path.write_text("listeners: [\n")
+    code, _, err = await cli("stop", "-c", path)
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "nothing sent: to stop the running aiolb anyway, kill -TERM <pid> (SIGTERM drains"
+    ), err
