@@ -202,3 +202,17 @@ async def test_stop_with_a_broken_config_says_how_to_stop_it_by_hand(
     assert code == 2 and err.splitlines()[-1].startswith(
         "nothing sent: to stop the running aiolb anyway, kill -TERM <pid> (SIGTERM drains"
     ), err
+
+
+async def test_a_second_run_that_binds_takes_the_pid_file_over_with_a_warning(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:0"}}'
+    first = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    second = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert first.proc is not None and second.proc is not None
+    assert pid_file.read_text() == f"{second.proc.pid}\n"
+    assert second.logged(f"pid_file {pid_file} named pid {first.proc.pid}, still running; "
+                         f"it now names this process ({second.proc.pid})")  # fmt: skip
