@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import logging
 import os
 import sys
@@ -51,36 +52,46 @@ def _parser() -> Parser:
         f"{LOG_LEVEL_ENV} (default for --log-level)",
     )
     p.add_argument("-V", "--version", action="version", version=f"aiolb {__version__}")
-    p.add_argument(
-        "--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
-        help=f"{', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else info)",
-    )  # fmt: skip
+    _log_level_option(p, default=None)
+    # --log-level also after the command (``aiolb run -c FILE --log-level debug``): every
+    # command takes it from this parent; SUPPRESS keeps a command that was not given it
+    # from overwriting the one before the command
+    common = Parser(add_help=False)
+    _log_level_option(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    run = sub.add_parser("run", help="serve a config until SIGTERM/SIGINT; SIGHUP reloads it")
+    add = functools.partial(sub.add_parser, parents=[common])
+    run = add("run", help="serve a config until SIGTERM/SIGINT; SIGHUP reloads it")
     _config_option(run)
     run.add_argument("--workers", type=int, metavar="N", help="worker processes (overrides "
                      "the config's workers)")  # fmt: skip
-    check = sub.add_parser("check", help="validate a config as run would; exit 0, or 2 with "
-                           "FILE:LINE: problem lines")  # fmt: skip
+    check = add("check", help="validate a config as run would; exit 0, or 2 with "
+                "FILE:LINE: problem lines")  # fmt: skip
     _config_option(check)
     check.add_argument("--print", action="store_true", help="print the effective config: "
                        "every default filled in, ${VAR}s expanded, secrets hidden")  # fmt: skip
-    reload = sub.add_parser("reload", help="make the running aiolb re-read its config")
+    reload = add("reload", help="make the running aiolb re-read its config")
     _config_option(reload)
-    stop = sub.add_parser("stop", help="stop the running aiolb gracefully (as SIGTERM)")
+    stop = add("stop", help="stop the running aiolb gracefully (as SIGTERM)")
     _config_option(stop)
-    demo = sub.add_parser("demo", help="three demo upstreams with the proxy in front")
+    demo = add("demo", help="three demo upstreams with the proxy in front")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080; "
                       "0: any free port)")  # fmt: skip
     demo.add_argument("--admin-port", type=int, default=9901, metavar="PORT",
                       help="admin API port (default 9901; a free one if it is busy)")  # fmt: skip
-    example = sub.add_parser("example", help="list the example configs, or print one")
+    example = add("example", help="list the example configs, or print one")
     example.add_argument("name", nargs="?", help="the example to print (e.g. aiolb)")
-    sub.add_parser("version", help="print the version")
-    worker = sub.add_parser("_worker")  # started by the supervisor; not listed in --help
+    add("version", help="print the version")
+    worker = add("_worker")  # started by the supervisor; not listed in --help
     worker.add_argument("--control-fd", type=int, required=True)
     worker.add_argument("--index", type=int, default=0)
     return p
+
+
+def _log_level_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--log-level", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL", default=default,
+        help=f"{', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else info)",
+    )  # fmt: skip
 
 
 def _config_option(command: argparse.ArgumentParser) -> None:
@@ -180,17 +191,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     code = {"exit": 0}
 
+    # written once the listeners and the admin API are bound: a second ``aiolb run`` that
+    # cannot bind never touches the running one's file (nginx does the same)
+    pid_file = PidFile(config.pid_file) if config.pid_file else None
+    on_bound = pid_file.write if pid_file is not None else None
+
     async def supervise() -> None:
-        code["exit"] = await Supervisor(config, args.config, workers).serve()
+        code["exit"] = await Supervisor(config, args.config, workers).serve(on_bound)
 
     async def single() -> None:
         # SIGHUP and POST /api/reload read config_path again
         server = ProxyServer(config, config_path=args.config)
-        await server.serve()
+        await server.serve(on_bound)
 
-    pid_file = PidFile(config.pid_file) if config.pid_file else None
-    if pid_file is not None:
-        pid_file.write()
     try:
         return _serve(supervise if workers > 1 else single, document) or code["exit"]
     finally:
@@ -206,6 +219,8 @@ def cmd_remote(args: argparse.Namespace) -> int:
     if document is None:
         if args.command == "reload":
             print("nothing sent: the running aiolb keeps its config", file=sys.stderr)
+        else:
+            print(remote.stop_by_hand(args.config), file=sys.stderr)
         return EXIT_CONFIG
     action = remote.reload if args.command == "reload" else remote.stop
     try:

@@ -28,6 +28,8 @@ class ProxyError(Exception):
     sent = True
     #: the ``retries.retry_on`` condition this failure is ("": never retried)
     condition = ""
+    #: a body that says what failed (``proxy.http.responses.CAUSED``; "": the status's)
+    cause = ""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -39,6 +41,7 @@ class UpstreamConnectError(ProxyError):
 
     sent = False
     condition = "connect_failure"
+    cause = "connect"
 
 
 class UpstreamResetError(ProxyError):

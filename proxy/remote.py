@@ -8,8 +8,9 @@ gone. When the admin API cannot be reached (or its port is 0, chosen at start) a
 config names a ``pid_file``, the signals do the same (SIGHUP, SIGTERM), as ``nginx -s``
 does; a signalled reload's outcome is in the proxy's log.
 
-``pid_file`` (``PidFile``) is written by ``aiolb run`` once it serves and removed when
-it exits.
+``pid_file`` (``PidFile``) is written by ``aiolb run`` once its listeners and admin API
+are bound (a start that fails leaves a running instance's file alone) and removed when it
+exits if it still names it.
 
 Every failure is a ``RemoteError``: one line for stderr and the exit code (1: the
 proxy could not be reached or did not do it; 2: the new config was refused).
@@ -18,6 +19,7 @@ proxy could not be reached or did not do it; 2: the new config was refused).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -25,6 +27,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any, Final
+
+import yaml
 
 from proxy.admin.security import ADMIN_HEADER, admin_token
 from proxy.config import Config
@@ -35,6 +39,8 @@ CALL_TIMEOUT: Final = 30.0
 #: Beyond ``shutdown_timeout``, how long ``stop`` waits for the proxy to be gone.
 STOP_GRACE: Final = 10.0
 _WILDCARDS: Final = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+log = logging.getLogger("aiolb")
 
 
 class RemoteError(Exception):
@@ -115,6 +121,36 @@ def stop(config: Config, out: Callable[[str], None] = print) -> None:
     out("stopped")
 
 
+def stop_by_hand(path: str) -> str:
+    """What to do when ``aiolb stop -c path`` cannot read its config: how to send the
+    SIGTERM it would have sent (with the pid, when the file's ``pid_file`` names a running
+    process; the file is read as plain YAML, whatever else is wrong with it)."""
+    anyway = "nothing sent: to stop the running aiolb anyway, kill -TERM"
+    how = "SIGTERM drains as aiolb stop does"
+    pid_path = _raw_pid_file(path)
+    if pid_path is None:
+        return f"{anyway} <pid> ({how}; its start-up line says 'serving FILE (pid N, ...)')"
+    try:
+        pid = PidFile(pid_path).read()
+    except RemoteError as exc:
+        return f"{anyway} <pid> ({how}; {exc})"
+    if not _alive(pid):
+        return f"nothing sent: {pid_path} names pid {pid}, which is not running"
+    return f"{anyway} {pid} (from {pid_path}; {how})"
+
+
+def _raw_pid_file(path: str) -> str | None:
+    """The ``pid_file`` a config file names, read without validating it (None when
+    the file cannot be read as YAML or names none, or names it through ``${VAR}``)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = data.get("pid_file") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value and "${" not in value else None
+
+
 def _body(raw: bytes) -> Any:
     """The JSON of an answer; its text if it is not JSON (``/healthz``)."""
     try:
@@ -179,7 +215,18 @@ class PidFile:
         self.path = path
 
     def write(self) -> None:
-        """Write this process's id (atomically: a reader never sees half a number)."""
+        """Write this process's id (atomically: a reader never sees half a number).
+
+        ``aiolb run`` calls it once it is bound, so a second instance that cannot bind
+        never gets here; one that can (other ports, the same ``pid_file``) takes the
+        file over with a warning naming the process it named."""
+        try:
+            before = self.read()
+        except RemoteError:
+            before = None
+        if before is not None and before != os.getpid() and _alive(before):
+            log.warning("pid_file %s named pid %d, still running; it now names this "
+                        "process (%d)", self.path, before, os.getpid())  # fmt: skip
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
             f.write(f"{os.getpid()}\n")

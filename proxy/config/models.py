@@ -1008,9 +1008,10 @@ class Config(ConfigModel):
     shutdown_timeout: Timeout = 30.0
     """On SIGTERM, how long in-flight requests may take before connections are cut."""
     pid_file: str | None = None
-    """Write the process id here while serving (the supervisor's, with workers) and
-    remove it on exit; ``aiolb reload`` and ``aiolb stop`` signal it when the admin API
-    cannot be reached. null: no file."""
+    """Write the process id here once the listeners and admin API are bound (the
+    supervisor's, with workers) and remove it on exit if it still holds it; a start that
+    fails leaves the file alone. ``aiolb reload`` and ``aiolb stop`` signal it when the
+    admin API cannot be reached. null: no file."""
 
     @property
     def records_requests(self) -> bool:

@@ -112,6 +112,7 @@ class Exchange:
         "host",
         "http_minor",
         "keep_alive",
+        "local_cause",
         "local_status",
         "method",
         "mode",
@@ -170,6 +171,7 @@ class Exchange:
         self.req_done = False
         self.discard = False
         self.local_status = 0
+        self.local_cause = ""
         self.pool: Pool | None = None
         #: the route's filters' view of this request while its chain has more to do
         #: (response hooks, a local answer); None on routes without filters
@@ -534,7 +536,7 @@ class Exchange:
             if self.local_status < 0:  # answered already (a redirect)
                 self._finish(False)
             else:
-                self._write_local(self.local_status, False)
+                self._write_local(self.local_status, False, self.local_cause)
             return
         if self.found.chunked and not self.discard:
             self.pending.append(_LAST_CHUNK)
@@ -921,8 +923,8 @@ class Exchange:
         else:
             self._attempt_failed(UpstreamTimeoutError(reason))
 
-    def local(self, status: int, close: bool = False) -> None:
-        """Answer with the proxy's own response.
+    def local(self, status: int, close: bool = False, cause: str = "") -> None:
+        """Answer with the proxy's own response (``cause``: ``ProxyError.cause``).
 
         The connection is kept only when the request is (or will be, having no body)
         read completely; a request with a body still arriving is answered and closed.
@@ -931,21 +933,22 @@ class Exchange:
         self.pending = []
         self.pending_size = 0
         if close:
-            self._write_local(status, True)
+            self._write_local(status, True, cause)
         elif self.req_done:
-            self._write_local(status, False)
+            self._write_local(status, False, cause)
         elif self.found.chunked or self.found.content_length not in (None, b"0"):
-            self._write_local(status, True)
+            self._write_local(status, True, cause)
         else:
             self.local_status = status  # written when the (empty) request completes
+            self.local_cause = cause
 
-    def _write_local(self, status: int, close: bool) -> None:
+    def _write_local(self, status: int, close: bool, cause: str = "") -> None:
         self.local_status = 0
         self.status = status
         close = close or not self.keep_alive or self.client.draining
         answer = self.answer
         if answer is None:
-            self.client.transport.write(error_response(status, close, self.head_request))
+            self.client.transport.write(error_response(status, close, self.head_request, cause))
         else:  # a filter's LocalResponse, a cache hit
             data = answer.render(close, self.head_request)
             write_pieces(self.client.transport, data if isinstance(data, list) else [data])
@@ -969,7 +972,7 @@ class Exchange:
             f"upstream {self.upstream.address}: " if self.upstream else "",
             error.reason,
         )
-        self.local(error.status)
+        self.local(error.status, cause=error.cause)
 
     def _retry_fresh(self) -> None:
         """A pooled connection was stale: send again on a new connection, once."""

@@ -43,11 +43,17 @@ _BODIES: Final[dict[int, bytes]] = {
     505: b"505 HTTP Version Not Supported: aiolb speaks HTTP/1.0 and HTTP/1.1\n",
 }
 
+#: bodies that say more than the status's usual one, by ``ProxyError.cause``: a 502 for
+#: an upstream that refused or never answered the connection is not an invalid response
+_CAUSES: Final[dict[str, tuple[int, bytes]]] = {
+    "connect": (502, b"502 Bad Gateway: no connection to the upstream could be made\n"),
+}
+
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def _build(status: int, close: bool) -> bytes:
-    body = _BODIES[status]
+def _build(status: int, close: bool, body: bytes | None = None) -> bytes:
+    body = _BODIES[status] if body is None else body
     extra = b""
     if status == 405:
         extra = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
@@ -72,9 +78,17 @@ RESPONSES: Final[dict[int, tuple[bytes, bytes]]] = {
 }
 
 
-def error_response(status: int, close: bool, head_only: bool = False) -> bytes:
-    """The proxy's own response for ``status``; ``head_only`` for HEAD requests."""
-    data = RESPONSES[status][close]
+#: ``CAUSED[cause][close]``: the same for the bodies of ``_CAUSES``.
+CAUSED: Final[dict[str, tuple[bytes, bytes]]] = {
+    cause: (_build(status, False, body), _build(status, True, body))
+    for cause, (status, body) in _CAUSES.items()
+}
+
+
+def error_response(status: int, close: bool, head_only: bool = False, cause: str = "") -> bytes:
+    """The proxy's own response for ``status``; ``head_only`` for HEAD requests;
+    ``cause`` (``ProxyError.cause``) picks a body that says what failed."""
+    data = CAUSED[cause][close] if cause else RESPONSES[status][close]
     if head_only:
         return data[: data.index(b"\r\n\r\n") + 4]
     return data

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from proxy.admin import AdminHandle, start_admin
@@ -30,6 +31,7 @@ from proxy.health.active import CheckTarget, HealthChecker
 from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
+from proxy.runtime import notify
 from proxy.runtime.reload import bind_socket, reload_server
 from proxy.runtime.summary import startup_lines
 from proxy.server.listener import Listener
@@ -266,10 +268,16 @@ class ProxyServer:
             return ["the server is shutting down"], []
         async with self._reload_lock:
             before = self.config
-            if self.control is not None:
-                problems = await self.control.reload()
-            else:
-                problems = await reload_server(self)
+            if self.role != "worker":
+                notify.reloading()
+            try:
+                if self.control is not None:
+                    problems = await self.control.reload()
+                else:
+                    problems = await reload_server(self)
+            finally:
+                if self.role != "worker":
+                    notify.ready()  # applied or refused: serving again either way
             changes = [] if problems else describe_changes(before, self.config)
         self.reloads["failure" if problems else "success"] += 1
         for problem in problems:
@@ -370,14 +378,23 @@ class ProxyServer:
         """Start a graceful shutdown of this server (from a signal handler)."""
         if not self._stopped.is_set() and not self._stopping:
             self._stopping = True
+            if self.role == "single":
+                notify.stopping()
             self.loop.create_task(self.shutdown())
 
-    async def serve(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT (a second SIGINT exits at once)."""
+    async def serve(self, on_bound: Callable[[], None] | None = None) -> None:
+        """Start, then serve until SIGTERM or SIGINT (a second SIGINT exits at once).
+
+        ``on_bound`` runs once every listener and the admin API are bound (``aiolb run``
+        writes its ``pid_file`` there: a start that fails never touches it); then systemd
+        hears ``READY=1`` (``proxy.runtime.notify``)."""
         await self.start()
         for line in startup_lines(self):
             log.info("%s", line)
-        self._install_signals()
+        self._install_signals()  # first: a signal sent to the pid in the file is handled
+        if on_bound is not None:
+            on_bound()
+        notify.ready()
         # Everything built so far (modules, config, pools) lives as long as the process:
         # keep it out of the cyclic GC's full collections, which would otherwise walk
         # every object and show up as multi-millisecond pauses in the latency tail.

@@ -44,7 +44,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from proxy.config import Config
@@ -52,6 +52,7 @@ from proxy.errors import BindError
 from proxy.filters import FilterContext
 from proxy.filters.buckets import SharedBuckets
 from proxy.health.active import HealthChecker
+from proxy.runtime import notify
 from proxy.runtime.reload import apply_config, load
 from proxy.runtime.server import ProxyServer
 from proxy.runtime.summary import startup_lines
@@ -249,13 +250,18 @@ class Supervisor:
 
     # -- running ---------------------------------------------------------------------------
 
-    async def serve(self) -> int:
-        """Start the supervisor and the workers; serve until stopped. The exit code."""
+    async def serve(self, on_bound: Callable[[], None] | None = None) -> int:
+        """Start the supervisor and the workers; serve until stopped. The exit code.
+
+        ``on_bound`` runs once the admin API and every listener's address are bound
+        (``ProxyServer.serve``); systemd hears ``READY=1`` once every worker serves."""
         await self.server.start()
         self.server.ready = False  # until every worker serves
         for line in startup_lines(self.server):
             log.info("%s", line)
-        self._install_signals()
+        self._install_signals()  # first: a signal sent to the pid in the file is handled
+        if on_bound is not None:
+            on_bound()
         for worker in self.workers:
             self._spawn(worker)
         self._spawn_task(self._broadcast_state())
@@ -269,6 +275,7 @@ class Supervisor:
         if not self._stopping:
             self.server.ready = True
             log.info("%d workers serving", self.count)
+            notify.ready()
         await self._done.wait()
         return 0
 
@@ -389,6 +396,7 @@ class Supervisor:
         """SIGTERM's graceful stop of every worker, then of the supervisor."""
         if not self._stopping:
             log.info("shutting down: the workers finish their in-flight requests")
+            notify.stopping()
             self._spawn_task(self.stop())
 
     def _signal_workers(self, sig: int) -> None:

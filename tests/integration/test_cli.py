@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.cli import main
+from proxy.cli import _arguments, main
 from proxy.config import load_config
 from proxy.config.schema import HIDDEN
-from tests.support import HOST, REPO, CertAuthority, aiolb_cli
+from tests.support import HOST, REPO, CertAuthority, aiolb_cli, wait_for
 
 PUBLIC_ADMIN = """\
 listeners:
@@ -73,6 +73,7 @@ def test_version_flags(cli: Cli, flag: str) -> None:
         (["run"], {}, "run: -c FILE is required (or set AIOLB_CONFIG)"),
         (["check", "-c", "x.yaml", "--nope"], {}, "unrecognized arguments: --nope"),
         (["demo", "--port", "many"], {}, "argument --port: invalid int value: 'many'"),
+        (["run", "-c", "x.yaml", "--log-level", "loud"], {}, "invalid choice: 'loud'"),
     ],
 )
 def test_a_usage_mistake_is_one_line_and_exit_2(
@@ -82,6 +83,28 @@ def test_a_usage_mistake_is_one_line_and_exit_2(
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and err.startswith("aiolb") and says in err, err
     assert "_worker" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "level"),
+    [
+        (["run", "-c", "x.yaml", "--log-level", "debug"], "debug"),
+        (["--log-level", "error", "run", "-c", "x.yaml"], "error"),
+        (["--log-level", "error", "check", "-c", "x.yaml", "--log-level", "DEBUG"], "debug"),
+        (["stop", "--log-level", "warning", "-c", "x.yaml"], "warning"),
+        (["check", "-c", "x.yaml"], "info"),
+    ],
+)
+def test_log_level_goes_before_or_after_the_command(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], level: str
+) -> None:
+    monkeypatch.delenv("AIOLB_LOG_LEVEL", raising=False)
+    assert _arguments(args).log_level == level  # the last one given wins
+
+
+def test_log_level_after_the_command_from_the_shell() -> None:
+    result = aiolb_cli("check", "-c", "config/aiolb.yaml", "--log-level", "debug")
+    assert result.returncode == 0 and result.stdout.startswith("config/aiolb.yaml: OK")
 
 
 def test_a_bad_flag_from_the_shell_has_no_traceback() -> None:
@@ -454,3 +477,52 @@ def test_example_descriptions_are_whole_sentences(cli: Cli) -> None:
     out = cli("example")[1]
     assert ("limits     Tighter client limits and timeouts, e.g. for an API that takes small "
             "JSON bodies and whose upstreams must answer quickly.\n") in out  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_run_tells_systemd_when_it_is_ready_reloading_and_stopping(
+    recorders, aiolb, tmp_path: Path, workers: int
+) -> None:
+    """``Type=notify``: the datagrams on ``$NOTIFY_SOCKET`` (a path, or an abstract name
+    written ``@name``), from the process systemd started only."""
+    a = await recorders("a")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if workers == 1:
+        address = str(tmp_path / "notify")
+        notify.bind(address)
+    else:
+        address = f"@aiolb-test-{os.getpid()}-{id(notify)}"
+        notify.bind("\0" + address[1:])
+    notify.setblocking(False)
+    messages: list[str] = []
+
+    def received() -> list[str]:
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                return messages
+
+    text = (
+        f'listeners: [{{name: web, bind: "{HOST}:0", routes: [{{pool: main}}]}}]\n'
+        f'pools: {{main: {{upstreams: [{{url: "{a.url}"}}]}}}}\n'
+        f'admin: {{bind: "{HOST}:0"}}\n'
+        f"workers: {workers}\n"
+    )
+    try:
+        proc = await aiolb(text, workers, env={"NOTIFY_SOCKET": address})
+        await wait_for(lambda: bool(received()))
+        assert messages == ["READY=1\n"]  # once, from the main process
+        async with aiohttp.ClientSession() as s, s.get(proc.url) as resp:
+            assert resp.status == 200
+
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: len(received()) == 3)
+        reloading, ready = messages[1:3]
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+\n", reloading), reloading
+        assert ready == "READY=1\n"
+
+        assert await proc.stop() == 0
+        assert received()[3:] == ["STOPPING=1\n"]
+    finally:
+        notify.close()

@@ -513,7 +513,8 @@ async def test_upstream_refusing_connections_gets_502(
         await writer.wait_closed()
 
     assert status == b"HTTP/1.1 502 Bad Gateway"
-    assert body.startswith(b"502") and b"Traceback" not in body and len(body) < 200
+    # it says what happened: nothing answered, which is not an invalid response
+    assert body == b"502 Bad Gateway: no connection to the upstream could be made\n"
     await assert_still_serving(port)
 
 
@@ -593,7 +594,7 @@ async def test_upstream_sending_garbage_gets_502(
         await writer.wait_closed()
 
     assert status == b"HTTP/1.1 502 Bad Gateway"
-    assert b"Traceback" not in body and b"not http" not in body and len(body) < 200
+    assert body == b"502 Bad Gateway: the upstream did not give a valid response\n"
     await assert_still_serving(port)
 
 

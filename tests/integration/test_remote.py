@@ -134,3 +134,85 @@ async def test_nothing_running_is_one_clear_line(tmp_path: Path) -> None:
     code, _, err = await cli("stop", "-c", str(path))
     assert code == 1 and "which is not running" in err, err
     assert os.path.exists(stale)
+
+
+@pytest.mark.parametrize("clash", ["listener", "admin"])
+async def test_a_second_run_that_cannot_bind_leaves_the_pid_file_alone(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path, clash: str
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:{unused_port()}"}}'
+    proc = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert proc.proc is not None
+    assert pid_file.read_text() == f"{proc.proc.pid}\n"
+
+    # the same pid_file, and the running one's listener port or admin address
+    second = tmp_path / "second.yaml"
+    if clash == "listener":
+        text = config_text([a.url], f'{{bind: "{HOST}:{unused_port()}"}}',
+                           top=f"pid_file: {pid_file}\n", listener_port=proc.port)  # fmt: skip
+    else:
+        text = config_text([a.url], admin, top=f"pid_file: {pid_file}\n")
+    second.write_text(text)
+    code, _, err = await cli("run", "-c", str(second))
+    assert code == 1 and "cannot listen on" in err, err
+    assert pid_file.read_text() == f"{proc.proc.pid}\n"  # still the running one's
+
+    # so stop finds it by the file (and by the admin API)
+    code, out, err = await cli("stop", "-c", str(proc.path))
+    assert (code, err) == (0, "") and out.splitlines()[-1] == "stopped", (out, err)
+    assert not pid_file.exists()
+
+
+async def test_a_pid_file_naming_another_process_is_not_removed_at_exit(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    proc = await aiolb(config_text([a.url], f'{{bind: "{HOST}:0"}}',
+                                   top=f"pid_file: {pid_file}\n"))  # fmt: skip
+    pid_file.write_text(f"{os.getpid()}\n")  # another instance took it over since
+    assert await proc.stop() == 0
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+
+
+async def test_stop_with_a_broken_config_says_how_to_stop_it_by_hand(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:{unused_port()}"}}'
+    proc = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert proc.proc is not None
+    path = str(proc.path)
+    proc.path.write_text(config_text([a.url], admin, top=f"pid_file: {pid_file}\nbogus: 1\n"))
+    code, out, err = await cli("stop", "-c", path)
+    assert (code, out) == (2, "")
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{path}:8: bogus:"), err
+    assert lines[-1] == (f"nothing sent: to stop the running aiolb anyway, kill -TERM "
+                         f"{proc.proc.pid} (from {pid_file}; SIGTERM drains as aiolb stop "
+                         "does)")  # fmt: skip
+    assert proc.proc.returncode is None  # still serving
+
+    # no pid_file (or no YAML at all): the pid is in its start-up line
+    proc.path.write_text("listeners: [\n")
+    code, _, err = await cli("stop", "-c", path)
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "nothing sent: to stop the running aiolb anyway, kill -TERM <pid> (SIGTERM drains"
+    ), err
+
+
+async def test_a_second_run_that_binds_takes_the_pid_file_over_with_a_warning(
+    recorders: MakeRecorder, aiolb: MakeAiolb, tmp_path: Path
+) -> None:
+    a = await recorders("a")
+    pid_file = tmp_path / "aiolb.pid"
+    admin = f'{{bind: "{HOST}:0"}}'
+    first = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    second = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
+    assert first.proc is not None and second.proc is not None
+    assert pid_file.read_text() == f"{second.proc.pid}\n"
+    assert second.logged(f"pid_file {pid_file} named pid {first.proc.pid}, still running; "
+                         f"it now names this process ({second.proc.pid})")  # fmt: skip

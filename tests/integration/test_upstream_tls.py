@@ -49,7 +49,7 @@ async def test_an_https_upstream_with_its_own_ca(
     # the system's store does not know that CA: refused, 502, and the reason logged
     server = await proxy(make_config([up.url], pool={"retries": {"attempts": 1}}))
     assert await get(proxy_url(server)) == [
-        (502, "502 Bad Gateway: the upstream did not give a valid response\n")
+        (502, "502 Bad Gateway: no connection to the upstream could be made\n")
     ]
     assert server.pools["main"].upstreams[0].stats.connect_errors == 1
 

@@ -1,4 +1,5 @@
-"""The files under ``deploy/``: the Grafana dashboard and the Prometheus config and alerts.
+"""The files under ``deploy/``: the Grafana dashboard and the Prometheus config and alerts,
+the systemd unit and the logrotate snippet.
 
 The source of truth is the metrics contract of DESIGN.md, copied below: every ``aiolb_``
 metric and every label these files use must be in it, so a renamed metric breaks this
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ DEPLOY = Path(__file__).parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "aiolb-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+UNIT = DEPLOY / "systemd" / "aiolb.service"
+LOGROTATE = DEPLOY / "logrotate" / "aiolb"
 
 # DESIGN.md, "Metrics contract": metric | type | labels
 #: DESIGN.md's metrics contract, and the rate-limit counters the filters issue asks the
@@ -252,3 +257,83 @@ def test_prometheus_scrapes_the_admin_metrics() -> None:
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     assert targets == ["aiolb:9901"]
+
+
+# -- systemd and logrotate ------------------------------------------------------------------
+
+
+def unit_keys(text: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file as ``{section: {key: [values in order]}}`` (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+UNIT_KEYS = unit_keys(UNIT.read_text())
+SERVICE = {key: values[-1] for key, values in UNIT_KEYS["Service"].items()}
+
+
+def test_systemd_unit_is_notify_with_reload_by_sighup() -> None:
+    assert SERVICE["Type"] == "notify"  # proxy/runtime/notify.py sends READY=1
+    assert SERVICE["ExecStart"].endswith("/aiolb run")
+    assert UNIT_KEYS["Service"]["ExecReload"] == [
+        SERVICE["ExecStart"].replace(" run", " check"),  # a bad file fails the reload
+        "/bin/kill -HUP $MAINPID",
+    ]
+    assert SERVICE["ExecStartPre"].endswith("/aiolb check")
+    assert SERVICE["KillMode"] == "mixed"  # the supervisor drains its workers
+    # longer than the default shutdown_timeout (30s), so a drain is not cut short
+    assert int(SERVICE["TimeoutStopSec"].removesuffix("s")) > 30
+    assert UNIT_KEYS["Install"]["WantedBy"] == ["multi-user.target"]
+    assert "network-online.target" in UNIT_KEYS["Unit"]["After"][0]
+
+
+def test_systemd_unit_is_sandboxed() -> None:
+    expected = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",  # AF_UNIX: workers, notify
+        "SystemCallFilter": "@system-service",
+        "User": "aiolb",
+    }
+    assert {key: SERVICE.get(key) for key in expected} == expected
+    # with ProtectSystem=strict, what it writes is in the directories systemd makes
+    assert (SERVICE["RuntimeDirectory"], SERVICE["LogsDirectory"]) == ("aiolb", "aiolb")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    # verify wants the programs to exist: aiolb stands in as true
+    unit = tmp_path / "aiolb.service"
+    unit.write_text(re.sub(r"/\S+/aiolb ", f"{shutil.which('true')} ", UNIT.read_text()))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    # unknown keys and bad values are only warnings: any output is a failure here
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_logrotate_reopens_the_log_of_the_units_pid_file() -> None:
+    text = LOGROTATE.read_text()
+    path = re.search(r"^(/\S+) \{$", text, re.M)
+    assert path is not None and path.group(1).startswith(f"/var/log/{SERVICE['LogsDirectory']}/")
+    postrotate = text.split("postrotate", 1)[1].split("endscript", 1)[0]
+    pid_file = f"/run/{SERVICE['RuntimeDirectory']}/aiolb.pid"
+    # SIGUSR1: reopen the access log (nginx's signal); the pid of aiolb's pid_file
+    assert f'kill -USR1 "$(cat {pid_file})"' in postrotate
+    assert f"pid_file: {pid_file}" in text and f"pid_file: {pid_file}" in UNIT.read_text()
+    assert re.search(r"^\s+create 0640 aiolb aiolb$", text, re.M)  # the unit's user
