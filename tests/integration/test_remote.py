@@ -213,6 +213,9 @@ async def test_a_second_run_that_binds_takes_the_pid_file_over_with_a_warning(
     first = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
     second = await aiolb(config_text([a.url], admin, top=f"pid_file: {pid_file}\n"))
     assert first.proc is not None and second.proc is not None
-    assert pid_file.read_text() == f"{second.proc.pid}\n"
-    assert second.logged(f"pid_file {pid_file} named pid {first.proc.pid}, still running; "
-                         f"it now names this process ({second.proc.pid})")  # fmt: skip
+    # the pid file is written just after the "serving" line: wait for it, not for luck
+    await wait_for(lambda: pid_file.read_text() == f"{second.proc.pid}\n")  # type: ignore[union-attr]
+    await wait_for(lambda: second.logged(
+        f"pid_file {pid_file} named pid {first.proc.pid}, still running; "  # type: ignore[union-attr]
+        f"it now names this process ({second.proc.pid})"  # type: ignore[union-attr]
+    ))  # fmt: skip
