@@ -6,6 +6,11 @@ handed, whole, to a writer thread (one queue operation per tick, not per request
 which writes it with ``os.write``. A full disk, a closed stdout or a writer that falls
 behind costs lines, never the proxy: they are dropped, counted in ``dropped``, and a
 warning is logged at most once a minute.
+
+``reopen`` (SIGUSR1, and every reload) opens the path again, for log rotation
+(``mv access.log access.log.1`` then SIGUSR1, as logrotate does for nginx): the new file
+is opened in the loop, then handed to the writer thread behind the lines queued so far,
+so each line lands whole in the old file or the new one.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class AccessLog:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._owns_fd = True
         self._lines: list[str] = []
-        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        #: batches of lines; an int: the file to write to from now on; None: stop
+        self._queue: queue.SimpleQueue[list[str] | int | None] = queue.SimpleQueue()
         self.dropped = 0
         self._last_warning = 0.0
         self._second = -1
@@ -98,21 +104,36 @@ class AccessLog:
             return
         self._queue.put(lines)
 
+    def reopen(self) -> bool:
+        """Open ``path`` again (after a rotation moved it); the lines gathered so far go
+        to the old file. False, logged, when it cannot be opened: the old file stays."""
+        if not self._owns_fd:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s", self.path, exc.strerror or exc)
+            return False
+        self.flush()
+        self._queue.put(fd)
+        return True
+
     def close(self, timeout: float = 2.0) -> None:
         self.flush()
         self._queue.put(None)
         self._thread.join(timeout)
         if self._owns_fd:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+            _close(self._fd)
 
     def _run(self) -> None:
         while True:
             batch = self._queue.get()
             if batch is None:
                 return
+            if isinstance(batch, int):
+                self._fd, old = batch, self._fd
+                _close(old)
+                continue
             data = "".join(batch).encode("utf-8", "replace")
             try:
                 while data:
@@ -130,3 +151,10 @@ class AccessLog:
 
     def __repr__(self) -> str:
         return f"<AccessLog {self.path} [{len(self._lines)} pending, {self.dropped} dropped]>"
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
