@@ -40,7 +40,7 @@ _WARN_EVERY: Final = 60.0
 class AccessLog:
     __slots__ = (
         "_fd", "_format", "_last_warning", "_lines", "_owns_fd", "_prefix", "_queue",
-        "_second", "_thread", "dropped", "path",
+        "_second", "_thread", "dropped", "path", "times",
     )
 
     def __init__(self, path: str, format: str | tuple[str, ...] = DEFAULT_FIELDS) -> None:
@@ -48,6 +48,8 @@ class AccessLog:
         be). ``format``: ``access_log.format``, a field list (JSON) or a template."""
         self.path = path
         self._format = compile_format(format, self.timestamp)
+        #: the format logs ``upstream_header_time``: exchanges note when heads arrive
+        self.times = "upstream_header_time" in format
         if path in ("stdout", "-"):
             self._fd, self._owns_fd = sys.stdout.fileno(), False
         else:
@@ -67,13 +69,14 @@ class AccessLog:
         self, now: float, client: str, method: bytes, target: bytes, status: int,
         bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
         host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
-        pool: Pool | None, upstream: Upstream | None,
+        pool: Pool | None, upstream: Upstream | None, ex: object,
     ) -> None:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
-        ``upstream`` None: the proxy answered itself, ``pool`` None: before routing)."""
+        ``upstream``: the one tried last, None: none was; ``pool`` None: before routing;
+        ``ex`` None: the connection answered before a request was made of it)."""
         self.write(self._format(
             now, client, method, target, status, bytes_in, bytes_out, seconds, attempts,
-            request_id, host, headers, listener, pool, upstream,
+            request_id, host, headers, listener, pool, upstream, ex,
         ))  # fmt: skip
 
     def timestamp(self, now: float) -> str:
