@@ -107,9 +107,10 @@ async def test_the_text_format_takes_the_new_fields(
     )  # fmt: skip
     server = await proxy(config)
     url = f"http://{HOST}:{server.listeners[0].port}/x"
-    async with aiohttp.ClientSession() as session, session.get(
-        url, headers={"X-Custom": "v"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"X-Custom": "v"}) as resp,
+    ):
         assert resp.status == 200
     await wait_for(lambda: log.exists() and log.read_text().endswith("\n"))
     status, upstream_status, referer, custom, header_time = log.read_text().split()
