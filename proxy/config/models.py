@@ -44,7 +44,7 @@ from proxy.config.values import (
     split_host_port,
 )
 from proxy.http.target import normal_target
-from proxy.metrics.log_format import DEFAULT_FIELDS, FIELDS, parse_template
+from proxy.metrics.log_format import DEFAULT_FIELDS, FIELDS, is_field, parse_template
 
 # These two must name exactly the keys of ``proxy.balancing.REGISTRY`` (a test checks it):
 # adding an algorithm adds its name to both.
@@ -868,10 +868,10 @@ def _check_log_format(value: object) -> str | tuple[str, ...]:
         parse_template(value)  # raises ValueError naming the unknown field
         return value
     if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
-        unknown = [name for name in value if name not in FIELDS]
+        unknown = [name for name in value if not is_field(name)]
         if unknown:
             raise ValueError(f"unknown access log field {unknown[0]!r}; fields: "
-                             f"{', '.join(FIELDS)}")  # fmt: skip
+                             f"{', '.join(FIELDS)}, http_NAME")  # fmt: skip
         if len(set(value)) != len(value):
             raise ValueError("each access log field may be listed once")
         return tuple(value)
@@ -903,7 +903,10 @@ class AccessLog(ConfigModel):
     a dollar sign). Fields: ``time``, ``client``, ``method``, ``path``, ``status``,
     ``bytes_in``, ``bytes_out``, ``duration_ms``, ``host``, ``user_agent``,
     ``listener``, ``pool``, ``upstream``, ``upstream_name``, ``attempts``,
-    ``request_id``. The default is every field but ``upstream_name``."""
+    ``request_id``, ``upstream_status``, ``upstream_connect_time``,
+    ``upstream_header_time``, ``referer``, and ``http_NAME`` for any request header
+    (nginx's ``$http_NAME``: ``http_x_custom`` is ``X-Custom``). The default is every
+    field but ``upstream_name`` and the ones added after it (``upstream_status`` on)."""
 
 
 class CacheRedisStore(ConfigModel):

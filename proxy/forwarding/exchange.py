@@ -100,6 +100,7 @@ class Exchange:
         "cache_state",
         "client",
         "conn",
+        "connect_seconds",  # unset unless this request opened a connection
         "deadline",
         "deferred",
         "discard",
@@ -108,6 +109,7 @@ class Exchange:
         "found",
         "head",
         "head_request",
+        "header_at",  # unset unless the access log asks for upstream_header_time
         "headers",
         "host",
         "http_minor",
@@ -476,6 +478,7 @@ class Exchange:
         self.opening = False  # from here on ``Upstream.connect`` gives the slot back
         upstream = self.upstream
         assert upstream is not None
+        opened = perf_counter()
         try:
             conn = await upstream.connect(self.client.loop)
         except ProxyError as exc:
@@ -486,6 +489,7 @@ class Exchange:
                 self._attempt_failed(exc)
             return
         self.task = None
+        self.connect_seconds = perf_counter() - opened
         if self.done:
             upstream.put_idle(conn, self.client.clock.now)
             return
@@ -625,7 +629,10 @@ class Exchange:
         self.resp_started = True
         if pool.observe is not None:
             self._observe(pool, upstream)
-        self.deadline = self.client.clock.now + pool.read_timeout
+        client = self.client
+        if client.log_times:
+            self.header_at = perf_counter()
+        self.deadline = client.clock.now + pool.read_timeout
         keep = self.keep_alive and not self.client.draining
         extra = b""
         if self.head_request or status == 204 or status == 304:
@@ -707,6 +714,8 @@ class Exchange:
         if pool.observe is not None:
             self._observe(pool, upstream)
         client = self.client
+        if client.log_times:
+            self.header_at = perf_counter()
         keep = self.keep_alive = self.keep_alive and not client.draining
         if not keep:
             end = b"Connection: close\r\n\r\n"
@@ -758,9 +767,12 @@ class Exchange:
         self.resp_started = self.resp_done = self.done = True
         self.deadline = NEVER
         client.transport.write(head)
-        if client.record:
-            self._record()
-        tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle)
+        if client.log_times:
+            self.header_at = perf_counter()
+        if client.record:  # counted now; logged when the tunnel closes (``log_tunnel``)
+            seconds = perf_counter() - self.started
+            upstream.stats.record(client.listener.name, self.method, 101, seconds)
+        tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle, self)
         tunnel.start(rest)
         return True
 
@@ -1120,8 +1132,23 @@ class Exchange:
                 self.headers,
                 client.listener.name,
                 self.pool,
-                upstream,
+                self.upstream,  # the one tried, also when the proxy answered (a 502, 504)
+                self,
             )
+
+    def log_tunnel(self, bytes_in: int, bytes_out: int) -> None:
+        """The Upgrade tunnel this request became closed: its access log line, with
+        the bytes each way and the time from the request to the close."""
+        client = self.client
+        access_log = client.access_log
+        if access_log is None:
+            return
+        access_log.record(
+            time.time(), client.client_ip, self.method, self.target, self.status,
+            self.body_size + bytes_in, self.bytes_out + bytes_out, perf_counter() - self.started,
+            self.attempts, self.request_id, self.host, self.headers, client.listener.name,
+            self.pool, self.upstream, self,
+        )  # fmt: skip
 
     def abort(self) -> None:
         """The client went away or broke: drop everything (idempotent)."""

@@ -17,7 +17,8 @@ closed after what is buffered for it has been written (an upstream that dies clo
 the client), and the bookkeeping is done once: the upstream's in-flight count (a
 tunnel counts as a request for ``least_connections`` and ``peak_ewma`` while open),
 its open connections (the tunnel held one out of the idle pool) and its tunnel count
-(``aiolb_tunnels_active``).
+(``aiolb_tunnels_active``); the request's access log line is written then, with the
+bytes each side sent through the tunnel and the time until the close.
 
 The client connection stays in its listener's set with phase TUNNEL: its deadline is
 the tunnel's idle deadline (``timeouts.tunnel_idle``, refreshed from the time of the
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.clock import Clock
+    from proxy.forwarding.exchange import Exchange
     from proxy.server.protocol import ClientConnection
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Upstream
@@ -46,7 +48,7 @@ TUNNEL_HIGH_WATER = 256 * 1024
 class _Side(asyncio.Protocol):
     """The protocol of one transport of a tunnel: what it reads goes to ``peer``."""
 
-    __slots__ = ("clock", "eof", "peer", "transport", "tunnel")
+    __slots__ = ("clock", "eof", "peer", "received", "transport", "tunnel")
 
     def __init__(self, tunnel: Tunnel, transport: asyncio.Transport, clock: Clock) -> None:
         self.tunnel = tunnel
@@ -54,9 +56,11 @@ class _Side(asyncio.Protocol):
         self.clock = clock
         self.peer: _Side = self
         self.eof = False
+        self.received = 0  # bytes read from this side (for the access log)
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
+        self.received += len(data)
         self.tunnel.last = self.clock.now
 
     def pause_writing(self) -> None:
@@ -86,6 +90,7 @@ class Tunnel:
         "client_side",
         "closed",
         "conn",
+        "exchange",
         "half_close",
         "idle",
         "last",
@@ -95,9 +100,12 @@ class Tunnel:
     )
 
     def __init__(
-        self, client: ClientConnection, conn: UpstreamConnection, protocol: str, idle: float
-    ) -> None:
+        self, client: ClientConnection, conn: UpstreamConnection, protocol: str, idle: float,
+        exchange: Exchange | None = None,
+    ) -> None:  # fmt: skip
         self.client = client
+        #: the request that became this tunnel: logged when the tunnel closes
+        self.exchange = exchange
         self.conn = conn
         self.upstream: Upstream = conn.upstream
         self.protocol = protocol
@@ -163,6 +171,9 @@ class Tunnel:
             upstream.tunnels -= 1
             upstream.end_request()
             self.close()
+            exchange = self.exchange
+            if exchange is not None and self.client.record:
+                exchange.log_tunnel(self.client_side.received, self.upstream_side.received)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

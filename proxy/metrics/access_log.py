@@ -6,6 +6,11 @@ handed, whole, to a writer thread (one queue operation per tick, not per request
 which writes it with ``os.write``. A full disk, a closed stdout or a writer that falls
 behind costs lines, never the proxy: they are dropped, counted in ``dropped``, and a
 warning is logged at most once a minute.
+
+``reopen`` (SIGUSR1, and every reload) opens the path again, for log rotation
+(``mv access.log access.log.1`` then SIGUSR1, as logrotate does for nginx): the new file
+is opened in the loop, then handed to the writer thread behind the lines queued so far,
+so each line lands whole in the old file or the new one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ _WARN_EVERY: Final = 60.0
 class AccessLog:
     __slots__ = (
         "_fd", "_format", "_last_warning", "_lines", "_owns_fd", "_prefix", "_queue",
-        "_second", "_thread", "dropped", "path",
+        "_second", "_thread", "dropped", "path", "times",
     )
 
     def __init__(self, path: str, format: str | tuple[str, ...] = DEFAULT_FIELDS) -> None:
@@ -43,13 +48,16 @@ class AccessLog:
         be). ``format``: ``access_log.format``, a field list (JSON) or a template."""
         self.path = path
         self._format = compile_format(format, self.timestamp)
+        #: the format logs ``upstream_header_time``: exchanges note when heads arrive
+        self.times = "upstream_header_time" in format
         if path in ("stdout", "-"):
             self._fd, self._owns_fd = sys.stdout.fileno(), False
         else:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._owns_fd = True
         self._lines: list[str] = []
-        self._queue: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        #: batches of lines; an int: the file to write to from now on; None: stop
+        self._queue: queue.SimpleQueue[list[str] | int | None] = queue.SimpleQueue()
         self.dropped = 0
         self._last_warning = 0.0
         self._second = -1
@@ -61,13 +69,14 @@ class AccessLog:
         self, now: float, client: str, method: bytes, target: bytes, status: int,
         bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
         host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
-        pool: Pool | None, upstream: Upstream | None,
+        pool: Pool | None, upstream: Upstream | None, ex: object,
     ) -> None:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
-        ``upstream`` None: the proxy answered itself, ``pool`` None: before routing)."""
+        ``upstream``: the one tried last, None: none was; ``pool`` None: before routing;
+        ``ex`` None: the connection answered before a request was made of it)."""
         self.write(self._format(
             now, client, method, target, status, bytes_in, bytes_out, seconds, attempts,
-            request_id, host, headers, listener, pool, upstream,
+            request_id, host, headers, listener, pool, upstream, ex,
         ))  # fmt: skip
 
     def timestamp(self, now: float) -> str:
@@ -98,21 +107,36 @@ class AccessLog:
             return
         self._queue.put(lines)
 
+    def reopen(self) -> bool:
+        """Open ``path`` again (after a rotation moved it); the lines gathered so far go
+        to the old file. False, logged, when it cannot be opened: the old file stays."""
+        if not self._owns_fd:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s", self.path, exc.strerror or exc)
+            return False
+        self.flush()
+        self._queue.put(fd)
+        return True
+
     def close(self, timeout: float = 2.0) -> None:
         self.flush()
         self._queue.put(None)
         self._thread.join(timeout)
         if self._owns_fd:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+            _close(self._fd)
 
     def _run(self) -> None:
         while True:
             batch = self._queue.get()
             if batch is None:
                 return
+            if isinstance(batch, int):
+                self._fd, old = batch, self._fd
+                _close(old)
+                continue
             data = "".join(batch).encode("utf-8", "replace")
             try:
                 while data:
@@ -130,3 +154,10 @@ class AccessLog:
 
     def __repr__(self) -> str:
         return f"<AccessLog {self.path} [{len(self._lines)} pending, {self.dropped} dropped]>"
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

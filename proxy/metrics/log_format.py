@@ -13,6 +13,11 @@ JSON lines quote what a client chose (path, host, user agent, request id) with
 ``json.dumps`` unless it is plain printable ASCII; text lines escape ``"``, ``\\`` and
 bytes outside printable ASCII as ``\\xHH`` (nginx's ``escape=default``) and show a
 missing value as ``-``.
+
+``http_NAME`` is any request header by name, as nginx's ``$http_NAME`` (lower case,
+``_`` for ``-``: ``http_x_custom`` is ``X-Custom``); the header's name is passed in as
+data too. Fields about the upstream's answer (``upstream_status``, its times) read the
+exchange (``ex``), and only when a format names them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Pool, Upstream
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
 #: The arguments of ``AccessLog.record``, in order: what a formatter is called with.
 ARGUMENTS: Final = (
     "now", "client", "method", "target", "status", "bytes_in", "bytes_out", "seconds",
-    "attempts", "request_id", "host", "headers", "listener", "pool", "upstream",
+    "attempts", "request_id", "host", "headers", "listener", "pool", "upstream", "ex",
 )  # fmt: skip
 
 # field -> (JSON value expression, whether the JSON value needs quotes around it,
@@ -53,15 +58,27 @@ _FIELDS: Final = {
                       "upstream_name(upstream) or '-'"),
     "attempts": ("attempts", False, "attempts"),
     "request_id": ("quote(request_id)", False, "escape(request_id)"),
+    "upstream_status": ("or_null(upstream_status(ex))", False,
+                        "or_dash(upstream_status(ex))"),
+    "upstream_connect_time": ("or_null(connect_time(ex))", False,
+                              "or_dash(connect_time(ex))"),
+    "upstream_header_time": ("or_null(header_time(ex))", False, "or_dash(header_time(ex))"),
+    "referer": ("quote_or_null(header(headers, b'referer'))", False,
+                "escape_or_dash(header(headers, b'referer'))"),
 }  # fmt: skip
 
-#: Every field a line can hold.
-FIELDS: Final = tuple(_FIELDS)
-#: The default line: every field but ``upstream_name`` (the address says it already
-#: unless upstreams are named).
-DEFAULT_FIELDS: Final = tuple(name for name in FIELDS if name != "upstream_name")
+#: ``http_NAME``: the request header NAME (``_`` for ``-``), as nginx's ``$http_NAME``.
+HEADER_FIELD: Final = re.compile(r"http_[a-z0-9_]+")
 
-_VARIABLE: Final = re.compile(r"\$(?:\{([a-z_]+)\}|([a-z_]+)|(\$))")
+#: Every field a line can hold, less the ``http_NAME`` family.
+FIELDS: Final = tuple(_FIELDS)
+#: The default line: every field up to ``request_id`` but ``upstream_name`` (the address
+#: says it already unless upstreams are named); the later ones are asked for by name.
+DEFAULT_FIELDS: Final = tuple(
+    name for name in FIELDS[: FIELDS.index("request_id") + 1] if name != "upstream_name"
+)
+
+_VARIABLE: Final = re.compile(r"\$(?:\{([a-z_][a-z0-9_]*)\}|([a-z_][a-z0-9_]*)|(\$))")
 _ESCAPE: Final = re.compile(r'["\\\x00-\x1f\x7f-\xff]')
 
 Formatter = Callable[..., str]
@@ -80,8 +97,9 @@ def parse_template(template: str) -> list[tuple[str, str | None]]:
             literal += "$"
             continue
         name = match.group(1) or match.group(2)
-        if name not in _FIELDS:
-            raise ValueError(f"unknown access log field ${name}; fields: {', '.join(FIELDS)}")
+        if not is_field(name):
+            raise ValueError(f"unknown access log field ${name}; fields: {', '.join(FIELDS)}"
+                             ", http_NAME")  # fmt: skip
         pieces.append((literal, name))
         literal = ""
     rest = template[at:]
@@ -91,22 +109,39 @@ def parse_template(template: str) -> list[tuple[str, str | None]]:
     return pieces
 
 
+def is_field(name: str) -> bool:
+    return name in _FIELDS or HEADER_FIELD.fullmatch(name) is not None
+
+
+def _field(name: str, namespace: dict[str, object]) -> tuple[str, bool, str]:
+    """``_FIELDS[name]``, or the expressions of an ``http_NAME`` field (its header name
+    goes into ``namespace``, as data)."""
+    if name in _FIELDS:
+        return _FIELDS[name]
+    key = f"_h{len(namespace)}"
+    namespace[key] = name[5:].replace("_", "-").encode("ascii")
+    value = f"header(headers, {key})"
+    return f"quote_or_null({value})", False, f"escape_or_dash({value})"
+
+
 def compile_format(spec: str | tuple[str, ...], timestamp: Callable[[float], str]) -> Formatter:
     """The line formatter for ``access_log.format``: called with ``ARGUMENTS``, it
     returns the line with its newline. ``timestamp(now)`` formats the ``time`` field."""
+    namespace: dict[str, object] = {**_HELPERS, "timestamp": timestamp}
     if isinstance(spec, str):
-        pieces = [(lit, None if name is None else _FIELDS[name][2])
+        pieces = [(lit, None if name is None else _field(name, namespace)[2])
                   for lit, name in parse_template(spec)]  # fmt: skip
     else:
         pieces = []
+        fields = [_field(name, namespace) for name in spec]
         for i, name in enumerate(spec):
-            expression, quoted, _ = _FIELDS[name]
+            expression, quoted, _ = fields[i]
             opening = ("{" if i == 0 else ",") + json.dumps(name) + ":" + ('"' if quoted else "")
-            if i and _FIELDS[spec[i - 1]][1]:
+            if i and fields[i - 1][1]:
                 opening = '"' + opening
             pieces.append((opening, expression))
-        pieces.append(('"}' if spec and _FIELDS[spec[-1]][1] else "}", None))
-    return _build(pieces, {**_HELPERS, "timestamp": timestamp})
+        pieces.append(('"}' if spec and fields[-1][1] else "}", None))
+    return _build(pieces, namespace)
 
 
 def _build(pieces: list[tuple[str, str | None]], namespace: dict[str, object]) -> Formatter:
@@ -156,6 +191,44 @@ def user_agent(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+    """The first value of the header ``wanted`` (lower case); several: joined by ``, ``."""
+    found = [value for name, value in headers
+             if len(name) == len(wanted) and name.lower() == wanted]  # fmt: skip
+    return b", ".join(found) if found else None
+
+
+def upstream_status(ex: Any) -> int | None:
+    """The status the upstream answered with (None: the proxy answered by itself)."""
+    if ex is None or ex.upstream is None or not ex.resp_started:
+        return None
+    return int(ex.status)
+
+
+def connect_time(ex: Any) -> str | None:
+    """Seconds to open the upstream connection (nginx's ``$upstream_connect_time``):
+    0.000 when a pooled one was reused; None when none was used."""
+    seconds = getattr(ex, "connect_seconds", None)
+    if seconds is None:
+        return "0.000" if upstream_status(ex) is not None else None
+    return f"{seconds:.3f}"
+
+
+def header_time(ex: Any) -> str | None:
+    """Seconds from the start of the (last) attempt to the upstream's response head
+    (nginx's ``$upstream_header_time``); None when no head came."""
+    at = getattr(ex, "header_at", None)
+    return None if at is None else f"{at - ex.tried_at:.3f}"
+
+
+def or_null(value: object) -> object:
+    return "null" if value is None else value
+
+
+def or_dash(value: object) -> object:
+    return "-" if value is None else value
+
+
 def pool_name(pool: Pool | None) -> str:
     return pool.name if pool is not None else ""
 
@@ -175,6 +248,12 @@ _HELPERS: Final = {
     "escape": escape,
     "escape_or_dash": escape_or_dash,
     "user_agent": user_agent,
+    "header": header,
+    "upstream_status": upstream_status,
+    "connect_time": connect_time,
+    "header_time": header_time,
+    "or_null": or_null,
+    "or_dash": or_dash,
     "pool_name": pool_name,
     "upstream_address": upstream_address,
     "upstream_name": upstream_name,

@@ -198,6 +198,8 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
         server.retire_listener(listener)
     for cache in dropped:  # replaced or removed: background work stops, the store closes
         await cache.close()
+    if server.access_log is not None:  # a reload also ends a log rotation (nginx's does)
+        server.access_log.reopen()
     return []
 
 

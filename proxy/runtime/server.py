@@ -249,6 +249,13 @@ class ProxyServer:
                 self.clock.remove_sweeper(listener.sweep)
                 self._retired.remove(listener)
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (nginx's reopen signal, what logrotate sends): open the access log
+        file again, after a rotation moved it."""
+        if self.access_log is not None:
+            log.info("SIGUSR1: reopening the access log %s", self.access_log.path)
+            self.access_log.reopen()
+
     def retune_clock(self) -> None:
         """Match the timer tick to the (new) config's shortest timeout."""
         self.clock.resolution = _resolution(self.config)
@@ -425,6 +432,7 @@ class ProxyServer:
             self.loop.add_signal_handler(signal.SIGTERM, on_term)
             self.loop.add_signal_handler(signal.SIGINT, on_int)
             self.loop.add_signal_handler(signal.SIGHUP, on_hup)
+            self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 

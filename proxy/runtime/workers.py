@@ -30,7 +30,9 @@ doubling to 30 s; back to 0.5 s once a worker has run for 30 s), and the others 
 serving meanwhile. SIGTERM (or SIGINT) stops restarts and passes SIGTERM on: each
 worker drains (``shutdown_timeout``) and exits 0; then the supervisor exits 0. A second
 SIGINT kills the workers at once. SIGHUP reloads: the supervisor validates the file
-and applies it to itself and to every worker; an invalid file changes nothing.
+and applies it to itself and to every worker; an invalid file changes nothing (a
+reload reopens the access log). SIGUSR1 is passed on: each worker reopens its access
+log (log rotation).
 """
 
 from __future__ import annotations
@@ -390,7 +392,12 @@ class Supervisor:
 
         self.loop.add_signal_handler(signal.SIGTERM, on_term)
         self.loop.add_signal_handler(signal.SIGINT, on_int)
+        def on_usr1() -> None:  # log rotation: every worker writes the access log
+            self.server.reopen_logs()
+            self._signal_workers(signal.SIGUSR1)
+
         self.loop.add_signal_handler(signal.SIGHUP, on_hup)
+        self.loop.add_signal_handler(signal.SIGUSR1, on_usr1)
 
     def request_stop(self) -> None:
         """SIGTERM's graceful stop of every worker, then of the supervisor."""
@@ -484,6 +491,7 @@ async def run_worker(control_fd: int, index: int) -> int:
 
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor reloads us
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # passed on by it
 
     def reply(ident: int, result: Any) -> None:
         writer.write(json.dumps({"id": ident, "result": result}).encode() + b"\n")

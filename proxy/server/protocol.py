@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -51,6 +52,8 @@ log = logging.getLogger("aiolb")
 #: Bounds memory per streaming connection; large enough that a 64 KiB response does
 #: not bounce the upstream between paused and resumed.
 WRITE_HIGH_WATER: Final = 256 * 1024
+#: The part of a refused request's target an access log line keeps (a 414's is long).
+MAX_LOGGED_TARGET: Final = 2048
 
 #: Reasons to stop reading that belong to the current exchange (its upstream is full, or
 #: its body waits for a connection): they end with it.
@@ -110,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         "held",
         "in_head",
         "listener",
+        "log_times",
         "loop",
         "max_body",
         "max_header",
@@ -144,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         self.clock = listener.clock
         self.record = listener.record  # metrics on: count every request
         self.access_log = listener.access_log
+        #: the access log logs ``upstream_header_time``: exchanges note when heads arrive
+        self.log_times = self.access_log is not None and self.access_log.times
         self.request_ids = listener.request_ids
         limits, timeouts = listener.config.limits, listener.config.timeouts
         self.max_header = limits.max_header_size
@@ -423,14 +429,33 @@ class ClientConnection(asyncio.Protocol):
         self.answer_and_close(status)
 
     def answer_and_close(self, status: int) -> None:
-        if self.exchange is not None:
-            self.exchange.abort()
+        ex = self.exchange
+        if ex is not None:
+            if ex.__class__ is not Exchange or ex.done:
+                ex = None  # (an exchange already answered was logged then)
+            self.exchange.abort()  # type: ignore[union-attr]
         self.exchange = None
         if not self.closed:
             self.transport.write(error_response(status, True, self._is_head()))
             if self.record:
                 self.listener.stats.record(self.listener.name, self._method(), status, 0.0)
+                if self.access_log is not None:
+                    self._log_refusal(status, ex)
         self.close()
+
+    def _log_refusal(self, status: int, ex: Exchange | None) -> None:
+        """The access log line of a request this connection refused itself (400, 408,
+        413, 414, 431): what of it was parsed (``ex``: its exchange, if it had one)."""
+        if ex is not None:
+            method, target, headers, host = ex.method, ex.target, ex.headers, ex.host
+        else:
+            method, target, headers, host = self._method(), self.url, self.headers, None
+        self.access_log.record(  # type: ignore[union-attr]
+            time.time(), self.client_ip, b"-" if method == b"OTHER" else method,
+            target[:MAX_LOGGED_TARGET] or b"-", status, 0, 0, 0.0, 0,
+            b"" if ex is None else ex.request_id, host, headers, self.listener.name,
+            None if ex is None else ex.pool, None, ex,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close after what is already written has been sent."""
