@@ -42,6 +42,7 @@ from proxy.cache.policy import (
     SURROGATE_CAPABILITY,
     UNSAFE_METHODS,
     Directives,
+    header,
     http_date,
     must_revalidate,
     response_directives,
@@ -50,6 +51,7 @@ from proxy.cache.policy import (
     variant,
     vary_names,
 )
+from proxy.cache.ranges import ranged
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import RedisStore
@@ -75,7 +77,8 @@ RESULTS: Final = ("hit", "miss", "stale", "bypass", "revalidated")
 
 #: Request headers that change a cache's decision (the others matter only to ``Vary``).
 _DECIDING: Final = frozenset(
-    (b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since")
+    (b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since",
+     b"range")
 )
 _NO_DIRECTIVES: Final = Directives()
 
@@ -83,7 +86,8 @@ _NO_DIRECTIVES: Final = Directives()
 class Request:
     """What the cache needs of one request: its key and the headers that matter."""
 
-    __slots__ = ("authorized", "cc", "conditional", "headers", "key", "method")
+    __slots__ = ("authorized", "cc", "conditional", "headers", "if_range", "key", "method",
+                 "range")
 
     def __init__(self, method: bytes, host: bytes, target: bytes, headers: Headers) -> None:
         self.method = method
@@ -93,12 +97,17 @@ class Request:
         self.headers = lowered = [(name.lower(), value) for name, value in headers]
         self.cc = _NO_DIRECTIVES  # shared, never changed
         self.authorized = self.conditional = False
+        #: a GET's ``Range`` and ``If-Range`` (a hit answers it: ``proxy.cache.ranges``)
+        self.range = self.if_range = None
         if any(name in _DECIDING for name, _ in lowered):
             self.cc = Directives.of_request(lowered)
             self.authorized = any(name == b"authorization" for name, _ in lowered)
             self.conditional = any(
                 name in (b"if-none-match", b"if-modified-since") for name, _ in lowered
             )
+            if method == b"GET":
+                self.range = header(lowered, b"range")
+                self.if_range = header(lowered, b"if-range")
 
 
 class Flight:
@@ -209,7 +218,7 @@ class Cache:
         ``Cache-Status: aiolb; STATUS`` and the framing; a 304 without a body when the
         client's own validators match. The head of the last hit is kept on the entry:
         hits within the same second of age send the same bytes."""
-        if request.conditional:
+        if request.conditional or request.range is not None:
             code, head, framing, body = self.hit_split(entry, request, now, status, keep_alive,
                                                        http_minor)  # fmt: skip
             return code, head + framing, body
@@ -239,6 +248,12 @@ class Cache:
         if request.conditional and _not_modified(request.headers, entry.headers):
             rest = entry.head.partition(b"\r\n")[2]
             return 304, b"HTTP/1.1 304 Not Modified\r\n" + rest + lines, connection + b"\r\n", b""
+        if request.range is not None and entry.status == 200:
+            found = ranged(entry.head, entry.headers, entry.body, request.range, request.if_range)
+            if found is not None:  # 206 or 416 (None: the whole 200)
+                code, head, part = found
+                return code, head + lines, b"Content-Length: %d\r\n%s\r\n" % (
+                    len(part), connection), part  # fmt: skip
         body = b"" if request.method == b"HEAD" else entry.body
         framing = b"Content-Length: %d\r\n%s\r\n" % (len(entry.body), connection)
         return entry.status, entry.head + lines, framing, body
@@ -371,7 +386,7 @@ class Cache:
 _NOT_FORWARDED: Final = frozenset(
     {b"host", b"connection", b"keep-alive", b"te", b"upgrade", b"proxy-connection",
      b"transfer-encoding", b"content-length", b"if-none-match", b"if-modified-since",
-     b"expect"}
+     b"expect", b"range", b"if-range"}
 )
 
 

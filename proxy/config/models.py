@@ -838,6 +838,13 @@ class Listener(ConfigModel):
     redirect_https: RedirectHTTPS = False
     """Plain-HTTP listeners: ``true`` (or a port) makes every route answer ``308`` to the
     https URL unless the route says otherwise."""
+    forwarded: Literal["drop", "replace", "append"] = "drop"
+    """The RFC 7239 ``Forwarded`` request header. ``drop``: the client's is removed and
+    none is sent (``X-Forwarded-*`` say the same); ``replace``: the client's is removed
+    and aiolb sends ``Forwarded: for=CLIENT;proto=SCHEME``; ``append``: the client's is
+    kept and aiolb's element follows it (only behind a proxy you trust to set it, like
+    ``X-Forwarded-For``). Never passed on unchecked: an application that prefers
+    ``Forwarded`` would trust a client's spoofed one."""
 
     @property
     def host(self) -> str:

@@ -51,7 +51,16 @@ from proxy.forwarding.retry import IDEMPOTENT
 from proxy.forwarding.router import normalise_host
 from proxy.forwarding.tunnel import Tunnel
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
-from proxy.http.responses import CONTINUE_100, error_response, redirect_response
+from proxy.http.responses import (
+    BAD_AUTHORITY,
+    CONTINUE_100,
+    NOT_FORWARD_PROXY,
+    OPTIONS_ANSWER,
+    TRACE_REFUSED,
+    Fixed,
+    error_response,
+    redirect_response,
+)
 from proxy.http.target import known_target, normal_target
 from proxy.tcp import JOIN_BELOW, write_pieces
 from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
@@ -79,6 +88,8 @@ UNTIL_CLOSE: Final = 3
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: An absolute-form authority we accept: host or [IPv6] and an optional port.
+#: Methods ``Exchange.start`` hands to ``_answer_here`` (a set: one lookup per request).
+_ANSWERED_HERE: Final = frozenset((b"TRACE", b"OPTIONS"))
 _AUTHORITY: Final = re.compile(rb"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
@@ -182,7 +193,7 @@ class Exchange:
         self.cache_state: CacheState | None = None
         #: a response made for this request in place of the upstream's (a filter's
         #: ``LocalResponse``, a cache hit): what ``local`` writes; None: an error page
-        self.answer: LocalResponse | Answer | None = None
+        self.answer: LocalResponse | Answer | Fixed | None = None
         self.upstream: Upstream | None = None
         self.released = False
         self.conn: UpstreamConnection | None = None
@@ -236,6 +247,8 @@ class Exchange:
         """Become the current exchange: route, run the route's filters (if any), pick
         and send, or answer locally."""
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
+            return
+        if self.method in _ANSWERED_HERE and self._answer_here():
             return
         # what routes, filters, the cache and the upstream see (``proxy.http.target``)
         target = known_target(self.target) or normal_target(self.target)
@@ -448,6 +461,32 @@ class Exchange:
             except ValueError:
                 pass
 
+    def _answer_here(self) -> bool:
+        """TRACE: 405, never forwarded. OPTIONS: the proxy answers ``*`` and a
+        ``Max-Forwards: 0``, and forwards a larger ``Max-Forwards`` one less (RFC 9110
+        7.6.2). True when answered."""
+        if self.method == b"TRACE":
+            log.info("405 TRACE %r: not forwarded", self.target[:200])
+            self.answer = TRACE_REFUSED
+            self.local(405)
+            return True
+        parts = self.found.parts
+        if self.target != b"*":
+            for i in range(0, len(parts), 4):
+                if parts[i].lower() == b"max-forwards":
+                    hops = parts[i + 2].strip()
+                    if not hops.isdigit():
+                        return False  # not a number: passed on as it came
+                    if int(hops):
+                        parts[i + 2] = b"%d" % (int(hops) - 1)
+                        return False
+                    break
+            else:
+                return False
+        self.answer = OPTIONS_ANSWER
+        self.local(200)
+        return True
+
     def _resolve_target(self) -> bool:
         """Origin-form passes; absolute-form only for hosts a route names; else 400."""
         target = self.target
@@ -461,12 +500,16 @@ class Exchange:
         lower = target[:8].lower()
         start = 7 if lower.startswith(b"http://") else 8 if lower.startswith(b"https://") else 0
         authority, slash, path = target[start:].partition(b"/")
-        if (
-            not start
-            or _AUTHORITY.fullmatch(authority) is None  # no userinfo, no stray characters
-            or not self.client.listener.router.serves_host(authority)
-        ):
-            log.info("400 absolute-form target refused: %r", target[:200])
+        if not start:
+            why = "neither a path nor an http(s) URL"
+        elif _AUTHORITY.fullmatch(authority) is None:  # no userinfo, no stray characters
+            why, self.answer = "its authority is malformed", BAD_AUTHORITY
+        elif not self.client.listener.router.serves_host(authority):
+            why, self.answer = "aiolb is not a forward proxy for this host", NOT_FORWARD_PROXY
+        else:
+            why = ""
+        if why:
+            log.info("400 absolute-form target refused (%s): %r", why, target[:200])
             self.local(400, close=True)
             return False
         self.target = slash + path if slash else b"/"

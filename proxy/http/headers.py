@@ -8,6 +8,9 @@ request (``Connection: upgrade`` and an ``Upgrade`` header, no body) is noted in
 upgrade headers back for the protocols its route allows.
 ``X-Forwarded-For`` gets the client address appended, ``X-Forwarded-Proto`` and
 ``X-Forwarded-Host`` are set, ``Via`` is added, ``X-Request-ID`` is kept or generated.
+``Forwarded`` (RFC 7239) is dropped unless the listener keeps it (``forwarded:
+append``); a listener that sends aiolb's own element has it in its connections' head
+template (``forwarded_template``: the client address is fixed per connection).
 ``Host``, ``Content-Length`` and ``Transfer-Encoding`` pass unchanged: the parser has
 already rejected ambiguous framing, and a chunked body is re-chunked on the way out.
 A ``Connection`` header that names one of them is an attack, not a hop-by-hop option
@@ -41,6 +44,7 @@ _CONTENT_LENGTH: Final = 5
 _TRANSFER_ENCODING: Final = 6
 _EXPECT: Final = 7
 _UPGRADE: Final = 8
+_FORWARDED: Final = 11  # RFC 7239: dropped unless the listener appends to it
 
 _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
@@ -57,6 +61,7 @@ _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
+    b"forwarded": _FORWARDED,
 }
 
 #: Request header names as they came (any case) -> action: one lookup, no ``lower()``,
@@ -126,6 +131,7 @@ FRAMING_HEADERS: Final = frozenset((
 #: Request headers the proxy sets on every forwarded request (``request_head``).
 MANAGED_REQUEST_HEADERS: Final = frozenset((
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via",
+    "forwarded",
 ))  # fmt: skip
 VIA: Final = b"Via: 1.1 aiolb\r\n"
 
@@ -160,9 +166,13 @@ class RequestHeaders:
         "upgrade",
     )
 
-    def __init__(self, headers: list[tuple[bytes, bytes]], underscores: bool = False) -> None:
+    def __init__(
+        self, headers: list[tuple[bytes, bytes]], underscores: bool = False,
+        forwarded: bool = False,
+    ) -> None:  # fmt: skip
         """``underscores``: forward header names with ``_`` (dropped otherwise: nginx's
-        ``underscores_in_headers off``, since CGI and WSGI read ``X_A`` as ``X-A``)."""
+        ``underscores_in_headers off``, since CGI and WSGI read ``X_A`` as ``X-A``);
+        ``forwarded``: keep the client's ``Forwarded`` (dropped otherwise)."""
         parts: list[bytes] = []
         self.host: bytes | None = None
         self.forwarded_for: bytes | None = None
@@ -206,7 +216,7 @@ class RequestHeaders:
                 listed = _connection_tokens(value, listed)
             elif action == _UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
-            elif action == _UNDERSCORE and underscores:
+            elif (action == _UNDERSCORE and underscores) or (action == _FORWARDED and forwarded):
                 parts += (name, b": ", value, b"\r\n")
         if listed:
             self.close = b"close" in listed
@@ -290,6 +300,17 @@ REQUEST_HEAD: Final = (
     b"X-Request-ID: %s\r\n" + VIA + b"%s\r\n"
 )
 REQUEST_HEAD_TLS: Final = REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
+
+
+def forwarded_template(template: bytes, client_ip: str) -> bytes:
+    """``template`` (``REQUEST_HEAD`` or ``REQUEST_HEAD_TLS``) with aiolb's RFC 7239
+    element for a client at ``client_ip`` after ``Via``: built once per connection, so
+    a request pays nothing for it. An IPv6 address is bracketed and quoted."""
+    ip = client_ip.encode()
+    node = b'"[%s]"' % ip if b":" in ip else ip or b"unknown"  # Unix sockets: no address
+    proto = b"https" if template.find(b"Proto: https") != -1 else b"http"
+    line = b"Forwarded: for=%s;proto=%s\r\n" % (node.replace(b"%", b"%%"), proto)
+    return template.replace(VIA, VIA + line)
 
 
 # What in a response head needs more than passing through: a hop-by-hop or framing

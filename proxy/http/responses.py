@@ -11,6 +11,7 @@ from typing import Final
 REASONS: Final[dict[int, bytes]] = {
     100: b"Continue",
     101: b"Switching Protocols",
+    200: b"OK",
     308: b"Permanent Redirect",
     400: b"Bad Request",
     403: b"Forbidden",
@@ -50,13 +51,15 @@ _CAUSES: Final[dict[str, tuple[int, bytes]]] = {
 }
 
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: The methods the proxy forwards, as its ``Allow`` header says them (no TRACE, CONNECT).
+ALLOW: Final = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 
 
 def _build(status: int, close: bool, body: bytes | None = None) -> bytes:
     body = _BODIES[status] if body is None else body
     extra = b""
     if status == 405:
-        extra = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
+        extra = ALLOW
     elif status == 503:
         extra = b"Retry-After: 1\r\n"
     return b"".join(
@@ -105,3 +108,44 @@ def redirect_response(location: bytes, close: bool) -> bytes:
             b"\r\n",
         )
     )
+
+
+
+class Fixed:
+    """A response the proxy makes with its own head lines and body (``Exchange.local``
+    writes ``render``), preformatted at import for both ``Connection`` choices."""
+
+    __slots__ = ("data", "status")
+
+    def __init__(self, status: int, lines: bytes, body: bytes) -> None:
+        self.status = status
+        head = b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n" % (
+            status, REASONS[status], lines, len(body))  # fmt: skip
+        self.data = (head + b"\r\n" + body, head + b"Connection: close\r\n\r\n" + body)
+
+    def render(self, close: bool, head_only: bool) -> bytes:
+        """The whole response (the head only for HEAD requests)."""
+        data = self.data[close]
+        return data[: data.index(b"\r\n\r\n") + 4] if head_only else data
+
+    def __repr__(self) -> str:
+        return f"<Fixed {self.status} [{len(self.data[0])} bytes]>"
+
+
+_TEXT: Final = b"Content-Type: text/plain; charset=utf-8\r\n"
+#: ``OPTIONS *``, or ``OPTIONS`` with ``Max-Forwards: 0``: the proxy is the recipient.
+OPTIONS_ANSWER: Final = Fixed(200, ALLOW, b"")
+#: TRACE is never forwarded: the upstream's echo would show the client's cookies and
+#: the proxy's own headers (nginx answers 405 too).
+TRACE_REFUSED: Final = Fixed(
+    405, _TEXT + ALLOW, b"405 Method Not Allowed: aiolb does not forward TRACE\n"
+)
+#: An absolute-form target for a host no route names (RFC 9112 3.2.2).
+NOT_FORWARD_PROXY: Final = Fixed(
+    400, _TEXT,
+    b"400 Bad Request: aiolb is not a forward proxy for this host (no route names it)\n",
+)  # fmt: skip
+#: An absolute-form target whose authority is no host[:port] (userinfo, stray bytes).
+BAD_AUTHORITY: Final = Fixed(
+    400, _TEXT, b"400 Bad Request: the request target's authority is malformed\n"
+)

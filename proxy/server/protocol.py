@@ -38,7 +38,12 @@ import httptools
 
 from proxy.clock import NEVER
 from proxy.forwarding.exchange import BODY_WAIT, PIPELINE, UPGRADE, UPSTREAM_FULL, Exchange
-from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders
+from proxy.http.headers import (
+    REQUEST_HEAD,
+    REQUEST_HEAD_TLS,
+    RequestHeaders,
+    forwarded_template,
+)
 from proxy.http.responses import error_response
 from proxy.tcp import ack_now
 
@@ -112,6 +117,7 @@ class ClientConnection(asyncio.Protocol):
         "headers",
         "held",
         "in_head",
+        "keep_forwarded",
         "listener",
         "log_times",
         "loop",
@@ -158,6 +164,9 @@ class ClientConnection(asyncio.Protocol):
         self.max_headers = limits.max_headers
         self.body_buffer = limits.body_buffer_size
         self.underscores = limits.underscores_in_headers
+        #: ``forwarded: append`` keeps the client's ``Forwarded``; ``replace`` and
+        #: ``append`` send aiolb's (``head_template``, once the peer is known)
+        self.keep_forwarded = listener.config.forwarded == "append"
         self.max_requests = limits.max_requests_per_connection or 0
         self.served = 0  # requests read on this connection
         self.timeout_header = timeouts.header
@@ -207,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.client_ip = peer[0]
             self.client_ip_bytes = peer[0].encode()
+        if self.listener.config.forwarded != "drop":
+            self.head_template = forwarded_template(self.head_template, self.client_ip)
         self.listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -316,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self.headers) > self.max_headers:
             raise _Reject(431)
         try:
-            found = RequestHeaders(self.headers, self.underscores)
+            found = RequestHeaders(self.headers, self.underscores, self.keep_forwarded)
         except ValueError:
             raise _Reject(400) from None
         has_body = found.chunked or found.content_length not in (None, b"0")

@@ -289,6 +289,9 @@ async def test_absolute_form_for_an_unrouted_host_is_refused_even_with_host_rout
     )
 
     assert_short_error(data, 400)
+    # the answer says why, not "could not be parsed" (nginx 1.22 serves such a request
+    # from its default server; aiolb is never a forward proxy)
+    assert b"not a forward proxy for this host" in parse(data)[2]
     assert rec.seen == []
     await assert_still_serving(port, host=b"api.test")
 
@@ -304,6 +307,88 @@ async def test_connect_gets_405_with_allow(proxy: MakeProxy, recorders: MakeReco
     assert b"GET" in headers[b"allow"]
     assert rec.seen == []
     await assert_still_serving(port)
+
+
+async def test_trace_gets_405_with_allow_and_never_reaches_the_upstream(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    # nginx 1.22 answers TRACE with 405 (no Allow); forwarded, the upstream's echo would
+    # show the client's cookies and the proxy's own headers (issue 27, item 11)
+    _, port, rec = await start_with(proxy, recorders)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(b"TRACE /x HTTP/1.1\r\nHost: example.test\r\nCookie: s=1\r\n"
+                     b"Max-Forwards: 3\r\n\r\n" + GOOD)  # fmt: skip
+        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
+        after, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == b"HTTP/1.1 405 Method Not Allowed"
+    assert b"TRACE" not in headers[b"allow"] and b"GET" in headers[b"allow"]
+    assert body == b"405 Method Not Allowed: aiolb does not forward TRACE\n"
+    assert after == b"HTTP/1.1 200 OK", "the connection is kept"
+    assert [s.method for s in rec.seen] == ["GET"]
+
+
+async def test_options_with_max_forwards_0_is_answered_by_the_proxy(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    # RFC 9110 7.6.2: the recipient of Max-Forwards 0 is the final one (nginx 1.22
+    # forwards it unchanged)
+    _, port, rec = await start_with(proxy, recorders)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\nMax-Forwards: 0\r\n\r\n")
+        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"allow"] == b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+    assert (headers[b"content-length"], body) == (b"0", b"")
+    assert rec.seen == []
+
+
+async def test_options_max_forwards_is_decremented_when_forwarded(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    _, port, rec = await start_with(proxy, recorders)
+    for sent in (b"Max-Forwards: 5\r\n", b"Max-Forwards: x\r\n", b""):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\n%s\r\n" % sent)
+            status, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert status == b"HTTP/1.1 200 OK"
+
+    assert [s.method for s in rec.seen] == ["OPTIONS"] * 3
+    assert [s.headers.get("Max-Forwards") for s in rec.seen] == ["4", "x", None]
+
+
+async def test_options_asterisk_is_answered_by_the_proxy_behind_a_catch_all_route(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    # nginx 1.22 answers ``OPTIONS *`` with 400; aiolb was 404 (issue 27, item 12)
+    _, port, rec = await start_with(proxy, recorders)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n" + GOOD)
+        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
+        after, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"allow"] == b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+    assert (headers[b"content-length"], body) == (b"0", b"")
+    assert after == b"HTTP/1.1 200 OK"
+    assert [s.method for s in rec.seen] == ["GET"]
 
 
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
@@ -785,4 +870,5 @@ async def test_absolute_form_with_userinfo_is_judged_by_its_real_host(
     )
 
     assert_short_error(data, 400)
+    assert b"authority is malformed" in parse(data)[2]  # nginx 1.22: 400 as well
     assert rec.seen == []

@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.server.protocol import ClientConnection
@@ -113,6 +114,33 @@ async def test_forwarded_headers_and_hop_by_hop_removal(recorders, proxy):
     assert seen.headers["X-Request-ID"] == "abc-123"
     assert seen.headers["X-Custom"] == "kept"
     assert seen.path == "/h?q=1"
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # nginx 1.22 passes a client's Forwarded verbatim; aiolb never does (issue 27,
+        # item 13): an application that prefers it would trust the spoofed value
+        (None, None),
+        ("drop", None),
+        ("replace", ["for=127.0.0.1;proto=http"]),
+        ("append", ["for=1.2.3.4;proto=https", "for=127.0.0.1;proto=http"]),
+    ],
+)
+async def test_a_clients_forwarded_header_is_never_passed_on_unchecked(
+    recorders, proxy, mode, expected
+):
+    up = await recorders("a")
+    listener = {} if mode is None else {"forwarded": mode}
+    server = await proxy(make_config([up.url], listener=listener))
+    port = server.listeners[0].port
+    for _ in range(2):  # the second on a pooled upstream connection (the fast start)
+        await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: shop.test\r\n"
+                                 b"forwarded: for=1.2.3.4;proto=https\r\nConnection: close\r\n\r\n")
+    for seen in up.seen:
+        got = [v.decode() for n, v in seen.raw_headers if n.lower() == b"forwarded"]
+        assert got == (expected or [])
+        assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
 
 
 async def test_request_id_generated_and_unique(recorders, proxy):

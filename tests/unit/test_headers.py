@@ -245,3 +245,24 @@ def test_invalid_host_values_are_refused(host: bytes):
     assert not headers.valid_host(host)
     with pytest.raises(ValueError, match="invalid Host"):
         RequestHeaders([(b"Host", host)])
+
+
+@pytest.mark.parametrize(
+    ("client_ip", "template", "element"),
+    [
+        ("192.0.2.7", headers.REQUEST_HEAD, b"for=192.0.2.7;proto=http"),
+        ("::1", headers.REQUEST_HEAD_TLS, b'for="[::1]";proto=https'),  # RFC 7239 6
+        ("fe80::1%eth0", headers.REQUEST_HEAD, b'for="[fe80::1%eth0]";proto=http'),
+        ("", headers.REQUEST_HEAD, b"for=unknown;proto=http"),
+    ],
+)
+def test_forwarded_element_in_the_connections_head_template(
+    client_ip: str, template: bytes, element: bytes
+):
+    found = RequestHeaders([(b"Host", b"a"), (b"Forwarded", b"for=evil")])
+    assert found.parts == [b"Host", b": ", b"a", b"\r\n"]  # the client's: dropped
+    head = headers.request_head(b"GET", b"/", found, b"ip", b"a", b"id",
+                                headers.forwarded_template(template, client_ip))  # fmt: skip
+    assert b"\r\nVia: 1.1 aiolb\r\nForwarded: " + element + b"\r\n" in head
+    kept = RequestHeaders([(b"Forwarded", b"for=lb")], forwarded=True)
+    assert kept.parts == [b"Forwarded", b": ", b"for=lb", b"\r\n"]
