@@ -83,7 +83,10 @@ def build(
     balancer: str = "round_robin",
     upstreams: int = 1,
     filters: list[Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> tuple[ClientConnection, list[UpstreamConnection]]:
+    """A server with one listener and pool ``p`` on fake transports. ``tracing``: the
+    config's ``tracing`` section (spans queue up; nothing is exported)."""
     balancer_config: Any = (
         {"name": balancer, "key": "header:User-Agent"}
         if (balancer == "consistent_hash")
@@ -108,6 +111,7 @@ def build(
             },
             "metrics": {"enabled": metrics},
             "access_log": {"path": access_log} if access_log else None,
+            "tracing": tracing,
         }
     )
     server = ProxyServer(config, loop)

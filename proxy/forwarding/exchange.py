@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from proxy.filters.base import LocalResponse, Request
     from proxy.forwarding.router import Route
     from proxy.server.protocol import ClientConnection
+    from proxy.tracing import ServerSpan
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
 
@@ -133,10 +134,12 @@ class Exchange:
         "retried",
         "sent_at",
         "sent_mark",
+        "span",
         "started",
         "status",
         "target",
         "task",
+        "traceparent",
         "tried",
         "tried_at",
         "upstream",
@@ -176,6 +179,10 @@ class Exchange:
         self.filters: Request | None = None
         #: what the route's cache does for this request (None on routes without one)
         self.cache_state: CacheState | None = None
+        #: the ``traceparent`` sent upstream, and the spans of a sampled request
+        #: (``proxy.tracing``; None without ``tracing``)
+        self.traceparent: bytes | None = None
+        self.span: ServerSpan | None = None
         #: a response made for this request in place of the upstream's (a filter's
         #: ``LocalResponse``, a cache hit): what ``local`` writes; None: an error page
         self.answer: LocalResponse | Answer | None = None
@@ -209,7 +216,7 @@ class Exchange:
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
-        self.started = perf_counter()
+        self.started: float = perf_counter()
         #: when the current attempt started (a retry's, once there is one): the start of
         #: the latency a learning balancer is given (``Pool.observe``)
         self.tried_at = self.started
@@ -240,7 +247,8 @@ class Exchange:
             self.local(400, close=True)
             return
         self.target = target
-        route = self.client.listener.router.route(self.host, target)
+        listener = self.client.listener
+        route = listener.router.route(self.host, target)
         if route is None:
             self.local(404)
             return
@@ -252,6 +260,8 @@ class Exchange:
         if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
         pool.requests += 1
+        if listener.tracer is not None:  # the traceparent to send; spans if sampled
+            listener.tracer.begin(self, route)
         if route.chain is not None:  # the request phase, then the cache and ``dispatch``
             route.chain.request(self)
             return
@@ -280,6 +290,8 @@ class Exchange:
         assert pool is not None
         self.upstream = upstream
         self.attempts = 1
+        if self.span is not None:
+            self.span.attempt(upstream)
         if found.expect_continue and self.http_minor and not self.req_done:
             found.expect_continue = False
             client.transport.write(CONTINUE_100)
@@ -599,6 +611,8 @@ class Exchange:
             upstream.failures = 0
         if status in pool.retry.statuses and self._retryable(True, True):
             self.conn = None
+            if self.span is not None:
+                self.span.answered(status)
             log.info(
                 "%s %s: upstream %s answered %d; retrying elsewhere", self.method.decode(),
                 self.target[:200].decode(errors="replace"), upstream.address, status,
@@ -758,6 +772,8 @@ class Exchange:
         client.transport.write(head)
         if client.record:
             self._record()
+        if self.span is not None:
+            self.span.end(self)
         tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle)
         tunnel.start(rest)
         return True
@@ -995,6 +1011,8 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             pool.failure(upstream, error.reason)
+        if self.span is not None:
+            self.span.failed(error)
         if self._retryable(error.condition in pool.retry.conditions, error.sent):
             log.info(
                 "%s %s: upstream %s: %s; retrying elsewhere", self.method.decode(),
@@ -1044,6 +1062,8 @@ class Exchange:
         self.released = False
         self.attempts += 1
         self.tried_at = perf_counter()
+        if self.span is not None:  # a new CLIENT span, named in the resent head
+            self.head = self.span.attempt(upstream, self.head)
         self._use(upstream)
 
     def _pick_untried(self) -> Upstream | None:
@@ -1085,6 +1105,8 @@ class Exchange:
         self.deadline = NEVER
         if self.client.record:
             self._record()
+        if self.span is not None:
+            self.span.end(self)
         self.client.exchange_done(self, self.keep_alive and not close)
 
     def _record(self) -> None:
@@ -1118,6 +1140,7 @@ class Exchange:
                 client.listener.name,
                 self.pool,
                 upstream,
+                self.traceparent,
             )
 
     def abort(self) -> None:
@@ -1142,6 +1165,8 @@ class Exchange:
         self._release_upstream()
         if self.status and self.client.record:  # answered, then cut short: still counted
             self._record()
+        if self.span is not None:
+            self.span.end(self)
 
     def __repr__(self) -> str:
         state = "done" if self.done else "streaming" if self.resp_started else "waiting"

@@ -61,13 +61,14 @@ class AccessLog:
         self, now: float, client: str, method: bytes, target: bytes, status: int,
         bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
         host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
-        pool: Pool | None, upstream: Upstream | None,
+        pool: Pool | None, upstream: Upstream | None, trace: bytes | None = None,
     ) -> None:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
-        ``upstream`` None: the proxy answered itself, ``pool`` None: before routing)."""
+        ``upstream`` None: the proxy answered itself, ``pool`` None: before routing;
+        ``trace``: the ``traceparent`` sent upstream, None without ``tracing``)."""
         self.write(self._format(
             now, client, method, target, status, bytes_in, bytes_out, seconds, attempts,
-            request_id, host, headers, listener, pool, upstream,
+            request_id, host, headers, listener, pool, upstream, trace,
         ))  # fmt: skip
 
     def timestamp(self, now: float) -> str:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: The arguments of ``AccessLog.record``, in order: what a formatter is called with.
 ARGUMENTS: Final = (
     "now", "client", "method", "target", "status", "bytes_in", "bytes_out", "seconds",
-    "attempts", "request_id", "host", "headers", "listener", "pool", "upstream",
+    "attempts", "request_id", "host", "headers", "listener", "pool", "upstream", "trace",
 )  # fmt: skip
 
 # field -> (JSON value expression, whether the JSON value needs quotes around it,
@@ -53,13 +53,14 @@ _FIELDS: Final = {
                       "upstream_name(upstream) or '-'"),
     "attempts": ("attempts", False, "attempts"),
     "request_id": ("quote(request_id)", False, "escape(request_id)"),
+    "trace_id": ("quote_or_null(trace_id(trace))", False, "escape_or_dash(trace_id(trace))"),
 }  # fmt: skip
 
 #: Every field a line can hold.
 FIELDS: Final = tuple(_FIELDS)
 #: The default line: every field but ``upstream_name`` (the address says it already
-#: unless upstreams are named).
-DEFAULT_FIELDS: Final = tuple(name for name in FIELDS if name != "upstream_name")
+#: unless upstreams are named) and ``trace_id`` (null unless ``tracing`` is on).
+DEFAULT_FIELDS: Final = tuple(name for name in FIELDS if name not in ("upstream_name", "trace_id"))
 
 _VARIABLE: Final = re.compile(r"\$(?:\{([a-z_]+)\}|([a-z_]+)|(\$))")
 _ESCAPE: Final = re.compile(r'["\\\x00-\x1f\x7f-\xff]')
@@ -168,6 +169,11 @@ def upstream_name(upstream: Upstream | None) -> str:
     return upstream.name if upstream is not None else ""
 
 
+def trace_id(traceparent: bytes | None) -> bytes | None:
+    """The trace id (32 hex digits) of the ``traceparent`` sent upstream, or None."""
+    return None if traceparent is None else traceparent[3:35]
+
+
 _HELPERS: Final = {
     "quote": quote,
     "quote_text": quote_text,
@@ -178,4 +184,5 @@ _HELPERS: Final = {
     "pool_name": pool_name,
     "upstream_address": upstream_address,
     "upstream_name": upstream_name,
+    "trace_id": trace_id,
 }
