@@ -19,9 +19,6 @@ _ZERO_SPAN: Final = b"0" * 16
 
 #: ``TRACEPARENT % (trace_id_hex, span_id_int, flags_int)``: the value aiolb sends.
 TRACEPARENT: Final = b"00-%s-%016x-%02x"
-#: ``NEW_UNSAMPLED % (trace_id_int, span_id_int)``: a new trace that is not sampled
-#: (one format for the common request).
-NEW_UNSAMPLED: Final = b"00-%032x-%016x-00"
 SAMPLED: Final = 1
 
 

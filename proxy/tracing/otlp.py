@@ -26,15 +26,17 @@ ERROR: Final = 2
 
 AttributeValue = str | bool | int | float
 
-_FIXED64: Final = struct.Struct("<Q").pack
+_TIMES: Final = struct.Struct("<BQBQ").pack  # start (7) and end (8), fixed64 each
 _DOUBLE: Final = struct.Struct("<d").pack
+#: One-byte varints: lengths under 128, the common case.
+_SMALL: Final = [bytes((n,)) for n in range(128)]
 
 
 def varint(n: int) -> bytes:
     """``n`` (non-negative, or negative as its 64-bit two's complement) as a varint."""
     n &= 0xFFFFFFFFFFFFFFFF
     if n < 0x80:
-        return bytes((n,))
+        return _SMALL[n]
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -45,7 +47,8 @@ def varint(n: int) -> bytes:
 
 def _field(number: int, data: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return varint(number << 3 | 2) + varint(len(data)) + data
+    size = len(data)
+    return varint(number << 3 | 2) + (_SMALL[size] if size < 0x80 else varint(size)) + data
 
 
 def _text(number: int, text: str) -> bytes:
@@ -63,11 +66,43 @@ def any_value(value: AttributeValue) -> bytes:
     return b"\x21" + _DOUBLE(value)
 
 
+def key_value(key: str, value: AttributeValue) -> bytes:
+    """One ``KeyValue`` (key 1, value 2)."""
+    return _text(1, key) + _field(2, any_value(value))
+
+
+#: Encoded span attributes (field 9) by key and value: most repeat (method, route,
+#: pool, upstream, status). Bounded: emptied when full. (A key's values are all of one
+#: type: ``True`` and ``1`` would be one entry.)
+_ENCODED: Final[dict[tuple[str, AttributeValue], bytes]] = {}
+_ENCODED_MAX: Final = 4096
+#: Attributes whose values rarely repeat (strings): encoded each time, never kept.
+UNIQUE: Final = frozenset(("url.path", "url.full", "aiolb.request_id"))
+
+
+def span_attributes(items: Mapping[str, AttributeValue]) -> bytes:
+    """A span's attributes (field 9), the repeating ones from ``_ENCODED``."""
+    out = []
+    encoded = _ENCODED
+    for item in items.items():
+        data = encoded.get(item)
+        if data is None:
+            data = _field(9, key_value(*item))
+            if item[0] not in UNIQUE:
+                if len(encoded) >= _ENCODED_MAX:
+                    encoded.clear()
+                encoded[item] = data
+        out.append(data)
+    return b"".join(out)
+
+
 def attributes(number: int, items: Mapping[str, AttributeValue]) -> bytes:
-    """Repeated ``KeyValue`` (key 1, value 2) as field ``number``."""
-    return b"".join(
-        _field(number, _text(1, key) + _field(2, any_value(value))) for key, value in items.items()
-    )
+    """Repeated ``KeyValue`` as field ``number``."""
+    return b"".join(_field(number, key_value(key, value)) for key, value in items.items())
+
+
+#: Encoded names and kinds (field 5 and 6) by name and kind.
+_NAMES: Final[dict[tuple[str, int], bytes]] = {}
 
 
 def span(
@@ -83,16 +118,17 @@ def span(
     trace_state: bytes | None = None,
 ) -> bytes:
     """One encoded ``Span`` (ids as raw bytes: 16 for the trace, 8 for spans)."""
-    out = _field(1, trace_id) + _field(2, span_id)
+    out = b"\x0a\x10" + trace_id + b"\x12\x08" + span_id
     if trace_state:
         out += _field(3, trace_state)
     if parent_id is not None:
-        out += _field(4, parent_id)
-    out += _text(5, name) + b"\x30" + varint(kind)
-    out += b"\x39" + _FIXED64(start_ns) + b"\x41" + _FIXED64(end_ns)
-    out += attributes(9, attrs)
+        out += b"\x22\x08" + parent_id
+    named = _NAMES.get((name, kind))
+    if named is None:
+        named = _NAMES[(name, kind)] = _text(5, name) + b"\x30" + varint(kind)
+    out += named + _TIMES(0x39, start_ns, 0x41, end_ns) + span_attributes(attrs)
     if error:
-        out += _field(15, b"\x18" + varint(ERROR))  # Status.code = 3
+        out += b"\x7a\x02\x18\x02"  # status (15): code (3) = ERROR
     return out
 
 
