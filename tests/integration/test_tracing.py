@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from proxy.config import Config
 from proxy.config.models import Tracing
 from proxy.runtime.server import ProxyServer
-from tests.support import HOST, Recorder, make_config, proxy_url, wait_for
+from tests.support import HOST, Aiolb, Recorder, make_config, proxy_url, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 MakeRecorder = Callable[..., Awaitable[Recorder]]
@@ -303,3 +304,27 @@ async def test_an_unreachable_collector_drops_spans_and_counts_them(
             text = await resp.text()
     assert "aiolb_trace_spans_dropped_total 2.0" in text
     assert "aiolb_trace_spans_exported_total 0.0" in text
+
+
+async def test_workers_export_their_spans_and_the_supervisor_sums_the_counts(
+    recorders: MakeRecorder, receiver: Receiver, tmp_path: Path
+) -> None:
+    up = await recorders("up")
+    path = tmp_path / "aiolb.yaml"
+    path.write_text(
+        f"listeners: [{{name: w, bind: '{HOST}:0', routes: [{{pool: p}}]}}]\n"
+        f"pools: {{p: {{upstreams: [{{url: '{up.url}'}}]}}}}\n"
+        f"admin: {{bind: '{HOST}:0'}}\nworkers: 2\n"
+        f"tracing: {{endpoint: '{receiver.url}', sample_rate: 1.0}}\n"
+    )
+    aiolb = await Aiolb(path).start(workers=2)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(6):  # new connections: the kernel spreads them over the workers
+                async with session.get(aiolb.url, headers={"Connection": "close"}) as resp:
+                    assert resp.status == 200
+        await wait_for(lambda: len(receiver.spans) == 12, timeout=10)
+        assert len({s.trace_id for s in receiver.spans}) == 6
+        assert "aiolb_trace_spans_exported_total 12.0" in await aiolb.metrics()
+    finally:
+        assert await aiolb.stop() == 0
