@@ -126,7 +126,7 @@ METRICS: Final = (
                "Cache store operations that failed (Redis down or slow): the request "
                "bypassed the cache."),
     MetricSpec("aiolb_trace_spans_exported", "counter", (),
-               "Spans the collector accepted (with tracing configured)."),
+               "Spans the OTLP collector accepted (0 without tracing)."),
     MetricSpec("aiolb_trace_spans_dropped", "counter", (),
                "Spans lost: the export queue was full, or an export failed."),
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
@@ -310,10 +310,8 @@ class ProxyCollector(Collector):
         yield from (requests, size, entries, errors)
 
     def _traces(self) -> Iterator[Metric]:
-        tracer = self.server.tracer
-        if tracer is None:
-            return
-        counts = tracer.counts()
+        tracer = self.server.tracer  # without tracing: 0, as every family is always there
+        counts = tracer.counts() if tracer is not None else {"exported": 0, "dropped": 0}
         exported = counter("aiolb_trace_spans_exported")
         exported.add_metric([], counts["exported"])
         dropped = counter("aiolb_trace_spans_dropped")
