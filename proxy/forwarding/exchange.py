@@ -260,8 +260,16 @@ class Exchange:
         if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
         pool.requests += 1
-        if listener.tracer is not None:  # the traceparent to send; spans if sampled
-            listener.tracer.begin(self, route)
+        tracer = listener.tracer
+        if tracer is not None:  # the traceparent to send; spans if sampled
+            found = self.found
+            fresh = found.traceparent is None and found.tracestate is None
+            line = tracer.next() if fresh else None
+            if line is not None:  # a new trace, not sampled: the common case, no call
+                found.parts += line
+                self.traceparent = line[2]
+            else:
+                tracer.begin(self, route)
         if route.chain is not None:  # the request phase, then the cache and ``dispatch``
             route.chain.request(self)
             return

@@ -15,7 +15,8 @@ route's filters, the cache and the pick:
   built from: the same trace, a new parent id (the CLIENT span's when sampled), the
   flags of the decision. ``tracestate`` passes through unchanged;
 - only a sampled request gets a ``ServerSpan`` (``ex.span``): an unsampled one costs a
-  random number, two slices of random hex and one format.
+  call of a C iterator over blocks of ``traceparent`` lines made 256 at a time, in the
+  exchange itself (``next``), and two stores.
 
 The exporter (``export.py``) sends what sampled requests produced from the event loop
 of the process that served them. Without ``tracing`` there is no tracer: the trace
@@ -24,7 +25,12 @@ headers pass through as any other header, and nothing is added.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import sys
+from collections.abc import Callable
+from itertools import chain, repeat
 from random import getrandbits, random
 from typing import TYPE_CHECKING, Final
 
@@ -46,36 +52,66 @@ _BOTH: Final = (b"traceparent", b"tracestate")
 _NEW: Final = b"00-%s-%s-00"
 #: ``_CHILD % (trace id, span id, flags)`` (hex): a child of the client's
 _CHILD: Final = b"00-%s-%s-%s"
-#: Random bytes drawn at a time for new ids: 256 requests' trace and span ids, as hex
-#: (slicing a block costs a fraction of formatting a random 128-bit int per request).
-_BLOCK: Final = 24 * 256
+#: New traces decided at a time (``Tracer._block``): their sampling and their ids, from
+#: one ``os.urandom`` call.
+_BLOCK: Final = 256
+
+#: 48 random hex digits: a trace id and a span id.
+_IDS: Final = re.compile(rb"([0-9a-f]{32})([0-9a-f]{16})")
+
+#: A request's ``traceparent`` line, as the pieces ``RequestHeaders.parts`` holds.
+Line = tuple[bytes, bytes, bytes, bytes]
 
 
 class Tracer:
     """One process's tracing: the sampling decision, the headers, the exporter."""
 
-    __slots__ = ("_at", "_ids", "exporter", "sample_rate")
+    __slots__ = ("_skip", "exporter", "next", "sample_rate")
 
     def __init__(self, config: Tracing) -> None:
         self.sample_rate = config.sample_rate
         self.exporter = Exporter(config)
-        self._ids = b""  # random hex digits, 48 per request (``_BLOCK``)
-        self._at = 0
+        #: new traces to leave unsampled before the next sampled one
+        self._skip = self._gap()
+        #: ``next()``: a new trace's ``traceparent`` line (unsampled), or None when it is
+        #: sampled (then ``begin`` decides). A C iterator over blocks made ``_BLOCK`` at
+        #: a time, in C but for the sampled places: no Python frame per request, which
+        #: is what an unsampled request with no ``traceparent`` costs
+        #: (``Exchange.start`` calls it before ``begin``).
+        self.next: Callable[[], Line | None] = chain.from_iterable(
+            map(self._block, repeat(_BLOCK))
+        ).__next__
+
+    def _gap(self) -> int:
+        """How many new traces go unsampled before the next sampled one (geometric)."""
+        rate = self.sample_rate
+        if rate <= 0.0:
+            return sys.maxsize
+        if rate >= 1.0:
+            return 0
+        return int(math.log(1.0 - random()) / math.log1p(-rate))
+
+    def _block(self, n: int) -> list[Line | None]:
+        """``n`` new traces: their ``traceparent`` lines (new trace and span ids, not
+        sampled), None in the places sampled (probability ``sample_rate`` each)."""
+        ids = os.urandom(24 * n).hex().encode()
+        values = map(_NEW.__mod__, _IDS.findall(ids))
+        block: list[Line | None] = list(
+            zip(repeat(_TRACEPARENT), repeat(b": "), values, repeat(b"\r\n"))
+        )
+        at = self._skip
+        while at < n:
+            block[at] = None
+            at += 1 + self._gap()
+        self._skip = at - n
+        return block
 
     def begin(self, ex: Exchange, route: Route) -> None:
         """Decide ``ex``'s trace and put its ``traceparent`` in the upstream headers;
-        a sampled request gets ``ex.span``."""
+        a sampled request gets ``ex.span``. (A request with no trace headers whose
+        ``next()`` gave a line never gets here.)"""
         found = ex.found
         if found.traceparent is None and found.tracestate is None:
-            if random() >= self.sample_rate:  # the common case: two slices, one format
-                at, ids = self._at, self._ids
-                if at == len(ids):
-                    ids = self._ids = os.urandom(_BLOCK).hex().encode()
-                    at = 0
-                self._at = at + 48
-                tp = ex.traceparent = _NEW % (ids[at : at + 32], ids[at + 32 : at + 48])
-                found.parts += (_TRACEPARENT, b": ", tp, b"\r\n")
-                return
             self._sampled(ex, route, b"%032x" % getrandbits(128), None, SAMPLED, None)
             return
         parent = None if not found.traceparent else parse_traceparent(found.traceparent)

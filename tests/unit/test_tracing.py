@@ -13,7 +13,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from proxy.config.models import Tracing
 from proxy.http.headers import RequestHeaders
 from proxy.metrics.log_format import compile_format
-from proxy.tracing import otlp
+from proxy.tracing import Tracer, otlp
 from proxy.tracing.context import parse_traceparent
 from proxy.tracing.export import MAX_QUEUE, Exporter
 
@@ -100,3 +100,13 @@ def test_a_full_queue_drops_and_counts() -> None:
     exporter.add([b"x"] * MAX_QUEUE)
     exporter.add([b"y", b"z"])
     assert (len(exporter.queue), exporter.dropped) == (MAX_QUEUE, 2)
+
+
+def test_new_traces_are_sampled_at_the_rate() -> None:
+    for rate, low, high in ((0.0, 0, 0), (1.0, 20_000, 20_000), (0.25, 4_600, 5_400)):
+        tracer = Tracer(Tracing(endpoint="http://127.0.0.1:9", sample_rate=rate))
+        lines = [tracer.next() for _ in range(20_000)]
+        assert low <= lines.count(None) <= high
+        values = [line[2] for line in lines if line is not None]
+        assert len(set(values)) == len(values)
+        assert all(parse_traceparent(v) is not None and v.endswith(b"-00") for v in values)
