@@ -121,9 +121,10 @@ class Tracer:
         if found.traceparent is None and found.tracestate is None:
             self._sampled(ex, route, b"%032x" % getrandbits(128), None, SAMPLED, None)
             return
-        parent = None if not found.traceparent else parse_traceparent(found.traceparent)
-        _drop(found, _BOTH if parent is None else (_TRACEPARENT,))
+        value = found.traceparent
+        parent = parse_traceparent(value) if value else None
         if parent is None:  # a new trace
+            _drop(found, _BOTH)
             sampled = random() < self.sample_rate
             if sampled:
                 self._sampled(ex, route, b"%032x" % getrandbits(128), None, SAMPLED, None)
@@ -133,10 +134,11 @@ class Tracer:
             return
         trace, parent_id, flags = parent
         if flags & SAMPLED:
+            _drop(found, (_TRACEPARENT,))
             self._sampled(ex, route, trace, parent_id, flags, found.tracestate)
             return
         tp = ex.traceparent = _CHILD % (trace, b"%016x" % (getrandbits(64) or 1), b"%02x" % flags)
-        found.parts += (_TRACEPARENT, b": ", tp, b"\r\n")
+        _replace(found, value, tp)  # type: ignore[arg-type]
 
     def _sampled(
         self, ex: Exchange, route: Route, trace: bytes, parent: bytes | None, flags: int,
@@ -167,3 +169,18 @@ def _drop(found: RequestHeaders, names: tuple[bytes, ...]) -> None:
         if parts[i].lower() not in names:
             kept += parts[i : i + 4]
     found.parts = kept
+
+
+def _replace(found: RequestHeaders, old: bytes, new: bytes) -> None:
+    """Forward ``new`` in place of the client's ``traceparent`` value ``old`` (found
+    by a C search, not a loop over the headers)."""
+    parts = found.parts
+    try:
+        at = parts.index(old)
+    except ValueError:
+        at = -1
+    if at % 4 == 2 and parts[at - 2].lower() == _TRACEPARENT:
+        parts[at] = new
+    else:  # the value stood elsewhere too (another header's value)
+        _drop(found, (_TRACEPARENT,))
+        found.parts += (_TRACEPARENT, b": ", new, b"\r\n")

@@ -14,6 +14,7 @@ from typing import Final
 _TRACEPARENT: Final = re.compile(
     rb"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\r\n]*)?[ \t]*"
 )
+_HEX: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
 
@@ -25,6 +26,15 @@ SAMPLED: Final = 1
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, int] | None:
     """``(trace_id_hex, parent_id_hex, flags)`` of a valid ``traceparent``, else None
     (then the request starts a new trace, and its ``tracestate`` is dropped)."""
+    if len(value) == 55 and value[:3] == b"00-" and value[35:36] == value[52:53] == b"-":
+        trace, parent, flags = value[3:35], value[36:52], value[53:]  # the common form
+        if (
+            (trace + parent + flags).translate(None, _HEX)
+            or trace == _ZERO_TRACE
+            or (parent == _ZERO_SPAN)
+        ):
+            return None
+        return trace, parent, int(flags, 16)
     m = _TRACEPARENT.fullmatch(value)
     if m is None:
         return None
