@@ -8,6 +8,7 @@ on a busy machine and shows what the hot path itself costs.
     python loadtests/hotpath_bench.py [--requests 200000]
     python loadtests/hotpath_bench.py --balancers round_robin,peak_ewma
     python loadtests/hotpath_bench.py --filters        # each filter's cost per request
+    python loadtests/hotpath_bench.py --tracing 0.01   # tracing on, this sample_rate
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def build(
     balancer: str = "round_robin",
     upstreams: int = 1,
     filters: list[Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> tuple[ClientConnection, list[UpstreamConnection]]:
+    """A server with one listener and pool ``p`` on fake transports. ``tracing``: the
+    config's ``tracing`` section (spans queue up; nothing is exported)."""
     balancer_config: Any = (
         {"name": balancer, "key": "header:User-Agent"}
         if (balancer == "consistent_hash")
@@ -108,6 +112,7 @@ def build(
             },
             "metrics": {"enabled": metrics},
             "access_log": {"path": access_log} if access_log else None,
+            "tracing": tracing,
         }
     )
     server = ProxyServer(config, loop)
@@ -129,10 +134,17 @@ def run(
     access_log: str | None = None,
     balancer: str = "round_robin",
     upstreams: int = 1,
+    tracing: float | None = None,
 ) -> float:
     loop = asyncio.new_event_loop()
+    tracing_config = None
+    if tracing is not None:  # spans are encoded and queued; a full queue drops them
+        tracing_config = {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": tracing}
     try:
-        feed = feeder(*build(loop, metrics, access_log, balancer, upstreams))
+        client, conns = build(
+            loop, metrics, access_log, balancer, upstreams, tracing=tracing_config
+        )
+        feed = feeder(client, conns)
         feed(1000)  # warm up
         return feed(requests) / requests * 1e6
     finally:
@@ -225,6 +237,8 @@ def main() -> None:
         "--upstreams upstreams, taking turns 2,000 requests at a time",
     )
     parser.add_argument("--upstreams", type=int, default=2, help="with --balancers")
+    parser.add_argument("--tracing", type=float, metavar="RATE",
+                        help="a tracing section with this sample_rate (nothing exported)")
     parser.add_argument(
         "--filters",
         nargs="?",
@@ -240,7 +254,10 @@ def main() -> None:
     if args.balancers:
         compare(args.balancers.split(","), args.requests, args.upstreams)
         return
-    best = min(run(args.requests, not args.no_metrics, args.access_log) for _ in range(args.repeat))
+    best = min(
+        run(args.requests, not args.no_metrics, args.access_log, tracing=args.tracing)
+        for _ in range(args.repeat)
+    )
     print(f"hot path: {best:.2f} µs of Python per proxied request (best of {args.repeat})")
 
 

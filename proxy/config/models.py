@@ -911,9 +911,10 @@ class AccessLog(ConfigModel):
     ``bytes_in``, ``bytes_out``, ``duration_ms``, ``host``, ``user_agent``,
     ``listener``, ``pool``, ``upstream``, ``upstream_name``, ``attempts``,
     ``request_id``, ``upstream_status``, ``upstream_connect_time``,
-    ``upstream_header_time``, ``referer``, and ``http_NAME`` for any request header
-    (nginx's ``$http_NAME``: ``http_x_custom`` is ``X-Custom``). The default is every
-    field but ``upstream_name`` and the ones added after it (``upstream_status`` on)."""
+    ``upstream_header_time``, ``referer``, ``http_NAME`` for any request header
+    (nginx's ``$http_NAME``: ``http_x_custom`` is ``X-Custom``), and ``trace_id`` (the
+    trace sent upstream: ``tracing`` on, a routed request). The default is every field
+    but ``upstream_name`` and the ones added after it (``upstream_status`` on)."""
 
 
 class CacheRedisStore(ConfigModel):
@@ -998,6 +999,46 @@ class Cache(ConfigModel):
     Specification 1.0, as Fastly and Varnish do); false: the header passes through."""
 
 
+class Tracing(ConfigModel):
+    """OpenTelemetry traces: W3C ``traceparent`` to the upstreams, spans over OTLP/HTTP.
+
+    Every request routed to a pool carries a ``traceparent`` upstream (the client's
+    trace continued, or a new one); a sampled request also makes a SERVER span and a
+    CLIENT span per upstream attempt, exported by each worker in batches. Without this
+    section the trace headers pass through untouched and nothing is added.
+    """
+
+    endpoint: str
+    """The OTLP/HTTP collector: ``http://collector:4318`` (``/v1/traces`` is added to a
+    URL without a path) or the full URL to POST to."""
+    protocol: Literal["http/protobuf"] = "http/protobuf"
+    """The OTLP transport; ``http/protobuf`` is the one there is."""
+    sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    """The share of new traces sampled (0 to 1); a client's ``traceparent`` decides
+    for its own requests (parent-based sampling; ingress-nginx's default ratio)."""
+    service_name: str = "aiolb"
+    """The ``service.name`` of the spans' resource."""
+    headers: dict[str, str] = Field(default={}, json_schema_extra={"secret": True})
+    """Headers sent with every export (a vendor's API key, ``Authorization``)."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value.split("/")) < 3 or not (
+            value.split("/")[2]
+        ):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @property
+    def url(self) -> str:
+        """Where spans are POSTed: ``endpoint``, with ``/v1/traces`` when it has no path."""
+        rest = self.endpoint.split("://", 1)[1]
+        return self.endpoint.rstrip("/") + "/v1/traces" if "/" not in rest.rstrip("/") else (
+            self.endpoint
+        )
+
+
 class Config(ConfigModel):
     """The whole configuration: at least one listener and one pool."""
 
@@ -1017,6 +1058,8 @@ class Config(ConfigModel):
     """Worker processes; ``auto``: one per CPU core (``aiolb run --workers`` overrides)."""
     shutdown_timeout: Timeout = 30.0
     """On SIGTERM, how long in-flight requests may take before connections are cut."""
+    tracing: Tracing | None = None
+    """OpenTelemetry traces (OTLP/HTTP); null: none, trace headers pass through."""
     pid_file: str | None = None
     """Write the process id here once the listeners and admin API are bound (the
     supervisor's, with workers) and remove it on exit if it still holds it; a start that

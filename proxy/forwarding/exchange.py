@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from proxy.filters.base import LocalResponse, Request
     from proxy.forwarding.router import Route
     from proxy.server.protocol import ClientConnection
+    from proxy.tracing import ServerSpan
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
 
@@ -147,10 +148,12 @@ class Exchange:
         "retried",
         "sent_at",
         "sent_mark",
+        "span",
         "started",
         "status",
         "target",
         "task",
+        "traceparent",
         "tried",
         "tried_at",
         "upstream",
@@ -191,6 +194,10 @@ class Exchange:
         self.filters: Request | None = None
         #: what the route's cache does for this request (None on routes without one)
         self.cache_state: CacheState | None = None
+        #: the ``traceparent`` sent upstream, and the spans of a sampled request
+        #: (``proxy.tracing``; None without ``tracing``)
+        self.traceparent: bytes | None = None
+        self.span: ServerSpan | None = None
         #: a response made for this request in place of the upstream's (a filter's
         #: ``LocalResponse``, a cache hit): what ``local`` writes; None: an error page
         self.answer: LocalResponse | Answer | Fixed | None = None
@@ -224,7 +231,7 @@ class Exchange:
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
-        self.started = perf_counter()
+        self.started: float = perf_counter()
         #: when the current attempt started (a retry's, once there is one): the start of
         #: the latency a learning balancer is given (``Pool.observe``)
         self.tried_at = self.started
@@ -257,7 +264,8 @@ class Exchange:
             self.local(400, close=True)
             return
         self.target = target
-        route = self.client.listener.router.route(self.host, target)
+        listener = self.client.listener
+        route = listener.router.route(self.host, target)
         if route is None:
             self.local(404)
             return
@@ -269,6 +277,16 @@ class Exchange:
         if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
         pool.requests += 1
+        tracer = listener.tracer
+        if tracer is not None:  # the traceparent to send; spans if sampled
+            found = self.found
+            fresh = found.traceparent is None and found.tracestate is None
+            line = tracer.next() if fresh else None
+            if line is not None:  # a new trace, not sampled: the common case, no call
+                found.parts += line
+                self.traceparent = line[2]
+            else:
+                tracer.begin(self, route)
         if route.chain is not None:  # the request phase, then the cache and ``dispatch``
             route.chain.request(self)
             return
@@ -297,6 +315,8 @@ class Exchange:
         assert pool is not None
         self.upstream = upstream
         self.attempts = 1
+        if self.span is not None:
+            self.span.attempt(upstream)
         if found.expect_continue and self.http_minor and not self.req_done:
             found.expect_continue = False
             client.transport.write(CONTINUE_100)
@@ -648,6 +668,8 @@ class Exchange:
             upstream.failures = 0
         if status in pool.retry.statuses and self._retryable(True, True):
             self.conn = None
+            if self.span is not None:
+                self.span.answered(status)
             log.info(
                 "%s %s: upstream %s answered %d; retrying elsewhere", self.method.decode(),
                 self.target[:200].decode(errors="replace"), upstream.address, status,
@@ -815,6 +837,8 @@ class Exchange:
         if client.record:  # counted now; logged when the tunnel closes (``log_tunnel``)
             seconds = perf_counter() - self.started
             upstream.stats.record(client.listener.name, self.method, 101, seconds)
+        if self.span is not None:
+            self.span.end(self)
         tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle, self)
         tunnel.start(rest)
         return True
@@ -1053,6 +1077,8 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             pool.failure(upstream, error.reason)
+        if self.span is not None:
+            self.span.failed(error)
         if self._retryable(error.condition in pool.retry.conditions, error.sent):
             log.info(
                 "%s %s: upstream %s: %s; retrying elsewhere", self.method.decode(),
@@ -1102,6 +1128,8 @@ class Exchange:
         self.released = False
         self.attempts += 1
         self.tried_at = perf_counter()
+        if self.span is not None:  # a new CLIENT span, named in the resent head
+            self.head = self.span.attempt(upstream, self.head)
         self._use(upstream)
 
     def _pick_untried(self) -> Upstream | None:
@@ -1143,6 +1171,8 @@ class Exchange:
         self.deadline = NEVER
         if self.client.record:
             self._record()
+        if self.span is not None:
+            self.span.end(self)
         self.client.exchange_done(self, self.keep_alive and not close)
 
     def _record(self) -> None:
@@ -1215,6 +1245,8 @@ class Exchange:
         self._release_upstream()
         if self.status and self.client.record:  # answered, then cut short: still counted
             self._record()
+        if self.span is not None:
+            self.span.end(self)
 
     def __repr__(self) -> str:
         state = "done" if self.done else "streaming" if self.resp_started else "waiting"

@@ -45,6 +45,8 @@ _TRANSFER_ENCODING: Final = 6
 _EXPECT: Final = 7
 _UPGRADE: Final = 8
 _FORWARDED: Final = 11  # RFC 7239: dropped unless the listener appends to it
+_TRACEPARENT: Final = 13  # W3C Trace Context: forwarded as it came, and noted
+_TRACESTATE: Final = 14
 
 _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
@@ -62,6 +64,8 @@ _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
     b"forwarded": _FORWARDED,
+    b"traceparent": _TRACEPARENT,
+    b"tracestate": _TRACESTATE,
 }
 
 #: Request header names as they came (any case) -> action: one lookup, no ``lower()``,
@@ -163,6 +167,8 @@ class RequestHeaders:
         "host",
         "parts",
         "request_id",
+        "traceparent",
+        "tracestate",
         "upgrade",
     )
 
@@ -181,6 +187,10 @@ class RequestHeaders:
         self.chunked = False
         self.close = False
         self.expect_continue = False
+        #: W3C Trace Context headers as they came (b"" for a repeated ``traceparent``:
+        #: invalid); forwarded unchanged unless ``tracing`` is on (``proxy.tracing``)
+        self.traceparent: bytes | None = None
+        self.tracestate: bytes | None = None
         listed: list[bytes] | None = None
         upgrade: bytes | None = None
         names = _REQUEST_NAMES
@@ -216,6 +226,13 @@ class RequestHeaders:
                 listed = _connection_tokens(value, listed)
             elif action == _UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
+            elif action == _TRACEPARENT:  # a repeated one is invalid: b""
+                parts += (name, b": ", value, b"\r\n")
+                self.traceparent = value if self.traceparent is None else b""
+            elif action == _TRACESTATE:  # several lines are one list (W3C 3.3.1.1)
+                parts += (name, b": ", value, b"\r\n")
+                state: bytes | None = self.tracestate
+                self.tracestate = value if state is None else state + b"," + value
             elif (action == _UNDERSCORE and underscores) or (action == _FORWARDED and forwarded):
                 parts += (name, b": ", value, b"\r\n")
         if listed:

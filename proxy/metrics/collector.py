@@ -125,6 +125,10 @@ METRICS: Final = (
     MetricSpec("aiolb_cache_errors", "counter", ("cache",),
                "Cache store operations that failed (Redis down or slow): the request "
                "bypassed the cache."),
+    MetricSpec("aiolb_trace_spans_exported", "counter", (),
+               "Spans the OTLP collector accepted (0 without tracing)."),
+    MetricSpec("aiolb_trace_spans_dropped", "counter", (),
+               "Spans lost: the export queue was full, or an export failed."),
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
     MetricSpec("aiolb_tls_handshake_errors", "counter", ("listener", "reason"),
                "TLS handshakes with clients that failed, by reason."),
@@ -222,6 +226,7 @@ class ProxyCollector(Collector):
         yield from self._retries()
         yield from self._rate_limits()
         yield from self._caches()
+        yield from self._traces()
         yield self._client_connections()
         yield self._handshake_errors()
         yield self._reloads()
@@ -303,6 +308,15 @@ class ProxyCollector(Collector):
                 entries.add_metric([name], counts["entries"])
             errors.add_metric([name], counts["errors"])
         yield from (requests, size, entries, errors)
+
+    def _traces(self) -> Iterator[Metric]:
+        tracer = self.server.tracer  # without tracing: 0, as every family is always there
+        counts = tracer.counts() if tracer is not None else {"exported": 0, "dropped": 0}
+        exported = counter("aiolb_trace_spans_exported")
+        exported.add_metric([], counts["exported"])
+        dropped = counter("aiolb_trace_spans_dropped")
+        dropped.add_metric([], counts["dropped"])
+        yield from (exported, dropped)
 
     def _client_connections(self) -> Metric:
         family = gauge("aiolb_client_connections")

@@ -65,6 +65,7 @@ _FIELDS: Final = {
     "upstream_header_time": ("or_null(header_time(ex))", False, "or_dash(header_time(ex))"),
     "referer": ("quote_or_null(header(headers, b'referer'))", False,
                 "escape_or_dash(header(headers, b'referer'))"),
+    "trace_id": ("quote_or_null(trace_id(ex))", False, "escape_or_dash(trace_id(ex))"),
 }  # fmt: skip
 
 #: ``http_NAME``: the request header NAME (``_`` for ``-``), as nginx's ``$http_NAME``.
@@ -241,6 +242,12 @@ def upstream_name(upstream: Upstream | None) -> str:
     return upstream.name if upstream is not None else ""
 
 
+def trace_id(ex: Any) -> bytes | None:
+    """The trace id (32 hex digits) of the ``traceparent`` sent upstream, or None."""
+    traceparent = getattr(ex, "traceparent", None)
+    return None if traceparent is None else traceparent[3:35]
+
+
 _HELPERS: Final = {
     "quote": quote,
     "quote_text": quote_text,
@@ -257,4 +264,5 @@ _HELPERS: Final = {
     "pool_name": pool_name,
     "upstream_address": upstream_address,
     "upstream_name": upstream_name,
+    "trace_id": trace_id,
 }

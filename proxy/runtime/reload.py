@@ -208,5 +208,7 @@ def _warn_unreloaded(old: Config, new: Config) -> None:
         log.warning("reload: admin settings change on restart only")
     if old.access_log != new.access_log:
         log.warning("reload: access log settings change on restart only")
+    if old.tracing != new.tracing:
+        log.warning("reload: tracing settings change on restart only")
     if old.workers != new.workers:
         log.warning("reload: the worker count changes on restart only")

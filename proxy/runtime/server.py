@@ -35,6 +35,7 @@ from proxy.runtime import notify
 from proxy.runtime.reload import bind_socket, reload_server
 from proxy.runtime.summary import startup_lines
 from proxy.server.listener import Listener
+from proxy.tracing import Tracer
 from proxy.upstream.discovery import Discovery
 from proxy.upstream.pool import Pool, Upstream
 
@@ -112,6 +113,8 @@ class ProxyServer:
         #: None unless ``access_log`` is configured; opening it may raise OSError
         log_config = config.access_log
         self.access_log = AccessLog(log_config.path, log_config.format) if log_config else None
+        #: None unless ``tracing`` is configured; it exports from this process's loop
+        self.tracer = Tracer(config.tracing) if config.tracing is not None else None
         self.pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
         #: the ``caches:`` by name (a reload keeps the ones whose settings stay)
         self.caches = build_caches(config.caches)
@@ -159,7 +162,7 @@ class ProxyServer:
             lc, self.pools if pools is None else pools, self.loop, self.clock,
             self.request_ids, self.stats, record=self.config.records_requests,
             access_log=self.access_log, filters=self.filters,
-            caches=self.caches if caches is None else caches,
+            caches=self.caches if caches is None else caches, tracer=self.tracer,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -186,6 +189,8 @@ class ProxyServer:
         self.clock.add_sweeper(self._sweep_retired)
         if self.access_log is not None:
             self.clock.add_sweeper(self.access_log.flush)
+        if self.tracer is not None and self.role != "supervisor":
+            self.clock.add_sweeper(self.tracer.exporter.tick)
         self.clock.start()
         self.sync_health()
         self.ready = True
@@ -364,6 +369,8 @@ class ProxyServer:
         for cache in self.caches.values():
             await cache.close()
         self.clock.stop()
+        if self.tracer is not None:
+            await self.tracer.exporter.close()
         if self.access_log is not None:
             self.access_log.close()
         if self.admin is not None:

@@ -13,7 +13,8 @@ the supervisor's objects exactly as they read a single process's.
 Summed: requests by labels, histograms, rate-limited requests and rate-limit store
 errors by route and filter, connect errors, in-flight requests, open connections, open
 tunnels, ejections, retries, budget denials and the retries budgets allow now,
-overflows, waiting requests, client connections and failed TLS handshakes. Not summed:
+overflows, waiting requests, client connections, failed TLS handshakes and trace
+spans exported and dropped. Not summed:
 active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
 supervisor decides them).
@@ -41,6 +42,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
         "handshake_errors": [[*key, n] for key, n in server.handshake_errors().items()],
         "filters": server.filters.snapshot(),
         "caches": {name: cache.counts() for name, cache in server.caches.items()},
+        "traces": server.tracer.counts() if server.tracer is not None else {},
         "pools": {
             name: {
                 "stats": pool.stats.snapshot(),
@@ -99,6 +101,8 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
             errors[(listener, reason)] = errors.get((listener, reason), 0) + n
     server.handshake_totals = errors
     server.filters.absorb([s.get("filters", []) for s in snapshots])
+    if server.tracer is not None:
+        server.tracer.absorb([s.get("traces", {}) for s in snapshots])
     for name, cache in server.caches.items():
         cache.absorb([s["caches"][name] for s in snapshots if name in s.get("caches", {})])
     server.retry_budget_left = {}

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from proxy.http.headers import RequestIds
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
+    from proxy.tracing import Tracer
     from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")
@@ -82,6 +83,7 @@ class Listener:
         "server",
         "stats",
         "tls",
+        "tracer",
     )
 
     def __init__(
@@ -96,6 +98,7 @@ class Listener:
         access_log: AccessLog | None = None,
         filters: FilterContext | None = None,
         caches: Mapping[str, Cache] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -105,6 +108,8 @@ class Listener:
         self.stats = stats
         self.record = record  # metrics enabled
         self.access_log = access_log
+        #: ``tracing``'s tracer (None: trace headers pass through, no spans)
+        self.tracer = tracer
         #: what the route filters share across reloads (buckets, Redis stores, counters)
         self.filters = filters if filters is not None else FilterContext()
         self.router = build_router(config, pools, self.filters, caches or {})
