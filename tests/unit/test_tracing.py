@@ -5,6 +5,7 @@ the exporter's bounded queue."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -89,7 +90,8 @@ def test_the_access_log_trace_id_field() -> None:
     line = compile_format(("status", "trace_id"), str)
     args = [0.0, "c", b"GET", b"/", 200, 0, 0, 0.0, 1, b"r", None, [], "l", None, None]
     tp = b"00-" + TRACE + b"-" + PARENT + b"-00"
-    assert json.loads(line(*args, tp)) == {"status": 200, "trace_id": TRACE.decode()}
+    traced = SimpleNamespace(traceparent=tp)  # the exchange: the formatter reads its traceparent
+    assert json.loads(line(*args, traced)) == {"status": 200, "trace_id": TRACE.decode()}
     assert json.loads(line(*args, None)) == {"status": 200, "trace_id": None}
     text = compile_format("$status $trace_id", str)
     assert text(*args, None) == "200 -\n"
