@@ -47,7 +47,7 @@ async def test_options_with_a_huge_max_forwards_is_not_a_500(
     # proxy/forwarding/exchange.py Exchange._answer_here: int(hops) raises -> 500
     up = await raw_upstreams({})
     server = await proxy(make_config([up.url]))
-    data = b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: %s\r\n\r\n" % HUGE
+    data = b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: %s\r\nConnection: close\r\n\r\n" % HUGE
     answer = await raw_exchange(server.listeners[0].port, data)
     assert not answer.startswith(b"HTTP/1.1 500"), answer[:80]
 
