@@ -495,8 +495,8 @@ class Exchange:
             for i in range(0, len(parts), 4):
                 if parts[i].lower() == b"max-forwards":
                     hops = parts[i + 2].strip()
-                    if not hops.isdigit():
-                        return False  # not a number: passed on as it came
+                    if not hops.isdigit() or len(hops) > 9:
+                        return False  # not a number (or absurd): passed on as it came
                     if int(hops):
                         parts[i + 2] = b"%d" % (int(hops) - 1)
                         return False
@@ -516,6 +516,9 @@ class Exchange:
                 return False
             return True
         if target == b"*" and self.method == b"OPTIONS":
+            if self.host is None and self.http_minor == 1:
+                self.local(400, close=True)  # RFC 9112 3.2: HTTP/1.1 requires Host
+                return False
             return True
         lower = target[:8].lower()
         start = 7 if lower.startswith(b"http://") else 8 if lower.startswith(b"https://") else 0

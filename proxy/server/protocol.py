@@ -79,6 +79,11 @@ class _Reject(Exception):
         self.status = status
 
 
+class _Closed(Exception):
+    """Raised inside a parser callback to stop parsing: the connection is closing
+    (an answer said ``Connection: close``), so what follows in the buffer is dropped."""
+
+
 class _Rejection:
     """A queued error response, answered after the responses due before it."""
 
@@ -316,6 +321,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_head:  # the stand-in head of a reframed body (``_reframe``)
             self.url = b""
             return
+        if self.broken:  # answered and closing: nothing after that is served
+            raise _Closed
         self.in_head = False
         parser = self.parser
         method = parser.get_method()
@@ -584,6 +591,8 @@ class ClientConnection(asyncio.Protocol):
         return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
 
     def _callback_failed(self, exc: BaseException | None) -> None:
+        if isinstance(exc, _Closed):
+            return
         if isinstance(exc, _Reject):
             log.info("%d from %s", exc.status, self.client_ip)
             self.reject(exc.status)

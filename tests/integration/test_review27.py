@@ -1,4 +1,5 @@
-"""Review 27: failing tests for confirmed bugs in issue 27's merged items (raw sockets)."""
+"""Bugs found by an attacker's review of #27's merged items, one test each (raw sockets);
+each failed on the code before its fix."""
 
 from __future__ import annotations
 
