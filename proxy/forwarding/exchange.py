@@ -317,9 +317,8 @@ class Exchange:
         self.attempts = 1
         if self.span is not None:
             self.span.attempt(upstream)
-        if found.expect_continue and self.http_minor and not self.req_done:
-            found.expect_continue = False
-            client.transport.write(CONTINUE_100)
+        if found.expect_continue and not self.req_done:
+            self._continue()
         if self.host is None:
             self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
         self.head = head = request_head(
@@ -350,7 +349,8 @@ class Exchange:
         it first and take an upstream connection only then (``_undefer``), so a client
         that sends its body slowly holds a client connection, not an upstream one
         (nginx's ``proxy_request_buffering``). False: stream it now."""
-        limit = self.client.body_buffer
+        client = self.client
+        limit = client.body_buffer
         found = self.found
         if (
             self.deferred is not None
@@ -359,13 +359,17 @@ class Exchange:
         ):
             return False
         self.deferred = (upstream, target)
-        client = self.client
         if client.paused & BODY_WAIT:  # gathered while a filter ran: now it is buffered
             client.resume(BODY_WAIT)
-        if found.expect_continue and self.http_minor:
-            found.expect_continue = False
-            client.transport.write(CONTINUE_100)
+        if found.expect_continue:
+            self._continue()
         return True
+
+    def _continue(self) -> None:
+        """``Expect: 100-continue``: ask for the body, once (HTTP/1.1 clients only)."""
+        self.found.expect_continue = False
+        if self.http_minor:
+            self.client.transport.write(CONTINUE_100)
 
     def _undefer(self) -> None:
         """The buffered body is complete, or outgrew the buffer: send now (to the upstream
@@ -497,8 +501,9 @@ class Exchange:
                     hops = parts[i + 2].strip()
                     if not hops.isdigit() or len(hops) > 9:
                         return False  # not a number (or absurd): passed on as it came
-                    if int(hops):
-                        parts[i + 2] = b"%d" % (int(hops) - 1)
+                    left = int(hops)
+                    if left:
+                        parts[i + 2] = b"%d" % (left - 1)
                         return False
                     break
             else:
@@ -510,12 +515,7 @@ class Exchange:
     def _resolve_target(self) -> bool:
         """Origin-form passes; absolute-form only for hosts a route names; else 400."""
         target = self.target
-        if target[:1] == b"/":
-            if self.host is None and self.http_minor == 1:
-                self.local(400, close=True)  # RFC 9112 3.2: HTTP/1.1 requires Host
-                return False
-            return True
-        if target == b"*" and self.method == b"OPTIONS":
+        if target[:1] == b"/" or (target == b"*" and self.method == b"OPTIONS"):
             if self.host is None and self.http_minor == 1:
                 self.local(400, close=True)  # RFC 9112 3.2: HTTP/1.1 requires Host
                 return False

@@ -179,7 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.timeout_body = timeouts.body
         self.timeout_send = timeouts.send
         #: while the client reads nothing (writing paused): when to look again, and the
-        #: write buffer's size then (``_check_send``)
+        #: write buffer's size then (``_client_stalled``)
         self.send_deadline = NEVER
         self.send_mark = 0
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
