@@ -68,16 +68,23 @@ async def send_and_read_to_eof(port: int, data: bytes) -> bytes:
     return await raw_exchange(port, data, timeout=5.0)
 
 
-async def assert_still_serving(port: int, host: bytes = b"example.test") -> None:
-    """A normal request on a new connection gets the upstream's 200."""
+async def responses(
+    port: int, data: bytes, count: int = 1
+) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """Send ``data`` on a new connection and read ``count`` responses (5 s each)."""
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
-        status, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
-        assert status == b"HTTP/1.1 200 OK"
+        writer.write(data)
+        return [await asyncio.wait_for(read_response(reader), 5.0) for _ in range(count)]
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def assert_still_serving(port: int, host: bytes = b"example.test") -> None:
+    """A normal request on a new connection gets the upstream's 200."""
+    [(status, _, _)] = await responses(port, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert status == b"HTTP/1.1 200 OK"
 
 
 class Uploader(asyncio.Protocol):
@@ -315,15 +322,10 @@ async def test_trace_gets_405_with_allow_and_never_reaches_the_upstream(
     # nginx 1.22 answers TRACE with 405 (no Allow); forwarded, the upstream's echo would
     # show the client's cookies and the proxy's own headers (issue 27, item 11)
     _, port, rec = await start_with(proxy, recorders)
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(b"TRACE /x HTTP/1.1\r\nHost: example.test\r\nCookie: s=1\r\n"
-                     b"Max-Forwards: 3\r\n\r\n" + GOOD)  # fmt: skip
-        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
-        after, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    (status, headers, body), (after, _, _) = await responses(port, (
+        b"TRACE /x HTTP/1.1\r\nHost: example.test\r\nCookie: s=1\r\nMax-Forwards: 3\r\n\r\n"
+        + GOOD
+    ), 2)  # fmt: skip
 
     assert status == b"HTTP/1.1 405 Method Not Allowed"
     assert b"TRACE" not in headers[b"allow"] and b"GET" in headers[b"allow"]
@@ -338,13 +340,9 @@ async def test_options_with_max_forwards_0_is_answered_by_the_proxy(
     # RFC 9110 7.6.2: the recipient of Max-Forwards 0 is the final one (nginx 1.22
     # forwards it unchanged)
     _, port, rec = await start_with(proxy, recorders)
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\nMax-Forwards: 0\r\n\r\n")
-        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    [(status, headers, body)] = await responses(
+        port, b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\nMax-Forwards: 0\r\n\r\n"
+    )
 
     assert status == b"HTTP/1.1 200 OK"
     assert headers[b"allow"] == b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
@@ -357,13 +355,9 @@ async def test_options_max_forwards_is_decremented_when_forwarded(
 ) -> None:
     _, port, rec = await start_with(proxy, recorders)
     for sent in (b"Max-Forwards: 5\r\n", b"Max-Forwards: x\r\n", b""):
-        reader, writer = await asyncio.open_connection(HOST, port)
-        try:
-            writer.write(b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\n%s\r\n" % sent)
-            status, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        [(status, _, _)] = await responses(
+            port, b"OPTIONS /x HTTP/1.1\r\nHost: example.test\r\n%s\r\n" % sent
+        )
         assert status == b"HTTP/1.1 200 OK"
 
     assert [s.method for s in rec.seen] == ["OPTIONS"] * 3
@@ -375,14 +369,9 @@ async def test_options_asterisk_is_answered_by_the_proxy_behind_a_catch_all_rout
 ) -> None:
     # nginx 1.22 answers ``OPTIONS *`` with 400; aiolb was 404 (issue 27, item 12)
     _, port, rec = await start_with(proxy, recorders)
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n" + GOOD)
-        status, headers, body = await asyncio.wait_for(read_response(reader), 5.0)
-        after, _, _ = await asyncio.wait_for(read_response(reader), 5.0)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    (status, headers, body), (after, _, _) = await responses(
+        port, b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n" + GOOD, 2
+    )
 
     assert status == b"HTTP/1.1 200 OK"
     assert headers[b"allow"] == b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"

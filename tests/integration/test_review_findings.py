@@ -102,7 +102,10 @@ async def test_no_408_after_the_upstream_took_the_body(proxy: MakeProxy) -> None
         upstream_conn = conn.exchange.conn
         upstream_conn.pause_writing()  # what uvloop calls when the body fills the buffer
         upstream_conn.resume_writing()  # and when the upstream has read it
-        await asyncio.sleep(1.5)
+        # past the lowered deadline (now + 300 ms) by the proxy's own clock, two ticks on
+        clock = server.clock
+        past = clock.now + 0.3 + 2 * clock.resolution
+        await wait_for(lambda: clock.now > past, 5.0)
         client.send(END)
         responses, _ = split_responses(await _to_close(client))
         assert [(r.status, r.body) for r in responses] == [(200, b"/slow"), (200, b"/end")]
