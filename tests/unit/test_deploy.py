@@ -315,7 +315,11 @@ def test_systemd_unit_is_sandboxed() -> None:
     assert (SERVICE["RuntimeDirectory"], SERVICE["LogsDirectory"]) == ("aiolb", "aiolb")
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (apt-get install systemd; .ci/run installs it); "
+    "the unit's keys are still checked by the tests above",
+)
 def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     # verify wants the programs to exist: aiolb stands in as true
     unit = tmp_path / "aiolb.service"
