@@ -85,9 +85,11 @@ def build(
     upstreams: int = 1,
     filters: list[Any] | None = None,
     tracing: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[ClientConnection, list[UpstreamConnection]]:
     """A server with one listener and pool ``p`` on fake transports. ``tracing``: the
-    config's ``tracing`` section (spans queue up; nothing is exported)."""
+    config's ``tracing`` section (spans queue up; nothing is exported); ``cache``: a
+    memory cache's section, on the route (every request after the first is a hit)."""
     balancer_config: Any = (
         {"name": balancer, "key": "header:User-Agent"}
         if (balancer == "consistent_hash")
@@ -99,7 +101,9 @@ def build(
                 {
                     "name": "b",
                     "bind": "127.0.0.1:0",
-                    "routes": [{"pool": "p", "filters": filters or []}],
+                    "routes": [
+                        {"pool": "p", "filters": filters or [], "cache": "c" if cache else None}
+                    ],
                     # one client connection carries every request
                     "limits": {"max_requests_per_connection": None},
                 }
@@ -113,6 +117,7 @@ def build(
             "metrics": {"enabled": metrics},
             "access_log": {"path": access_log} if access_log else None,
             "tracing": tracing,
+            "caches": {"c": cache} if cache else {},
         }
     )
     server = ProxyServer(config, loop)
