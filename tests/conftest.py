@@ -12,7 +12,10 @@ import pytest
 import uvloop
 
 from proxy.config import Config
+from proxy.forwarding.exchange import Exchange
+from proxy.forwarding.states import checked
 from proxy.runtime.server import ProxyServer
+from proxy.server.protocol import ClientConnection
 from tests.support import (
     Aiolb,
     CertAuthority,
@@ -22,6 +25,10 @@ from tests.support import (
     start_proxy,
     start_recorder,
 )
+
+# Every exchange the suite runs in this process checks its state transitions against
+# the table in proxy/forwarding/states.py: a move the table does not list fails.
+ClientConnection.exchange_type = checked(Exchange)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:

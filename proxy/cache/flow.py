@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-The exchange calls ``begin(ex, cache, then)`` once the route's request filters are
-done (``then`` picks an upstream and sends). ``begin`` looks the request up (at once
-with the memory store, in a task with Redis) and either answers from the cache (a
-fresh hit; a stale one within ``stale-while-revalidate``, refreshed in the
-background) or sets ``ex.cache_state`` and calls ``then``: a miss (the first of
-concurrent misses for a key fetches, the others wait for it, ``Flight``), a
-revalidation (the stored validators go into the upstream request), a bypass.
+The exchange calls ``begin(ex, cache, split)`` once the route's request filters are
+done, and gets an outcome: an ``Answer`` (a fresh hit; a stale one within
+``stale-while-revalidate``, refreshed in the background), a ``CacheState`` (forward
+the request: a miss, the first of concurrent misses for a key fetching for the others
+(``Flight``); a revalidation, the stored validators in the upstream request; a
+bypass), or a coroutine that comes to one of these (the Redis store's lookup, a wait
+for another request's fetch). Nothing here touches the exchange's state: it reads
+the request (``Subject``) and adds the headers a revalidation sends.
 
 From there the exchange calls the ``CacheState`` at its boundaries:
 
@@ -18,9 +19,9 @@ From there the exchange calls the ``CacheState`` at its boundaries:
   response starts to be collected (memory) or streamed into Redis.
 - ``on_body`` with each body chunk; ``on_complete`` when the response ended whole
   (it is stored then, never before); ``abandon`` when it did not.
-- ``on_failure`` when no upstream answered: a stored entry, however stale, answers
-  instead of the 502/503/504 (``use_stale``: ``error``, ``timeout``), unless it said
-  ``must-revalidate``.
+- ``on_failure`` when no upstream answered: a stored entry, however stale, is the
+  answer instead of the 502/503/504 (``use_stale``: ``error``, ``timeout``), unless
+  it said ``must-revalidate``.
 
 Unsafe methods (anything but GET, HEAD, OPTIONS, TRACE) invalidate the target URI, and
 the ``Location`` / ``Content-Location`` on the same host, once the upstream answers
@@ -32,8 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.cache import (
     HIT,
@@ -52,7 +52,8 @@ from proxy.http.headers import ResponseHead
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import BodyWriter
-    from proxy.forwarding.exchange import Exchange
+    from proxy.http.headers import RequestHeaders
+    from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")
 
@@ -63,18 +64,49 @@ COLLECT_FOR_REDIS: Final = 1024 * 1024
 SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
+class _Client(Protocol):
+    @property
+    def draining(self) -> bool: ...
+
+
+class Subject(Protocol):
+    """What the cache reads of the request it serves (the exchange)."""
+
+    method: bytes
+    host: bytes | None
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    found: RequestHeaders
+    keep_alive: bool
+    http_minor: int
+    pool: Pool | None
+
+    @property
+    def client(self) -> _Client: ...
+
+    def store_behind(self, behind: bool) -> None: ...
+
+
 class Answer:
-    """A response the cache gives in place of the upstream's: what ``Exchange.local``
+    """A response the cache gives in place of the upstream's: what the downstream
     writes (``render``). ``head``: the status line and header lines (``framing`` empty:
-    the whole head), ``framing``: the lines after them and the blank line."""
+    the whole head), ``framing``: the lines after them and the blank line; ``close``:
+    the connection closes after it (a hit's head says so)."""
 
-    __slots__ = ("body", "framing", "head", "status")
+    __slots__ = ("body", "close", "framing", "head", "status")
 
-    def __init__(self, status: int, head: bytes, framing: bytes, body: bytes) -> None:
+    def __init__(
+        self, status: int, head: bytes, framing: bytes, body: bytes, close: bool = False
+    ) -> None:
         self.status = status
         self.head = head
         self.framing = framing
         self.body = body
+        self.close = close
+
+    def with_head(self, head: bytes, status: int) -> Answer:
+        """The same answer with the head the route's response filters left."""
+        return Answer(status, head, self.framing, self.body, self.close)
 
     def render(self, close: bool, head_only: bool) -> list[bytes]:
         head = self.head + self.framing if self.framing else self.head
@@ -89,8 +121,10 @@ class Answer:
         return found
 
 
-def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
-    """Consult ``cache`` for ``ex``; answer from it, or go on with ``then``."""
+def begin(ex: Subject, cache: Cache, split: bool) -> Any:
+    """Consult ``cache`` for ``ex``: an ``Answer``, a ``CacheState`` to forward with, or a
+    coroutine that comes to one (``split``: the route has response filters, which take
+    a hit's head apart from its framing)."""
     request = Request(ex.method, ex.host or b"", ex.target, ex.headers)
     store = cache.store
     if isinstance(store, MemoryStore) and request.method in (b"GET", b"HEAD"):  # a hit at once
@@ -100,44 +134,30 @@ def begin(ex: Exchange, cache: Cache, then: Callable[[], None]) -> None:
         if action == HIT:
             assert entry is not None
             cache.results["hit"] += 1
-            serve(ex, cache, request, entry, now, b"hit")
-            return
-        state = ex.cache_state = CacheState(cache, request, then)
-        state.act(ex, entry, action, now)
-        return
-    state = ex.cache_state = CacheState(cache, request, then)
+            return hit(ex, cache, request, entry, now, b"hit", split)
+        return CacheState(cache, request, split).act(ex, entry, action, now)
+    state = CacheState(cache, request, split)
     if request.method not in (b"GET", b"HEAD"):
         state.invalidate = request.method not in SAFE_METHODS
         state.status = b"fwd=method"
         cache.results["bypass"] += 1
-        state.go_on()
-        return
-    ex.task = asyncio.get_running_loop().create_task(state.lookup(ex))  # the Redis store
+        return state
+    return state.lookup(ex)  # the Redis store
 
 
-def serve(ex: Exchange, cache: Cache, request: Request, entry: Entry, now: float,
-          status: bytes) -> None:  # fmt: skip
-    """Answer ``ex`` with ``entry`` (``Exchange.local`` writes it when due), through the
-    route's response filters when it has any."""
+def hit(ex: Subject, cache: Cache, request: Request, entry: Entry, now: float,
+        status: bytes, split: bool) -> Answer:  # fmt: skip
+    """The answer ``entry`` gives ``ex`` (``split``: its head apart from its framing, for
+    the route's response filters)."""
     found = ex.found
     keep = (ex.keep_alive and not ex.client.draining and not found.chunked
             and found.content_length in (None, b"0"))  # fmt: skip
-    filters = ex.filters
-    if filters is None:
+    if not split:
         code, head, body = cache.hit(entry, request, now, status, keep, ex.http_minor)
-        ex.answer = Answer(code, head, b"", body)
-        ex.bytes_out = len(body)
-        ex.local(code, close=not keep)
-        return
+        return Answer(code, head, b"", body, not keep)
     code, head, framing, body = cache.hit_split(entry, request, now, status, keep,
                                                 ex.http_minor)  # fmt: skip
-
-    def send(head: bytes, code: int) -> None:
-        ex.answer = Answer(code, head, framing, body)
-        ex.bytes_out = len(body)
-        ex.local(code, close=not keep)
-
-    filters.chain.answer(ex, head, send)
+    return Answer(code, head, framing, body, not keep)
 
 
 class CacheState:
@@ -154,16 +174,16 @@ class CacheState:
         "request",
         "requested",
         "size",
+        "split",
         "status",
-        "then",
         "waited",
         "writer",
     )
 
-    def __init__(self, cache: Cache, request: Request, then: Callable[[], None]) -> None:
+    def __init__(self, cache: Cache, request: Request, split: bool) -> None:
         self.cache = cache
         self.request = request
-        self.then: Callable[[], None] | None = then
+        self.split = split
         self.entry: Entry | None = None  # the stored response being revalidated
         self.flight: Flight | None = None  # set when this exchange fetches for others
         self.status = b"fwd=miss"  # the Cache-Status of a forwarded response
@@ -178,32 +198,30 @@ class CacheState:
 
     # -- request side ------------------------------------------------------------------
 
-    async def lookup(self, ex: Exchange) -> None:
-        """The Redis store's lookup, in the exchange's task."""
+    async def lookup(self, ex: Subject) -> Any:
+        """The Redis store's lookup (in the exchange's task): the outcome it comes to."""
         store = self.cache.store
         assert not isinstance(store, MemoryStore)
         entry = await store.get(self.request.key, self.request.headers)
-        ex.task = None
-        if not ex.done:
-            self.decide(ex, entry)
+        return self.decide(ex, entry)
 
-    def decide(self, ex: Exchange, entry: Entry | None) -> None:
+    def decide(self, ex: Subject, entry: Entry | None) -> Any:
         """What to do with the entry a lookup found (or None), now."""
         now = time.time()
-        self.act(ex, entry, self.cache.decide(self.request, entry, now), now)
+        return self.act(ex, entry, self.cache.decide(self.request, entry, now), now)
 
-    def act(self, ex: Exchange, entry: Entry | None, action: int, now: float) -> None:
-        """Do what ``Cache.decide`` chose for ``entry`` at ``now``."""
+    def act(self, ex: Subject, entry: Entry | None, action: int, now: float) -> Any:
+        """The outcome of what ``Cache.decide`` chose for ``entry`` at ``now``."""
         cache, request = self.cache, self.request
         if action in (HIT, STALE):
             assert entry is not None
             stale = action == STALE
-            self.then = None  # answered here: see ``go_on``
             cache.results["stale" if stale else "hit"] += 1
-            serve(ex, cache, request, entry, now, b"hit; fwd=stale" if stale else b"hit")
+            answer = hit(ex, cache, request, entry, now,
+                         b"hit; fwd=stale" if stale else b"hit", self.split)  # fmt: skip
             if stale:
                 refresh(ex, cache, request, entry)
-            return
+            return answer
         if action == REVALIDATE:
             assert entry is not None
             self.entry = entry
@@ -215,8 +233,7 @@ class CacheState:
         elif action == MISS:
             flight = cache.flights.get(request.key)
             if flight is not None and not self.waited:
-                ex.task = asyncio.get_running_loop().create_task(self.wait(ex, flight))
-                return
+                return self.wait(ex, flight)
             cache.results["miss"] += 1
             if flight is None:
                 self.flight = cache.flights[request.key] = Flight()
@@ -225,35 +242,23 @@ class CacheState:
             self.status = b"fwd=request"
         if cache.surrogate:
             ex.found.parts += SURROGATE_CAPABILITY
-        self.go_on()
+        return self  # forward, with this state
 
-    def go_on(self) -> None:
-        """Forward the request. ``then`` (the exchange's ``pick``) is dropped first: the
-        exchange keeps this state, so holding it would make every request a reference
-        cycle, left to the cyclic GC (its pauses show in the p99)."""
-        then, self.then = self.then, None
-        if then is not None:
-            then()
-
-    async def wait(self, ex: Exchange, flight: Flight) -> None:
+    async def wait(self, ex: Subject, flight: Flight) -> Any:
         """Another request is fetching this key: wait for it, then look again."""
         try:
             await asyncio.wait_for(flight.done.wait(), self.cache.lock_timeout)
         except TimeoutError:
             pass
-        ex.task = None
         self.waited = True
-        if ex.done:
-            return
         store = self.cache.store
         if isinstance(store, MemoryStore):
-            self.decide(ex, store.get(self.request.key, self.request.headers))
-        else:
-            ex.task = asyncio.get_running_loop().create_task(self.lookup(ex))
+            return self.decide(ex, store.get(self.request.key, self.request.headers))
+        return self.lookup(ex)
 
     # -- response side -----------------------------------------------------------------
 
-    def on_head(self, ex: Exchange, status: int, found: ResponseHead) -> ResponseHead | Answer:
+    def on_head(self, ex: Subject, status: int, found: ResponseHead) -> ResponseHead | Answer:
         """The upstream's response head: what to relay (``found`` with ``Cache-Status``),
         or an ``Answer`` to send instead (the upstream's response is then dropped)."""
         cache, request = self.cache, self.request
@@ -291,14 +296,13 @@ class CacheState:
         self.land()
         return _with_status(found, self.status)
 
-    def answer(self, ex: Exchange, entry: Entry, now: float, status: bytes) -> Answer:
+    def answer(self, ex: Subject, entry: Entry, now: float, status: bytes) -> Answer:
         keep = ex.keep_alive and not ex.client.draining
         code, head, framing, body = self.cache.hit_split(entry, self.request, now, status, keep,
                                                          ex.http_minor)  # fmt: skip
-        ex.bytes_out = len(body)
-        return Answer(code, head, framing, body)
+        return Answer(code, head, framing, body, not keep)
 
-    def start_storing(self, ex: Exchange, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def start_storing(self, ex: Subject, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """Keep the body as it comes: in memory (the memory store; and for Redis, a body
         of known size up to ``COLLECT_FOR_REDIS``, stored whole once complete and served
         from this process until Redis has it), else streamed into Redis."""
@@ -363,21 +367,20 @@ class CacheState:
                 del self.cache.flights[self.request.key]
             flight.done.set()
 
-    def on_failure(self, ex: Exchange, error: ProxyError) -> bool:
-        """No upstream answered: True when a stored entry answered instead (not for a
-        route filter's failure: that is the answer's own)."""
+    def on_failure(self, ex: Subject, error: ProxyError) -> Answer | None:
+        """No upstream answered: the stored entry's answer when it may stand in (not
+        for a route filter's failure: that is the answer's own), else None."""
         self.abandon()
         entry = self.entry
         if entry is None or isinstance(error, FilterError):
-            return False
+            return None
         reason = "timeout" if isinstance(error, UpstreamTimeoutError) else "error"
         now = time.time()
         if not self.cache.may_serve_stale(entry, now, reason):
-            return False
+            return None
         self.cache.results["stale"] += 1
-        serve(ex, self.cache, self.request, entry, now,
-              b"hit; fwd=stale; detail=%s" % reason.encode())
-        return True
+        return hit(ex, self.cache, self.request, entry, now,
+                   b"hit; fwd=stale; detail=%s" % reason.encode(), self.split)  # fmt: skip
 
 
 def _without(found: ResponseHead, status_line: bytes, lines: list[tuple[bytes, bytes, bytes]],
@@ -393,7 +396,7 @@ def _with_status(found: ResponseHead, status: bytes) -> ResponseHead:
     return found.with_lines(b"Cache-Status: aiolb; " + status + b"\r\n")
 
 
-def _ask_validators(ex: Exchange, entry: Entry) -> None:
+def _ask_validators(ex: Subject, entry: Entry) -> None:
     """Make the upstream request conditional on the stored response's validators."""
     etag = header(entry.headers, b"etag")
     if etag is not None:
@@ -423,7 +426,7 @@ def _remove(cache: Cache, key: bytes) -> None:
     task.add_done_callback(cache.tasks.discard)
 
 
-def invalidate(ex: Exchange, cache: Cache, request: Request, head: bytes) -> None:
+def invalidate(ex: Subject, cache: Cache, request: Request, head: bytes) -> None:
     """An unsafe method succeeded: the target URI's stored responses go, and those of
     ``Location`` and ``Content-Location`` when they are on the same host."""
     _remove(cache, request.key)
@@ -448,7 +451,7 @@ def _same_host_target(value: bytes, host: bytes) -> bytes | None:
     return None
 
 
-def refresh(ex: Exchange, cache: Cache, request: Request, entry: Entry) -> None:
+def refresh(ex: Subject, cache: Cache, request: Request, entry: Entry) -> None:
     """A stale entry was served (``stale-while-revalidate``): fetch it again in the
     background, once per key at a time."""
     if request.key in cache.flights or ex.pool is None:

@@ -39,17 +39,42 @@ from __future__ import annotations
 
 import http
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
-from proxy.forwarding.router import normalise_host
-from proxy.http.headers import FRAMING_HEADERS, MANAGED_REQUEST_HEADERS
+from proxy.http.headers import FRAMING_HEADERS, MANAGED_REQUEST_HEADERS, ResponseHead
+from proxy.http.target import normalise_host
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from proxy.filters.chain import FilterChain
-    from proxy.forwarding.exchange import Exchange
+    from proxy.http.headers import RequestHeaders
     from proxy.upstream.pool import Upstream
+
+
+class Subject(Protocol):
+    """What a filter's ``Request`` reads of the request it stands for (the exchange)."""
+
+    method: bytes
+    host: bytes | None
+    request_id: bytes
+    found: RequestHeaders
+    upstream: Upstream | None
+
+    @property
+    def client_ip(self) -> str: ...
+    @property
+    def client(self) -> _Client: ...
+
+
+class _Site(Protocol):
+    @property
+    def bind(self) -> str: ...
+
+
+class _Client(Protocol):
+    @property
+    def listener(self) -> _Site: ...
 
 _CTL: Final = frozenset(range(0, 32)) - {9} | {127}
 _TOKEN: Final = frozenset(
@@ -202,22 +227,15 @@ class Request:
     serves it, once there is one (the one that answered, in ``response_filter``).
     """
 
-    __slots__ = (
-        "_complete", "_head_at", "_headers", "_state", "chain", "client_ip",
-        "ex", "held", "pinned", "target",
-    )  # fmt: skip
+    __slots__ = ("_headers", "_state", "chain", "client_ip", "ex", "pinned", "target")
 
-    def __init__(self, chain: FilterChain, ex: Exchange) -> None:
+    def __init__(self, chain: FilterChain, ex: Subject, target: bytes) -> None:
         self.chain = chain
         self.ex = ex
-        self.target = ex.target  # the path sent upstream (rewrites change it)
-        self.client_ip = ex.client.client_ip
+        self.target = target  # the path sent upstream (rewrites change it)
+        self.client_ip = ex.client_ip
         #: the upstream to send to while it is available (``sticky``, ``prefer``)
         self.pinned: Upstream | None = None
-        #: an async response hook is running: the response is held (``FilterChain``)
-        self.held = False
-        self._complete: Any = None
-        self._head_at = 0
         self._headers: Headers | None = None
         self._state: dict[str, Any] | None = None
 
@@ -351,6 +369,18 @@ class Response:
         if self._parts is None:
             return line + head[head.index(b"\r\n") + 2 :]
         return line + b"".join(self._parts)
+
+    def framed(self, found: ResponseHead) -> ResponseHead:
+        """The head to relay for the upstream's ``found``: ``found`` itself when nothing
+        changed, else a copy with the new head (the framing stays ``found``'s: hooks
+        may not change it)."""
+        if not self.changed:
+            return found
+        copy = ResponseHead.__new__(ResponseHead)
+        copy.chunked, copy.close, copy.has_length = found.chunked, found.close, found.has_length
+        copy.length, copy.status = found.length, found.status
+        copy.head = self.head()
+        return copy
 
     def __repr__(self) -> str:
         return f"<Response {self._status}>"

@@ -40,7 +40,7 @@ class Redirect(Filter):
         if o.to is not None:
             return o.to
         ex = request.ex
-        given = ex.host.decode("latin-1") if ex.host else ex.client.listener.config.bind
+        given = ex.host.decode("latin-1") if ex.host else ex.client.listener.bind
         host, port = _split(given)
         scheme = o.scheme or "http"
         if o.port is not None:

@@ -1,258 +1,76 @@
-"""One request/response cycle: route, select an upstream, send, stream back.
+"""One request/response cycle: its phases, in order.
 
 Theory of operation
 -------------------
-An ``Exchange`` is created by the client connection when a request head has been
-parsed. It becomes *current* at once, or waits in the client's pipeline queue; only
-the current exchange writes to the client, so pipelined responses stay in order.
+A downstream (``proxy.forwarding.downstream``: an HTTP/1.1 client connection, later an
+HTTP/2 stream) creates an ``Exchange`` when a request head has been parsed, and calls
+``start`` when it becomes current (pipelined requests wait their turn, so responses
+stay in order). The phases of a request run here, in this order, and nowhere else
+(pingora's ``process_request`` over its ``ProxyHttp`` hooks):
 
-``start`` routes the request and picks an upstream. A pooled idle connection is used
-at once; otherwise a connect task is the one task created, and only for new
-connections. Request body chunks (already de-chunked by the parser) are framed again
-and gathered in ``pending``; after each read from the client ``flush_upstream``
-writes them in one call (``proxy.tcp.write_pieces``), or, while no connection is
-attached yet, keeps them and pauses the client above the high-water mark.
+1. ``start``: the target is resolved and normalised, TRACE / ``OPTIONS *`` answered,
+   the route found (404), a redirect or a refused Upgrade answered;
+2. the route's **request filters** (``FilterChain.request``);
+3. the route's **cache** (``proxy.cache.flow.begin``): a hit answers, a miss or a
+   revalidation goes on with a ``CacheState``, a lookup or a collapsed miss waits;
+4. the **pick**: the upstream a filter pinned (``sticky``) while it is available,
+   else the balancer's;
+5. the **upstream request filters** (``FilterChain.upstream``), once;
+6. **send** (``Attempts.dispatch``: the head built once, a connection, the body);
+7. the **response** (``Responses``): the cache, the response filters, the client;
+8. **finish**: counted, logged, handed back to the downstream (``ExchangeCore``).
 
-Response events come from the upstream connection: the head is rewritten
-(hop-by-hop headers removed, our framing and ``Connection`` header added) and body
-chunks are gathered in ``out``, written once per upstream read by ``flush_client``.
-Back-pressure is explicit both ways: a full client write buffer pauses upstream
-reading, a full upstream write buffer pauses client reading.
+Each phase's outcome says what happens next: go on, answer locally (a filter's
+``LocalResponse``, a cache hit), fail (``FilterError``: 500) or wait (a coroutine the
+exchange runs in its task, ``later``, then takes the outcome it returns). Filters and
+the cache never touch the exchange's state. Any failure ends in one place,
+``ExchangeCore.fail`` (pingora's ``fail_to_proxy``): a stale cache entry may answer,
+else the proxy's error page.
 
-Failure before the response head reaches the client becomes a short response from
-the proxy (``ProxyError.status``); after that the client connection is closed, so a
-truncated body is never presented as complete. A pooled connection that closes
-before any response byte is retried once on a fresh connection, if the body sent so
-far still fits the replay buffer.
+A route without filters or a cache goes from ``start`` straight to the pick and the
+send: the common request pays for none of the phases it does not have.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import re
-import time
-from time import perf_counter
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
-from proxy.cache.flow import Answer
+from proxy.cache.flow import Answer, CacheState
 from proxy.cache.flow import begin as cache_begin
-from proxy.clock import NEVER
-from proxy.errors import (
-    CircuitOpenError,
-    NoUpstreamError,
-    ProxyError,
-    UpstreamConnectError,
-    UpstreamProtocolError,
-    UpstreamTimeoutError,
-)
-from proxy.forwarding.retry import IDEMPOTENT
-from proxy.forwarding.router import normalise_host
-from proxy.forwarding.tunnel import Tunnel
-from proxy.http.headers import RequestHeaders, ResponseHead, request_head
+from proxy.errors import FilterError
+from proxy.filters.base import LocalResponse, Request
+from proxy.forwarding.response import Responses
+from proxy.forwarding.states import ANSWERED, DONE
 from proxy.http.responses import (
     BAD_AUTHORITY,
-    CONTINUE_100,
     NOT_FORWARD_PROXY,
     OPTIONS_ANSWER,
     TRACE_REFUSED,
-    Fixed,
-    error_response,
-    redirect_response,
 )
-from proxy.http.target import known_target, normal_target
-from proxy.tcp import JOIN_BELOW, write_pieces
-from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
+from proxy.http.target import known_target, normal_target, normalise_host
 
 if TYPE_CHECKING:
-    from proxy.cache.flow import CacheState
-    from proxy.filters.base import LocalResponse, Request
     from proxy.forwarding.router import Route
-    from proxy.server.protocol import ClientConnection
-    from proxy.tracing import ServerSpan
-    from proxy.upstream.connection import UpstreamConnection
-    from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
 
-#: A learning balancer is given at most one response time per upstream this often (s).
-OBSERVE_EVERY: Final = 0.001
-#: Body bytes held while no upstream connection is attached, before pausing the client.
-PENDING_HIGH_WATER: Final = 64 * 1024
-
-# Response framing towards the client.
-NO_BODY: Final = 0
-LENGTH: Final = 1
-CHUNKED: Final = 2
-UNTIL_CLOSE: Final = 3
-
-_LAST_CHUNK: Final = b"0\r\n\r\n"
-#: An absolute-form authority we accept: host or [IPv6] and an optional port.
 #: Methods ``Exchange.start`` hands to ``_answer_here`` (a set: one lookup per request).
 _ANSWERED_HERE: Final = frozenset((b"TRACE", b"OPTIONS"))
+#: An absolute-form authority we accept: host or [IPv6] and an optional port.
 _AUTHORITY: Final = re.compile(rb"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-_UPGRADE_HEADER: Final = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*([^\r]*)", re.IGNORECASE)
+class Exchange(Responses):
+    __slots__ = ()
 
-
-def _upgrade_token(head: bytes) -> bytes | None:
-    """The protocol a ``101`` head switches to (its ``Upgrade`` header), lower case."""
-    m = _UPGRADE_HEADER.search(head)
-    return m.group(1).strip().lower() if m is not None else None
-
-
-class Exchange:
-    __slots__ = (
-        "answer",
-        "attempts",
-        "body_size",
-        "bytes_out",
-        "cache_state",
-        "client",
-        "conn",
-        "connect_seconds",  # unset unless this request opened a connection
-        "deadline",
-        "deferred",
-        "discard",
-        "done",
-        "filters",
-        "found",
-        "head",
-        "head_request",
-        "header_at",  # unset unless the access log asks for upstream_header_time
-        "headers",
-        "host",
-        "http_minor",
-        "keep_alive",
-        "local_cause",
-        "local_status",
-        "method",
-        "mode",
-        "opening",
-        "out",
-        "parse_only",
-        "pending",
-        "pending_size",
-        "pool",
-        "queued",
-        "released",
-        "replay",
-        "replay_size",
-        "req_done",
-        "request_id",
-        "resp_done",
-        "resp_eof",
-        "resp_started",
-        "retried",
-        "sent_at",
-        "sent_mark",
-        "span",
-        "started",
-        "status",
-        "target",
-        "task",
-        "traceparent",
-        "tried",
-        "tried_at",
-        "upstream",
-    )
-
-    def __init__(
-        self,
-        client: ClientConnection,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        found: RequestHeaders,
-        http_minor: int,
-        keep_alive: bool,
-    ) -> None:
-        self.client = client
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.found = found
-        self.host = found.host
-        self.http_minor = http_minor
-        self.keep_alive = keep_alive and not found.close
-        #: HEAD, or an Upgrade: the response goes through the parser, never the fast path
-        self.parse_only = self.head_request = method == b"HEAD"
-        self.request_id = found.request_id or client.request_ids.next()
-        self.head = b""
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.body_size = 0
-        self.req_done = False
-        self.discard = False
-        self.local_status = 0
-        self.local_cause = ""
-        self.pool: Pool | None = None
-        #: the route's filters' view of this request while its chain has more to do
-        #: (response hooks, a local answer); None on routes without filters
-        self.filters: Request | None = None
-        #: what the route's cache does for this request (None on routes without one)
-        self.cache_state: CacheState | None = None
-        #: the ``traceparent`` sent upstream, and the spans of a sampled request
-        #: (``proxy.tracing``; None without ``tracing``)
-        self.traceparent: bytes | None = None
-        self.span: ServerSpan | None = None
-        #: a response made for this request in place of the upstream's (a filter's
-        #: ``LocalResponse``, a cache hit): what ``local`` writes; None: an error page
-        self.answer: LocalResponse | Answer | Fixed | None = None
-        self.upstream: Upstream | None = None
-        self.released = False
-        self.conn: UpstreamConnection | None = None
-        #: the connect task, or the timer of a retry's backoff
-        self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
-        #: body chunks sent, to replay on a retry or if a reused connection proves stale;
-        #: None once they outgrow the retry buffer (or nothing could use them)
-        self.replay: tuple[bytes, ...] | None = None
-        self.tried: tuple[Upstream, ...] = ()  # upstreams that failed this request
-        self.queued = False  # waiting for a connection (``max_connections`` reached)
-        self.opening = False  # a connect task counted in ``conns`` has not started yet
-        self.replay_size = 0
-        #: the upstream picked and the target, while a small body is read whole before
-        #: a connection is taken (``limits.body_buffer_size``)
-        self.deferred: tuple[Upstream, bytes] | None = None
-        #: the upstream's write buffer when the client was paused for it, and when
-        self.sent_mark = 0
-        self.sent_at = 0.0
-        self.retried = False
-        self.out: list[bytes | memoryview] = []  # views: large bodies, not copied
-        self.mode = NO_BODY
-        self.resp_started = False
-        self.resp_done = False
-        self.resp_eof = False
-        self.done = False
-        self.deadline = NEVER
-        self.status = 0  # what the client was answered; 0 until then
-        self.attempts = 0  # upstreams tried (1 + retries)
-        self.bytes_out = 0
-        # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution
-        self.started: float = perf_counter()
-        #: when the current attempt started (a retry's, once there is one): the start of
-        #: the latency a learning balancer is given (``Pool.observe``)
-        self.tried_at = self.started
-
-    # -- RequestView, for balancers ---------------------------------------------------
-
-    @property
-    def client_ip(self) -> str:
-        return self.client.client_ip
-
-    def header(self, name: bytes) -> bytes | None:
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
-
-    # -- start: route, pick, connect --------------------------------------------------
+    # -- 1. start: target, route ---------------------------------------------------------
 
     def start(self) -> None:
-        """Become the current exchange: route, run the route's filters (if any), pick
-        and send, or answer locally."""
+        """Become the current exchange: route, then the route's phases (if any), pick
+        and send; or answer locally."""
         if (self.host is None or self.target[:1] != b"/") and not self._resolve_target():
             return
         if self.method in _ANSWERED_HERE and self._answer_here():
@@ -287,101 +105,73 @@ class Exchange:
                 self.traceparent = line[2]
             else:
                 tracer.begin(self, route)
-        if route.chain is not None:  # the request phase, then the cache and ``dispatch``
-            route.chain.request(self)
-            return
-        if route.cache is not None:  # a hit answers; anything else goes on to ``pick``
-            cache_begin(self, route.cache, self.pick)
-            return
-        self.dispatch(pool.pick(self), self.target)
+        if route.chain is not None:
+            self._request_filters(route)
+        elif route.cache is not None:
+            self._consult_cache(route, None)
+        else:  # the common route: straight to the pick and the send
+            self.dispatch(pool.pick(self), target)
 
-    def pick(self) -> None:
-        """Pick an upstream of the route's pool and send (after the cache missed)."""
+    # -- 2. request filters --------------------------------------------------------------
+
+    def _request_filters(self, route: Route) -> None:
+        chain = route.chain
+        assert chain is not None
+        req = Request(chain, self, self.target)
+        if chain.responses[1]:  # the chain has more to do with it: response hooks
+            self.filters = req
+        self._go_on(chain.request(req), lambda: self._consult_cache(route, req))
+
+    def _go_on(self, outcome: Any, then: Callable[[], None]) -> None:
+        """A request or upstream phase's outcome: go on with ``then()``, answer a
+        ``LocalResponse``, fail, or wait for the coroutine and take its outcome."""
+        if outcome is None:
+            then()
+        elif isinstance(outcome, LocalResponse):
+            self.answer = outcome
+            self.local(outcome.status)
+        elif isinstance(outcome, FilterError):
+            self.fail(outcome)
+        else:
+            self.later(outcome, lambda given: self._go_on(given, then))
+
+    # -- 3. the cache --------------------------------------------------------------------
+
+    def _consult_cache(self, route: Route, req: Request | None) -> None:
+        cache = route.cache
+        if cache is None:
+            self._pick(req)
+            return
+        self._cached(cache_begin(self, cache, self.filters is not None), req)
+
+    def _cached(self, outcome: Any, req: Request | None) -> None:
+        """The cache's outcome: forward (with a ``CacheState``), answer (a hit), or wait
+        (a lookup, another request's fetch) and take the outcome it comes to."""
+        if isinstance(outcome, CacheState):
+            self.cache_state = outcome
+            self._pick(req)
+        elif isinstance(outcome, Answer):
+            self.serve(outcome)
+        else:
+            self.later(outcome, lambda given: self._cached(given, req))
+
+    # -- 4. pick, 5. upstream filters, 6. send --------------------------------------------
+
+    def _pick(self, req: Request | None) -> None:
         pool = self.pool
         assert pool is not None
-        self.dispatch(pool.pick(self), self.target)
-
-    def dispatch(self, upstream: Upstream | None, target: bytes) -> None:
-        """Send the request for ``target`` to the picked ``upstream`` (None: 503)."""
-        if upstream is None:
-            self._fail(NoUpstreamError("no upstream available"))
+        if req is None:
+            self.dispatch(pool.pick(self), self.target)
             return
-        client = self.client
-        found = self.found
-        body_to_come = (found.content_length is not None or found.chunked) and not self.req_done
-        if body_to_come and self._defer(upstream, target):
+        pinned = req.pinned
+        upstream = pinned if pinned is not None and pinned.available else pool.pick(self)
+        chain = req.chain
+        if upstream is None or not chain.upstreams[1]:
+            self.dispatch(upstream, req.target)
             return
-        pool = self.pool
-        assert pool is not None
-        self.upstream = upstream
-        self.attempts = 1
-        if self.span is not None:
-            self.span.attempt(upstream)
-        if found.expect_continue and not self.req_done:
-            self._continue()
-        if self.host is None:
-            self.found.parts += (b"Host: ", upstream.address.encode(), b"\r\n")
-        self.head = head = request_head(
-            self.method,
-            target,
-            self.found,
-            client.client_ip_bytes,
-            self.host,
-            self.request_id,
-            client.head_template,
-        )
-        if pool.fast_path and not self.pending:  # the fast path: nothing but the head
-            conn = upstream.take_idle()
-            if conn is not None:  # ``_use`` and ``_send``, for a pooled connection
-                upstream.begin_request()
-                self.replay = ()  # a pooled connection may prove stale: nothing to replay
-                self.conn = conn
-                conn.send(self, head, ())
-                if self.req_done:  # a pipelined request, read whole while it waited
-                    self._await_response()
-                if client.write_paused:
-                    conn.pause_reading(CLIENT_SLOW)
-                return
-        self._use(upstream)
+        self._go_on(chain.upstream(req, upstream), lambda: self.dispatch(upstream, req.target))
 
-    def _defer(self, upstream: Upstream, target: bytes) -> bool:
-        """A request whose body is still arriving: if it may fit the body buffer, read
-        it first and take an upstream connection only then (``_undefer``), so a client
-        that sends its body slowly holds a client connection, not an upstream one
-        (nginx's ``proxy_request_buffering``). False: stream it now."""
-        client = self.client
-        limit = client.body_buffer
-        found = self.found
-        if (
-            self.deferred is not None
-            or self.pending_size > limit
-            or (not found.chunked and int(found.content_length or 0) > limit)
-        ):
-            return False
-        self.deferred = (upstream, target)
-        if client.paused & BODY_WAIT:  # gathered while a filter ran: now it is buffered
-            client.resume(BODY_WAIT)
-        if found.expect_continue:
-            self._continue()
-        return True
-
-    def _continue(self) -> None:
-        """``Expect: 100-continue``: ask for the body, once (HTTP/1.1 clients only)."""
-        self.found.expect_continue = False
-        if self.http_minor:
-            self.client.transport.write(CONTINUE_100)
-
-    def _undefer(self) -> None:
-        """The buffered body is complete, or outgrew the buffer: send now (to the upstream
-        picked at the head, unless it left the rotation meanwhile)."""
-        deferred = self.deferred
-        assert deferred is not None
-        self.deferred = None
-        picked, target = deferred
-        upstream: Upstream | None = picked
-        if not picked.available:
-            upstream = self.pool.pick(self)  # type: ignore[union-attr]
-        self.dispatch(upstream, target)  # not deferred again: complete, or over the buffer
+    # -- answered in ``start`` -------------------------------------------------------------
 
     def _redirect(self, route: Route) -> None:
         """A route that redirects to https: 308 to the same URL there."""
@@ -392,17 +182,12 @@ class Exchange:
         port = b"" if route.redirect is True else b":%d" % route.redirect
         location = b"https://" + host + port + self.target
         self.status = 308
-        self.discard = True
+        self.resp = ANSWERED
         close = not self.keep_alive or self.client.draining or not self._bodiless()
-        self.client.transport.write(redirect_response(location, close))
-        self.local_status = 0
-        if self.req_done or close:
+        self.client.send_redirect(self, location, close)
+        if self.req is DONE or close:
             self._finish(close)
-        else:
-            self.local_status = -1  # finished when the (empty) request completes
-
-    def _bodiless(self) -> bool:
-        return not self.found.chunked and self.found.content_length in (None, b"0")
+        # else finished when the (empty) request completes
 
     def _allow_upgrade(self, route: Route) -> bool:
         """An Upgrade request: forward the protocols its route allows (``upgrades``),
@@ -426,64 +211,6 @@ class Exchange:
         found.parts += (b"Upgrade", b": ", value, b"\r\n")
         self.parse_only = True  # a 101 (or any answer to it) goes through the parser
         return True
-
-    def _use(self, upstream: Upstream) -> None:
-        """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
-        upstream.begin_request()
-        conn = upstream.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open(upstream)
-
-    def _open(self, upstream: Upstream) -> None:
-        """No idle connection: open one, or wait for one (circuit breaking)."""
-        if upstream.conns < upstream.max_connections:
-            self._start_connect(upstream)
-        else:
-            self._queue(upstream)
-
-    def _queue(self, upstream: Upstream) -> None:
-        """``upstream`` has ``max_connections`` open: wait for one, or 503 at once when
-        ``max_pending`` requests of the pool are waiting already."""
-        pool = self.pool
-        assert pool is not None
-        if pool.pending >= pool.max_pending:
-            pool.overflows += 1
-            self._fail(CircuitOpenError(
-                f"{upstream.conns} connections open, {pool.pending} requests waiting"
-            ))  # fmt: skip
-            return
-        pool.pending += 1
-        self.queued = True
-        upstream.waiting.append(self)
-        self.deadline = self.client.clock.now + pool.queue_timeout
-
-    def dequeue(self, conn: UpstreamConnection | None) -> None:
-        """A connection of the upstream is free (``conn``), or a slot to open one (None)."""
-        self.queued = False
-        self.pool.pending -= 1  # type: ignore[union-attr]
-        self.deadline = NEVER
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._start_connect(self.upstream)  # type: ignore[arg-type]
-
-    def _start_connect(self, upstream: Upstream) -> None:
-        """Open a connection in the one task a request may create; its slot in
-        ``upstream.conns`` is taken now, not when the task first runs."""
-        upstream.conns += 1
-        self.opening = True
-        self.task = self.client.loop.create_task(self._connect())
-
-    def _unqueue(self) -> None:
-        if self.queued:
-            self.queued = False
-            self.pool.pending -= 1  # type: ignore[union-attr]
-            try:
-                self.upstream.waiting.remove(self)  # type: ignore[union-attr]
-            except ValueError:
-                pass
 
     def _answer_here(self) -> bool:
         """TRACE: 405, never forwarded. OPTIONS: the proxy answers ``*`` and a
@@ -539,726 +266,3 @@ class Exchange:
         self.host = authority
         self.found.set_host(authority)
         return True
-
-    async def _connect(self) -> None:
-        self.opening = False  # from here on ``Upstream.connect`` gives the slot back
-        upstream = self.upstream
-        assert upstream is not None
-        opened = perf_counter()
-        try:
-            conn = await upstream.connect(self.client.loop)
-        except ProxyError as exc:
-            self.task = None
-            if isinstance(exc, UpstreamConnectError):
-                upstream.stats.connect_errors += 1
-            if not self.done:
-                self._attempt_failed(exc)
-            return
-        self.task = None
-        self.connect_seconds = perf_counter() - opened
-        if self.done:
-            upstream.put_idle(conn, self.client.clock.now)
-            return
-        self._send(conn)
-
-    def _send(self, conn: UpstreamConnection) -> None:
-        pending = self.pending
-        pool = self.pool
-        assert pool is not None
-        # keep what to replay when the connection may prove stale or a retry may follow
-        if self.pending_size <= pool.retry.buffer and (
-            conn.uses or self.attempts < pool.retry.attempts
-        ):
-            self.replay = tuple(pending) if pending else ()
-            self.replay_size = self.pending_size
-        else:
-            self.replay = None
-        self.conn = conn
-        if pending:
-            self.pending = []
-            self.pending_size = 0
-        conn.send(self, self.head, pending)
-        if self.client.paused:  # a new connection: its own write buffer decides from here
-            self.client.resume(BODY_WAIT | UPSTREAM_FULL)
-        if self.req_done:
-            self._await_response()
-        if self.client.write_paused:
-            conn.pause_reading(CLIENT_SLOW)
-
-    # -- request body, from the client connection ------------------------------------
-
-    def on_request_body(self, data: bytes) -> None:
-        if self.discard:
-            return
-        size = len(data)
-        self.body_size += size
-        if self.found.chunked:
-            self.pending += (b"%x\r\n" % size, data, b"\r\n")
-        else:
-            self.pending.append(data)
-        self.pending_size += size
-        if self.deferred is not None and self.pending_size > self.client.body_buffer:
-            self._undefer()
-
-    def on_request_complete(self) -> None:
-        self.req_done = True
-        if self.local_status:
-            if self.local_status < 0:  # answered already (a redirect)
-                self._finish(False)
-            else:
-                self._write_local(self.local_status, False, self.local_cause)
-            return
-        if self.found.chunked and not self.discard:
-            self.pending.append(_LAST_CHUNK)
-        if self.deferred is not None:
-            self._undefer()
-            return
-        if self.resp_done:
-            self._finish(False)
-        elif self.conn is not None and not self.resp_started:
-            self._await_response()
-
-    def _await_response(self) -> None:
-        """The whole request is sent: the response header timeout starts now."""
-        pool = self.pool
-        assert pool is not None
-        self.deadline = self.client.clock.now + pool.response_header_timeout
-
-    def flush_upstream(self) -> None:
-        """Write the body gathered during one client read (called after each read)."""
-        pending = self.pending
-        if not pending:
-            return
-        conn = self.conn
-        if conn is None:
-            # a body waiting for a connection pauses the client; one being buffered on
-            # purpose (``deferred``) is bounded by the buffer instead
-            if self.pending_size > PENDING_HIGH_WATER and self.deferred is None:
-                self.client.pause(BODY_WAIT)
-            return
-        replay = self.replay
-        if replay is not None:
-            self.replay_size += self.pending_size
-            if self.replay_size > self.pool.retry.buffer:  # type: ignore[union-attr]
-                self.replay = None
-            else:
-                self.replay = replay + tuple(pending)
-        self.pending = []
-        self.pending_size = 0
-        assert conn.transport is not None
-        write_pieces(conn.transport, pending)
-
-    # -- response, from the upstream connection --------------------------------------
-
-    def on_informational(self, status: int, raw: bytes) -> None:
-        """1xx before the final response: relayed to HTTP/1.1 clients, except 100."""
-        if status == 100 or not self.http_minor:
-            return
-        self.out += (ResponseHead(raw).head, b"\r\n")
-
-    def on_response_head(self, status: int, found: ResponseHead) -> bool:
-        """The final response head, rewritten (``response_head``) and through the
-        route's response filters; False when it is dropped to retry elsewhere or
-        because a filter failed (then the connection is closed unread)."""
-        pool = self.pool
-        assert pool is not None
-        upstream = self.upstream
-        assert upstream is not None
-        outlier = pool.outlier
-        if status >= 500 and outlier is not None and outlier.with_5xx:
-            pool.failure(upstream, f"status {status}")
-        elif upstream.failures:  # an answer: the run of failures is over
-            upstream.failures = 0
-        if status in pool.retry.statuses and self._retryable(True, True):
-            self.conn = None
-            if self.span is not None:
-                self.span.answered(status)
-            log.info(
-                "%s %s: upstream %s answered %d; retrying elsewhere", self.method.decode(),
-                self.target[:200].decode(errors="replace"), upstream.address, status,
-            )  # fmt: skip
-            self._retry()
-            return False
-        cache = self.cache_state
-        if cache is not None:
-            given = cache.on_head(self, status, found)
-            if isinstance(given, Answer):  # the cache answers instead (a 304, a 5xx)
-                return self._answered_instead(given)
-            found = given
-        filters = self.filters
-        if filters is not None:
-            changed = filters.chain.response(self, status, found)
-            if changed is None:  # a filter failed: answered 500
-                self.conn = None
-                return False
-            found, status = changed
-        self.status = status
-        self.replay = None
-        self.resp_started = True
-        if pool.observe is not None:
-            self._observe(pool, upstream)
-        client = self.client
-        if client.log_times:
-            self.header_at = perf_counter()
-        self.deadline = client.clock.now + pool.read_timeout
-        keep = self.keep_alive and not self.client.draining
-        extra = b""
-        if self.head_request or status == 204 or status == 304:
-            mode = NO_BODY
-        elif found.has_length:
-            mode = LENGTH
-        else:
-            self.resp_eof = not found.chunked
-            if self.http_minor:
-                mode = CHUNKED
-                extra = b"Transfer-Encoding: chunked\r\n"
-            else:
-                mode = UNTIL_CLOSE
-                keep = False
-        self.mode = mode
-        self.keep_alive = keep
-        if not keep:
-            extra += b"Connection: close\r\n"
-        elif not self.http_minor:
-            extra += b"Connection: keep-alive\r\n"
-        self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
-        return True
-
-    def _answered_instead(self, answer: Answer) -> bool:
-        """The cache answers this request in place of the upstream's response head
-        (a 304 revalidated the stored one; a failure status and a stale one may stand
-        in), through the route's response filters: its response goes out, the
-        upstream's body is read and dropped. False when a filter failed (500)."""
-        head, status = answer.head, answer.status
-        filters = self.filters
-        if filters is not None:
-            changed = filters.chain.response(self, status, answer.response_head())
-            if changed is None:  # a filter failed: answered 500
-                self.conn = None
-                return False
-            head, status = changed[0].head, changed[1]
-        self.status = status
-        self.replay = None
-        self.resp_started = True
-        self.mode = NO_BODY
-        self.keep_alive = self.keep_alive and not self.client.draining
-        self.out.append(head)  # where a held response's head goes
-        if answer.framing:
-            self.out.append(answer.framing)
-        if answer.body and not self.head_request:
-            self.out.append(answer.body)
-        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
-        return True
-
-    def relay_whole(
-        self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
-    ) -> bool:
-        """The fast path: the whole response, framed by a known head (``Content-Length``
-        with ``body`` complete, HTTP/1.1, a final status with a body), arrived in one
-        read of ``conn``: relay and complete it in one step, with the client's head and
-        body in one write. False (nothing done) unless the request was sent whole and
-        the status needs no retry or passive-health decision; then the general path
-        (``on_response_head``, ``on_response_body``, ``on_response_complete``) takes the
-        same response, to the same bytes (a property test holds the two together)."""
-        pool = self.pool
-        assert pool is not None
-        status = known.status
-        if (
-            not self.req_done
-            or self.pending
-            or self.filters is not None  # response filters run on the general path
-            or self.cache_state is not None  # and so does a cache
-            or status in pool.retry.statuses
-            or (status >= 500 and pool.outlier is not None and pool.outlier.with_5xx)
-        ):
-            return False
-        upstream = self.upstream
-        assert upstream is not None
-        if upstream.failures:  # an answer: the run of failures is over
-            upstream.failures = 0
-        self.status = status
-        self.replay = None
-        self.resp_started = self.resp_done = True
-        if pool.observe is not None:
-            self._observe(pool, upstream)
-        client = self.client
-        if client.log_times:
-            self.header_at = perf_counter()
-        keep = self.keep_alive = self.keep_alive and not client.draining
-        if not keep:
-            end = b"Connection: close\r\n\r\n"
-        elif self.http_minor:
-            end = b"\r\n"
-        else:
-            end = b"Connection: keep-alive\r\n\r\n"
-        size = self.bytes_out = len(body)
-        if size <= JOIN_BELOW:
-            client.transport.write(b"".join((known.head, end, body)))
-        else:
-            client.transport.writelines((known.head + end, body))
-        self.conn = conn.exchange = None  # the connection is released
-        conn.collecting = False
-        if known.close:
-            conn.close()
-        else:
-            upstream.put_idle(conn, client.clock.now)
-        self.released = True
-        upstream.end_request()
-        self._finish(False)
-        return True
-
-    def on_switch(self, conn: UpstreamConnection, head: bytes, rest: bytes) -> bool:
-        """The upstream answered the Upgrade with ``101`` (``head``, raw); ``rest``
-        followed it. Relay the head and make both connections a tunnel: the request is
-        counted (status 101) and stays in flight on the upstream until the tunnel ends.
-        Never retried from here on. False (a 502 answered) when the ``101`` switches
-        to a protocol the request did not offer."""
-        asked = self.found.upgrade or []
-        protocol = _upgrade_token(head)
-        if protocol is None or protocol.partition(b"/")[0] not in {
-            t.partition(b"/")[0] for t in asked
-        }:
-            self.conn = None
-            self._attempt_failed(UpstreamProtocolError(
-                f"upstream switched to {protocol!r}, not to what was asked"
-            ))  # fmt: skip
-            return False
-        pool, upstream, client = self.pool, self.upstream, self.client
-        assert pool is not None and upstream is not None
-        if upstream.failures:
-            upstream.failures = 0
-        if pool.observe is not None:
-            self._observe(pool, upstream)
-        self.status = 101
-        self.replay = None
-        self.conn = None
-        self.resp_started = self.resp_done = self.done = True
-        self.deadline = NEVER
-        client.transport.write(head)
-        if client.log_times:
-            self.header_at = perf_counter()
-        if client.record:  # counted now; logged when the tunnel closes (``log_tunnel``)
-            seconds = perf_counter() - self.started
-            upstream.stats.record(client.listener.name, self.method, 101, seconds)
-        if self.span is not None:
-            self.span.end(self)
-        tunnel = Tunnel(client, conn, protocol.decode(errors="replace"), pool.tunnel_idle, self)
-        tunnel.start(rest)
-        return True
-
-    def _observe(self, pool: Pool, upstream: Upstream) -> None:
-        """Give a learning balancer (``Pool.observe``) this attempt's time to the response
-        head, at most once per ``OBSERVE_EVERY`` per upstream: under load it learns from
-        a sample of the responses (1,000 a second per upstream), below that from all."""
-        now = perf_counter()
-        if now >= upstream.observed_at:
-            upstream.observed_at = now + OBSERVE_EVERY
-            pool.observe(upstream, now - self.tried_at, now)  # type: ignore[misc]
-
-    def on_response_body(self, data: bytes | memoryview) -> None:
-        mode = self.mode
-        if self.cache_state is not None:
-            self.cache_state.on_body(data)
-            if mode == NO_BODY:  # the cache answered instead: this body is dropped
-                return
-        self.bytes_out += len(data)
-        if mode == CHUNKED:
-            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
-        elif mode != NO_BODY:
-            self.out.append(data)
-        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
-
-    def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
-        filters = self.filters
-        if filters is not None and filters.chain.hold_complete(filters, conn, upstream_keep_alive):
-            return  # an async response filter holds the response
-        if self.mode == CHUNKED:
-            self.out.append(_LAST_CHUNK)
-        if self.cache_state is not None:
-            self.cache_state.on_complete()
-        self.flush_client()
-        self.resp_done = True
-        self.conn = None
-        conn.release()
-        upstream = self.upstream
-        assert upstream is not None
-        if upstream_keep_alive and self.req_done and not self.pending:
-            upstream.put_idle(conn, self.client.clock.now)
-        else:
-            conn.close()
-        self._release_upstream()
-        if self.req_done:
-            self._finish(False)
-        else:
-            self._finish(True)  # the client is still sending: close after the response
-
-    def on_upstream_lost(
-        self, conn: UpstreamConnection, error: ProxyError, reset: bool = False
-    ) -> None:
-        """The upstream connection closed or broke during this exchange (``reset``: not
-        a clean end of file, so never the end of a close-delimited body)."""
-        self.conn = None
-        if self.done:
-            return
-        if not self.resp_started:
-            stale = conn.uses > 1 and not conn.responded  # a pooled connection died idle
-            if stale and self.replay is not None and not self.retried:
-                self._retry_fresh()
-                return
-            self._attempt_failed(error)
-        elif self.resp_eof and not reset:  # a close-delimited body ends with a clean close
-            self.on_response_complete(conn, False)
-        else:
-            log.warning(
-                "%s %s: upstream %s closed mid-response; closing the client connection",
-                self.method.decode(),
-                self.target[:200].decode(errors="replace"),
-                conn.upstream.address,
-            )
-            self.abort()
-            self.client.close()
-
-    def flush_client(self) -> None:
-        """Write what one upstream read produced, in one call."""
-        out = self.out
-        if out:
-            if self.filters is not None and self.filters.held:
-                return  # an async response filter is running
-            self.out = []
-            write_pieces(self.client.transport, out)
-
-    def upstream_write_paused(self, paused: bool) -> None:
-        if paused:
-            conn = self.conn
-            if conn is not None and conn.transport is not None:
-                self.sent_mark = conn.transport.get_write_buffer_size()
-                self.sent_at = self.client.clock.now
-            self.client.pause(UPSTREAM_FULL)
-        else:
-            self.client.resume(UPSTREAM_FULL)
-
-    def upstream_stalled(self, now: float) -> bool:
-        """The client is paused because the upstream's write buffer is full (checked on
-        every tick). True when the upstream has taken none of the body for the pool's
-        ``timeouts.send``: then the request failed (504, or closed mid-response)."""
-        conn = self.conn
-        if conn is None or conn.transport is None or self.done:
-            return False
-        size = conn.transport.get_write_buffer_size()
-        if size < self.sent_mark:
-            self.sent_mark, self.sent_at = size, now
-            return False
-        if now - self.sent_at < self.pool.send_timeout:  # type: ignore[union-attr]
-            return False
-        self._late("upstream took none of the request body in time")
-        return True
-
-    def client_write_paused(self, paused: bool) -> None:
-        """The client's write buffer crossed a water mark: stop or restart the upstream."""
-        self._hold_upstream(CLIENT_SLOW, paused)
-
-    def store_behind(self, behind: bool) -> None:
-        """The cache's store fell behind this response's body, or caught up: stop or
-        restart the upstream, as a slow client does."""
-        self._hold_upstream(STORE_BEHIND, behind)
-
-    def _hold_upstream(self, reason: int, hold: bool) -> None:
-        """Stop reading the upstream for ``reason``, or drop that reason (it reads again
-        when no other holds it). A held upstream has no read deadline: a slow reader is
-        not a slow upstream."""
-        conn = self.conn
-        if conn is None:
-            return
-        if hold:
-            conn.pause_reading(reason)
-            self.deadline = NEVER
-            return
-        conn.resume_reading(reason)
-        if not conn.reading_paused and self.resp_started:
-            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
-
-    # -- endings ------------------------------------------------------------------------
-
-    def on_timeout(self) -> None:
-        """The response header (504, or a retry), a gap between response reads (close),
-        or the wait for a connection (503) timed out."""
-        self.deadline = NEVER
-        if self.queued:
-            self._unqueue()
-            self.pool.overflows += 1  # type: ignore[union-attr]
-            self._fail(CircuitOpenError("no connection free within the queue timeout"))
-            return
-        self._late("upstream read timeout" if self.resp_started else "no response header in time")
-
-    def _late(self, reason: str) -> None:
-        """The upstream did not keep time: close its connection; before the response
-        head reached the client the attempt failed (504, or a retry), after it the
-        client connection is closed (a truncated body is never presented as complete)."""
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            conn.close()
-        if self.resp_started:
-            log.warning("%s; closing the client connection", reason)
-            self.abort()
-            self.client.close()
-        else:
-            self._attempt_failed(UpstreamTimeoutError(reason))
-
-    def local(self, status: int, close: bool = False, cause: str = "") -> None:
-        """Answer with the proxy's own response (``cause``: ``ProxyError.cause``).
-
-        The connection is kept only when the request is (or will be, having no body)
-        read completely; a request with a body still arriving is answered and closed.
-        """
-        self.discard = True
-        self.pending = []
-        self.pending_size = 0
-        if close:
-            self._write_local(status, True, cause)
-        elif self.req_done:
-            self._write_local(status, False, cause)
-        elif self.found.chunked or self.found.content_length not in (None, b"0"):
-            self._write_local(status, True, cause)
-        else:
-            self.local_status = status  # written when the (empty) request completes
-            self.local_cause = cause
-
-    def _write_local(self, status: int, close: bool, cause: str = "") -> None:
-        self.local_status = 0
-        self.status = status
-        close = close or not self.keep_alive or self.client.draining
-        answer = self.answer
-        if answer is None:
-            self.client.transport.write(error_response(status, close, self.head_request, cause))
-        else:  # a filter's LocalResponse, a cache hit
-            data = answer.render(close, self.head_request)
-            write_pieces(self.client.transport, data if isinstance(data, list) else [data])
-        self._finish(close)
-
-    def fail(self, error: ProxyError) -> None:
-        """Answer ``error.status`` for ``error`` (a filter's failure) and log it."""
-        self._fail(error)
-
-    def _fail(self, error: ProxyError) -> None:
-        cache = self.cache_state
-        answered = cache is not None and cache.on_failure(self, error)  # a stale entry
-        self._release_upstream()
-        if answered:
-            return
-        log.warning(
-            "%d %s %s: %s%s",
-            error.status,
-            self.method.decode(),
-            self.target[:200].decode(errors="replace"),
-            f"upstream {self.upstream.address}: " if self.upstream else "",
-            error.reason,
-        )
-        self.local(error.status, cause=error.cause)
-
-    def _retry_fresh(self) -> None:
-        """A pooled connection was stale: send again on a new connection, once."""
-        self.retried = True
-        self.pool.retries += 1  # type: ignore[union-attr]
-        self._rewind()
-        assert self.upstream is not None
-        self._start_connect(self.upstream)
-
-    def _rewind(self) -> None:
-        """Put the body sent so far back in front of what is still to send (the next
-        try sends it again), and stop the attempt's timer."""
-        self.pending = [*(self.replay or ()), *self.pending]
-        self.pending_size = sum(map(len, self.pending))
-        self.replay = None
-        self.deadline = NEVER
-
-    def _attempt_failed(self, error: ProxyError) -> None:
-        """The attempt failed before any of its response reached the client: count it
-        against the upstream (passive health), then retry elsewhere or answer."""
-        pool = self.pool
-        assert pool is not None
-        upstream = self.upstream
-        if upstream is not None:
-            pool.failure(upstream, error.reason)
-        if self.span is not None:
-            self.span.failed(error)
-        if self._retryable(error.condition in pool.retry.conditions, error.sent):
-            log.info(
-                "%s %s: upstream %s: %s; retrying elsewhere", self.method.decode(),
-                self.target[:200].decode(errors="replace"),
-                upstream.address if upstream else "-", error.reason,
-            )  # fmt: skip
-            self._retry()
-            return
-        self._fail(error)
-
-    def _retryable(self, enabled: bool, sent: bool) -> bool:
-        """May this request be tried again? Only safe ones: nothing reached the upstream,
-        or an idempotent method whose body (if any) is still in the retry buffer; and
-        only while attempts are left and the pool's retry budget allows."""
-        if not enabled or self.done:
-            return False
-        pool = self.pool
-        assert pool is not None
-        retry = pool.retry
-        if self.attempts >= retry.attempts:
-            return False
-        if sent and (self.method not in IDEMPOTENT or self.replay is None):
-            return False
-        return retry.budget.allow(pool.requests, self.client.clock.now)
-
-    def _retry(self) -> None:
-        """Give up the current upstream and, after the backoff, try another one."""
-        pool = self.pool
-        assert pool is not None and self.upstream is not None
-        self._release_upstream()
-        pool.retries += 1
-        self.tried += (self.upstream,)
-        self._rewind()
-        self.conn = None
-        delay = pool.retry.backoff(self.attempts)
-        self.task = self.client.loop.call_later(delay, self._next_attempt)
-
-    def _next_attempt(self) -> None:
-        self.task = None
-        if self.done:
-            return
-        upstream = self._pick_untried()
-        if upstream is None:
-            self._fail(NoUpstreamError("no upstream available"))
-            return
-        self.upstream = upstream
-        self.released = False
-        self.attempts += 1
-        self.tried_at = perf_counter()
-        if self.span is not None:  # a new CLIENT span, named in the resent head
-            self.head = self.span.attempt(upstream, self.head)
-        self._use(upstream)
-
-    def _pick_untried(self) -> Upstream | None:
-        """An available upstream this request has not failed on, preferring the
-        balancer's choice, and one with no failure since its last success (when two
-        upstreams die together, the second has failed for others already but is not
-        ejected yet); the balancer's choice when every one was tried."""
-        pool = self.pool
-        assert pool is not None
-        tried = self.tried
-        choice = None
-        for _ in range(3):  # random balancers may need another draw
-            choice = pool.pick(self)
-            if choice is None:
-                return None
-            if choice not in tried and not choice.failures:
-                return choice
-        live = [u for u in pool.upstreams if u.available and u not in tried]
-        for candidates in (
-            [u for u in live if not u.backup and not u.failures],
-            [u for u in live if not u.backup],
-            [u for u in live if not u.failures],  # a backup, once every primary failed
-            live,
-        ):
-            if candidates:
-                return random.choice(candidates)
-        return choice
-
-    def _release_upstream(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and not self.released:
-            self.released = True
-            upstream.end_request()
-
-    def _finish(self, close: bool) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.deadline = NEVER
-        if self.client.record:
-            self._record()
-        if self.span is not None:
-            self.span.end(self)
-        self.client.exchange_done(self, self.keep_alive and not close)
-
-    def _record(self) -> None:
-        """Count the finished request (``Stats``) and write its access log line."""
-        client = self.client
-        seconds = perf_counter() - self.started
-        upstream = self.upstream
-        if upstream is not None and self.resp_started:  # the upstream answered
-            stats = upstream.stats
-        elif self.pool is not None:  # the proxy answered for this pool
-            stats = self.pool.stats
-            upstream = None
-        else:
-            stats = client.listener.stats
-        stats.record(client.listener.name, self.method, self.status, seconds)
-        access_log = client.access_log
-        if access_log is not None:
-            access_log.record(
-                time.time(),
-                client.client_ip,
-                self.method,
-                self.target,
-                self.status,
-                self.body_size,
-                self.bytes_out,
-                seconds,
-                self.attempts,
-                self.request_id,
-                self.host,
-                self.headers,
-                client.listener.name,
-                self.pool,
-                self.upstream,  # the one tried, also when the proxy answered (a 502, 504)
-                self,
-            )
-
-    def log_tunnel(self, bytes_in: int, bytes_out: int) -> None:
-        """The Upgrade tunnel this request became closed: its access log line, with
-        the bytes each way and the time from the request to the close."""
-        client = self.client
-        access_log = client.access_log
-        if access_log is None:
-            return
-        access_log.record(
-            time.time(), client.client_ip, self.method, self.target, self.status,
-            self.body_size + bytes_in, self.bytes_out + bytes_out, perf_counter() - self.started,
-            self.attempts, self.request_id, self.host, self.headers, client.listener.name,
-            self.pool, self.upstream, self,
-        )  # fmt: skip
-
-    def abort(self) -> None:
-        """The client went away or broke: drop everything (idempotent)."""
-        if self.done:
-            return
-        self.done = True
-        self.deadline = NEVER
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-            if self.opening:  # cancelled before it ran: nothing else gives the slot back
-                self.opening = False
-                self.upstream.connection_closed()  # type: ignore[union-attr]
-        self._unqueue()
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            conn.close()
-        if self.cache_state is not None:
-            self.cache_state.abandon()
-        self._release_upstream()
-        if self.status and self.client.record:  # answered, then cut short: still counted
-            self._record()
-        if self.span is not None:
-            self.span.end(self)
-
-    def __repr__(self) -> str:
-        state = "done" if self.done else "streaming" if self.resp_started else "waiting"
-        up = self.upstream.address if self.upstream else "-"
-        return f"<Exchange {self.method.decode()} {self.target[:60]!r} -> {up} [{state}]>"
-
-
-# Reasons a client connection's reading is paused (bits, see ClientConnection.pause).
-PIPELINE: Final = 1
-BODY_WAIT: Final = 2
-UPSTREAM_FULL: Final = 4
-UPGRADE: Final = 8  # an Upgrade request waits for its answer (``ClientConnection.held``)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from proxy.http.target import normalise_host
+
 if TYPE_CHECKING:
     from proxy.cache import Cache
     from proxy.filters.chain import FilterChain
@@ -51,15 +53,6 @@ class Route:
     def __repr__(self) -> str:
         pool = self.pool.name if self.pool is not None else f"redirect {self.redirect}"
         return f"<Route {self.name} -> {pool} [{self.chain!r}, {self.cache!r}]>"
-
-
-def normalise_host(host: bytes) -> bytes:
-    """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
-    host = host.strip().lower()
-    if host.startswith(b"["):
-        end = host.find(b"]")
-        return host[: end + 1] if end > 0 else host
-    return host.partition(b":")[0]
 
 
 class _Route(Generic[P]):

@@ -122,3 +122,12 @@ def _remove_dot_segments(path: bytes) -> bytes | None:
             kept.append(segment)
     tail = b"/" if kept and segments[-1] in (b"", b".", b"..") else b""
     return b"/" + b"/".join(kept) + tail
+
+
+def normalise_host(host: bytes) -> bytes:
+    """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        return host[: end + 1] if end > 0 else host
+    return host.partition(b":")[0]

@@ -56,8 +56,6 @@ def build_router(
         pool = pools[rc.pool] if rc.pool is not None and not redirect else None
         chain = build_chain(name, rc.filters, pool, filters) if rc.filters and pool else None
         cache = caches[rc.cache] if rc.cache is not None and pool else None
-        if chain is not None:
-            chain.cache = cache  # consulted after the request filters
         route = Route(name, pool, chain, cache, rc.upgrades, redirect)
         routes.append((rc.match.host, rc.match.path_prefix, route))
     if not routes:
@@ -198,6 +196,11 @@ class Listener:
     def close_all(self) -> None:
         for conn in tuple(self.connections):
             conn.transport.abort()
+
+    @property
+    def bind(self) -> str:
+        """The address it listens on, as configured."""
+        return self.config.bind
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"

@@ -22,7 +22,7 @@ deadline runs from the accept, so on a TLS listener the handshake counts against
 Upgrade requests (``Connection: upgrade`` and an ``Upgrade`` protocol the route
 allows, see ``Exchange``) stop the parser: what the client sent after the request is
 held, and reading pauses, until the answer. A ``101`` makes the connection a byte
-tunnel (``proxy.forwarding.tunnel``), which gets the held bytes; any other answer is
+tunnel (``proxy.server.tunnel``), which gets the held bytes; any other answer is
 an ordinary response, and the held bytes are parsed as the next request.
 """
 
@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import httptools
 
 from proxy.clock import NEVER
-from proxy.forwarding.exchange import BODY_WAIT, PIPELINE, UPGRADE, UPSTREAM_FULL, Exchange
+from proxy.forwarding.downstream import EXCHANGE_PAUSES, PIPELINE, UPGRADE, UPSTREAM_FULL
+from proxy.forwarding.exchange import Exchange
 from proxy.http.headers import (
     REQUEST_HEAD,
     REQUEST_HEAD_TLS,
@@ -45,11 +45,13 @@ from proxy.http.headers import (
     forwarded_template,
 )
 from proxy.http.responses import error_response
+from proxy.server.respond import H1Responses
 from proxy.tcp import ack_now
 
 if TYPE_CHECKING:
-    from proxy.forwarding.tunnel import Tunnel
+    from proxy.forwarding.core import ExchangeCore
     from proxy.server.listener import Listener
+    from proxy.server.tunnel import Tunnel
 
 log = logging.getLogger("aiolb")
 
@@ -57,18 +59,12 @@ log = logging.getLogger("aiolb")
 #: Bounds memory per streaming connection; large enough that a 64 KiB response does
 #: not bounce the upstream between paused and resumed.
 WRITE_HIGH_WATER: Final = 256 * 1024
-#: The part of a refused request's target an access log line keeps (a 414's is long).
-MAX_LOGGED_TARGET: Final = 2048
-
-#: Reasons to stop reading that belong to the current exchange (its upstream is full, or
-#: its body waits for a connection): they end with it.
-_EXCHANGE_PAUSES: Final = UPSTREAM_FULL | BODY_WAIT
 
 IDLE: Final = 0  # between requests (keep-alive)
 HEAD: Final = 1  # a request head is arriving
 BODY: Final = 2  # a request body is arriving
 BUSY: Final = 3  # request read; its response is pending
-TUNNEL: Final = 4  # an Upgrade tunnel (``proxy.forwarding.tunnel``) owns the transport
+TUNNEL: Final = 4  # an Upgrade tunnel (``proxy.server.tunnel``) owns the transport
 
 
 class _Reject(Exception):
@@ -102,7 +98,13 @@ class _Rejection:
         self.done = True
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(H1Responses, asyncio.Protocol):
+    """One client connection: HTTP/1.1 requests in, each an ``Exchange``; the
+    exchanges' ``Downstream`` (the response side is ``H1Responses``)."""
+
+    #: what a request head becomes (the test suite puts a state-checking subclass here)
+    exchange_type: type[Exchange] = Exchange
+
     __slots__ = (
         "_advancing",
         "access_log",
@@ -131,6 +133,8 @@ class ClientConnection(asyncio.Protocol):
         "max_headers",
         "max_requests",
         "max_uri",
+        "mode",
+        "out",
         "parser",
         "parsing",
         "paused",
@@ -200,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
         #: the upstream request head's format: ``X-Forwarded-Proto: https`` behind TLS
         self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
         self.held = b""  # bytes after an Upgrade request, until its answer
+        self.out: list[bytes | memoryview] = []  # the current response, until ``flush``
+        self.mode = 0  # how the current response's body is framed (``respond.py``)
         self.tunnel: Tunnel | None = None
         self.paused = 0
         self.write_paused = False
@@ -283,8 +289,8 @@ class ClientConnection(asyncio.Protocol):
                         self.acked = True  # more of this request to come: see proxy.tcp
                         ack_now(self.transport)
                 ex = self.exchange
-                if ex is not None and ex.__class__ is Exchange and ex.pending:
-                    ex.flush_upstream()
+                if ex is not None and ex.__class__ is not _Rejection and ex.pending:  # type: ignore[union-attr]
+                    ex.flush_upstream()  # type: ignore[union-attr]
                 if not rest:
                     return
                 data = rest  # a loop, not a call: a thousand such requests in one read
@@ -296,15 +302,15 @@ class ClientConnection(asyncio.Protocol):
         self.send_deadline = self.clock.now + self.timeout_send
         self.send_mark = self.transport.get_write_buffer_size()
         ex = self.exchange
-        if ex is not None and ex.__class__ is Exchange:
-            ex.client_write_paused(True)
+        if ex is not None and ex.__class__ is not _Rejection:
+            ex.client_write_paused(True)  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.send_deadline = NEVER
         ex = self.exchange
-        if ex is not None and ex.__class__ is Exchange:
-            ex.client_write_paused(False)
+        if ex is not None and ex.__class__ is not _Rejection:
+            ex.client_write_paused(False)  # type: ignore[union-attr]
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -358,7 +364,7 @@ class ClientConnection(asyncio.Protocol):
         self.served += 1
         if self.served == self.max_requests:  # like nginx's keepalive_requests
             keep_alive = False
-        ex = Exchange(self, method, self.url, self.headers, found, minor, keep_alive)
+        ex = self.exchange_type(self, method, self.url, self.headers, found, minor, keep_alive)
         self.parsing = ex
         self.url = b""
         self.headers = []
@@ -401,13 +407,13 @@ class ClientConnection(asyncio.Protocol):
 
     # -- used by exchanges -------------------------------------------------------------------
 
-    def exchange_done(self, ex: Exchange | _Rejection, keep_alive: bool) -> None:
+    def exchange_done(self, ex: ExchangeCore | _Rejection, keep_alive: bool) -> None:
         """The current exchange wrote its whole response."""
         if ex is not self.exchange:
             return
         self.exchange = None
-        if self.paused & _EXCHANGE_PAUSES:  # its upstream's pauses end with it
-            self.resume(_EXCHANGE_PAUSES)
+        if self.paused & EXCHANGE_PAUSES:  # its upstream's pauses end with it
+            self.resume(EXCHANGE_PAUSES)
         if not keep_alive or self.closed:
             self.close()
         elif self.queue or self._advancing or self.paused or self.draining:
@@ -441,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(_Rejection(self, status))
             self.pause(PIPELINE)
             return
-        if current is not None and current.__class__ is Exchange and current.resp_started:
+        if current is not None and current.__class__ is not _Rejection and current.resp_started:  # type: ignore[union-attr]
             self.close()  # mid-response: the only honest signal left is closing
             return
         self.answer_and_close(status)
@@ -449,7 +455,7 @@ class ClientConnection(asyncio.Protocol):
     def answer_and_close(self, status: int) -> None:
         ex = self.exchange
         if ex is not None:
-            if ex.__class__ is not Exchange or ex.done:
+            if ex.__class__ is _Rejection or ex.done:
                 ex = None  # (an exchange already answered was logged then)
             self.exchange.abort()  # type: ignore[union-attr]
         self.exchange = None
@@ -458,22 +464,8 @@ class ClientConnection(asyncio.Protocol):
             if self.record:
                 self.listener.stats.record(self.listener.name, self._method(), status, 0.0)
                 if self.access_log is not None:
-                    self._log_refusal(status, ex)
+                    self._log_refusal(status, ex, self._method(), self.url, self.headers)  # type: ignore[arg-type]
         self.close()
-
-    def _log_refusal(self, status: int, ex: Exchange | None) -> None:
-        """The access log line of a request this connection refused itself (400, 408,
-        413, 414, 431): what of it was parsed (``ex``: its exchange, if it had one)."""
-        if ex is not None:
-            method, target, headers, host = ex.method, ex.target, ex.headers, ex.host
-        else:
-            method, target, headers, host = self._method(), self.url, self.headers, None
-        self.access_log.record(  # type: ignore[union-attr]
-            time.time(), self.client_ip, b"-" if method == b"OTHER" else method,
-            target[:MAX_LOGGED_TARGET] or b"-", status, 0, 0, 0.0, 0,
-            b"" if ex is None else ex.request_id, host, headers, self.listener.name,
-            None if ex is None else ex.pool, None, ex,
-        )  # fmt: skip
 
     def close(self) -> None:
         """Close after what is already written has been sent."""
@@ -489,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.paused & UPSTREAM_FULL:  # the upstream takes no body: its own deadline
             ex = self.exchange
-            if ex.__class__ is Exchange and ex.upstream_stalled(now):
+            if ex is not None and ex.__class__ is not _Rejection and ex.upstream_stalled(now):  # type: ignore[union-attr]
                 return  # 504, or closed mid-response
         if self.deadline <= now:
             if self.tunnel is not None:
@@ -503,8 +495,8 @@ class ClientConnection(asyncio.Protocol):
                 log.info("408 for %s: request not received in time", self.client_ip)
                 self.reject(408)
         ex = self.exchange
-        if ex is not None and ex.__class__ is Exchange and ex.deadline <= now:
-            ex.on_timeout()
+        if ex is not None and ex.__class__ is not _Rejection and ex.deadline <= now:  # type: ignore[union-attr]
+            ex.on_timeout()  # type: ignore[union-attr]
 
     def _client_stalled(self, now: float) -> bool:
         """The client has read nothing of a full write buffer for ``timeouts.send``
@@ -627,7 +619,10 @@ class ClientConnection(asyncio.Protocol):
             return b""
         rest = data[offset:]
         last = self.queue[-1] if self.queue else self.exchange
-        if last.__class__ is Exchange and last.found.upgrade is not None and not last.done:
+        if (
+            last is not None and last.__class__ is not _Rejection
+            and last.found.upgrade is not None and not last.done  # type: ignore[union-attr]
+        ):  # fmt: skip
             self.held = bytes(rest)
             self.pause(UPGRADE)
             return b""

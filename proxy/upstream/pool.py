@@ -94,7 +94,7 @@ class Upstream:
             self.server_name = pool.tls_server_name or spec.host
         self.tls_key = (spec.https, pool.tls_spec)
         self.active = 0
-        self.tunnels = 0  # open Upgrade tunnels (``proxy.forwarding.tunnel``)
+        self.tunnels = 0  # open Upgrade tunnels (``proxy.server.tunnel``)
         self.enabled = True
         #: the active checks' verdict (``initial_state`` until the first flip)
         self.healthy = pool.initially_healthy

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.config import Config
+from proxy.forwarding.states import Req
 from proxy.runtime.server import ProxyServer
 from tests.framing_support import FramingUpstream, RawClient, split_responses
 from tests.support import HOST, make_config, wait_for
@@ -96,7 +97,7 @@ async def test_no_408_after_the_upstream_took_the_body(proxy: MakeProxy) -> None
         conns = server.listeners[0].connections
         await wait_for(lambda: any(
             c.exchange is not None and getattr(c.exchange, "conn", None) is not None
-            and c.exchange.req_done for c in conns
+            and c.exchange.req is Req.DONE for c in conns
         ))  # fmt: skip
         (conn,) = [c for c in conns if c.exchange is not None]
         upstream_conn = conn.exchange.conn
@@ -179,7 +180,7 @@ async def test_a_pause_for_a_full_upstream_ends_with_its_exchange(proxy: MakePro
         conns = server.listeners[0].connections
         await wait_for(lambda: any(
             c.exchange is not None and getattr(c.exchange, "conn", None) is not None
-            and c.exchange.req_done for c in conns
+            and c.exchange.req is Req.DONE for c in conns
         ))  # fmt: skip
         (conn,) = [c for c in conns if c.exchange is not None]
         conn.exchange.conn.pause_writing()  # uvloop's call: the body filled the buffer

@@ -1,0 +1,163 @@
+"""HTTP/1.1 responses to a client: how ``ClientConnection`` frames what an exchange
+sends (the response side of the ``Downstream`` interface, ``proxy.forwarding.
+downstream``).
+
+Only the current exchange of a connection writes, so the connection holds the
+current response's framing (``mode``) and what one upstream read produced (``out``,
+written by ``flush`` in one call: joined into one buffer up to 8 KiB, a vector above).
+
+Framing: a ``Content-Length`` is kept; a chunked or close-delimited body becomes
+chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0 ones (then the
+connection closes); ``Connection: close`` is added when the connection will close,
+``Connection: keep-alive`` for an HTTP/1.0 client that stays. 1xx responses reach
+HTTP/1.1 clients only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final
+
+from proxy.http.headers import ResponseHead
+from proxy.http.responses import CONTINUE_100, error_response, redirect_response
+from proxy.server.tunnel import Tunnel
+from proxy.tcp import JOIN_BELOW, write_pieces
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy.forwarding.core import ExchangeCore as Exchange
+    from proxy.forwarding.downstream import Answer
+    from proxy.metrics.access_log import AccessLog
+    from proxy.server.listener import Listener
+    from proxy.upstream.connection import UpstreamConnection
+
+# How the current response's body is framed for the client.
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+#: The part of a refused request's target an access log line keeps (a 414's is long).
+MAX_LOGGED_TARGET: Final = 2048
+
+
+class H1Responses:
+    """The response side of ``ClientConnection`` (a mixin: the slots are its own)."""
+
+    __slots__ = ()
+
+    transport: asyncio.Transport
+    out: list[bytes | memoryview]
+    mode: int
+    draining: bool
+    closed: bool
+    record: bool
+    listener: Listener
+    access_log: AccessLog | None
+    client_ip: str
+
+    def send_continue(self, ex: Exchange) -> None:
+        if ex.http_minor:  # HTTP/1.0 clients do not know 100-continue
+            self.transport.write(CONTINUE_100)
+
+    def send_informational(self, ex: Exchange, status: int, raw: bytes) -> None:
+        if ex.http_minor:
+            self.out += (ResponseHead(raw).head, b"\r\n")
+
+    def send_head(self, ex: Exchange, status: int, found: ResponseHead) -> None:
+        keep = ex.keep_alive and not self.draining
+        extra = b""
+        minor = ex.http_minor
+        if ex.head_request or status == 204 or status == 304:
+            mode = NO_BODY
+        elif found.has_length:
+            mode = LENGTH
+        elif minor:
+            mode = CHUNKED
+            extra = b"Transfer-Encoding: chunked\r\n"
+        else:
+            mode = UNTIL_CLOSE
+            keep = False
+        self.mode = mode  # type: ignore[misc]  # a slot of ClientConnection
+        ex.keep_alive = keep
+        if not keep:
+            extra += b"Connection: close\r\n"
+        elif not minor:
+            extra += b"Connection: keep-alive\r\n"
+        self.out += (found.head, extra, b"\r\n") if extra else (found.head, b"\r\n")
+
+    def send_body(self, ex: Exchange, data: bytes | memoryview) -> None:
+        mode = self.mode
+        if mode == CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif mode != NO_BODY:
+            self.out.append(data)
+
+    def send_end(self, ex: Exchange) -> None:
+        if self.mode == CHUNKED:
+            self.out.append(_LAST_CHUNK)
+
+    def send_answer(self, ex: Exchange, answer: Answer, close: bool) -> None:
+        self.mode = NO_BODY  # type: ignore[misc]  # the upstream's body, still to come, is dropped
+        data = answer.render(close, ex.head_request)
+        if isinstance(data, list):
+            self.out += data
+        else:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []  # type: ignore[misc]
+            write_pieces(self.transport, out)
+
+    def send_whole(self, ex: Exchange, found: ResponseHead, body: bytes | memoryview) -> None:
+        keep = ex.keep_alive = ex.keep_alive and not self.draining
+        if not keep:
+            end = b"Connection: close\r\n\r\n"
+        elif ex.http_minor:
+            end = b"\r\n"
+        else:
+            end = b"Connection: keep-alive\r\n\r\n"
+        if len(body) <= JOIN_BELOW:
+            self.transport.write(b"".join((found.head, end, body)))
+        else:
+            self.transport.writelines((found.head + end, body))
+
+    def send_local(
+        self, ex: Exchange, status: int, answer: Answer | None, close: bool, cause: str
+    ) -> None:
+        if answer is None:
+            self.transport.write(error_response(status, close, ex.head_request, cause))
+        else:  # a filter's LocalResponse, a cache hit
+            data = answer.render(close, ex.head_request)
+            write_pieces(self.transport, data if isinstance(data, list) else [data])
+
+    def send_redirect(self, ex: Exchange, location: bytes, close: bool) -> None:
+        self.transport.write(redirect_response(location, close))
+
+    def switch(self, ex: Exchange, conn: UpstreamConnection, protocol: str, head: bytes,
+               rest: bytes) -> None:  # fmt: skip
+        self.transport.write(head)
+        pool = ex.pool
+        assert pool is not None
+        Tunnel(self, conn, protocol, pool.tunnel_idle, ex).start(rest)  # type: ignore[arg-type]
+
+    # -- the connection's own refusals ------------------------------------------------------
+
+    def _log_refusal(self, status: int, ex: Exchange | None, method: bytes, url: bytes,
+                     headers: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
+        """The access log line of a request this connection refused itself (400, 408,
+        413, 414, 431): what of it was parsed (``ex``: its exchange, if it had one)."""
+        host = None
+        if ex is not None:
+            method, url, headers, host = ex.method, ex.target, ex.headers, ex.host
+        assert self.access_log is not None
+        self.access_log.record(
+            time.time(), self.client_ip, b"-" if method == b"OTHER" else method,
+            url[:MAX_LOGGED_TARGET] or b"-", status, 0, 0, 0.0, 0,
+            b"" if ex is None else ex.request_id, host, headers, self.listener.name,
+            None if ex is None else ex.pool, None, ex,
+        )  # fmt: skip
