@@ -43,9 +43,9 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.balancing.consistent_hash import KEY_FORMS, parse_key
 from proxy.config import source
 from proxy.config.base import ConfigModel, Duration, Kind, Name, Timeout
+from proxy.config.keys import KEY_FORMS, parse_key
 from proxy.config.values import format_duration, parse_duration
 from proxy.http.headers import FRAMING_HEADERS, MANAGED_REQUEST_HEADERS
 

@@ -15,7 +15,7 @@ import importlib.util
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -31,11 +31,11 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from proxy.balancing.consistent_hash import parse_key
-from proxy.balancing.peak_ewma import DEFAULT_DECAY
 from proxy.config.base import ConfigModel, Duration, Kind, Name, Size, Timeout
 from proxy.config.checks import cross_check, merge_errors
 from proxy.config.filters import FilterSpec, RateLimitOptions
+from proxy.config.keys import parse_key
+from proxy.config.log_fields import DEFAULT_FIELDS, FIELDS, is_field, parse_template
 from proxy.config.values import (
     format_address,
     is_dns_url,
@@ -44,7 +44,6 @@ from proxy.config.values import (
     split_host_port,
 )
 from proxy.http.target import normal_target
-from proxy.metrics.log_format import DEFAULT_FIELDS, FIELDS, is_field, parse_template
 
 # These two must name exactly the keys of ``proxy.balancing.REGISTRY`` (a test checks it):
 # adding an algorithm adds its name to both.
@@ -173,7 +172,7 @@ class Admin(ConfigModel):
 
 class ConsistentHashOptions(ConfigModel):
     """``consistent_hash``: ``key`` is ``header:NAME``, ``cookie:NAME``, ``query:NAME``,
-    ``path`` or ``client_ip`` (see ``proxy.balancing.consistent_hash``)."""
+    ``path`` or ``client_ip`` (see ``proxy.config.keys``)."""
 
     key: str
     """What to hash: ``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``path`` or
@@ -184,6 +183,10 @@ class ConsistentHashOptions(ConfigModel):
     def _check_key(cls, value: str) -> str:
         parse_key(value)  # raises ValueError naming the accepted forms
         return value
+
+
+#: ``peak_ewma``'s ``decay`` when the options leave it out, in seconds.
+DEFAULT_DECAY: Final = 10.0
 
 
 class PeakEwmaOptions(ConfigModel):

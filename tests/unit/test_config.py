@@ -24,6 +24,7 @@ from proxy.config import (
     PoolTimeouts,
     UpstreamSpec,
     load_config,
+    log_fields,
     parse_config,
     parse_duration,
     parse_size,
@@ -31,6 +32,7 @@ from proxy.config import (
 from proxy.config.diff import describe_changes
 from proxy.config.source import expand
 from proxy.config.values import format_duration, format_size
+from proxy.metrics import log_format
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "config").glob("*.yaml"))
 
@@ -418,6 +420,11 @@ def test_access_log_format_forms(tmp_path: Path) -> None:
     assert load(tmp_path, text).access_log.format == ("status", "path")  # type: ignore[union-attr]
     template = VALID + "access_log:\n  format: '$$ $status'\n"
     assert load(tmp_path, template).access_log.format == "$$ $status"  # type: ignore[union-attr]
+
+
+def test_every_access_log_field_has_a_value() -> None:
+    """The config's field names and the formatter's table are one list, in one order."""
+    assert tuple(log_format._FIELDS) == log_fields.FIELDS
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
