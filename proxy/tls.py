@@ -17,7 +17,7 @@ Upstream connections use ``client_context``: the system's CA store or the pool's
 config says ``verify: false``, no verification at all.
 
 Every function that reads a file raises ``TLSFileError`` naming the field (``cert``,
-``key``, ``ca``, ...) and saying what is wrong, so that ``proxy.config.files`` can
+``key``, ``ca``, ...) and saying what is wrong, so that ``proxy.runtime.files`` can
 report it at the right ``FILE:LINE`` and the runtime can refuse a bad reload.
 """
 

@@ -30,10 +30,10 @@ from pydantic import ValidationError
 
 from proxy.admin.security import admin_token, exposure_problem
 from proxy.config import Config, ConfigError, Document, load_document
-from proxy.config.files import check_files
 from proxy.config.filters import PythonFilterSpec
 from proxy.config.loader import explain
 from proxy.filters import python
+from proxy.runtime.files import check_files
 
 Loc = tuple[str | int, ...]
 Finding = tuple[Loc, str]
@@ -86,7 +86,7 @@ def bind_hosts(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
 
 def tls_files(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
     """Every certificate, key and CA file of a TLS listener or an ``https://`` pool must
-    load (``proxy.config.files``): a missing file, a key that is not the certificate's."""
+    load (``proxy.runtime.files``): a missing file, a key that is not the certificate's."""
     for problem in check_files(config):
         if not problem.warning:
             yield problem.loc, problem.message
