@@ -182,7 +182,7 @@ class FilterOptions(ConfigModel):
         return {self.NAME: handler(self)}
 
 
-class RedisStore(ConfigModel):
+class RateLimitStoreSpec(ConfigModel):
     """Where ``rate_limit`` keeps its buckets: ``memory`` (this instance, every worker
     included) or ``{type: redis, url: ...}`` (every instance that uses the same Redis)."""
 
@@ -204,7 +204,7 @@ class RedisStore(ConfigModel):
         return {"type": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _check(self) -> RedisStore:
+    def _check(self) -> RateLimitStoreSpec:
         if self.type == "memory":
             extra = [k for k in ("url",) if getattr(self, k) is not None]
             if extra:
@@ -253,7 +253,7 @@ class RateLimitOptions(FilterOptions):
     """One bucket per ``client_ip``, ``header:NAME``, ``cookie:NAME``, ``query:NAME``,
     ``path``, or ``route`` (one bucket for the whole route). Requests without the key
     share one bucket."""
-    store: RedisStore = RedisStore()
+    store: RateLimitStoreSpec = RateLimitStoreSpec()
     """``memory`` or ``{type: redis, url: ..., fail_open: true}``."""
     name: Name = "rate_limit"
     """The ``filter`` label of ``aiolb_rate_limited_total`` and part of the bucket's key;
@@ -270,7 +270,7 @@ class RateLimitOptions(FilterOptions):
         return self.burst if self.burst is not None else max(1, math.ceil(self.rate.requests))
 
 
-class HeaderChanges(ConfigModel):
+class HeaderChangesSpec(ConfigModel):
     """Headers to ``set`` (replacing any of that name), ``add`` (one more line) and
     ``remove``; applied in that order: remove, set, add."""
 
@@ -305,9 +305,9 @@ class HeadersOptions(FilterOptions):
     ``proxy_set_header``) and response headers (``add_header``)."""
 
     NAME: ClassVar[str] = "headers"
-    request: HeaderChanges = HeaderChanges()
+    request: HeaderChangesSpec = HeaderChangesSpec()
     """Changes to the request sent upstream."""
-    response: HeaderChanges = HeaderChanges()
+    response: HeaderChangesSpec = HeaderChangesSpec()
     """Changes to the response sent to the client."""
 
     @model_validator(mode="after")
@@ -330,7 +330,7 @@ _FROM = ConfigDict(
 )  # fmt: skip
 
 
-class PrefixChange(ConfigModel):
+class PrefixChangeSpec(ConfigModel):
     """Replace the path prefix ``from`` by ``to``."""
 
     model_config = _FROM
@@ -345,7 +345,7 @@ class PrefixChange(ConfigModel):
         return _prefix(value)
 
 
-class PathRegex(ConfigModel):
+class PathRegexSpec(ConfigModel):
     """Replace what the regular expression ``from`` matches in the path by ``to``."""
 
     model_config = _FROM
@@ -355,7 +355,7 @@ class PathRegex(ConfigModel):
     """The replacement; ``\\1`` or ``\\g<name>`` insert a group."""
 
     @model_validator(mode="after")
-    def _check(self) -> PathRegex:
+    def _check(self) -> PathRegexSpec:
         try:
             pattern = re.compile(self.from_)
         except re.error as exc:
@@ -379,9 +379,9 @@ class RewriteOptions(FilterOptions):
     strip_prefix: str | None = None
     """Remove this prefix (``/api``: ``/api/users`` -> ``/users``, ``/api`` -> ``/``) and
     say so in ``X-Forwarded-Prefix``."""
-    replace_prefix: PrefixChange | None = None
+    replace_prefix: PrefixChangeSpec | None = None
     """``{from: /v1, to: /api/v1}``."""
-    path: PathRegex | None = None
+    path: PathRegexSpec | None = None
     """``{from: "^/users/(\\d+)$", to: "/u?id=\\1"}``: a regular expression substitution."""
 
     @field_validator("strip_prefix")
@@ -486,7 +486,7 @@ class AccessOptions(FilterOptions):
         return self
 
 
-class PythonFilterSpec(FilterOptions):
+class PythonOptions(FilterOptions):
     """``python``: a filter class of your own, ``module:Class``, a subclass of
     ``proxy.filters.Filter`` (imported when the config is checked)."""
 
@@ -518,7 +518,7 @@ class PythonFilterSpec(FilterOptions):
 FILTER_OPTIONS: Mapping[str, type[FilterOptions]] = MappingProxyType({
     model.NAME: model
     for model in (RateLimitOptions, HeadersOptions, RewriteOptions, RedirectOptions,
-                  StickyOptions, AccessOptions, PythonFilterSpec)
+                  StickyOptions, AccessOptions, PythonOptions)
 })  # fmt: skip
 FILTER_NAMES: tuple[str, ...] = tuple(FILTER_OPTIONS)
 
@@ -542,7 +542,7 @@ FilterSpec = Annotated[
     | Annotated[RedirectOptions, Tag("redirect")]
     | Annotated[StickyOptions, Tag("sticky")]
     | Annotated[AccessOptions, Tag("access")]
-    | Annotated[PythonFilterSpec, Tag("python")],
+    | Annotated[PythonOptions, Tag("python")],
     Discriminator(_filter_name),
     Kind("filter"),
 ]

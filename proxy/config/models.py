@@ -141,7 +141,7 @@ AllowedHosts = Annotated[
 ]
 
 
-class Admin(ConfigModel):
+class AdminSpec(ConfigModel):
     """The admin and metrics server. An empty ``token`` means none (no auth)."""
 
     bind: BindAddress = "127.0.0.1:9901"
@@ -205,7 +205,7 @@ BALANCER_OPTIONS: Mapping[str, type[BaseModel]] = MappingProxyType(
 )
 
 
-class ListenerTimeouts(ConfigModel):
+class ListenerTimeoutsSpec(ConfigModel):
     """Client-side timeouts, in seconds.
 
     ``header``: time to receive a complete request header (then 408). ``idle``: time a
@@ -226,7 +226,7 @@ class ListenerTimeouts(ConfigModel):
     connection (nginx's ``send_timeout``)."""
 
 
-class Limits(ConfigModel):
+class LimitsSpec(ConfigModel):
     """Request size limits, in bytes (ints or sizes such as ``64KiB``, see ``parse_size``).
 
     ``max_header_size``: the whole request head (else 431). ``max_uri_size``: the request
@@ -258,7 +258,7 @@ class Limits(ConfigModel):
     ``X-Forwarded-Proto``."""
 
 
-class Match(ConfigModel):
+class MatchSpec(ConfigModel):
     """What a request must look like to take a route; both parts must match.
 
     ``host``: an exact host (``api.example.com``) or a wildcard (``*.example.com``, which
@@ -330,7 +330,7 @@ Upgrades = Annotated[
 RedirectHTTPS = bool | Annotated[int, Field(ge=1, le=65535)]
 
 
-class Route(ConfigModel):
+class RouteSpec(ConfigModel):
     """Send requests that ``match`` to the pool named ``pool``, through ``filters`` and
     its ``cache``.
 
@@ -345,7 +345,7 @@ class Route(ConfigModel):
     """The route's name: the ``route`` label of ``aiolb_rate_limited_total``, the
     dashboard, log lines and rate-limit keys; unique in the config. null:
     ``LISTENER/INDEX`` (``public/0``: the listener's first route)."""
-    match: Match = Match()
+    match: MatchSpec = MatchSpec()
     """What a request must look like to take this route (both parts must match)."""
     pool: str | None = None
     """The pool that serves the requests this route matches (required unless the route
@@ -364,7 +364,7 @@ class Route(ConfigModel):
     ``sticky``, ``access``, ``python`` (see "Filters" below); [] runs none."""
 
     @model_validator(mode="after")
-    def _distinct_rate_limits(self) -> Route:
+    def _distinct_rate_limits(self) -> RouteSpec:
         names = [f.name for f in self.filters if isinstance(f, RateLimitOptions)]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -414,7 +414,7 @@ class BalancerSpec(ConfigModel):
         return self
 
 
-class PoolTimeouts(ConfigModel):
+class PoolTimeoutsSpec(ConfigModel):
     """Upstream-side timeouts, in seconds.
 
     ``connect``: TCP connect, and the TLS handshake for https upstreams (then 502 or a
@@ -473,7 +473,7 @@ StatusRanges = Annotated[
 ]
 
 
-class ActiveHealthCheck(ConfigModel):
+class ActiveHealthCheckSpec(ConfigModel):
     """Probes sent to each upstream every ``interval`` (give or take ``jitter``).
 
     ``type: http`` sends ``method path`` (with ``host`` as the Host header when set) and
@@ -520,7 +520,7 @@ class ActiveHealthCheck(ConfigModel):
         return self.interval / 10 if self.jitter is None else self.jitter
 
 
-class PassiveHealthCheck(ConfigModel):
+class PassiveHealthCheckSpec(ConfigModel):
     """Outlier detection from real traffic (Envoy's ``outlier_detection``).
 
     ``consecutive_failures`` connect errors, timeouts or resets in a row (and 5xx
@@ -542,13 +542,13 @@ class PassiveHealthCheck(ConfigModel):
     """Most of a pool ejected at once; the last available upstream is never ejected."""
 
 
-class HealthCheck(ConfigModel):
+class HealthCheckSpec(ConfigModel):
     """``active`` probes are off unless configured (``active: {}`` takes every default);
     ``passive`` outlier detection is on by default (``passive: null`` turns it off)."""
 
-    active: ActiveHealthCheck | None = None
+    active: ActiveHealthCheckSpec | None = None
     """Active probes; null: none (``active: {}`` probes with every default)."""
-    passive: PassiveHealthCheck | None = PassiveHealthCheck()
+    passive: PassiveHealthCheckSpec | None = PassiveHealthCheckSpec()
     """Outlier detection on real traffic; null: off."""
 
 
@@ -580,7 +580,7 @@ RetryOn = Annotated[
 ]
 
 
-class Backoff(ConfigModel):
+class BackoffSpec(ConfigModel):
     """Wait before retry n: a random time up to ``min(max, base * 2**(n-1))`` (full jitter)."""
 
     base: Annotated[Duration, Field(ge=0)] = 0.025
@@ -589,7 +589,7 @@ class Backoff(ConfigModel):
     """The longest wait before a retry."""
 
 
-class RetryBudget(ConfigModel):
+class RetryBudgetSpec(ConfigModel):
     """Retries may add at most ``percent`` % to a pool's requests (over about ten
     seconds), plus a reserve of ``min_retries_per_second`` so that a quiet or freshly
     started pool can still retry (Finagle's ``minRetriesPerSec``)."""
@@ -612,7 +612,7 @@ class RetryBudget(ConfigModel):
         return data
 
 
-class Retries(ConfigModel):
+class RetriesSpec(ConfigModel):
     """Try a failed request again on another upstream.
 
     ``attempts`` counts every try, the first included (nginx's
@@ -630,15 +630,15 @@ class Retries(ConfigModel):
     per_try_timeout: Timeout | None = None
     """From the request sent to the response head, per try; null:
     ``timeouts.response_header``."""
-    backoff: Backoff = Backoff()
+    backoff: BackoffSpec = BackoffSpec()
     """Wait before each retry: exponential, with full jitter."""
-    budget: RetryBudget = RetryBudget()
+    budget: RetryBudgetSpec = RetryBudgetSpec()
     """How much retrying the pool may do."""
     buffer: Annotated[Size, Field(ge=0)] = 65536
     """Request bodies up to this size are kept for a retry; larger ones are not retried."""
 
 
-class CircuitBreaker(ConfigModel):
+class CircuitBreakerSpec(ConfigModel):
     """Bounds on what one pool may hold (Envoy's circuit breakers, HAProxy's
     ``maxconn``/``timeout queue``): ``max_connections`` open connections per upstream
     (an upstream's own ``max_connections`` overrides it); requests beyond wait, at most
@@ -655,7 +655,7 @@ class CircuitBreaker(ConfigModel):
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
 
 
-class Certificate(ConfigModel):
+class CertificateSpec(ConfigModel):
     """A certificate chain (PEM, the leaf first) and its private key (PEM)."""
 
     cert: str
@@ -664,7 +664,7 @@ class Certificate(ConfigModel):
     """PEM file: the certificate's private key."""
 
 
-class ListenerTLS(ConfigModel):
+class ListenerTLSSpec(ConfigModel):
     """TLS termination on a listener.
 
     ``certificates``: the first is the default; the others are chosen by SNI, by the
@@ -674,7 +674,7 @@ class ListenerTLS(ConfigModel):
     PEM file of CAs; set, every client must present a certificate signed by one (mTLS).
     """
 
-    certificates: Annotated[list[Certificate], Field(min_length=1)]
+    certificates: Annotated[list[CertificateSpec], Field(min_length=1)]
     """The first is the default; the others are chosen by SNI, by the names in their
     subjectAltName (wildcards too)."""
     min_version: TLSVersion = "TLSv1.2"
@@ -686,7 +686,7 @@ class ListenerTLS(ConfigModel):
     (mTLS)."""
 
 
-class UpstreamTLS(ConfigModel):
+class UpstreamTLSSpec(ConfigModel):
     """How a pool talks TLS to its ``https://`` upstreams.
 
     ``ca``: a PEM file of CAs to verify upstream certificates with (None: the system's
@@ -710,7 +710,7 @@ class UpstreamTLS(ConfigModel):
     """The oldest TLS version used."""
 
     @model_validator(mode="after")
-    def _pair(self) -> UpstreamTLS:
+    def _pair(self) -> UpstreamTLSSpec:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: set both or neither")
         return self
@@ -768,7 +768,7 @@ class UpstreamSpec(ConfigModel):
         return self.model_copy(update={"url": f"http://{format_address(host, self.port)}"})
 
 
-class Pool(ConfigModel):
+class PoolSpec(ConfigModel):
     """A set of upstreams behind one balancer.
 
     ``max_idle_connections``: idle keep-alive connections kept per upstream; None (the
@@ -784,7 +784,7 @@ class Pool(ConfigModel):
     ``ip_hash``, ``consistent_hash`` (option ``key``), ``peak_ewma`` (option ``decay``)."""
     upstreams: Annotated[list[UpstreamSpec], Field(min_length=1)]
     """The servers behind the pool."""
-    timeouts: PoolTimeouts = PoolTimeouts()
+    timeouts: PoolTimeoutsSpec = PoolTimeoutsSpec()
     """Upstream-side timeouts."""
     max_idle_connections: Annotated[int, Field(ge=0)] | None = None
     """Idle keep-alive connections kept per upstream; null: every connection that ends a
@@ -793,11 +793,11 @@ class Pool(ConfigModel):
     slow_start: Annotated[Duration, Field(gt=0)] | None = None
     """Time over which an upstream that became available ramps its weight from 10% to
     100% (HAProxy's ``slowstart``); null: at once."""
-    health_check: HealthCheck = HealthCheck()
+    health_check: HealthCheckSpec = HealthCheckSpec()
     """Active probes and passive outlier detection."""
-    retries: Retries = Retries()
+    retries: RetriesSpec = RetriesSpec()
     """Trying a failed request again on another upstream."""
-    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
     """Bounds on connections and waiting requests."""
     dns_refresh: Timeout = 5.0
     """How often ``dns://`` upstreams are resolved again (sooner when a record's TTL is
@@ -805,18 +805,18 @@ class Pool(ConfigModel):
     dns_resolver: BindAddress | None = None
     """``host:port`` of a DNS server to ask directly (honours TTLs); null: the system
     resolver (``/etc/hosts``, search domains)."""
-    tls: UpstreamTLS | None = None
+    tls: UpstreamTLSSpec | None = None
     """TLS to the pool's ``https://`` upstreams; null: verified against the system's CA
     store, SNI from each url's host."""
 
     @model_validator(mode="after")
-    def _tls_needs_https(self) -> Pool:
+    def _tls_needs_https(self) -> PoolSpec:
         if self.tls is not None and not any(spec.https for spec in self.upstreams):
             raise ValueError("tls applies to https:// upstreams; this pool has none")
         return self
 
 
-class Listener(ConfigModel):
+class ListenerSpec(ConfigModel):
     """One address clients connect to, with its routes (the first match wins).
 
     ``tls``: terminate HTTPS here (None: plain HTTP). ``redirect_https`` (plain-HTTP
@@ -829,14 +829,14 @@ class Listener(ConfigModel):
     bind: BindAddress
     """``host:port`` clients connect to: ``0.0.0.0:8080`` for every IPv4 address,
     ``[::]:8080`` for IPv6, port 0 for any free port."""
-    routes: list[Route] = []
+    routes: list[RouteSpec] = []
     """Where requests go; the first match wins, none answers 404. Required unless the
     listener redirects to https."""
-    timeouts: ListenerTimeouts = ListenerTimeouts()
+    timeouts: ListenerTimeoutsSpec = ListenerTimeoutsSpec()
     """Client-side timeouts."""
-    limits: Limits = Limits()
+    limits: LimitsSpec = LimitsSpec()
     """Request size limits."""
-    tls: ListenerTLS | None = None
+    tls: ListenerTLSSpec | None = None
     """Terminate HTTPS here; null: plain HTTP."""
     redirect_https: RedirectHTTPS = False
     """Plain-HTTP listeners: ``true`` (or a port) makes every route answer ``308`` to the
@@ -864,7 +864,7 @@ class Listener(ConfigModel):
         return [r.name or f"{self.name}/{i}" for i, r in enumerate(self.routes)]
 
 
-class Metrics(ConfigModel):
+class MetricsSpec(ConfigModel):
     """Hot-path counters behind ``/metrics``; ``enabled: false`` skips recording."""
 
     enabled: bool = True
@@ -898,7 +898,7 @@ LogFormat = Annotated[
 ]
 
 
-class AccessLog(ConfigModel):
+class AccessLogSpec(ConfigModel):
     """One line per request: ``path: stdout`` (or ``-``) or a file path.
 
     Lines are buffered and written by a background thread: a slow or full disk never
@@ -920,7 +920,7 @@ class AccessLog(ConfigModel):
     but ``upstream_name`` and the ones added after it (``upstream_status`` on)."""
 
 
-class CacheRedisStore(ConfigModel):
+class CacheRedisStoreSpec(ConfigModel):
     """A cache store in Redis, shared by every worker and every instance that uses it."""
 
     type: Literal["redis"]
@@ -934,7 +934,7 @@ class CacheRedisStore(ConfigModel):
     the cache."""
 
     @model_validator(mode="after")
-    def _check(self) -> CacheRedisStore:
+    def _check(self) -> CacheRedisStoreSpec:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"url must start with redis://, rediss:// or unix://, got {self.url!r}"
@@ -971,10 +971,10 @@ UseStale = Annotated[
 ]
 
 
-class Cache(ConfigModel):
+class CacheSpec(ConfigModel):
     """A shared HTTP cache (RFC 9111) that routes opt into with ``cache: NAME``."""
 
-    store: Literal["memory"] | CacheRedisStore = "memory"
+    store: Literal["memory"] | CacheRedisStoreSpec = "memory"
     """``memory`` (per process, LRU) or ``{type: redis, url: ..., key_prefix: ...}``."""
     max_size: Annotated[Size, Field(ge=1)] = 256 * 1024 * 1024
     """Memory store: bytes of heads and bodies held; the least recently used go first."""
@@ -1002,7 +1002,7 @@ class Cache(ConfigModel):
     Specification 1.0, as Fastly and Varnish do); false: the header passes through."""
 
 
-class Tracing(ConfigModel):
+class TracingSpec(ConfigModel):
     """OpenTelemetry traces: W3C ``traceparent`` to the upstreams, spans over OTLP/HTTP.
 
     Every request routed to a pool carries a ``traceparent`` upstream (the client's
@@ -1045,23 +1045,23 @@ class Tracing(ConfigModel):
 class Config(ConfigModel):
     """The whole configuration: at least one listener and one pool."""
 
-    listeners: Annotated[list[Listener], Field(min_length=1)]
+    listeners: Annotated[list[ListenerSpec], Field(min_length=1)]
     """Addresses clients connect to, each with its routes."""
-    pools: Annotated[dict[Name, Pool], Field(min_length=1)]
+    pools: Annotated[dict[Name, PoolSpec], Field(min_length=1)]
     """Sets of upstreams by name; routes name them."""
-    caches: dict[Name, Cache] = {}
+    caches: dict[Name, CacheSpec] = {}
     """HTTP caches by name; routes opt in with ``cache: NAME``."""
-    admin: Admin = Admin()
+    admin: AdminSpec = AdminSpec()
     """The admin API, dashboard and metrics listener."""
-    metrics: Metrics = Metrics()
+    metrics: MetricsSpec = MetricsSpec()
     """Prometheus metrics."""
-    access_log: AccessLog | None = None
+    access_log: AccessLogSpec | None = None
     """One line per request; null: no access log."""
     workers: Workers = 1
     """Worker processes; ``auto``: one per CPU core (``aiolb run --workers`` overrides)."""
     shutdown_timeout: Timeout = 30.0
     """On SIGTERM, how long in-flight requests may take before connections are cut."""
-    tracing: Tracing | None = None
+    tracing: TracingSpec | None = None
     """OpenTelemetry traces (OTLP/HTTP); null: none, trace headers pass through."""
     pid_file: str | None = None
     """Write the process id here once the listeners and admin API are bound (the

@@ -25,8 +25,7 @@ from proxy.balancing.random import WeightedRandom
 from proxy.balancing.ring import HashRing
 from proxy.balancing.slow_start import SlowStart, ramp
 from proxy.balancing.weighted_round_robin import WeightedRoundRobin, smooth_schedule
-from proxy.config import BALANCER_NAMES, BalancerName, Config, load_config
-from proxy.config import Pool as PoolConfig
+from proxy.config import BALANCER_NAMES, BalancerName, Config, PoolSpec, load_config
 from proxy.config.keys import RequestKey, parse_key
 from proxy.upstream.pool import Pool
 
@@ -165,7 +164,7 @@ def user_request(i: int) -> FakeRequest:
 # -- the pool: backups, availability, slow start --------------------------------------
 
 
-def pool_config(balancer: str, slow_start: str | None = None) -> PoolConfig:
+def pool_config(balancer: str, slow_start: str | None = None) -> PoolSpec:
     spec: dict[str, Any] = {"name": balancer, **OPTIONS.get(balancer, {})}
     data: dict[str, Any] = {
         "balancer": spec,
@@ -178,7 +177,7 @@ def pool_config(balancer: str, slow_start: str | None = None) -> PoolConfig:
     }
     if slow_start is not None:
         data["slow_start"] = slow_start
-    return PoolConfig.model_validate(data)
+    return PoolSpec.model_validate(data)
 
 
 def picked_addresses(pool: Pool, count: int = 300) -> set[str | None]:
@@ -284,12 +283,12 @@ def test_example_config_loads_and_builds_every_pool() -> None:
 def test_config_rejects_bad_balancer_options(balancer: dict[str, Any], problem: str) -> None:
     data = {"balancer": balancer, "upstreams": [{"url": "http://10.0.0.1:80"}]}
     with pytest.raises(ValueError, match=problem):
-        PoolConfig.model_validate(data)
+        PoolSpec.model_validate(data)
 
 
 def test_config_parses_option_values() -> None:
     spec = {"name": "peak_ewma", "decay": "1m30s"}
-    config = PoolConfig.model_validate({"balancer": spec, "upstreams": [{"url": "http://a"}]})
+    config = PoolSpec.model_validate({"balancer": spec, "upstreams": [{"url": "http://a"}]})
     assert config.balancer.options == {"decay": 90.0}
     assert config.slow_start is None
 
