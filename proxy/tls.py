@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from proxy.config.models import CertificateSpec, ListenerTLSSpec, UpstreamTLSSpec
+    from proxy.config import CertificateSpec, ListenerTLSSpec, UpstreamTLSSpec
 
 #: Protocols offered with ALPN: aiolb speaks HTTP/1.1 to clients.
 ALPN: Final = ["http/1.1"]

@@ -48,7 +48,7 @@ from math import exp
 from typing import Any
 
 from proxy.balancing.base import RequestView, effective_weights
-from proxy.config.models import DEFAULT_DECAY
+from proxy.config.balancer import DEFAULT_DECAY
 
 _REFRESHES = 32  # the floor and the faded costs are recomputed this often per decay
 _EPSILON = 1e-6  # with no costs known yet, fewer in-flight requests still wins

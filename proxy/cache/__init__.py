@@ -55,7 +55,7 @@ from proxy.cache.ranges import ranged
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import RedisStore
-    from proxy.config.models import CacheSpec
+    from proxy.config import CacheSpec
     from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")

@@ -15,7 +15,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from proxy.config.models import Config, ListenerSpec, PoolSpec
+from proxy.config.listeners import ListenerSpec
+from proxy.config.models import Config
+from proxy.config.pools import PoolSpec
 
 M = TypeVar("M", bound=BaseModel)
 

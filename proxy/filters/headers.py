@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.config.filters import header_template
+from proxy.config.filter_values import header_template
 from proxy.filters.base import Filter, Headers, Request, Response
 
 if TYPE_CHECKING:

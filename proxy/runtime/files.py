@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from proxy.config.models import Config, ListenerTLSSpec, UpstreamTLSSpec
+from proxy.config import Config, ListenerTLSSpec, UpstreamTLSSpec
 from proxy.tls import ServerTLS, TLSFileError, client_context, load_pair, read_certificate
 
 Loc = tuple[str | int, ...]

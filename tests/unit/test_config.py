@@ -32,10 +32,10 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
+from proxy.config.balancer import BALANCER_OPTIONS
 from proxy.config.base import ConfigModel
 from proxy.config.diff import describe_changes
 from proxy.config.filters import FILTER_OPTIONS, FilterOptions
-from proxy.config.models import BALANCER_OPTIONS
 from proxy.config.source import expand
 from proxy.config.values import format_duration, format_size
 from proxy.metrics import log_format

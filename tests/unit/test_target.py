@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from proxy.config.models import MatchSpec
+from proxy.config import MatchSpec
 from proxy.http.target import normal_target
 
 
