@@ -14,8 +14,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from proxy.config.balancer import BALANCER_OPTIONS
 from proxy.config.filters import FILTER_OPTIONS
-from proxy.config.models import BALANCER_OPTIONS
 from proxy.config.schema import Key, filter_prefix, keys
 from proxy.metrics.collector import LABELS, METRICS
 

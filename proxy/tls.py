@@ -17,7 +17,7 @@ Upstream connections use ``client_context``: the system's CA store or the pool's
 config says ``verify: false``, no verification at all.
 
 Every function that reads a file raises ``TLSFileError`` naming the field (``cert``,
-``key``, ``ca``, ...) and saying what is wrong, so that ``proxy.config.files`` can
+``key``, ``ca``, ...) and saying what is wrong, so that ``proxy.runtime.files`` can
 report it at the right ``FILE:LINE`` and the runtime can refuse a bad reload.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from proxy.config.models import Certificate, ListenerTLS, UpstreamTLS
+    from proxy.config import CertificateSpec, ListenerTLSSpec, UpstreamTLSSpec
 
 #: Protocols offered with ALPN: aiolb speaks HTTP/1.1 to clients.
 ALPN: Final = ["http/1.1"]
@@ -200,7 +200,7 @@ def load_cas(context: ssl.SSLContext, path: str, field: str) -> None:
         raise TLSFileError(field, f"cannot read {path}: {reason.lower()}") from None
 
 
-def _server_context(spec: ListenerTLS, certificate: Certificate) -> ssl.SSLContext:
+def _server_context(spec: ListenerTLSSpec, certificate: CertificateSpec) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[spec.min_version]
     if spec.ciphers is not None:
@@ -222,7 +222,7 @@ class ServerTLS:
 
     __slots__ = ("_exact", "_wildcard", "context", "names")
 
-    def __init__(self, spec: ListenerTLS) -> None:
+    def __init__(self, spec: ListenerTLSSpec) -> None:
         contexts = [_server_context(spec, c) for c in spec.certificates]
         self.context = contexts[0]
         self._exact: dict[str, ssl.SSLContext] = {}
@@ -258,7 +258,7 @@ class ServerTLS:
         return f"<ServerTLS [{len(self.names)} certificates: {self.names}]>"
 
 
-def client_context(spec: UpstreamTLS | None) -> ssl.SSLContext:
+def client_context(spec: UpstreamTLSSpec | None) -> ssl.SSLContext:
     """The context for connections to a pool's https upstreams."""
     if spec is None or spec.ca is None:
         context = ssl.create_default_context()

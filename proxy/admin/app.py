@@ -48,7 +48,7 @@ from proxy.errors import BindError
 from proxy.metrics.collector import build_registry
 
 if TYPE_CHECKING:
-    from proxy.config import Admin
+    from proxy.config import AdminSpec
     from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
@@ -279,7 +279,7 @@ class AdminHandle:
 
 
 async def start_admin(
-    server: ProxyServer, admin: Admin, *, fallback_to_any_port: bool = False
+    server: ProxyServer, admin: AdminSpec, *, fallback_to_any_port: bool = False
 ) -> AdminHandle:
     """Serve the admin API for ``server`` on ``admin.bind`` (port 0: any free port).
 

@@ -42,7 +42,7 @@ from proxy.admin.errors import ApiError
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware
 
-    from proxy.config import Admin
+    from proxy.config import AdminSpec
 
 log = logging.getLogger("aiolb.admin")
 
@@ -72,13 +72,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def admin_token(admin: Admin, env: Mapping[str, str] | None = None) -> str | None:
+def admin_token(admin: AdminSpec, env: Mapping[str, str] | None = None) -> str | None:
     """The configured token, else ``AIOLB_ADMIN_TOKEN``; None when neither is set."""
     env = os.environ if env is None else env
     return admin.token or env.get(TOKEN_ENV) or None
 
 
-def exposure_problem(admin: Admin, token: str | None) -> str | None:
+def exposure_problem(admin: AdminSpec, token: str | None) -> str | None:
     """Why the admin must not listen as configured (a non-loopback ``admin.bind`` and
     no token), or None. Shared by ``aiolb check`` (``proxy.runtime.preflight``) and the
     start itself, so both refuse the same configs in the same words."""
@@ -90,7 +90,7 @@ def exposure_problem(admin: Admin, token: str | None) -> str | None:
     return None
 
 
-def check_exposure(admin: Admin, token: str | None) -> None:
+def check_exposure(admin: AdminSpec, token: str | None) -> None:
     """Raise ``AdminError`` when ``admin.bind`` is not loopback and there is no token."""
     problem = exposure_problem(admin, token)
     if problem is not None:
@@ -121,7 +121,7 @@ def bearer_auth(token: str) -> Middleware:
     return auth
 
 
-def allowed_hosts(admin: Admin, token: str | None) -> frozenset[str] | None:
+def allowed_hosts(admin: AdminSpec, token: str | None) -> frozenset[str] | None:
     """The host names (besides loopback ones) a request's ``Host`` may carry; None: any.
     ``admin.allowed_hosts`` plus ``admin.bind``'s address (unless a wildcard); when
     ``allowed_hosts`` is null, any with a token, else only the bound address."""

@@ -58,8 +58,7 @@ from proxy.filters import label
 
 if TYPE_CHECKING:
     from proxy.admin.recent import RecentStats
-    from proxy.config import Listener as ListenerConfig
-    from proxy.config import Pool as PoolConfig
+    from proxy.config import ListenerSpec, PoolSpec
     from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
@@ -122,7 +121,7 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
     }
 
 
-def _budget(server: ProxyServer, pool: Pool, spec: PoolConfig | None, now: float) -> Any:
+def _budget(server: ProxyServer, pool: Pool, spec: PoolSpec | None, now: float) -> Any:
     summed = server.retry_budget_left
     budget = pool.retry.budget
     left = summed.get(pool.name, 0.0) if summed is not None else budget.available(
@@ -136,7 +135,7 @@ def _budget(server: ProxyServer, pool: Pool, spec: PoolConfig | None, now: float
     }
 
 
-def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
+def _ejection(pool: Pool, spec: PoolSpec | None) -> dict[str, Any]:
     passive = spec.health_check.passive if spec is not None else None
     return {
         "passive": passive is not None,
@@ -145,7 +144,7 @@ def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
     }
 
 
-def route_views(server: ProxyServer, lc: ListenerConfig) -> list[dict[str, Any]]:
+def route_views(server: ProxyServer, lc: ListenerSpec) -> list[dict[str, Any]]:
     """A listener's routes: name, match, pool, filters, cache and requests rate-limited."""
     limited: dict[str, int] = {}
     for (route, _), counts in server.filters.counts.items():

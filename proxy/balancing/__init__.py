@@ -1,8 +1,8 @@
 """Balancing algorithms, keyed by the name used in YAML (``balancer: NAME``).
 
 Adding an algorithm touches exactly: ``proxy/balancing/<name>.py``, ``REGISTRY`` here,
-``BALANCER_NAMES`` in ``proxy.config.models`` (plus an options model if it takes
-options) and its tests. ``slow_start`` is the pool's weight ramp helper, not an
+``BALANCER_NAMES`` in ``proxy.config.balancer`` (plus an options model there if it
+takes options) and its tests. ``slow_start`` is the pool's weight ramp helper, not an
 algorithm; ``ring`` is the hash ring shared by ``consistent_hash`` and ``ip_hash``.
 """
 

@@ -1,14 +1,8 @@
 """``consistent_hash``: a request key chooses its upstream on a ketama ring.
 
-Options: ``key`` (required), one of
-
-==================  ===========================================================
-``header:NAME``     the first value of request header NAME (case-insensitive)
-``cookie:NAME``     the value of cookie NAME in the first ``Cookie`` header
-``query:NAME``      the raw (not percent-decoded) value of query parameter NAME
-``path``            the raw path of the request target, without the query
-``client_ip``       the client address as ``ip_hash`` sees it
-==================  ===========================================================
+Option: ``key`` (required): ``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``path`` or
+``client_ip`` (the syntax is ``proxy.config.keys``; ``key_reader`` reads one from a
+request, for this balancer and for the ``rate_limit`` and ``sticky`` filters).
 
 A request without the key, or with an empty value, is served in round-robin turn
 (nginx hashes an empty string instead, which sends every key-less request to one
@@ -25,10 +19,9 @@ from typing import Any
 
 from proxy.balancing.base import RequestView, effective_weights
 from proxy.balancing.ring import HashRing
+from proxy.config.keys import parse_key
 
 KeyFunc = Callable[[RequestView], bytes | None]
-KEY_FORMS = ("header:NAME", "cookie:NAME", "query:NAME", "path", "client_ip")
-_BAD_NAME_CHARS = frozenset(" \t\r\n;,=&?#\"")
 
 
 def _header(name: bytes) -> KeyFunc:
@@ -77,20 +70,17 @@ def _client_ip(request: RequestView) -> bytes | None:
     return request.client_ip.encode()
 
 
-def parse_key(spec: str) -> KeyFunc:
-    """The key extractor for a ``key`` option; ValueError with the accepted forms if bad."""
-    if spec == "path":
+def key_reader(spec: str) -> KeyFunc:
+    """The function that reads key ``spec`` from a request; ValueError if ``spec`` is
+    not a key (``proxy.config.keys.parse_key``)."""
+    kind, name = parse_key(spec)
+    if kind == "path":
         return _path
-    if spec == "client_ip":
+    if kind == "client_ip":
         return _client_ip
-    kind, colon, name = spec.partition(":")
-    makers = {"header": _header, "cookie": _cookie, "query": _query}
-    if not colon or kind not in makers:
-        raise ValueError(f"{spec!r} is not a key; use one of {', '.join(KEY_FORMS)}")
-    if not name or not name.isascii() or _BAD_NAME_CHARS.intersection(name):
-        raise ValueError(f"{spec!r}: the {kind} name must be a non-empty ASCII token")
-    raw = name.lower().encode() if kind == "header" else name.encode()
-    return makers[kind](raw)
+    if kind == "header":
+        return _header(name.lower().encode())
+    return _cookie(name.encode()) if kind == "cookie" else _query(name.encode())
 
 
 class ConsistentHash:
@@ -105,7 +95,7 @@ class ConsistentHash:
         weights: Sequence[float] | None = None,
     ) -> None:
         self._spec: str = options.get("key", "")
-        self._key = parse_key(self._spec)
+        self._key = key_reader(self._spec)
         self._targets = tuple(upstreams)
         self._ring = HashRing(upstreams, effective_weights(upstreams, weights))
         self._next = 0

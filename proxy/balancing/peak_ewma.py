@@ -48,8 +48,8 @@ from math import exp
 from typing import Any
 
 from proxy.balancing.base import RequestView, effective_weights
+from proxy.config.balancer import DEFAULT_DECAY
 
-DEFAULT_DECAY = 10.0
 _REFRESHES = 32  # the floor and the faded costs are recomputed this often per decay
 _EPSILON = 1e-6  # with no costs known yet, fewer in-flight requests still wins
 _FADE_SPEED = 2.0  # what we learned fades to the floor within decay / _FADE_SPEED

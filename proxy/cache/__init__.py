@@ -55,7 +55,7 @@ from proxy.cache.ranges import ranged
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import RedisStore
-    from proxy.config.models import Cache as CacheConfig
+    from proxy.config import CacheSpec
     from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")
@@ -123,7 +123,7 @@ class Flight:
 class Cache:
     """One named cache: store, settings, counters, fetches in flight."""
 
-    def __init__(self, name: str, spec: CacheConfig) -> None:
+    def __init__(self, name: str, spec: CacheSpec) -> None:
         self.name = name
         self.spec = spec
         self.max_object_size = spec.max_object_size
@@ -426,7 +426,7 @@ def _sum_known(values: Iterable[int | None]) -> int | None:
 
 
 def build_caches(
-    specs: Mapping[str, CacheConfig], previous: Mapping[str, Cache] | None = None
+    specs: Mapping[str, CacheSpec], previous: Mapping[str, Cache] | None = None
 ) -> dict[str, Cache]:
     """A ``Cache`` per ``caches:`` entry; a reload keeps each one whose settings did not
     change (the same object, its entries and counters with it)."""

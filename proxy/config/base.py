@@ -1,8 +1,8 @@
 """What every config model is built from: the base model and the value types.
 
 ``ConfigModel`` is frozen and refuses unknown keys; ``Kind`` marks what a value is in
-the words of the config reference. ``proxy.config.models`` (the whole config) and
-``proxy.config.filters`` (the route filters' options) both build on these.
+the words of the config reference. Every model module of ``proxy.config`` builds on
+these.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from proxy.config.values import parse_duration, parse_size
+from proxy.config.values import parse_duration, parse_size, parse_upstream_url, split_host_port
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -41,6 +41,22 @@ Size = Annotated[int, BeforeValidator(parse_size), Kind("size")]
 #: A listener, pool or route name: letters, digits, ``_``, ``.``, ``-`` (safe in URLs
 #: and labels).
 Name = Annotated[str, AfterValidator(_check_name), Kind("name")]
+
+
+def _check_bind(value: str) -> str:
+    split_host_port(value)
+    return value.strip()
+
+
+def _check_upstream_url(value: str) -> str:
+    parse_upstream_url(value)
+    return value.strip()
+
+
+#: ``host:port`` to bind, ``[::1]:8080`` for IPv6; port 0..65535.
+BindAddress = Annotated[str, AfterValidator(_check_bind), Kind("host:port")]
+#: ``http://host:port`` or ``http://host`` (port 80).
+UpstreamURL = Annotated[str, AfterValidator(_check_upstream_url), Kind("url")]
 
 
 class ConfigModel(BaseModel):

@@ -23,7 +23,7 @@ from proxy.config.values import parse_upstream_url, split_host_port
 Loc = tuple[str | int, ...]
 
 _KNOWN_TYPES = frozenset(get_args(ErrorType))
-_ADMIN_BIND = "127.0.0.1:9901"  # Admin.bind's default, for inputs without an admin section
+_ADMIN_BIND = "127.0.0.1:9901"  # AdminSpec.bind's default, for inputs without an admin section
 
 
 def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:

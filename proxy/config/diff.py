@@ -15,7 +15,9 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from proxy.config.models import Config, Listener, Pool
+from proxy.config.listeners import ListenerSpec
+from proxy.config.models import Config
+from proxy.config.pools import PoolSpec
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -32,7 +34,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     ]
 
 
-def _by_name(listeners: list[Listener]) -> dict[str, Listener]:
+def _by_name(listeners: list[ListenerSpec]) -> dict[str, ListenerSpec]:
     return {listener.name: listener for listener in listeners}
 
 
@@ -61,21 +63,21 @@ def _changed_fields(old: BaseModel, new: BaseModel, skip: frozenset[str]) -> lis
     ]
 
 
-def _listener_summary(listener: Listener) -> str:
+def _listener_summary(listener: ListenerSpec) -> str:
     return listener.bind
 
 
-def _listener_changes(old: Listener, new: Listener) -> list[str]:
+def _listener_changes(old: ListenerSpec, new: ListenerSpec) -> list[str]:
     out = [] if old.bind == new.bind else [f"bind {old.bind} -> {new.bind}"]
     return out + [f"{name} changed" for name in _changed_fields(old, new, frozenset({"bind"}))]
 
 
-def _pool_summary(pool: Pool) -> str:
+def _pool_summary(pool: PoolSpec) -> str:
     count = len(pool.upstreams)
     return f"{count} upstream{'s' if count != 1 else ''}"
 
 
-def _pool_changes(old: Pool, new: Pool) -> list[str]:
+def _pool_changes(old: PoolSpec, new: PoolSpec) -> list[str]:
     before = {spec.address: spec for spec in old.upstreams}
     after = {spec.address: spec for spec in new.upstreams}
     out = [f"upstream {address} added" for address in after if address not in before]

@@ -13,29 +13,25 @@ Each item is validated by its filter's model (frozen, unknown keys refused), so 
 option is reported at its own line: ``listeners[0].routes[0].filters[1].rate_limit.burst:
 must be >= 1``. The models dump back to the same one-key form (``{rate_limit: {...}}``),
 which is what the workers receive and ``aiolb check --print`` shows. The filters
-themselves live in ``proxy.filters`` (``REGISTRY``, keyed by the same names).
-
-Header values may use the request variables ``${client_ip}``, ``${request_id}`` and
-``${host}`` (``$${`` is a literal ``${``); the loader leaves those names alone under
-``filters`` and expands every other ``${VAR}`` from the environment as elsewhere.
+themselves live in ``proxy.filters`` (``REGISTRY``, keyed by the same names). The
+values the options hold (rates, header templates with their ``${client_ip}``-style
+variables, address ranges) are ``proxy.config.filter_values``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
-    PlainSerializer,
     SerializerFunctionWrapHandler,
     Tag,
     field_validator,
@@ -43,120 +39,19 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.balancing.consistent_hash import KEY_FORMS, parse_key
-from proxy.config import source
 from proxy.config.base import ConfigModel, Duration, Kind, Name, Timeout
-from proxy.config.values import format_duration, parse_duration
+from proxy.config.filter_values import (
+    CONTROL_CHARACTER,
+    Cidr,
+    RateValue,
+    check_header_name,
+    check_path,
+    header_template,
+)
+from proxy.config.keys import KEY_FORMS, parse_key
 from proxy.http.headers import FRAMING_HEADERS, MANAGED_REQUEST_HEADERS
 
-#: What ``${NAME}`` may name in a header value (the request's own values); the loader
-#: leaves them alone under ``filters``.
-REQUEST_VARIABLES: tuple[str, ...] = source.REQUEST_VARIABLES
-_TEMPLATE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CLASS_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*")
-
-
-# --- values ------------------------------------------------------------------------------
-
-
-class Rate(NamedTuple):
-    """``requests`` per ``period`` seconds (``100/s``: ``Rate(100, 1)``)."""
-
-    requests: float
-    period: float
-
-    @property
-    def per_second(self) -> float:
-        return self.requests / self.period
-
-    def __str__(self) -> str:
-        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.period) or format_duration(self.period)
-        count = int(self.requests) if self.requests == int(self.requests) else self.requests
-        return f"{count}/{unit}"
-
-
-_RATE_HELP = "use requests per period such as 100/s, 600/m, 5/10s"
-
-
-def parse_rate(value: object) -> Rate:
-    """``100/s``, ``10/m``, ``1000/h``, ``5/10s`` (nginx's ``r/s`` spelling too)."""
-    if isinstance(value, Rate | tuple) and len(value) == 2:  # the dumped form
-        return Rate(float(value[0]), float(value[1]))
-    if not isinstance(value, str) or "/" not in value:
-        raise ValueError(f"invalid rate {value!r}; {_RATE_HELP}")
-    count_text, _, period_text = value.strip().partition("/")
-    count_text = count_text.strip().removesuffix("r")
-    period_text = period_text.strip()
-    try:
-        count = float(count_text)
-        period = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(period_text) or parse_duration(
-            period_text
-        )
-    except ValueError:
-        raise ValueError(f"invalid rate {value!r}; {_RATE_HELP}") from None
-    if not (count > 0 and math.isfinite(count) and period > 0):
-        raise ValueError(f"invalid rate {value!r}; count and period must be > 0")
-    return Rate(count, period)
-
-
-#: Requests per period: ``100/s``, ``600/m``, ``5/10s``.
-RateValue = Annotated[
-    Rate, BeforeValidator(parse_rate), PlainSerializer(str), Kind("rate")
-]
-
-
-def check_header_name(name: str) -> str:
-    if not _TOKEN.fullmatch(name):
-        raise ValueError(f"invalid header name {name!r}")
-    return name
-
-
-def header_template(value: str) -> list[tuple[bool, str]]:
-    """``value`` as pieces ``(is_variable, text)``; ValueError for an unknown variable or
-    a character a header value cannot hold."""
-    if _BAD_VALUE.search(value):
-        raise ValueError(f"header value {value!r} holds a control character")
-    pieces: list[tuple[bool, str]] = []
-    at = 0
-    for match in _TEMPLATE.finditer(value):
-        escaped, name = match.groups()
-        pieces.append((False, value[at : match.start()]))
-        if escaped:
-            pieces.append((False, match.group(0)[1:]))
-        elif name in REQUEST_VARIABLES:
-            pieces.append((True, name))
-        else:
-            known = ", ".join(f"${{{v}}}" for v in REQUEST_VARIABLES)
-            raise ValueError(f"unknown variable ${{{name}}}; use {known}")
-        at = match.end()
-    pieces.append((False, value[at:]))
-    return [piece for piece in pieces if piece[0] or piece[1]]
-
-
-def _cidr(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"invalid address range {value!r}; use 10.0.0.0/8, 192.0.2.7 or ::1/128")
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
-    except ValueError:
-        raise ValueError(
-            f"invalid address range {value!r}; use 10.0.0.0/8, 192.0.2.7 or ::1/128"
-        ) from None
-
-
-#: An address range: ``10.0.0.0/8``, ``2001:db8::/32``; a bare address is one host.
-Cidr = Annotated[str, BeforeValidator(_cidr), Kind("address range")]
-
-
-def _prefix(value: str) -> str:
-    if not value.startswith("/") or not value.isascii() or not value.isprintable() or " " in value:
-        raise ValueError(f"must be a path starting with '/', got {value!r}")
-    return value
-
-
-# --- the filters ---------------------------------------------------------------------------
 
 
 class FilterOptions(ConfigModel):
@@ -182,7 +77,7 @@ class FilterOptions(ConfigModel):
         return {self.NAME: handler(self)}
 
 
-class RedisStore(ConfigModel):
+class RateLimitStoreSpec(ConfigModel):
     """Where ``rate_limit`` keeps its buckets: ``memory`` (this instance, every worker
     included) or ``{type: redis, url: ...}`` (every instance that uses the same Redis)."""
 
@@ -204,7 +99,7 @@ class RedisStore(ConfigModel):
         return {"type": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _check(self) -> RedisStore:
+    def _check(self) -> RateLimitStoreSpec:
         if self.type == "memory":
             extra = [k for k in ("url",) if getattr(self, k) is not None]
             if extra:
@@ -253,7 +148,7 @@ class RateLimitOptions(FilterOptions):
     """One bucket per ``client_ip``, ``header:NAME``, ``cookie:NAME``, ``query:NAME``,
     ``path``, or ``route`` (one bucket for the whole route). Requests without the key
     share one bucket."""
-    store: RedisStore = RedisStore()
+    store: RateLimitStoreSpec = RateLimitStoreSpec()
     """``memory`` or ``{type: redis, url: ..., fail_open: true}``."""
     name: Name = "rate_limit"
     """The ``filter`` label of ``aiolb_rate_limited_total`` and part of the bucket's key;
@@ -270,7 +165,7 @@ class RateLimitOptions(FilterOptions):
         return self.burst if self.burst is not None else max(1, math.ceil(self.rate.requests))
 
 
-class HeaderChanges(ConfigModel):
+class HeaderChangesSpec(ConfigModel):
     """Headers to ``set`` (replacing any of that name), ``add`` (one more line) and
     ``remove``; applied in that order: remove, set, add."""
 
@@ -305,9 +200,9 @@ class HeadersOptions(FilterOptions):
     ``proxy_set_header``) and response headers (``add_header``)."""
 
     NAME: ClassVar[str] = "headers"
-    request: HeaderChanges = HeaderChanges()
+    request: HeaderChangesSpec = HeaderChangesSpec()
     """Changes to the request sent upstream."""
-    response: HeaderChanges = HeaderChanges()
+    response: HeaderChangesSpec = HeaderChangesSpec()
     """Changes to the response sent to the client."""
 
     @model_validator(mode="after")
@@ -330,7 +225,7 @@ _FROM = ConfigDict(
 )  # fmt: skip
 
 
-class PrefixChange(ConfigModel):
+class PrefixChangeSpec(ConfigModel):
     """Replace the path prefix ``from`` by ``to``."""
 
     model_config = _FROM
@@ -342,10 +237,10 @@ class PrefixChange(ConfigModel):
     @field_validator("from_", "to")
     @classmethod
     def _paths(cls, value: str) -> str:
-        return _prefix(value)
+        return check_path(value)
 
 
-class PathRegex(ConfigModel):
+class PathRegexSpec(ConfigModel):
     """Replace what the regular expression ``from`` matches in the path by ``to``."""
 
     model_config = _FROM
@@ -355,7 +250,7 @@ class PathRegex(ConfigModel):
     """The replacement; ``\\1`` or ``\\g<name>`` insert a group."""
 
     @model_validator(mode="after")
-    def _check(self) -> PathRegex:
+    def _check(self) -> PathRegexSpec:
         try:
             pattern = re.compile(self.from_)
         except re.error as exc:
@@ -379,15 +274,15 @@ class RewriteOptions(FilterOptions):
     strip_prefix: str | None = None
     """Remove this prefix (``/api``: ``/api/users`` -> ``/users``, ``/api`` -> ``/``) and
     say so in ``X-Forwarded-Prefix``."""
-    replace_prefix: PrefixChange | None = None
+    replace_prefix: PrefixChangeSpec | None = None
     """``{from: /v1, to: /api/v1}``."""
-    path: PathRegex | None = None
+    path: PathRegexSpec | None = None
     """``{from: "^/users/(\\d+)$", to: "/u?id=\\1"}``: a regular expression substitution."""
 
     @field_validator("strip_prefix")
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
-        return None if value is None else _prefix(value)
+        return None if value is None else check_path(value)
 
     @model_validator(mode="after")
     def _one(self) -> RewriteOptions:
@@ -422,12 +317,12 @@ class RedirectOptions(FilterOptions):
         if (self.to is None) == (not pieces):
             raise ValueError("give either to or some of scheme, host, port, path")
         for text in (self.to, self.host, self.path):
-            if (text is not None and _BAD_VALUE.search(text)) or (text and " " in text):
+            if (text is not None and CONTROL_CHARACTER.search(text)) or (text and " " in text):
                 raise ValueError(f"{text!r} cannot be part of a URL")
         if self.to is not None and not self.to.startswith(("http://", "https://", "/")):
             raise ValueError(f"to must be an http(s) URL or a path, got {self.to!r}")
         if self.path is not None:
-            _prefix(self.path)
+            check_path(self.path)
         return self
 
 
@@ -457,7 +352,7 @@ class StickyOptions(FilterOptions):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        return _prefix(value)
+        return check_path(value)
 
     @model_validator(mode="after")
     def _check(self) -> StickyOptions:
@@ -486,7 +381,7 @@ class AccessOptions(FilterOptions):
         return self
 
 
-class PythonFilterSpec(FilterOptions):
+class PythonOptions(FilterOptions):
     """``python``: a filter class of your own, ``module:Class``, a subclass of
     ``proxy.filters.Filter`` (imported when the config is checked)."""
 
@@ -518,7 +413,7 @@ class PythonFilterSpec(FilterOptions):
 FILTER_OPTIONS: Mapping[str, type[FilterOptions]] = MappingProxyType({
     model.NAME: model
     for model in (RateLimitOptions, HeadersOptions, RewriteOptions, RedirectOptions,
-                  StickyOptions, AccessOptions, PythonFilterSpec)
+                  StickyOptions, AccessOptions, PythonOptions)
 })  # fmt: skip
 FILTER_NAMES: tuple[str, ...] = tuple(FILTER_OPTIONS)
 
@@ -542,7 +437,7 @@ FilterSpec = Annotated[
     | Annotated[RedirectOptions, Tag("redirect")]
     | Annotated[StickyOptions, Tag("sticky")]
     | Annotated[AccessOptions, Tag("access")]
-    | Annotated[PythonFilterSpec, Tag("python")],
+    | Annotated[PythonOptions, Tag("python")],
     Discriminator(_filter_name),
     Kind("filter"),
 ]

@@ -28,9 +28,10 @@ import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
+from proxy.config.balancer import BALANCER_OPTIONS, BalancerSpec
 from proxy.config.base import Kind
-from proxy.config.filters import FILTER_OPTIONS, FilterOptions, PythonFilterSpec
-from proxy.config.models import BALANCER_OPTIONS, BalancerSpec, Config
+from proxy.config.filters import FILTER_OPTIONS, FilterOptions, PythonOptions
+from proxy.config.models import Config
 from proxy.config.values import format_duration, format_size
 
 #: The version of the first release: every key without a ``since`` has been there since.
@@ -237,7 +238,7 @@ def _render(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
 def _filter(spec: FilterOptions) -> dict[str, Any]:
     """A filter as YAML writes it: ``{rate_limit: {rate: 100/s, ...}}``."""
     dumped = spec.model_dump(mode="json")
-    if isinstance(spec, PythonFilterSpec):
+    if isinstance(spec, PythonOptions):
         return dict(dumped)
     return {spec.NAME: _render(spec, dumped[spec.NAME])}
 

@@ -32,7 +32,7 @@ Path = tuple[Any, ...]
 _VAR = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _STR_TAG = "tag:yaml.org,2002:str"
 #: ``${NAME}`` under a route's ``filters`` that is a request variable, not the
-#: environment's (``proxy.config.filters.REQUEST_VARIABLES``)
+#: environment's (``proxy.config.filter_values.REQUEST_VARIABLES``)
 REQUEST_VARIABLES = ("client_ip", "request_id", "host")
 _SKIP = object()  # a key that could not be built: its entry is left out
 

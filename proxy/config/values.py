@@ -2,7 +2,7 @@
 
 Each parser takes what YAML produced (a number or a string) and returns the canonical
 value or raises ``ValueError`` with a short message that the loader shows the user as
-it is (after ``FILE:LINE: key.path:``). The models in ``proxy.config.models`` attach
+it is (after ``FILE:LINE: key.path:``). The models of ``proxy.config`` attach
 them to fields; nothing here knows about pydantic.
 """
 

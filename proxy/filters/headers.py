@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.config.filters import header_template
+from proxy.config.filter_values import header_template
 from proxy.filters.base import Filter, Headers, Request, Response
 
 if TYPE_CHECKING:
-    from proxy.config.filters import HeaderChanges, HeadersOptions
+    from proxy.config.filters import HeaderChangesSpec, HeadersOptions
     from proxy.filters.context import Site
 
 Template = list[tuple[bool, str]]
@@ -41,7 +41,7 @@ def render(template: Template, request: Request) -> str:
 class _Changes:
     """One side's changes, compiled."""
 
-    def __init__(self, changes: HeaderChanges) -> None:
+    def __init__(self, changes: HeaderChangesSpec) -> None:
         self.remove = list(changes.remove)
         self.set = [(name, header_template(value)) for name, value in changes.set.items()]
         self.add = [(name, header_template(value)) for name, value in changes.add.items()]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.filters.base import Filter
 
 if TYPE_CHECKING:
-    from proxy.config.filters import PythonFilterSpec
+    from proxy.config.filters import PythonOptions
     from proxy.filters.context import Site
 
 
@@ -78,7 +78,7 @@ def options(cls: type[Filter], raw: dict[str, Any]) -> Any:
     return raw if model is None else model.model_validate(raw)
 
 
-def build(spec: PythonFilterSpec, site: Site) -> Filter:
+def build(spec: PythonOptions, site: Site) -> Filter:
     """The user's filter for ``spec`` (the preflight made sure this works)."""
     cls = load(spec.python, site.context.folder)
     return cls(options(cls, spec.options))

@@ -1,7 +1,7 @@
 """``rate_limit``: a token bucket per key; over the limit, 429 (nginx ``limit_req``,
 Envoy's local and global rate limits, Traefik's RateLimit).
 
-The key is read with ``proxy.balancing.consistent_hash.parse_key`` (``client_ip``,
+The key is read with ``proxy.balancing.consistent_hash.key_reader`` (``client_ip``,
 ``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``path``) from the request as the
 filters before this one left it, or is ``route`` (one bucket for the route). A request
 without its key counts against one shared bucket: leaving the header out is no way
@@ -25,7 +25,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Final
 
-from proxy.balancing.consistent_hash import parse_key
+from proxy.balancing.consistent_hash import key_reader
 from proxy.filters.base import Filter, LocalResponse, Request
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class RateLimit(Filter):
         self._size = float(options.size)
         self._name = options.name
         self._key: Callable[[Request], bytes | None] | None = (
-            None if options.key == "route" else parse_key(options.key)
+            None if options.key == "route" else key_reader(options.key)
         )
         self._counts = site.context.counter(site.route, options.name)
         store = options.store

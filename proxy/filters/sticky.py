@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from proxy.balancing.consistent_hash import parse_key
+from proxy.balancing.consistent_hash import key_reader
 from proxy.filters.base import Filter, Request, Response
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ class Sticky(Filter):
     def __init__(self, options: StickyOptions, site: Site) -> None:
         super().__init__(options)
         self._pool: Pool = site.pool
-        self._cookie = parse_key(f"cookie:{options.cookie}")
+        self._cookie = key_reader(f"cookie:{options.cookie}")
         attributes = [f"Path={options.path}"]
         if options.max_age is not None:
             attributes.append(f"Max-Age={max(1, round(options.max_age))}")

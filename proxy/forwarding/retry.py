@@ -30,7 +30,7 @@ import random
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from proxy.config import Retries
+    from proxy.config import RetriesSpec
 
 #: Methods RFC 9110 9.2.2 calls idempotent: safe to send twice.
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
@@ -116,7 +116,7 @@ class RetryPolicy:
         "statuses",
     )
 
-    def __init__(self, config: Retries) -> None:
+    def __init__(self, config: RetriesSpec) -> None:
         on = set(config.retry_on)
         self.attempts = config.attempts
         #: the named conditions (``ProxyError.condition`` values) that allow a retry

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.config import ActiveHealthCheck
+from proxy.config import ActiveHealthCheckSpec
 from proxy.config.values import format_address
 from proxy.health.state import RiseFall
 
@@ -58,7 +58,7 @@ class CheckTarget:
     address: str
     host: str
     port: int
-    check: ActiveHealthCheck
+    check: ActiveHealthCheckSpec
     initially_healthy: bool = True
     #: the pool's TLS context for an https upstream (None: plain) and the SNI name
     ssl: ssl.SSLContext | None = None

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.config import PassiveHealthCheck
+    from proxy.config import PassiveHealthCheckSpec
     from proxy.upstream.pool import Upstream
 
 log = logging.getLogger("aiolb")
@@ -37,7 +37,7 @@ log = logging.getLogger("aiolb")
 class OutlierDetector:
     __slots__ = ("base", "cap", "max_percent", "threshold", "with_5xx")
 
-    def __init__(self, config: PassiveHealthCheck) -> None:
+    def __init__(self, config: PassiveHealthCheckSpec) -> None:
         self.threshold = config.consecutive_failures
         self.with_5xx = config.consecutive_5xx
         self.base = config.ejection_time

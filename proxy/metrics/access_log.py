@@ -23,7 +23,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Final
 
-from proxy.metrics.log_format import DEFAULT_FIELDS, compile_format
+from proxy.config.log_fields import DEFAULT_FIELDS
+from proxy.metrics.log_format import compile_format
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Pool, Upstream

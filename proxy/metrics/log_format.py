@@ -17,7 +17,8 @@ missing value as ``-``.
 ``http_NAME`` is any request header by name, as nginx's ``$http_NAME`` (lower case,
 ``_`` for ``-``: ``http_x_custom`` is ``X-Custom``); the header's name is passed in as
 data too. Fields about the upstream's answer (``upstream_status``, its times) read the
-exchange (``ex``), and only when a format names them.
+exchange (``ex``), and only when a format names them. The grammar (the field names,
+templates) is ``proxy.config.log_fields``, which the config validates formats with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import json
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+
+from proxy.config.log_fields import parse_template
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Pool, Upstream
@@ -37,7 +40,8 @@ ARGUMENTS: Final = (
 )  # fmt: skip
 
 # field -> (JSON value expression, whether the JSON value needs quotes around it,
-#           text value expression); ``:spec`` after the expression is a format spec
+#           text value expression); ``:spec`` after the expression is a format spec.
+# The keys are ``proxy.config.log_fields.FIELDS``, in that order (a test checks it).
 _FIELDS: Final = {
     "time": ("timestamp(now)", True, "timestamp(now)"),
     "client": ("client", True, "client"),
@@ -68,50 +72,9 @@ _FIELDS: Final = {
     "trace_id": ("quote_or_null(trace_id(ex))", False, "escape_or_dash(trace_id(ex))"),
 }  # fmt: skip
 
-#: ``http_NAME``: the request header NAME (``_`` for ``-``), as nginx's ``$http_NAME``.
-HEADER_FIELD: Final = re.compile(r"http_[a-z0-9_]+")
-
-#: Every field a line can hold, less the ``http_NAME`` family.
-FIELDS: Final = tuple(_FIELDS)
-#: The default line: every field up to ``request_id`` but ``upstream_name`` (the address
-#: says it already unless upstreams are named); the later ones are asked for by name.
-DEFAULT_FIELDS: Final = tuple(
-    name for name in FIELDS[: FIELDS.index("request_id") + 1] if name != "upstream_name"
-)
-
-_VARIABLE: Final = re.compile(r"\$(?:\{([a-z_][a-z0-9_]*)\}|([a-z_][a-z0-9_]*)|(\$))")
 _ESCAPE: Final = re.compile(r'["\\\x00-\x1f\x7f-\xff]')
 
 Formatter = Callable[..., str]
-
-
-def parse_template(template: str) -> list[tuple[str, str | None]]:
-    """``"$client $status"`` -> ``[("", "client"), (" ", "status")]``: each piece's
-    literal text before it and its field (None for trailing text). Raises ValueError
-    for an unknown field or a ``$`` that starts nothing (``$$`` is a dollar sign)."""
-    pieces: list[tuple[str, str | None]] = []
-    literal, at = "", 0
-    for match in _VARIABLE.finditer(template):
-        literal += template[at : match.start()]
-        at = match.end()
-        if match.group(3):
-            literal += "$"
-            continue
-        name = match.group(1) or match.group(2)
-        if not is_field(name):
-            raise ValueError(f"unknown access log field ${name}; fields: {', '.join(FIELDS)}"
-                             ", http_NAME")  # fmt: skip
-        pieces.append((literal, name))
-        literal = ""
-    rest = template[at:]
-    if "$" in rest.replace("$$", ""):
-        raise ValueError(f"'$' at {template.index('$', at)} starts no field; write $$ for '$'")
-    pieces.append((literal + rest, None))
-    return pieces
-
-
-def is_field(name: str) -> bool:
-    return name in _FIELDS or HEADER_FIELD.fullmatch(name) is not None
 
 
 def _field(name: str, namespace: dict[str, object]) -> tuple[str, bool, str]:

@@ -30,10 +30,10 @@ from pydantic import ValidationError
 
 from proxy.admin.security import admin_token, exposure_problem
 from proxy.config import Config, ConfigError, Document, load_document
-from proxy.config.files import check_files
-from proxy.config.filters import PythonFilterSpec
+from proxy.config.filters import PythonOptions
 from proxy.config.loader import explain
 from proxy.filters import python
+from proxy.runtime.files import check_files
 
 Loc = tuple[str | int, ...]
 Finding = tuple[Loc, str]
@@ -86,7 +86,7 @@ def bind_hosts(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
 
 def tls_files(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
     """Every certificate, key and CA file of a TLS listener or an ``https://`` pool must
-    load (``proxy.config.files``): a missing file, a key that is not the certificate's."""
+    load (``proxy.runtime.files``): a missing file, a key that is not the certificate's."""
     for problem in check_files(config):
         if not problem.warning:
             yield problem.loc, problem.message
@@ -105,12 +105,12 @@ def python_filters(config: Config, folder: str | None) -> Iterator[Finding]:
     for i, lc in enumerate(config.listeners):
         for j, route in enumerate(lc.routes):
             for k, spec in enumerate(route.filters):
-                if isinstance(spec, PythonFilterSpec):
+                if isinstance(spec, PythonOptions):
                     yield from _python_filter(("listeners", i, "routes", j, "filters", k),
                                               spec, folder)  # fmt: skip
 
 
-def _python_filter(at: Loc, spec: PythonFilterSpec, folder: str | None) -> Iterator[Finding]:
+def _python_filter(at: Loc, spec: PythonOptions, folder: str | None) -> Iterator[Finding]:
     try:
         cls = python.load(spec.python, folder)
     except python.LoadError as exc:

@@ -44,7 +44,7 @@ from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
 
 if TYPE_CHECKING:
-    from proxy.config import Listener as ListenerConfig
+    from proxy.config import ListenerSpec
     from proxy.runtime.server import ProxyServer
     from proxy.server.listener import Listener
 
@@ -57,8 +57,8 @@ BACKLOG = 2048  # as ``Listener.start``
 class ListenerPlan:
     """Which running listeners stay (with their new config), start, or drain."""
 
-    kept: list[tuple[Listener, ListenerConfig]] = field(default_factory=list)
-    added: list[ListenerConfig] = field(default_factory=list)
+    kept: list[tuple[Listener, ListenerSpec]] = field(default_factory=list)
+    added: list[ListenerSpec] = field(default_factory=list)
     removed: list[Listener] = field(default_factory=list)
 
 
@@ -66,7 +66,7 @@ def _address(bind_host: str, port: int) -> tuple[str, int]:
     return bind_host.lower(), port
 
 
-def _match(running: Sequence[Listener], lc: ListenerConfig) -> Listener | None:
+def _match(running: Sequence[Listener], lc: ListenerSpec) -> Listener | None:
     """The running listener that serves ``lc`` on: same name and address, else (for a
     fixed port) the same address under another name."""
     wanted = _address(lc.host, lc.port)
@@ -77,7 +77,7 @@ def _match(running: Sequence[Listener], lc: ListenerConfig) -> Listener | None:
     return same[0] if same and lc.port != 0 else None
 
 
-def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerConfig]) -> ListenerPlan:
+def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerSpec]) -> ListenerPlan:
     """Match the new listener configs against the running listeners."""
     left = list(running)
     plan = ListenerPlan()
@@ -93,7 +93,7 @@ def plan_listeners(running: Sequence[Listener], configs: Sequence[ListenerConfig
 
 
 async def bind_socket(
-    loop: asyncio.AbstractEventLoop, lc: ListenerConfig, reuse_port: bool = False
+    loop: asyncio.AbstractEventLoop, lc: ListenerSpec, reuse_port: bool = False
 ) -> socket.socket:
     """A listening socket for ``lc`` (raises OSError), for ``Listener.start(sock)``.
     ``reuse_port``: SO_REUSEPORT, so that every worker process binds the address."""
@@ -110,7 +110,7 @@ async def bind_socket(
 
 async def bind_all(
     loop: asyncio.AbstractEventLoop,
-    configs: Sequence[ListenerConfig],
+    configs: Sequence[ListenerSpec],
     path: str,
     reuse_port: bool = False,
 ) -> tuple[list[socket.socket], list[str]]:

@@ -21,8 +21,7 @@ from typing import Literal, Protocol
 from proxy.admin import AdminHandle, start_admin
 from proxy.cache import Cache, build_caches
 from proxy.clock import Clock
-from proxy.config import Config
-from proxy.config import Listener as ListenerConfig
+from proxy.config import Config, ListenerSpec
 from proxy.config.diff import describe_changes
 from proxy.config.values import format_address
 from proxy.errors import BindError
@@ -152,7 +151,7 @@ class ProxyServer:
 
     def make_listener(
         self,
-        lc: ListenerConfig,
+        lc: ListenerSpec,
         pools: dict[str, Pool] | None = None,
         caches: dict[str, Cache] | None = None,
     ) -> Listener:

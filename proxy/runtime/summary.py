@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.config.values import format_duration
 
 if TYPE_CHECKING:
-    from proxy.config import Listener, Pool, Route, UpstreamSpec
+    from proxy.config import ListenerSpec, PoolSpec, RouteSpec, UpstreamSpec
     from proxy.runtime.server import ProxyServer
 
 
@@ -33,14 +33,14 @@ def startup_lines(server: ProxyServer) -> list[str]:
     return lines
 
 
-def _listener(lc: Listener, address: str) -> str:
+def _listener(lc: ListenerSpec, address: str) -> str:
     routes = ", ".join(_route(lc, route) for route in lc.routes)
     if not lc.routes:  # a redirect_https listener: every request gets the 308
         routes = f"/ -> {_redirect(lc.redirect_https)}"
     return f"listener {lc.name} serving on {address}{_tls(lc)}: {routes}"
 
 
-def _tls(lc: Listener) -> str:
+def _tls(lc: ListenerSpec) -> str:
     """`` with TLS (2 certificates, TLSv1.2+)``; empty for plain HTTP."""
     if lc.tls is None:
         return ""
@@ -51,7 +51,7 @@ def _tls(lc: Listener) -> str:
     return f" with TLS ({', '.join(parts)})"
 
 
-def _route(lc: Listener, route: Route) -> str:
+def _route(lc: ListenerSpec, route: RouteSpec) -> str:
     redirect = lc.redirect_https if route.redirect_https is None else route.redirect_https
     target = _redirect(redirect) if redirect is not False else route.pool
     return f"{route.match.host or ''}{route.match.path_prefix} -> {target}"
@@ -65,7 +65,7 @@ def _redirect(redirect: bool | int) -> str:
 _SHOWN = 8
 
 
-def _pool(name: str, pool: Pool) -> str:
+def _pool(name: str, pool: PoolSpec) -> str:
     count = len(pool.upstreams)
     shown = ", ".join(_upstream(spec) for spec in pool.upstreams[:_SHOWN])
     if count > _SHOWN:

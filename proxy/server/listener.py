@@ -31,7 +31,7 @@ from proxy.tls import ServerTLS, handshake_reason
 if TYPE_CHECKING:
     from proxy.cache import Cache
     from proxy.clock import Clock
-    from proxy.config import Listener as ListenerConfig
+    from proxy.config import ListenerSpec
     from proxy.http.headers import RequestIds
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
@@ -42,7 +42,7 @@ log = logging.getLogger("aiolb")
 
 
 def build_router(
-    lc: ListenerConfig,
+    lc: ListenerSpec,
     pools: Mapping[str, Pool],
     filters: FilterContext,
     caches: Mapping[str, Cache],
@@ -86,7 +86,7 @@ class Listener:
 
     def __init__(
         self,
-        config: ListenerConfig,
+        config: ListenerSpec,
         pools: Mapping[str, Pool],
         loop: asyncio.AbstractEventLoop,
         clock: Clock,
@@ -122,7 +122,7 @@ class Listener:
 
     def apply(
         self,
-        config: ListenerConfig,
+        config: ListenerSpec,
         pools: Mapping[str, Pool],
         tls: ServerTLS | None,
         caches: Mapping[str, Cache],

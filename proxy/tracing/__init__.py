@@ -38,7 +38,7 @@ from proxy.tracing.export import Exporter
 from proxy.tracing.span import ServerSpan
 
 if TYPE_CHECKING:
-    from proxy.config.models import Tracing
+    from proxy.config.models import TracingSpec
     from proxy.forwarding.exchange import Exchange
     from proxy.forwarding.router import Route
     from proxy.http.headers import RequestHeaders
@@ -70,7 +70,7 @@ class Tracer:
 
     __slots__ = ("_skip", "exporter", "next", "sample_rate")
 
-    def __init__(self, config: Tracing) -> None:
+    def __init__(self, config: TracingSpec) -> None:
         self.sample_rate = config.sample_rate
         self.exporter = Exporter(config)
         #: new traces to leave unsampled before the next sampled one

@@ -26,7 +26,7 @@ from proxy import __version__
 from proxy.tracing.otlp import export_request
 
 if TYPE_CHECKING:
-    from proxy.config.models import Tracing
+    from proxy.config.models import TracingSpec
 
 log = logging.getLogger("aiolb")
 
@@ -49,7 +49,7 @@ class Exporter:
         "headers", "queue", "resource",
     )  # fmt: skip
 
-    def __init__(self, config: Tracing) -> None:
+    def __init__(self, config: TracingSpec) -> None:
         self.endpoint = config.url
         self.headers = {"Content-Type": "application/x-protobuf", **config.headers}
         self.resource = {"service.name": config.service_name}

@@ -34,8 +34,7 @@ from proxy.metrics.stats import Stats
 from proxy.tls import client_context, tls_failure
 
 if TYPE_CHECKING:
-    from proxy.config import Pool as PoolConfig
-    from proxy.config import UpstreamSpec
+    from proxy.config import PoolSpec, UpstreamSpec
     from proxy.forwarding.exchange import Exchange
     from proxy.upstream.connection import UpstreamConnection
 
@@ -278,7 +277,7 @@ class Pool:
         "upstreams",
     )
 
-    def __init__(self, name: str, config: PoolConfig) -> None:
+    def __init__(self, name: str, config: PoolSpec) -> None:
         self.name = name
         active = config.health_check.active
         #: the active probe spec (``proxy.health.active``); None: not probed

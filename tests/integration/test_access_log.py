@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.config import Config
-from proxy.config.models import Metrics
+from proxy.config.models import MetricsSpec
 from tests.support import make_config, proxy_url, wait_for
 
 
@@ -139,7 +139,7 @@ async def test_metrics_off_still_writes_the_access_log(recorders, proxy, tmp_pat
     up = await recorders("a")
     log_path = tmp_path / "access.log"
     config = _with_access_log(make_config([up.url]), str(log_path))
-    config = config.model_copy(update={"metrics": Metrics(enabled=False)})
+    config = config.model_copy(update={"metrics": MetricsSpec(enabled=False)})
     server = await proxy(config)
     async with aiohttp.ClientSession() as session:
         for _ in range(3):

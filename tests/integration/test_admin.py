@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import __version__
 from proxy.admin import AdminError, start_admin
 from proxy.admin.security import is_loopback
-from proxy.config import Admin, Config
+from proxy.config import AdminSpec, Config
 from proxy.metrics.collector import METRICS
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import admin, get_json, request_counts, samples, scrape, send
@@ -377,7 +377,7 @@ async def test_reload_without_a_config_file_is_409(
 
 
 def with_admin(config: Config, **fields: Any) -> Config:
-    return config.model_copy(update={"admin": Admin(bind=f"{HOST}:0", **fields)})
+    return config.model_copy(update={"admin": AdminSpec(bind=f"{HOST}:0", **fields)})
 
 
 async def test_token_guards_everything_but_the_probes(
@@ -421,7 +421,7 @@ async def test_non_loopback_admin_without_token_is_refused(
     server = await proxy(make_config([(await recorders("a")).url]))
     for bind in ("0.0.0.0:0", "[::]:0", "10.1.2.3:0", "example.com:0"):
         with pytest.raises(AdminError, match="not a loopback address"):
-            await start_admin(server, Admin(bind=bind))
+            await start_admin(server, AdminSpec(bind=bind))
 
 
 def test_loopback_addresses() -> None:
@@ -549,10 +549,10 @@ async def test_with_a_token_any_host_unless_allowed_hosts_says(
 
 
 def test_allowed_hosts_are_names_without_ports() -> None:
-    admin_ = Admin(allowed_hosts=["Aiolb.Internal.", "[::1]", "10.0.0.7", "*"])
+    admin_ = AdminSpec(allowed_hosts=["Aiolb.Internal.", "[::1]", "10.0.0.7", "*"])
     assert admin_.allowed_hosts == ("aiolb.internal", "::1", "10.0.0.7", "*")
     for bad, word in (("aiolb.internal", "list of host names"), (["a.b:9901"], "port"),
                       (["*.example.com"], "invalid host name"), ([""], "invalid"),
                       (["[::1]:9901"], "invalid"), (["http://a.b"], "invalid")):  # fmt: skip
         with pytest.raises(ValueError, match=word):
-            Admin(allowed_hosts=bad)
+            AdminSpec(allowed_hosts=bad)

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.admin import AdminHandle, start_admin
-from proxy.config import Admin
+from proxy.config import AdminSpec
 from proxy.runtime.server import ProxyServer
 from tests.browser import Browser
 from tests.support import HOST, make_config, proxy_url
@@ -173,7 +173,7 @@ async def test_dashboard_shows_upstreams_marks_a_killed_one_and_drains(
     await browser.wait_until(js(banner, "!el.hidden"), what="connection-lost banner shown")
     assert await browser.evaluate(js(banner, "el.offsetHeight > 0")), "banner is visible"
     # (the proxy's shutdown stops the new one)
-    server.admin = await start_admin(server, Admin(bind=f"{HOST}:{handle.port}"))
+    server.admin = await start_admin(server, AdminSpec(bind=f"{HOST}:{handle.port}"))
     await browser.wait_until(js(banner, "el.hidden"), timeout=15, what="banner gone")
     assert browser.errors == []
 
@@ -182,7 +182,7 @@ async def test_dashboard_asks_for_the_token_once_and_sends_it(recorders, proxy, 
     ups = [await recorders(name) for name in ("a", "b")]
     a, b = (f"{HOST}:{u.port}" for u in ups)
     config = make_config([u.url for u in ups])
-    config = config.model_copy(update={"admin": Admin(bind=f"{HOST}:0", token=TOKEN)})
+    config = config.model_copy(update={"admin": AdminSpec(bind=f"{HOST}:0", token=TOKEN)})
     server = await proxy(config)
     handle = admin_of(server)
 

@@ -34,7 +34,7 @@ import uvloop
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from proxy.config.models import AccessLog as AccessLogConfig
+from proxy.config.models import AccessLogSpec
 from proxy.forwarding.exchange import Exchange
 from proxy.metrics.access_log import AccessLog
 from proxy.runtime.server import ProxyServer
@@ -146,7 +146,7 @@ class Background:
         self.thread.start()
         url = self.call(self.upstream.start())
         for name in ("fast", "general"):
-            log = AccessLogConfig(path=f"{self.logs}/{name}.log")
+            log = AccessLogSpec(path=f"{self.logs}/{name}.log")
             config = make_config([url]).model_copy(update={"access_log": log})
             self.proxies[name] = self.call(start_proxy(config))
         self.proxies["general"].pools["main"].fast_path = False

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config.models import AccessLog as AccessLogConfig
+from proxy.config.models import AccessLogSpec
 from proxy.forwarding.exchange import Exchange
 from proxy.runtime.server import ProxyServer
 from tests.support import (
@@ -279,7 +279,7 @@ async def test_rewrites_chain_in_order_and_the_access_log_keeps_the_client_path(
         {"rewrite": {"strip_prefix": "/api"}},
         {"rewrite": {"replace_prefix": {"from": "/v1", "to": "/internal/v1"}}},
     ))  # fmt: skip
-    config = config.model_copy(update={"access_log": AccessLogConfig(path=str(log))})
+    config = config.model_copy(update={"access_log": AccessLogSpec(path=str(log))})
     server = await proxy(config)
     await get(proxy_url(server, "/api/v1/x"))
     assert rec.seen[-1].path == "/internal/v1/x"

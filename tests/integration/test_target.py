@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config.models import AccessLog as AccessLogConfig
+from proxy.config.models import AccessLogSpec
 from proxy.runtime.server import ProxyServer
 from tests.support import RawUpstream, make_config, raw_exchange, wait_for
 
@@ -108,7 +108,7 @@ async def test_filters_the_cache_and_the_access_log_see_the_normalised_target(
          "filters": [{"rewrite": {"strip_prefix": "/api"}}]},
         {"match": {"path_prefix": "/"}, "pool": "main", "cache": "main"},
     ])  # fmt: skip
-    server = await proxy(config.model_copy(update={"access_log": AccessLogConfig(path=str(log))}))
+    server = await proxy(config.model_copy(update={"access_log": AccessLogSpec(path=str(log))}))
     # the rewrite filter strips the prefix it sees in the normalised path
     assert (await ask(server, b"//api/./v1")).startswith(b"HTTP/1.1 200 ")
     assert targets(raw) == [b"/v1"]

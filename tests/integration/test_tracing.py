@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from proxy.config import Config
-from proxy.config.models import Tracing
+from proxy.config.models import TracingSpec
 from proxy.runtime.server import ProxyServer
 from tests.support import HOST, Aiolb, Recorder, make_config, proxy_url, wait_for
 
@@ -79,7 +79,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 def traced(config: Config, receiver: Receiver, **tracing: Any) -> Config:
     settings = {"endpoint": receiver.url, "sample_rate": 1.0, **tracing}
-    return config.model_copy(update={"tracing": Tracing.model_validate(settings)})
+    return config.model_copy(update={"tracing": TracingSpec.model_validate(settings)})
 
 
 def attrs(span: Span) -> dict[str, Any]:
@@ -291,7 +291,7 @@ async def test_an_unreachable_collector_drops_spans_and_counts_them(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
     up = await recorders("up")
-    config = make_config([up.url]).model_copy(update={"tracing": Tracing.model_validate(
+    config = make_config([up.url]).model_copy(update={"tracing": TracingSpec.model_validate(
         {"endpoint": f"http://{HOST}:{closed_port()}", "sample_rate": 1.0})})  # fmt: skip
     server = await proxy(config)
     assert await fetch(server) == 200

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.balancing import REGISTRY
 from proxy.balancing.base import effective_weights, integer_weights
-from proxy.balancing.consistent_hash import ConsistentHash, parse_key
+from proxy.balancing.consistent_hash import ConsistentHash, key_reader
 from proxy.balancing.ip_hash import IpHash
 from proxy.balancing.least_connections import LeastConnections
 from proxy.balancing.peak_ewma import PeakEwma
@@ -25,8 +25,8 @@ from proxy.balancing.random import WeightedRandom
 from proxy.balancing.ring import HashRing
 from proxy.balancing.slow_start import SlowStart, ramp
 from proxy.balancing.weighted_round_robin import WeightedRoundRobin, smooth_schedule
-from proxy.config import BALANCER_NAMES, BalancerName, Config, load_config
-from proxy.config import Pool as PoolConfig
+from proxy.config import BALANCER_NAMES, BalancerName, Config, PoolSpec, load_config
+from proxy.config.keys import RequestKey, parse_key
 from proxy.upstream.pool import Pool
 
 OPTIONS: Mapping[str, Mapping[str, Any]] = {"consistent_hash": {"key": "header:x-user"}}
@@ -164,7 +164,7 @@ def user_request(i: int) -> FakeRequest:
 # -- the pool: backups, availability, slow start --------------------------------------
 
 
-def pool_config(balancer: str, slow_start: str | None = None) -> PoolConfig:
+def pool_config(balancer: str, slow_start: str | None = None) -> PoolSpec:
     spec: dict[str, Any] = {"name": balancer, **OPTIONS.get(balancer, {})}
     data: dict[str, Any] = {
         "balancer": spec,
@@ -177,7 +177,7 @@ def pool_config(balancer: str, slow_start: str | None = None) -> PoolConfig:
     }
     if slow_start is not None:
         data["slow_start"] = slow_start
-    return PoolConfig.model_validate(data)
+    return PoolSpec.model_validate(data)
 
 
 def picked_addresses(pool: Pool, count: int = 300) -> set[str | None]:
@@ -283,12 +283,12 @@ def test_example_config_loads_and_builds_every_pool() -> None:
 def test_config_rejects_bad_balancer_options(balancer: dict[str, Any], problem: str) -> None:
     data = {"balancer": balancer, "upstreams": [{"url": "http://10.0.0.1:80"}]}
     with pytest.raises(ValueError, match=problem):
-        PoolConfig.model_validate(data)
+        PoolSpec.model_validate(data)
 
 
 def test_config_parses_option_values() -> None:
     spec = {"name": "peak_ewma", "decay": "1m30s"}
-    config = PoolConfig.model_validate({"balancer": spec, "upstreams": [{"url": "http://a"}]})
+    config = PoolSpec.model_validate({"balancer": spec, "upstreams": [{"url": "http://a"}]})
     assert config.balancer.options == {"decay": 90.0}
     assert config.slow_start is None
 
@@ -418,13 +418,20 @@ def test_ring_growing_weight_only_moves_keys_to_the_grower() -> None:
 def test_key_extraction_reads_only_what_it_needs(
     key: str, request_: FakeRequest, value: bytes | None
 ) -> None:
-    assert parse_key(key)(request_) == value  # FakeRequest fails on any other read
+    assert key_reader(key)(request_) == value  # FakeRequest fails on any other read
 
 
 @pytest.mark.parametrize("bad", ["", "header", "header:", "bogus:x", "cookie:a b", "query:a=b"])
 def test_bad_keys_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
-        parse_key(bad)
+        key_reader(bad)
+
+
+def test_the_key_syntax_splits_kind_and_name() -> None:
+    assert parse_key("header:X-User") == RequestKey("header", "X-User")
+    assert parse_key("client_ip") == RequestKey("client_ip", "")
+    with pytest.raises(ValueError, match="is not a key; use one of header:NAME"):
+        parse_key("bogus:x")
 
 
 @pytest.mark.parametrize(

@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
+import ast
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
 
+import proxy
 import proxy.balancing
 from proxy.config import (
     BALANCER_NAMES,
-    Admin,
+    AdminSpec,
     BalancerName,
     Config,
     ConfigError,
-    Limits,
-    Listener,
-    ListenerTimeouts,
-    Match,
-    Pool,
-    PoolTimeouts,
+    LimitsSpec,
+    ListenerSpec,
+    ListenerTimeoutsSpec,
+    MatchSpec,
+    PoolSpec,
+    PoolTimeoutsSpec,
     UpstreamSpec,
     load_config,
+    log_fields,
     parse_config,
     parse_duration,
     parse_size,
 )
+from proxy.config.balancer import BALANCER_OPTIONS
+from proxy.config.base import ConfigModel
 from proxy.config.diff import describe_changes
+from proxy.config.filters import FILTER_OPTIONS, FilterOptions
 from proxy.config.source import expand
 from proxy.config.values import format_duration, format_size
+from proxy.metrics import log_format
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "config").glob("*.yaml"))
 
@@ -110,17 +118,17 @@ def test_parse_size_rejects(value: object) -> None:
 
 
 def test_sizes_and_durations_in_models() -> None:
-    limits = Limits(max_header_size="16KiB", max_uri_size="2k", max_body_size="1MB")
+    limits = LimitsSpec(max_header_size="16KiB", max_uri_size="2k", max_body_size="1MB")
     assert (limits.max_header_size, limits.max_uri_size, limits.max_body_size) == (
         16384, 2048, 1_000_000)  # fmt: skip
-    timeouts = PoolTimeouts(connect="250ms", read="1m")
+    timeouts = PoolTimeoutsSpec(connect="250ms", read="1m")
     assert (timeouts.connect, timeouts.read) == (0.25, 60.0)
 
 
 @pytest.mark.parametrize("value", [0, -1, "0s"])
 def test_timeouts_must_be_positive(value: object) -> None:
     with pytest.raises(ValidationError, match="greater than 0"):
-        ListenerTimeouts(header=value)
+        ListenerTimeoutsSpec(header=value)
 
 
 # --- models and defaults --------------------------------------------------------------
@@ -130,13 +138,41 @@ def test_every_default() -> None:
     config = Config.model_validate(minimal())
     listener, pool = config.listeners[0], config.pools["web"]
     assert (config.workers, config.admin.bind, config.admin.token) == (1, "127.0.0.1:9901", None)
-    assert listener.timeouts == ListenerTimeouts(header=10.0, idle=60.0, body=60.0)
-    assert listener.limits == Limits(max_header_size=65536, max_uri_size=8192, max_body_size=None)
-    assert listener.routes[0].match == Match(host=None, path_prefix="/")
+    assert listener.timeouts == ListenerTimeoutsSpec(header=10.0, idle=60.0, body=60.0)
+    limits = LimitsSpec(max_header_size=65536, max_uri_size=8192, max_body_size=None)
+    assert listener.limits == limits
+    assert listener.routes[0].match == MatchSpec(host=None, path_prefix="/")
     assert (pool.balancer.name, pool.balancer.options, pool.max_idle_connections) == (
         "round_robin", {}, None)  # fmt: skip
-    assert pool.timeouts == PoolTimeouts(connect=3.0, response_header=30.0, idle=60.0, read=60.0)
+    timeouts = PoolTimeoutsSpec(connect=3.0, response_header=30.0, idle=60.0, read=60.0)
+    assert pool.timeouts == timeouts
     assert (pool.upstreams[0].weight, pool.upstreams[0].backup) == (1, False)
+
+
+def _models(base: type[ConfigModel]) -> Iterator[type[ConfigModel]]:
+    for model in base.__subclasses__():
+        yield model
+        yield from _models(model)
+
+
+def test_config_models_follow_one_naming_rule() -> None:
+    """Config models are ``*Spec``, except the root ``Config`` and the filters' and
+    balancers' options (``*Options``), so no config model is named like a runtime class
+    and none is imported under an alias."""
+    options = {FilterOptions, *FILTER_OPTIONS.values(), *BALANCER_OPTIONS.values()}
+    models = [m for m in _models(ConfigModel) if m.__module__.startswith("proxy.config.")]
+    assert len(models) > 30
+    for model in models:
+        suffix = "Options" if model in options else "Spec"
+        assert model is Config or model.__name__.endswith(suffix), model
+    runtime = {
+        node.name
+        for path in (Path(proxy.__file__).parent).rglob("*.py")
+        if "config" not in path.relative_to(Path(proxy.__file__).parent).parts[:1]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+    }
+    assert not runtime & {model.__name__ for model in models}
 
 
 def test_models_are_frozen_and_forbid_unknown_keys() -> None:
@@ -144,7 +180,7 @@ def test_models_are_frozen_and_forbid_unknown_keys() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         config.workers = 2  # type: ignore[misc]
     with pytest.raises(ValidationError, match="Extra inputs"):
-        Admin(bind="127.0.0.1:1", tokn="x")  # type: ignore[call-arg]
+        AdminSpec(bind="127.0.0.1:1", tokn="x")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -153,7 +189,7 @@ def test_models_are_frozen_and_forbid_unknown_keys() -> None:
      ("[::1]:8080", "::1", 8080), ("localhost:65535", "localhost", 65535)],
 )  # fmt: skip
 def test_listener_bind(bind: str, host: str, port: int) -> None:
-    listener = Listener(name="a", bind=bind, routes=[{"pool": "p"}])
+    listener = ListenerSpec(name="a", bind=bind, routes=[{"pool": "p"}])
     assert (listener.host, listener.port) == (host, port)
 
 
@@ -161,7 +197,7 @@ def test_listener_bind(bind: str, host: str, port: int) -> None:
                                   "a b:80", "h:8o"])  # fmt: skip
 def test_listener_bind_rejects(bind: str) -> None:
     with pytest.raises(ValidationError, match="bind"):
-        Listener(name="a", bind=bind, routes=[{"pool": "p"}])
+        ListenerSpec(name="a", bind=bind, routes=[{"pool": "p"}])
 
 
 @pytest.mark.parametrize(
@@ -191,13 +227,13 @@ def test_upstream_url_rejects(url: str, message: str) -> None:
 
 
 def test_match_host_and_prefix() -> None:
-    assert Match(host="API.Example.com").host == "api.example.com"
-    assert Match(host="*.example.com").host == "*.example.com"
+    assert MatchSpec(host="API.Example.com").host == "api.example.com"
+    assert MatchSpec(host="*.example.com").host == "*.example.com"
     for host, message in [("a.com:80", "port"), ("a*.com", "invalid host"), ("", "invalid host")]:
         with pytest.raises(ValidationError, match=message):
-            Match(host=host)
+            MatchSpec(host=host)
     with pytest.raises(ValidationError, match="must start with '/'"):
-        Match(path_prefix="api/")
+        MatchSpec(path_prefix="api/")
 
 
 @pytest.mark.parametrize(("value", "workers"), [(1, 1), (8, 8), ("4", 4), ("auto", "auto")])
@@ -212,8 +248,8 @@ def test_workers_rejects(value: object) -> None:
 
 
 def test_admin_empty_token_is_none() -> None:
-    assert Admin(token="").token is None
-    assert Admin(token="s3cret").token == "s3cret"
+    assert AdminSpec(token="").token is None
+    assert AdminSpec(token="s3cret").token == "s3cret"
 
 
 # --- balancer ---------------------------------------------------------------------------
@@ -226,13 +262,14 @@ def test_balancer_names_match_registry() -> None:
 
 def test_balancer_string_and_dict_forms() -> None:
     upstreams = [{"url": "http://127.0.0.1:9001"}]
-    named = Pool.model_validate({"balancer": "round_robin", "upstreams": upstreams})
+    named = PoolSpec.model_validate({"balancer": "round_robin", "upstreams": upstreams})
     assert named.balancer.name == "round_robin"
-    spec = Pool.model_validate(
+    spec = PoolSpec.model_validate(
         {"balancer": {"name": "consistent_hash", "key": "header:X-User"}, "upstreams": upstreams}
     ).balancer
     assert (spec.name, spec.options) == ("consistent_hash", {"key": "header:X-User"})
-    dumped = Pool.model_validate({"balancer": spec.model_dump(), "upstreams": upstreams}).balancer
+    again = {"balancer": spec.model_dump(), "upstreams": upstreams}
+    dumped = PoolSpec.model_validate(again).balancer
     assert dumped == spec
 
 
@@ -418,6 +455,11 @@ def test_access_log_format_forms(tmp_path: Path) -> None:
     assert load(tmp_path, text).access_log.format == ("status", "path")  # type: ignore[union-attr]
     template = VALID + "access_log:\n  format: '$$ $status'\n"
     assert load(tmp_path, template).access_log.format == "$$ $status"  # type: ignore[union-attr]
+
+
+def test_every_access_log_field_has_a_value() -> None:
+    """The config's field names and the formatter's table are one list, in one order."""
+    assert tuple(log_format._FIELDS) == log_fields.FIELDS
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:

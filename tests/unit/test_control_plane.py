@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin.recent import RecentStats, Sample, compare
-from proxy.config import Pool as PoolConfig
+from proxy.config import PoolSpec
 from proxy.metrics.collector import build_registry
 from proxy.metrics.stats import BUCKETS, Stats
 from proxy.runtime.reload import plan_listeners
@@ -114,9 +114,9 @@ def test_plan_treats_a_moved_listener_as_remove_and_add() -> None:
     assert [lst.name for lst in plan.removed] == ["a"]
 
 
-def pool_config(*ports: int, **extra: Any) -> PoolConfig:
+def pool_config(*ports: int, **extra: Any) -> PoolSpec:
     ups = [{"url": f"http://127.0.0.1:{p}"} for p in ports]
-    return PoolConfig.model_validate({"upstreams": ups, **extra})
+    return PoolSpec.model_validate({"upstreams": ups, **extra})
 
 
 def test_adopt_keeps_upstream_objects_and_counters() -> None:

@@ -13,7 +13,8 @@ import yaml
 
 import proxy.filters
 from proxy.config import ConfigError, parse_config
-from proxy.config.filters import FILTER_NAMES, FILTER_OPTIONS, FilterSpec, Rate, parse_rate
+from proxy.config.filter_values import Rate, parse_rate
+from proxy.config.filters import FILTER_NAMES, FILTER_OPTIONS, FilterSpec
 from proxy.config.schema import effective
 from proxy.filters.base import Filter, Headers, LocalResponse, Response, implements
 from proxy.filters.buckets import LocalBuckets, SharedBuckets, take

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.config.balancer import BALANCER_OPTIONS
 from proxy.config.filters import FILTER_OPTIONS
-from proxy.config.models import BALANCER_OPTIONS
 from proxy.config.schema import FILTERS_AT, filter_keys, keys
 from proxy.docs import REFERENCES, config_reference
 from proxy.docs import main as docs_main

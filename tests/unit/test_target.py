@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from proxy.config.models import Match
+from proxy.config import MatchSpec
 from proxy.http.target import normal_target
 
 
@@ -148,6 +148,6 @@ def test_normalising_is_idempotent_and_leaves_no_dots_or_empty_segments(target: 
 )
 def test_a_path_prefix_no_normalised_path_starts_with_is_refused(prefix: str, written: str):
     with pytest.raises(ValidationError) as refused:
-        Match(path_prefix=prefix)
+        MatchSpec(path_prefix=prefix)
     assert f"can never match a normalised request path{written} [" in str(refused.value)
-    assert all(Match(path_prefix=p) for p in ("/", "/api/", "/a/.well-known", "/a%2F", "/q?x="))
+    assert all(MatchSpec(path_prefix=p) for p in ("/", "/api/", "/a/.well-known", "/a%2F", "/q?x="))

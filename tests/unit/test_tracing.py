@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from proxy.config.models import Tracing
+from proxy.config.models import TracingSpec
 from proxy.http.headers import RequestHeaders
 from proxy.metrics.log_format import compile_format
 from proxy.tracing import Tracer, otlp
@@ -83,7 +83,7 @@ def test_headers_note_the_trace_headers_and_forward_them() -> None:
     ],
 )
 def test_the_endpoint_gets_the_traces_path_only_without_a_path(endpoint: str, url: str) -> None:
-    assert Tracing(endpoint=endpoint).url == url
+    assert TracingSpec(endpoint=endpoint).url == url
 
 
 def test_the_access_log_trace_id_field() -> None:
@@ -98,7 +98,7 @@ def test_the_access_log_trace_id_field() -> None:
 
 
 def test_a_full_queue_drops_and_counts() -> None:
-    exporter = Exporter(Tracing(endpoint="http://127.0.0.1:9"))
+    exporter = Exporter(TracingSpec(endpoint="http://127.0.0.1:9"))
     exporter.add([b"x"] * MAX_QUEUE)
     exporter.add([b"y", b"z"])
     assert (len(exporter.queue), exporter.dropped) == (MAX_QUEUE, 2)
@@ -106,7 +106,7 @@ def test_a_full_queue_drops_and_counts() -> None:
 
 def test_new_traces_are_sampled_at_the_rate() -> None:
     for rate, low, high in ((0.0, 0, 0), (1.0, 20_000, 20_000), (0.25, 4_600, 5_400)):
-        tracer = Tracer(Tracing(endpoint="http://127.0.0.1:9", sample_rate=rate))
+        tracer = Tracer(TracingSpec(endpoint="http://127.0.0.1:9", sample_rate=rate))
         lines = [tracer.next() for _ in range(20_000)]
         assert low <= lines.count(None) <= high
         values = [line[2] for line in lines if line is not None]

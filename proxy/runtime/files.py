@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from proxy.config.models import Config, ListenerTLS, UpstreamTLS
+from proxy.config import Config, ListenerTLSSpec, UpstreamTLSSpec
 from proxy.tls import ServerTLS, TLSFileError, client_context, load_pair, read_certificate
 
 Loc = tuple[str | int, ...]
@@ -45,7 +45,7 @@ def check_files(config: Config, now: dt.datetime | None = None) -> list[FileProb
     return found
 
 
-def _listener(loc: Loc, spec: ListenerTLS, now: dt.datetime) -> Iterator[FileProblem]:
+def _listener(loc: Loc, spec: ListenerTLSSpec, now: dt.datetime) -> Iterator[FileProblem]:
     failed = False
     for j, certificate in enumerate(spec.certificates):
         where = (*loc, "certificates", j)
@@ -70,7 +70,7 @@ def _listener(loc: Loc, spec: ListenerTLS, now: dt.datetime) -> Iterator[FilePro
         yield FileProblem((*loc, exc.field), exc.message)
 
 
-def _pool(loc: Loc, spec: UpstreamTLS | None, now: dt.datetime) -> Iterator[FileProblem]:
+def _pool(loc: Loc, spec: UpstreamTLSSpec | None, now: dt.datetime) -> Iterator[FileProblem]:
     try:
         client_context(spec)
     except TLSFileError as exc:
