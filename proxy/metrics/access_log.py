@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.metrics.log_format import DEFAULT_FIELDS, compile_format
 
 if TYPE_CHECKING:
-    from proxy.upstream.pool import Pool, Upstream
+    from proxy.metrics.source import PoolRef, UpstreamRef
 
 log = logging.getLogger("aiolb")
 
@@ -69,7 +69,7 @@ class AccessLog:
         self, now: float, client: str, method: bytes, target: bytes, status: int,
         bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
         host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
-        pool: Pool | None, upstream: Upstream | None, ex: object,
+        pool: PoolRef | None, upstream: UpstreamRef | None, ex: object,
     ) -> None:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
         ``upstream``: the one tried last, None: none was; ``pool`` None: before routing;
