@@ -57,10 +57,10 @@ from proxy import __version__
 from proxy.filters import label
 
 if TYPE_CHECKING:
+    from proxy.admin.control import Server
     from proxy.admin.recent import RecentStats
     from proxy.config import Listener as ListenerConfig
     from proxy.config import Pool as PoolConfig
-    from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
 
@@ -102,7 +102,7 @@ def upstream_view(
     }
 
 
-def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str, Any]:
+def pool_view(server: Server, pool: Pool, recent: RecentStats) -> dict[str, Any]:
     """One pool and all its upstreams."""
     spec = server.config.pools.get(pool.name)
     now = server.loop.time()
@@ -122,7 +122,7 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
     }
 
 
-def _budget(server: ProxyServer, pool: Pool, spec: PoolConfig | None, now: float) -> Any:
+def _budget(server: Server, pool: Pool, spec: PoolConfig | None, now: float) -> Any:
     summed = server.retry_budget_left
     budget = pool.retry.budget
     left = summed.get(pool.name, 0.0) if summed is not None else budget.available(
@@ -145,7 +145,7 @@ def _ejection(pool: Pool, spec: PoolConfig | None) -> dict[str, Any]:
     }
 
 
-def route_views(server: ProxyServer, lc: ListenerConfig) -> list[dict[str, Any]]:
+def route_views(server: Server, lc: ListenerConfig) -> list[dict[str, Any]]:
     """A listener's routes: name, match, pool, filters, cache and requests rate-limited."""
     limited: dict[str, int] = {}
     for (route, _), counts in server.filters.counts.items():
@@ -158,7 +158,7 @@ def route_views(server: ProxyServer, lc: ListenerConfig) -> list[dict[str, Any]]
     ]  # fmt: skip
 
 
-def server_view(server: ProxyServer) -> dict[str, Any]:
+def server_view(server: Server) -> dict[str, Any]:
     """The whole ``GET /api/server`` answer."""
     counts = server.client_connection_counts()
     addresses = server.listener_addresses()
@@ -181,7 +181,7 @@ def server_view(server: ProxyServer) -> dict[str, Any]:
     }
 
 
-def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
+def pools_view(server: Server, recent: RecentStats) -> dict[str, Any]:
     """The whole ``GET /api/pools`` answer."""
     return {
         "ready": server.ready,
@@ -190,7 +190,7 @@ def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
     }
 
 
-def caches_view(server: ProxyServer) -> dict[str, Any]:
+def caches_view(server: Server) -> dict[str, Any]:
     """The whole ``GET /api/caches`` answer: every cache, its store and counters.
 
     ``hit_ratio`` is the share of the lookups (hits, stale hits, revalidations,
