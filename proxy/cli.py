@@ -233,7 +233,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from proxy.runtime.workers import run_worker
+    from proxy.runtime.worker import run_worker
 
     async def main() -> None:
         await run_worker(args.control_fd, args.index)

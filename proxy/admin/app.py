@@ -48,8 +48,8 @@ from proxy.errors import BindError
 from proxy.metrics.collector import build_registry
 
 if TYPE_CHECKING:
+    from proxy.admin.control import Server
     from proxy.config import AdminSpec
-    from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb.admin")
@@ -65,10 +65,11 @@ SHUTDOWN_TIMEOUT = 2.0  # seconds an admin request may still run when the proxy 
 
 
 class AdminApi:
-    """The handlers over one ``ProxyServer``; ``app()`` wires them into aiohttp."""
+    """The handlers over one ``ProxyServer`` (``control.Server``); ``app()`` wires them
+    into aiohttp."""
 
     def __init__(
-        self, server: ProxyServer, token: str | None, hosts: frozenset[str] | None
+        self, server: Server, token: str | None, hosts: frozenset[str] | None
     ) -> None:
         self.server = server
         self.token = token
@@ -279,7 +280,7 @@ class AdminHandle:
 
 
 async def start_admin(
-    server: ProxyServer, admin: AdminSpec, *, fallback_to_any_port: bool = False
+    server: Server, admin: AdminSpec, *, fallback_to_any_port: bool = False
 ) -> AdminHandle:
     """Serve the admin API for ``server`` on ``admin.bind`` (port 0: any free port).
 

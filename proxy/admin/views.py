@@ -57,9 +57,9 @@ from proxy import __version__
 from proxy.filters import label
 
 if TYPE_CHECKING:
+    from proxy.admin.control import Server
     from proxy.admin.recent import RecentStats
     from proxy.config import ListenerSpec, PoolSpec
-    from proxy.runtime.server import ProxyServer
     from proxy.upstream.pool import Pool, Upstream
 
 
@@ -101,7 +101,7 @@ def upstream_view(
     }
 
 
-def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str, Any]:
+def pool_view(server: Server, pool: Pool, recent: RecentStats) -> dict[str, Any]:
     """One pool and all its upstreams."""
     spec = server.config.pools.get(pool.name)
     now = server.loop.time()
@@ -121,7 +121,7 @@ def pool_view(server: ProxyServer, pool: Pool, recent: RecentStats) -> dict[str,
     }
 
 
-def _budget(server: ProxyServer, pool: Pool, spec: PoolSpec | None, now: float) -> Any:
+def _budget(server: Server, pool: Pool, spec: PoolSpec | None, now: float) -> Any:
     summed = server.retry_budget_left
     budget = pool.retry.budget
     left = summed.get(pool.name, 0.0) if summed is not None else budget.available(
@@ -144,7 +144,7 @@ def _ejection(pool: Pool, spec: PoolSpec | None) -> dict[str, Any]:
     }
 
 
-def route_views(server: ProxyServer, lc: ListenerSpec) -> list[dict[str, Any]]:
+def route_views(server: Server, lc: ListenerSpec) -> list[dict[str, Any]]:
     """A listener's routes: name, match, pool, filters, cache and requests rate-limited."""
     limited: dict[str, int] = {}
     for (route, _), counts in server.filters.counts.items():
@@ -157,7 +157,7 @@ def route_views(server: ProxyServer, lc: ListenerSpec) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def server_view(server: ProxyServer) -> dict[str, Any]:
+def server_view(server: Server) -> dict[str, Any]:
     """The whole ``GET /api/server`` answer."""
     counts = server.client_connection_counts()
     addresses = server.listener_addresses()
@@ -180,7 +180,7 @@ def server_view(server: ProxyServer) -> dict[str, Any]:
     }
 
 
-def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
+def pools_view(server: Server, recent: RecentStats) -> dict[str, Any]:
     """The whole ``GET /api/pools`` answer."""
     return {
         "ready": server.ready,
@@ -189,7 +189,7 @@ def pools_view(server: ProxyServer, recent: RecentStats) -> dict[str, Any]:
     }
 
 
-def caches_view(server: ProxyServer) -> dict[str, Any]:
+def caches_view(server: Server) -> dict[str, Any]:
     """The whole ``GET /api/caches`` answer: every cache, its store and counters.
 
     ``hit_ratio`` is the share of the lookups (hits, stale hits, revalidations,

@@ -302,7 +302,7 @@ class ExchangeCore:
         if self.client.record:
             self._record()
         if self.span is not None:
-            self.span.end(self)  # type: ignore[arg-type]
+            self.span.end(self)
         self.client.exchange_done(self, self.keep_alive and not close)
 
     def _record(self) -> None:
@@ -359,7 +359,7 @@ class ExchangeCore:
         if self.status and self.client.record:  # answered, then cut short: still counted
             self._record()
         if self.span is not None:
-            self.span.end(self)  # type: ignore[arg-type]
+            self.span.end(self)
 
     def later(self, pending: Coroutine[Any, Any, T], then: Callable[[T], None]) -> None:
         """Finish a phase that went async (a filter hook, a cache lookup or wait) in the

@@ -268,7 +268,7 @@ class Responses(Attempts):
             seconds = perf_counter() - self.started
             upstream.stats.record(client.listener.name, self.method, 101, seconds)
         if self.span is not None:
-            self.span.end(self)  # type: ignore[arg-type]
+            self.span.end(self)
         client.switch(self, conn, protocol.decode(errors="replace"), head, rest)
         return True
 

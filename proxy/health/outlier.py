@@ -17,21 +17,49 @@ least one upstream may be, as in Envoy), and never the pool's last available
 upstream: failing over to nothing is worse than an upstream that fails sometimes.
 
 The detector works on plain attributes of the upstream (``failures``, ``ejected``,
-``ejected_until``, ``ejections``, ``eject_level``, ``returned_at``) and tells the
-caller whether the available set changed; the pool rebuilds its balancer then.
+``ejected_until``, ``ejections``, ``eject_level``, ``returned_at``: ``Ejectable``) and
+tells the caller whether the available set changed; the pool rebuilds its balancer then.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from proxy.config import PassiveHealthCheckSpec
-    from proxy.upstream.pool import Upstream
 
 log = logging.getLogger("aiolb")
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Ejectable(Protocol):
+    """An upstream as the detector sees it (``upstream.pool.Upstream`` is one): it reads
+    ``address``, ``pool.name`` and ``available``, and keeps its state in the others."""
+
+    failures: int  # consecutive failed attempts
+    ejected: bool
+    ejected_until: float  # loop time
+    ejections: int  # times ejected
+    eject_level: int  # the ejection time multiplier
+    returned_at: float  # loop time of the last return to rotation
+    passes: int  # consecutive passed probes (set to 0 on ejection)
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def pool(self) -> Named: ...
+
+    @property
+    def available(self) -> bool:
+        """Healthy, enabled and not ejected."""
+        ...
 
 
 class OutlierDetector:
@@ -45,7 +73,7 @@ class OutlierDetector:
         self.max_percent = config.max_ejection_percent
 
     def failure(
-        self, upstream: Upstream, upstreams: Sequence[Upstream], now: float, reason: str
+        self, upstream: Ejectable, upstreams: Sequence[Ejectable], now: float, reason: str
     ) -> bool:
         """One failed attempt; True when it ejected ``upstream``."""
         upstream.failures += 1
@@ -69,7 +97,7 @@ class OutlierDetector:
         )  # fmt: skip
         return True
 
-    def _may_eject(self, upstream: Upstream, upstreams: Sequence[Upstream]) -> bool:
+    def _may_eject(self, upstream: Ejectable, upstreams: Sequence[Ejectable]) -> bool:
         ejected = sum(u.ejected for u in upstreams)
         allowed = max(1, len(upstreams) * self.max_percent // 100) if self.max_percent else 0
         if ejected + 1 > allowed:
@@ -77,7 +105,7 @@ class OutlierDetector:
         others = any(u.available for u in upstreams if u is not upstream)
         return others  # never the last available upstream
 
-    def sweep(self, upstreams: Sequence[Upstream], now: float) -> bool:
+    def sweep(self, upstreams: Sequence[Ejectable], now: float) -> bool:
         """Return upstreams whose ejection is over; True when any returned."""
         changed = False
         for upstream in upstreams:
@@ -93,7 +121,7 @@ class OutlierDetector:
         )
 
 
-def readmit(upstream: Upstream, now: float, why: str) -> None:
+def readmit(upstream: Ejectable, now: float, why: str) -> None:
     """End ``upstream``'s ejection (the caller rebuilds the pool's balancer)."""
     upstream.ejected = False
     upstream.ejected_until = 0.0

@@ -27,7 +27,7 @@ from proxy.config.log_fields import DEFAULT_FIELDS
 from proxy.metrics.log_format import compile_format
 
 if TYPE_CHECKING:
-    from proxy.upstream.pool import Pool, Upstream
+    from proxy.metrics.source import PoolRef, UpstreamRef
 
 log = logging.getLogger("aiolb")
 
@@ -70,7 +70,7 @@ class AccessLog:
         self, now: float, client: str, method: bytes, target: bytes, status: int,
         bytes_in: int, bytes_out: int, seconds: float, attempts: int, request_id: bytes,
         host: bytes | None, headers: list[tuple[bytes, bytes]], listener: str,
-        pool: Pool | None, upstream: Upstream | None, ex: object,
+        pool: PoolRef | None, upstream: UpstreamRef | None, ex: object,
     ) -> None:
         """Format and queue one request's line (the hot path; ``now`` is ``time.time()``;
         ``upstream``: the one tried last, None: none was; ``pool`` None: before routing;

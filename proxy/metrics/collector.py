@@ -50,8 +50,7 @@ from prometheus_client.registry import Collector
 from proxy.metrics.stats import BUCKETS, Histogram, Stats, method_label
 
 if TYPE_CHECKING:
-    from proxy.runtime.server import ProxyServer
-    from proxy.upstream.pool import Upstream
+    from proxy.metrics.source import Source, UpstreamView
 
 REQUEST_LABELS = ("listener", "pool", "upstream", "method", "code")
 UPSTREAM_LABELS = ("pool", "upstream")
@@ -210,9 +209,10 @@ def cumulative(buckets: list[int]) -> list[tuple[str, float]]:
 
 
 class ProxyCollector(Collector):
-    """Every metric of the contract, read from a live ``ProxyServer`` at scrape time."""
+    """Every metric of the contract, read from a live ``ProxyServer`` at scrape time
+    (what it reads: ``proxy.metrics.source.Source``)."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: Source) -> None:
         self.server = server
 
     def describe(self) -> list[Metric]:
@@ -340,13 +340,13 @@ class ProxyCollector(Collector):
         return family
 
 
-def _add_checks(family: CounterMetricFamily, labels: list[str], upstream: Upstream) -> None:
+def _add_checks(family: CounterMetricFamily, labels: list[str], upstream: UpstreamView) -> None:
     """Samples from ``upstream.health_checks`` (result -> count)."""
     for result, n in sorted(upstream.health_checks.items()):
         family.add_metric([*labels, result], n)
 
 
-def build_registry(server: ProxyServer) -> CollectorRegistry:
+def build_registry(server: Source) -> CollectorRegistry:
     """A registry of its own for ``server``: aiolb's families plus process, platform, GC."""
     registry = CollectorRegistry()
     registry.register(ProxyCollector(server))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 from proxy.config.log_fields import parse_template
 
 if TYPE_CHECKING:
-    from proxy.upstream.pool import Pool, Upstream
+    from proxy.metrics.source import PoolRef, UpstreamRef
 
 #: The arguments of ``AccessLog.record``, in order: what a formatter is called with.
 ARGUMENTS: Final = (
@@ -193,15 +193,15 @@ def or_dash(value: object) -> object:
     return "-" if value is None else value
 
 
-def pool_name(pool: Pool | None) -> str:
+def pool_name(pool: PoolRef | None) -> str:
     return pool.name if pool is not None else ""
 
 
-def upstream_address(upstream: Upstream | None) -> str:
+def upstream_address(upstream: UpstreamRef | None) -> str:
     return upstream.address if upstream is not None else ""
 
 
-def upstream_name(upstream: Upstream | None) -> str:
+def upstream_name(upstream: UpstreamRef | None) -> str:
     return upstream.name if upstream is not None else ""
 
 

@@ -16,9 +16,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Literal
 
 from proxy.admin import AdminHandle, start_admin
+from proxy.admin.control import Control
 from proxy.cache import Cache, build_caches
 from proxy.clock import Clock
 from proxy.config import Config, ListenerSpec
@@ -48,21 +49,6 @@ def _resolution(config: Config) -> float:
         + [min(p.timeouts.response_header, p.timeouts.read) for p in config.pools.values()]
     )
     return max(0.02, min(0.25, shortest / 4))
-
-
-class Control(Protocol):
-    """The link between a supervisor and its workers (``proxy.runtime.workers``), as the
-    server sees it; None in a single process."""
-
-    def enabled_changed(self, pool: str, address: str, enabled: bool) -> None: ...
-
-    async def refresh(self) -> None: ...
-
-    async def reload(self) -> list[str]: ...
-
-    def request_stop(self) -> None: ...
-
-    async def purge(self, cache: str, host: bytes | None, target: bytes, exact: bool) -> int: ...
 
 
 #: ``single``: one process does everything; ``supervisor``: admin API, health checks and

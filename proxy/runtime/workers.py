@@ -24,6 +24,7 @@ down and ends ejections as a single process would), the full health and drain st
 once a second (a worker that just started, or just discovered an address through DNS,
 catches up within a second), drains, reloads, and requests for counters
 (``proxy.runtime.totals``); a worker answers the requests it was asked by ``id``.
+This module is the supervisor's side; ``proxy.runtime.worker`` is the worker's.
 
 Lifecycle: a worker that exits unasked is started again after a backoff (0.5 s,
 doubling to 30 s; back to 0.5 s once a worker has run for 30 s), and the others keep
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -58,7 +58,7 @@ from proxy.runtime import notify
 from proxy.runtime.reload import apply_config, load
 from proxy.runtime.server import ProxyServer
 from proxy.runtime.summary import startup_lines
-from proxy.runtime.totals import absorb, snapshot
+from proxy.runtime.totals import absorb
 
 log = logging.getLogger("aiolb")
 
@@ -442,116 +442,3 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-# -- the worker process ----------------------------------------------------------------------
-
-
-class WorkerControl:
-    """The worker's side of the link: reload is the supervisor's to start."""
-
-    def enabled_changed(self, pool: str, address: str, enabled: bool) -> None:
-        """Workers have no admin API: nothing calls this."""
-
-    async def refresh(self) -> None:
-        """A worker's counters are its own."""
-
-    async def reload(self) -> list[str]:
-        return ["reloads go through the supervisor (SIGHUP to it, or POST /api/reload)"]
-
-    async def purge(self, cache: str, host: bytes | None, target: bytes, exact: bool) -> int:
-        """Purges come from the supervisor: nothing to pass on."""
-        return 0
-
-    def request_stop(self) -> None:
-        """Workers have no admin API: nothing calls this."""
-
-
-async def run_worker(control_fd: int, index: int) -> int:
-    """The body of ``python -m proxy _worker``: serve until told or signalled to stop."""
-    sock = socket.socket(fileno=control_fd)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    first = json.loads(await reader.readline())
-    config = Config.model_validate(first["config"])
-    buckets = SharedBuckets(first["buckets_fd"])
-    server = ProxyServer(
-        config, role="worker", filters=FilterContext(buckets), config_path=first.get("path")
-    )
-    server.control = WorkerControl()
-    await server.start()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, server.request_stop)
-    stops = {"n": 0}
-
-    def on_int() -> None:  # Ctrl-C reaches the whole process group: drain, then exit
-        stops["n"] += 1
-        if stops["n"] > 1:
-            os._exit(0)
-        server.request_stop()
-
-    loop.add_signal_handler(signal.SIGINT, on_int)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor reloads us
-    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)  # passed on by it
-
-    def reply(ident: int, result: Any) -> None:
-        writer.write(json.dumps({"id": ident, "result": result}).encode() + b"\n")
-
-    async def commands() -> None:
-        while True:
-            line = await reader.readline()
-            if not line:  # the supervisor is gone: stop serving
-                log.error("worker %d: the supervisor went away; shutting down", index)
-                server.request_stop()
-                return
-            message = json.loads(line)
-            op = message["op"]
-            if op == "snapshot":
-                reply(message["id"], snapshot(server))
-            elif op == "check":
-                server.check_result(message["pool"], message["address"], message["ok"])
-            elif op == "state":
-                _apply_state(server, message["upstreams"])
-            elif op == "enabled":
-                _apply_state_one(server, message["pool"], message["address"], None,
-                                 message["enabled"])  # fmt: skip
-            elif op == "purge":
-                host = message["host"].encode("latin-1") if message["host"] is not None else None
-                target = message["target"].encode("latin-1")
-                cache = server.caches.get(message["cache"])
-                purged = 0
-                if cache is not None:
-                    purged = await (cache.remove(host + b" " + target)
-                                    if message["exact"] and host is not None
-                                    else cache.purge(host, target))  # fmt: skip
-                reply(message["id"], purged)
-            elif op == "reload":
-                new = Config.model_validate(message["config"])
-                problems = await apply_config(server, new, message["path"] or "")
-                reply(message["id"], problems)
-
-    writer.write(json.dumps({"op": "ready", "pid": os.getpid()}).encode() + b"\n")
-    task = loop.create_task(commands())
-    gc.freeze()  # see ProxyServer.serve
-    await server.wait_stopped()
-    task.cancel()
-    writer.close()
-    return 0
-
-
-def _apply_state(server: ProxyServer, upstreams: list[list[Any]]) -> None:
-    for pool, address, healthy, enabled in upstreams:
-        _apply_state_one(server, pool, address, healthy, enabled)
-
-
-def _apply_state_one(
-    server: ProxyServer, pool_name: str, address: str, healthy: bool | None, enabled: bool
-) -> None:
-    found = server.find_upstream(pool_name, address)
-    if found is None:
-        return
-    pool, upstream = found
-    if healthy is not None and upstream.healthy != healthy:
-        pool.set_healthy(upstream, healthy)
-    if upstream.enabled != enabled:
-        upstream.enabled = enabled
-        pool.rebuild()

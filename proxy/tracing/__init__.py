@@ -39,9 +39,8 @@ from proxy.tracing.span import ServerSpan
 
 if TYPE_CHECKING:
     from proxy.config.models import TracingSpec
-    from proxy.forwarding.exchange import Exchange
-    from proxy.forwarding.router import Route
     from proxy.http.headers import RequestHeaders
+    from proxy.tracing.traced import TracedExchange, TracedRoute
 
 __all__ = ["ServerSpan", "Tracer"]
 
@@ -113,7 +112,7 @@ class Tracer:
         self._skip = at - n
         return block
 
-    def begin(self, ex: Exchange, route: Route) -> None:
+    def begin(self, ex: TracedExchange, route: TracedRoute) -> None:
         """Decide ``ex``'s trace and put its ``traceparent`` in the upstream headers;
         a sampled request gets ``ex.span``. (A request with no trace headers whose
         ``next()`` gave a line never gets here.)"""
@@ -141,8 +140,8 @@ class Tracer:
         _replace(found, value, tp)  # type: ignore[arg-type]
 
     def _sampled(
-        self, ex: Exchange, route: Route, trace: bytes, parent: bytes | None, flags: int,
-        state: bytes | None,
+        self, ex: TracedExchange, route: TracedRoute, trace: bytes, parent: bytes | None,
+        flags: int, state: bytes | None,
     ) -> None:  # fmt: skip
         span = ex.span = ServerSpan(self.exporter, ex, route, trace, parent, flags, state)
         tp = ex.traceparent = span.traceparent()

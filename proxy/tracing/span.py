@@ -17,15 +17,13 @@ from random import getrandbits
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final
 
-from proxy.cache.flow import Answer
 from proxy.tracing.context import TRACEPARENT
 from proxy.tracing.otlp import CLIENT, SERVER, AttributeValue, span
 
 if TYPE_CHECKING:
     from proxy.errors import ProxyError
-    from proxy.forwarding.exchange import Exchange
-    from proxy.forwarding.router import Route
     from proxy.tracing.export import Exporter
+    from proxy.tracing.traced import TracedExchange, TracedRoute
     from proxy.upstream.pool import Upstream
 
 #: Methods the semantic conventions name; any other is ``_OTHER``.
@@ -59,8 +57,8 @@ class ServerSpan:
     def __init__(
         self,
         exporter: Exporter,
-        ex: Exchange,
-        route: Route,
+        ex: TracedExchange,
+        route: TracedRoute,
         trace: bytes,
         parent: bytes | None,
         flags: int,
@@ -120,7 +118,7 @@ class ServerSpan:
             last.end = perf_counter_ns() + self.offset
             last.status = status
 
-    def end(self, ex: Exchange) -> None:
+    def end(self, ex: TracedExchange) -> None:
         """The request ended: encode its spans and queue them for export."""
         now = perf_counter_ns() + self.offset
         trace = bytes.fromhex(self.trace.decode())
@@ -157,7 +155,7 @@ def _split_host(host: bytes | None, https: bool) -> tuple[str, int]:
     return text.strip("[]"), 443 if https else 80
 
 
-def _server_attributes(ex: Exchange, route: Route, method: str, attempts: int
+def _server_attributes(ex: TracedExchange, route: TracedRoute, method: str, attempts: int
                        ) -> dict[str, AttributeValue]:  # fmt: skip
     client = ex.client
     https = client.listener.tls is not None
@@ -194,10 +192,10 @@ def _server_attributes(ex: Exchange, route: Route, method: str, attempts: int
     return attrs
 
 
-def _cache_result(ex: Exchange) -> str:
+def _cache_result(ex: TracedExchange) -> str:
     """``hit`` when the cache answered, else the ``fwd`` of ``Cache-Status`` (``miss``,
     ``stale``, ``request``, ``method``...)."""
-    if isinstance(ex.answer, Answer):
+    if getattr(ex.answer, "framing", None) is not None:  # only the cache's answers have one
         return "hit"
     state = ex.cache_state
     if state is None:
@@ -205,7 +203,7 @@ def _cache_result(ex: Exchange) -> str:
     return state.status.partition(b";")[0].removeprefix(b"fwd=").decode("latin-1")
 
 
-def _client_attributes(ex: Exchange, a: Attempt, method: str, index: int
+def _client_attributes(ex: TracedExchange, a: Attempt, method: str, index: int
                        ) -> dict[str, AttributeValue]:  # fmt: skip
     upstream = a.upstream
     scheme = "https" if upstream.ssl is not None else "http"
@@ -231,7 +229,7 @@ def _client_attributes(ex: Exchange, a: Attempt, method: str, index: int
     return attrs
 
 
-def _path(ex: Exchange) -> str:
+def _path(ex: TracedExchange) -> str:
     """The normalised target's path: the query is left out of spans (it may carry
     tokens, and the conventions ask for it to be redacted then)."""
     return ex.target.partition(b"?")[0].decode("latin-1")

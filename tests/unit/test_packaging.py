@@ -30,9 +30,12 @@ def test_linters_are_a_dev_extra_and_ci_installs_both() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     names = {extra: {req.split(">")[0].split("=")[0] for req in reqs}
              for extra, reqs in extras.items()}  # fmt: skip
-    assert {"ruff", "mypy"} <= names["dev"] and not {"ruff", "mypy"} & names["test"]
+    linters = {"ruff", "mypy", "import-linter"}
+    assert linters <= names["dev"] and not linters & names["test"]
     assert {"pytest", "pytest-asyncio", "pytest-timeout"} <= names["test"]
-    assert "pip install -q '.[test,dev]'" in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "pip install -q '.[test,dev]'" in ci
+    assert "\nlint-imports\n" in ci and (REPO / ".importlinter").is_file()
 
 
 def test_classifiers_and_bounds() -> None:
