@@ -108,7 +108,7 @@ class Exchange(Responses):
         if route.chain is not None:
             self._request_filters(route)
         elif route.cache is not None:
-            self._consult_cache(route, None)
+            self._cached(cache_begin(self, route.cache, False), None)
         else:  # the common route: straight to the pick and the send
             self.dispatch(pool.pick(self), target)
 
@@ -147,11 +147,14 @@ class Exchange(Responses):
     def _cached(self, outcome: Any, req: Request | None) -> None:
         """The cache's outcome: forward (with a ``CacheState``), answer (a hit), or wait
         (a lookup, another request's fetch) and take the outcome it comes to."""
-        if isinstance(outcome, CacheState):
+        if outcome.__class__ is Answer:  # a hit
+            if self.filters is None:
+                self._local_answer(outcome)
+            else:
+                self.serve(outcome)
+        elif isinstance(outcome, CacheState):
             self.cache_state = outcome
             self._pick(req)
-        elif isinstance(outcome, Answer):
-            self.serve(outcome)
         else:
             self.later(outcome, lambda given: self._cached(given, req))
 

@@ -24,7 +24,7 @@ from proxy.clock import NEVER
 from proxy.errors import FilterError, ProxyError, UpstreamProtocolError
 from proxy.filters.base import Response
 from proxy.forwarding.attempt import Attempts
-from proxy.forwarding.states import COMPLETE, DONE, HEAD, NONE, RECEIVING
+from proxy.forwarding.states import COMPLETE, DONE, HEAD, NONE, RECEIVING, RELEASED
 from proxy.upstream.connection import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND
 
 if TYPE_CHECKING:
@@ -229,7 +229,8 @@ class Responses(Attempts):
             conn.close()
         else:
             upstream.put_idle(conn, client.clock.now)
-        self._release_upstream()
+        self.attempt = RELEASED  # ``_release_upstream``, inline
+        upstream.end_request()
         self._finish(False)
         return True
 

@@ -94,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         "transport",
         "upstream",
         "uses",
+        "write_full",
     )
 
     def __init__(self, upstream: Upstream) -> None:
@@ -116,6 +117,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: the parsed response ended in the current read: 1 (the connection may be
         #: kept), 2 (closed after it), 0 (not yet); completed once the read is parsed
         self.finished = 0
+        #: the transport's write buffer is above its high-water mark: the request is
+        #: not through, and the next exchange would never hear of the pause
+        self.write_full = False
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -255,11 +259,13 @@ class UpstreamConnection(asyncio.Protocol):
             ex.on_response_complete(self, self.keep_alive)
 
     def pause_writing(self) -> None:
+        self.write_full = True
         ex = self.exchange
         if ex is not None:
             ex.upstream_write_paused(True)
 
     def resume_writing(self) -> None:
+        self.write_full = False
         ex = self.exchange
         if ex is not None:
             ex.upstream_write_paused(False)
@@ -345,7 +351,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         t = self.transport
-        return not self.closed and t is not None and not t.is_closing() and self.exchange is None
+        return (
+            not self.closed and t is not None and not t.is_closing() and self.exchange is None
+            and not self.write_full  # a request still being written: never reused
+        )  # fmt: skip
 
     def detach(self) -> None:
         """A tunnel took over the transport: this object is done with it (the tunnel
