@@ -263,22 +263,3 @@ def test_a_hit_answers_a_range_with_206(proxy: Make) -> None:
     [answer] = fetch(h, extra=b"Range: bytes=2-4\r\n").responses()
     assert (answer.status, answer.body) == (206, b"234")
     assert answer.header(b"Content-Range") == b"bytes 2-4/10"
-
-
-@pytest.mark.skip(
-    reason="the background refresh uses the cache's own aiohttp client (real sockets), "
-    "not the pool, until issue 24 sends revalidation through the pool"
-)
-def test_stale_while_revalidate_serves_at_once_and_refreshes_through_the_pool(
-    proxy: Make,
-) -> None:
-    h = proxy(**cached())
-    fetch(h)
-    h.upstream(0).respond(ok(b"s1", b"Cache-Control: max-age=0, stale-while-revalidate=60\r\n"))
-    [answer] = fetch(h).responses()
-    assert answer.body == b"s1"
-    assert answer.header(b"Cache-Status").startswith(b"aiolb; hit; fwd=stale")  # type: ignore[union-attr]
-    refresh = h.asked()  # the background fetch, through the pool like any request
-    assert refresh.requests()[-1].target == b"/c"
-    refresh.respond(ok(b"s2", FRESH))
-    assert fetch(h).responses()[0].body == b"s2"
