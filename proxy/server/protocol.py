@@ -30,27 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import httptools
 
 from proxy.clock import NEVER
-from proxy.forwarding.downstream import EXCHANGE_PAUSES, PIPELINE, UPGRADE, UPSTREAM_FULL
+from proxy.forwarding.downstream import EXCHANGE_PAUSES, PIPELINE, UPGRADE
 from proxy.forwarding.exchange import Exchange
 from proxy.http.headers import (
-    REQUEST_HEAD,
-    REQUEST_HEAD_TLS,
     RequestHeaders,
     forwarded_template,
 )
-from proxy.http.responses import error_response
+from proxy.server.base import BODY, BUSY, HEAD, IDLE, TUNNEL, _Closed, _Reject
+from proxy.server.refusals import _Rejection
 from proxy.server.respond import H1Responses
 from proxy.tcp import ack_now
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore
-    from proxy.server.listener import Listener
     from proxy.server.tunnel import Tunnel
 
 log = logging.getLogger("aiolb")
@@ -60,163 +57,16 @@ log = logging.getLogger("aiolb")
 #: not bounce the upstream between paused and resumed.
 WRITE_HIGH_WATER: Final = 256 * 1024
 
-IDLE: Final = 0  # between requests (keep-alive)
-HEAD: Final = 1  # a request head is arriving
-BODY: Final = 2  # a request body is arriving
-BUSY: Final = 3  # request read; its response is pending
-TUNNEL: Final = 4  # an Upgrade tunnel (``proxy.server.tunnel``) owns the transport
 
 
-class _Reject(Exception):
-    """Raised inside a parser callback to stop parsing and answer ``status``."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class _Closed(Exception):
-    """Raised inside a parser callback to stop parsing: the connection is closing
-    (an answer said ``Connection: close``), so what follows in the buffer is dropped."""
-
-
-class _Rejection:
-    """A queued error response, answered after the responses due before it."""
-
-    __slots__ = ("client", "done", "status")
-
-    def __init__(self, client: ClientConnection, status: int) -> None:
-        self.client = client
-        self.status = status
-        self.done = False
-
-    def start(self) -> None:
-        self.done = True
-        self.client.answer_and_close(self.status)
-
-    def abort(self) -> None:
-        self.done = True
-
-
-class ClientConnection(H1Responses, asyncio.Protocol):
+class ClientConnection(H1Responses):
     """One client connection: HTTP/1.1 requests in, each an ``Exchange``; the
     exchanges' ``Downstream`` (the response side is ``H1Responses``)."""
 
     #: what a request head becomes (the test suite puts a state-checking subclass here)
     exchange_type: type[Exchange] = Exchange
 
-    __slots__ = (
-        "_advancing",
-        "access_log",
-        "acked",
-        "body_buffer",
-        "broken",
-        "chunk_len",
-        "client_ip",
-        "client_ip_bytes",
-        "clock",
-        "closed",
-        "deadline",
-        "draining",
-        "exchange",
-        "head_bytes",
-        "head_template",
-        "headers",
-        "held",
-        "in_head",
-        "keep_forwarded",
-        "listener",
-        "log_times",
-        "loop",
-        "max_body",
-        "max_header",
-        "max_headers",
-        "max_requests",
-        "max_uri",
-        "mode",
-        "out",
-        "parser",
-        "parsing",
-        "paused",
-        "phase",
-        "queue",
-        "record",
-        "reframe",
-        "request_ids",
-        "send_deadline",
-        "send_mark",
-        "served",
-        "timeout_body",
-        "timeout_header",
-        "timeout_idle",
-        "timeout_send",
-        "transport",
-        "tunnel",
-        "underscores",
-        "url",
-        "write_paused",
-    )
-
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-        self.loop = listener.loop
-        self.clock = listener.clock
-        self.record = listener.record  # metrics on: count every request
-        self.access_log = listener.access_log
-        #: the access log logs ``upstream_header_time``: exchanges note when heads arrive
-        self.log_times = self.access_log is not None and self.access_log.times
-        self.request_ids = listener.request_ids
-        limits, timeouts = listener.config.limits, listener.config.timeouts
-        self.max_header = limits.max_header_size
-        self.max_uri = limits.max_uri_size
-        self.max_body = limits.max_body_size
-        self.max_headers = limits.max_headers
-        self.body_buffer = limits.body_buffer_size
-        self.underscores = limits.underscores_in_headers
-        #: ``forwarded: append`` keeps the client's ``Forwarded``; ``replace`` and
-        #: ``append`` send aiolb's (``head_template``, once the peer is known)
-        self.keep_forwarded = listener.config.forwarded == "append"
-        self.max_requests = limits.max_requests_per_connection or 0
-        self.served = 0  # requests read on this connection
-        self.timeout_header = timeouts.header
-        self.timeout_idle = timeouts.idle
-        self.timeout_body = timeouts.body
-        self.timeout_send = timeouts.send
-        #: while the client reads nothing (writing paused): when to look again, and the
-        #: write buffer's size then (``_client_stalled``)
-        self.send_deadline = NEVER
-        self.send_mark = 0
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = ""
-        self.client_ip_bytes = b""
-        self.exchange: Exchange | _Rejection | None = None
-        self.parsing: Exchange | None = None
-        self.queue: deque[Exchange | _Rejection] = deque()
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.in_head = True
-        self.head_bytes = 0
-        self.chunk_len = 0
-        self.phase = IDLE
-        # accepted now: the header timeout runs from here (a TLS handshake included)
-        self.deadline = self.clock.now + self.timeout_header
-        #: the upstream request head's format: ``X-Forwarded-Proto: https`` behind TLS
-        self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
-        self.held = b""  # bytes after an Upgrade request, until its answer
-        self.out: list[bytes | memoryview] = []  # the current response, until ``flush``
-        self.mode = 0  # how the current response's body is framed (``respond.py``)
-        self.tunnel: Tunnel | None = None
-        self.paused = 0
-        self.write_paused = False
-        self.closed = False
-        self.broken = False
-        self.draining = listener.draining
-        self._advancing = False
-        self.acked = False  # ack_now was called during the current request
-        #: the request being parsed has a body and Upgrade headers, so the parser ends
-        #: its message at the head: its body is read by its framing (``_reframe``)
-        self.reframe = False
+    __slots__ = ()
 
     # -- asyncio callbacks --------------------------------------------------------------
 
@@ -422,103 +272,6 @@ class ClientConnection(H1Responses, asyncio.Protocol):
             self.phase = IDLE
             self.deadline = self.clock.now + self.timeout_idle
 
-    def pause(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed:
-                self.transport.resume_reading()
-
-    def reject(self, status: int) -> None:
-        """Answer ``status`` and close, after any response still due before it."""
-        self.broken = True
-        self.deadline = NEVER
-        current, parsing = self.exchange, self.parsing
-        self.parsing = None
-        if current is not None and current is not parsing and not current.done:
-            if parsing is not None:
-                if parsing in self.queue:
-                    self.queue.remove(parsing)
-                parsing.abort()
-            self.queue.append(_Rejection(self, status))
-            self.pause(PIPELINE)
-            return
-        if current is not None and current.__class__ is not _Rejection and current.resp_started:  # type: ignore[union-attr]
-            self.close()  # mid-response: the only honest signal left is closing
-            return
-        self.answer_and_close(status)
-
-    def answer_and_close(self, status: int) -> None:
-        ex = self.exchange
-        if ex is not None:
-            if ex.__class__ is _Rejection or ex.done:
-                ex = None  # (an exchange already answered was logged then)
-            self.exchange.abort()  # type: ignore[union-attr]
-        self.exchange = None
-        if not self.closed:
-            self.transport.write(error_response(status, True, self._is_head()))
-            if self.record:
-                self.listener.stats.record(self.listener.name, self._method(), status, 0.0)
-                if self.access_log is not None:
-                    self._log_refusal(status, ex, self._method(), self.url, self.headers)  # type: ignore[arg-type]
-        self.close()
-
-    def close(self) -> None:
-        """Close after what is already written has been sent."""
-        self.broken = True
-        self.deadline = NEVER
-        if not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def check_timeouts(self, now: float) -> None:
-        """Called on every clock tick by the listener's sweep."""
-        if self.send_deadline <= now and self._client_stalled(now):
-            return
-        if self.paused & UPSTREAM_FULL:  # the upstream takes no body: its own deadline
-            ex = self.exchange
-            if ex is not None and ex.__class__ is not _Rejection and ex.upstream_stalled(now):  # type: ignore[union-attr]
-                return  # 504, or closed mid-response
-        if self.deadline <= now:
-            if self.tunnel is not None:
-                self.tunnel.check_idle(now)
-                return
-            if self.paused and self.phase != IDLE:  # we stopped reading, not the client
-                self.deadline = now + self.timeout_body
-            elif self.phase == IDLE or (self.draining and self.exchange is None):
-                self.close()
-            else:
-                log.info("408 for %s: request not received in time", self.client_ip)
-                self.reject(408)
-        ex = self.exchange
-        if ex is not None and ex.__class__ is not _Rejection and ex.deadline <= now:  # type: ignore[union-attr]
-            ex.on_timeout()  # type: ignore[union-attr]
-
-    def _client_stalled(self, now: float) -> bool:
-        """The client has read nothing of a full write buffer for ``timeouts.send``
-        (nginx's ``send_timeout``): close, which also frees the upstream. A client that
-        reads, however slowly, gets another period."""
-        if self.closed or not self.write_paused:
-            self.send_deadline = NEVER
-            return False
-        size = self.transport.get_write_buffer_size()
-        if size < self.send_mark:
-            self.send_mark = size
-            self.send_deadline = now + self.timeout_send
-            return False
-        log.info(
-            "closing the connection of %s: it read nothing for %gs", self.client_ip,
-            self.timeout_send,
-        )  # fmt: skip
-        self.broken = self.closed = True
-        self.deadline = self.send_deadline = NEVER
-        self.transport.abort()  # close() would wait for the buffer the client never reads
-        return True
-
     def become_tunnel(self, tunnel: Tunnel, deadline: float) -> bytes:
         """A ``101`` made this connection ``tunnel``; returns what the client sent after
         the Upgrade request (the tunnel's first bytes upstream)."""
@@ -567,30 +320,6 @@ class ClientConnection(H1Responses, asyncio.Protocol):
                 self.resume(UPGRADE)
                 if held:  # parse on
                     self.data_received(held)
-
-    def _method(self) -> bytes:
-        """The current request's method, or OTHER if the request line did not parse."""
-        try:
-            method: bytes = self.parser.get_method()
-        except Exception:
-            return b"OTHER"
-        return method
-
-    def _is_head(self) -> bool:
-        return self._method() == b"HEAD"
-
-    def _head_size(self) -> int:
-        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-
-    def _callback_failed(self, exc: BaseException | None) -> None:
-        if isinstance(exc, _Closed):
-            return
-        if isinstance(exc, _Reject):
-            log.info("%d from %s", exc.status, self.client_ip)
-            self.reject(exc.status)
-        else:
-            log.error("bug while handling a request from %s", self.client_ip, exc_info=exc)
-            self.reject(500)
 
     def _reframe(self, data: bytes, offset: int) -> bytes:
         """A request with a body and ``Connection: upgrade`` (never tunnelled): the

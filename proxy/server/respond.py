@@ -15,21 +15,18 @@ HTTP/1.1 clients only.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Final
 
 from proxy.http.headers import ResponseHead
 from proxy.http.responses import CONTINUE_100, error_response, redirect_response
+from proxy.server.refusals import Refusals
 from proxy.server.tunnel import Tunnel
 from proxy.tcp import JOIN_BELOW, write_pieces
 
 if TYPE_CHECKING:
-    import asyncio
 
     from proxy.forwarding.core import ExchangeCore as Exchange
     from proxy.forwarding.downstream import Answer
-    from proxy.metrics.access_log import AccessLog
-    from proxy.server.listener import Listener
     from proxy.upstream.connection import UpstreamConnection
 
 # How the current response's body is framed for the client.
@@ -39,24 +36,12 @@ CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
-#: The part of a refused request's target an access log line keeps (a 414's is long).
-MAX_LOGGED_TARGET: Final = 2048
 
 
-class H1Responses:
-    """The response side of ``ClientConnection`` (a mixin: the slots are its own)."""
+class H1Responses(Refusals):
+    """The response side of ``ClientConnection``."""
 
     __slots__ = ()
-
-    transport: asyncio.Transport
-    out: list[bytes | memoryview]
-    mode: int
-    draining: bool
-    closed: bool
-    record: bool
-    listener: Listener
-    access_log: AccessLog | None
-    client_ip: str
 
     def send_continue(self, ex: Exchange) -> None:
         if ex.http_minor:  # HTTP/1.0 clients do not know 100-continue
@@ -80,7 +65,7 @@ class H1Responses:
         else:
             mode = UNTIL_CLOSE
             keep = False
-        self.mode = mode  # type: ignore[misc]  # a slot of ClientConnection
+        self.mode = mode
         ex.keep_alive = keep
         if not keep:
             extra += b"Connection: close\r\n"
@@ -100,7 +85,7 @@ class H1Responses:
             self.out.append(_LAST_CHUNK)
 
     def send_answer(self, ex: Exchange, answer: Answer, close: bool) -> None:
-        self.mode = NO_BODY  # type: ignore[misc]  # the upstream's body, still to come, is dropped
+        self.mode = NO_BODY  # the upstream's body, still to come, is dropped
         data = answer.render(close, ex.head_request)
         if isinstance(data, list):
             self.out += data
@@ -110,7 +95,7 @@ class H1Responses:
     def flush(self) -> None:
         out = self.out
         if out:
-            self.out = []  # type: ignore[misc]
+            self.out = []
             write_pieces(self.transport, out)
 
     def send_whole(self, ex: Exchange, found: ResponseHead, body: bytes | memoryview) -> None:
@@ -144,20 +129,3 @@ class H1Responses:
         pool = ex.pool
         assert pool is not None
         Tunnel(self, conn, protocol, pool.tunnel_idle, ex).start(rest)  # type: ignore[arg-type]
-
-    # -- the connection's own refusals ------------------------------------------------------
-
-    def _log_refusal(self, status: int, ex: Exchange | None, method: bytes, url: bytes,
-                     headers: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
-        """The access log line of a request this connection refused itself (400, 408,
-        413, 414, 431): what of it was parsed (``ex``: its exchange, if it had one)."""
-        host = None
-        if ex is not None:
-            method, url, headers, host = ex.method, ex.target, ex.headers, ex.host
-        assert self.access_log is not None
-        self.access_log.record(
-            time.time(), self.client_ip, b"-" if method == b"OTHER" else method,
-            url[:MAX_LOGGED_TARGET] or b"-", status, 0, 0, 0.0, 0,
-            b"" if ex is None else ex.request_id, host, headers, self.listener.name,
-            None if ex is None else ex.pool, None, ex,
-        )  # fmt: skip
