@@ -47,7 +47,6 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
-from proxy.forwarding.retry import IDEMPOTENT
 from proxy.forwarding.router import normalise_host
 from proxy.forwarding.tunnel import Tunnel
 from proxy.http.headers import RequestHeaders, ResponseHead, request_head
@@ -64,6 +63,7 @@ from proxy.http.responses import (
 from proxy.http.target import known_target, normal_target
 from proxy.tcp import JOIN_BELOW, write_pieces
 from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
+from proxy.upstream.retry import IDEMPOTENT
 
 if TYPE_CHECKING:
     from proxy.cache.flow import CacheState

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
 from proxy.config.values import format_address
 from proxy.errors import UpstreamConnectError
-from proxy.forwarding.retry import RetryPolicy
 from proxy.health.outlier import OutlierDetector, readmit
 from proxy.metrics.stats import Stats
 from proxy.tls import client_context, tls_failure
+from proxy.upstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from proxy.config import Pool as PoolConfig
