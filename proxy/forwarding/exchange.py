@@ -62,8 +62,8 @@ from proxy.http.responses import (
 )
 from proxy.http.target import known_target, normal_target
 from proxy.tcp import JOIN_BELOW, write_pieces
-from proxy.upstream.connection import CLIENT_SLOW, STORE_BEHIND
 from proxy.upstream.retry import IDEMPOTENT
+from proxy.upstream.session import CLIENT_SLOW, STORE_BEHIND
 
 if TYPE_CHECKING:
     from proxy.cache.flow import CacheState
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from proxy.tracing import ServerSpan
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
+    from proxy.upstream.session import UpstreamSession
 
 log = logging.getLogger("aiolb")
 
@@ -203,7 +204,7 @@ class Exchange:
         self.answer: LocalResponse | Answer | Fixed | None = None
         self.upstream: Upstream | None = None
         self.released = False
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamSession | None = None
         #: the connect task, or the timer of a retry's backoff
         self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
         #: body chunks sent, to replay on a retry or if a reused connection proves stale;
@@ -336,7 +337,7 @@ class Exchange:
                 upstream.begin_request()
                 self.replay = ()  # a pooled connection may prove stale: nothing to replay
                 self.conn = conn
-                conn.send(self, head, ())
+                conn.send_head(self, head, ())
                 if self.req_done:  # a pipelined request, read whole while it waited
                     self._await_response()
                 if client.write_paused:
@@ -561,7 +562,7 @@ class Exchange:
             return
         self._send(conn)
 
-    def _send(self, conn: UpstreamConnection) -> None:
+    def _send(self, conn: UpstreamSession) -> None:
         pending = self.pending
         pool = self.pool
         assert pool is not None
@@ -577,7 +578,7 @@ class Exchange:
         if pending:
             self.pending = []
             self.pending_size = 0
-        conn.send(self, self.head, pending)
+        conn.send_head(self, self.head, pending)
         if self.client.paused:  # a new connection: its own write buffer decides from here
             self.client.resume(BODY_WAIT | UPSTREAM_FULL)
         if self.req_done:
@@ -645,8 +646,7 @@ class Exchange:
                 self.replay = replay + tuple(pending)
         self.pending = []
         self.pending_size = 0
-        assert conn.transport is not None
-        write_pieces(conn.transport, pending)
+        conn.send_body(pending)
 
     # -- response, from the upstream connection --------------------------------------
 
@@ -930,8 +930,8 @@ class Exchange:
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
             conn = self.conn
-            if conn is not None and conn.transport is not None:
-                self.sent_mark = conn.transport.get_write_buffer_size()
+            if conn is not None:
+                self.sent_mark = conn.write_buffer_size()
                 self.sent_at = self.client.clock.now
             self.client.pause(UPSTREAM_FULL)
         else:
@@ -942,9 +942,9 @@ class Exchange:
         every tick). True when the upstream has taken none of the body for the pool's
         ``timeouts.send``: then the request failed (504, or closed mid-response)."""
         conn = self.conn
-        if conn is None or conn.transport is None or self.done:
+        if conn is None or self.done:
             return False
-        size = conn.transport.get_write_buffer_size()
+        size = conn.write_buffer_size()
         if size < self.sent_mark:
             self.sent_mark, self.sent_at = size, now
             return False
