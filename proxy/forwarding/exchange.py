@@ -43,7 +43,6 @@ from proxy.errors import (
     CircuitOpenError,
     NoUpstreamError,
     ProxyError,
-    UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
@@ -62,6 +61,7 @@ from proxy.http.responses import (
 )
 from proxy.http.target import known_target, normal_target
 from proxy.tcp import JOIN_BELOW, write_pieces
+from proxy.upstream.acquire import acquire
 from proxy.upstream.retry import IDEMPOTENT
 from proxy.upstream.session import CLIENT_SLOW, STORE_BEHIND
 
@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from proxy.forwarding.router import Route
     from proxy.server.protocol import ClientConnection
     from proxy.tracing import ServerSpan
+    from proxy.upstream.acquire import Ticket
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
     from proxy.upstream.session import UpstreamSession
@@ -131,13 +132,11 @@ class Exchange:
         "local_status",
         "method",
         "mode",
-        "opening",
         "out",
         "parse_only",
         "pending",
         "pending_size",
         "pool",
-        "queued",
         "released",
         "replay",
         "replay_size",
@@ -154,6 +153,7 @@ class Exchange:
         "status",
         "target",
         "task",
+        "ticket",
         "traceparent",
         "tried",
         "tried_at",
@@ -205,14 +205,15 @@ class Exchange:
         self.upstream: Upstream | None = None
         self.released = False
         self.conn: UpstreamSession | None = None
-        #: the connect task, or the timer of a retry's backoff
+        #: the claim on a session of ``upstream`` (``proxy.upstream.acquire``) while it
+        #: waits in the queue or its connection opens; ``abort`` cancels it
+        self.ticket: Ticket | None = None
+        #: the timer of a retry's backoff (or another owner's task)
         self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
         #: body chunks sent, to replay on a retry or if a reused connection proves stale;
         #: None once they outgrow the retry buffer (or nothing could use them)
         self.replay: tuple[bytes, ...] | None = None
         self.tried: tuple[Upstream, ...] = ()  # upstreams that failed this request
-        self.queued = False  # waiting for a connection (``max_connections`` reached)
-        self.opening = False  # a connect task counted in ``conns`` has not started yet
         self.replay_size = 0
         #: the upstream picked and the target, while a small body is read whole before
         #: a connection is taken (``limits.body_buffer_size``)
@@ -429,62 +430,40 @@ class Exchange:
         return True
 
     def _use(self, upstream: Upstream) -> None:
-        """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
+        """Start the attempt on ``upstream``: ``acquire`` answers (maybe at once) with
+        ``granted`` (an idle connection, or one it opened), ``queued``, ``refused`` or
+        ``failed``."""
         upstream.begin_request()
-        conn = upstream.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open(upstream)
+        self.ticket = acquire(upstream, self, self.client.loop, self.client.clock.now)
 
-    def _open(self, upstream: Upstream) -> None:
-        """No idle connection: open one, or wait for one (circuit breaking)."""
-        if upstream.conns < upstream.max_connections:
-            self._start_connect(upstream)
-        else:
-            self._queue(upstream)
+    # -- Waiter (``proxy.upstream.acquire``): the answers to ``_use`` -------------------
 
-    def _queue(self, upstream: Upstream) -> None:
-        """``upstream`` has ``max_connections`` open: wait for one, or 503 at once when
-        ``max_pending`` requests of the pool are waiting already."""
-        pool = self.pool
-        assert pool is not None
-        if pool.pending >= pool.max_pending:
-            pool.overflows += 1
-            self._fail(CircuitOpenError(
-                f"{upstream.conns} connections open, {pool.pending} requests waiting"
-            ))  # fmt: skip
-            return
-        pool.pending += 1
-        self.queued = True
-        upstream.waiting.append(self)
-        self.deadline = self.client.clock.now + pool.queue_timeout
+    def granted(self, session: UpstreamSession, connect_seconds: float | None) -> bool:
+        """A session of the upstream is this request's: send on it. False when the
+        request is over already (the pool takes the session back)."""
+        self.ticket = None
+        if self.done:
+            return False
+        if connect_seconds is not None:
+            self.connect_seconds = connect_seconds
+        self.deadline = NEVER  # a queue deadline ends here
+        self._send(session)
+        return True
 
-    def dequeue(self, conn: UpstreamConnection | None) -> None:
-        """A connection of the upstream is free (``conn``), or a slot to open one (None)."""
-        self.queued = False
-        self.pool.pending -= 1  # type: ignore[union-attr]
-        self.deadline = NEVER
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._start_connect(self.upstream)  # type: ignore[arg-type]
+    def queued(self, deadline: float) -> None:
+        """``max_connections`` are open: wait, until ``deadline`` (``on_timeout``)."""
+        self.deadline = deadline
 
-    def _start_connect(self, upstream: Upstream) -> None:
-        """Open a connection in the one task a request may create; its slot in
-        ``upstream.conns`` is taken now, not when the task first runs."""
-        upstream.conns += 1
-        self.opening = True
-        self.task = self.client.loop.create_task(self._connect())
+    def refused(self, error: CircuitOpenError) -> None:
+        """The circuit breaker's 503 (no attempt failed: the upstream is not blamed)."""
+        self.ticket = None
+        self._fail(error)
 
-    def _unqueue(self) -> None:
-        if self.queued:
-            self.queued = False
-            self.pool.pending -= 1  # type: ignore[union-attr]
-            try:
-                self.upstream.waiting.remove(self)  # type: ignore[union-attr]
-            except ValueError:
-                pass
+    def failed(self, error: ProxyError) -> None:
+        """Opening a connection failed: an attempt failure (retried or answered)."""
+        self.ticket = None
+        if not self.done:
+            self._attempt_failed(error)
 
     def _answer_here(self) -> bool:
         """TRACE: 405, never forwarded. OPTIONS: the proxy answers ``*`` and a
@@ -540,27 +519,6 @@ class Exchange:
         self.host = authority
         self.found.set_host(authority)
         return True
-
-    async def _connect(self) -> None:
-        self.opening = False  # from here on ``Upstream.connect`` gives the slot back
-        upstream = self.upstream
-        assert upstream is not None
-        opened = perf_counter()
-        try:
-            conn = await upstream.connect(self.client.loop)
-        except ProxyError as exc:
-            self.task = None
-            if isinstance(exc, UpstreamConnectError):
-                upstream.stats.connect_errors += 1
-            if not self.done:
-                self._attempt_failed(exc)
-            return
-        self.task = None
-        self.connect_seconds = perf_counter() - opened
-        if self.done:
-            upstream.put_idle(conn, self.client.clock.now)
-            return
-        self._send(conn)
 
     def _send(self, conn: UpstreamSession) -> None:
         pending = self.pending
@@ -983,10 +941,8 @@ class Exchange:
         """The response header (504, or a retry), a gap between response reads (close),
         or the wait for a connection (503) timed out."""
         self.deadline = NEVER
-        if self.queued:
-            self._unqueue()
-            self.pool.overflows += 1  # type: ignore[union-attr]
-            self._fail(CircuitOpenError("no connection free within the queue timeout"))
+        ticket = self.ticket
+        if ticket is not None and ticket.expire():  # waiting for a connection: 503
             return
         self._late("upstream read timeout" if self.resp_started else "no response header in time")
 
@@ -1062,7 +1018,8 @@ class Exchange:
         self.pool.retries += 1  # type: ignore[union-attr]
         self._rewind()
         assert self.upstream is not None
-        self._start_connect(self.upstream)
+        client = self.client
+        self.ticket = acquire(self.upstream, self, client.loop, client.clock.now, fresh=True)
 
     def _rewind(self) -> None:
         """Put the body sent so far back in front of what is still to send (the next
@@ -1235,10 +1192,10 @@ class Exchange:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-            if self.opening:  # cancelled before it ran: nothing else gives the slot back
-                self.opening = False
-                self.upstream.connection_closed()  # type: ignore[union-attr]
-        self._unqueue()
+        ticket = self.ticket
+        if ticket is not None:  # queued or connecting: leave, giving the slot back
+            self.ticket = None
+            ticket.cancel()
         conn = self.conn
         if conn is not None:
             self.conn = None
