@@ -175,6 +175,14 @@ def acquire(
     503). The waiter drops the ticket once answered: it refers to the waiter.
     ``fresh``: open a new connection now, idle ones and the limit aside: the
     replacement of a pooled connection that proved stale, whose slot it takes."""
+    if not fresh and not upstream.waiting:
+        # the common case, decided as ``assign`` decides for a lone request but without
+        # a ticket, which a request answered at once does not need: the idle connection
+        conn = upstream.take_idle()
+        if conn is not None:
+            if not waiter.granted(conn, None):
+                upstream.put_idle(conn, loop.time())
+            return None
     ticket = Ticket(upstream, waiter, loop, now, fresh)
     carry_out(assign(upstream, ticket))
     state = ticket.state  # not yet CONNECTING: the connect task has not run
