@@ -1,6 +1,6 @@
 """A pool's ``retries``: which failures are tried again, how long to wait, and how much.
 
-The policy that applies them is ``proxy.forwarding.retry``; here are its settings and
+The policy that applies them is ``proxy.upstream.retry``; here are its settings and
 defaults.
 """
 

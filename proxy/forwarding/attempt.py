@@ -32,12 +32,10 @@ from proxy.errors import (
     CircuitOpenError,
     NoUpstreamError,
     ProxyError,
-    UpstreamConnectError,
     UpstreamTimeoutError,
 )
 from proxy.forwarding.core import ExchangeCore
 from proxy.forwarding.downstream import BODY_WAIT, UPSTREAM_FULL
-from proxy.forwarding.retry import IDEMPOTENT
 from proxy.forwarding.states import (
     ACQUIRING,
     BACKOFF,
@@ -48,12 +46,13 @@ from proxy.forwarding.states import (
     WAITING,
 )
 from proxy.http.headers import request_head
-from proxy.tcp import write_pieces
-from proxy.upstream.connection import CLIENT_SLOW
+from proxy.upstream.acquire import acquire
+from proxy.upstream.retry import IDEMPOTENT
+from proxy.upstream.session import CLIENT_SLOW
 
 if TYPE_CHECKING:
-    from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
+    from proxy.upstream.session import UpstreamSession
 
 log = logging.getLogger("aiolb")
 
@@ -100,7 +99,7 @@ class Attempts(ExchangeCore):
                 upstream.begin_request()
                 self.replay = ()  # a pooled connection may prove stale: nothing to replay
                 self.conn = conn
-                conn.send(self, head, ())  # type: ignore[arg-type]
+                conn.send_head(self, head, ())  # type: ignore[arg-type]  # an Exchange
                 if self.req is DONE:  # read whole (a pipelined one while it waited)
                     self._await_response()
                 else:
@@ -152,77 +151,44 @@ class Attempts(ExchangeCore):
     # -- getting a connection -------------------------------------------------------------
 
     def _use(self, upstream: Upstream) -> None:
-        """Start the attempt on ``upstream``: an idle connection, a new one, or a wait."""
+        """Start the attempt on ``upstream``: ``acquire`` answers (maybe at once) with
+        ``granted`` (an idle connection, or one it opened), ``queued``, ``refused`` or
+        ``failed`` (``proxy.upstream.acquire``: the bookkeeping lives there)."""
         self.attempt = ACQUIRING
         upstream.begin_request()
-        conn = upstream.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._open(upstream)
+        client = self.client
+        self.ticket = acquire(upstream, self, client.loop, client.clock.now)
 
-    def _open(self, upstream: Upstream) -> None:
-        """No idle connection: open one, or wait for one (circuit breaking)."""
-        if upstream.conns < upstream.max_connections:
-            self._start_connect(upstream)
-        else:
-            self._queue(upstream)
+    # -- Waiter (``proxy.upstream.acquire``): the answers to ``_use`` ---------------------
 
-    def _queue(self, upstream: Upstream) -> None:
-        """``upstream`` has ``max_connections`` open: wait for one, or 503 at once when
-        ``max_pending`` requests of the pool are waiting already."""
-        pool = self.pool
-        assert pool is not None
-        if pool.pending >= pool.max_pending:
-            pool.overflows += 1
-            self.fail(CircuitOpenError(
-                f"{upstream.conns} connections open, {pool.pending} requests waiting"
-            ))  # fmt: skip
-            return
-        pool.pending += 1
-        self.queued = True
-        upstream.waiting.append(self)  # type: ignore[arg-type]
-        self.deadline = self.client.clock.now + pool.queue_timeout
-
-    def dequeue(self, conn: UpstreamConnection | None) -> None:
-        """A connection of the upstream is free (``conn``), or a slot to open one (None)."""
-        self.queued = False
-        self.pool.pending -= 1  # type: ignore[union-attr]
-        self.deadline = NEVER
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._start_connect(self.upstream)  # type: ignore[arg-type]
-
-    def _start_connect(self, upstream: Upstream) -> None:
-        """Open a connection in the one task a request may create; its slot in
-        ``upstream.conns`` is taken now, not when the task first runs."""
-        upstream.conns += 1
-        self.opening = True
-        self.task = self.client.loop.create_task(self._connect())
-
-    async def _connect(self) -> None:
-        self.opening = False  # from here on ``Upstream.connect`` gives the slot back
-        upstream = self.upstream
-        assert upstream is not None
-        opened = perf_counter()
-        try:
-            conn = await upstream.connect(self.client.loop)
-        except ProxyError as exc:
-            self.task = None
-            if isinstance(exc, UpstreamConnectError):
-                upstream.stats.connect_errors += 1
-            if not self.done:
-                self._attempt_failed(exc)
-            return
-        self.task = None
-        self.connect_seconds = perf_counter() - opened
+    def granted(self, session: UpstreamSession, connect_seconds: float | None) -> bool:
+        """A session of the upstream is this request's: send on it. False when the
+        request is over already (the pool takes the session back)."""
+        self.ticket = None
         if self.done:
-            upstream.put_idle(conn, self.client.clock.now)
-            return
-        self._send(conn)
+            return False
+        if connect_seconds is not None:
+            self.connect_seconds = connect_seconds
+        self.deadline = NEVER  # a queue deadline ends here
+        self._send(session)
+        return True
 
-    def _send(self, conn: UpstreamConnection) -> None:
+    def queued(self, deadline: float) -> None:
+        """``max_connections`` are open: wait, until ``deadline`` (``on_timeout``)."""
+        self.deadline = deadline
+
+    def refused(self, error: CircuitOpenError) -> None:
+        """The circuit breaker's 503 (no attempt failed: the upstream is not blamed)."""
+        self.ticket = None
+        self.fail(error)
+
+    def failed(self, error: ProxyError) -> None:
+        """Opening a connection failed: an attempt failure (retried or answered)."""
+        self.ticket = None
+        if not self.done:
+            self._attempt_failed(error)
+
+    def _send(self, conn: UpstreamSession) -> None:
         pending = self.pending
         pool = self.pool
         assert pool is not None
@@ -239,7 +205,7 @@ class Attempts(ExchangeCore):
             self.pending = []
             self.pending_size = 0
         self.attempt = SENDING
-        conn.send(self, self.head, pending)  # type: ignore[arg-type]
+        conn.send_head(self, self.head, pending)  # type: ignore[arg-type]
         client = self.client
         if client.paused:  # a new connection: its own write buffer decides from here
             client.resume(BODY_WAIT | UPSTREAM_FULL)
@@ -310,14 +276,13 @@ class Attempts(ExchangeCore):
                 self.replay = replay + tuple(pending)
         self.pending = []
         self.pending_size = 0
-        assert conn.transport is not None
-        write_pieces(conn.transport, pending)
+        conn.send_body(pending)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
             conn = self.conn
-            if conn is not None and conn.transport is not None:
-                self.sent_mark = conn.transport.get_write_buffer_size()
+            if conn is not None:
+                self.sent_mark = conn.write_buffer_size()
                 self.sent_at = self.client.clock.now
             self.client.pause(UPSTREAM_FULL)
         else:
@@ -328,9 +293,9 @@ class Attempts(ExchangeCore):
         every tick). True when the upstream has taken none of the body for the pool's
         ``timeouts.send``: then the request failed (504, or closed mid-response)."""
         conn = self.conn
-        if conn is None or conn.transport is None or self.done:
+        if conn is None or self.done:
             return False
-        size = conn.transport.get_write_buffer_size()
+        size = conn.write_buffer_size()
         if size < self.sent_mark:
             self.sent_mark, self.sent_at = size, now
             return False
@@ -345,10 +310,8 @@ class Attempts(ExchangeCore):
         """The response header (504, or a retry), a gap between response reads (close),
         or the wait for a connection (503) timed out."""
         self.deadline = NEVER
-        if self.queued:
-            self._unqueue()
-            self.pool.overflows += 1  # type: ignore[union-attr]
-            self.fail(CircuitOpenError("no connection free within the queue timeout"))
+        ticket = self.ticket
+        if ticket is not None and ticket.expire():  # waiting for a connection: 503
             return
         self._late("upstream read timeout" if self.resp >= HEAD else "no response header in time")
 
@@ -374,7 +337,8 @@ class Attempts(ExchangeCore):
         self._rewind()
         assert self.upstream is not None
         self.attempt = ACQUIRING
-        self._start_connect(self.upstream)
+        client = self.client
+        self.ticket = acquire(self.upstream, self, client.loop, client.clock.now, fresh=True)
 
     def _rewind(self) -> None:
         """Put the body sent so far back in front of what is still to send (the next

@@ -46,8 +46,10 @@ if TYPE_CHECKING:
     from proxy.http.headers import RequestHeaders
     from proxy.http.responses import Fixed
     from proxy.tracing import ServerSpan
+    from proxy.upstream.acquire import Ticket
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
+    from proxy.upstream.session import UpstreamSession
 
 log = logging.getLogger("aiolb")
 T = TypeVar("T")
@@ -104,6 +106,7 @@ class ExchangeCore:
         "status",
         "target",
         "task",
+        "ticket",
         "traceparent",
         "tried",
         "tried_at",
@@ -161,12 +164,13 @@ class ExchangeCore:
         #: None: an error page
         self.answer: LocalResponse | Answer | Fixed | None = None
         self.upstream: Upstream | None = None
-        self.conn: UpstreamConnection | None = None
-        #: what runs for this exchange outside the callbacks: a connect task, a retry's
-        #: backoff timer, an async filter phase, a cache lookup or wait
+        self.conn: UpstreamSession | None = None
+        #: the claim on a session of ``upstream`` (``proxy.upstream.acquire``) while it
+        #: waits in the queue or its connection opens; ``abort`` cancels it
+        self.ticket: Ticket | None = None
+        #: what runs for this exchange outside the callbacks: a retry's backoff timer,
+        #: an async filter phase, a cache lookup or wait
         self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
-        self.queued = False  # waiting for a connection (``max_connections`` reached)
-        self.opening = False  # a connect task counted in ``conns`` has not started yet
         #: body chunks sent, to replay on a retry or if a reused connection proves stale;
         #: None once they outgrow the retry buffer (or nothing could use them)
         self.replay: tuple[bytes, ...] | None = None
@@ -347,8 +351,14 @@ class ExchangeCore:
             return
         self.done = True
         self.deadline = NEVER
-        self._stop_task()
-        self._unqueue()
+        task = self.task
+        if task is not None:
+            self.task = None
+            task.cancel()
+        ticket = self.ticket
+        if ticket is not None:  # queued or connecting: leave, giving the slot back
+            self.ticket = None
+            ticket.cancel()
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -371,25 +381,6 @@ class ExchangeCore:
         self.task = None
         if not self.done:
             then(outcome)
-
-    def _stop_task(self) -> None:
-        """Cancel what runs for this exchange (a connect task gives its slot back)."""
-        task = self.task
-        if task is not None:
-            task.cancel()
-            self.task = None
-            if self.opening:  # cancelled before it ran: nothing else gives the slot back
-                self.opening = False
-                self.upstream.connection_closed()  # type: ignore[union-attr]
-
-    def _unqueue(self) -> None:
-        if self.queued:
-            self.queued = False
-            self.pool.pending -= 1  # type: ignore[union-attr]
-            try:
-                self.upstream.waiting.remove(self)  # type: ignore[union-attr,arg-type]
-            except ValueError:
-                pass
 
     def __repr__(self) -> str:
         state = "done" if self.done else f"{self.attempt.name}, {self.resp.name}".lower()

@@ -25,7 +25,7 @@ from proxy.errors import FilterError, ProxyError, UpstreamProtocolError
 from proxy.filters.base import Response
 from proxy.forwarding.attempt import Attempts
 from proxy.forwarding.states import COMPLETE, DONE, HEAD, NONE, RECEIVING, RELEASED
-from proxy.upstream.connection import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND
+from proxy.upstream.session import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -1,15 +1,16 @@
 """The upstream side of one keep-alive connection: write a request, parse the response.
 
-A connection serves one exchange at a time (no pipelining upstream). Parsed events go
-straight to the exchange; the exchange decides what the client sees. The connection
-only knows HTTP framing facts the exchange cannot: that a HEAD response has no body
-(httptools cannot be told, so parsing stops after the head and the parser is renewed),
-that 1xx responses precede the real one, and whether it is still reusable.
+A connection serves one exchange at a time (no pipelining upstream): it is an
+``UpstreamSession`` and the exchange its ``ResponseSink`` (``proxy.upstream.session``).
+Parsed events go straight to the exchange; the exchange decides what the client sees.
+The connection only knows HTTP framing facts the exchange cannot: that a HEAD response
+has no body (httptools cannot be told, so parsing stops after the head and the parser
+is renewed), that 1xx responses precede the real one, and whether it is still reusable.
 
 A response whose head is byte for byte one the parser accepted before (the exchange's
 head cache) is framed from that head instead: its ``Content-Length`` body is counted,
 not parsed, and passed on without a copy. When such a response arrives whole in one
-read, ``Exchange.relay_whole`` relays and completes it in one step (the fast path).
+read, the sink's ``relay_whole`` relays and completes it in one step (the fast path).
 Anything else goes through the parser.
 
 A parsed response completes after the read that ended it has been parsed whole
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -34,21 +35,20 @@ from proxy.errors import UpstreamProtocolError, UpstreamResetError
 from proxy.http.headers import known_response_head, response_head
 from proxy.tcp import JOIN_BELOW, ack_now, write_pieces
 
+# the pause reasons live in ``proxy.upstream.session``; named here for older imports
+from proxy.upstream.session import CLIENT_SLOW as CLIENT_SLOW
+from proxy.upstream.session import FILTER_HOLD as FILTER_HOLD
+from proxy.upstream.session import STORE_BEHIND as STORE_BEHIND
+
 log = logging.getLogger("aiolb")
 
 if TYPE_CHECKING:
-    from proxy.forwarding.exchange import Exchange
     from proxy.upstream.pool import Upstream
+    from proxy.upstream.session import ResponseSink
 
 
 #: Largest response head accepted from an upstream (nginx's default buffer is 4-8 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
-
-# Why a connection's reading is paused (bits of ``reading_paused``); it reads again
-# once no reason is left.
-CLIENT_SLOW: Final = 1  # the client's write buffer is full
-STORE_BEHIND: Final = 2  # the cache's Redis store is behind the body
-FILTER_HOLD: Final = 4  # an async response filter holds the response
 
 
 class _HeadDone(Exception):
@@ -76,6 +76,8 @@ class _Switched(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    """An HTTP/1.1 keep-alive connection to an upstream: an ``UpstreamSession``."""
+
     __slots__ = (
         "acked",
         "body_left",
@@ -101,7 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: ResponseSink | None = None
         self.raw = b""  # response bytes received until the final head is complete
         self.raw_start = 0  # where the current head starts in ``raw`` (after 1xx heads)
         self.collecting = False
@@ -171,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         except Exception as exc:  # a bug: it never escapes a protocol callback
             self._bug(exc)
 
-    def _parse(self, ex: Exchange, data: bytes) -> None:
+    def _parse(self, ex: ResponseSink, data: bytes) -> None:
         if self.collecting:
             self.raw = data if not self.raw else self.raw + data
         try:
@@ -214,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.parser = httptools.HttpResponseParser(self)  # never reused anyway
             ex.on_response_complete(self, finished == 1)
 
-    def _known(self, ex: Exchange, data: bytes) -> bool:
+    def _known(self, ex: ResponseSink, data: bytes) -> bool:
         """A response starts with this read. If its head is one the parser accepted before
         (so byte for byte the same framing: ``known_response_head``), and of the common
         shape with a ``Content-Length`` that this read does not exceed, frame it from the
@@ -243,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._count_body(ex, data[end:] if body <= JOIN_BELOW else memoryview(data)[end:])
         return True
 
-    def _count_body(self, ex: Exchange, data: bytes | memoryview) -> None:
+    def _count_body(self, ex: ResponseSink, data: bytes | memoryview) -> None:
         """Body bytes of a response framed by ``_known``; the response completes when
         ``body_left`` reaches 0. Bytes past the end are not ours (a broken upstream):
         they are dropped with the connection."""
@@ -328,10 +330,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange and the pool -------------------------------------------
 
-    def send(self, ex: Exchange, head: bytes, body: Sequence[bytes]) -> None:
+    def send_head(self, sink: ResponseSink, head: bytes, body: Sequence[bytes]) -> None:
         """Start an exchange on this connection, writing its request head and the body
         gathered so far."""
-        self.exchange = ex
+        self.exchange = sink
         self.responded = False
         self.raw = b""
         self.raw_start = 0
@@ -344,6 +346,15 @@ class UpstreamConnection(asyncio.Protocol):
             write_pieces(self.transport, [head, *body])
         else:  # a request without a body, or whose body has not arrived yet
             self.transport.write(head)
+
+    def send_body(self, pieces: list[bytes]) -> None:
+        """More of the request body (framed as it came), in one write."""
+        assert self.transport is not None
+        write_pieces(self.transport, pieces)
+
+    def write_buffer_size(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None else 0
 
     def release(self) -> None:
         """The exchange is over; the connection is idle (the pool decides its fate)."""
@@ -398,7 +409,7 @@ class UpstreamConnection(asyncio.Protocol):
             log.error("bug while failing a response", exc_info=again)
             self.close()
 
-    def _fail(self, ex: Exchange, reason: str) -> None:
+    def _fail(self, ex: ResponseSink, reason: str) -> None:
         self.exchange = None
         ex.on_upstream_lost(self, UpstreamProtocolError(reason))
         self.close()

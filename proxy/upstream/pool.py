@@ -1,7 +1,8 @@
 """Upstreams, their idle keep-alive connections, and pools of upstreams.
 
 Bookkeeping is synchronous (STYLE 2): ``take_idle`` and ``put_idle`` decide in plain
-code which connection to reuse or close; the only await is opening a new connection.
+code which connection to reuse or close, and ``proxy.upstream.acquire`` how a request
+gets one (reuse, open, wait: the connection limit); the only await is opening one.
 Idle connections are kept LIFO: the most recently used is reused first (the most
 likely alive), so under a steady load the same connections serve every request and
 the ones a past peak opened sit at the cold end until ``timeouts.idle`` closes them.
@@ -18,7 +19,6 @@ the balancer and, while a ramp runs, ``sweep`` rebuilds it every tenth of the ra
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import time
 from collections import deque
@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
 from proxy.config.values import format_address
-from proxy.errors import UpstreamConnectError
-from proxy.forwarding.retry import RetryPolicy
 from proxy.health.outlier import OutlierDetector, readmit
 from proxy.metrics.stats import Stats
-from proxy.tls import client_context, tls_failure
+from proxy.tls import client_context
+from proxy.upstream.acquire import assign, carry_out
+from proxy.upstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from proxy.config import PoolSpec, UpstreamSpec
-    from proxy.forwarding.exchange import Exchange
+    from proxy.upstream.acquire import Ticket
     from proxy.upstream.connection import UpstreamConnection
 
 NO_RAMP = float("inf")
@@ -109,11 +109,11 @@ class Upstream:
         #: active probe results by ``success``/``failure``, for aiolb_health_checks_total
         self.health_checks: dict[str, int] = {}
         self.passes = 0  # consecutive passed probes (ends an ejection at healthy_threshold)
-        # circuit breaking: open connections (connecting, busy or idle), and the
-        # exchanges waiting for one when ``max_connections`` are open
+        # circuit breaking (``proxy.upstream.acquire``): open connections (connecting,
+        # busy or idle), and the requests waiting for one when ``max_connections`` are open
         self.max_connections = spec.max_connections or pool.max_connections
         self.conns = 0
-        self.waiting: deque[Exchange] = deque()
+        self.waiting: deque[Ticket] = deque()
         self.idle: deque[UpstreamConnection] = deque()
         #: idle connections kept (the pool's ``max_idle_connections``, by default as many
         #: as may be open; 0 once removed)
@@ -158,8 +158,9 @@ class Upstream:
             return
         if conn.reading_paused:
             conn.resume_reading(conn.reading_paused)  # every reason: the message is over
-        if self.waiting:
-            self.waiting.popleft().dequeue(conn)
+        if self.waiting:  # the first waiter takes it (``assign``)
+            self.idle.append(conn)
+            carry_out(assign(self))
         elif len(self.idle) < self.max_idle:
             conn.idle_since = now
             self.idle.append(conn)
@@ -167,10 +168,10 @@ class Upstream:
             conn.close()
 
     def connection_closed(self) -> None:
-        """An open connection ended: a waiting request may open a new one."""
+        """An open connection ended (or a connect failed): a waiting request may open one."""
         self.conns -= 1
-        if self.waiting and self.conns < self.max_connections:
-            self.waiting.popleft().dequeue(None)
+        if self.waiting:
+            carry_out(assign(self))
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Remove a connection that closed while idle."""
@@ -184,41 +185,6 @@ class Upstream:
         while idle and idle[0].idle_since < older_than:
             idle.popleft().close()
 
-    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
-        """Open a new connection, already counted in ``conns``; failures give the slot
-        back and become ``UpstreamConnectError``."""
-        from proxy.upstream.connection import UpstreamConnection
-
-        timeout = self.pool.connect_timeout
-        # the caller counted this connection in ``conns`` already (when it decided to
-        # open it, so that requests in the same loop iteration see the slot taken)
-        try:
-            async with asyncio.timeout(timeout):
-                if self.ssl is None:
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port
-                    )
-                else:  # the handshake counts against the same timeout
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
-                        server_hostname=self.server_name, ssl_handshake_timeout=timeout,
-                    )  # fmt: skip
-        except TimeoutError:
-            self.connection_closed()
-            raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
-        except ssl.SSLError as exc:
-            self.connection_closed()
-            raise UpstreamConnectError(f"TLS handshake failed: {tls_failure(exc)}") from None
-        except OSError as exc:
-            self.connection_closed()
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            raise UpstreamConnectError(f"connect failed: {reason.lower()}") from None
-        except BaseException:  # cancelled: the client went away
-            self.connection_closed()
-            raise
-        self.stats.connections_opened += 1
-        return conn
-
     def __repr__(self) -> str:
         state = "up" if self.healthy else "down"
         if self.ejected:
@@ -227,7 +193,8 @@ class Upstream:
             state += ", drained"
         return (
             f"<Upstream {self.address} [{state}, weight {self.weight} | "
-            f"Requests: {self.active} active | Connections: {len(self.idle)} idle]>"
+            f"Requests: {self.active} active, {len(self.waiting)} waiting | "
+            f"Connections: {self.conns} open, {len(self.idle)} idle]>"
         )
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.forwarding.retry import RetryBudget, RetryPolicy
 from proxy.health.state import RiseFall
 from proxy.upstream.pool import Pool
+from proxy.upstream.retry import RetryBudget, RetryPolicy
 
 
 class FakeClock:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.upstream.connection import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND, UpstreamConnection
+from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.session import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND
 
 
 class Transport:
