@@ -26,6 +26,16 @@ From there the exchange calls the ``CacheState`` at its boundaries:
 Unsafe methods (anything but GET, HEAD, OPTIONS, TRACE) invalidate the target URI, and
 the ``Location`` / ``Content-Location`` on the same host, once the upstream answers
 them with a status below 400 (RFC 9111 4.4).
+
+A stale entry served within ``stale-while-revalidate`` is fetched again behind the
+client's back (``refresh``): the cache makes a ``CacheState`` that revalidates it (its
+``background`` set) and asks the exchange for a request through the pool like any other
+(``Subject.revalidate``: a GET of the same key with the stored validators, without the
+headers in ``NOT_REVALIDATED``). The response does the work through ``on_head``,
+``on_body`` and ``on_complete`` as a foreground revalidation's would: a 304 refreshes the
+entry, a new response replaces it (one that may not be stored drops it), a failure or a
+status in ``use_stale`` leaves it. One refresh per key at a time: its ``Flight`` lands
+when that request ends, however it ends.
 """
 
 from __future__ import annotations
@@ -62,6 +72,14 @@ log = logging.getLogger("aiolb")
 COLLECT_FOR_REDIS: Final = 1024 * 1024
 #: Methods that do not invalidate stored responses (RFC 9110 9.2.1: safe).
 SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+#: Request headers (lower case) a background refresh leaves out: what would make the
+#: response differ from a plain GET of the cache key (the client's conditionals and
+#: ``Range``: it asks with the stored validators instead), a body's framing, an Upgrade.
+NOT_REVALIDATED: Final = frozenset((
+    b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
+    b"range", b"if-range", b"content-length", b"transfer-encoding", b"connection",
+    b"upgrade", b"expect",
+))  # fmt: skip
 
 
 class _Client(Protocol):
@@ -69,7 +87,7 @@ class _Client(Protocol):
     def draining(self) -> bool: ...
 
 
-class Subject(Protocol):
+class Served(Protocol):
     """What the cache reads of the request it serves (the exchange)."""
 
     method: bytes
@@ -85,6 +103,17 @@ class Subject(Protocol):
     def client(self) -> _Client: ...
 
     def store_behind(self, behind: bool) -> None: ...
+
+
+class Subject(Served, Protocol):
+    """The request the cache is consulted for (the exchange): what it reads, and the
+    background request it may ask for."""
+
+    def revalidate(self, state: CacheState) -> None:
+        """Send a background request for ``state`` (``refresh``): a GET of its
+        request through the pool like any other, which calls ``state`` at its
+        boundaries as a forwarded request does, and ``state.abandon()`` or
+        ``state.on_failure`` when it ends otherwise (its flight lands either way)."""
 
 
 class Answer:
@@ -145,7 +174,7 @@ def begin(ex: Subject, cache: Cache, split: bool) -> Any:
     return state.lookup(ex)  # the Redis store
 
 
-def hit(ex: Subject, cache: Cache, request: Request, entry: Entry, now: float,
+def hit(ex: Served, cache: Cache, request: Request, entry: Entry, now: float,
         status: bytes, split: bool) -> Answer:  # fmt: skip
     """The answer ``entry`` gives ``ex`` (``split``: its head apart from its framing, for
     the route's response filters)."""
@@ -164,6 +193,7 @@ class CacheState:
     """What a cache does for one exchange, between its request and its response."""
 
     __slots__ = (
+        "background",
         "body",
         "cache",
         "collect",
@@ -189,6 +219,9 @@ class CacheState:
         self.status = b"fwd=miss"  # the Cache-Status of a forwarded response
         self.invalidate = False
         self.waited = False
+        #: a background refresh (``refresh``): it answers nobody, so no stale answer
+        #: stands in for its failure and only a revalidation is counted
+        self.background = False
         self.requested = time.time()
         self.collect: list[bytes] | None = None  # the body, while it is being kept
         self.writer: BodyWriter | None = None  # or streamed into Redis
@@ -256,9 +289,17 @@ class CacheState:
             return self.decide(ex, store.get(self.request.key, self.request.headers))
         return self.lookup(ex)
 
+    def ask(self, ex: Served) -> None:
+        """Make a background refresh's request (``refresh``) conditional on the stored
+        entry's validators, and say what the cache understands (``Surrogate-Capability``)."""
+        assert self.entry is not None
+        _ask_validators(ex, self.entry)
+        if self.cache.surrogate:
+            ex.found.parts += SURROGATE_CAPABILITY
+
     # -- response side -----------------------------------------------------------------
 
-    def on_head(self, ex: Subject, status: int, found: ResponseHead) -> ResponseHead | Answer:
+    def on_head(self, ex: Served, status: int, found: ResponseHead) -> ResponseHead | Answer:
         """The upstream's response head: what to relay (``found`` with ``Cache-Status``),
         or an ``Answer`` to send instead (the upstream's response is then dropped)."""
         cache, request = self.cache, self.request
@@ -275,10 +316,12 @@ class CacheState:
             self.land()
             return self.answer(ex, entry, now, b"fwd=stale; fwd-status=304")
         if entry is not None and status >= 500 and cache.may_serve_stale(entry, now, status):
-            cache.results["stale"] += 1
             self.land()
+            if self.background:  # the entry stays; the upstream's answer goes nowhere
+                return _with_status(found, self.status)
+            cache.results["stale"] += 1
             return self.answer(ex, entry, now, b"hit; fwd=stale; fwd-status=%d" % status)
-        if entry is not None:  # a revalidation answered with a response of its own
+        if entry is not None and not self.background:  # answered with a response of its own
             cache.results["miss"] += 1
         upstream_head = found.head
         status_line, lines = parse_head(upstream_head)
@@ -296,13 +339,13 @@ class CacheState:
         self.land()
         return _with_status(found, self.status)
 
-    def answer(self, ex: Subject, entry: Entry, now: float, status: bytes) -> Answer:
+    def answer(self, ex: Served, entry: Entry, now: float, status: bytes) -> Answer:
         keep = ex.keep_alive and not ex.client.draining
         code, head, framing, body = self.cache.hit_split(entry, self.request, now, status, keep,
                                                          ex.http_minor)  # fmt: skip
         return Answer(code, head, framing, body, not keep)
 
-    def start_storing(self, ex: Subject, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def start_storing(self, ex: Served, head: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """Keep the body as it comes: in memory (the memory store; and for Redis, a body
         of known size up to ``COLLECT_FOR_REDIS``, stored whole once complete and served
         from this process until Redis has it), else streamed into Redis."""
@@ -367,12 +410,12 @@ class CacheState:
                 del self.cache.flights[self.request.key]
             flight.done.set()
 
-    def on_failure(self, ex: Subject, error: ProxyError) -> Answer | None:
+    def on_failure(self, ex: Served, error: ProxyError) -> Answer | None:
         """No upstream answered: the stored entry's answer when it may stand in (not
         for a route filter's failure: that is the answer's own), else None."""
         self.abandon()
         entry = self.entry
-        if entry is None or isinstance(error, FilterError):
+        if entry is None or self.background or isinstance(error, FilterError):
             return None
         reason = "timeout" if isinstance(error, UpstreamTimeoutError) else "error"
         now = time.time()
@@ -396,7 +439,7 @@ def _with_status(found: ResponseHead, status: bytes) -> ResponseHead:
     return found.with_lines(b"Cache-Status: aiolb; " + status + b"\r\n")
 
 
-def _ask_validators(ex: Subject, entry: Entry) -> None:
+def _ask_validators(ex: Served, entry: Entry) -> None:
     """Make the upstream request conditional on the stored response's validators."""
     etag = header(entry.headers, b"etag")
     if etag is not None:
@@ -426,7 +469,7 @@ def _remove(cache: Cache, key: bytes) -> None:
     task.add_done_callback(cache.tasks.discard)
 
 
-def invalidate(ex: Subject, cache: Cache, request: Request, head: bytes) -> None:
+def invalidate(ex: Served, cache: Cache, request: Request, head: bytes) -> None:
     """An unsafe method succeeded: the target URI's stored responses go, and those of
     ``Location`` and ``Content-Location`` when they are on the same host."""
     _remove(cache, request.key)
@@ -452,20 +495,15 @@ def _same_host_target(value: bytes, host: bytes) -> bytes | None:
 
 
 def refresh(ex: Subject, cache: Cache, request: Request, entry: Entry) -> None:
-    """A stale entry was served (``stale-while-revalidate``): fetch it again in the
-    background, once per key at a time."""
+    """A stale entry was served to ``ex`` (``stale-while-revalidate``): have it fetched
+    again in the background, through the pool (``Subject.revalidate``), once per key at
+    a time: a GET of the same key, conditional on ``entry``'s validators."""
     if request.key in cache.flights or ex.pool is None:
         return
-    flight = cache.flights[request.key] = Flight()
-    task = asyncio.get_running_loop().create_task(
-        cache.revalidate(ex.pool, request, entry, ex.host or b"")
-    )
-    cache.tasks.add(task)
-
-    def done(_: object) -> None:
-        cache.tasks.discard(task)
-        if cache.flights.get(request.key) is flight:
-            del cache.flights[request.key]
-        flight.done.set()
-
-    task.add_done_callback(done)
+    headers = [(name, value) for name, value in request.headers if name not in NOT_REVALIDATED]
+    state = CacheState(cache, Request(b"GET", ex.host or b"", ex.target, headers), False)
+    state.background = True
+    state.entry = entry
+    state.status = b"fwd=stale"
+    state.flight = cache.flights[request.key] = Flight()
+    ex.revalidate(state)

@@ -74,6 +74,7 @@ class ExchangeCore:
         "deferred",
         "done",
         "due",
+        "filtered_target",  # unset unless a cached route's request filters ran
         "filters",
         "found",
         "head",

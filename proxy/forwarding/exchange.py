@@ -12,7 +12,10 @@ stay in order). The phases of a request run here, in this order, and nowhere els
    the route found (404), a redirect or a refused Upgrade answered;
 2. the route's **request filters** (``FilterChain.request``);
 3. the route's **cache** (``proxy.cache.flow.begin``): a hit answers, a miss or a
-   revalidation goes on with a ``CacheState``, a lookup or a collapsed miss waits;
+   revalidation goes on with a ``CacheState``, a lookup or a collapsed miss waits; a
+   stale hit within ``stale-while-revalidate`` also asks for a background request
+   (``revalidate``), an exchange of its own that starts at this phase
+   (``start_refresh``, ``proxy.forwarding.background``);
 4. the **pick**: the upstream a filter pinned (``sticky``) while it is available,
    else the balancer's;
 5. the **upstream request filters** (``FilterChain.upstream``), once;
@@ -42,6 +45,7 @@ from proxy.cache.flow import Answer, CacheState
 from proxy.cache.flow import begin as cache_begin
 from proxy.errors import FilterError
 from proxy.filters.base import LocalResponse, Request
+from proxy.forwarding.background import revalidation
 from proxy.forwarding.response import Responses
 from proxy.forwarding.states import ANSWERED, DONE
 from proxy.http.responses import (
@@ -54,6 +58,7 @@ from proxy.http.target import known_target, normal_target, normalise_host
 
 if TYPE_CHECKING:
     from proxy.forwarding.router import Route
+    from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")
 
@@ -137,11 +142,12 @@ class Exchange(Responses):
 
     # -- 3. the cache --------------------------------------------------------------------
 
-    def _consult_cache(self, route: Route, req: Request | None) -> None:
+    def _consult_cache(self, route: Route, req: Request) -> None:
         cache = route.cache
         if cache is None:
             self._pick(req)
             return
+        self.filtered_target = req.target  # what a background revalidation sends
         self._cached(cache_begin(self, cache, self.filters is not None), req)
 
     def _cached(self, outcome: Any, req: Request | None) -> None:
@@ -157,6 +163,25 @@ class Exchange(Responses):
             self._pick(req)
         else:
             self.later(outcome, lambda given: self._cached(given, req))
+
+    def revalidate(self, state: CacheState) -> None:
+        """``Subject.revalidate``: the cache served a stale entry and wants it again. A
+        background exchange sends the request through the pool (``proxy.forwarding.
+        background``), to the target this one's request filters left."""
+        target: bytes = getattr(self, "filtered_target", self.target)
+        revalidation(self, state, target)
+
+    def start_refresh(self, pool: Pool, state: CacheState, target: bytes) -> None:
+        """A background revalidation (``revalidation``) starts here, at the cache phase,
+        with the ``CacheState`` that revalidates the stored entry: the route's filters
+        ran for the request that triggered it and do not run again (neither phase);
+        then the balancer's pick and the send, as for any request."""
+        self.pool = pool
+        pool.requests += 1
+        self.req = DONE
+        self.cache_state = state
+        state.ask(self)
+        self.dispatch(pool.pick(self), target)
 
     # -- 4. pick, 5. upstream filters, 6. send --------------------------------------------
 
