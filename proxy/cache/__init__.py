@@ -12,7 +12,7 @@ request is (``Request``: method, cache key, the headers that matter) and what to
 - ``HIT``: a stored response is fresh and the request accepts it: ``hit`` renders it
   (``Age``, ``Cache-Status``, a 304 when the client's own conditional matches it).
 - ``STALE``: stale, but within ``stale-while-revalidate``: served, and refreshed in the
-  background (``Revalidator``).
+  background by a request through the pool like any other (``proxy.cache.flow.refresh``).
 - ``REVALIDATE``: stored but not usable as is: forwarded with ``If-None-Match`` /
   ``If-Modified-Since``; a 304 refreshes and serves it, anything else replaces it.
 - ``MISS``: nothing usable stored: forwarded, and the response stored if it may be.
@@ -34,12 +34,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
-
 from proxy.cache.entry import Entry
 from proxy.cache.memory import MemoryStore
 from proxy.cache.policy import (
-    SURROGATE_CAPABILITY,
     UNSAFE_METHODS,
     Directives,
     header,
@@ -56,7 +53,6 @@ from proxy.cache.ranges import ranged
 if TYPE_CHECKING:
     from proxy.cache.redis_store import RedisStore
     from proxy.config import CacheSpec
-    from proxy.upstream.pool import Pool
 
 log = logging.getLogger("aiolb")
 
@@ -143,9 +139,8 @@ class Cache:
         self.results = dict.fromkeys(RESULTS, 0)
         self.stored = 0
         self.flights: dict[bytes, Flight] = {}
-        #: background work (Redis writes, stale-while-revalidate refreshes), kept alive
+        #: background work of the Redis store (writes, removals), kept alive
         self.tasks: set[asyncio.Task[object]] = set()
-        self._session: aiohttp.ClientSession | None = None
         #: the workers' counters summed (a supervisor's, after ``absorb``); else None
         self.totals: dict[str, Any] | None = None
 
@@ -258,54 +253,6 @@ class Cache:
         framing = b"Content-Length: %d\r\n%s\r\n" % (len(entry.body), connection)
         return entry.status, entry.head + lines, framing, body
 
-    async def revalidate(self, pool: Pool, request: Request, entry: Entry, host: bytes) -> None:
-        """Fetch ``entry`` again from one of ``pool``'s upstreams, conditionally (the
-        background half of ``stale-while-revalidate``): a 304 refreshes it, a storable
-        response replaces it, anything else leaves it to age out."""
-        upstream = pool.pick(_Background(request))
-        if upstream is None:
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
-                   if k not in _NOT_FORWARDED}  # fmt: skip
-        headers["Host"] = host.decode("latin-1")
-        if self.surrogate:
-            headers["Surrogate-Capability"] = SURROGATE_CAPABILITY[2].decode()
-        for name, value in entry.headers:
-            if name == b"etag":
-                headers["If-None-Match"] = value.decode("latin-1")
-            elif name == b"last-modified":
-                headers["If-Modified-Since"] = value.decode("latin-1")
-        scheme = "https" if upstream.ssl is not None else "http"
-        url = f"{scheme}://{upstream.address}{request.key.split(b' ', 1)[1].decode('latin-1')}"
-        sent = time.time()
-        try:
-            async with asyncio.timeout(pool.response_header_timeout):
-                async with self.session().get(
-                    url, headers=headers, allow_redirects=False, ssl=upstream.ssl or False,
-                    server_hostname=upstream.server_name if upstream.ssl else None,
-                ) as resp:  # fmt: skip
-                    body = await resp.content.read(self.max_object_size + 1)
-                    head = _raw_head(resp)
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            log.info("cache %s: refreshing %r failed: %s", self.name, request.key[:200], exc)
-            return
-        received = time.time()
-        if resp.status == 304:
-            if entry.refresh(head, (sent, received), self.default_ttl):
-                await self._put(entry)
-            self.results["revalidated"] += 1
-            return
-        response = [(k.lower(), v) for k, v in resp.raw_headers]
-        if len(body) <= self.max_object_size and self.may_store(request, resp.status, response):
-            await self._put(self.entry(request, head, body, (sent, received), response))
-
-    async def _put(self, entry: Entry) -> None:
-        store = self.store
-        if isinstance(store, MemoryStore):
-            store.put(entry)
-        else:
-            await store.put(entry)
-
     # -- operating it ------------------------------------------------------------------
 
     def counts(self) -> dict[str, Any]:
@@ -357,17 +304,10 @@ class Cache:
             return store.purge_matching(matches)
         return await store.purge_matching(matches)
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        return self._session
-
     async def close(self) -> None:
-        """Stop background work, close the Redis client and the refresh session."""
+        """Stop background work, close the Redis client."""
         for task in list(self.tasks):
             task.cancel()
-        if self._session is not None:
-            await self._session.close()
         if not isinstance(self.store, MemoryStore):
             await self.store.close()
 
@@ -379,45 +319,6 @@ class Cache:
     def __repr__(self) -> str:
         hits, misses = self.results["hit"], self.results["miss"]
         return f"<Cache {self.name} [{self.store!r}, {hits} hits, {misses} misses]>"
-
-
-#: Request headers a background refresh does not send (hop-by-hop, the conditionals it
-#: sets itself, the body's).
-_NOT_FORWARDED: Final = frozenset(
-    {b"host", b"connection", b"keep-alive", b"te", b"upgrade", b"proxy-connection",
-     b"transfer-encoding", b"content-length", b"if-none-match", b"if-modified-since",
-     b"expect", b"range", b"if-range"}
-)
-
-
-class _Background:
-    """The request view a balancer gets for a background refresh."""
-
-    __slots__ = ("request",)
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-
-    @property
-    def client_ip(self) -> str:
-        return ""
-
-    @property
-    def target(self) -> bytes:
-        return self.request.key.split(b" ", 1)[1]
-
-    def header(self, name: bytes) -> bytes | None:
-        return next((v for n, v in self.request.headers if n == name), None)
-
-
-def _raw_head(resp: aiohttp.ClientResponse) -> bytes:
-    """A response head as the proxy forwards it, from aiohttp's response (status line
-    and the headers but the hop-by-hop and framing ones)."""
-    lines = [b"HTTP/1.1 %d %s" % (resp.status, (resp.reason or "").encode("latin-1"))]
-    for name, value in resp.raw_headers:
-        if name.lower() not in (b"connection", b"keep-alive", b"transfer-encoding"):
-            lines.append(name + b": " + value)
-    return b"\r\n".join(lines) + b"\r\n"
 
 
 def _sum_known(values: Iterable[int | None]) -> int | None:
