@@ -263,3 +263,154 @@ def test_a_hit_answers_a_range_with_206(proxy: Make) -> None:
     [answer] = fetch(h, extra=b"Range: bytes=2-4\r\n").responses()
     assert (answer.status, answer.body) == (206, b"234")
     assert answer.header(b"Content-Range") == b"bytes 2-4/10"
+
+
+# -- stale-while-revalidate: the refresh is a request through the pool -------------------
+
+#: stale already (``Age``), served stale for a minute while it is fetched again
+SWR = (b'Cache-Control: max-age=0, stale-while-revalidate=60\r\nETag: "v1"\r\n'
+       b"Last-Modified: Tue, 01 Dec 2026 00:00:00 GMT\r\nAge: 1\r\n")  # fmt: skip
+#: the cache key of ``/c``
+KEY = b"example.test /c"
+NOT_MODIFIED = b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=60\r\n\r\n'
+
+
+def stale_stored(h: Harness) -> None:
+    """Store ``/c``, stale at once, through upstream connection 0 (then idle)."""
+    first = fetch(h)
+    h.upstream(0).respond(ok(b"s1", SWR))
+    assert first.responses()[0].body == b"s1"
+
+
+def stale_hit(h: Harness, ip: str = "127.0.0.1", extra: bytes = b"") -> Client:
+    """A request for ``/c`` answered at once with the stale entry."""
+    client = h.client(ip=ip)
+    client.send(get("/c", extra=extra))
+    [answer] = client.responses()
+    assert answer.header(b"Cache-Status").startswith(b"aiolb; hit; fwd=stale")  # type: ignore[union-attr]
+    return client
+
+
+def test_stale_while_revalidate_serves_at_once_and_refreshes_through_the_pool(
+    proxy: Make,
+) -> None:
+    h = proxy(**cached())
+    stale_stored(h)
+    client = h.client(ip="192.0.2.7")
+    client.send(get("/c", extra=b'If-None-Match: "mine"\r\nRange: bytes=0-0\r\n'
+                                b"X-Forwarded-For: 10.1.1.1\r\nUser-Agent: t\r\n"))  # fmt: skip
+    [answer] = client.responses()  # at once: the refresh has not been answered
+    assert (answer.status, answer.body) == (206, b"s")
+    assert answer.header(b"Cache-Status") == b"aiolb; hit; fwd=stale; ttl=-1"
+    refresh = h.asked()  # on the pooled connection, as any request would be
+    assert refresh is h.upstream(0) and len(h.loop.dials) == 1
+    [sent] = refresh.requests()[1:]
+    assert (sent.method, sent.target) == (b"GET", b"/c")
+    assert sent.header(b"If-None-Match") == b'"v1"'  # the stored validators, not the client's
+    assert sent.header(b"If-Modified-Since") == b"Tue, 01 Dec 2026 00:00:00 GMT"
+    assert sent.header(b"Range") is None and sent.all(b"If-None-Match") == [b'"v1"']
+    assert sent.header(b"X-Forwarded-For") == b"10.1.1.1, 192.0.2.7"  # the client's
+    assert sent.header(b"User-Agent") == b"t" and sent.header(b"Via") == b"1.1 aiolb"
+    assert sent.header(b"X-Request-ID").endswith(b"-revalidate")  # type: ignore[union-attr]
+    assert h.cache.flights  # one refresh per key at a time
+    stale_hit(h)
+    assert len(refresh.requests()) == 2 and len(h.loop.dials) == 1  # no second refresh
+    refresh.respond(NOT_MODIFIED)
+    assert not h.cache.flights and h.cache.results["revalidated"] == 1
+    [hit] = fetch(h).responses()  # refreshed: a fresh hit, not a stale one
+    assert hit.body == b"s1"
+    assert hit.header(b"Cache-Status").startswith(b"aiolb; hit; ttl=")  # type: ignore[union-attr]
+    assert len(refresh.requests()) == 2 and len(h.upstream_of(0).idle) == 1
+
+
+def test_a_refresh_answered_with_a_new_response_replaces_the_entry(proxy: Make) -> None:
+    h = proxy(**cached())
+    stale_stored(h)
+    stale_hit(h)
+    h.asked().respond(ok(b"s2", FRESH))
+    assert not h.cache.flights
+    [hit] = fetch(h).responses()
+    assert hit.body == b"s2"
+    assert hit.header(b"Cache-Status").startswith(b"aiolb; hit; ttl=")  # type: ignore[union-attr]
+    assert len(h.loop.dials) == 1
+
+
+def test_a_refresh_is_counted_in_the_pools_metrics(proxy: Make) -> None:
+    h = proxy(**cached())
+    stale_stored(h)
+    requests = h.pool.requests
+    stale_hit(h)
+    h.asked().respond(NOT_MODIFIED)
+    assert h.pool.requests == requests + 2  # the stale hit, and its refresh
+    # the first fetch and the refresh reached the upstream; the stale hit did not
+    assert h.upstream_of(0).stats.requests == {("l", b"GET", 200): 2}
+    assert h.pool.stats.requests == {("l", b"GET", 200): 1}
+    assert h.cache.results == {"hit": 0, "miss": 1, "stale": 1, "bypass": 0,
+                               "revalidated": 1}  # fmt: skip
+
+
+def test_a_refresh_waits_for_a_connection_at_max_connections(proxy: Make) -> None:
+    h = proxy(pool={"circuit_breaker": {"max_connections": 1}}, **cached())
+    stale_stored(h)
+    busy = fetch(h, "/busy")  # takes the one connection the upstream may have
+    up = h.upstream(0)
+    stale_hit(h)
+    assert h.pool.pending == 1 and len(h.loop.dials) == 1  # the refresh queues
+    assert len(up.requests()) == 2
+    up.respond(ok(b"done"))
+    assert busy.responses()[0].body == b"done"
+    assert len(up.requests()) == 3 and h.pool.pending == 0  # then it takes the freed one
+    assert up.requests()[2].header(b"If-None-Match") == b'"v1"'
+    up.respond(NOT_MODIFIED)
+    assert not h.cache.flights and len(h.loop.dials) == 1
+
+
+def test_a_refresh_that_waits_too_long_for_a_connection_gives_up(proxy: Make) -> None:
+    h = proxy(pool={"circuit_breaker": {"max_connections": 1, "queue_timeout": "2s"}},
+              **cached())  # fmt: skip
+    stale_stored(h)
+    fetch(h, "/busy")
+    stale_hit(h)
+    assert h.pool.pending == 1 and KEY in h.cache.flights
+    h.advance(3)  # swept on the clock's tick, as a client's exchange is
+    assert h.pool.pending == 0 and h.pool.overflows == 1 and KEY not in h.cache.flights
+    assert h.pool.stats.requests == {("l", b"GET", 200): 1, ("l", b"GET", 503): 1}
+    assert len(h.cache.store) == 1  # the stale entry stays
+
+
+def test_a_failed_refresh_leaves_the_stale_entry_and_lets_the_next_one_try(
+    proxy: Make,
+) -> None:
+    h = proxy(**cached())
+    stale_stored(h)
+    h.upstream(0).close()
+    h.refuse(0)
+    stale_hit(h)
+    h.advance(1)  # the retry's backoff
+    assert not h.cache.flights  # it landed
+    assert h.upstream_of(0).failures >= 1  # passive health saw it
+    assert h.upstream_of(0).stats.requests == {("l", b"GET", 200): 1}  # the first fetch
+    assert h.pool.stats.requests == {("l", b"GET", 200): 1, ("l", b"GET", 502): 1}
+    assert len(h.cache.store) == 1 and h.cache.results["stale"] == 1
+    h.accept(0)
+    stale_hit(h)  # still served, and refreshed again
+    h.asked().respond(ok(b"s2", FRESH))
+    assert fetch(h).responses()[0].body == b"s2"
+
+
+def test_a_refresh_sends_what_the_request_filters_left_without_running_them_again(
+    proxy: Make,
+) -> None:
+    filters = [{"rewrite": {"strip_prefix": "/api"}},
+               {"headers": {"request": {"add": {"X-Tag": "${request_id}"}}}}]  # fmt: skip
+    h = proxy(upstreams=1, route={"cache": "c", "filters": filters}, caches={"c": {}})
+    first = fetch(h, "/api/c")
+    h.upstream(0).respond(ok(b"s1", SWR))
+    assert first.responses()[0].body == b"s1"
+    client = h.client()
+    client.send(get("/api/c", extra=b"X-Request-ID: trigger\r\n"))
+    assert client.responses()[0].header(b"Cache-Status").startswith(b"aiolb; hit; fwd=stale")  # type: ignore[union-attr]
+    [sent] = h.asked().requests()[1:]
+    assert sent.target == b"/c" and sent.header(b"X-Forwarded-Prefix") == b"/api"
+    assert sent.all(b"X-Tag") == [b"trigger"]  # the trigger's filters' header, added once
+    assert sent.header(b"X-Request-ID") != b"trigger"
