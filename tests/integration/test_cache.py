@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -324,6 +326,48 @@ async def test_stale_while_revalidate_serves_at_once_and_refreshes_in_the_backgr
         await wait_for(lambda: not cache.flights and not cache.tasks, 5.0)  # it landed
         _, body, _ = await fetch(session, server, "/c")
     assert body == "s 2"
+
+
+async def test_a_refresh_is_a_request_through_the_pool_with_its_own_log_line(
+    proxy: MakeProxy, recorders: MakeRecorder, tmp_path: Path
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"ETag": '"v1"',
+                                                     "Cache-Control": "max-age=60"})  # fmt: skip
+        return web.Response(text="s", headers={
+            "ETag": '"v1"', "Cache-Control": "max-age=0, stale-while-revalidate=60", "Age": "1",
+        })  # fmt: skip
+
+    up = await recorders("a", {"/c": handler})
+    log_path = tmp_path / "access.log"
+    config = cached_config(up.url).model_dump()
+    server = await proxy(Config.model_validate({**config, "access_log": {"path": str(log_path)}}))
+    cache = server.caches["main"]
+    async with aiohttp.ClientSession() as session:
+        await fetch(session, server, "/c")
+        _, _, headers = await fetch(session, server, "/c", headers={"X-Request-ID": "client-1"})
+        assert headers["Cache-Status"].startswith("aiolb; hit; fwd=stale")
+        await wait_for(lambda: len(seen) == 2 and not cache.flights, 5.0)
+        _, _, headers = await fetch(session, server, "/c")
+    assert headers["Cache-Status"].startswith("aiolb; hit; ttl=")  # the 304 refreshed it
+    refresh = seen[1]
+    assert refresh["If-None-Match"] == '"v1"' and refresh["X-Forwarded-For"] == "127.0.0.1"
+    assert refresh["X-Request-ID"].endswith("-revalidate")
+    assert cache.results["revalidated"] == 1
+
+    def lines() -> list[dict[str, Any]]:
+        text = log_path.read_text() if log_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines()]
+
+    await wait_for(lambda: len(lines()) == 4, 5.0)
+    [line] = [x for x in lines() if x["request_id"].endswith("-revalidate")]
+    assert (line["method"], line["path"], line["client"], line["listener"], line["pool"]) == (
+        "GET", "/c", "127.0.0.1", "test", "main")  # fmt: skip
+    assert line["upstream"] == up.url.removeprefix("http://") and line["attempts"] == 1
 
 
 async def test_losing_every_upstream_costs_a_cached_url_nothing(
