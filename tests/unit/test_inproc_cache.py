@@ -335,6 +335,19 @@ def test_a_refresh_answered_with_a_new_response_replaces_the_entry(proxy: Make) 
     assert len(h.loop.dials) == 1
 
 
+def test_a_head_request_is_refreshed_with_a_get_that_can_be_stored(proxy: Make) -> None:
+    h = proxy(**cached())
+    stale_stored(h)
+    client = h.client()
+    client.send(b"HEAD /c HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    [answer] = client.responses(head=True)
+    assert answer.header(b"Cache-Status").startswith(b"aiolb; hit; fwd=stale")  # type: ignore[union-attr]
+    refresh = h.asked()
+    assert refresh.requests()[-1].method == b"GET"
+    refresh.respond(ok(b"s2", FRESH))
+    assert fetch(h).responses()[0].body == b"s2"  # stored: a GET's response
+
+
 def test_a_refresh_is_counted_in_the_pools_metrics(proxy: Make) -> None:
     h = proxy(**cached())
     stale_stored(h)
