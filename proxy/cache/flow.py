@@ -206,7 +206,7 @@ class CacheState:
         "size",
         "split",
         "status",
-        "waited",
+        "wait_until",
         "writer",
     )
 
@@ -218,7 +218,9 @@ class CacheState:
         self.flight: Flight | None = None  # set when this exchange fetches for others
         self.status = b"fwd=miss"  # the Cache-Status of a forwarded response
         self.invalidate = False
-        self.waited = False
+        #: the loop time until which this miss may wait for other requests' fetches of
+        #: its key (``lock_timeout`` from its first wait); 0.0 until it waits
+        self.wait_until = 0.0
         #: a background refresh (``refresh``): it answers nobody, so no stale answer
         #: stands in for its failure and only a revalidation is counted
         self.background = False
@@ -265,7 +267,9 @@ class CacheState:
                 _ask_validators(ex, entry)
         elif action == MISS:
             flight = cache.flights.get(request.key)
-            if flight is not None and not self.waited:
+            if flight is not None and (
+                not self.wait_until or asyncio.get_running_loop().time() < self.wait_until
+            ):
                 return self.wait(ex, flight)
             cache.results["miss"] += 1
             if flight is None:
@@ -278,12 +282,17 @@ class CacheState:
         return self  # forward, with this state
 
     async def wait(self, ex: Subject, flight: Flight) -> Any:
-        """Another request is fetching this key: wait for it, then look again."""
+        """Another request is fetching this key: wait for it, then look again. A fetch
+        that ends without storing (its client left, a no-store answer) makes one of the
+        waiters fetch, and the others wait again for that one, as long as their
+        ``lock_timeout`` from the first wait allows (nginx's ``proxy_cache_lock``)."""
+        now = asyncio.get_running_loop().time()
+        if not self.wait_until:
+            self.wait_until = now + self.cache.lock_timeout
         try:
-            await asyncio.wait_for(flight.done.wait(), self.cache.lock_timeout)
+            await asyncio.wait_for(flight.done.wait(), max(self.wait_until - now, 0.0))
         except TimeoutError:
-            pass
-        self.waited = True
+            self.wait_until = -1.0  # waited long enough: never again
         store = self.cache.store
         if isinstance(store, MemoryStore):
             return self.decide(ex, store.get(self.request.key, self.request.headers))

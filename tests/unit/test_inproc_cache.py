@@ -158,6 +158,28 @@ def test_waiting_misses_are_served_when_the_fetching_client_leaves_mid_body(
     assert [w.responses()[0].body for w in waiters] == [b"0123456789"] * 2
 
 
+def test_when_the_fetch_is_dropped_one_waiter_fetches_and_the_others_wait_again(
+    proxy: Make,
+) -> None:
+    """Found by this tier: the waiters of a dropped fetch all went upstream at once (a
+    miss waited only once). One of them fetches now, the others wait for it within
+    their ``lock_timeout`` (nginx's ``proxy_cache_lock``), and get it as a hit."""
+    h = proxy(**cached())
+    fetcher, *waiters = [fetch(h) for _ in range(4)]
+    h.upstream(0).respond(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    fetcher.close()
+    h.settle()
+    assert len(h.loop.dials) == 2  # the dropped fetch, and one more for three waiters
+    h.upstream(1).respond(ok(b"0123456789", FRESH))
+    answers = [w.responses()[0] for w in waiters]
+    assert [a.body for a in answers] == [b"0123456789"] * 3
+    statuses = [a.header(b"Cache-Status") or b"" for a in answers]
+    assert sum(s.startswith(b"aiolb; hit") for s in statuses) == 2
+    assert len(h.loop.dials) == 2
+
+
 def test_a_stored_response_answers_when_the_upstream_cannot(proxy: Make) -> None:
     h = proxy(**cached())
     fetch(h)
