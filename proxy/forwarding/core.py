@@ -308,6 +308,9 @@ class ExchangeCore:
             self._record()
         if self.span is not None:
             self.span.end(self)
+        # the filters' view points back here: dropped, so the exchange is freed by its
+        # reference count, not by the cyclic GC
+        self.filters = None
         self.client.exchange_done(self, self.keep_alive and not close)
 
     def _record(self) -> None:
@@ -371,6 +374,7 @@ class ExchangeCore:
             self._record()
         if self.span is not None:
             self.span.end(self)
+        self.filters = None  # the filters' view points back here (see ``_finish``)
 
     def later(self, pending: Coroutine[Any, Any, T], then: Callable[[T], None]) -> None:
         """Finish a phase that went async (a filter hook, a cache lookup or wait) in the

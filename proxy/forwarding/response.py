@@ -151,6 +151,8 @@ class Responses(Attempts):
         if isinstance(outcome, FilterError):
             self.conn = None
             self.resp = NONE
+            self.answer = None  # a cache's stand-in is not the answer to a failed filter
+            self.bytes_out = 0
             self.fail(outcome)
             return False
         self.held = []
@@ -175,6 +177,8 @@ class Responses(Attempts):
             self.conn = None
             if conn is not None:
                 conn.close()
+            self.answer = None  # a cache's stand-in is not the answer to a failed filter
+            self.bytes_out = 0
             self.fail(outcome)  # type: ignore[arg-type]
             return
         send(outcome)
