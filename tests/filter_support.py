@@ -106,3 +106,15 @@ class Greeting(Filter):
 
 class NotAFilter:
     """Not a subclass of Filter."""
+
+
+class Pondering(Filter):
+    """An async response hook that takes ``seconds`` (options) before it lets go."""
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.seconds = float((options or {}).get("seconds", 1.0))
+
+    async def response_filter(self, request: Request, response: Response) -> None:
+        await asyncio.sleep(self.seconds)
+        response.headers.set("X-Pondered", "yes")

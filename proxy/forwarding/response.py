@@ -156,9 +156,7 @@ class Responses(Attempts):
             self.fail(outcome)
             return False
         self.held = []
-        conn = self.conn
-        if conn is not None:
-            conn.pause_reading(FILTER_HOLD)
+        self._hold_upstream(FILTER_HOLD, True)  # the proxy holds it: no read deadline
         self.later(outcome, lambda done: self._release_held(done, send))  # type: ignore[arg-type]
         return True
 
@@ -188,8 +186,8 @@ class Responses(Attempts):
         client.flush()
         if complete is not None:
             self.on_response_complete(*complete)
-        elif self.conn is not None:
-            self.conn.resume_reading(FILTER_HOLD)
+        else:  # the upstream reads again, and its read deadline runs again
+            self._hold_upstream(FILTER_HOLD, False)
 
     def relay_whole(
         self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
@@ -288,7 +286,9 @@ class Responses(Attempts):
             self.client.send_body(self, data)
         else:
             held.append(bytes(data))
-        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+        conn = self.conn
+        if conn is not None and not conn.reading_paused:  # held: no read deadline
+            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
         if self.held is not None:  # an async response filter holds the response

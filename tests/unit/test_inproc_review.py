@@ -394,3 +394,24 @@ def test_filtered_exchanges_are_freed_without_the_cyclic_gc(
         assert left_over() == []
     finally:
         gc.enable()
+
+
+def test_a_response_held_longer_than_the_read_timeout_still_arrives(proxy: Make) -> None:
+    """The upstream is done; an async response hook takes 2 s with ``timeouts.read`` at
+    1 s (its own bound is ``response_header``). The hold is the proxy's, not a slow
+    upstream: the read deadline waits for it, as it waits for a slow client."""
+    h = proxy(
+        route={"filters": [{"python": "tests.filter_support:Pondering",
+                            "options": {"seconds": 2}}]},
+        pool={"timeouts": {"read": "1s", "response_header": "10s"}},
+    )  # fmt: skip
+    client = h.client()
+    client.send(get("/x"))
+    up = h.upstream(0)
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    h.advance(2.5)
+    up.respond(b"56789")
+    [answer] = client.responses()
+    assert (answer.status, answer.body) == (200, b"0123456789")
+    assert answer.header(b"X-Pondered") == b"yes"
+    assert not client.closed
