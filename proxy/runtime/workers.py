@@ -121,6 +121,9 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.ready = False
+        #: a SIGUSR1 came while it started: passed on once it is ready (before that its
+        #: handlers may not be installed, and SIGUSR1's default action kills it)
+        self.reopen = False
         self.started_at = 0.0
         self.replies: dict[int, asyncio.Future[Any]] = {}
         self.reader_task: asyncio.Task[None] | None = None
@@ -344,6 +347,9 @@ class Supervisor:
             message = json.loads(line)
             if message.get("op") == "ready":
                 worker.ready = True
+                if worker.reopen:  # a SIGUSR1 came while it started: its handler is in
+                    worker.reopen = False
+                    self._signal(worker, signal.SIGUSR1)
                 worker.send({"op": "state", "upstreams": self._state()})
                 log.info("worker %d (pid %s) serving", worker.index, worker.pid)
             elif "id" in message:
@@ -394,7 +400,11 @@ class Supervisor:
         self.loop.add_signal_handler(signal.SIGINT, on_int)
         def on_usr1() -> None:  # log rotation: every worker writes the access log
             self.server.reopen_logs()
-            self._signal_workers(signal.SIGUSR1)
+            for worker in self.workers:
+                if worker.ready:
+                    self._signal(worker, signal.SIGUSR1)
+                else:  # starting: told once it says it is ready
+                    worker.reopen = True
 
         self.loop.add_signal_handler(signal.SIGHUP, on_hup)
         self.loop.add_signal_handler(signal.SIGUSR1, on_usr1)
@@ -408,9 +418,13 @@ class Supervisor:
 
     def _signal_workers(self, sig: int) -> None:
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(sig)
+            self._signal(worker, sig)
+
+    @staticmethod
+    def _signal(worker: Worker, sig: int) -> None:
+        if worker.proc is not None and worker.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(sig)
 
     async def stop(self, kill: bool = False) -> None:
         """Stop restarting; TERM (or KILL) the workers, wait for them, stop serving."""
