@@ -198,9 +198,11 @@ class CacheState:
         "cache",
         "collect",
         "entry",
+        "final",
         "flight",
         "head",
         "invalidate",
+        "ranged",
         "request",
         "requested",
         "size",
@@ -228,6 +230,11 @@ class CacheState:
         self.collect: list[bytes] | None = None  # the body, while it is being kept
         self.writer: BodyWriter | None = None  # or streamed into Redis
         self.size = 0
+        #: a ``Range`` miss fetched whole (``Range`` not sent), to be stored and then
+        #: answered from the entry: the answer's keep-alive and HTTP minor version; and
+        #: that answer, once the response is stored (``final``)
+        self.ranged: tuple[bool, int] | None = None
+        self.final: Answer | None = None
         self.head = b""
         self.body = b""
 
@@ -274,6 +281,8 @@ class CacheState:
             cache.results["miss"] += 1
             if flight is None:
                 self.flight = cache.flights[request.key] = Flight()
+            if request.range is not None and not self.split:
+                _whole(ex)  # fetched whole, stored, then the range cut from it
         else:  # BYPASS: the request said no-store
             cache.results["bypass"] += 1
             self.status = b"fwd=request"
@@ -308,9 +317,12 @@ class CacheState:
 
     # -- response side -----------------------------------------------------------------
 
-    def on_head(self, ex: Served, status: int, found: ResponseHead) -> ResponseHead | Answer:
+    def on_head(
+        self, ex: Served, status: int, found: ResponseHead
+    ) -> ResponseHead | Answer | Later:
         """The upstream's response head: what to relay (``found`` with ``Cache-Status``),
-        or an ``Answer`` to send instead (the upstream's response is then dropped)."""
+        an ``Answer`` to send instead (the upstream's response is then dropped), or
+        ``LATER``: a ``Range`` miss, answered from the entry once the body is stored."""
         cache, request = self.cache, self.request
         now = time.time()
         if self.invalidate:
@@ -342,6 +354,11 @@ class CacheState:
         fits = length is None or (length.isdigit() and int(length) <= cache.max_object_size)
         if request.method == b"GET" and fits and cache.may_store(request, status, headers):
             self.start_storing(ex, upstream_head, headers)
+            if request.range is not None and status == 200 and self.collect is not None and (
+                length is not None and not self.split and _asked_whole(ex)
+            ):  # the client asked for a range: it is answered once the whole is stored
+                self.ranged = (ex.keep_alive and not ex.client.draining, ex.http_minor)
+                return LATER
             return _with_status(found, self.status + b"; stored")
         if entry is not None:  # replaced by a response that is not stored: forget it
             _remove(cache, request.key)
@@ -402,6 +419,12 @@ class CacheState:
             _store(cache, entry)
             self.land()
         self.collect = self.writer = None
+        if self.ranged is not None:  # the range the client asked for, cut from the whole
+            keep, minor = self.ranged
+            code, head, framing, part = cache.hit_split(
+                entry, self.request, times[1], self.status + b"; stored", keep, minor
+            )
+            self.final = Answer(code, head, framing, part, not keep)
 
     def abandon(self) -> None:
         """The response did not end whole (or grew too large): nothing is stored."""
@@ -446,6 +469,38 @@ def _without(found: ResponseHead, status_line: bytes, lines: list[tuple[bytes, b
 
 def _with_status(found: ResponseHead, status: bytes) -> ResponseHead:
     return found.with_lines(b"Cache-Status: aiolb; " + status + b"\r\n")
+
+
+class Later:
+    """``CacheState.on_head``'s answer for a ``Range`` miss fetched whole: the client's
+    answer is made once the response is stored (``CacheState.final``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER: Final = Later()
+#: the request headers a ``Range`` miss does not send: the whole is fetched and stored
+_RANGE_HEADERS: Final = frozenset((b"range", b"if-range"))
+
+
+def _whole(ex: Subject) -> None:
+    """Ask the upstream for the whole response: drop ``Range`` and ``If-Range`` from the
+    request (nginx does the same for a cached location)."""
+    parts = ex.found.parts
+    keep: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in _RANGE_HEADERS:
+            keep += parts[i : i + 4]
+    parts[:] = keep
+
+
+def _asked_whole(ex: Served) -> bool:
+    """The upstream request went without ``Range`` (``_whole``)."""
+    parts = ex.found.parts
+    return not any(parts[i].lower() == b"range" for i in range(0, len(parts), 4))
 
 
 def _ask_validators(ex: Served, entry: Entry) -> None:

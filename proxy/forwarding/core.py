@@ -16,6 +16,7 @@ import time
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from proxy.cache.flow import Later
 from proxy.clock import NEVER
 from proxy.errors import FilterError
 from proxy.filters.base import Response
@@ -163,7 +164,7 @@ class ExchangeCore:
         #: a response made for this request in place of the upstream's (a filter's
         #: ``LocalResponse``, a cache hit or stand-in): what the downstream writes;
         #: None: an error page
-        self.answer: LocalResponse | Answer | Fixed | None = None
+        self.answer: LocalResponse | Answer | Fixed | Later | None = None
         self.upstream: Upstream | None = None
         self.conn: UpstreamSession | None = None
         #: the claim on a session of ``upstream`` (``proxy.upstream.acquire``) while it
@@ -238,7 +239,10 @@ class ExchangeCore:
         self.status = status
         client = self.client
         close = close or not self.keep_alive or client.draining
-        client.send_local(self, status, self.answer, close, cause)
+        answer = self.answer
+        if answer.__class__ is Later:  # a range miss that failed before its answer: an error page
+            answer = None
+        client.send_local(self, status, answer, close, cause)  # type: ignore[arg-type]
         self._finish(close)
 
     def _bodiless(self) -> bool:

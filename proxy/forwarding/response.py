@@ -19,7 +19,7 @@ import re
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
-from proxy.cache.flow import Answer
+from proxy.cache.flow import LATER, Answer
 from proxy.clock import NEVER
 from proxy.errors import FilterError, ProxyError, UpstreamProtocolError
 from proxy.filters.base import Response
@@ -81,7 +81,9 @@ class Responses(Attempts):
             given = cache.on_head(self, status, found)
             if isinstance(given, Answer):  # the cache answers instead (a 304, a 5xx)
                 return self._answered_instead(given)
-            found = given
+            if given is LATER:  # a range, cut from the whole once it is stored
+                return self._answer_later()
+            found = given  # type: ignore[assignment]
         self.replay = None
         self.resp = HEAD
         if pool.observe is not None:
@@ -140,6 +142,15 @@ class Responses(Attempts):
             return True
         self.status = answer.status
         return self._filtered(filters.chain.response(filters, answer.head), send)
+
+    def _answer_later(self) -> bool:
+        """The cache stores the whole response and then answers the range the client
+        asked for (``CacheState.final``): the body goes to the cache only."""
+        self.answer = LATER  # from here on the upstream's body is not the client's
+        self.replay = None
+        self.resp = HEAD
+        self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+        return True
 
     def _filtered(self, outcome: object, send: Callable[[Response], None]) -> bool:
         """A response phase's outcome: ``send`` the head it leaves, hold the response
@@ -297,8 +308,18 @@ class Responses(Attempts):
         client = self.client
         if self.answer is None:
             client.send_end(self)
-        if self.cache_state is not None:
-            self.cache_state.on_complete()
+        cache = self.cache_state
+        if cache is not None:
+            cache.on_complete()
+            if self.answer is LATER:  # stored: the client's range, cut from it
+                final = cache.final
+                assert final is not None
+                self.answer = final
+                self.status = final.status
+                self.bytes_out = len(final.body)
+                close = not self.keep_alive or client.draining
+                self.keep_alive = not close
+                client.send_answer(self, final, close)
         client.flush()
         self.resp = COMPLETE
         self.conn = None

@@ -715,3 +715,41 @@ async def ranges_from_the_cache(
         writer.close()
         await writer.wait_closed()
     assert len(calls) == 1, "every answer came from the cache"
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_range_miss_is_fetched_whole_stored_and_answered_206(
+    proxy: MakeProxy, recorders: MakeRecorder, redis_server: Any, store: str
+) -> None:
+    """Issue 27 left a ``Range`` miss relayed and never stored; nginx's proxy_cache asks
+    the upstream for the whole, stores it and answers the range from it."""
+    ranges: list[str | None] = []
+
+    async def handler(req: web.Request) -> web.Response:
+        ranges.append(req.headers.get("Range"))
+        return web.Response(body=RANGED_BODY, content_type="text/plain", headers={
+            "Cache-Control": "max-age=60", "ETag": '"v1"'})  # fmt: skip
+
+    up = await recorders("a", {"/v": handler})
+    spec = {"store": {"type": "redis", "url": redis_server.url}} if store == "redis" else {}
+    server = await proxy(cached_config(up.url, **spec))
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+
+    async def get(*lines: str) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        extra = "".join(f"{line}\r\n" for line in lines)
+        writer.write(f"GET /v HTTP/1.1\r\nHost: shop.test\r\n{extra}\r\n".encode())
+        return await asyncio.wait_for(read_response(reader), 5.0)
+
+    try:
+        status, headers, body = await get("Range: bytes=2-5")
+        assert (status, headers[b"content-range"], body) == (
+            b"HTTP/1.1 206 Partial Content", b"bytes 2-5/20", b"2345")  # fmt: skip
+        assert headers[b"cache-status"].startswith(b"aiolb; fwd=miss; stored")
+        await wait_for(lambda: not server.caches["main"].tasks, 5.0)  # in Redis
+        status, headers, body = await get()
+        assert (status, body) == (b"HTTP/1.1 200 OK", RANGED_BODY)
+        assert headers[b"cache-status"].startswith(b"aiolb; hit")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert ranges == [None]  # one request upstream, for the whole

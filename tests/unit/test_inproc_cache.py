@@ -449,3 +449,52 @@ def test_a_refresh_sends_what_the_request_filters_left_without_running_them_agai
     assert sent.target == b"/c" and sent.header(b"X-Forwarded-Prefix") == b"/api"
     assert sent.all(b"X-Tag") == [b"trigger"]  # the trigger's filters' header, added once
     assert sent.header(b"X-Request-ID") != b"trigger"
+
+
+def test_a_range_miss_fetches_the_whole_stores_it_and_answers_the_range(proxy: Make) -> None:
+    """Issue 27 left this open: a miss with ``Range`` was relayed as the upstream's 206
+    and never stored. Now (as nginx's proxy_cache does) the upstream is asked for the
+    whole response, which is stored, and the range is cut from it."""
+    h = proxy(**cached())
+    client = fetch(h, extra=b"Range: bytes=2-4\r\nIf-Range: \"v1\"\r\n")
+    up = h.upstream(0)
+    [sent] = up.requests()
+    assert sent.header(b"Range") is None and sent.header(b"If-Range") is None
+    up.respond(ok(b"0123456789", FRESH + b'ETag: "v1"\r\n'))
+    [answer] = client.responses()
+    assert (answer.status, answer.body) == (206, b"234")
+    assert answer.header(b"Content-Range") == b"bytes 2-4/10"
+    status = answer.header(b"Cache-Status") or b""
+    assert status.startswith(b"aiolb; fwd=miss; stored; ttl=")
+    [whole] = fetch(h).responses()  # stored: the next one is a hit
+    assert (whole.status, whole.body) == (200, b"0123456789")
+    assert whole.header(b"Cache-Status").startswith(b"aiolb; hit")  # type: ignore[union-attr]
+    assert len(up.requests()) == 1
+    assert h.upstream_of(0).stats.requests == {("l", b"GET", 206): 1}
+
+
+def test_a_range_miss_that_may_not_be_stored_gets_the_whole_200(proxy: Make) -> None:
+    """The upstream was asked for the whole; its answer may not be stored: the client
+    gets it as it came (RFC 9110 lets a server ignore ``Range``)."""
+    h = proxy(**cached())
+    client = fetch(h, extra=b"Range: bytes=2-4\r\n")
+    h.upstream(0).respond(ok(b"0123456789", b"Cache-Control: no-store\r\n"))
+    [answer] = client.responses()
+    assert (answer.status, answer.body) == (200, b"0123456789")
+
+
+def test_a_range_miss_on_a_route_with_response_filters_is_forwarded_as_it_came(
+    proxy: Make,
+) -> None:
+    """Response filters see the upstream's answer: there the ``Range`` goes upstream."""
+    h = proxy(**cached())
+    h2 = proxy(route={"cache": "c", "filters": [{"headers": {"response": {
+        "set": {"X-Seen": "yes"}}}}]}, caches={"c": {}})  # fmt: skip
+    client = fetch(h2, extra=b"Range: bytes=2-4\r\n")
+    up = h2.upstream(0)
+    assert up.requests()[0].header(b"Range") == b"bytes=2-4"
+    up.respond(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 2-4/10\r\n"
+               b"Content-Length: 3\r\n\r\n234")  # fmt: skip
+    [answer] = client.responses()
+    assert (answer.status, answer.body, answer.header(b"X-Seen")) == (206, b"234", b"yes")
+    assert h.upstreams == []
