@@ -7,7 +7,8 @@ difference by the extra requests, so start-up and warm-up cancel out.
 
     python loadtests/hotpath_count.py                 # a proxied 20-byte request
     python loadtests/hotpath_count.py --scenario hit  # a memory-cache hit
-    python loadtests/hotpath_count.py --all           # both
+    python loadtests/hotpath_count.py --scenario traced  # tracing on, not sampled
+    python loadtests/hotpath_count.py --all           # all three
 
 Needs valgrind. ``PYTHONHASHSEED=0`` keeps dict layouts, and so counts, repeatable.
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
-SCENARIOS = ("proxied", "hit")
+SCENARIOS = ("proxied", "hit", "traced")
 
 
 def feed(scenario: str, n: int) -> None:
@@ -41,6 +42,8 @@ def feed(scenario: str, n: int) -> None:
     extra: dict[str, Any] = {}
     if scenario == "hit":
         extra = {"cache": {"default_ttl": "1h"}}
+    elif scenario == "traced":  # tracing on, this request not sampled (the common case)
+        extra = {"tracing": {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": 0.0}}
     client, conns = hb.build(loop, **extra)
     if scenario == "hit":  # the first request fills the cache; every later one is a hit
         client.data_received(hb.REQUEST)
