@@ -28,6 +28,13 @@ HEAD: Final = 1  # a request head is arriving
 BODY: Final = 2  # a request body is arriving
 BUSY: Final = 3  # request read; its response is pending
 TUNNEL: Final = 4  # an Upgrade tunnel (``proxy.server.tunnel``) owns the transport
+LINGER: Final = 5  # answered and closing: the rest of the request is read and dropped
+
+#: A lingering close (nginx's ``lingering_timeout`` / ``lingering_time``): read and drop
+#: what the client still sends after an answer that ends the connection before its
+#: request body was read, until it stops for this long, or at most this long in all.
+LINGER_TIMEOUT: Final = 5.0
+LINGER_TIME: Final = 30.0
 
 
 class _Reject(Exception):
@@ -64,6 +71,7 @@ class ConnectionBase(asyncio.Protocol):
         "held",
         "in_head",
         "keep_forwarded",
+        "linger_until",
         "listener",
         "log_times",
         "loop",
@@ -125,6 +133,7 @@ class ConnectionBase(asyncio.Protocol):
         #: write buffer's size then (``_client_stalled``)
         self.send_deadline = NEVER
         self.send_mark = 0
+        self.linger_until = 0.0  # the end of a lingering close (``LINGER``)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""

@@ -16,8 +16,16 @@ response is still due is answered after it, in order.
 
 Timers are deadlines checked by the listener's sweep (``proxy.clock``); the phase
 says what a deadline means: IDLE closes quietly, HEAD and BODY answer 408, TUNNEL
-asks the tunnel whether it has been idle for ``timeouts.tunnel_idle``. The header
-deadline runs from the accept, so on a TLS listener the handshake counts against it.
+asks the tunnel whether it has been idle for ``timeouts.tunnel_idle``, LINGER ends a
+lingering close. The header deadline runs from the accept, so on a TLS listener the
+handshake counts against it.
+
+An answer that ends the connection while the request body is still arriving (an
+upstream's early 413, the proxy's own 404 to an upload) says ``Connection: close`` and
+then lingers (nginx's lingering close, ``_linger``): the write side is shut, and what the
+client still sends is read and dropped until it stops for 5 s (30 s at most). Closing at
+once made the client's next bytes draw a reset, which destroys the answer in the
+client's receive buffer before a client that uploads first and reads after can read it.
 
 Upgrade requests (``Connection: upgrade`` and an ``Upgrade`` protocol the route
 allows, see ``Exchange``) stop the parser: what the client sent after the request is
@@ -41,7 +49,18 @@ from proxy.http.headers import (
     RequestHeaders,
     forwarded_template,
 )
-from proxy.server.base import BODY, BUSY, HEAD, IDLE, TUNNEL, _Closed, _Reject
+from proxy.server.base import (
+    BODY,
+    BUSY,
+    HEAD,
+    IDLE,
+    LINGER,
+    LINGER_TIME,
+    LINGER_TIMEOUT,
+    TUNNEL,
+    _Closed,
+    _Reject,
+)
 from proxy.server.refusals import _Rejection
 from proxy.server.respond import H1Responses
 from proxy.tcp import ack_now
@@ -104,6 +123,8 @@ class ClientConnection(H1Responses):
         try:
             while True:  # once, unless an Upgrade request leaves bytes to parse on
                 if self.broken:
+                    if self.phase == LINGER:  # dropped; the client is still sending
+                        self.deadline = min(self.clock.now + LINGER_TIMEOUT, self.linger_until)
                     return
                 self.chunk_len = len(data)
                 if self.phase == IDLE:  # the first byte of a request: the header timer starts
@@ -237,6 +258,8 @@ class ClientConnection(H1Responses):
         ex = self.parsing
         if ex is None:
             return
+        if self.broken:  # answered and closing (or lingering): the rest is dropped
+            raise _Closed
         ex.on_request_body(body)
         self.deadline = self.clock.now + self.timeout_body
         if self.max_body is not None and ex.body_size > self.max_body:
@@ -265,12 +288,33 @@ class ClientConnection(H1Responses):
         if self.paused & EXCHANGE_PAUSES:  # its upstream's pauses end with it
             self.resume(EXCHANGE_PAUSES)
         if not keep_alive or self.closed:
-            self.close()
+            if self.phase == BODY and not self.closed:  # its body is still arriving
+                self._linger()
+            else:
+                self.close()
         elif self.queue or self._advancing or self.paused or self.draining:
             self._advance()
         elif self.phase == BUSY:  # the common case: nothing queued, go idle
             self.phase = IDLE
             self.deadline = self.clock.now + self.timeout_idle
+
+    def _linger(self) -> None:
+        """The answer ends the connection while the client is still sending its request
+        body: closing now would make the kernel reset the connection at the client's next
+        bytes, and a reset can destroy the answer before the client reads it. Instead
+        (nginx's lingering close) the write side is shut once the answer is out, and what
+        the client still sends is read and dropped until it stops for ``LINGER_TIMEOUT``,
+        or for ``LINGER_TIME`` at most; then the connection closes."""
+        self.broken = True  # nothing more is parsed
+        self.phase = LINGER
+        now = self.clock.now
+        self.linger_until = now + LINGER_TIME
+        self.deadline = now + LINGER_TIMEOUT
+        if self.paused:  # read on, whatever held reading
+            self.paused = 0
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():  # after what is buffered (TLS cannot)
+            self.transport.write_eof()
 
     def become_tunnel(self, tunnel: Tunnel, deadline: float) -> bytes:
         """A ``101`` made this connection ``tunnel``; returns what the client sent after

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.clock import NEVER
 from proxy.forwarding.downstream import PIPELINE, UPSTREAM_FULL
 from proxy.http.responses import error_response
-from proxy.server.base import IDLE, ConnectionBase, _Closed, _Reject
+from proxy.server.base import IDLE, LINGER, ConnectionBase, _Closed, _Reject
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore as Exchange
@@ -93,7 +93,9 @@ class Refusals(ConnectionBase):
             if self.tunnel is not None:
                 self.tunnel.check_idle(now)
                 return
-            if self.paused and self.phase != IDLE:  # we stopped reading, not the client
+            if self.phase == LINGER:  # the lingering close is over
+                self.close()
+            elif self.paused and self.phase != IDLE:  # we stopped reading, not the client
                 self.deadline = now + self.timeout_body
             elif self.phase == IDLE or (self.draining and self.exchange is None):
                 self.close()

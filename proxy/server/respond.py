@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from proxy.forwarding.states import DONE
 from proxy.http.headers import ResponseHead
 from proxy.http.responses import CONTINUE_100, error_response, redirect_response
 from proxy.server.refusals import Refusals
@@ -52,7 +53,9 @@ class H1Responses(Refusals):
             self.out += (ResponseHead(raw).head, b"\r\n")
 
     def send_head(self, ex: Exchange, status: int, found: ResponseHead) -> None:
-        keep = ex.keep_alive and not self.draining
+        # a request still arriving when its answer starts: the connection closes after
+        # it (the rest of the body is read and dropped: ``ClientConnection._linger``)
+        keep = ex.keep_alive and not self.draining and ex.req is DONE
         extra = b""
         minor = ex.http_minor
         if ex.head_request or status == 204 or status == 304:

@@ -199,7 +199,10 @@ def test_redirect_answers_here_and_closes_on_an_unread_body(proxy: Make) -> None
     assert (answer.status, answer.header(b"Location")) == (301, b"https://a.test/x?y=1")
     assert not client.closed and not h.loop.dials
     client.send(b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\npart")
-    assert client.responses()[1].header(b"Connection") == b"close" and client.closed
+    assert client.responses()[1].header(b"Connection") == b"close"
+    assert client.transport.eof_written  # ended: the rest of the body is read and dropped
+    h.advance(5.5)
+    assert client.closed  # after the lingering close
 
 
 def test_access_denies_by_client_address(proxy: Make) -> None:

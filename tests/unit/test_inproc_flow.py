@@ -238,7 +238,10 @@ def test_the_request_after_a_large_body_in_one_read_is_not_431(proxy: Make) -> N
 
 def test_an_answer_before_the_body_is_through_closes_the_client_after_it(proxy: Make) -> None:
     """The upstream answers (413) while the client is still sending its body: the answer
-    is relayed whole, then both connections close (the rest of the body is not read)."""
+    is relayed whole with ``Connection: close``, the upstream connection closes, and the
+    client's connection lingers (found by this tier: it used to close at once, without
+    saying so, and the client's next bytes made the kernel reset the connection, which
+    can lose the 413 before the client reads it; nginx reads and drops the rest)."""
     h = proxy()
     client = h.client()
     client.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (1024 * KIB)
@@ -247,4 +250,47 @@ def test_an_answer_before_the_body_is_through_closes_the_client_after_it(proxy: 
     up.respond(ok(b"big!", status=b"413 Payload Too Large"))
     [answer] = client.responses()
     assert (answer.status, answer.body) == (413, b"big!")
-    assert client.closed and up.closed
+    assert answer.header(b"Connection") == b"close"
+    assert up.closed
+    assert client.transport.eof_written and not client.closed  # the write side is shut
+    client.send(b"a" * (500 * KIB))  # still sending: read and dropped, no reset
+    h.advance(4)
+    client.send(b"a" * (100 * KIB))
+    h.advance(4)
+    assert not client.closed  # it sent within the lingering timeout
+    h.advance(1.5)
+    assert client.closed  # silent for 5 s (and a tick's slack): closed
+    assert len(client.responses()) == 1
+
+
+def test_a_lingering_close_ends_after_30_seconds_however_the_client_sends(
+    proxy: Make,
+) -> None:
+    h = proxy()
+    client = h.client()
+    client.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (64 * 1024 * KIB))
+    h.upstream(0).respond(ok(b"no", status=b"403 Forbidden"))
+    start = h.loop.time()
+    for _ in range(40):  # a byte a second, for 40 s
+        if client.closed:
+            break
+        client.send(b"a")
+        h.advance(1)
+    assert client.closed
+    assert h.loop.time() - start < 32
+
+
+def test_a_local_answer_to_a_request_whose_body_still_arrives_lingers_too(
+    proxy: Make,
+) -> None:
+    h = proxy(route={"match": {"path_prefix": "/only"}})
+    client = h.client()
+    client.send(b"POST /elsewhere HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nab")
+    [answer] = client.responses()
+    assert (answer.status, answer.header(b"Connection")) == (404, b"close")
+    assert not client.closed and client.transport.eof_written
+    client.send(b"c" * 99_998)
+    h.advance(4.5)
+    assert not client.closed
+    h.advance(1)  # 5 s and a tick's slack after the last bytes
+    assert client.closed

@@ -91,7 +91,9 @@ def test_a_request_pipelined_after_a_local_close_answer_is_never_forwarded(
     )
     [_, answer] = client.responses()
     assert answer.status == 405 and answer.header(b"Connection") == b"close"
-    assert client.closed
+    assert client.transport.eof_written  # ended: what follows is read and dropped
+    h.advance(5.5)
+    assert client.closed  # after the lingering close
     assert [r.target for r in h.upstream(0).requests()] == [b"/warm"]
 
 
