@@ -209,6 +209,7 @@ class CacheState:
         "split",
         "status",
         "wait_until",
+        "whole",
         "writer",
     )
 
@@ -230,9 +231,11 @@ class CacheState:
         self.collect: list[bytes] | None = None  # the body, while it is being kept
         self.writer: BodyWriter | None = None  # or streamed into Redis
         self.size = 0
-        #: a ``Range`` miss fetched whole (``Range`` not sent), to be stored and then
-        #: answered from the entry: the answer's keep-alive and HTTP minor version; and
-        #: that answer, once the response is stored (``final``)
+        #: a ``Range`` miss sent without its ``Range`` (``_whole``), so that the whole
+        #: is stored and the range cut from it
+        self.whole = False
+        #: then: the answer's keep-alive and HTTP minor version; and that answer, once
+        #: the response is stored (``final``)
         self.ranged: tuple[bool, int] | None = None
         self.final: Answer | None = None
         self.head = b""
@@ -283,6 +286,7 @@ class CacheState:
                 self.flight = cache.flights[request.key] = Flight()
             if request.range is not None and not self.split:
                 _whole(ex)  # fetched whole, stored, then the range cut from it
+                self.whole = True
         else:  # BYPASS: the request said no-store
             cache.results["bypass"] += 1
             self.status = b"fwd=request"
@@ -354,9 +358,8 @@ class CacheState:
         fits = length is None or (length.isdigit() and int(length) <= cache.max_object_size)
         if request.method == b"GET" and fits and cache.may_store(request, status, headers):
             self.start_storing(ex, upstream_head, headers)
-            if request.range is not None and status == 200 and self.collect is not None and (
-                length is not None and not self.split and _asked_whole(ex)
-            ):  # the client asked for a range: it is answered once the whole is stored
+            if self.whole and status == 200 and self.collect is not None and length is not None:
+                # the client asked for a range: it is answered once the whole is stored
                 self.ranged = (ex.keep_alive and not ex.client.draining, ex.http_minor)
                 return LATER
             return _with_status(found, self.status + b"; stored")
@@ -495,12 +498,6 @@ def _whole(ex: Subject) -> None:
         if parts[i].lower() not in _RANGE_HEADERS:
             keep += parts[i : i + 4]
     parts[:] = keep
-
-
-def _asked_whole(ex: Served) -> bool:
-    """The upstream request went without ``Range`` (``_whole``)."""
-    parts = ex.found.parts
-    return not any(parts[i].lower() == b"range" for i in range(0, len(parts), 4))
 
 
 def _ask_validators(ex: Served, entry: Entry) -> None:
