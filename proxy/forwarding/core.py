@@ -273,20 +273,18 @@ class ExchangeCore:
         filters = self.filters
         if filters is None:
             self._local_answer(answer)
-            return
-        outcome = filters.chain.response(filters, answer.head)
+        else:
+            self._served(filters.chain.response(filters, answer.head), answer)
+
+    def _served(self, outcome: Any, answer: Answer) -> None:
+        """The response phase's outcome over ``answer``: send it as the hooks left it,
+        fail, or wait for the async hooks and take their outcome."""
         if isinstance(outcome, Response):
             self._local_answer(answer.with_head(outcome.head(), outcome.status))
         elif isinstance(outcome, FilterError):
             self.fail(outcome)
         else:
             self.later(outcome, lambda given: self._served(given, answer))
-
-    def _served(self, outcome: Any, answer: Answer) -> None:
-        if isinstance(outcome, Response):
-            self._local_answer(answer.with_head(outcome.head(), outcome.status))
-        else:
-            self.fail(outcome)
 
     def _local_answer(self, answer: Answer) -> None:
         self.answer = answer
