@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
@@ -18,18 +18,8 @@ from pydantic_core import ErrorDetails
 from proxy.config.base import ConfigModel, Duration
 from proxy.config.keys import parse_key
 
-# These two must name exactly the keys of ``proxy.balancing.REGISTRY`` (a test checks it):
-# adding an algorithm adds its name to both.
-BALANCER_NAMES: tuple[str, ...] = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_connections",
-    "random",
-    "power_of_two",
-    "ip_hash",
-    "consistent_hash",
-    "peak_ewma",
-)
+# The names of ``proxy.balancing.REGISTRY``'s keys, exactly (a test checks it): adding
+# an algorithm adds its name here.
 BalancerName = Literal[
     "round_robin",
     "weighted_round_robin",
@@ -40,6 +30,7 @@ BalancerName = Literal[
     "consistent_hash",
     "peak_ewma",
 ]
+BALANCER_NAMES: tuple[str, ...] = get_args(BalancerName)
 
 
 def _option_problems(name: str, exc: ValidationError) -> str:
