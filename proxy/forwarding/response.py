@@ -160,11 +160,8 @@ class Responses(Attempts):
             send(outcome)
             return True
         if isinstance(outcome, FilterError):
-            self.conn = None
-            self.resp = NONE
-            self.answer = None  # a cache's stand-in is not the answer to a failed filter
-            self.bytes_out = 0
-            self.fail(outcome)
+            self.conn = None  # closed unread by the connection (False)
+            self._filter_failed(outcome)
             return False
         self.held = []
         self._hold_upstream(FILTER_HOLD, True)  # the proxy holds it: no read deadline
@@ -181,14 +178,11 @@ class Responses(Attempts):
         client = self.client
         if not isinstance(outcome, Response):
             client.flush()  # informational heads before it
-            self.resp = NONE
             conn = complete[0] if complete is not None else self.conn
             self.conn = None
             if conn is not None:
                 conn.close()
-            self.answer = None  # a cache's stand-in is not the answer to a failed filter
-            self.bytes_out = 0
-            self.fail(outcome)  # type: ignore[arg-type]
+            self._filter_failed(outcome)  # type: ignore[arg-type]
             return
         send(outcome)
         if self.answer is None:
@@ -199,6 +193,14 @@ class Responses(Attempts):
             self.on_response_complete(*complete)
         else:  # the upstream reads again, and its read deadline runs again
             self._hold_upstream(FILTER_HOLD, False)
+
+    def _filter_failed(self, error: FilterError) -> None:
+        """A response hook failed: nothing of the held response (nor a cache's stand-in)
+        is the client's; the failure path answers 500."""
+        self.resp = NONE
+        self.answer = None
+        self.bytes_out = 0
+        self.fail(error)
 
     def relay_whole(
         self, conn: UpstreamConnection, known: ResponseHead, body: bytes | memoryview
