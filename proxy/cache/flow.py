@@ -58,7 +58,7 @@ from proxy.cache.entry import Entry, parse_head
 from proxy.cache.memory import MemoryStore
 from proxy.cache.policy import SURROGATE_CAPABILITY, Directives, header
 from proxy.errors import FilterError, ProxyError, UpstreamTimeoutError
-from proxy.http.headers import ResponseHead
+from proxy.http.headers import ResponseHead, without
 
 if TYPE_CHECKING:
     from proxy.cache.redis_store import BodyWriter
@@ -493,11 +493,7 @@ def _whole(ex: Subject) -> None:
     """Ask the upstream for the whole response: drop ``Range`` and ``If-Range`` from the
     request (nginx does the same for a cached location)."""
     parts = ex.found.parts
-    keep: list[bytes] = []
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in _RANGE_HEADERS:
-            keep += parts[i : i + 4]
-    parts[:] = keep
+    parts[:] = without(parts, _RANGE_HEADERS)  # the same list: a filter's view holds it
 
 
 def _ask_validators(ex: Served, entry: Entry) -> None:

@@ -31,7 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from proxy.cache.flow import NOT_REVALIDATED
-from proxy.http.headers import RequestHeaders
+from proxy.http.headers import RequestHeaders, without
 
 if TYPE_CHECKING:
     import asyncio
@@ -62,10 +62,7 @@ def revalidation(ex: Exchange, state: CacheState, target: bytes) -> None:
     assert pool is not None
     given = ex.found
     found = RequestHeaders([])
-    parts = given.parts
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in NOT_REVALIDATED:
-            found.parts += parts[i : i + 4]
+    found.parts = without(given.parts, NOT_REVALIDATED)
     found.host = given.host
     found.forwarded_for = given.forwarded_for
     client = Background(ex.client)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 # Actions, as small ints: one dict lookup per header decides.
@@ -284,6 +284,12 @@ def _remove_listed(parts: list[bytes], listed: list[bytes], refuse: bool = True)
         raise ValueError("Connection header names " + ", ".join(
             sorted(n.decode("latin-1") for n in names & _PROTECTED)
         ))  # fmt: skip
+    return without(parts, names)
+
+
+def without(parts: list[bytes], names: Collection[bytes]) -> list[bytes]:
+    """Header pieces (``RequestHeaders.parts``: name, ``": "``, value, CRLF) without the
+    headers called ``names`` (lower case)."""
     kept: list[bytes] = []
     for i in range(0, len(parts), 4):
         if parts[i].lower() not in names:

@@ -33,6 +33,7 @@ from itertools import chain, repeat
 from random import getrandbits, random
 from typing import TYPE_CHECKING, Final
 
+from proxy.http.headers import without
 from proxy.tracing.context import SAMPLED, parse_traceparent
 from proxy.tracing.export import Exporter
 from proxy.tracing.span import ServerSpan
@@ -162,12 +163,7 @@ class Tracer:
 
 def _drop(found: RequestHeaders, names: tuple[bytes, ...]) -> None:
     """Remove the client's headers ``names`` from what is forwarded."""
-    parts = found.parts
-    kept: list[bytes] = []
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in names:
-            kept += parts[i : i + 4]
-    found.parts = kept
+    found.parts = without(found.parts, names)
 
 
 def _replace(found: RequestHeaders, old: bytes, new: bytes) -> None:
