@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 A TLS listener has one ``ServerTLS``: an ``ssl.SSLContext`` per certificate, all with
-the same settings (minimum version, ciphers, ALPN ``http/1.1``, client verification).
+the same settings (minimum version, ciphers, ALPN: the listener's ``protocols``, client
+verification).
 The first is the default; its ``sni_callback`` moves a handshake to the context whose
 certificate names the server name the client asked for (an exact name first, then a
 ``*.`` wildcard one label deep), and leaves the default for any other name or none.
@@ -26,14 +27,15 @@ from __future__ import annotations
 import datetime as dt
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from proxy.config import CertificateSpec, ListenerTLSSpec, UpstreamTLSSpec
 
-#: Protocols offered with ALPN: aiolb speaks HTTP/1.1 to clients.
-ALPN: Final = ["http/1.1"]
+#: Protocols offered with ALPN when a listener says nothing else (``protocols``).
+ALPN: Final = ("h2", "http/1.1")
 
 _VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -200,7 +202,9 @@ def load_cas(context: ssl.SSLContext, path: str, field: str) -> None:
         raise TLSFileError(field, f"cannot read {path}: {reason.lower()}") from None
 
 
-def _server_context(spec: ListenerTLSSpec, certificate: CertificateSpec) -> ssl.SSLContext:
+def _server_context(
+    spec: ListenerTLSSpec, certificate: CertificateSpec, alpn: Sequence[str] = ALPN
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[spec.min_version]
     if spec.ciphers is not None:
@@ -208,7 +212,7 @@ def _server_context(spec: ListenerTLSSpec, certificate: CertificateSpec) -> ssl.
             context.set_ciphers(spec.ciphers)
         except ssl.SSLError:
             raise TLSFileError("ciphers", f"no cipher matches {spec.ciphers!r}") from None
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(list(alpn))
     if spec.client_ca is not None:
         load_cas(context, spec.client_ca, "client_ca")
         context.verify_mode = ssl.CERT_REQUIRED
@@ -222,8 +226,9 @@ class ServerTLS:
 
     __slots__ = ("_exact", "_wildcard", "context", "names")
 
-    def __init__(self, spec: ListenerTLSSpec) -> None:
-        contexts = [_server_context(spec, c) for c in spec.certificates]
+    def __init__(self, spec: ListenerTLSSpec, alpn: Sequence[str] = ALPN) -> None:
+        """``alpn``: the protocols offered, in the order of preference."""
+        contexts = [_server_context(spec, c, alpn) for c in spec.certificates]
         self.context = contexts[0]
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}
@@ -258,14 +263,15 @@ class ServerTLS:
         return f"<ServerTLS [{len(self.names)} certificates: {self.names}]>"
 
 
-def client_context(spec: UpstreamTLSSpec | None) -> ssl.SSLContext:
-    """The context for connections to a pool's https upstreams."""
+def client_context(spec: UpstreamTLSSpec | None, h2: bool = False) -> ssl.SSLContext:
+    """The context for connections to a pool's https upstreams (``h2``: ALPN offers
+    only ``h2``: the pool speaks HTTP/2 to its upstreams)."""
     if spec is None or spec.ca is None:
         context = ssl.create_default_context()
     else:  # only the pool's CAs: hostname checked, certificate required (the defaults)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         load_cas(context, spec.ca, "ca")
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(["h2"] if h2 else ["http/1.1"])
     if spec is None:
         return context
     context.minimum_version = _VERSIONS[spec.min_version]

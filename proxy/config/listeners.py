@@ -76,6 +76,40 @@ class LimitsSpec(ConfigModel):
     ``X-Forwarded-Proto``."""
 
 
+#: What a listener speaks: HTTP/1.1, HTTP/2 over TLS (ALPN), HTTP/2 in clear (prior knowledge).
+Protocol = Literal["http/1.1", "h2", "h2c"]
+
+
+class Http2Spec(ConfigModel):
+    """HTTP/2 to clients: the limits of one connection (nginx's and Envoy's names in
+    ``docs/config.md``). The header list is bounded by ``limits.max_header_size`` and
+    the request target by ``limits.max_uri_size``, as for HTTP/1.1."""
+
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2**31 - 1)] = 128
+    """Streams one client connection may have open at once (``SETTINGS_MAX_CONCURRENT_
+    STREAMS``; nginx's ``http2_max_concurrent_streams``, Envoy's
+    ``max_concurrent_streams``)."""
+    initial_window_size: Annotated[Size, Field(ge=65535, le=2**31 - 1)] = 65535
+    """How much of a request body a client may send on one stream before the proxy
+    acknowledges it (``SETTINGS_INITIAL_WINDOW_SIZE``; Envoy's
+    ``initial_stream_window_size``). The proxy acknowledges a stream's bytes as its
+    upstream takes them, so this bounds what a slow upstream makes the proxy hold per
+    stream."""
+    connection_window_size: Annotated[Size, Field(ge=65535, le=2**31 - 1)] = 16 * 1024 * 1024
+    """The request bytes of all streams of a connection not yet acknowledged (Envoy's
+    ``initial_connection_window_size``): large enough that a stream whose upstream is
+    slow does not stall the others."""
+    max_resets_per_second: Annotated[int, Field(ge=1)] = 100
+    """Requests a client may cancel (``RST_STREAM``) per second before the connection is
+    closed with ``GOAWAY ENHANCE_YOUR_CALM``: the Rapid Reset attack (CVE-2023-44487)
+    makes each cancelled request cost the proxy and its upstream work."""
+    max_control_frames_per_second: Annotated[int, Field(ge=1)] = 1000
+    """Frames that ask the proxy for work but carry no request (PING, SETTINGS, PRIORITY,
+    WINDOW_UPDATE, empty DATA, unknown types) per second, before the connection is
+    closed with ``GOAWAY ENHANCE_YOUR_CALM`` (the PING, SETTINGS and empty-frame floods:
+    CVE-2019-9512, -9515, -9518)."""
+
+
 class MatchSpec(ConfigModel):
     """What a request must look like to take a route; both parts must match.
 
@@ -216,6 +250,14 @@ class ListenerSpec(ConfigModel):
     redirect_https: RedirectHTTPS = False
     """Plain-HTTP listeners: ``true`` (or a port) makes every route answer ``308`` to the
     https URL unless the route says otherwise."""
+    protocols: list[Protocol] | None = None
+    """What clients may speak: ``http/1.1``, ``h2`` (HTTP/2 over TLS, by ALPN), ``h2c``
+    (HTTP/2 in clear with prior knowledge, beside HTTP/1.1 on the same port: the
+    connection preface tells them apart). null: ``[h2, http/1.1]`` on a TLS listener,
+    ``[http/1.1]`` on a plain one. ``Upgrade: h2c`` is never accepted (RFC 9113
+    deprecates it)."""
+    http2: Http2Spec = Http2Spec()
+    """HTTP/2 limits per client connection (when ``protocols`` has ``h2`` or ``h2c``)."""
     forwarded: Literal["drop", "replace", "append"] = "drop"
     """The RFC 7239 ``Forwarded`` request header. ``drop``: the client's is removed and
     none is sent (``X-Forwarded-*`` say the same); ``replace``: the client's is removed
@@ -223,6 +265,28 @@ class ListenerSpec(ConfigModel):
     kept and aiolb's element follows it (only behind a proxy you trust to set it, like
     ``X-Forwarded-For``). Never passed on unchecked: an application that prefers
     ``Forwarded`` would trust a client's spoofed one."""
+
+    @model_validator(mode="after")
+    def _check_protocols(self) -> ListenerSpec:
+        given = self.protocols
+        if given is None:
+            return self
+        if not given:
+            raise ValueError("protocols is empty: list http/1.1, h2 or h2c")
+        if len(set(given)) != len(given):
+            raise ValueError("protocols lists a protocol twice")
+        if self.tls is not None and "h2c" in given:
+            raise ValueError("h2c is HTTP/2 without TLS; on a TLS listener write h2")
+        if self.tls is None and "h2" in given:
+            raise ValueError("h2 is HTTP/2 over TLS (ALPN) and this listener has no tls; "
+                             "for HTTP/2 in clear write h2c")  # fmt: skip
+        return self
+
+    def effective_protocols(self) -> tuple[str, ...]:
+        """``protocols``, or the default for this listener."""
+        if self.protocols is not None:
+            return tuple(self.protocols)
+        return ("h2", "http/1.1") if self.tls is not None else ("http/1.1",)
 
     @property
     def host(self) -> str:

@@ -40,6 +40,7 @@ from proxy.cache import build_caches
 from proxy.config import Config, ConfigError
 from proxy.config.values import format_address
 from proxy.runtime.preflight import validate, warnings
+from proxy.server.listener import alpn as _alpn
 from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
 
@@ -168,7 +169,9 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
         pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
         caches = build_caches(config.caches, server.caches)
         added = [server.make_listener(lc, pools, caches) for lc in plan.added]
-        certificates = [ServerTLS(lc.tls) if lc.tls else None for _, lc in plan.kept]
+        certificates = [
+            ServerTLS(lc.tls, _alpn(lc)) if lc.tls else None for _, lc in plan.kept
+        ]
     except TLSFileError as exc:
         return [f"{path}: {exc.message}"]
     serving = server.role != "supervisor"  # a supervisor binds nothing: workers serve

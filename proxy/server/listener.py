@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.filters import FilterContext, build_chain
 from proxy.forwarding.router import Route, Router
+from proxy.server.negotiate import connection_class
 from proxy.server.protocol import ClientConnection
 from proxy.tls import ServerTLS, handshake_reason
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from proxy.http.headers import RequestIds
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
+    from proxy.server.h2 import H2Server
     from proxy.tracing import Tracer
     from proxy.upstream.pool import Pool
 
@@ -63,12 +65,18 @@ def build_router(
     return Router(routes)
 
 
+def alpn(lc: ListenerSpec) -> tuple[str, ...]:
+    """What a TLS listener offers with ALPN: its protocols but ``h2c``, in their order."""
+    return tuple(p for p in lc.effective_protocols() if p != "h2c")
+
+
 class Listener:
     __slots__ = (
         "_ssl_protocol",
         "access_log",
         "clock",
         "config",
+        "connection_type",
         "connections",
         "draining",
         "filters",
@@ -112,10 +120,12 @@ class Listener:
         self.filters = filters if filters is not None else FilterContext()
         self.router = build_router(config, pools, self.filters, caches or {})
         #: the certificates (None: plain HTTP); raises ``TLSFileError`` on a bad file
-        self.tls = ServerTLS(config.tls) if config.tls is not None else None
+        self.tls = ServerTLS(config.tls, alpn(config)) if config.tls is not None else None
         #: failed TLS handshakes by reason, for ``aiolb_tls_handshake_errors_total``
         self.handshake_errors: dict[str, int] = {}
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection | H2Server] = set()
+        #: what an accepted connection starts as (``proxy.server.negotiate``)
+        self.connection_type = connection_class(self, config.effective_protocols())
         self.server: asyncio.Server | None = None
         self.draining = False
         self._ssl_protocol = _ssl_protocol_class(loop)
@@ -131,11 +141,12 @@ class Listener:
         connections get them; open ones keep theirs)."""
         self.router = build_router(config, pools, self.filters, caches)
         self.config, self.name, self.tls = config, config.name, tls
+        self.connection_type = connection_class(self, config.effective_protocols())
 
     def accept(self) -> asyncio.BaseProtocol:
         """The protocol of a connection just accepted: a ``ClientConnection``, wrapped
         in TLS on a TLS listener (``connection_made`` comes after the handshake)."""
-        conn = ClientConnection(self)
+        conn = self.connection_type(self)
         tls = self.tls
         if tls is None:
             return conn
@@ -148,9 +159,9 @@ class Listener:
         )  # fmt: skip
         return protocol
 
-    def _handshake_done(self, conn: ClientConnection, done: asyncio.Future[Any]) -> None:
+    def _handshake_done(self, conn: asyncio.Protocol, done: asyncio.Future[Any]) -> None:
         exc = None if done.cancelled() else done.exception()
-        if exc is None and conn.transport is not None:
+        if exc is None and getattr(conn, "transport", None) is not None:
             return  # the handshake succeeded: the connection was made
         reason = handshake_reason(exc)
         self.handshake_errors[reason] = self.handshake_errors.get(reason, 0) + 1

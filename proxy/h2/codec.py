@@ -1,0 +1,246 @@
+"""The HTTP/2 codec behind one interface: frames in, events out; calls in, frames out.
+
+Theory of operation
+-------------------
+``Codec`` is all the proxy knows of an HTTP/2 library: ``feed`` parses received bytes
+into a list of events (plain tuples, first item the kind below), the ``send_*`` calls
+queue frames, ``out`` takes what is queued. Sans-IO: no sockets, no clock. Today it is
+the ``h2`` library (python-hyper) underneath; the choice was measured
+(``loadtests/h2_codec_bench.py``) and can change here without touching a caller.
+
+Flow control is the caller's: a received DATA frame's flow-controlled length comes with
+its event and is handed back with ``ack`` once the bytes are taken (so a stream whose
+consumer is slow stops its sender), and ``window`` says how much of a stream may be
+sent now.
+
+A connection error (malformed frames or headers, a flood the library refuses) raises
+``CodecError``; the GOAWAY that ends the connection is already queued in ``out``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+# The kinds of events (the first item of each tuple).
+REQUEST: Final = 1  # (REQUEST, stream_id, headers, ended)
+RESPONSE: Final = 2  # (RESPONSE, stream_id, headers, ended)
+INFORMATIONAL: Final = 3  # (INFORMATIONAL, stream_id, headers)
+DATA: Final = 4  # (DATA, stream_id, data, flow_length, ended)
+TRAILERS: Final = 5  # (TRAILERS, stream_id, headers)  (the stream ends with them)
+END: Final = 6  # (END, stream_id)  the peer's side of the stream ended
+RESET: Final = 7  # (RESET, stream_id, error_code)
+WINDOW: Final = 8  # (WINDOW, stream_id)  0: the connection's window opened
+SETTINGS: Final = 9  # (SETTINGS, max_concurrent_streams)  the peer's settings changed
+GOAWAY: Final = 10  # (GOAWAY, error_code, last_stream_id)
+PING: Final = 11  # (PING,)  a PING the codec answered
+PING_ACK: Final = 12  # (PING_ACK,)
+OTHER: Final = 13  # (OTHER,)  a frame that asks nothing of the caller (priority, ...)
+
+# Error codes (RFC 9113 section 7).
+NO_ERROR: Final = 0x0
+PROTOCOL_ERROR: Final = 0x1
+INTERNAL_ERROR: Final = 0x2
+FLOW_CONTROL_ERROR: Final = 0x3
+STREAM_CLOSED: Final = 0x5
+REFUSED_STREAM: Final = 0x7
+CANCEL: Final = 0x8
+ENHANCE_YOUR_CALM: Final = 0xB
+
+#: The connection preface a client sends first (RFC 9113 section 3.4).
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+Headers = list[tuple[bytes, bytes]]
+#: (kind, ...): see the kinds above
+Event = tuple[Any, ...]
+
+
+class CodecError(Exception):
+    """The connection is over (a protocol error); a GOAWAY is queued in ``out``."""
+
+    def __init__(self, message: str, code: int = PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Codec:
+    """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
+    client side of a client connection) or as a client (to an upstream)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(
+        self,
+        client_side: bool,
+        max_concurrent_streams: int = 128,
+        initial_window: int = 65535,
+        connection_window: int = 65535,
+        max_header_list_size: int = 65536,
+        max_frame_size: int = 16384,
+    ) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None,
+            validate_inbound_headers=True, normalize_inbound_headers=True,
+            validate_outbound_headers=False, normalize_outbound_headers=False,
+        )  # fmt: skip
+        conn = h2.connection.H2Connection(config)
+        codes = h2.settings.SettingCodes
+        conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                codes.INITIAL_WINDOW_SIZE: initial_window,
+                codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                codes.MAX_FRAME_SIZE: max_frame_size,
+                codes.ENABLE_PUSH: 0,
+            },
+        )
+        conn.max_inbound_frame_size = max_frame_size
+        conn.decoder.max_header_list_size = max_header_list_size
+        conn.initiate_connection()
+        if connection_window > 65535:
+            conn.increment_flow_control_window(connection_window - 65535)
+        self._conn = conn
+
+    # -- in --------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Event]:
+        """The events in ``data`` (raises ``CodecError`` for a connection error)."""
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            code = getattr(exc, "error_code", PROTOCOL_ERROR)
+            raise CodecError(str(exc) or type(exc).__name__, int(code)) from None
+        out: list[Event] = []
+        ev = h2.events
+        e: Any
+        for e in events:
+            cls = e.__class__
+            if cls is ev.RequestReceived:
+                out.append((REQUEST, e.stream_id, e.headers, e.stream_ended is not None))
+            elif cls is ev.DataReceived:
+                out.append((DATA, e.stream_id, e.data, e.flow_controlled_length,
+                            e.stream_ended is not None))  # fmt: skip
+            elif cls is ev.StreamEnded:
+                out.append((END, e.stream_id))
+            elif cls is ev.ResponseReceived:
+                out.append((RESPONSE, e.stream_id, e.headers, e.stream_ended is not None))
+            elif cls is ev.TrailersReceived:
+                out.append((TRAILERS, e.stream_id, e.headers))
+            elif cls is ev.StreamReset:
+                out.append((RESET, e.stream_id, int(e.error_code or 0)))
+            elif cls is ev.WindowUpdated:
+                out.append((WINDOW, e.stream_id))
+            elif cls is ev.InformationalResponseReceived:
+                out.append((INFORMATIONAL, e.stream_id, e.headers))
+            elif cls is ev.RemoteSettingsChanged:
+                changed = e.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                out.append((SETTINGS, changed.new_value if changed is not None else None))
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
+                    out.append((WINDOW, 0))
+            elif cls is ev.ConnectionTerminated:
+                out.append((GOAWAY, int(e.error_code or 0), e.last_stream_id or 0))
+                if not e.error_code:  # graceful: the streams it names may still finish
+                    states = h2.connection.ConnectionState
+                    client = self._conn.config.client_side
+                    self._conn.state_machine.state = (
+                        states.CLIENT_OPEN if client else states.SERVER_OPEN
+                    )
+            elif cls is ev.PingReceived:
+                out.append((PING,))
+            elif cls is ev.PingAckReceived:
+                out.append((PING_ACK,))
+            else:
+                out.append((OTHER,))
+        return out
+
+    def ack(self, stream_id: int, length: int) -> None:
+        """``length`` flow-controlled bytes of ``stream_id`` were taken: the peer may send
+        as many again (a WINDOW_UPDATE goes out when enough have gathered)."""
+        if length:
+            self._conn.acknowledge_received_data(length, stream_id)
+
+    # -- out -------------------------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, headers: Headers, end: bool = False) -> None:
+        self._conn.send_headers(stream_id, headers, end_stream=end)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
+        """Send ``data`` (no more than ``window(stream_id)``), in frames of the peer's
+        maximum size."""
+        conn = self._conn
+        size = conn.max_outbound_frame_size
+        n = len(data)
+        if n <= size:
+            conn.send_data(stream_id, data, end_stream=end)
+            return
+        view = memoryview(data)
+        for at in range(0, n, size):
+            piece = view[at : at + size]
+            conn.send_data(stream_id, piece, end_stream=end and at + size >= n)
+
+    def end(self, stream_id: int) -> None:
+        """End our side of ``stream_id`` with an empty DATA frame."""
+        self._conn.end_stream(stream_id)
+
+    def reset(self, stream_id: int, code: int = CANCEL) -> None:
+        """RST_STREAM (nothing if the stream is already closed)."""
+        try:
+            self._conn.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def goaway(self, code: int = NO_ERROR, last_stream_id: int | None = None) -> None:
+        """GOAWAY: an error ends the connection; ``NO_ERROR`` is a graceful one, after
+        which the streams up to ``last_stream_id`` still finish (h2 would refuse to send
+        anything more after its own GOAWAY, so that one is framed here)."""
+        conn = self._conn
+        if code != NO_ERROR:
+            conn.close_connection(code, last_stream_id=last_stream_id)
+            return
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = (
+            conn.highest_inbound_stream_id if last_stream_id is None else last_stream_id
+        )
+        frame.error_code = NO_ERROR
+        conn._data_to_send += frame.serialize()
+
+    def ping(self, data: bytes = b"\0" * 8) -> None:
+        self._conn.ping(data)
+
+    def out(self) -> bytes:
+        """The frames queued since the last call."""
+        return self._conn.data_to_send()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def window(self, stream_id: int) -> int:
+        """How many bytes of ``stream_id``'s body may be sent now."""
+        try:
+            return self._conn.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+            return 0
+
+    def next_stream_id(self) -> int:
+        return self._conn.get_next_available_stream_id()
+
+    @property
+    def peer_max_streams(self) -> int:
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited: a large number)."""
+        return int(self._conn.remote_settings.max_concurrent_streams)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams we opened that are not closed yet (a client)."""
+        return int(self._conn.open_outbound_streams)
+
+    def is_open(self, stream_id: int) -> bool:
+        stream = self._conn.streams.get(stream_id)
+        return stream is not None and not stream.closed
