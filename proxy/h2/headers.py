@@ -19,10 +19,13 @@ of place, a missing ``:method``, ``:scheme`` or ``:path``).
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
+#: Reason phrases for the status lines of HTTP/2 responses (which have none).
+REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 #: Never sent in an HTTP/2 message (RFC 9113 section 8.2.2).
 CONNECTION_SPECIFIC: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
@@ -119,3 +122,71 @@ def split_response(data: bytes | list[bytes]) -> tuple[Headers, bytes]:
 def informational_to_h2(raw: bytes) -> Headers:
     """A 1xx head as the upstream sent it (with its blank line)."""
     return response_to_h2(raw)
+
+
+#: Request headers an HTTP/2 upstream never gets (``te`` is sent as ``trailers`` only).
+_NOT_UPSTREAM: Final = CONNECTION_SPECIFIC | {b"host", b"te"}
+
+
+class RequestFraming:
+    """How the body of a request head the proxy built is framed on HTTP/1.1: none,
+    ``length`` bytes, or chunked (what an HTTP/2 upstream session must undo)."""
+
+    __slots__ = ("chunked", "length")
+
+    def __init__(self, chunked: bool, length: int) -> None:
+        self.chunked = chunked
+        self.length = length  # -1: chunked; 0: no body
+
+
+def request_to_h2(head: bytes, scheme: bytes) -> tuple[Headers, RequestFraming]:
+    """The HTTP/2 form of a request head the proxy built for HTTP/1.1
+    (``proxy.http.headers.request_head``: its own bytes, so well-formed): pseudo-headers
+    first, ``Host`` as ``:authority``, connection-specific headers left out, names in
+    lower case, ``te: trailers`` (what gRPC servers ask of a proxy)."""
+    lines = head.split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target = rest.rpartition(b" ")[0]
+    authority = b""
+    out: Headers = []
+    chunked = False
+    length = 0
+    drop = _NOT_UPSTREAM
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        value = value.strip()
+        if name in drop:
+            if name == b"host":
+                authority = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            continue
+        if name == b"content-length":
+            length = int(value)
+        out.append((name, value))
+    pseudo: Headers = [
+        (b":method", method),
+        (b":scheme", scheme),
+        (b":authority", authority),
+        (b":path", target),
+    ]
+    pseudo += out
+    pseudo.append((b"te", b"trailers"))
+    return pseudo, RequestFraming(chunked, -1 if chunked else length)
+
+
+def response_from_h2(headers: Headers) -> tuple[int, bytes]:
+    """``(status, raw)``: an HTTP/2 response head as the HTTP/1.1 head bytes the
+    exchange reads (``ResponseHead``), ending in the blank line."""
+    status = 0
+    parts: list[bytes] = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            parts += (name, b": ", value, b"\r\n")
+    reason = REASONS.get(status, b"")
+    return status, b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(parts))
