@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PlainSerializer, PlainValidator, field_validator
+from pydantic import Field, PlainSerializer, PlainValidator, ValidationInfo, field_validator
 
 from proxy.config.base import ConfigModel, Duration, Kind, Timeout
 
@@ -49,22 +49,37 @@ class ActiveHealthCheckSpec(ConfigModel):
     """Probes sent to each upstream every ``interval`` (give or take ``jitter``).
 
     ``type: http`` sends ``method path`` (with ``host`` as the Host header when set) and
-    expects a status in ``expected_status``; ``type: tcp`` only connects. The state
+    expects a status in ``expected_status``; ``type: tcp`` only connects; ``type: grpc``
+    calls ``grpc.health.v1.Health/Check`` for ``service`` over HTTP/2 (prior knowledge
+    to ``http://`` upstreams, ALPN ``h2`` to ``https://`` ones) and passes on
+    ``SERVING``. A key of another type (``path``, ``method`` or ``expected_status`` with
+    ``grpc``, ``service`` without it) is refused unless it holds its default. The state
     flips after ``unhealthy_threshold`` consecutive failures or ``healthy_threshold``
     consecutive successes (HAProxy's ``fall``/``rise``). ``initial_state`` applies to
     upstreams the proxy has not seen before (a cold start serves at once by default).
     """
 
-    type: Literal["http", "tcp"] = "http"
-    """``http`` sends a request; ``tcp`` only connects."""
+    type: Literal["http", "tcp", "grpc"] = "http"
+    """``http`` sends a request; ``tcp`` only connects; ``grpc`` calls
+    ``grpc.health.v1.Health/Check`` over HTTP/2 and passes on ``SERVING`` (nginx's
+    ``health_check type=grpc``, Envoy's ``grpc_health_check``)."""
+    service: str = ""
+    """``type: grpc``: the service whose health the probe asks for (the request's
+    ``service`` field; nginx's ``grpc_service``, Envoy's ``service_name``); ``""``: the
+    server as a whole. Another type refuses it, unless empty."""
     path: str = "/"
-    """Path the probe requests."""
+    """``type: http``: the path the probe requests (a ``grpc`` check refuses it, unless
+    left at ``/``)."""
     method: Literal["GET", "HEAD"] = "GET"
-    """Method of the probe."""
+    """``type: http``: the method of the probe (a ``grpc`` check refuses it, unless left
+    at ``GET``)."""
     host: str | None = None
-    """``Host`` header of the probe; null: the upstream's own ``host:port``."""
+    """``Host`` header of the probe (``:authority`` of a ``grpc`` one); null: the
+    upstream's own ``host:port``."""
     expected_status: StatusRanges = ((200, 399),)
-    """Statuses that pass: a code, a range (``"200-399"``) or a list of both."""
+    """``type: http``: statuses that pass: a code, a range (``"200-399"``) or a list of
+    both (a ``grpc`` check, which passes on ``SERVING`` alone, refuses it unless left at
+    the default)."""
     interval: Timeout = 5.0
     """Time between two probes of one upstream."""
     jitter: Annotated[Duration, Field(ge=0)] | None = None
@@ -85,6 +100,27 @@ class ActiveHealthCheckSpec(ConfigModel):
         if not value.startswith("/") or not value.isascii() or not value.isprintable() \
                 or " " in value:  # fmt: skip
             raise ValueError(f"must be an origin-form path such as /healthz, got {value!r}")
+        return value
+
+    @field_validator("path", "method", "expected_status")
+    @classmethod
+    def _http_only(cls, value: object, info: ValidationInfo) -> object:
+        """A key of ``type: http`` set to anything but its default on a ``grpc`` check
+        is a mistake (``check --print`` writes every default: those load back)."""
+        name = info.field_name or ""
+        if info.data.get("type") == "grpc" and value != cls.model_fields[name].default:
+            raise ValueError(
+                f"{name} applies to type: http; a grpc check calls "
+                "grpc.health.v1.Health/Check and passes on SERVING: remove it"
+            )
+        return value
+
+    @field_validator("service")
+    @classmethod
+    def _grpc_only(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("type")
+        if value and kind is not None and kind != "grpc":
+            raise ValueError(f"service applies to type: grpc, not {kind}: remove it")
         return value
 
     @property

@@ -8,9 +8,9 @@ own modules: ``balancer`` (``proxy.config.balancer``), ``health_check``
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from proxy.config.balancer import BalancerSpec
 from proxy.config.base import BindAddress, ConfigModel, Duration, Name, Timeout, UpstreamURL
@@ -18,6 +18,22 @@ from proxy.config.health_check import HealthCheckSpec
 from proxy.config.retries import RetriesSpec
 from proxy.config.tls import UpstreamTLSSpec
 from proxy.config.values import format_address, is_dns_url, is_https_url, parse_upstream_url
+
+
+def _http_version(value: object) -> object:
+    """YAML reads ``2``, ``2.0`` and ``1.1`` as numbers: the strings ``"2"`` and
+    ``"1.1"`` they stand for; anything else is left for the ``Literal`` to refuse."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value == 2:
+            return "2"
+        if value == 1.1:
+            return "1.1"
+        return str(value)
+    return value
+
+
+#: The HTTP version a pool speaks to its upstreams: ``"1.1"`` or ``"2"``.
+HttpVersion = Annotated[Literal["1.1", "2"], BeforeValidator(_http_version)]
 
 
 class PoolTimeoutsSpec(ConfigModel):
@@ -129,6 +145,10 @@ class PoolSpec(ConfigModel):
     ``ip_hash``, ``consistent_hash`` (option ``key``), ``peak_ewma`` (option ``decay``)."""
     upstreams: Annotated[list[UpstreamSpec], Field(min_length=1)]
     """The servers behind the pool."""
+    http_version: HttpVersion = "1.1"
+    """The HTTP version spoken to the pool's upstreams: ``"1.1"``, or ``"2"``: HTTP/2,
+    with prior knowledge (h2c) to ``http://`` upstreams and ALPN ``h2`` to ``https://``
+    ones (nginx's ``proxy_http_version``, Envoy's ``http2_protocol_options``)."""
     timeouts: PoolTimeoutsSpec = PoolTimeoutsSpec()
     """Upstream-side timeouts."""
     max_idle_connections: Annotated[int, Field(ge=0)] | None = None

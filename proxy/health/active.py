@@ -17,9 +17,14 @@ upstreams do not march in step), probes, and feeds the result into its
 
 HTTP probes use aiohttp with a new connection each time (``force_close``, as HAProxy
 does): a probe that reuses a pooled connection would not notice that the upstream
-stopped accepting. TCP probes only connect. An ``https://`` upstream is probed over
-TLS with the pool's context and server name (a TCP probe completes the handshake), so
-an upstream whose certificate stops verifying goes down like one that stops answering.
+stopped accepting. TCP probes only connect. gRPC probes (``grpc_probe``) make one
+``grpc.health.v1.Health/Check`` call on a new HTTP/2 connection. An ``https://``
+upstream is probed over TLS with the pool's context and server name (a TCP probe
+completes the handshake), so an upstream whose certificate stops verifying goes down
+like one that stops answering; a gRPC probe needs ALPN ``h2``, which the pool's
+context may not offer, so it uses a context of its own built from the same settings
+(``CheckTarget.tls``), one per pool context. A probe never raises: whatever goes wrong
+is a failed probe with a reason.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.config import ActiveHealthCheckSpec
+from proxy.config import ActiveHealthCheckSpec, UpstreamTLSSpec
 from proxy.config.values import format_address
+from proxy.health import grpc_probe
 from proxy.health.state import RiseFall
+from proxy.tls import client_context
 
 log = logging.getLogger("aiolb")
 
@@ -63,6 +70,8 @@ class CheckTarget:
     #: the pool's TLS context for an https upstream (None: plain) and the SNI name
     ssl: ssl.SSLContext | None = None
     server_name: str | None = None
+    #: the pool's TLS settings, from which a grpc probe builds its own context (ALPN h2)
+    tls: UpstreamTLSSpec | None = None
 
 
 class _Prober:
@@ -83,6 +92,8 @@ def describe(exc: BaseException, timeout: float) -> str:
         if isinstance(cert_error, ssl.SSLCertVerificationError) and cert_error.verify_message:
             return f"certificate verify failed: {cert_error.verify_message}"
         return f"TLS: {cert_error}"
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {str(exc.reason or exc).lower()}"
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -100,6 +111,8 @@ class HealthChecker:
         self.sink = sink
         self._probers: dict[tuple[str, str], _Prober] = {}
         self._session: aiohttp.ClientSession | None = None
+        #: a pool's TLS context -> the one its grpc probes use (ALPN h2)
+        self._h2_contexts: dict[ssl.SSLContext, ssl.SSLContext] = {}
 
     def sync(self, targets: Iterable[CheckTarget]) -> None:
         """Probe exactly ``targets`` from now on (call from the event loop)."""
@@ -125,6 +138,9 @@ class HealthChecker:
                 prober.state.rise = check.healthy_threshold
                 prober.state.fall = check.unhealthy_threshold
             prober.task = asyncio.get_running_loop().create_task(self._run(prober))
+        used = {t.ssl for t in wanted.values()}
+        for context in [c for c in self._h2_contexts if c not in used]:
+            del self._h2_contexts[context]
 
     def healthy(self, pool: str, address: str) -> bool | None:
         """The current verdict for one upstream; None when it is not probed."""
@@ -179,9 +195,28 @@ class HealthChecker:
                     )  # fmt: skip
                     writer.close()
                     return True, "connected"
+                if check.type == "grpc":
+                    return await self._grpc(target)
                 return await self._http(target)
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             return False, describe(exc, check.timeout)
+        except Exception as exc:  # a probe's own bug must not end its loop
+            log.debug("probe of %s/%s failed", target.pool, target.address, exc_info=True)
+            return False, f"probe error: {describe(exc, check.timeout)}"
+
+    async def _grpc(self, target: CheckTarget) -> tuple[bool, str]:
+        check = target.check
+        context = None
+        if target.ssl is not None:
+            context = self._h2_contexts.get(target.ssl)
+            if context is None:
+                context = self._h2_contexts[target.ssl] = client_context(target.tls)
+                context.set_alpn_protocols(grpc_probe.ALPN)
+        return await grpc_probe.check(
+            target.host, target.port, service=check.service,
+            authority=check.host or format_address(target.host, target.port),
+            timeout=check.timeout, context=context, server_name=target.server_name,
+        )  # fmt: skip
 
     async def _http(self, target: CheckTarget) -> tuple[bool, str]:
         check = target.check

@@ -292,7 +292,7 @@ class ProxyServer:
         return [
             CheckTarget(
                 name, u.address, u.host, u.port, pool.active_check, u.healthy, u.ssl,
-                u.server_name,
+                u.server_name, pool.tls_spec,
             )
             for name, pool in self.pools.items()
             if pool.active_check is not None

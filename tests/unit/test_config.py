@@ -296,6 +296,30 @@ def test_retry_budget_old_reserve_key_is_refused_with_the_new_name(tmp_path: Pat
     assert load(tmp_path, rate).pools["web"].retries.budget.min_retries_per_second == 2.5
 
 
+@pytest.mark.parametrize(
+    ("value", "version"),
+    [("2", "2"), ("2.0", "2"), ('"2"', "2"), ("1.1", "1.1"), ("'1.1'", "1.1")],
+)
+def test_http_version_takes_yaml_numbers_and_strings(
+    tmp_path: Path, value: str, version: str
+) -> None:
+    config = load(tmp_path, VALID + f"    http_version: {value}\n")
+    assert config.pools["web"].http_version == version
+    assert load(tmp_path, VALID).pools["web"].http_version == "1.1"  # the default
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("3", "'3'"), ('"2.0"', "'2.0'"), ("1.0", "'1.0'"), ("h2", "'h2'"),
+                         ("true", "True")],
+)  # fmt: skip
+def test_http_version_refuses_anything_else_at_its_line(
+    tmp_path: Path, value: str, shown: str
+) -> None:
+    assert problems(tmp_path, VALID + f"    http_version: {value}\n") == [
+        f"F:11: pools.web.http_version: unknown value {shown}; expected '1.1' or '2'"
+    ]
+
+
 # --- loading: FILE:LINE errors ------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import ActiveHealthCheckSpec, Config, ConfigError, load_config, parse_config
+from proxy.config.schema import effective_yaml
 from proxy.health.state import RiseFall
 from proxy.upstream.pool import Pool
 from proxy.upstream.retry import RetryBudget, RetryPolicy
@@ -322,3 +323,66 @@ def test_valid_health_config_loads(tmp_path: Path) -> None:
     assert pool.health_check.active.expected_status == ((200, 200), (300, 302))
     assert pool.retries.retry_on == ("timeout", 503)
     assert pool.circuit_breaker.max_pending == 10
+
+
+
+# -- gRPC checks: type grpc, its service, and the keys of the other types -----------------
+
+GRPC_CHECK = """\
+health_check:
+  active: {type: grpc, service: my.pkg.Greeter, interval: 2s, host: api.internal}
+"""
+GRPC_WITH_HTTP_KEYS = """\
+health_check:
+  active:
+    type: grpc
+    path: /healthz
+    method: HEAD
+    expected_status: 200
+"""
+SERVICE_WITHOUT_GRPC = """\
+health_check:
+  active:
+    type: {kind}
+    service: svc
+"""
+
+
+def load_extra(tmp_path: Path, extra: str) -> Config:
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE + textwrap.indent(extra, "    "))
+    return load_config(str(path), env={})
+
+
+def test_a_grpc_check_loads_with_its_service(tmp_path: Path) -> None:
+    active = load_extra(tmp_path, GRPC_CHECK).pools["web"].health_check.active
+    assert active is not None
+    assert (active.type, active.service, active.interval, active.host) == (
+        "grpc", "my.pkg.Greeter", 2.0, "api.internal")  # fmt: skip
+    assert ActiveHealthCheckSpec().service == "" and ActiveHealthCheckSpec().type == "http"
+
+
+def test_grpc_refuses_the_http_keys_at_their_lines(tmp_path: Path) -> None:
+    why = "a grpc check calls grpc.health.v1.Health/Check and passes on SERVING: remove it"
+    assert problems(tmp_path, GRPC_WITH_HTTP_KEYS) == [
+        f"F:13: pools.web.health_check.active.path: path applies to type: http; {why}",
+        f"F:14: pools.web.health_check.active.method: method applies to type: http; {why}",
+        f"F:15: pools.web.health_check.active.expected_status: expected_status applies to "
+        f"type: http; {why}",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["http", "tcp"])
+def test_service_is_refused_without_grpc(tmp_path: Path, kind: str) -> None:
+    assert problems(tmp_path, SERVICE_WITHOUT_GRPC.format(kind=kind)) == [
+        f"F:13: pools.web.health_check.active.service: service applies to type: grpc, "
+        f"not {kind}: remove it"
+    ]
+
+
+def test_a_grpc_check_printed_with_every_default_loads_back(tmp_path: Path) -> None:
+    """``check --print`` writes every key, the HTTP ones with their defaults: they load."""
+    config = load_extra(tmp_path, "health_check: {active: {type: grpc, service: svc}}\n")
+    printed = effective_yaml(config)
+    assert "path: /" in printed and "expected_status:" in printed
+    assert parse_config(printed) == config
