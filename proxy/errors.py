@@ -57,6 +57,15 @@ class UpstreamProtocolError(ProxyError):
     condition = "reset_before_response"
 
 
+class UpstreamRefusedError(ProxyError):
+    """An HTTP/2 upstream refused a stream unprocessed (``REFUSED_STREAM``, or above the
+    last stream id of its GOAWAY): nothing reached the application, so any method may
+    be retried (RFC 9113 section 8.7)."""
+
+    sent = False
+    condition = "reset_before_response"
+
+
 class FilterError(ProxyError):
     """A route filter's hook raised, returned what it may not, or did not finish in
     time: 500 for that request, never retried."""

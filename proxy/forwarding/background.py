@@ -154,6 +154,9 @@ class Background:
     def send_body(self, ex: ExchangeCore, data: bytes | memoryview) -> None:
         pass
 
+    def send_trailers(self, ex: ExchangeCore, trailers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
     def send_end(self, ex: ExchangeCore) -> None:
         pass
 

@@ -115,6 +115,10 @@ class Downstream(Protocol):
     def send_body(self, ex: Exchange, data: bytes | memoryview) -> None:
         """A piece of the response body (gathered until ``flush``)."""
 
+    def send_trailers(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailer fields (lower-case names), before ``send_end``: sent
+        where the client's protocol carries them, dropped elsewhere."""
+
     def send_end(self, ex: Exchange) -> None:
         """The response body is complete (then ``flush``)."""
 

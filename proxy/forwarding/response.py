@@ -288,6 +288,12 @@ class Responses(Attempts):
         client.switch(self, conn, protocol.decode(errors="replace"), head, rest)
         return True
 
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailers (before its end): relayed where the client's
+        protocol carries them (HTTP/2), never into a cache entry or a held response."""
+        if self.answer is None and self.held is None and self.cache_state is None:
+            self.client.send_trailers(self, trailers)
+
     def on_response_body(self, data: bytes | memoryview) -> None:
         if self.cache_state is not None:
             self.cache_state.on_body(data)

@@ -39,7 +39,7 @@ END: Final = 6  # (END, stream_id)  the peer's side of the stream ended
 RESET: Final = 7  # (RESET, stream_id, error_code)
 WINDOW: Final = 8  # (WINDOW, stream_id)  0: the connection's window opened
 SETTINGS: Final = 9  # (SETTINGS, max_concurrent_streams)  the peer's settings changed
-GOAWAY: Final = 10  # (GOAWAY, error_code, last_stream_id)
+GOAWAY: Final = 10  # (GOAWAY, error_code, last_stream_id, debug_data)
 PING: Final = 11  # (PING,)  a PING the codec answered
 PING_ACK: Final = 12  # (PING_ACK,)
 OTHER: Final = 13  # (OTHER,)  a frame that asks nothing of the caller (priority, ...)
@@ -60,6 +60,15 @@ PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 Headers = list[tuple[bytes, bytes]]
 #: (kind, ...): see the kinds above
 Event = tuple[Any, ...]
+
+
+#: What sending on a stream raises when the peer reset it (maybe later in the same read,
+#: ``StreamIDTooLowError`` once h2 forgot it) or the connection is over: nothing to send.
+_GONE: Final = (
+    h2.exceptions.StreamClosedError,
+    h2.exceptions.StreamIDTooLowError,
+    h2.exceptions.NoSuchStreamError,
+)
 
 
 class CodecError(Exception):
@@ -146,7 +155,8 @@ class Codec:
                 if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
                     out.append((WINDOW, 0))
             elif cls is ev.ConnectionTerminated:
-                out.append((GOAWAY, int(e.error_code or 0), e.last_stream_id or 0))
+                out.append((GOAWAY, int(e.error_code or 0), e.last_stream_id or 0,
+                            e.additional_data or b""))  # fmt: skip
                 if not e.error_code:  # graceful: the streams it names may still finish
                     states = h2.connection.ConnectionState
                     client = self._conn.config.client_side
@@ -170,7 +180,11 @@ class Codec:
     # -- out -------------------------------------------------------------------------------
 
     def send_headers(self, stream_id: int, headers: Headers, end: bool = False) -> None:
-        self._conn.send_headers(stream_id, headers, end_stream=end)
+        """(Nothing if the peer reset the stream meanwhile, or the connection is over.)"""
+        try:
+            self._conn.send_headers(stream_id, headers, end_stream=end)
+        except _GONE:
+            pass
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> None:
         """Send ``data`` (no more than ``window(stream_id)``), in frames of the peer's
@@ -178,23 +192,29 @@ class Codec:
         conn = self._conn
         size = conn.max_outbound_frame_size
         n = len(data)
-        if n <= size:
-            conn.send_data(stream_id, data, end_stream=end)
-            return
-        view = memoryview(data)
-        for at in range(0, n, size):
-            piece = view[at : at + size]
-            conn.send_data(stream_id, piece, end_stream=end and at + size >= n)
+        try:
+            if n <= size:
+                conn.send_data(stream_id, data, end_stream=end)
+                return
+            view = memoryview(data)
+            for at in range(0, n, size):
+                piece = view[at : at + size]
+                conn.send_data(stream_id, piece, end_stream=end and at + size >= n)
+        except _GONE:
+            pass
 
     def end(self, stream_id: int) -> None:
         """End our side of ``stream_id`` with an empty DATA frame."""
-        self._conn.end_stream(stream_id)
+        try:
+            self._conn.end_stream(stream_id)
+        except _GONE:
+            pass
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
         """RST_STREAM (nothing if the stream is already closed)."""
         try:
             self._conn.reset_stream(stream_id, code)
-        except h2.exceptions.StreamClosedError:
+        except _GONE:
             pass
 
     def goaway(self, code: int = NO_ERROR, last_stream_id: int | None = None) -> None:
@@ -202,6 +222,8 @@ class Codec:
         which the streams up to ``last_stream_id`` still finish (h2 would refuse to send
         anything more after its own GOAWAY, so that one is framed here)."""
         conn = self._conn
+        if conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            return
         if code != NO_ERROR:
             conn.close_connection(code, last_stream_id=last_stream_id)
             return

@@ -103,6 +103,7 @@ class H2Stream:
         "sent_end",
         "sid",
         "started",
+        "trailers",
         "unacked",
         "write_paused",
     )
@@ -136,6 +137,7 @@ class H2Stream:
         self.body_stall = False  # the exchange was told to stop (``STREAM_HIGH_WATER``)
         self.blocked_at = NEVER  # since when the body waits for a window (zero-window stall)
         self.no_body = False  # HEAD, 204, 304, or the proxy answered: no body follows
+        self.trailers: Headers | None = None  # sent after the body, with END_STREAM
         self.ending = False  # the exchange has sent its end
         self.sent_end = False  # END_STREAM is out
         self.ex_done = False
@@ -169,6 +171,10 @@ class H2Stream:
         if not self.no_body:
             self.body.append(data)
             self.body_size += len(data)
+
+    def send_trailers(self, ex: ExchangeCore, trailers: Headers) -> None:
+        if not self.no_body:
+            self.trailers = trailers
 
     def send_end(self, ex: ExchangeCore) -> None:
         self.ending = True
@@ -536,7 +542,7 @@ class H2Server(asyncio.Protocol):
         headers = st.headers_out
         if headers is not None:
             st.headers_out = None
-            if st.ending and not st.body:
+            if st.ending and not st.body and st.trailers is None:
                 codec.send_headers(sid, headers, True)
                 st.sent_end = True
                 self._sent(st)
@@ -545,6 +551,7 @@ class H2Server(asyncio.Protocol):
         if st.body:
             window = codec.window(sid)
             body = st.body
+            end_with_data = st.ending and st.trailers is None
             while body and window > 0:
                 piece = body[0]
                 n = len(piece)
@@ -555,16 +562,20 @@ class H2Server(asyncio.Protocol):
                     body.pop(0)
                 window -= n
                 st.body_size -= n
-                codec.send_data(sid, piece, st.ending and not body)
+                codec.send_data(sid, piece, end_with_data and not body)
             if body:
                 if st.blocked_at == NEVER:
                     st.blocked_at = self.clock.now
             else:
                 st.blocked_at = NEVER
-                if st.ending:
-                    st.sent_end = True
-        elif st.ending and not st.sent_end:
-            codec.end(sid)
+                st.sent_end = end_with_data
+        if st.ending and not st.body and not st.sent_end:
+            trailers = st.trailers
+            if trailers is not None:
+                st.trailers = None
+                codec.send_headers(sid, trailers, True)
+            else:
+                codec.end(sid)
             st.sent_end = True
         self._stall(st)
         self._sent(st)

@@ -83,6 +83,9 @@ class H1Responses(Refusals):
         elif mode != NO_BODY:
             self.out.append(data)
 
+    def send_trailers(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        pass  # not relayed to HTTP/1.1 clients (their requests never say TE: trailers)
+
     def send_end(self, ex: Exchange) -> None:
         if self.mode == CHUNKED:
             self.out.append(_LAST_CHUNK)

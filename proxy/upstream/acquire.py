@@ -52,6 +52,7 @@ from proxy.clock import NEVER
 from proxy.errors import CircuitOpenError, ProxyError, UpstreamConnectError
 from proxy.tls import tls_failure
 from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.h2 import H2Upstream
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Pool, Upstream
@@ -215,6 +216,8 @@ def assign(
                     ticket.error = CircuitOpenError("no connection free within the queue timeout")
             elif state is OPENING:  # the task never ran: nothing else gives the slot back
                 upstream.conns -= 1
+                if upstream.h2 is not None:
+                    upstream.h2_opening -= 1
             ticket.state = outcome = CANCELLED if cancel else REFUSED
             decided.append((ticket, outcome))
         elif ticket.fresh:
@@ -229,8 +232,12 @@ def assign(
         if conn is not None:
             first.conn = conn
             outcome = GRANTED
+        elif upstream.h2_opening:  # HTTP/2: an opening connection will have room
+            break
         elif upstream.conns < upstream.max_connections:
             upstream.conns += 1
+            if upstream.h2 is not None:
+                upstream.h2_opening += 1
             outcome = OPENING
         else:
             break
@@ -298,19 +305,77 @@ async def _connect(ticket: Ticket) -> None:
     ticket.state = CONNECTING  # from here on, ``_open`` gives the slot back if it fails
     upstream = ticket.upstream
     opened = perf_counter()
+    h2 = upstream.h2 is not None
     try:
-        conn = await _open(upstream, ticket.loop)
+        if h2:
+            try:
+                session: UpstreamSession = await _open_h2(upstream, ticket.loop)
+            finally:
+                upstream.h2_opening -= 1
+        else:
+            session = await _open(upstream, ticket.loop)
     except ProxyError as exc:
         ticket.task = None
         ticket.state = FAILED
         if isinstance(exc, UpstreamConnectError):
             upstream.stats.connect_errors += 1
         ticket.waiter.failed(exc)
+        if h2 and upstream.waiting:  # the next waiter may try
+            carry_out(assign(upstream))
         return
     ticket.task = None
     ticket.state = GRANTED
-    if not ticket.waiter.granted(conn, perf_counter() - opened):
-        upstream.put_idle(conn, ticket.loop.time())
+    if not ticket.waiter.granted(session, perf_counter() - opened):
+        upstream.put_idle(session, ticket.loop.time())  # type: ignore[arg-type]
+    if h2 and upstream.waiting:  # the new connection's room, for those who waited for it
+        carry_out(assign(upstream))
+
+
+async def _open_h2(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> UpstreamSession:
+    """Open an HTTP/2 connection (counted in ``upstream.conns``) and a stream on it: prior
+    knowledge on plain TCP, ALPN ``h2`` over TLS (an upstream that does not choose it is
+    a connect error)."""
+    timeout = upstream.pool.connect_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            if upstream.ssl is None:
+                transport, conn = await loop.create_connection(
+                    lambda: H2Upstream(upstream), upstream.host, upstream.port
+                )
+            else:
+                transport, conn = await loop.create_connection(
+                    lambda: H2Upstream(upstream), upstream.host, upstream.port,
+                    ssl=upstream.ssl, server_hostname=upstream.server_name,
+                    ssl_handshake_timeout=timeout,
+                )  # fmt: skip
+    except TimeoutError:
+        upstream.connection_closed()
+        raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        upstream.connection_closed()
+        raise UpstreamConnectError(f"TLS handshake failed: {tls_failure(exc)}") from None
+    except OSError as exc:
+        upstream.connection_closed()
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UpstreamConnectError(f"connect failed: {reason.lower()}") from None
+    except BaseException:  # cancelled: the requester went away
+        upstream.connection_closed()
+        raise
+    if upstream.ssl is not None:
+        tls = transport.get_extra_info("ssl_object")
+        chosen = tls.selected_alpn_protocol() if tls is not None else None
+        if chosen != "h2":
+            conn.close()  # its connection_lost gives the slot back
+            raise UpstreamConnectError(
+                f"the upstream does not speak HTTP/2 over TLS (ALPN chose {chosen or 'nothing'})"
+            )
+    upstream.stats.connections_opened += 1
+    h2 = upstream.h2
+    if h2 is None:  # the pool went back to HTTP/1.1 meanwhile
+        conn.retire()
+        h2 = []
+    h2.append(conn)
+    return conn.open_stream()
 
 
 async def _open(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:

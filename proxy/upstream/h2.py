@@ -77,6 +77,7 @@ class H2Upstream(asyncio.Protocol):
         "goaway",
         "idle_since",
         "pinged_at",
+        "reserved",
         "scheme",
         "streams",
         "transport",
@@ -94,8 +95,9 @@ class H2Upstream(asyncio.Protocol):
         self.streams: dict[int, H2Session] = {}
         self.closed = False
         self.goaway = False  # the upstream said GOAWAY: no new stream here
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # when its last stream ended (0: busy, or not yet seen idle)
         self.pinged_at = 0.0
+        self.reserved = 0  # sessions handed out whose request is not sent yet
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -155,7 +157,7 @@ class H2Upstream(asyncio.Protocol):
                 self._room()
                 continue
             if kind == h2c.GOAWAY:
-                self._goaway(ev[1], ev[2])
+                self._goaway(ev[1], ev[2], ev[3])
                 continue
             if kind == h2c.PING or kind == h2c.PING_ACK or kind == h2c.OTHER:
                 continue
@@ -200,13 +202,14 @@ class H2Upstream(asyncio.Protocol):
         if upstream.waiting:
             upstream.serve_waiting()
 
-    def _goaway(self, code: int, last: int) -> None:
+    def _goaway(self, code: int, last: int, debug: bytes) -> None:
         self.goaway = True
         refused = [st for sid, st in self.streams.items() if sid > last]
         for st in refused:
             st.lost(UpstreamRefusedError("upstream sent GOAWAY before processing the request"))
         if code:
-            log.warning("upstream %s ended HTTP/2 with error %d", self.upstream.address, code)
+            log.warning("upstream %s ended HTTP/2 with error %d: %r", self.upstream.address, code,
+                        debug[:200])  # fmt: skip
             self._fail_all(UpstreamResetError(f"upstream ended the connection (error {code})"))
         elif not self.streams:
             self.close()
@@ -214,7 +217,7 @@ class H2Upstream(asyncio.Protocol):
     def _fail_all(self, error: Exception) -> None:
         streams, self.streams = self.streams, {}
         for st in streams.values():
-            st.lost(error)  # type: ignore[arg-type]
+            st.lost(error)
         self.close()
 
     # -- for the pool ---------------------------------------------------------------------------
@@ -224,27 +227,36 @@ class H2Upstream(asyncio.Protocol):
         t = self.transport
         if self.closed or self.goaway or t is None or t.is_closing():
             return 0
-        return min(self.codec.peer_max_streams, MAX_STREAMS) - len(self.streams)
+        limit = min(self.codec.peer_max_streams, MAX_STREAMS)
+        return limit - len(self.streams) - self.reserved
 
     def open_stream(self) -> H2Session:
-        st = H2Session(self)
-        return st
+        self.reserved += 1
+        self.idle_since = 0.0
+        return H2Session(self)
 
     def forget(self, st: H2Session) -> None:
         """``st`` is over: its room is free."""
-        if self.streams.pop(st.sid, None) is None:
+        self.streams.pop(st.sid, None)
+        if not self.streams and not self.reserved and self.goaway:
+            self.close()
             return
-        if not self.streams:
-            if self.goaway:
-                self.close()
-                return
-            self.idle_since = self.upstream.pool.clock_now()
         if self.upstream.waiting:
             self.upstream.serve_waiting()
 
+    def retire(self) -> None:
+        """No new stream here (the upstream left the pool, its settings changed): close
+        once the streams in flight end."""
+        self.goaway = True
+        if not self.streams and not self.reserved:
+            self.close()
+
     def check_idle(self, now: float, older_than: float) -> None:
         """The pool's sweep: close after the idle timeout; PING meanwhile."""
-        if self.streams or self.closed:
+        if self.streams or self.reserved or self.closed:
+            return
+        if not self.idle_since:  # idle since the last sweep at most
+            self.idle_since = now
             return
         if self.idle_since < older_than:
             self.codec.goaway(h2c.NO_ERROR, 0)
@@ -283,6 +295,7 @@ class H2Session:
         "closed",
         "conn",
         "ended",
+        "fin",
         "flushing",
         "framing",
         "line",
@@ -311,7 +324,8 @@ class H2Session:
         self.unacked = 0
         self.pending: list[bytes | memoryview] = []  # request body waiting for window
         self.pending_size = 0
-        self.ended = False  # the request's end is queued (END_STREAM sent or pending)
+        self.ended = False  # the request's end is known (its END_STREAM sent or pending)
+        self.fin = False  # END_STREAM is sent
         self.write_full = False
         self.framing = RequestFraming(False, 0)
         self.chunk_left = 0  # chunked request: data bytes left in the current chunk
@@ -326,9 +340,10 @@ class H2Session:
         self.sink = sink
         codec = conn.codec
         self.sid = sid = codec.next_stream_id()
+        conn.reserved -= 1
         conn.streams[sid] = self
         if not framing.length:
-            self.ended = True
+            self.ended = self.fin = True
             codec.send_headers(sid, headers, True)
         else:
             codec.send_headers(sid, headers)
@@ -370,7 +385,9 @@ class H2Session:
             return
         self.closed = True
         conn = self.conn
-        if self.sid and conn.codec.is_open(self.sid) and not conn.closed:
+        if not self.sid:  # handed out, never used
+            conn.reserved -= 1
+        elif conn.codec.is_open(self.sid) and not conn.closed:
             conn.codec.reset(self.sid, h2c.CANCEL)
             conn.write()
         conn.forget(self)
@@ -447,8 +464,9 @@ class H2Session:
                 self.pending_size -= n
                 codec.send_data(sid, piece, self.ended and not pending)
             if not pending and self.ended:
-                self.ended = True
-        elif self.ended and codec.is_open(sid):
+                self.fin = True
+        elif self.ended and not self.fin:
+            self.fin = True
             codec.end(sid)
         full = self.pending_size > HIGH_WATER
         if full != self.write_full and (full or self.pending_size < HIGH_WATER // 4):
@@ -525,8 +543,11 @@ class H2Session:
         """The stream ended without its response: tell the request (once)."""
         sink = self.sink
         self.sink = None
-        self.closed = True
-        self.conn.forget(self)
+        if not self.closed:
+            self.closed = True
+            if not self.sid:
+                self.conn.reserved -= 1
+            self.conn.forget(self)
         if sink is not None:
             self.flushing = None
             sink.on_upstream_lost(self, error, True)  # type: ignore[arg-type]

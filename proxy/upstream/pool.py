@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from proxy.config import PoolSpec, UpstreamSpec
     from proxy.upstream.acquire import Ticket
     from proxy.upstream.connection import UpstreamConnection
+    from proxy.upstream.h2 import H2Upstream
 
 NO_RAMP = float("inf")
 
@@ -55,6 +56,8 @@ class Upstream:
         "ejections",
         "enabled",
         "failures",
+        "h2",
+        "h2_opening",
         "health_checks",
         "healthy",
         "host",
@@ -118,6 +121,10 @@ class Upstream:
         #: idle connections kept (the pool's ``max_idle_connections``, by default as many
         #: as may be open; 0 once removed)
         self.max_idle = self.max_connections if pool.max_idle is None else pool.max_idle
+        #: a pool with ``http_version: "2"``: the multiplexed connections (``proxy.
+        #: upstream.h2``), and how many are being opened; None: HTTP/1.1
+        self.h2: list[H2Upstream] | None = [] if pool.http2 else None
+        self.h2_opening = 0
         self.stats = Stats()
 
     @property
@@ -139,7 +146,13 @@ class Upstream:
             track(self)
 
     def take_idle(self) -> UpstreamConnection | None:
-        """The most recently released live idle connection, or None."""
+        """The most recently released live idle connection, or None (HTTP/2: a new
+        stream on the most recent connection with room for one)."""
+        if self.h2 is not None:
+            for h2 in reversed(self.h2):
+                if h2.room() > 0:
+                    return h2.open_stream()  # type: ignore[return-value]
+            return None
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -167,6 +180,11 @@ class Upstream:
         else:
             conn.close()
 
+    def serve_waiting(self) -> None:
+        """Room opened (an HTTP/2 stream ended, a connection's settings changed): the
+        requests waiting for a session get it in turn."""
+        carry_out(assign(self))
+
     def connection_closed(self) -> None:
         """An open connection ended (or a connect failed): a waiting request may open one."""
         self.conns -= 1
@@ -180,7 +198,14 @@ class Upstream:
         except ValueError:
             pass
 
-    def close_idle(self, older_than: float) -> None:
+    def close_idle(self, older_than: float, now: float = 0.0) -> None:
+        h2 = self.h2
+        if h2:
+            for conn in tuple(h2):
+                if older_than == float("inf"):  # removed, or new settings: no new stream
+                    conn.retire()
+                else:
+                    conn.check_idle(now, older_than)
         idle = self.idle
         while idle and idle[0].idle_since < older_than:
             idle.popleft().close()
@@ -216,6 +241,7 @@ class Pool:
         "dns_resolver",
         "dns_specs",
         "fast_path",
+        "http2",
         "idle_timeout",
         "initially_healthy",
         "max_connections",
@@ -278,7 +304,9 @@ class Pool:
         #: ``TLSFileError`` on a bad file), None when the pool has none
         self.tls_spec = config.tls
         has_https = any(spec.https for spec in config.upstreams)
-        self.tls_context = client_context(config.tls) if has_https else None
+        #: HTTP/2 to the upstreams (``http_version: "2"``)
+        self.http2 = config.http_version == "2"
+        self.tls_context = client_context(config.tls, self.http2) if has_https else None
         self.tls_server_name = config.tls.server_name if config.tls is not None else None
         #: ``max_idle_connections``; None: each upstream's ``max_connections``
         self.max_idle: int | None = config.max_idle_connections
@@ -342,8 +370,8 @@ class Pool:
         """Close idle connections unused for longer than ``timeouts.idle``; step ramps."""
         older_than = now - self.idle_timeout
         for upstream in self.upstreams:
-            if upstream.idle:
-                upstream.close_idle(older_than)
+            if upstream.idle or upstream.h2:
+                upstream.close_idle(older_than, now)
         outlier = self.outlier
         returned = outlier is not None and outlier.sweep(self.upstreams, self.clock())
         if returned or (self._ramp_due != NO_RAMP and self.clock() >= self._ramp_due):
@@ -451,6 +479,11 @@ class Pool:
                 old.max_connections = fresh.max_connections
                 if old.tls_key != fresh.tls_key:  # new TLS settings: no old connection
                     old.close_idle(float("inf"))
+                if (old.h2 is None) != (fresh.h2 is None):  # the HTTP version changed
+                    old.close_idle(float("inf"))
+                    for conn in old.h2 or ():
+                        conn.retire()
+                    old.h2 = fresh.h2
                 old.ssl, old.server_name, old.tls_key = fresh.ssl, fresh.server_name, fresh.tls_key
                 self.upstreams[i] = old
         self._by_address = {u.address: u for u in self.upstreams}

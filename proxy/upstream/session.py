@@ -137,6 +137,9 @@ class ResponseSink(Protocol):
     def on_response_body(self, data: bytes | memoryview) -> None:
         """A piece of the response body (de-chunked)."""
 
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailer fields (HTTP/2), before ``on_response_complete``."""
+
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
         """The response ended; ``upstream_keep_alive``: the upstream keeps ``conn`` open.
         The sink releases it (to the pool, or closed)."""

@@ -68,6 +68,9 @@ class Recording:
     def send_body(self, ex: Any, data: bytes | memoryview) -> None:
         self.events.append(("body", bytes(data)))
 
+    def send_trailers(self, ex: Any, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.events.append(("trailers", trailers))
+
     def send_end(self, ex: Any) -> None:
         self.events.append(("end",))
 
