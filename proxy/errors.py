@@ -94,6 +94,7 @@ class CircuitOpenError(ProxyError):
 
     status = 503
     sent = False
+    cause = "limit"
 
 
 class BindError(OSError):

@@ -315,6 +315,31 @@ class Attempts(ExchangeCore):
             return
         self._late("upstream read timeout" if self.resp >= HEAD else "no response header in time")
 
+    def expire(self, reason: str) -> None:
+        """The call's own deadline passed (gRPC's ``grpc-timeout``): what is in flight is
+        dropped and the call fails with 504 (DEADLINE_EXCEEDED to a gRPC client), never
+        retried and not held against the upstream; after the response head, the
+        client's stream is reset."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.cancel()
+        task = self.task
+        if task is not None:
+            self.task = None
+            task.cancel()
+        if self.resp >= HEAD:
+            self.abort()
+            self.client.close()
+        else:
+            self.fail(UpstreamTimeoutError(reason))
+
     def _late(self, reason: str) -> None:
         """The upstream did not keep time: close its connection; before the response
         head reached the client the attempt failed (504, or a retry), after it the

@@ -78,6 +78,7 @@ class ExchangeCore:
         "filtered_target",  # unset unless a cached route's request filters ran
         "filters",
         "found",
+        "grpc_status",
         "head",
         "head_request",
         "header_at",  # unset unless the access log asks for upstream_header_time
@@ -188,6 +189,8 @@ class ExchangeCore:
         self.resp_eof = False  # the upstream's body ends when it closes
         self.deadline = NEVER
         self.status = 0  # what the client was answered; 0 until then
+        #: a gRPC call's ``grpc-status`` as the client got it (-1: none, or not gRPC)
+        self.grpc_status = -1
         self.attempts = 0  # upstreams tried (1 + retries)
         self.bytes_out = 0
         # perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution

@@ -71,6 +71,19 @@ _GONE: Final = (
 )
 
 
+class _StateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2's connection states, but a GOAWAY received leaves the connection open: the
+    streams up to its last stream id may still finish (RFC 9113 section 6.8), and the
+    caller opens no new one. h2 would refuse every frame after it, even in the same
+    read."""
+
+    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
+        if input_ is h2.connection.ConnectionInputs.RECV_GOAWAY:
+            return []
+        result: list[h2.events.Event] = super().process_input(input_)
+        return result
+
+
 class CodecError(Exception):
     """The connection is over (a protocol error); a GOAWAY is queued in ``out``."""
 
@@ -100,6 +113,7 @@ class Codec:
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )  # fmt: skip
         conn = h2.connection.H2Connection(config)
+        conn.state_machine = _StateMachine()
         codes = h2.settings.SettingCodes
         conn.local_settings = h2.settings.Settings(
             client=client_side,
@@ -121,9 +135,13 @@ class Codec:
     # -- in --------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[Event]:
-        """The events in ``data`` (raises ``CodecError`` for a connection error)."""
+        """The events in ``data`` (raises ``CodecError`` for a connection error); none
+        once the connection ended with an error (what the peer still sends is moot)."""
+        conn = self._conn
+        if conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            return []
         try:
-            events = self._conn.receive_data(data)
+            events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             code = getattr(exc, "error_code", PROTOCOL_ERROR)
             raise CodecError(str(exc) or type(exc).__name__, int(code)) from None
@@ -157,12 +175,6 @@ class Codec:
             elif cls is ev.ConnectionTerminated:
                 out.append((GOAWAY, int(e.error_code or 0), e.last_stream_id or 0,
                             e.additional_data or b""))  # fmt: skip
-                if not e.error_code:  # graceful: the streams it names may still finish
-                    states = h2.connection.ConnectionState
-                    client = self._conn.config.client_side
-                    self._conn.state_machine.state = (
-                        states.CLIENT_OPEN if client else states.SERVER_OPEN
-                    )
             elif cls is ev.PingReceived:
                 out.append((PING,))
             elif cls is ev.PingAckReceived:

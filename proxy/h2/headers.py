@@ -190,3 +190,77 @@ def response_from_h2(headers: Headers) -> tuple[int, bytes]:
             parts += (name, b": ", value, b"\r\n")
     reason = REASONS.get(status, b"")
     return status, b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(parts))
+
+
+# -- gRPC (the proxy's own answers to gRPC calls, and what it reads of them) ------------------
+
+#: gRPC status codes by number (grpc/doc/statuscodes.md): the metric's label values.
+GRPC_CODES: Final = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+DEADLINE_EXCEEDED: Final = 4
+RESOURCE_EXHAUSTED: Final = 8
+UNAVAILABLE: Final = 14
+#: The HTTP statuses the proxy answers itself, as gRPC codes: what the proxy knows is
+#: never UNKNOWN (its limits are RESOURCE_EXHAUSTED, a missing or failed upstream
+#: UNAVAILABLE, a timeout DEADLINE_EXCEEDED; the rest as gRPC's HTTP mapping says).
+_GRPC_FOR_HTTP: Final = {
+    400: 13, 401: 16, 403: 7, 404: 12, 405: 12, 408: 4, 413: 8, 414: 8, 429: 8, 431: 8,
+    500: 13, 501: 12, 502: 14, 503: 14, 504: 4,
+}  # fmt: skip
+#: ``grpc-timeout`` units in seconds (the gRPC over HTTP/2 spec).
+_TIMEOUT_UNITS: Final = {
+    b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9
+}  # fmt: skip
+
+
+def is_grpc(headers: Headers) -> bool:
+    """The request is a gRPC call (``content-type: application/grpc``, ``+proto`` ...)."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(b"application/grpc")
+    return False
+
+
+def grpc_code(status: int, cause: str = "") -> int:
+    """The gRPC code for an answer the proxy made with HTTP ``status``."""
+    if cause == "limit":
+        return RESOURCE_EXHAUSTED
+    return _GRPC_FOR_HTTP.get(status, 2 if status >= 400 else 0)
+
+
+def grpc_error(code: int, message: str) -> Headers:
+    """A trailers-only gRPC response (HTTP 200, the status in the one HEADERS frame)."""
+    text = "".join(
+        c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
+        for c in message
+    )
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % code),
+        (b"grpc-message", text.encode()),
+    ]
+
+
+def grpc_timeout(headers: Headers) -> float | None:
+    """A call's ``grpc-timeout`` in seconds (None: none, or not valid)."""
+    for name, value in headers:
+        if name == b"grpc-timeout":
+            unit = _TIMEOUT_UNITS.get(value[-1:])
+            digits = value[:-1]
+            if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
+                return None
+            return int(digits) * unit
+    return None
+
+
+def grpc_status_of(headers: Headers) -> int:
+    """The ``grpc-status`` in a trailer block (or a trailers-only head); -1: none."""
+    for name, value in headers:
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() and len(value) < 4 else 2
+    return -1

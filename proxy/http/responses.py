@@ -48,6 +48,10 @@ _BODIES: Final[dict[int, bytes]] = {
 #: an upstream that refused or never answered the connection is not an invalid response
 _CAUSES: Final[dict[str, tuple[int, bytes]]] = {
     "connect": (502, b"502 Bad Gateway: no connection to the upstream could be made\n"),
+    "limit": (
+        503, b"503 Service Unavailable: the upstream's connection limit is reached and its "
+        b"queue is full\n",
+    ),
 }
 
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"

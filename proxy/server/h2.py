@@ -45,7 +45,17 @@ from proxy.clock import NEVER
 from proxy.forwarding.downstream import UPSTREAM_FULL
 from proxy.h2 import codec as h2c
 from proxy.h2.codec import Codec, CodecError
-from proxy.h2.headers import Malformed, request_from_h2, response_to_h2, split_response
+from proxy.h2.headers import (
+    Malformed,
+    grpc_code,
+    grpc_error,
+    grpc_status_of,
+    grpc_timeout,
+    is_grpc,
+    request_from_h2,
+    response_to_h2,
+    split_response,
+)
 from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, forwarded_template
 from proxy.http.responses import error_response, redirect_response
 from proxy.server.protocol import ClientConnection
@@ -80,6 +90,7 @@ class H2Stream:
         "body_deadline",
         "body_size",
         "body_stall",
+        "call_deadline",
         "client_ip",
         "client_ip_bytes",
         "clock",
@@ -90,6 +101,7 @@ class H2Stream:
         "ending",
         "ex",
         "ex_done",
+        "grpc",
         "head_template",
         "headers_out",
         "listener",
@@ -142,6 +154,8 @@ class H2Stream:
         self.sent_end = False  # END_STREAM is out
         self.ex_done = False
         self.body_deadline = NEVER
+        self.grpc = False  # a gRPC call: the proxy's own answers are gRPC statuses
+        self.call_deadline = NEVER  # its ``grpc-timeout``
 
     # -- the Downstream interface ------------------------------------------------------------
 
@@ -164,8 +178,10 @@ class H2Stream:
 
     def send_head(self, ex: ExchangeCore, status: int, found: ResponseHead) -> None:
         ex.keep_alive = True
-        self.headers_out = response_to_h2(found.head)
+        self.headers_out = headers = response_to_h2(found.head)
         self.no_body = ex.head_request or status == 204 or status == 304
+        if self.grpc:  # a trailers-only answer carries its status here
+            ex.grpc_status = grpc_status_of(headers)
 
     def send_body(self, ex: ExchangeCore, data: bytes | memoryview) -> None:
         if not self.no_body:
@@ -175,6 +191,8 @@ class H2Stream:
     def send_trailers(self, ex: ExchangeCore, trailers: Headers) -> None:
         if not self.no_body:
             self.trailers = trailers
+            if self.grpc:
+                ex.grpc_status = grpc_status_of(trailers)
 
     def send_end(self, ex: ExchangeCore) -> None:
         self.ending = True
@@ -201,6 +219,13 @@ class H2Stream:
             self._whole(error_response(status, False, ex.head_request, cause))
         else:
             self._whole(answer.render(False, ex.head_request))
+        if self.grpc:  # the same answer as a gRPC status, its text the message
+            body = self.body[0] if self.body else b""
+            code = grpc_code(status, cause)
+            ex.grpc_status = code
+            self.headers_out = grpc_error(code, bytes(body[:200]).decode("latin-1").strip())
+            self.body = []
+            self.body_size = 0
         self.flush()
 
     def send_redirect(self, ex: ExchangeCore, location: bytes, close: bool) -> None:
@@ -435,9 +460,15 @@ class H2Server(asyncio.Protocol):
         except ValueError as exc:  # Malformed, or RequestHeaders' refusals
             status = exc.status if isinstance(exc, Malformed) else 400
             log.info("%d from %s (HTTP/2): %s", status, self.client_ip, exc)
-            self._refuse(sid, status, ended)
+            self._refuse(sid, status, ended, is_grpc(headers), str(exc))
             return
         st = H2Stream(self, sid)
+        if is_grpc(fields):
+            st.grpc = True
+            st.body_buffer = 0  # a call streams: never held until it is whole
+            timeout = grpc_timeout(fields)
+            if timeout is not None:
+                st.call_deadline = self.clock.now + timeout
         st.ex = ClientConnection.exchange_type(st, method, target, fields, found, 1, True)
         st.ended = ended
         if not ended:
@@ -489,10 +520,11 @@ class H2Server(asyncio.Protocol):
         if st.ended:
             return
         st.ended = True
-        if st.started and not st.ex.done:
-            if st.ex.pending:
-                st.ex.flush_upstream()
-            st.ex.on_request_complete()
+        ex = st.ex
+        if st.started and not ex.done:
+            ex.on_request_complete()
+            if ex.pending and not ex.done:  # the body's end (HTTP/1.1: the last chunk)
+                ex.flush_upstream()
 
     def _on_window(self, sid: int) -> None:
         if sid:
@@ -633,13 +665,16 @@ class H2Server(asyncio.Protocol):
         if not self.streams and self.goaway_sent:
             self.close()
 
-    def _refuse(self, sid: int, status: int, ended: bool) -> None:
-        """A request refused before it became an exchange: its error page, and the rest
-        of its body refused."""
-        headers, body = split_response(error_response(status, False))
+    def _refuse(self, sid: int, status: int, ended: bool, grpc: bool, why: str) -> None:
+        """A request refused before it became an exchange (or given up): its error page
+        (a gRPC status for a gRPC call), and the rest of its body refused."""
         codec = self.codec
-        codec.send_headers(sid, headers)
-        codec.send_data(sid, body, True)
+        if grpc:
+            codec.send_headers(sid, grpc_error(grpc_code(status), why), True)
+        else:
+            headers, body = split_response(error_response(status, False))
+            codec.send_headers(sid, headers)
+            codec.send_data(sid, body, True)
         if not ended:
             codec.reset(sid, h2c.NO_ERROR)
 
@@ -656,7 +691,7 @@ class H2Server(asyncio.Protocol):
             return
         st.reset = True
         self.streams.pop(st.sid, None)
-        self._refuse(st.sid, status, st.ended)
+        self._refuse(st.sid, status, st.ended, st.grpc, why)
         self.write()
 
     def write(self) -> None:
@@ -688,6 +723,9 @@ class H2Server(asyncio.Protocol):
                          timeout_send)  # fmt: skip
                 self.reset_stream(st, h2c.CANCEL)
             elif st.started and not ex.done:
+                if st.call_deadline <= now:
+                    ex.expire("the call's grpc-timeout passed")
+                    continue
                 if st.paused & UPSTREAM_FULL and ex.upstream_stalled(now):
                     continue
                 if ex.deadline <= now:
