@@ -71,6 +71,15 @@ _GONE: Final = (
 )
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, remembering fewer closed streams: h2 keeps why each of the last
+    65,536 closed (python-hyper/h2#1163: megabytes per long connection, and a proxy
+    holds thousands); a frame for one it forgot is treated as for a stream closed
+    before it opened, which the peer's late WINDOW_UPDATE or RST_STREAM survives."""
+
+    MAX_CLOSED_STREAMS = 4096
+
+
 class _StateMachine(h2.connection.H2ConnectionStateMachine):
     """h2's connection states, but a GOAWAY received leaves the connection open: the
     streams up to its last stream id may still finish (RFC 9113 section 6.8), and the
@@ -112,7 +121,7 @@ class Codec:
             validate_inbound_headers=True, normalize_inbound_headers=True,
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )  # fmt: skip
-        conn = h2.connection.H2Connection(config)
+        conn = _Connection(config)
         conn.state_machine = _StateMachine()
         codes = h2.settings.SettingCodes
         conn.local_settings = h2.settings.Settings(
