@@ -84,10 +84,16 @@ class Codec:
         connection_window: int = 65535,
         max_header_list_size: int = 65536,
         max_frame_size: int = 16384,
+        validate_headers: bool = True,
     ) -> None:
+        """``validate_headers`` False: received header lists come as they were decoded,
+        and the caller checks them (RFC 9113 sections 8.2, 8.3), so a malformed request
+        can be an error of its stream rather than of the connection; cookie crumbs are
+        not joined either."""
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None,
-            validate_inbound_headers=True, normalize_inbound_headers=True,
+            validate_inbound_headers=validate_headers,
+            normalize_inbound_headers=validate_headers,
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )  # fmt: skip
         conn = h2.connection.H2Connection(config)

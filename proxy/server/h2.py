@@ -293,6 +293,7 @@ class H2Server(asyncio.Protocol):
             initial_window=spec.initial_window_size,
             connection_window=spec.connection_window_size,
             max_header_list_size=limits.max_header_size,
+            validate_headers=False,  # request_from_h2 does: a malformed request is its stream's
         )
         self.streams: dict[int, H2Stream] = {}
         self.starting: list[H2Stream] = []  # requests of this read, started after it
