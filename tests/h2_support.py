@@ -193,6 +193,7 @@ class FrameClient:
         self.frames: list[hf.Frame] = []
         self.goaway: hf.GoAwayFrame | None = None
         self.eof = False
+        self.acked = False  # the server's first SETTINGS acknowledged
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -202,6 +203,13 @@ class FrameClient:
         frame = hf.SettingsFrame(0, settings=settings or {})
         writer.write(PREFACE + frame.serialize())
         client._task = asyncio.get_running_loop().create_task(client._run())
+        # the server's SETTINGS acknowledged before anything else is written, so that
+        # the ACK never lands inside a header block a test sends
+        deadline = asyncio.get_running_loop().time() + 5
+        while not client.acked and not client.eof:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("no SETTINGS from the server")
+            await asyncio.sleep(0.002)
         return client
 
     async def _run(self) -> None:
@@ -213,8 +221,13 @@ class FrameClient:
                 self.frames.append(frame)
                 if isinstance(frame, hf.GoAwayFrame):
                     self.goaway = frame
-                elif isinstance(frame, hf.SettingsFrame) and "ACK" not in frame.flags:
+                elif (
+                    isinstance(frame, hf.SettingsFrame)
+                    and "ACK" not in frame.flags
+                    and not self.acked  # the first only: later ones are a test's to answer
+                ):
                     self.writer.write(hf.SettingsFrame(0, flags=["ACK"]).serialize())
+                    self.acked = True
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -15,6 +15,11 @@ sent now.
 
 A connection error (malformed frames or headers, a flood the library refuses) raises
 ``CodecError``; the GOAWAY that ends the connection is already queued in ``out``.
+
+What a peer can make the codec hold is bounded (``_Frames``): a frame longer than
+``max_frame_size`` is refused on its 9-byte header, and a header block on the bytes it
+has gathered across CONTINUATION frames (``max_header_list_size``), not only on their
+count (64, the library's own bound).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 
@@ -70,11 +76,46 @@ class CodecError(Exception):
         self.code = code
 
 
+class _Frames(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, bounded in bytes. h2 reads a frame's length but checks it only
+    once the whole frame has arrived (a header announcing 16 MiB has the connection
+    hold up to 16 MiB first), and bounds a header block by its number of frames only
+    (64 CONTINUATION frames of 16 KiB: 1 MiB, whatever the header list limit)."""
+
+    def __init__(self, server: bool, max_block: int) -> None:
+        super().__init__(server=server)
+        self.max_block = max_block
+        self.frames = 0  # frames parsed (a header block counts once)
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        try:
+            frame = super().__next__()
+            self.frames += 1
+            return frame
+        except StopIteration:  # waiting for more: is what comes allowed at all?
+            data = self._data
+            if len(data) >= 9 and int.from_bytes(data[:3], "big") > self.max_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"frame of {int.from_bytes(data[:3], 'big')} bytes announced, "
+                    f"over {self.max_frame_size}"
+                ) from None
+            raise
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        f = super()._update_header_buffer(f)
+        block = self._headers_buffer
+        if block and sum(len(x.data) for x in block) > self.max_block:
+            raise h2.exceptions.DenialOfServiceError(
+                f"header block over {self.max_block} bytes before its end"
+            )
+        return f
+
+
 class Codec:
     """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
     client side of a client connection) or as a client (to an upstream)."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_conn", "_frames")
 
     def __init__(
         self,
@@ -109,6 +150,7 @@ class Codec:
             },
         )
         conn.max_inbound_frame_size = max_frame_size
+        self._frames = conn.incoming_buffer = _Frames(not client_side, max_header_list_size)
         conn.decoder.max_header_list_size = max_header_list_size
         conn.initiate_connection()
         if connection_window > 65535:
@@ -241,6 +283,13 @@ class Codec:
     def peer_max_streams(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited: a large number)."""
         return int(self._conn.remote_settings.max_concurrent_streams)
+
+    @property
+    def frames_received(self) -> int:
+        """Frames parsed so far (a header block and its CONTINUATION frames count once):
+        with the events ``feed`` returned, what tells a peer's frames that asked for
+        nothing (on a closed stream, say) from those that carried something."""
+        return self._frames.frames
 
     @property
     def open_streams(self) -> int:
