@@ -66,6 +66,12 @@ STREAM_HIGH_WATER: Final = 256 * 1024
 #: The socket's write buffer above which every stream's upstream is paused.
 WRITE_HIGH_WATER: Final = 256 * 1024
 
+#: WINDOW_UPDATE frames a client may send per DATA frame the proxy sent, beyond
+#: ``WINDOW_UPDATE_ALLOWANCE`` (Envoy's ``max_inbound_window_update_frames_per_data_
+#: frame_sent``, 10): a reader opens windows as data comes; a flood opens them for none.
+WINDOW_UPDATES_PER_DATA_FRAME: Final = 10
+WINDOW_UPDATE_ALLOWANCE: Final = 100
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -241,6 +247,7 @@ class H2Server(asyncio.Protocol):
         "closed",
         "codec",
         "controls",
+        "data_frames",
         "deadline",
         "draining",
         "goaway_sent",
@@ -266,6 +273,7 @@ class H2Server(asyncio.Protocol):
         "transport",
         "underscores",
         "window_start",
+        "window_updates",
         "write_paused",
     )
 
@@ -313,6 +321,8 @@ class H2Server(asyncio.Protocol):
         self.window_start = now
         self.resets = 0
         self.controls = 0
+        self.window_updates = 0  # WINDOW_UPDATE frames received, over the connection's life
+        self.data_frames = 0  # DATA frames sent, over the connection's life
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -371,12 +381,20 @@ class H2Server(asyncio.Protocol):
     def _received(self, data: bytes) -> None:
         if self.closed:
             return
+        codec = self.codec
+        frames = codec.frames_received
         try:
-            events = self.codec.feed(data)
+            events = codec.feed(data)
         except CodecError as exc:
             log.info("HTTP/2 connection from %s closed: %s", self.client_ip, exc)
             self._close_now()
             return
+        idle = codec.frames_received - frames - len(events)
+        if idle > 0:  # frames that made no event (on closed streams...): asked for nothing
+            self.controls += idle
+            self._calm()
+            if self.closed:
+                return
         streams = self.streams
         for ev in events:
             kind = ev[0]
@@ -490,6 +508,10 @@ class H2Server(asyncio.Protocol):
             st.ex.on_request_complete()
 
     def _on_window(self, sid: int) -> None:
+        n = self.window_updates = self.window_updates + 1
+        if n > WINDOW_UPDATE_ALLOWANCE and n > WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames:
+            self._flood("WINDOW_UPDATE frames for data never sent")
+            return
         if sid:
             st = self.streams.get(sid)
             if st is not None and st.body:
@@ -523,10 +545,15 @@ class H2Server(asyncio.Protocol):
             return
         if self.resets > self.max_resets or self.controls > self.max_controls:
             what = "reset streams" if self.resets > self.max_resets else "control frames"
-            log.warning("HTTP/2 connection from %s closed: too many %s per second",
-                        self.client_ip, what)  # fmt: skip
-            self.codec.goaway(h2c.ENHANCE_YOUR_CALM)
-            self._close_now()
+            self._flood(f"too many {what} per second")
+
+    def _flood(self, why: str) -> None:
+        """End the connection with ``GOAWAY ENHANCE_YOUR_CALM``; what the codec queued
+        for the flood (a PING's or SETTINGS' ack each) is dropped, not sent."""
+        log.warning("HTTP/2 connection from %s closed: %s", self.client_ip, why)
+        self.codec.out()
+        self.codec.goaway(h2c.ENHANCE_YOUR_CALM)
+        self._close_now()
 
     # -- frames out --------------------------------------------------------------------------
 
@@ -556,6 +583,7 @@ class H2Server(asyncio.Protocol):
                     body.pop(0)
                 window -= n
                 st.body_size -= n
+                self.data_frames += 1 + (n - 1) // 16384
                 codec.send_data(sid, piece, st.ending and not body)
             if body:
                 if st.blocked_at == NEVER:
