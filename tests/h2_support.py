@@ -197,16 +197,21 @@ class FrameClient:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, port: int, settings: dict[int, int] | None = None) -> FrameClient:
+    async def open(
+        cls, port: int, settings: dict[int, int] | None = None, ack: bool = True
+    ) -> FrameClient:
+        """``ack`` False: the server's SETTINGS are neither waited for nor acknowledged
+        (``ack_settings`` does it later)."""
         reader, writer = await asyncio.open_connection(HOST, port)
         client = cls(reader, writer)
+        client.acked = not ack
         frame = hf.SettingsFrame(0, settings=settings or {})
         writer.write(PREFACE + frame.serialize())
         client._task = asyncio.get_running_loop().create_task(client._run())
         # the server's SETTINGS acknowledged before anything else is written, so that
         # the ACK never lands inside a header block a test sends
         deadline = asyncio.get_running_loop().time() + 5
-        while not client.acked and not client.eof:
+        while ack and not client.acked and not client.eof:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError("no SETTINGS from the server")
             await asyncio.sleep(0.002)
@@ -232,6 +237,9 @@ class FrameClient:
             pass
         finally:
             self.eof = True
+
+    def ack_settings(self) -> None:
+        self.send(hf.SettingsFrame(0, flags=["ACK"]))
 
     def send(self, *frames: hf.Frame) -> None:
         if not self.writer.is_closing():

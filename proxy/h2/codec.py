@@ -139,20 +139,25 @@ class Codec:
         )  # fmt: skip
         conn = h2.connection.H2Connection(config)
         codes = h2.settings.SettingCodes
-        conn.local_settings = h2.settings.Settings(
-            client=client_side,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                codes.INITIAL_WINDOW_SIZE: initial_window,
-                codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-                codes.MAX_FRAME_SIZE: max_frame_size,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
+        initial = {
+            codes.INITIAL_WINDOW_SIZE: initial_window,
+            codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            codes.MAX_FRAME_SIZE: max_frame_size,
+            codes.ENABLE_PUSH: 0,
+        }
+        if client_side:
+            initial[codes.MAX_CONCURRENT_STREAMS] = max_concurrent_streams
+        conn.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
         conn.max_inbound_frame_size = max_frame_size
         self._frames = conn.incoming_buffer = _Frames(not client_side, max_header_list_size)
         conn.decoder.max_header_list_size = max_header_list_size
         conn.initiate_connection()
+        if not client_side:
+            # A client may open streams before it has our SETTINGS (RFC 9113 6.5.3: no
+            # limit until then). h2 would hold it to the limit at once, a connection
+            # error; as a pending setting it applies once acknowledged, and until then
+            # the caller refuses the streams over it (REFUSED_STREAM), as nghttp2 does.
+            conn.update_settings({codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams})
         if connection_window > 65535:
             conn.increment_flow_control_window(connection_window - 65535)
         self._conn = conn

@@ -260,6 +260,7 @@ class H2Server(asyncio.Protocol):
         "max_controls",
         "max_headers",
         "max_resets",
+        "max_streams",
         "max_uri",
         "resets",
         "send_deadline",
@@ -292,6 +293,7 @@ class H2Server(asyncio.Protocol):
         self.keep_forwarded = config.forwarded == "append"
         self.max_resets = spec.max_resets_per_second
         self.max_controls = spec.max_control_frames_per_second
+        self.max_streams = spec.max_concurrent_streams
         self.timeout_idle = timeouts.idle
         self.timeout_body = timeouts.body
         self.timeout_send = timeouts.send
@@ -433,6 +435,10 @@ class H2Server(asyncio.Protocol):
     def _on_request(self, sid: int, headers: Headers, ended: bool) -> None:
         if self.goaway_sent:  # after our GOAWAY: not processed, the client may retry it
             self.codec.reset(sid, h2c.REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.max_streams:  # sent before our SETTINGS reached it
+            self.codec.reset(sid, h2c.REFUSED_STREAM)
+            self._control()  # a client that ignores the limit is a flood
             return
         self.deadline = NEVER
         try:

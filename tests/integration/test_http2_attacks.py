@@ -9,6 +9,7 @@ is served meanwhile. Timeouts in the configs are short so each test takes a seco
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -124,6 +125,41 @@ async def test_streams_over_max_concurrent_streams_are_refused(
     await served(port)
     assert len([s for s in up.seen if s.path == "/hold"]) == 4
     assert all(len(c.streams) <= 4 for c in h2_connections(server))
+
+
+async def test_streams_sent_before_the_settings_arrive_are_refused_not_the_connection(
+    proxy: MakeProxy, recorders: MakeRecorder, hold: Hold
+) -> None:
+    """A client may open streams before it has the proxy's SETTINGS (RFC 9113 6.5.3:
+    the initial limit is none): those over the limit are REFUSED_STREAM (retried by
+    the client), as nghttp2 does; the connection and the streams within it go on.
+    h2load -m 20 against a limit of 4 failed every request before."""
+    up = await recorders("a", {"/hold": hold.hold})
+    server = await proxy(h2_config(up.url, http2={"max_concurrent_streams": 4}))
+    port = server.listeners[0].port
+    client = await FrameClient.open(port, ack=False)
+    try:
+        client.send(*(client.headers(sid, "/hold") for sid in range(1, 21, 2)))
+        await wait_for(lambda: hold.waiting == 4)
+        await wait_for(lambda: all(client.reset_of(sid) for sid in range(9, 21, 2)))
+        assert {client.reset_of(sid) for sid in range(9, 21, 2)} == {REFUSED_STREAM}
+        assert client.goaway is None
+        client.ack_settings()
+        hold.release.set()
+        await wait_for(lambda: all(client.status(sid) == 200 for sid in range(1, 9, 2)))
+        client.send(client.headers(21, "/after"))
+        await wait_for(lambda: client.status(21) == 200)
+        assert client.goaway is None and not client.eof
+    finally:
+        await client.close()
+    assert len(up.seen) == 5
+    done = await asyncio.to_thread(
+        subprocess.run, ["h2load", "-n", "200", "-c", "2", "-m", "20",
+                         f"http://127.0.0.1:{port}/load"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert " 0 succeeded" not in done.stdout, done.stdout
 
 
 async def test_a_header_list_over_max_header_size_is_refused(
