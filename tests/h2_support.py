@@ -52,6 +52,8 @@ class H2Client:
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = False
         self.auto_ack = True
+        #: streams whose windows stay shut (their data opens only the connection's)
+        self.held: set[int] = set()
         self.window_updates = 0  # WINDOW_UPDATE frames received (any stream)
         self._task: asyncio.Task[None] | None = None
 
@@ -106,7 +108,10 @@ class H2Client:
                 reply.status = int(dict(e.headers)[b":status"])
             elif isinstance(e, h2.events.DataReceived) and reply is not None:
                 reply.body += e.data
-                if self.auto_ack:
+                if e.stream_id in self.held:
+                    if e.flow_controlled_length:
+                        self.conn.increment_flow_control_window(e.flow_controlled_length)
+                elif self.auto_ack:
                     self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
             elif isinstance(e, h2.events.StreamEnded) and reply is not None:
                 reply.ended = True
@@ -168,6 +173,14 @@ class H2Client:
                 raise AssertionError(f"stream {sid} did not end within {timeout}s")
             await asyncio.sleep(0.005)
         return reply
+
+    def release(self, sid: int) -> None:
+        """Open ``sid``'s window again, by what it was given and kept."""
+        self.held.discard(sid)
+        reply = self.replies[sid]
+        if reply.body:
+            self.conn.increment_flow_control_window(len(reply.body), sid)
+            self.flush()
 
     async def close(self) -> None:
         if self._task is not None:

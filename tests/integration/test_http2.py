@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
+from proxy.server.h2 import STREAM_HIGH_WATER, H2Server
 from tests.h2_support import H2Client
 from tests.support import (
     HOST,
@@ -363,3 +365,114 @@ async def test_h2load_smoke_all_2xx(proxy: MakeProxy, recorders: MakeRecorder) -
     assert "status codes: 2000 2xx" in done.stdout, done.stdout
     assert len(a.seen) + len(b.seen) == 2000
     assert abs(len(a.seen) - len(b.seen)) <= 8
+
+
+# --- flow control -------------------------------------------------------------------------------
+
+
+async def test_a_stalled_upstream_stops_its_stream_not_the_connection(
+    proxy: MakeProxy,
+) -> None:
+    """The request body's window opens only as the upstream takes the bytes: an upstream
+    that reads nothing stops its client's stream after the window and the buffers
+    between (the kernel's, mostly), while other streams on the connection go on; once
+    it reads, the rest flows and arrives whole."""
+    go = asyncio.Event()
+    received: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if b" /sink " in head:
+                await go.wait()
+            body = await reader.readexactly(length)
+            received.append(len(body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (
+                len(str(len(body))), len(body)))  # fmt: skip
+            await writer.drain()
+        finally:
+            writer.close()
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # accepted sockets inherit it
+    sock.bind((HOST, 0))
+    sink = await asyncio.start_server(handle, sock=sock)
+    try:
+        server = await proxy(h2c_config([f"http://{HOST}:{sock.getsockname()[1]}"]))
+        await _stall_and_resume(server.listeners[0].port, go, received)
+    finally:
+        go.set()
+        sink.close()
+        await sink.wait_closed()
+
+
+async def _stall_and_resume(port: int, go: asyncio.Event, received: list[int]) -> None:
+    total = 12 * 1024 * 1024
+    client = await H2Client.open(port)
+    try:
+        sid = client.start("/sink", method="POST", end=False,
+                           headers=[(b"content-length", str(total).encode())])  # fmt: skip
+        conn, loop = client.conn, asyncio.get_running_loop()
+        sent, chunk = 0, b"x" * 16384
+        last = loop.time()
+        while loop.time() - last < 0.3:  # until no window has come for 0.3 s
+            n = min(conn.local_flow_control_window(sid), len(chunk), total - sent)
+            if n > 0:
+                conn.send_data(sid, chunk[:n])
+                client.flush()
+                await client.writer.drain()
+                sent, last = sent + n, loop.time()
+            else:
+                await asyncio.sleep(0.005)
+        assert conn.local_flow_control_window(sid) == 0  # stopped by its stream's window
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            kernel = int(f.read().split()[2])  # the proxy's upstream socket may buffer this
+        assert 65535 <= sent <= 65535 + kernel + 1024 * 1024, sent
+        assert conn.outbound_flow_control_window > 1024 * 1024  # the connection is not stuck
+        # other streams on the connection go on, a body larger than a stream window too
+        other = await client.request("/other", method="POST", body=b"y" * 200_000,
+                                     headers=[(b"content-length", b"200000")])  # fmt: skip
+        assert other.status == 200 and bytes(other.body) == b"200000"
+        go.set()  # the upstream reads now: the window opens, the rest of the body flows
+        rest = b"x" * (total - sent)
+        await client.send_body(sid, rest, timeout=20)
+        reply = await client.reply(sid, timeout=20)
+        assert reply.status == 200 and bytes(reply.body) == str(total).encode()
+    finally:
+        await client.close()
+    assert sorted(received) == [200_000, total]
+
+
+async def test_a_client_that_reads_slowly_pauses_its_upstream_not_the_connection(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """A response beyond the client's stream window waits in the stream, up to
+    STREAM_HIGH_WATER, and then the upstream is no longer read: the proxy holds a
+    bounded amount for a client that reads nothing, and serves its other streams."""
+    payload = big_body()
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=payload)
+
+    up = await recorders("a", {"/down": download})
+    server = await proxy(h2c_config([up.url]))
+    client = await H2Client.open(server.listeners[0].port)
+    try:
+        sid = client.start("/down")
+        client.held.add(sid)
+        await wait_for(lambda: len(client.replies[sid].body) == 65535)
+        h2 = next(c for c in server.listeners[0].connections if isinstance(c, H2Server))
+        stream = h2.streams[sid]
+        await wait_for(lambda: stream.write_paused)  # the upstream is no longer read
+        assert stream.body_size <= STREAM_HIGH_WATER + 256 * 1024
+        other = await client.request("/other")
+        assert other.status == 200 and bytes(other.body) == b"a"
+        assert stream.body_size <= STREAM_HIGH_WATER + 256 * 1024
+        client.release(sid)
+        reply = await client.reply(sid, timeout=10)
+    finally:
+        await client.close()
+    assert reply.status == 200 and hashlib.sha256(reply.body).digest() == (
+        hashlib.sha256(payload).digest()
+    )  # fmt: skip
