@@ -19,7 +19,8 @@ A connection error (malformed frames or headers, a flood the library refuses) ra
 What a peer can make the codec hold is bounded (``_Frames``): a frame longer than
 ``max_frame_size`` is refused on its 9-byte header, and a header block on the bytes it
 has gathered across CONTINUATION frames (``max_header_list_size``), not only on their
-count (64, the library's own bound).
+count (64, the library's own bound); a long connection remembers its last 1024 closed
+streams, not 65536 (``_Connection``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ class _Frames(h2.frame_buffer.FrameBuffer):
         return f
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, remembering fewer closed streams: h2 keeps how each of the last
+    65536 closed (python-hyper/h2#1163), some 8 MB on one long connection; 1024 is
+    enough to tell a late frame on a stream we reset (ignored) from a stray one."""
+
+    MAX_CLOSED_STREAMS = 1024
+
+
 class Codec:
     """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
     client side of a client connection) or as a client (to an upstream)."""
@@ -137,7 +146,7 @@ class Codec:
             normalize_inbound_headers=validate_headers,
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )  # fmt: skip
-        conn = h2.connection.H2Connection(config)
+        conn = _Connection(config)
         codes = h2.settings.SettingCodes
         initial = {
             codes.INITIAL_WINDOW_SIZE: initial_window,
