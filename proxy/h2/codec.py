@@ -15,6 +15,12 @@ sent now.
 
 A connection error (malformed frames or headers, a flood the library refuses) raises
 ``CodecError``; the GOAWAY that ends the connection is already queued in ``out``.
+
+What a peer can make the codec hold is bounded (``_Frames``): a frame longer than
+``max_frame_size`` is refused on its 9-byte header, and a header block on the bytes it
+has gathered across CONTINUATION frames (``max_header_list_size``), not only on their
+count (64, the library's own bound); a long connection remembers its last 1024 closed
+streams, not 65536 (``_Connection``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 
@@ -71,15 +78,6 @@ _GONE: Final = (
 )
 
 
-class _Connection(h2.connection.H2Connection):
-    """h2's connection, remembering fewer closed streams: h2 keeps why each of the last
-    65,536 closed (python-hyper/h2#1163: megabytes per long connection, and a proxy
-    holds thousands); a frame for one it forgot is treated as for a stream closed
-    before it opened, which the peer's late WINDOW_UPDATE or RST_STREAM survives."""
-
-    MAX_CLOSED_STREAMS = 4096
-
-
 class _StateMachine(h2.connection.H2ConnectionStateMachine):
     """h2's connection states, but a GOAWAY received leaves the connection open: the
     streams up to its last stream id may still finish (RFC 9113 section 6.8), and the
@@ -101,11 +99,54 @@ class CodecError(Exception):
         self.code = code
 
 
+class _Frames(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, bounded in bytes. h2 reads a frame's length but checks it only
+    once the whole frame has arrived (a header announcing 16 MiB has the connection
+    hold up to 16 MiB first), and bounds a header block by its number of frames only
+    (64 CONTINUATION frames of 16 KiB: 1 MiB, whatever the header list limit)."""
+
+    def __init__(self, server: bool, max_block: int) -> None:
+        super().__init__(server=server)
+        self.max_block = max_block
+        self.frames = 0  # frames parsed (a header block counts once)
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        try:
+            frame = super().__next__()
+            self.frames += 1
+            return frame
+        except StopIteration:  # waiting for more: is what comes allowed at all?
+            data = self._data
+            if len(data) >= 9 and int.from_bytes(data[:3], "big") > self.max_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"frame of {int.from_bytes(data[:3], 'big')} bytes announced, "
+                    f"over {self.max_frame_size}"
+                ) from None
+            raise
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        f = super()._update_header_buffer(f)
+        block = self._headers_buffer
+        if block and sum(len(x.data) for x in block) > self.max_block:
+            raise h2.exceptions.DenialOfServiceError(
+                f"header block over {self.max_block} bytes before its end"
+            )
+        return f
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, remembering fewer closed streams: h2 keeps how each of the last
+    65536 closed (python-hyper/h2#1163), some 8 MB on one long connection; 1024 is
+    enough to tell a late frame on a stream we reset (ignored) from a stray one."""
+
+    MAX_CLOSED_STREAMS = 1024
+
+
 class Codec:
     """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
     client side of a client connection) or as a client (to an upstream)."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_conn", "_frames")
 
     def __init__(
         self,
@@ -115,28 +156,40 @@ class Codec:
         connection_window: int = 65535,
         max_header_list_size: int = 65536,
         max_frame_size: int = 16384,
+        validate_headers: bool = True,
     ) -> None:
+        """``validate_headers`` False: received header lists come as they were decoded,
+        and the caller checks them (RFC 9113 sections 8.2, 8.3), so a malformed request
+        can be an error of its stream rather than of the connection; cookie crumbs are
+        not joined either."""
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None,
-            validate_inbound_headers=True, normalize_inbound_headers=True,
+            validate_inbound_headers=validate_headers,
+            normalize_inbound_headers=validate_headers,
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )  # fmt: skip
         conn = _Connection(config)
         conn.state_machine = _StateMachine()
         codes = h2.settings.SettingCodes
-        conn.local_settings = h2.settings.Settings(
-            client=client_side,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                codes.INITIAL_WINDOW_SIZE: initial_window,
-                codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-                codes.MAX_FRAME_SIZE: max_frame_size,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
+        initial = {
+            codes.INITIAL_WINDOW_SIZE: initial_window,
+            codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            codes.MAX_FRAME_SIZE: max_frame_size,
+            codes.ENABLE_PUSH: 0,
+        }
+        if client_side:
+            initial[codes.MAX_CONCURRENT_STREAMS] = max_concurrent_streams
+        conn.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
         conn.max_inbound_frame_size = max_frame_size
+        self._frames = conn.incoming_buffer = _Frames(not client_side, max_header_list_size)
         conn.decoder.max_header_list_size = max_header_list_size
         conn.initiate_connection()
+        if not client_side:
+            # A client may open streams before it has our SETTINGS (RFC 9113 6.5.3: no
+            # limit until then). h2 would hold it to the limit at once, a connection
+            # error; as a pending setting it applies once acknowledged, and until then
+            # the caller refuses the streams over it (REFUSED_STREAM), as nghttp2 does.
+            conn.update_settings({codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams})
         if connection_window > 65535:
             conn.increment_flow_control_window(connection_window - 65535)
         self._conn = conn
@@ -278,6 +331,13 @@ class Codec:
     def peer_max_streams(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited: a large number)."""
         return int(self._conn.remote_settings.max_concurrent_streams)
+
+    @property
+    def frames_received(self) -> int:
+        """Frames parsed so far (a header block and its CONTINUATION frames count once):
+        with the events ``feed`` returned, what tells a peer's frames that asked for
+        nothing (on a closed stream, say) from those that carried something."""
+        return self._frames.frames
 
     @property
     def open_streams(self) -> int:

@@ -12,13 +12,18 @@ list with ``Host``; a response head is the status line and header lines
   connection-specific headers never cross (section 8.2.2: ``Connection``,
   ``Keep-Alive``, ``Proxy-Connection``, ``Transfer-Encoding``, ``Upgrade``).
 
-The codec has already refused what section 8.2 makes malformed (upper-case names,
-connection-specific request headers, ``te`` other than ``trailers``, pseudo-headers out
-of place, a missing ``:method``, ``:scheme`` or ``:path``).
+A request head is checked here, not in the codec (``Codec(validate_headers=False)``),
+so that what section 8.1.1 makes malformed is an error of its stream (answered 400), not
+of the whole connection and every other stream on it: upper-case names or characters a
+name or value must not have (a CR or LF would split the HTTP/1.1 head the upstream
+gets), connection-specific headers, ``te`` other than ``trailers``, pseudo-headers
+unknown, repeated or after a regular field, a missing ``:method``, ``:scheme`` or
+``:path``, a ``Content-Length`` that is not digits.
 """
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Final
 
@@ -31,6 +36,10 @@ CONNECTION_SPECIFIC: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
 _CHUNKED: Final = (b"transfer-encoding", b"chunked")
+#: A character no field name may have (RFC 9113 section 8.2.1; upper case included).
+_BAD_NAME: Final = re.compile(rb"[\x00-\x20:A-Z\x7f-\xff]").search
+#: NUL, CR or LF anywhere, or whitespace at either end of a field value.
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z").search
 
 
 class Malformed(ValueError):
@@ -43,23 +52,34 @@ class Malformed(ValueError):
 
 
 def request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Headers]:
-    """``(method, target, headers)``: the HTTP/1.1 form of an HTTP/2 request head."""
-    method = target = authority = b""
+    """``(method, target, headers)``: the HTTP/1.1 form of an HTTP/2 request head
+    (raises ``Malformed`` for a request RFC 9113 section 8.1.1 makes malformed)."""
+    method = target = authority = scheme = None
     host: bytes | None = None
     cookies: list[bytes] | None = None
     length = False
     out: Headers = []
+    bad_value = _BAD_VALUE
     for name, value in headers:
+        if value and bad_value(value):
+            raise Malformed(f"invalid value of {name!r}")
         if name[:1] == b":":
-            if name == b":method":
+            if out or cookies is not None or host is not None:
+                raise Malformed(f"pseudo-header {name!r} after a regular field")
+            if name == b":method" and method is None:
                 method = value
-            elif name == b":path":
+            elif name == b":path" and target is None:
                 target = value
-            elif name == b":authority":
+            elif name == b":authority" and authority is None:
                 authority = value
-            elif name != b":scheme":
-                raise Malformed(f"unknown pseudo-header {name!r}")
-        elif name == b"cookie":
+            elif name == b":scheme" and scheme is None:
+                scheme = value
+            else:
+                raise Malformed(f"unknown or repeated pseudo-header {name!r}")
+            continue
+        if not name or _BAD_NAME(name):
+            raise Malformed(f"invalid field name {name!r}")
+        if name == b"cookie":
             if cookies is None:
                 cookies = [value]
             else:
@@ -69,15 +89,25 @@ def request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Hea
                 raise Malformed("two Host headers")
             host = value
         elif name == b"te":
-            continue  # only "trailers" passes the codec: it says nothing to an upstream
+            if value != b"trailers":
+                raise Malformed("te other than trailers")
+            # it says nothing to an upstream: not forwarded
+        elif name in CONNECTION_SPECIFIC:
+            raise Malformed(f"connection-specific header {name!r}")
         else:
             if name == b"content-length":
+                if not value.isdigit():
+                    raise Malformed("invalid Content-Length")
                 length = True
             out.append((name, value))
+    if method is None:
+        raise Malformed("no :method")
     if method == b"CONNECT":
         raise Malformed("CONNECT is not forwarded", 405)
     if not target:
         raise Malformed("no :path")
+    if not scheme:
+        raise Malformed("no :scheme")
     if authority:
         if host is not None and host.lower() != authority.lower():
             raise Malformed("Host names another authority than :authority")

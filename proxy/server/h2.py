@@ -76,6 +76,14 @@ STREAM_HIGH_WATER: Final = 256 * 1024
 #: The socket's write buffer above which every stream's upstream is paused.
 WRITE_HIGH_WATER: Final = 256 * 1024
 
+#: WINDOW_UPDATE frames a client may send per DATA frame the proxy sent, and per stream
+#: it opened, beyond ``WINDOW_UPDATE_ALLOWANCE`` (Envoy's rule: ``max_inbound_window_
+#: update_frames_per_data_frame_sent``, 10, and 2 per stream): a reader opens windows as
+#: data comes (gRPC's C core also opens each new stream's); a flood opens them for none.
+WINDOW_UPDATES_PER_DATA_FRAME: Final = 10
+WINDOW_UPDATES_PER_STREAM: Final = 2
+WINDOW_UPDATE_ALLOWANCE: Final = 100
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -272,6 +280,8 @@ class H2Server(asyncio.Protocol):
         "closed",
         "codec",
         "controls",
+        "data_frames",
+        "opened",
         "deadline",
         "draining",
         "goaway_sent",
@@ -284,6 +294,7 @@ class H2Server(asyncio.Protocol):
         "max_controls",
         "max_headers",
         "max_resets",
+        "max_streams",
         "max_uri",
         "resets",
         "send_deadline",
@@ -297,6 +308,7 @@ class H2Server(asyncio.Protocol):
         "transport",
         "underscores",
         "window_start",
+        "window_updates",
         "write_paused",
     )
 
@@ -315,6 +327,7 @@ class H2Server(asyncio.Protocol):
         self.keep_forwarded = config.forwarded == "append"
         self.max_resets = spec.max_resets_per_second
         self.max_controls = spec.max_control_frames_per_second
+        self.max_streams = spec.max_concurrent_streams
         self.timeout_idle = timeouts.idle
         self.timeout_body = timeouts.body
         self.timeout_send = timeouts.send
@@ -324,6 +337,7 @@ class H2Server(asyncio.Protocol):
             initial_window=spec.initial_window_size,
             connection_window=spec.connection_window_size,
             max_header_list_size=limits.max_header_size,
+            validate_headers=False,  # request_from_h2 does: a malformed request is its stream's
         )
         self.streams: dict[int, H2Stream] = {}
         self.starting: list[H2Stream] = []  # requests of this read, started after it
@@ -343,6 +357,9 @@ class H2Server(asyncio.Protocol):
         self.window_start = now
         self.resets = 0
         self.controls = 0
+        self.window_updates = 0  # WINDOW_UPDATE frames received, over the connection's life
+        self.data_frames = 0  # DATA frames sent, over the connection's life
+        self.opened = 0  # request streams the client opened, over the connection's life
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -401,12 +418,20 @@ class H2Server(asyncio.Protocol):
     def _received(self, data: bytes) -> None:
         if self.closed:
             return
+        codec = self.codec
+        frames = codec.frames_received
         try:
-            events = self.codec.feed(data)
+            events = codec.feed(data)
         except CodecError as exc:
             log.info("HTTP/2 connection from %s closed: %s", self.client_ip, exc)
             self._close_now()
             return
+        idle = codec.frames_received - frames - len(events)
+        if idle > 0:  # frames that made no event (on closed streams...): asked for nothing
+            self.controls += idle
+            self._calm()
+            if self.closed:
+                return
         streams = self.streams
         for ev in events:
             kind = ev[0]
@@ -446,7 +471,12 @@ class H2Server(asyncio.Protocol):
         if self.goaway_sent:  # after our GOAWAY: not processed, the client may retry it
             self.codec.reset(sid, h2c.REFUSED_STREAM)
             return
+        if len(self.streams) >= self.max_streams:  # sent before our SETTINGS reached it
+            self.codec.reset(sid, h2c.REFUSED_STREAM)
+            self._control()  # a client that ignores the limit is a flood
+            return
         self.deadline = NEVER
+        self.opened += 1
         try:
             method, target, fields = request_from_h2(headers, not ended)
             if len(target) > self.max_uri:
@@ -527,6 +557,14 @@ class H2Server(asyncio.Protocol):
                 ex.flush_upstream()
 
     def _on_window(self, sid: int) -> None:
+        n = self.window_updates = self.window_updates + 1
+        allowed = (
+            WINDOW_UPDATE_ALLOWANCE + WINDOW_UPDATES_PER_STREAM * self.opened
+            + WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames
+        )  # fmt: skip
+        if n > allowed:
+            self._flood("WINDOW_UPDATE frames for data never sent")
+            return
         if sid:
             st = self.streams.get(sid)
             if st is not None and st.body:
@@ -560,10 +598,15 @@ class H2Server(asyncio.Protocol):
             return
         if self.resets > self.max_resets or self.controls > self.max_controls:
             what = "reset streams" if self.resets > self.max_resets else "control frames"
-            log.warning("HTTP/2 connection from %s closed: too many %s per second",
-                        self.client_ip, what)  # fmt: skip
-            self.codec.goaway(h2c.ENHANCE_YOUR_CALM)
-            self._close_now()
+            self._flood(f"too many {what} per second")
+
+    def _flood(self, why: str) -> None:
+        """End the connection with ``GOAWAY ENHANCE_YOUR_CALM``; what the codec queued
+        for the flood (a PING's or SETTINGS' ack each) is dropped, not sent."""
+        log.warning("HTTP/2 connection from %s closed: %s", self.client_ip, why)
+        self.codec.out()
+        self.codec.goaway(h2c.ENHANCE_YOUR_CALM)
+        self._close_now()
 
     # -- frames out --------------------------------------------------------------------------
 
@@ -594,6 +637,7 @@ class H2Server(asyncio.Protocol):
                     body.pop(0)
                 window -= n
                 st.body_size -= n
+                self.data_frames += 1 + (n - 1) // 16384
                 codec.send_data(sid, piece, end_with_data and not body)
             if body:
                 if st.blocked_at == NEVER:
