@@ -292,6 +292,7 @@ class H2Server(asyncio.Protocol):
         "max_body",
         "max_controls",
         "max_headers",
+        "max_requests",
         "max_resets",
         "max_streams",
         "max_uri",
@@ -326,6 +327,9 @@ class H2Server(asyncio.Protocol):
         self.underscores = limits.underscores_in_headers
         self.keep_forwarded = config.forwarded == "append"
         self.max_resets = spec.max_resets_per_second
+        #: ``limits.max_requests_per_connection`` (nginx's ``keepalive_requests`` applies
+        #: to HTTP/2 too): after that many streams, a GOAWAY; 0: unlimited
+        self.max_requests = limits.max_requests_per_connection or 0
         self.max_controls = spec.max_control_frames_per_second
         self.max_streams = spec.max_concurrent_streams
         self.timeout_idle = timeouts.idle
@@ -477,6 +481,9 @@ class H2Server(asyncio.Protocol):
             return
         self.deadline = NEVER
         self.opened += 1
+        if self.opened == self.max_requests:  # the last one: the client goes elsewhere
+            self.goaway_sent = True
+            self.codec.goaway(h2c.NO_ERROR, sid)
         try:
             method, target, fields = request_from_h2(headers, not ended)
             if len(target) > self.max_uri:

@@ -427,3 +427,23 @@ async def test_drain_sends_goaway_and_finishes_the_stream_in_flight(
     assert [s.path for s in up.seen] == ["/hold"]
     if shutdown is not None:
         await shutdown
+
+
+async def test_max_requests_per_connection_ends_an_http2_connection_with_goaway(
+    proxy: MakeProxy, recorders: MakeRecorder, attackers: Attackers
+) -> None:
+    """``limits.max_requests_per_connection`` applies to HTTP/2 as nginx's
+    ``keepalive_requests`` does: the last request is served, a GOAWAY names it, a stream
+    after it is refused (the client retries it elsewhere), and the connection closes."""
+    up = await recorders("a")
+    server = await proxy(h2_config(up.url, limits={"max_requests_per_connection": 3}))
+    client = await attackers(server.listeners[0].port)
+    client.send(client.headers(1, "/1"), client.headers(3, "/2"), client.headers(5, "/3"))
+    await wait_for(lambda: client.goaway is not None)
+    assert client.goaway is not None
+    assert client.goaway.error_code == NO_ERROR and client.goaway.last_stream_id == 5
+    client.send(client.headers(7, "/4"))
+    await wait_for(lambda: client.eof)
+    assert [client.status(sid) for sid in (1, 3, 5)] == [200, 200, 200]
+    assert client.reset_of(7) == REFUSED_STREAM or client.status(7) is None
+    assert sorted(s.path for s in up.seen) == ["/1", "/2", "/3"]
