@@ -210,12 +210,13 @@ def request_to_h2(head: bytes, scheme: bytes) -> tuple[Headers, RequestFraming]:
 
 def response_from_h2(headers: Headers) -> tuple[int, bytes]:
     """``(status, raw)``: an HTTP/2 response head as the HTTP/1.1 head bytes the
-    exchange reads (``ResponseHead``), ending in the blank line."""
+    exchange reads (``ResponseHead``), ending in the blank line; status 0 for a
+    ``:status`` that is not three digits."""
     status = 0
     parts: list[bytes] = []
     for name, value in headers:
         if name == b":status":
-            status = int(value)
+            status = int(value) if len(value) == 3 and value.isdigit() else 0
         elif name[:1] != b":":
             parts += (name, b": ", value, b"\r\n")
     reason = REASONS.get(status, b"")

@@ -496,6 +496,9 @@ class H2Session:
         if sink is None:
             return
         status, raw = response_from_h2(headers)
+        if status < 200:  # 1xx come as informational events: this is no status at all
+            self.lost(UpstreamProtocolError("invalid :status from the upstream"), reset=True)
+            return
         self.responded = True
         self.flushing = sink
         if not sink.on_response_head(status, ResponseHead(raw)):
@@ -539,15 +542,20 @@ class H2Session:
         else:
             self.lost(UpstreamResetError(f"upstream reset the stream (error {code})"))
 
-    def lost(self, error: Exception) -> None:
-        """The stream ended without its response: tell the request (once)."""
+    def lost(self, error: Exception, reset: bool = False) -> None:
+        """The stream ended without its response: tell the request (once); ``reset``:
+        the upstream's side is still open, reset it."""
         sink = self.sink
         self.sink = None
         if not self.closed:
             self.closed = True
+            conn = self.conn
             if not self.sid:
-                self.conn.reserved -= 1
-            self.conn.forget(self)
+                conn.reserved -= 1
+            elif reset and conn.codec.is_open(self.sid):
+                conn.codec.reset(self.sid, h2c.PROTOCOL_ERROR)
+                conn.write()
+            conn.forget(self)
         if sink is not None:
             self.flushing = None
             sink.on_upstream_lost(self, error, True)  # type: ignore[arg-type]
