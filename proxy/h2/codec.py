@@ -21,6 +21,16 @@ What a peer can make the codec hold is bounded (``_Frames``): a frame longer tha
 has gathered across CONTINUATION frames (``max_header_list_size``), not only on their
 count (64, the library's own bound); a long connection remembers its last 1024 closed
 streams, not 65536 (``_Connection``).
+
+Speed: HPACK in pure Python is most of the codec's cost. A header block that changes
+nothing in the dynamic table (every field indexed: what a client repeating its requests
+sends, and what the proxy sends for a response it sent before in the same second)
+decodes and encodes the same way while the table stands, so ``_Decoder`` and
+``_Encoder`` remember those, keyed by the table's version (``_Table``: every change
+moves it). h2 counts the open streams by walking them all for every new one;
+``_Connection`` answers with the streams it holds while that is below the limit, and
+lets h2 walk (and drop the closed ones) only at the limit. hpack logs every header at
+DEBUG (cookies and tokens included): its logger is silenced.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import hpack
+import hpack.hpack
+import hpack.table
 import hyperframe.frame
 
 # The kinds of events (the first item of each tuple).
@@ -137,9 +150,119 @@ class _Frames(h2.frame_buffer.FrameBuffer):
 class _Connection(h2.connection.H2Connection):
     """h2's connection, remembering fewer closed streams: h2 keeps how each of the last
     65536 closed (python-hyper/h2#1163), some 8 MB on one long connection; 1024 is
-    enough to tell a late frame on a stream we reset (ignored) from a stray one."""
+    enough to tell a late frame on a stream we reset (ignored) from a stray one.
+
+    Its open stream counts are the streams it holds (open or closed) while those are
+    below the limit they are checked against: an upper bound, so the limit holds, and
+    h2's walk over every stream (which also drops the closed ones) runs only at it."""
 
     MAX_CLOSED_STREAMS = 1024
+
+    @property
+    def open_inbound_streams(self) -> int:
+        held = len(self.streams)
+        if held < self.local_settings.max_concurrent_streams:
+            return held
+        return int(super().open_inbound_streams)
+
+    @property
+    def open_outbound_streams(self) -> int:
+        held = len(self.streams)
+        if held < self.remote_settings.max_concurrent_streams:
+            return held
+        return int(super().open_outbound_streams)
+
+
+class _Table(hpack.table.HeaderTable):
+    """An HPACK dynamic table whose ``version`` moves with every change of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return int(self._maxsize)
+
+    @maxsize.setter
+    def maxsize(self, value: int) -> None:
+        self.version += 1
+        hpack.table.HeaderTable.maxsize.fset(self, value)  # type: ignore[attr-defined]
+
+
+#: Header blocks remembered per table version (the rest are decoded or encoded anew).
+_CACHED: Final = 64
+
+
+class _Decoder(hpack.Decoder):
+    """hpack's decoder, remembering what blocks that left the table as it was gave."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size=max_header_list_size)
+        self.header_table = self.table = _Table()
+        self.cache: dict[bytes, tuple[Any, ...]] = {}
+        self.cached_version = 0
+
+    def decode(self, data: Any, raw: bool = False) -> list[Any]:
+        table = self.table
+        version = table.version
+        cache = self.cache
+        if version != self.cached_version:
+            cache.clear()
+            self.cached_version = version
+        block = bytes(data)
+        found = cache.get(block)
+        if found is not None:
+            return list(found)
+        headers = list(super().decode(block, raw))
+        if table.version == version and len(cache) < _CACHED:
+            cache[block] = tuple(headers)
+        return headers
+
+
+class _Encoder(hpack.Encoder):
+    """hpack's encoder, remembering the blocks of header lists it could send as they
+    were (all indexed: the table unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = self.table = _Table()
+        self.cache: dict[tuple[Any, ...], bytes] = {}
+        self.cached_version = 0
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        table = self.table
+        if table.resized or not isinstance(headers, list):
+            return bytes(super().encode(headers, huffman))
+        version = table.version
+        cache = self.cache
+        if version != self.cached_version:
+            cache.clear()
+            self.cached_version = version
+        key = tuple(headers)
+        found = cache.get(key)
+        if found is not None:
+            return found
+        block = bytes(super().encode(headers, huffman))
+        if table.version == version and len(cache) < _CACHED:
+            cache[key] = block
+        return block
+
+
+class _Silent:
+    """hpack's logger: it logs every header, values included, at DEBUG (a token in an
+    operator's debug log), at a cost per header even when DEBUG is off."""
+
+    @staticmethod
+    def debug(*args: Any, **kwargs: Any) -> None:
+        pass
+
+
+hpack.hpack.log = _Silent()  # type: ignore[assignment]
 
 
 class Codec:
@@ -182,7 +305,8 @@ class Codec:
         conn.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
         conn.max_inbound_frame_size = max_frame_size
         self._frames = conn.incoming_buffer = _Frames(not client_side, max_header_list_size)
-        conn.decoder.max_header_list_size = max_header_list_size
+        conn.decoder = _Decoder(max_header_list_size)
+        conn.encoder = _Encoder()
         conn.initiate_connection()
         if not client_side:
             # A client may open streams before it has our SETTINGS (RFC 9113 6.5.3: no

@@ -122,10 +122,28 @@ def request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Hea
     return method, target, out
 
 
+#: Heads translated lately: an upstream repeats its head until its ``Date`` ticks, and
+#: the exchange's head cache hands over the same bytes object (its hash kept), so most
+#: responses cost a lookup. Bounded: emptied when full. The lists are never changed.
+_RESPONSES: Final[dict[bytes, Headers]] = {}
+_RESPONSES_MAX: Final = 512
+
+
 def response_to_h2(head: bytes) -> Headers:
     """The HTTP/2 header list of an HTTP/1.1 response head: the status line and header
     lines, each ending in CRLF, as ``ResponseHead.head`` holds them (or a whole head
-    with its blank line)."""
+    with its blank line). The list is shared: never change it."""
+    found = _RESPONSES.get(head)
+    if found is not None:
+        return found
+    out = _response_to_h2(head)
+    if len(_RESPONSES) >= _RESPONSES_MAX:
+        _RESPONSES.clear()
+    _RESPONSES[head] = out
+    return out
+
+
+def _response_to_h2(head: bytes) -> Headers:
     lines = head.split(b"\r\n")
     out: Headers = [(b":status", lines[0][9:12])]
     drop = CONNECTION_SPECIFIC

@@ -310,6 +310,7 @@ class H2Server(asyncio.Protocol):
         "underscores",
         "window_start",
         "window_updates",
+        "write_due",
         "write_paused",
     )
 
@@ -354,6 +355,7 @@ class H2Server(asyncio.Protocol):
         self.draining = listener.draining
         self.goaway_sent = False
         self.write_paused = False
+        self.write_due = False  # a write is scheduled (``write``)
         self.send_deadline = NEVER
         self.send_mark = 0
         now = self.clock.now
@@ -469,7 +471,7 @@ class H2Server(asyncio.Protocol):
                     ex.flush_upstream()
                 if st.unacked and not st.paused and not st.reset:
                     self.ack(st)
-        self.write()
+        self.write_now()
 
     def _on_request(self, sid: int, headers: Headers, ended: bool) -> None:
         if self.goaway_sent:  # after our GOAWAY: not processed, the client may retry it
@@ -746,6 +748,14 @@ class H2Server(asyncio.Protocol):
         self.write()
 
     def write(self) -> None:
+        """Write what the codec queued, at the end of this loop iteration: the responses
+        that upstreams complete in one iteration go out in one write, not one each."""
+        if not self.write_due and not self.closed:
+            self.write_due = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_due = False
         data = self.codec.out()
         if data and not self.closed:
             self.transport.write(data)
@@ -810,6 +820,7 @@ class H2Server(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self.write_now()  # what is queued goes first
             self.closed = True
             self.transport.close()
 

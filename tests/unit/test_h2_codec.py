@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+import hpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.h2 import codec as h2c
 from proxy.h2.codec import Codec, CodecError
@@ -45,3 +48,45 @@ def test_a_frame_announced_over_the_maximum_is_refused_on_its_header() -> None:
     with pytest.raises(CodecError) as caught:
         server.feed((1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + b"x" * 100)
     assert caught.value.code == 0x6  # FRAME_SIZE_ERROR
+
+
+# -- HPACK: the blocks the codec remembers decode and encode as hpack's own ------------------
+
+_NAMES = st.sampled_from([b"cookie", b"x-a", b"date", b"content-type", b"accept", b":path"])
+_VALUES = st.sampled_from([b"1", b"2", b"text/plain", b"a=b", b"x" * 300, b""])
+_LISTS = st.lists(st.lists(st.tuples(_NAMES, _VALUES), min_size=1, max_size=6), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_LISTS, st.sampled_from([0, 256, 4096]))
+def test_the_remembering_decoder_decodes_as_hpack_does(
+    lists: list[list[tuple[bytes, bytes]]], table_size: int
+) -> None:
+    """Repeated lists (all indexed: remembered) and new ones (the table changes) mixed,
+    with a table small enough to evict: every block decodes as hpack's decoder does."""
+    encoder = hpack.Encoder()
+    encoder.header_table_size = table_size
+    plain, remembering = hpack.Decoder(), h2c._Decoder(65536)
+    for headers in lists + lists + lists[::-1]:
+        block = encoder.encode(headers)
+        assert remembering.decode(block, raw=True) == plain.decode(block, raw=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_LISTS)
+def test_the_remembering_encoder_encodes_what_hpack_decodes(
+    lists: list[list[tuple[bytes, bytes]]],
+) -> None:
+    encoder, decoder = h2c._Encoder(), hpack.Decoder()
+    for headers in lists + lists + lists[::-1]:
+        assert decoder.decode(encoder.encode(headers), raw=True) == headers
+
+
+def test_a_repeated_block_is_decoded_once() -> None:
+    encoder, decoder = hpack.Encoder(), h2c._Decoder(65536)
+    headers = [(b":method", b"GET"), (b"user-agent", b"curl/8"), (b"accept", b"*/*")]
+    decoder.decode(encoder.encode(headers), raw=True)  # adds them to the table
+    block = encoder.encode(headers)  # now all indexed
+    assert decoder.decode(block, raw=True) == headers
+    assert block in decoder.cache
+    assert decoder.decode(block, raw=True) == headers
