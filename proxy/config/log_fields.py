@@ -18,7 +18,7 @@ FIELDS: Final = (
     "time", "client", "method", "path", "status", "bytes_in", "bytes_out", "duration_ms",
     "host", "user_agent", "listener", "pool", "upstream", "upstream_name", "attempts",
     "request_id", "upstream_status", "upstream_connect_time", "upstream_header_time",
-    "referer", "trace_id",
+    "referer", "trace_id", "grpc_status",
 )  # fmt: skip
 #: The default line: every field up to ``request_id`` but ``upstream_name`` (the address
 #: says it already unless upstreams are named); the later ones are asked for by name.

@@ -157,9 +157,11 @@ class AccessLogSpec(ConfigModel):
     ``listener``, ``pool``, ``upstream``, ``upstream_name``, ``attempts``,
     ``request_id``, ``upstream_status``, ``upstream_connect_time``,
     ``upstream_header_time``, ``referer``, ``http_NAME`` for any request header
-    (nginx's ``$http_NAME``: ``http_x_custom`` is ``X-Custom``), and ``trace_id`` (the
-    trace sent upstream: ``tracing`` on, a routed request). The default is every field
-    but ``upstream_name`` and the ones added after it (``upstream_status`` on)."""
+    (nginx's ``$http_NAME``: ``http_x_custom`` is ``X-Custom``), ``trace_id`` (the
+    trace sent upstream: ``tracing`` on, a routed request) and ``grpc_status`` (the
+    ``grpc-status`` number a gRPC call ended with, null / ``-`` for other requests). The
+    default is every field but ``upstream_name`` and the ones added after it
+    (``upstream_status`` on)."""
 
 
 class TracingSpec(ConfigModel):

@@ -319,7 +319,8 @@ class ExchangeCore:
         self.client.exchange_done(self, self.keep_alive and not close)
 
     def _record(self) -> None:
-        """Count the finished request (``Stats``) and write its access log line."""
+        """Count the finished request (``Stats``; a gRPC call's status on its pool's)
+        and write its access log line."""
         client = self.client
         seconds = perf_counter() - self.started
         upstream = self.upstream
@@ -330,6 +331,10 @@ class ExchangeCore:
         else:
             stats = client.listener.stats
         stats.record(client.listener.name, self.method, self.status, seconds)
+        if self.grpc_status >= 0:  # a gRPC call with a status: on its pool, if routed
+            pool = self.pool
+            if pool is not None:
+                pool.stats.record_grpc(self.grpc_status)
         if client.access_log is not None:
             self.log_line(0, 0)
 

@@ -17,6 +17,9 @@ metric:
   all its upstreams (so ``_count`` is the number of requests for that pool); the
   server's histogram is ``pool=""``, once it has counted a request. Buckets are made
   cumulative here.
+- ``aiolb_grpc_responses_total``: each pool's ``stats.grpc`` (``grpc-status`` number ->
+  calls), numbers named here (``grpc_label``; every number outside 0-16 summed as
+  ``OTHER``).
 - gauges and counters read straight off ``Upstream`` (availability, in-flight,
   connect errors, ejections, probe results, open tunnels), ``Pool`` (retries, retries
   the budget denied, circuit-breaker overflows, requests waiting for a connection), the
@@ -47,7 +50,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from proxy.metrics.stats import BUCKETS, Histogram, Stats, method_label
+from proxy.metrics.stats import BUCKETS, Histogram, Stats, grpc_label, method_label
 
 if TYPE_CHECKING:
     from proxy.metrics.source import Source, UpstreamView
@@ -83,6 +86,10 @@ METRICS: Final = (
                "itself)."),
     MetricSpec("aiolb_request_duration_seconds", "histogram", ("pool",),
                "Time from the request head to the end of the response, per pool."),
+    MetricSpec("aiolb_grpc_responses", "counter", ("pool", "grpc_status"),
+               "gRPC calls finished with a status, by pool and status (the upstream's, or the "
+               "proxy's own answer for the pool: UNAVAILABLE, DEADLINE_EXCEEDED, ...); a "
+               "call no route took (no pool) is not counted."),
     MetricSpec("aiolb_upstream_up", "gauge", UPSTREAM_LABELS,
                "1 if the upstream is available (healthy, enabled, not ejected), else 0."),
     MetricSpec("aiolb_upstream_active_requests", "gauge", UPSTREAM_LABELS,
@@ -145,6 +152,8 @@ LABELS: Final[Mapping[str, str]] = MappingProxyType({
                 "504, or no pool)",
     "method": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE, or OTHER",
     "code": "the status the client got",
+    "grpc_status": "the `grpc-status` the client got, by name: `OK`, `CANCELLED`, "
+                   "`UNKNOWN`, `INVALID_ARGUMENT`, ... `UNAUTHENTICATED` (0-16), else `OTHER`",
     "result": "`success` or `failure`; for `aiolb_cache_requests_total`: `hit`, `stale`, "
               "`revalidated`, `miss` or `bypass`",
     "reason": "why a TLS handshake failed: `plaintext` (HTTP on a TLS port), `timeout` "
@@ -222,6 +231,7 @@ class ProxyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield self._requests()
         yield self._durations()
+        yield self._grpc()
         yield from self._upstream_families()
         yield from self._retries()
         yield from self._rate_limits()
@@ -252,6 +262,17 @@ class ProxyCollector(Collector):
             parts = [pool.stats.duration, *(up.stats.duration for up in pool.upstreams)]
             buckets, total = merged(parts)
             family.add_metric([name], cumulative(buckets), total)
+        return family
+
+    def _grpc(self) -> Metric:
+        family = counter("aiolb_grpc_responses")
+        for name, pool in self.server.pools.items():
+            by_name: dict[str, int] = {}
+            for code, n in pool.stats.grpc.items():
+                label = grpc_label(code)
+                by_name[label] = by_name.get(label, 0) + n
+            for label, n in sorted(by_name.items()):
+                family.add_metric([name, label], n)
         return family
 
     def _upstream_families(self) -> Iterator[Metric]:

@@ -16,9 +16,10 @@ missing value as ``-``.
 
 ``http_NAME`` is any request header by name, as nginx's ``$http_NAME`` (lower case,
 ``_`` for ``-``: ``http_x_custom`` is ``X-Custom``); the header's name is passed in as
-data too. Fields about the upstream's answer (``upstream_status``, its times) read the
-exchange (``ex``), and only when a format names them. The grammar (the field names,
-templates) is ``proxy.config.log_fields``, which the config validates formats with.
+data too. Fields about the upstream's answer (``upstream_status``, its times) and
+``grpc_status`` read the exchange (``ex``), and only when a format names them. The
+grammar (the field names, templates) is ``proxy.config.log_fields``, which the config
+validates formats with.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ _FIELDS: Final = {
     "referer": ("quote_or_null(header(headers, b'referer'))", False,
                 "escape_or_dash(header(headers, b'referer'))"),
     "trace_id": ("quote_or_null(trace_id(ex))", False, "escape_or_dash(trace_id(ex))"),
+    "grpc_status": ("or_null(grpc_status(ex))", False, "or_dash(grpc_status(ex))"),
 }  # fmt: skip
 
 _ESCAPE: Final = re.compile(r'["\\\x00-\x1f\x7f-\xff]')
@@ -211,6 +213,13 @@ def trace_id(ex: Any) -> bytes | None:
     return None if traceparent is None else traceparent[3:35]
 
 
+def grpc_status(ex: Any) -> int | None:
+    """The ``grpc-status`` a gRPC call ended with, as the client got it; None: not a
+    gRPC call, or none came (the call was cut short)."""
+    code: int = getattr(ex, "grpc_status", -1)
+    return code if code >= 0 else None
+
+
 _HELPERS: Final = {
     "quote": quote,
     "quote_text": quote_text,
@@ -228,4 +237,5 @@ _HELPERS: Final = {
     "upstream_address": upstream_address,
     "upstream_name": upstream_name,
     "trace_id": trace_id,
+    "grpc_status": grpc_status,
 }

@@ -10,12 +10,11 @@ for and once a second for the dashboard's rates, and ``absorb`` writes the sums 
 its own ``Pool`` and ``Upstream`` objects. The collector and the admin views then read
 the supervisor's objects exactly as they read a single process's.
 
-Summed: requests by labels, histograms, rate-limited requests and rate-limit store
-errors by route and filter, connect errors, in-flight requests, open connections, open
-tunnels, ejections, retries, budget denials and the retries budgets allow now,
-overflows, waiting requests, client connections, failed TLS handshakes and trace
-spans exported and dropped. Not summed:
-active health (the
+Summed: requests by labels, histograms, gRPC calls by pool and status, rate-limited
+requests and rate-limit store errors by route and filter, connect errors, in-flight
+requests, open connections, open tunnels, ejections, retries, budget denials and the
+retries budgets allow now, overflows, waiting requests, client connections, failed TLS
+handshakes and trace spans exported and dropped. Not summed: active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
 supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
@@ -83,6 +82,9 @@ def summed_stats(snapshots: Sequence[dict[str, Any]]) -> Stats:
         hist.sum += snap["sum"]
         total.connect_errors += snap["connect_errors"]
         total.connections_opened += snap["connections_opened"]
+        grpc = total.grpc
+        for code, n in snap.get("grpc", ()):
+            grpc[code] = grpc.get(code, 0) + n
     return total
 
 
