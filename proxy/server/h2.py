@@ -392,6 +392,7 @@ class H2Server(asyncio.Protocol):
                 st.reset = True
                 if st.started:
                     st.ex.abort()
+                _unlink(st)
         except Exception as error:  # a bug: it never escapes a protocol callback
             log.error("bug while closing an HTTP/2 connection from %s", self.client_ip,
                       exc_info=error)  # fmt: skip
@@ -467,7 +468,9 @@ class H2Server(asyncio.Protocol):
             touched, self.touched = self.touched, []
             for st in touched:
                 ex = st.ex
-                if st.started and ex.pending and not st.reset:
+                if ex is None or st.reset:  # over (answered, reset) within this read
+                    continue
+                if st.started and ex.pending:
                     ex.flush_upstream()
                 if st.unacked and not st.paused and not st.reset:
                     self.ack(st)
@@ -560,7 +563,7 @@ class H2Server(asyncio.Protocol):
             return
         st.ended = True
         ex = st.ex
-        if st.started and not ex.done:
+        if ex is not None and st.started and not ex.done:
             ex.on_request_complete()
             if ex.pending and not ex.done:  # the body's end (HTTP/1.1: the last chunk)
                 ex.flush_upstream()
@@ -590,6 +593,7 @@ class H2Server(asyncio.Protocol):
         st.reset = True
         if st.started and not st.ex_done:
             st.ex.abort()
+        _unlink(st)
         self.resets += 1
         self._calm()
 
@@ -680,6 +684,7 @@ class H2Server(asyncio.Protocol):
     def _finished(self, st: H2Stream) -> None:
         if self.streams.pop(st.sid, None) is None:
             return
+        _unlink(st)
         if not st.ended:  # answered before the request was whole: stop its sender
             self.codec.reset(st.sid, h2c.NO_ERROR)
             self.write()
@@ -715,6 +720,7 @@ class H2Server(asyncio.Protocol):
         self.streams.pop(st.sid, None)
         if st.started and not st.ex_done:
             st.ex.abort()
+        _unlink(st)
         if not self.streams and self.goaway_sent:
             self.close()
 
@@ -744,6 +750,7 @@ class H2Server(asyncio.Protocol):
             return
         st.reset = True
         self.streams.pop(st.sid, None)
+        _unlink(st)
         self._refuse(st.sid, status, st.ended, st.grpc, why)
         self.write()
 
@@ -836,6 +843,14 @@ class H2Server(asyncio.Protocol):
             st.reset = True
             if st.started and not st.ex_done:
                 st.ex.abort()
+            _unlink(st)
 
     def __repr__(self) -> str:
         return f"<H2Server {self.client_ip} [{len(self.streams)} streams]>"
+
+
+def _unlink(st: H2Stream) -> None:
+    """``st`` is over: drop its link to its exchange (which links back to it as its
+    downstream), so that both are freed by their reference counts, not later by the
+    cyclic garbage collector, whose pauses came to 100 ms a second under load."""
+    st.ex = None  # type: ignore[assignment]

@@ -6,6 +6,7 @@ h2load, and the ``h2`` library as a raw client where a test must choose the fram
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import shutil
@@ -20,7 +21,8 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from proxy.server.h2 import STREAM_HIGH_WATER, H2Server
+from proxy.forwarding.exchange import Exchange
+from proxy.server.h2 import STREAM_HIGH_WATER, H2Server, H2Stream
 from tests.h2_support import H2Client
 from tests.support import (
     HOST,
@@ -476,3 +478,31 @@ async def test_a_client_that_reads_slowly_pauses_its_upstream_not_the_connection
     assert reply.status == 200 and hashlib.sha256(reply.body).digest() == (
         hashlib.sha256(payload).digest()
     )  # fmt: skip
+
+
+async def test_finished_streams_are_freed_without_the_cycle_collector(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """A stream and its exchange point at each other; once the stream is over the link
+    is cut, so both go by their reference counts. Left to the cyclic collector they
+    piled up (10 objects a request) and its passes paused the proxy 100 ms a second
+    under load."""
+    up = await recorders("a")
+    routes = [{"match": {"path_prefix": "/api"}, "pool": "main"}]
+    server = await proxy(make_config([up.url], listener={**H2C, "routes": routes}))
+    client = await H2Client.open(server.listeners[0].port)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(50):  # forwarded, answered by the proxy, reset by the client
+            assert (await client.request(f"/api/{i}")).status == 200
+            assert (await client.request("/none")).status == 404
+            sid = client.start("/api/reset", end=False)
+            client.conn.reset_stream(sid)
+            client.flush()
+        await client.request("/api/last")
+        left = [o for o in gc.get_objects() if isinstance(o, Exchange | H2Stream)]
+    finally:
+        gc.enable()
+        await client.close()
+    assert len(left) <= 2, left
