@@ -20,8 +20,8 @@ import httpx
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.runtime.server import ProxyServer
 from proxy.forwarding.exchange import Exchange
+from proxy.runtime.server import ProxyServer
 from proxy.server.h2 import STREAM_HIGH_WATER, H2Server, H2Stream
 from tests.h2_support import H2Client
 from tests.support import (
