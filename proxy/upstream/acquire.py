@@ -232,8 +232,8 @@ def assign(
         if conn is not None:
             first.conn = conn
             outcome = GRANTED
-        elif upstream.h2_opening:  # HTTP/2: an opening connection will have room
-            break
+        elif upstream.h2_opening or upstream.h2_settling():
+            break  # HTTP/2: a connection opening, or waiting for its SETTINGS, may have room
         elif upstream.conns < upstream.max_connections:
             upstream.conns += 1
             if upstream.h2 is not None:

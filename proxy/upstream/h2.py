@@ -12,7 +12,9 @@ Getting a stream is ``proxy.upstream.acquire`` as for HTTP/1.1: ``Upstream.take_
 opens a stream on the most recent connection below the upstream's
 ``SETTINGS_MAX_CONCURRENT_STREAMS`` (capped at ``MAX_STREAMS``); none has room, a
 connection is opened (counted in ``max_connections``), and requests that ask while one
-is opening wait for it rather than each opening their own. A finished stream
+is opening wait for it rather than each opening their own. A new connection carries
+one stream until the upstream's SETTINGS arrive (``settled``): its limit may be lower
+than any guess, and a stream above it would be refused. A finished stream
 (``H2Session.close``; ``reusable`` is always false, so the pool closes it) frees its
 room, and a waiting request takes it.
 
@@ -79,6 +81,7 @@ class H2Upstream(asyncio.Protocol):
         "pinged_at",
         "reserved",
         "scheme",
+        "settled",
         "streams",
         "transport",
         "upstream",
@@ -98,6 +101,9 @@ class H2Upstream(asyncio.Protocol):
         self.idle_since = 0.0  # when its last stream ended (0: busy, or not yet seen idle)
         self.pinged_at = 0.0
         self.reserved = 0  # sessions handed out whose request is not sent yet
+        #: the upstream's first SETTINGS arrived: until then its stream limit is unknown
+        #: (it may be below what was sent already), so one stream only
+        self.settled = False
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -154,6 +160,7 @@ class H2Upstream(asyncio.Protocol):
                 self._window(ev[1])
                 continue
             if kind == h2c.SETTINGS:
+                self.settled = True
                 self._room()
                 continue
             if kind == h2c.GOAWAY:
@@ -227,7 +234,7 @@ class H2Upstream(asyncio.Protocol):
         t = self.transport
         if self.closed or self.goaway or t is None or t.is_closing():
             return 0
-        limit = min(self.codec.peer_max_streams, MAX_STREAMS)
+        limit = min(self.codec.peer_max_streams, MAX_STREAMS) if self.settled else 1
         return limit - len(self.streams) - self.reserved
 
     def open_stream(self) -> H2Session:
