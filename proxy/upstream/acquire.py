@@ -175,7 +175,10 @@ def acquire(
     or its connection opens, None when it was answered already (an idle connection, a
     503). The waiter drops the ticket once answered: it refers to the waiter.
     ``fresh``: open a new connection now, idle ones and the limit aside: the
-    replacement of a pooled connection that proved stale, whose slot it takes."""
+    replacement of a pooled connection that proved stale, whose slot it takes. HTTP/2
+    has no such slot: a stream sent again (refused unprocessed) asks as any request."""
+    if upstream.h2 is not None:
+        fresh = False
     if not fresh and not upstream.waiting:
         # the common case, decided as ``assign`` decides for a lone request but without
         # a ticket, which a request answered at once does not need: the idle connection
