@@ -33,7 +33,8 @@ stops reading its client (``upstream_write_paused``).
 GOAWAY: no new stream on that connection; streams above its last stream id were not
 processed and fail with a retryable ``UpstreamRefusedError`` (nothing reached the
 application), the others finish; the connection closes with its last stream. An idle
-connection is PINGed every ``PING_INTERVAL`` and closed after the pool's idle timeout.
+connection is PINGed every ``PING_INTERVAL`` (at most half the pool's idle timeout) and
+closed after the pool's idle timeout.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ HIGH_WATER: Final = 256 * 1024
 #: (SETTINGS_INITIAL_WINDOW_SIZE), and the connection's window for all streams.
 STREAM_WINDOW: Final = 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
-#: An idle connection is PINGed this often, so that a dead one is found before a
-#: request is sent on it.
+#: An idle connection is PINGed this often (or at half the pool's ``timeouts.idle``, if
+#: shorter: every idle connection is PINGed before it is closed), so that a dead one is
+#: found before a request is sent on it.
 PING_INTERVAL: Final = 30.0
 
 
@@ -269,7 +271,9 @@ class H2Upstream(asyncio.Protocol):
             self.codec.goaway(h2c.NO_ERROR, 0)
             self.write()
             self.close()
-        elif now - self.pinged_at >= PING_INTERVAL and now - self.idle_since >= PING_INTERVAL:
+            return
+        interval = min(PING_INTERVAL, self.upstream.pool.idle_timeout / 2)
+        if now - self.pinged_at >= interval and now - self.idle_since >= interval:
             self.pinged_at = now
             self.codec.ping()
             self.write()
