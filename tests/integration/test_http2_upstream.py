@@ -353,7 +353,10 @@ async def test_a_slow_reading_upstream_pauses_the_client(
         (session,) = conn.streams.values()
         # the proxy holds at most its high-water mark; the rest is socket buffers
         assert session.write_buffer_size() <= upstream_h2.HIGH_WATER + 2 * 65536
-        assert stalled < 12 * 1024 * 1024, stalled
+        # the client: an HTTP/2 one only what the proxy's stream window let it send
+        # (the window opens as the upstream takes the bytes); an HTTP/1.1 one what the
+        # kernel's socket buffers hold besides (loopback autotuning: a few MiB)
+        assert stalled < (1 if kind == "h2" else 12) * 1024 * 1024, stalled
         backend.read_all()
         response = await task
     assert response.status_code == 200
