@@ -352,9 +352,12 @@ class Responses(Attempts):
             return
         if self.resp < HEAD:
             stale = conn.uses > 1 and not conn.responded  # a pooled connection died idle
-            if stale and self.replay is not None and not self.retried:
+            # (or an HTTP/2 stream refused unprocessed: ``sent`` False, as safe to resend)
+            if (stale or not error.sent) and self.replay is not None and not self.retried:
                 self._retry_fresh()
                 return
+            if self.replay is None:  # the body sent so far is gone: never sent again
+                error.sent = True
             self._attempt_failed(error)
         elif self.resp_eof and not reset:  # a close-delimited body ends with a clean close
             self.on_response_complete(conn, False)

@@ -175,7 +175,10 @@ def acquire(
     or its connection opens, None when it was answered already (an idle connection, a
     503). The waiter drops the ticket once answered: it refers to the waiter.
     ``fresh``: open a new connection now, idle ones and the limit aside: the
-    replacement of a pooled connection that proved stale, whose slot it takes."""
+    replacement of a pooled connection that proved stale, whose slot it takes. HTTP/2
+    has no such slot: a stream sent again (refused unprocessed) asks as any request."""
+    if upstream.h2 is not None:
+        fresh = False
     if not fresh and not upstream.waiting:
         # the common case, decided as ``assign`` decides for a lone request but without
         # a ticket, which a request answered at once does not need: the idle connection
@@ -232,8 +235,8 @@ def assign(
         if conn is not None:
             first.conn = conn
             outcome = GRANTED
-        elif upstream.h2_opening:  # HTTP/2: an opening connection will have room
-            break
+        elif upstream.h2_opening or upstream.h2_settling():
+            break  # HTTP/2: a connection opening, or waiting for its SETTINGS, may have room
         elif upstream.conns < upstream.max_connections:
             upstream.conns += 1
             if upstream.h2 is not None:

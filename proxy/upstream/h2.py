@@ -12,7 +12,9 @@ Getting a stream is ``proxy.upstream.acquire`` as for HTTP/1.1: ``Upstream.take_
 opens a stream on the most recent connection below the upstream's
 ``SETTINGS_MAX_CONCURRENT_STREAMS`` (capped at ``MAX_STREAMS``); none has room, a
 connection is opened (counted in ``max_connections``), and requests that ask while one
-is opening wait for it rather than each opening their own. A finished stream
+is opening wait for it rather than each opening their own. A new connection carries
+one stream until the upstream's SETTINGS arrive (``settled``): its limit may be lower
+than any guess, and a stream above it would be refused. A finished stream
 (``H2Session.close``; ``reusable`` is always false, so the pool closes it) frees its
 room, and a waiting request takes it.
 
@@ -31,7 +33,8 @@ stops reading its client (``upstream_write_paused``).
 GOAWAY: no new stream on that connection; streams above its last stream id were not
 processed and fail with a retryable ``UpstreamRefusedError`` (nothing reached the
 application), the others finish; the connection closes with its last stream. An idle
-connection is PINGed every ``PING_INTERVAL`` and closed after the pool's idle timeout.
+connection is PINGed every ``PING_INTERVAL`` (at most half the pool's idle timeout) and
+closed after the pool's idle timeout.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ HIGH_WATER: Final = 256 * 1024
 #: (SETTINGS_INITIAL_WINDOW_SIZE), and the connection's window for all streams.
 STREAM_WINDOW: Final = 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
-#: An idle connection is PINGed this often, so that a dead one is found before a
-#: request is sent on it.
+#: An idle connection is PINGed this often (or at half the pool's ``timeouts.idle``, if
+#: shorter: every idle connection is PINGed before it is closed), so that a dead one is
+#: found before a request is sent on it.
 PING_INTERVAL: Final = 30.0
 
 
@@ -79,6 +83,7 @@ class H2Upstream(asyncio.Protocol):
         "pinged_at",
         "reserved",
         "scheme",
+        "settled",
         "streams",
         "transport",
         "upstream",
@@ -98,6 +103,9 @@ class H2Upstream(asyncio.Protocol):
         self.idle_since = 0.0  # when its last stream ended (0: busy, or not yet seen idle)
         self.pinged_at = 0.0
         self.reserved = 0  # sessions handed out whose request is not sent yet
+        #: the upstream's first SETTINGS arrived: until then its stream limit is unknown
+        #: (it may be below what was sent already), so one stream only
+        self.settled = False
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -154,6 +162,7 @@ class H2Upstream(asyncio.Protocol):
                 self._window(ev[1])
                 continue
             if kind == h2c.SETTINGS:
+                self.settled = True
                 self._room()
                 continue
             if kind == h2c.GOAWAY:
@@ -227,7 +236,7 @@ class H2Upstream(asyncio.Protocol):
         t = self.transport
         if self.closed or self.goaway or t is None or t.is_closing():
             return 0
-        limit = min(self.codec.peer_max_streams, MAX_STREAMS)
+        limit = min(self.codec.peer_max_streams, MAX_STREAMS) if self.settled else 1
         return limit - len(self.streams) - self.reserved
 
     def open_stream(self) -> H2Session:
@@ -262,7 +271,9 @@ class H2Upstream(asyncio.Protocol):
             self.codec.goaway(h2c.NO_ERROR, 0)
             self.write()
             self.close()
-        elif now - self.pinged_at >= PING_INTERVAL and now - self.idle_since >= PING_INTERVAL:
+            return
+        interval = min(PING_INTERVAL, self.upstream.pool.idle_timeout / 2)
+        if now - self.pinged_at >= interval and now - self.idle_since >= interval:
             self.pinged_at = now
             self.codec.ping()
             self.write()

@@ -161,6 +161,11 @@ class Upstream:
             conn.close()
         return None
 
+    def h2_settling(self) -> bool:
+        """An HTTP/2 connection is open but has not said its stream limit yet (its
+        SETTINGS): requests wait for it rather than open another."""
+        return any(not (conn.settled or conn.goaway) for conn in self.h2 or ())
+
     def put_idle(self, conn: UpstreamConnection, now: float) -> None:
         """Keep a connection that ended a message cleanly, or close it if the pool is full.
 
