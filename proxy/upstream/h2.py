@@ -34,7 +34,8 @@ GOAWAY: no new stream on that connection; streams above its last stream id were 
 processed and fail with a retryable ``UpstreamRefusedError`` (nothing reached the
 application), the others finish; the connection closes with its last stream. An idle
 connection is PINGed every ``PING_INTERVAL`` (at most half the pool's idle timeout) and
-closed after the pool's idle timeout.
+closed after the pool's idle timeout, or when a PING goes unanswered for the pool's
+connect timeout (a dead peer is found before a request is sent to it).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class H2Upstream(asyncio.Protocol):
         "codec",
         "goaway",
         "idle_since",
+        "ping_pending",
         "pinged_at",
         "reserved",
         "scheme",
@@ -102,6 +104,7 @@ class H2Upstream(asyncio.Protocol):
         self.goaway = False  # the upstream said GOAWAY: no new stream here
         self.idle_since = 0.0  # when its last stream ended (0: busy, or not yet seen idle)
         self.pinged_at = 0.0
+        self.ping_pending = False  # a PING is out and not answered yet
         self.reserved = 0  # sessions handed out whose request is not sent yet
         #: the upstream's first SETTINGS arrived: until then its stream limit is unknown
         #: (it may be below what was sent already), so one stream only
@@ -168,7 +171,10 @@ class H2Upstream(asyncio.Protocol):
             if kind == h2c.GOAWAY:
                 self._goaway(ev[1], ev[2], ev[3])
                 continue
-            if kind == h2c.PING or kind == h2c.PING_ACK or kind == h2c.OTHER:
+            if kind == h2c.PING_ACK:
+                self.ping_pending = False
+                continue
+            if kind == h2c.PING or kind == h2c.OTHER:
                 continue
             st = streams.get(ev[1])
             if st is None:
@@ -272,9 +278,19 @@ class H2Upstream(asyncio.Protocol):
             self.write()
             self.close()
             return
-        interval = min(PING_INTERVAL, self.upstream.pool.idle_timeout / 2)
+        pool = self.upstream.pool
+        if self.ping_pending:  # a live peer answers within a round trip
+            if now - self.pinged_at >= pool.connect_timeout:
+                log.warning(
+                    "upstream %s answered no PING in %gs: closing its idle HTTP/2 connection",
+                    self.upstream.address, pool.connect_timeout,
+                )  # fmt: skip
+                self.close()
+            return
+        interval = min(PING_INTERVAL, pool.idle_timeout / 2)
         if now - self.pinged_at >= interval and now - self.idle_since >= interval:
             self.pinged_at = now
+            self.ping_pending = True
             self.codec.ping()
             self.write()
 

@@ -542,3 +542,27 @@ async def test_a_reload_between_http1_and_http2_keeps_serving_and_retires_connec
         await wait_for(lambda: backend.connections[1].closed, 2.0)  # retired, then closed
     assert upstream.h2 is None
     await wait_for(lambda: upstream.conns == 1, 2.0)  # the HTTP/1.1 one
+
+
+async def test_an_idle_connection_whose_peer_answers_no_ping_is_closed(
+    proxy: MakeProxy, backends: MakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that stopped answering (its host gone, a middlebox dropping the flow) is
+    found by the keep-alive PING going unanswered for the connect timeout, well before
+    the idle timeout; the next request opens a new connection rather than being sent
+    into the void."""
+    backend = await backends()
+    server = await proxy(h2_config([backend.url], timeouts={"idle": "4s", "connect": "300ms"}))
+    server.clock.resolution = 0.05
+    async with client("h1") as c:
+        assert (await c.get(proxy_url(server))).status_code == 200
+    conn = backend.connections[0]
+    assert conn.transport is not None
+    conn.transport.pause_reading()  # it reads (and answers) nothing more
+    started = asyncio.get_running_loop().time()
+    await wait_for(lambda: upstream_of(server, backend).conns == 0, 4.0)
+    assert asyncio.get_running_loop().time() - started < 3.5  # the PING, not the idle timeout
+    assert "answered no PING in 0.3s" in caplog.text
+    async with client("h1") as c:
+        assert (await c.get(proxy_url(server))).status_code == 200
+    assert len(backend.connections) == 2
