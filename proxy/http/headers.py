@@ -7,7 +7,7 @@ says ``trailers`` (the client keeps trailer fields, RFC 9110 10.1.4) is noted in
 ``trailers`` and sent on as the proxy's own ``TE: trailers`` with ``Connection: TE``,
 so that an upstream that sends trailers only when asked still does; its other codings
 are not (the proxy decodes none). Honoured with or without ``TE`` in the client's
-``Connection``: curl lists it, many clients do not. An Upgrade
+``Connection`` (RFC 9110 10.1.4 has it listed; not every client does). An Upgrade
 request (``Connection: upgrade`` and an ``Upgrade`` header, no body) is noted in
 ``upgrade`` (its protocols, ``h2c`` left out: never forwarded); the exchange puts the
 upgrade headers back for the protocols its route allows.
