@@ -192,6 +192,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _parse(self, ex: ResponseSink, data: bytes) -> None:
         if self.collecting:
             self.raw = data if not self.raw else self.raw + data
+        trailing: _Trailing | None = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -208,10 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
                 ex.on_response_complete(self, keep_alive)
             elif isinstance(error, _Extra):
                 self.finished = 2  # completed below, and the connection closed
-            elif isinstance(error, _Trailing):  # read on, with a parser that sees trailers
-                self.parser = trailer_parser(self, error.keep_alive)
-                self._parse(ex, error.rest)
-                return
+            elif isinstance(error, _Trailing):  # read on, out of this handler (below)
+                trailing = error
             elif isinstance(error, (_Invalid, InvalidTrailers)):
                 self._fail(ex, str(error))
                 return
@@ -229,6 +228,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(ex, f"invalid response from upstream: {exc}")
                 return
             self.finished = 2  # bytes after a complete response: out of step
+        if trailing is not None:  # the rest with a parser that sees trailers (not from
+            # inside the handler: an exception there would take this one as its context)
+            self.parser = trailer_parser(self, trailing.keep_alive)
+            self._parse(ex, trailing.rest)
+            return
         finished = self.finished
         if finished:
             self.finished = 0
