@@ -562,6 +562,7 @@ class Message:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     chunked: bool = False
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the last chunk's
 
     @property
     def status(self) -> int:
@@ -610,8 +611,14 @@ def _parse(data: bytes, response: bool, heads: bool) -> list[Message]:
                 line_end = data.index(b"\r\n", pos)
                 size = int(data[pos:line_end].split(b";")[0], 16)
                 pos = line_end + 2
-                if size == 0:
-                    pos = data.index(b"\r\n", pos) + 2  # (no trailers sent in these tests)
+                if size == 0:  # the trailer section, to its blank line
+                    while True:
+                        line_end = data.index(b"\r\n", pos)
+                        line, pos = data[pos:line_end], line_end + 2
+                        if not line:
+                            break
+                        name, _, value = line.partition(b":")
+                        msg.trailers.append((name, value.strip()))
                     break
                 body += data[pos : pos + size]
                 pos += size + 2

@@ -74,11 +74,12 @@ COLLECT_FOR_REDIS: Final = 1024 * 1024
 SAFE_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 #: Request headers (lower case) a background refresh leaves out: what would make the
 #: response differ from a plain GET of the cache key (the client's conditionals and
-#: ``Range``: it asks with the stored validators instead), a body's framing, an Upgrade.
+#: ``Range``: it asks with the stored validators instead), a body's framing, an Upgrade,
+#: ``TE: trailers`` (no client will keep them).
 NOT_REVALIDATED: Final = frozenset((
     b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
     b"range", b"if-range", b"content-length", b"transfer-encoding", b"connection",
-    b"upgrade", b"expect",
+    b"upgrade", b"expect", b"te",
 ))  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from proxy.errors import FilterError, ProxyError, UpstreamProtocolError
 from proxy.filters.base import Response
 from proxy.forwarding.attempt import Attempts
 from proxy.forwarding.states import COMPLETE, DONE, HEAD, NONE, RECEIVING, RELEASED
+from proxy.http.headers import relayed_trailers
 from proxy.upstream.session import CLIENT_SLOW, FILTER_HOLD, STORE_BEHIND
 
 if TYPE_CHECKING:
@@ -290,9 +291,13 @@ class Responses(Attempts):
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """The response's trailers (before its end): relayed where the client's
-        protocol carries them (HTTP/2), never into a cache entry or a held response."""
+        protocol carries them (HTTP/2; chunked HTTP/1.1 to a client that said ``TE:
+        trailers``), never into a cache entry or a held response; only the fields
+        ``relayed_trailers`` lets through (no framing, no invalid bytes)."""
         if self.answer is None and self.held is None and self.cache_state is None:
-            self.client.send_trailers(self, trailers)
+            fields = relayed_trailers(trailers)
+            if fields:
+                self.client.send_trailers(self, fields)
 
     def on_response_body(self, data: bytes | memoryview) -> None:
         if self.cache_state is not None:

@@ -8,6 +8,8 @@ list with ``Host``; a response head is the status line and header lines
   ``:authority``; a ``Host`` that names another authority is malformed, not guessed
   at); cookie crumbs are joined with ``; `` for HTTP/1.1 (section 8.2.3); a body with
   no ``Content-Length`` is marked ``Transfer-Encoding: chunked`` for the upstream;
+  ``te: trailers`` stays (``RequestHeaders`` notes it: an HTTP/1.1 upstream's trailers
+  are read for this client, and it is asked for them);
 - a response: the status line becomes ``:status``, names are lower-cased, and the
   connection-specific headers never cross (section 8.2.2: ``Connection``,
   ``Keep-Alive``, ``Proxy-Connection``, ``Transfer-Encoding``, ``Upgrade``).
@@ -91,7 +93,7 @@ def request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Hea
         elif name == b"te":
             if value != b"trailers":
                 raise Malformed("te other than trailers")
-            # it says nothing to an upstream: not forwarded
+            out.append((name, value))  # ``RequestHeaders`` notes it and asks an upstream
         elif name in CONNECTION_SPECIFIC:
             raise Malformed(f"connection-specific header {name!r}")
         else:

@@ -2,7 +2,12 @@
 
 Requests: hop-by-hop headers are removed (``Connection`` and every name it lists,
 ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Upgrade``) and so is
-``Expect`` (the proxy answers ``100 Continue`` itself, as nginx does). An Upgrade
+``Expect`` (the proxy answers ``100 Continue`` itself, as nginx does). A ``TE`` that
+says ``trailers`` (the client keeps trailer fields, RFC 9110 10.1.4) is noted in
+``trailers`` and sent on as the proxy's own ``TE: trailers`` with ``Connection: TE``,
+so that an upstream that sends trailers only when asked still does; its other codings
+are not (the proxy decodes none). Honoured with or without ``TE`` in the client's
+``Connection`` (RFC 9110 10.1.4 has it listed; not every client does). An Upgrade
 request (``Connection: upgrade`` and an ``Upgrade`` header, no body) is noted in
 ``upgrade`` (its protocols, ``h2c`` left out: never forwarded); the exchange puts the
 upgrade headers back for the protocols its route allows.
@@ -21,7 +26,9 @@ not an RFC 3986 authority (``a b``, ``a/b@c``): RFC 9112 3.2.
 Responses: the same hop-by-hop names and ``Transfer-Encoding`` are removed; the
 forwarding layer writes its own framing and ``Connection`` header. A ``Connection``
 header naming ``Content-Length`` does not remove it (the body was framed by it: removed,
-the client would get a keep-alive response with no length), as nginx does.
+the client would get a keep-alive response with no length), as nginx does. Trailer
+fields pass ``relayed_trailers``: valid fields only, none that frames, routes,
+authenticates or controls the message (RFC 9110 6.5.1).
 """
 
 from __future__ import annotations
@@ -47,12 +54,13 @@ _UPGRADE: Final = 8
 _FORWARDED: Final = 11  # RFC 7239: dropped unless the listener appends to it
 _TRACEPARENT: Final = 13  # W3C Trace Context: forwarded as it came, and noted
 _TRACESTATE: Final = 14
+_TE: Final = 12  # hop-by-hop; its ``trailers`` member is noted and sent on (``TE_LINE``)
 
 _REQUEST_ACTIONS: Final[dict[bytes, int]] = {
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
-    b"te": _DROP,
+    b"te": _TE,
     b"trailer": _DROP,
     b"upgrade": _UPGRADE,
     b"x-forwarded-proto": _DROP,
@@ -131,6 +139,41 @@ FRAMING_HEADERS: Final = frozenset((
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
     "transfer-encoding", "content-length", "expect",
 ))  # fmt: skip
+#: Fields never relayed in trailers (RFC 9110 6.5.1; RFC 7230 4.1.2 lists them): what
+#: frames the message or concerns one hop, routes it, modifies a request, authenticates,
+#: controls a response or says how to read its content; pseudo-headers fail the token
+#: check. Such a field after the body would be a smuggled header to a lenient client.
+NOT_TRAILERS: Final = frozenset((
+    b"content-length", b"transfer-encoding", b"trailer", b"connection", b"keep-alive",
+    b"proxy-connection", b"te", b"upgrade", b"host", b"expect", b"max-forwards",
+    b"cache-control", b"pragma", b"range", b"if-match", b"if-none-match",
+    b"if-modified-since", b"if-unmodified-since", b"if-range", b"authorization",
+    b"proxy-authorization", b"www-authenticate", b"proxy-authenticate", b"cookie",
+    b"set-cookie", b"age", b"expires", b"date", b"location", b"retry-after", b"vary",
+    b"warning", b"content-encoding", b"content-type", b"content-range",
+))  # fmt: skip
+_TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A field value (RFC 9110 5.5): visible characters, obs-text, spaces and tabs; no CR,
+#: LF, NUL or other controls.
+_FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+def relayed_trailers(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The trailer ``fields`` a client may be sent: names lower-cased, values trimmed,
+    and none that is invalid (not a token, a control in its value) or ``NOT_TRAILERS``.
+    An upstream's fields may come from a lenient parser: nothing is written unchecked."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        name = name.lower()
+        value = value.strip(b" \t")
+        if (
+            name not in NOT_TRAILERS and _TOKEN.fullmatch(name) is not None
+            and _FIELD_VALUE.fullmatch(value) is not None
+        ):  # fmt: skip
+            out.append((name, value))
+    return out
+
+
 #: Request headers the proxy sets on every forwarded request (``request_head``).
 MANAGED_REQUEST_HEADERS: Final = frozenset((
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via",
@@ -168,6 +211,7 @@ class RequestHeaders:
         "request_id",
         "traceparent",
         "tracestate",
+        "trailers",
         "upgrade",
     )
 
@@ -186,6 +230,9 @@ class RequestHeaders:
         self.chunked = False
         self.close = False
         self.expect_continue = False
+        #: the client keeps trailer fields (``TE: trailers``): a chunked response's are
+        #: relayed to it, and asked of the upstream
+        self.trailers = False
         #: W3C Trace Context headers as they came (b"" for a repeated ``traceparent``:
         #: invalid); forwarded unchanged unless ``tracing`` is on (``proxy.tracing``)
         self.traceparent: bytes | None = None
@@ -234,6 +281,9 @@ class RequestHeaders:
                 self.tracestate = value if state is None else state + b"," + value
             elif (action == _UNDERSCORE and underscores) or (action == _FORWARDED and forwarded):
                 parts += (name, b": ", value, b"\r\n")
+            elif action == _TE and not self.trailers and _says_trailers(value):
+                self.trailers = True
+                parts += TE_PARTS
         if listed:
             self.close = b"close" in listed
             parts = _remove_listed(parts, listed)  # raises for a framing header
@@ -266,6 +316,18 @@ class RequestHeaders:
         self.host = host
 
 
+#: What a request whose client said ``TE: trailers`` sends on (``RequestHeaders.parts``
+#: pieces): RFC 9110 10.1.4 has ``TE`` listed in ``Connection`` by its sender.
+TE_PARTS: Final = (b"TE", b": ", b"trailers", b"\r\n", b"Connection", b": ", b"TE", b"\r\n")
+#: Names a client's ``Connection`` may list without removing what the proxy wrote itself.
+_REBUILT: Final = frozenset((b"te", b"connection"))
+
+
+def _says_trailers(value: bytes) -> bool:
+    """Does a ``TE`` value (``trailers, deflate;q=0.5``) have the ``trailers`` member?"""
+    return any(t.partition(b";")[0].strip().lower() == b"trailers" for t in value.split(b","))
+
+
 def _connection_tokens(value: bytes, listed: list[bytes] | None) -> list[bytes]:
     tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
     return tokens if listed is None else listed + tokens
@@ -274,8 +336,12 @@ def _connection_tokens(value: bytes, listed: list[bytes] | None) -> list[bytes]:
 def _remove_listed(parts: list[bytes], listed: list[bytes], refuse: bool = True) -> list[bytes]:
     """Drop the headers a ``Connection`` header names (rare: only non-plain tokens).
     ``Content-Length``, ``Transfer-Encoding`` and ``Host`` are never dropped: a request
-    naming one is refused (ValueError), a response (``refuse`` False) keeps them."""
+    naming one is refused (ValueError), a response (``refuse`` False) keeps them. A
+    request's ``TE`` and ``Connection`` in ``parts`` are the proxy's own (``TE_PARTS``):
+    kept."""
     names = {t for t in listed if t not in _PLAIN_CONNECTION_TOKENS}
+    if refuse:
+        names -= _REBUILT
     if not names:
         return parts
     if not refuse:

@@ -11,6 +11,10 @@ chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0 ones (then the
 connection closes); ``Connection: close`` is added when the connection will close,
 ``Connection: keep-alive`` for an HTTP/1.0 client that stays. 1xx responses reach
 HTTP/1.1 clients only.
+
+Trailers (``send_trailers``, fields already checked by ``relayed_trailers``) go in the
+last chunk of a chunked response to a client whose request said ``TE: trailers``; to
+any other client they are dropped, never made headers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ NO_BODY: Final = 0
 LENGTH: Final = 1
 CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
+TRAILED: Final = 4  # chunked, and the last chunk (with the trailers) is written
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
@@ -84,7 +89,9 @@ class H1Responses(Refusals):
             self.out.append(data)
 
     def send_trailers(self, ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
-        pass  # not relayed to HTTP/1.1 clients (their requests never say TE: trailers)
+        if self.mode == CHUNKED and ex.found.trailers:
+            self.mode = TRAILED
+            self.out += (b"0\r\n", *[b"%s: %s\r\n" % field for field in trailers], b"\r\n")
 
     def send_end(self, ex: Exchange) -> None:
         if self.mode == CHUNKED:

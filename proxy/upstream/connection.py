@@ -20,6 +20,10 @@ then the connection is closed rather than pooled, so nothing of one response can
 the next exchange. A status below 100 and a ``101`` nobody asked for are invalid
 responses (502), with nothing of them relayed. A close-delimited body ends with a clean
 close (FIN); a reset leaves it unterminated, and the client connection is closed.
+
+A chunked response's trailer fields are read only when the request said ``TE:
+trailers`` (``proxy.upstream.trailers``: the rest of that response goes to a parser
+that reports header lines), and reach the exchange before its end.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from proxy.tcp import JOIN_BELOW, ack_now, write_pieces
 from proxy.upstream.session import CLIENT_SLOW as CLIENT_SLOW
 from proxy.upstream.session import FILTER_HOLD as FILTER_HOLD
 from proxy.upstream.session import STORE_BEHIND as STORE_BEHIND
+from proxy.upstream.trailers import InvalidTrailers, trailer_parser
 
 log = logging.getLogger("aiolb")
 
@@ -73,6 +78,17 @@ class _Extra(Exception):
 class _Switched(Exception):
     """Raised inside the parser after a ``101`` to an Upgrade request: the connection
     now belongs to a tunnel, and nothing more is parsed."""
+
+
+class _Trailing(Exception):
+    """Raised inside the parser after the head of a chunked response whose trailers are
+    wanted: the rest (``rest``, this read's bytes after the head) is read by a
+    ``trailer_parser`` (``keep_alive``: what the head said)."""
+
+    def __init__(self, rest: bytes, keep_alive: bool) -> None:
+        super().__init__()
+        self.rest = rest
+        self.keep_alive = keep_alive
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -176,6 +192,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _parse(self, ex: ResponseSink, data: bytes) -> None:
         if self.collecting:
             self.raw = data if not self.raw else self.raw + data
+        trailing: _Trailing | None = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -192,7 +209,9 @@ class UpstreamConnection(asyncio.Protocol):
                 ex.on_response_complete(self, keep_alive)
             elif isinstance(error, _Extra):
                 self.finished = 2  # completed below, and the connection closed
-            elif isinstance(error, _Invalid):
+            elif isinstance(error, _Trailing):  # read on, out of this handler (below)
+                trailing = error
+            elif isinstance(error, (_Invalid, InvalidTrailers)):
                 self._fail(ex, str(error))
                 return
             else:
@@ -209,6 +228,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(ex, f"invalid response from upstream: {exc}")
                 return
             self.finished = 2  # bytes after a complete response: out of step
+        if trailing is not None:  # the rest with a parser that sees trailers (not from
+            # inside the handler: an exception there would take this one as its context)
+            self.parser = trailer_parser(self, trailing.keep_alive)
+            self._parse(ex, trailing.rest)
+            return
         finished = self.finished
         if finished:
             self.finished = 0
@@ -275,6 +299,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------
     # No on_header/on_status: the head is taken from the raw bytes (``self.raw``), so
     # the parser validates and frames, and Python sees one call per head, not per line.
+    # Trailers wanted: the rest of the response goes to a ``trailer_parser``.
 
     def on_message_begin(self) -> None:
         if self.finished:  # a second message in the read that ended the response
@@ -315,6 +340,8 @@ class UpstreamConnection(asyncio.Protocol):
             if end < len(raw):  # bytes after the head of a response to HEAD
                 self.finished = 2
             raise _HeadDone
+        if found.chunked and ex.found.trailers and status != 204 and status != 304:
+            raise _Trailing(raw[end:], self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange

@@ -39,12 +39,12 @@ class UpstreamSession(Protocol):
 
     The request goes out as ``send_head`` (the head and the body gathered so far),
     then ``send_body`` for each later run of body pieces; the body's end is in its
-    pieces (HTTP/1.1: the terminating chunk or the ``Content-Length``), and trailers
-    are not forwarded (neither side relays them today). The response comes back to
-    the ``ResponseSink`` given to ``send_head``: ``on_response_head``,
-    ``on_response_body``, ``on_response_complete`` (the end), or ``on_upstream_lost``
-    (a reset, a close, an invalid response). ``close`` is the reset: it abandons the
-    request, and a session closed so is never reused.
+    pieces (HTTP/1.1: the terminating chunk or the ``Content-Length``); request
+    trailers are not forwarded. The response comes back to the ``ResponseSink`` given
+    to ``send_head``: ``on_response_head``, ``on_response_body``,
+    ``on_response_trailers`` (if any), ``on_response_complete`` (the end), or
+    ``on_upstream_lost`` (a reset, a close, an invalid response). ``close`` is the
+    reset: it abandons the request, and a session closed so is never reused.
     """
 
     @property
@@ -114,7 +114,8 @@ class ResponseSink(Protocol):
 
     @property
     def found(self) -> RequestHeaders:
-        """The request's head as parsed: ``upgrade`` (None: a ``101`` is invalid)."""
+        """The request's head as parsed: ``upgrade`` (None: a ``101`` is invalid),
+        ``trailers`` (the client keeps trailer fields)."""
 
     def on_informational(self, status: int, raw: bytes) -> None:
         """A 1xx head (``raw``) before the final response."""
@@ -138,7 +139,9 @@ class ResponseSink(Protocol):
         """A piece of the response body (de-chunked)."""
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        """The response's trailer fields (HTTP/2), before ``on_response_complete``."""
+        """The response's trailer fields, before ``on_response_complete`` (HTTP/2; an
+        HTTP/1.1 session reads them only when ``found.trailers``: the client keeps
+        them). Names as they came (an HTTP/1.1 upstream's in any case), unchecked."""
 
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
         """The response ended; ``upstream_keep_alive``: the upstream keeps ``conn`` open.

@@ -97,7 +97,7 @@ async def test_forwarded_headers_and_hop_by_hop_removal(recorders, proxy):
     request = (
         b"GET /h?q=1 HTTP/1.1\r\nHost: shop.test\r\n"
         b"Connection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\n"
-        b"TE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+        b"TE: gzip\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
         b"X-Forwarded-For: 203.0.113.9\r\nX-Request-ID: abc-123\r\nX-Custom: kept\r\n"
         b"Connection: close\r\n\r\n"
     )

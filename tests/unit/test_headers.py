@@ -110,7 +110,7 @@ def test_request_headers_one_pass():
             (b"Host", b"shop.test"),
             (b"Connection", b"keep-alive, X-Secret"),
             (b"X-Secret", b"s"),
-            (b"TE", b"trailers"),
+            (b"TE", b"gzip"),
             (b"X-Forwarded-For", b"203.0.113.9"),
             (b"X-Request-ID", b"abc"),
             (b"Expect", b"100-continue"),
@@ -266,3 +266,40 @@ def test_forwarded_element_in_the_connections_head_template(
     assert b"\r\nVia: 1.1 aiolb\r\nForwarded: " + element + b"\r\n" in head
     kept = RequestHeaders([(b"Forwarded", b"for=lb")], forwarded=True)
     assert kept.parts == [b"Forwarded", b": ", b"for=lb", b"\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "trailers"),
+    [
+        ([(b"TE", b"trailers"), (b"Connection", b"TE")], True),  # as RFC 9110 10.1.4 has it
+        ([(b"te", b"trailers")], True),  # not listed in Connection: honoured all the same
+        ([(b"TE", b"deflate;q=0.5, Trailers")], True),
+        ([(b"TE", b"trailers"), (b"TE", b"trailers"), (b"Connection", b"close, te")], True),
+        ([(b"TE", b"gzip")], False),
+        ([(b"TE", b"trailersx"), (b"Connection", b"TE")], False),
+    ],
+)
+def test_te_trailers_is_noted_and_sent_on_as_the_proxys_own(
+    fields: list[tuple[bytes, bytes]], trailers: bool
+):
+    found = RequestHeaders([(b"Host", b"a"), *fields])
+    assert found.trailers is trailers
+    head = request_head(b"GET", b"/", found, b"ip", None, b"id", REQUEST_HEAD)
+    lines = head.lower().split(b"\r\n")
+    # once, whatever the client sent; the client's other codings never
+    assert lines.count(b"te: trailers") == (1 if trailers else 0)
+    assert lines.count(b"connection: te") == (1 if trailers else 0)
+    assert not [line for line in lines if line.startswith(b"te:") and line != b"te: trailers"]
+
+
+def test_relayed_trailers_keep_only_valid_end_to_end_fields():
+    fields = [
+        (b"Grpc-Status", b"0"), (b"x-checksum", b" abc\t"), (b"Content-Length", b"5"),
+        (b"transfer-encoding", b"chunked"), (b"Host", b"evil"), (b"set-cookie", b"a=b"),
+        (b"trailer", b"x"), (b"connection", b"close"), (b":status", b"200"),
+        (b"x bad", b"1"), (b"x-crlf", b"a\r\nInjected: 1"), (b"x-nul", b"a\x00"),
+        (b"x-del", b"a\x7f"), (b"x-obs", b"caf\xc3\xa9"), (b"", b"empty name"),
+    ]  # fmt: skip
+    assert headers.relayed_trailers(fields) == [
+        (b"grpc-status", b"0"), (b"x-checksum", b"abc"), (b"x-obs", b"caf\xc3\xa9"),
+    ]  # fmt: skip

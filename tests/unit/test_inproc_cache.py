@@ -320,7 +320,8 @@ def test_stale_while_revalidate_serves_at_once_and_refreshes_through_the_pool(
     stale_stored(h)
     client = h.client(ip="192.0.2.7")
     client.send(get("/c", extra=b'If-None-Match: "mine"\r\nRange: bytes=0-0\r\n'
-                                b"X-Forwarded-For: 10.1.1.1\r\nUser-Agent: t\r\n"))  # fmt: skip
+                                b"X-Forwarded-For: 10.1.1.1\r\nUser-Agent: t\r\n"
+                                b"TE: trailers\r\n"))  # fmt: skip
     [answer] = client.responses()  # at once: the refresh has not been answered
     assert (answer.status, answer.body) == (206, b"s")
     assert answer.header(b"Cache-Status") == b"aiolb; hit; fwd=stale; ttl=-1"
@@ -331,6 +332,7 @@ def test_stale_while_revalidate_serves_at_once_and_refreshes_through_the_pool(
     assert sent.header(b"If-None-Match") == b'"v1"'  # the stored validators, not the client's
     assert sent.header(b"If-Modified-Since") == b"Tue, 01 Dec 2026 00:00:00 GMT"
     assert sent.header(b"Range") is None and sent.all(b"If-None-Match") == [b'"v1"']
+    assert sent.header(b"TE") is None and sent.header(b"Connection") is None  # no client
     assert sent.header(b"X-Forwarded-For") == b"10.1.1.1, 192.0.2.7"  # the client's
     assert sent.header(b"User-Agent") == b"t" and sent.header(b"Via") == b"1.1 aiolb"
     assert sent.header(b"X-Request-ID").endswith(b"-revalidate")  # type: ignore[union-attr]
