@@ -288,7 +288,7 @@ async def test_rapid_reset_across_reads_is_bounded_by_the_reset_rate(
             break
         attacker.send(attacker.headers(sid, "/rr"))
         await attacker.drain()
-        await wait_for(lambda n=n: len(up.seen) >= n or attacker.eof)  # type: ignore[misc]
+        await wait_for(lambda n=n: len(up.seen) >= n or attacker.eof)
         attacker.send(hf.RstStreamFrame(sid, error_code=0x8))
         await attacker.drain()
     await wait_for(lambda: attacker.goaway is not None and attacker.eof)
