@@ -211,6 +211,9 @@ def start_grpc_server(session: Session, ports: Ports, cpus: str | None) -> Child
 
 
 def aiolb_yaml(session: Session, ports: Ports, listen: dict[str, int], grpc_port: int) -> Path:
+    """The aiolb under test; ``max_requests_per_connection`` lifted as nginx's
+    ``keepalive_requests`` is (both end an HTTP/2 connection with GOAWAY after 1000
+    requests by default, which h2load counts as failures)."""
     def urls(pair: Sequence[int]) -> str:
         return ", ".join(f'{{url: "http://127.0.0.1:{p}"}}' for p in pair)
 
@@ -218,6 +221,7 @@ def aiolb_yaml(session: Session, ports: Ports, listen: dict[str, int], grpc_port
         f"""  - name: {name}
     bind: "127.0.0.1:{port}"
     protocols: [http/1.1, h2c]
+    limits: {{max_requests_per_connection: null}}
     routes: [{{pool: {name}}}]
 """
         for name, port in [*listen.items(), ("grpc", grpc_port)]

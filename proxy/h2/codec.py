@@ -269,7 +269,7 @@ class Codec:
     """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
     client side of a client connection) or as a client (to an upstream)."""
 
-    __slots__ = ("_conn", "_frames")
+    __slots__ = ("_conn", "_frames", "frames_sent")
 
     def __init__(
         self,
@@ -317,6 +317,7 @@ class Codec:
         if connection_window > 65535:
             conn.increment_flow_control_window(connection_window - 65535)
         self._conn = conn
+        self.frames_sent = 0  # DATA frames ``send_pieces`` sent, over the connection's life
 
     # -- in --------------------------------------------------------------------------------
 
@@ -400,6 +401,26 @@ class Codec:
                 conn.send_data(stream_id, piece, end_stream=end and at + size >= n)
         except _GONE:
             pass
+
+    def send_pieces(self, stream_id: int, pieces: list[bytes | memoryview], end: bool) -> int:
+        """Send from the front of ``pieces`` as much as ``stream_id``'s window takes
+        (what is sent leaves the list; a piece cut in two leaves its tail), ``end``:
+        END_STREAM with the last piece, if it goes. Returns the bytes sent."""
+        window = self.window(stream_id)
+        sent = 0
+        while pieces and window > 0:
+            piece = pieces[0]
+            n = len(piece)
+            if n > window:
+                piece, pieces[0] = piece[:window], piece[window:]
+                n = window
+            else:
+                pieces.pop(0)
+            window -= n
+            sent += n
+            self.frames_sent += 1 + (n - 1) // self._conn.max_outbound_frame_size
+            self.send_data(stream_id, piece, end and not pieces)
+        return sent
 
     def end(self, stream_id: int) -> None:
         """End our side of ``stream_id`` with an empty DATA frame."""

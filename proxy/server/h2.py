@@ -280,7 +280,6 @@ class H2Server(asyncio.Protocol):
         "closed",
         "codec",
         "controls",
-        "data_frames",
         "deadline",
         "draining",
         "goaway_sent",
@@ -364,7 +363,6 @@ class H2Server(asyncio.Protocol):
         self.resets = 0
         self.controls = 0
         self.window_updates = 0  # WINDOW_UPDATE frames received, over the connection's life
-        self.data_frames = 0  # DATA frames sent, over the connection's life
         self.opened = 0  # request streams the client opened, over the connection's life
 
     # -- asyncio callbacks --------------------------------------------------------------------
@@ -572,7 +570,7 @@ class H2Server(asyncio.Protocol):
         n = self.window_updates = self.window_updates + 1
         allowed = (
             WINDOW_UPDATE_ALLOWANCE + WINDOW_UPDATES_PER_STREAM * self.opened
-            + WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames
+            + WINDOW_UPDATES_PER_DATA_FRAME * self.codec.frames_sent
         )  # fmt: skip
         if n > allowed:
             self._flood("WINDOW_UPDATE frames for data never sent")
@@ -637,21 +635,9 @@ class H2Server(asyncio.Protocol):
                 return
             codec.send_headers(sid, headers)
         if st.body:
-            window = codec.window(sid)
             body = st.body
             end_with_data = st.ending and st.trailers is None
-            while body and window > 0:
-                piece = body[0]
-                n = len(piece)
-                if n > window:
-                    piece, body[0] = piece[:window], piece[window:]
-                    n = window
-                else:
-                    body.pop(0)
-                window -= n
-                st.body_size -= n
-                self.data_frames += 1 + (n - 1) // 16384
-                codec.send_data(sid, piece, end_with_data and not body)
+            st.body_size -= codec.send_pieces(sid, body, end_with_data)
             if body:
                 if st.blocked_at == NEVER:
                     st.blocked_at = self.clock.now

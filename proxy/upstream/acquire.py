@@ -45,8 +45,9 @@ import asyncio
 import enum
 import ssl
 from collections import deque
+from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from proxy.clock import NEVER
 from proxy.errors import CircuitOpenError, ProxyError, UpstreamConnectError
@@ -338,32 +339,7 @@ async def _open_h2(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> Upstr
     """Open an HTTP/2 connection (counted in ``upstream.conns``) and a stream on it: prior
     knowledge on plain TCP, ALPN ``h2`` over TLS (an upstream that does not choose it is
     a connect error)."""
-    timeout = upstream.pool.connect_timeout
-    try:
-        async with asyncio.timeout(timeout):
-            if upstream.ssl is None:
-                transport, conn = await loop.create_connection(
-                    lambda: H2Upstream(upstream), upstream.host, upstream.port
-                )
-            else:
-                transport, conn = await loop.create_connection(
-                    lambda: H2Upstream(upstream), upstream.host, upstream.port,
-                    ssl=upstream.ssl, server_hostname=upstream.server_name,
-                    ssl_handshake_timeout=timeout,
-                )  # fmt: skip
-    except TimeoutError:
-        upstream.connection_closed()
-        raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
-    except ssl.SSLError as exc:
-        upstream.connection_closed()
-        raise UpstreamConnectError(f"TLS handshake failed: {tls_failure(exc)}") from None
-    except OSError as exc:
-        upstream.connection_closed()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise UpstreamConnectError(f"connect failed: {reason.lower()}") from None
-    except BaseException:  # cancelled: the requester went away
-        upstream.connection_closed()
-        raise
+    transport, conn = await _dial(upstream, loop, lambda: H2Upstream(upstream))
     if upstream.ssl is not None:
         tls = transport.get_extra_info("ssl_object")
         chosen = tls.selected_alpn_protocol() if tls is not None else None
@@ -382,21 +358,31 @@ async def _open_h2(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> Upstr
 
 
 async def _open(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
-    """Open a connection, already counted in ``upstream.conns``; failures give the slot
-    back and become ``UpstreamConnectError``."""
+    """Open an HTTP/1.1 connection, already counted in ``upstream.conns``."""
+    _, conn = await _dial(upstream, loop, lambda: UpstreamConnection(upstream))
+    upstream.stats.connections_opened += 1
+    return conn
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def _dial(
+    upstream: Upstream, loop: asyncio.AbstractEventLoop, protocol: Callable[[], P]
+) -> tuple[asyncio.BaseTransport, P]:
+    """Connect to ``upstream`` (TLS when it is ``https://``, the handshake counted
+    against the same connect timeout); failures give the slot back and become
+    ``UpstreamConnectError``."""
     timeout = upstream.pool.connect_timeout
     try:
         async with asyncio.timeout(timeout):
             if upstream.ssl is None:
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(upstream), upstream.host, upstream.port
-                )
-            else:  # the handshake counts against the same timeout
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(upstream), upstream.host, upstream.port,
-                    ssl=upstream.ssl, server_hostname=upstream.server_name,
-                    ssl_handshake_timeout=timeout,
-                )  # fmt: skip
+                return await loop.create_connection(protocol, upstream.host, upstream.port)
+            return await loop.create_connection(
+                protocol, upstream.host, upstream.port,
+                ssl=upstream.ssl, server_hostname=upstream.server_name,
+                ssl_handshake_timeout=timeout,
+            )  # fmt: skip
     except TimeoutError:
         upstream.connection_closed()
         raise UpstreamConnectError(f"connect timeout after {timeout:g}s") from None
@@ -410,5 +396,3 @@ async def _open(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> Upstream
     except BaseException:  # cancelled: the requester went away
         upstream.connection_closed()
         raise
-    upstream.stats.connections_opened += 1
-    return conn

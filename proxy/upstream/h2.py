@@ -478,18 +478,7 @@ class H2Session:
         sid = self.sid
         pending = self.pending
         if pending:
-            window = codec.window(sid)
-            while pending and window > 0:
-                piece = pending[0]
-                n = len(piece)
-                if n > window:
-                    piece, pending[0] = piece[:window], piece[window:]
-                    n = window
-                else:
-                    pending.pop(0)
-                window -= n
-                self.pending_size -= n
-                codec.send_data(sid, piece, self.ended and not pending)
+            self.pending_size -= codec.send_pieces(sid, pending, self.ended)
             if not pending and self.ended:
                 self.fin = True
         elif self.ended and not self.fin:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,24 +17,10 @@ import pytest
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.grpc_support import OPTIONS, SERVICE, GrpcServer, raw_call
-from tests.support import HOST, make_config, wait_for
+from tests.grpc_support import SERVICE, GrpcServer, raw_call
+from tests.support import make_config, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[[str], GrpcServer]]:
-    started: list[GrpcServer] = []
-
-    def make(name: str) -> GrpcServer:
-        server = GrpcServer(name).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def grpc_config(urls: list[str], **pool: Any) -> Config:
@@ -42,20 +28,6 @@ def grpc_config(urls: list[str], **pool: Any) -> Config:
         urls, pool={"http_version": "2", **pool},
         listener={"protocols": ["http/1.1", "h2c"]},
     )  # fmt: skip
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Callable[[ProxyServer], grpc.aio.Channel]]:
-    opened: list[grpc.aio.Channel] = []
-
-    def make(server: ProxyServer) -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(f"{HOST}:{server.listeners[0].port}", options=OPTIONS)
-        opened.append(ch)
-        return ch
-
-    yield make
-    for ch in opened:
-        await ch.close()
 
 
 def method(name: str) -> str:

@@ -6,51 +6,22 @@ HTTP/1.1 request beside them adds neither."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import grpc.aio
-import pytest
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import samples, scrape
-from tests.grpc_support import OPTIONS, SERVICE, GrpcServer
+from tests.grpc_support import SERVICE, GrpcServer
 from tests.support import HOST, make_config, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 FIELDS = ["method", "path", "status", "pool", "grpc_status"]
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[[str], GrpcServer]]:
-    started: list[GrpcServer] = []
-
-    def make(name: str) -> GrpcServer:
-        server = GrpcServer(name).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Callable[[ProxyServer], grpc.aio.Channel]]:
-    opened: list[grpc.aio.Channel] = []
-
-    def make(server: ProxyServer) -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(f"{HOST}:{server.listeners[0].port}", options=OPTIONS)
-        opened.append(ch)
-        return ch
-
-    yield make
-    for ch in opened:
-        await ch.close()
 
 
 def logged_config(url: str, log: Path) -> Config:
