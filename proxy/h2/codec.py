@@ -181,6 +181,8 @@ class _Table(hpack.table.HeaderTable):
         self.version = 0
 
     def add(self, name: bytes, value: bytes) -> None:
+        if not self.dynamic_entries and hpack.table.table_entry_size(name, value) > self._maxsize:
+            return  # it would empty an empty table: no change (nginx indexes into a 0-byte one)
         self.version += 1
         super().add(name, value)
 
@@ -224,9 +226,21 @@ class _Decoder(hpack.Decoder):
         return headers
 
 
+#: Fields sent as literals never indexed (RFC 7541 7.1.3): credentials, which a shared
+#: compression context must not hold for other clients' requests to probe (upstream
+#: connections carry many clients' requests).
+_SENSITIVE: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"))
+#: Fields whose value is new with almost every message (the proxy's request id, a
+#: trace's parent): sent as literals without indexing, so that they neither crowd the
+#: dynamic table (each lookup walks it) nor change the blocks the encoder remembers.
+_VOLATILE: Final = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
+_UNINDEXED: Final = _SENSITIVE | _VOLATILE
+
+
 class _Encoder(hpack.Encoder):
     """hpack's encoder, remembering the blocks of header lists it could send as they
-    were (all indexed: the table unchanged)."""
+    were (all indexed: the table unchanged); ``_UNINDEXED`` fields go last, as
+    literals that leave the table alone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,14 +257,33 @@ class _Encoder(hpack.Encoder):
         if version != self.cached_version:
             cache.clear()
             self.cached_version = version
+        tail = b""
+        for name, _ in headers:
+            if name in _UNINDEXED:
+                headers, tail = self._literals(headers)
+                break
         key = tuple(headers)
         found = cache.get(key)
         if found is not None:
-            return found
+            return found + tail if tail else found
         block = bytes(super().encode(headers, huffman))
         if table.version == version and len(cache) < _CACHED:
             cache[key] = block
-        return block
+        return block + tail if tail else block
+
+    def _literals(self, headers: list[Any]) -> tuple[list[Any], bytes]:
+        """``headers`` without the ``_UNINDEXED`` fields, and those fields' encoding."""
+        kept: list[Any] = []
+        literals: list[bytes] = []
+        for field in headers:
+            name = field[0]
+            if name in _SENSITIVE:
+                literals.append(self._encode_literal(name, field[1], hpack.hpack.INDEX_NEVER))
+            elif name in _VOLATILE:
+                literals.append(self._encode_literal(name, field[1], hpack.hpack.INDEX_NONE))
+            else:
+                kept.append(field)
+        return kept, b"".join(literals)
 
 
 class _Silent:

@@ -230,17 +230,37 @@ def request_to_h2(head: bytes, scheme: bytes) -> tuple[Headers, RequestFraming]:
 
 def response_from_h2(headers: Headers) -> tuple[int, bytes]:
     """``(status, raw)``: an HTTP/2 response head as the HTTP/1.1 head bytes the
-    exchange reads (``ResponseHead``), ending in the blank line; status 0 for a
-    ``:status`` that is not three digits."""
+    exchange reads (``ResponseHead``), ending in the blank line; status 0 for a head
+    that is malformed (RFC 9113 8.1.1, 8.3.2: a ``:status`` that is not three digits,
+    missing or repeated, another pseudo-header, one after a field, a connection-specific
+    field, a name or value no HTTP/1.1 head may carry: a CR or LF in a value would
+    split the response for an HTTP/1.1 client)."""
     status = 0
     parts: list[bytes] = []
+    bad_name, bad_value, drop = _BAD_NAME, _BAD_VALUE, CONNECTION_SPECIFIC
     for name, value in headers:
         if name == b":status":
-            status = int(value) if len(value) == 3 and value.isdigit() else 0
-        elif name[:1] != b":":
+            if status or parts or len(value) != 3 or not value.isdigit():
+                return 0, b""
+            status = int(value)
+        elif not name or bad_name(name) or name in drop or (value and bad_value(value)):
+            return 0, b""
+        else:
             parts += (name, b": ", value, b"\r\n")
+    if not status:
+        return 0, b""
     reason = REASONS.get(status, b"")
     return status, b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(parts))
+
+
+def trailers_ok(trailers: Headers) -> bool:
+    """A trailer block from an upstream is well formed: no pseudo-header, names and
+    values an HTTP/1.1 chunked trailer may carry too."""
+    bad_name, bad_value = _BAD_NAME, _BAD_VALUE
+    return all(
+        name and not bad_name(name) and not (value and bad_value(value))
+        for name, value in trailers
+    )
 
 
 # -- gRPC (the proxy's own answers to gRPC calls, and what it reads of them) ------------------

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.errors import UpstreamProtocolError, UpstreamRefusedError, UpstreamResetError
 from proxy.h2 import codec as h2c
 from proxy.h2.codec import Codec, CodecError
-from proxy.h2.headers import RequestFraming, request_to_h2, response_from_h2
+from proxy.h2.headers import RequestFraming, request_to_h2, response_from_h2, trailers_ok
 from proxy.http.headers import ResponseHead
 
 if TYPE_CHECKING:
@@ -89,14 +89,17 @@ class H2Upstream(asyncio.Protocol):
         "streams",
         "transport",
         "upstream",
+        "write_due",
     )
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.scheme = b"https" if upstream.ssl is not None else b"http"
+        # response heads are checked as they are translated (``response_from_h2``,
+        # ``trailers_ok``): one pass, not h2's chain of generators per field
         self.codec = Codec(
             client_side=True, max_concurrent_streams=MAX_STREAMS, initial_window=STREAM_WINDOW,
-            connection_window=CONNECTION_WINDOW,
+            connection_window=CONNECTION_WINDOW, validate_headers=False,
         )  # fmt: skip
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Session] = {}
@@ -106,6 +109,7 @@ class H2Upstream(asyncio.Protocol):
         self.pinged_at = 0.0
         self.ping_pending = False  # a PING is out and not answered yet
         self.reserved = 0  # sessions handed out whose request is not sent yet
+        self.write_due = False  # a write is scheduled (``write``)
         #: the upstream's first SETTINGS arrived: until then its stream limit is unknown
         #: (it may be below what was sent already), so one stream only
         self.settled = False
@@ -198,7 +202,7 @@ class H2Upstream(asyncio.Protocol):
             if sink is not None:
                 st.flushing = None
                 sink.flush_client()
-        self.write()
+        self.write_now()
 
     def _window(self, sid: int) -> None:
         if sid:
@@ -295,6 +299,14 @@ class H2Upstream(asyncio.Protocol):
             self.write()
 
     def write(self) -> None:
+        """Write what the codec queued at the end of this loop iteration: the requests
+        that clients send in one iteration go out in one write, not one each."""
+        if not self.write_due and not self.closed and self.transport is not None:
+            self.write_due = True
+            asyncio.get_running_loop().call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_due = False
         data = self.codec.out()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -302,6 +314,7 @@ class H2Upstream(asyncio.Protocol):
     def close(self) -> None:
         if self.closed:
             return
+        self.write_now()  # what is queued goes first
         self.closed = True
         conns = self.upstream.h2
         if conns is not None and self in conns:
@@ -503,6 +516,9 @@ class H2Session:
         if sink is None:
             return
         status, raw = response_from_h2(headers)
+        if not status:
+            self.lost(UpstreamProtocolError("malformed 1xx head from the upstream"), reset=True)
+            return
         self.responded = True
         self.flushing = sink
         sink.on_informational(status, raw)
@@ -513,7 +529,7 @@ class H2Session:
             return
         status, raw = response_from_h2(headers)
         if status < 200:  # 1xx come as informational events: this is no status at all
-            self.lost(UpstreamProtocolError("invalid :status from the upstream"), reset=True)
+            self.lost(UpstreamProtocolError("malformed response head from upstream"), True)
             return
         self.responded = True
         self.flushing = sink
@@ -537,9 +553,13 @@ class H2Session:
 
     def on_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         sink = self.sink
-        if sink is not None:
-            self.flushing = sink
-            sink.on_response_trailers(headers)
+        if sink is None:
+            return
+        if not trailers_ok(headers):
+            self.lost(UpstreamProtocolError("malformed trailers from the upstream"), reset=True)
+            return
+        self.flushing = sink
+        sink.on_response_trailers(headers)
 
     def on_end(self) -> None:
         sink = self.sink

@@ -79,7 +79,26 @@ def test_the_remembering_encoder_encodes_what_hpack_decodes(
 ) -> None:
     encoder, decoder = h2c._Encoder(), hpack.Decoder()
     for headers in lists + lists + lists[::-1]:
-        assert decoder.decode(encoder.encode(headers), raw=True) == headers
+        # credentials and per-message ids go last (in their own order): the order of
+        # fields of different names means nothing (RFC 9110 5.3)
+        moved = [f for f in headers if f[0] in h2c._UNINDEXED]
+        expected = [f for f in headers if f[0] not in h2c._UNINDEXED] + moved
+        assert decoder.decode(encoder.encode(headers), raw=True) == expected
+
+
+def test_credentials_are_never_indexed_and_request_ids_stay_out_of_the_table() -> None:
+    """A shared upstream connection carries many clients' requests: a cookie in its
+    compression table would let one client probe for another's (CRIME-like), and a
+    request id in it would push everything else out."""
+    encoder, decoder = h2c._Encoder(), hpack.Decoder()
+    for i in range(3):
+        block = encoder.encode(
+            [(b":path", b"/"), (b"cookie", b"sid=secret"), (b"x-request-id", b"id-%d" % i)]
+        )
+        fields = decoder.decode(block, raw=True)
+        assert [type(f).__name__ for f in fields][1] == "NeverIndexedHeaderTuple"
+    table = [name for name, _ in encoder.header_table.dynamic_entries]
+    assert b"cookie" not in table and b"x-request-id" not in table
 
 
 def test_a_repeated_block_is_decoded_once() -> None:

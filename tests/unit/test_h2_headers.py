@@ -16,6 +16,7 @@ from proxy.h2.headers import (
     response_from_h2,
     response_to_h2,
     split_response,
+    trailers_ok,
 )
 
 PSEUDO = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"),
@@ -158,3 +159,31 @@ def test_a_grpc_error_is_trailers_only_and_its_message_percent_encoded() -> None
     assert grpc_status_of(list(headers.items())) == 14
     assert grpc_status_of([(b"grpc-status", b"x")]) == 2
     assert grpc_status_of([]) == -1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":status", b"200"), (b"x-a", b"1\r\nSet-Cookie: evil=1")],  # response splitting
+        [(b":status", b"200"), (b"x-a", b"\x00")],
+        [(b":status", b"200"), (b"X-Upper", b"1")],
+        [(b":status", b"200"), (b"bad name", b"1")],
+        [(b":status", b"200"), (b"connection", b"close")],
+        [(b":status", b"200"), (b"transfer-encoding", b"chunked")],
+        [(b":status", b"200"), (b":path", b"/")],
+        [(b":status", b"200"), (b":status", b"204")],
+        [(b"x-a", b"1"), (b":status", b"200")],
+        [(b"x-a", b"1")],
+    ],
+)  # fmt: skip
+def test_a_malformed_upstream_head_is_no_response(headers: list[tuple[bytes, bytes]]) -> None:
+    """The upstream codec leaves these checks to the translation (one pass instead of
+    h2's chain of generators): each is refused as a whole, never half relayed."""
+    assert response_from_h2(headers) == (0, b"")
+
+
+def test_upstream_trailers_are_checked_before_they_are_relayed() -> None:
+    assert trailers_ok([(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
+    assert not trailers_ok([(b":status", b"200")])
+    assert not trailers_ok([(b"grpc-message", b"a\r\nb")])
+    assert not trailers_ok([(b"Grpc-Status", b"0")])
