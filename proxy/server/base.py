@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
@@ -35,6 +35,31 @@ LINGER: Final = 5  # answered and closing: the rest of the request is read and d
 #: request body was read, until it stops for this long, or at most this long in all.
 LINGER_TIMEOUT: Final = 5.0
 LINGER_TIME: Final = 30.0
+
+
+class Sender(Protocol):
+    """What ``read_nothing`` reads of a client connection, HTTP/1.1 or HTTP/2."""
+
+    transport: asyncio.Transport
+    write_paused: bool
+    send_mark: int
+    send_deadline: float
+    timeout_send: float
+
+
+def read_nothing(conn: Sender, now: float) -> bool:
+    """``conn``'s client has read nothing of a full write buffer for ``timeouts.send``
+    (nginx's ``send_timeout``; called once ``send_deadline`` passed): then True, and the
+    caller closes. A client that reads, however slowly, gets another period."""
+    if not conn.write_paused:
+        conn.send_deadline = NEVER
+        return False
+    size = conn.transport.get_write_buffer_size()
+    if size < conn.send_mark:
+        conn.send_mark = size
+        conn.send_deadline = now + conn.timeout_send
+        return False
+    return True
 
 
 class _Reject(Exception):

@@ -58,6 +58,7 @@ from proxy.h2.headers import (
 )
 from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, forwarded_template
 from proxy.http.responses import error_response, redirect_response
+from proxy.server.base import read_nothing
 from proxy.server.protocol import ClientConnection
 
 if TYPE_CHECKING:
@@ -786,13 +787,7 @@ class H2Server(asyncio.Protocol):
                     ex.on_timeout()
 
     def _client_stalled(self, now: float) -> bool:
-        if not self.write_paused:
-            self.send_deadline = NEVER
-            return False
-        size = self.transport.get_write_buffer_size()
-        if size < self.send_mark:
-            self.send_mark = size
-            self.send_deadline = now + self.timeout_send
+        if not read_nothing(self, now):
             return False
         log.info("closing the HTTP/2 connection of %s: it read nothing for %gs",
                  self.client_ip, self.timeout_send)  # fmt: skip

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.clock import NEVER
 from proxy.forwarding.downstream import PIPELINE, UPSTREAM_FULL
 from proxy.http.responses import error_response
-from proxy.server.base import IDLE, LINGER, ConnectionBase, _Closed, _Reject
+from proxy.server.base import IDLE, LINGER, ConnectionBase, _Closed, _Reject, read_nothing
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore as Exchange
@@ -110,13 +110,7 @@ class Refusals(ConnectionBase):
         """The client has read nothing of a full write buffer for ``timeouts.send``
         (nginx's ``send_timeout``): close, which also frees the upstream. A client that
         reads, however slowly, gets another period."""
-        if self.closed or not self.write_paused:
-            self.send_deadline = NEVER
-            return False
-        size = self.transport.get_write_buffer_size()
-        if size < self.send_mark:
-            self.send_mark = size
-            self.send_deadline = now + self.timeout_send
+        if self.closed or not read_nothing(self, now):
             return False
         log.info(
             "closing the connection of %s: it read nothing for %gs", self.client_ip,
