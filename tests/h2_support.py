@@ -16,7 +16,7 @@ import h2.settings
 import hpack
 import hyperframe.frame as hf
 
-from tests.support import HOST
+from tests.support import HOST, wait_for
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ENHANCE_YOUR_CALM = 0xB
@@ -145,15 +145,10 @@ class H2Client:
                         timeout: float = 5.0) -> None:  # fmt: skip
         """Send ``body`` as the windows allow (waiting for them to open)."""
         view = memoryview(body)
-        deadline = asyncio.get_running_loop().time() + timeout
         while view:
+            await wait_for(lambda: self.conn.local_flow_control_window(sid) > 0, timeout)
             n = min(self.conn.local_flow_control_window(sid), len(view),
                     self.conn.max_outbound_frame_size)  # fmt: skip
-            if n <= 0:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise AssertionError("the server opened no window")
-                await asyncio.sleep(0.005)
-                continue
             self.conn.send_data(sid, view[:n].tobytes())
             view = view[n:]
             self.flush()
@@ -165,13 +160,9 @@ class H2Client:
     async def reply(self, sid: int, timeout: float = 5.0) -> Reply:
         """Wait until stream ``sid`` ended or was reset."""
         reply = self.replies[sid]
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not (reply.ended or reply.reset is not None):
-            if self.closed:
-                raise AssertionError(f"connection closed before stream {sid} ended")
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"stream {sid} did not end within {timeout}s")
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: reply.ended or reply.reset is not None or self.closed, timeout)
+        if not (reply.ended or reply.reset is not None):
+            raise AssertionError(f"connection closed before stream {sid} ended")
         return reply
 
     def release(self, sid: int) -> None:
@@ -223,11 +214,8 @@ class FrameClient:
         client._task = asyncio.get_running_loop().create_task(client._run())
         # the server's SETTINGS acknowledged before anything else is written, so that
         # the ACK never lands inside a header block a test sends
-        deadline = asyncio.get_running_loop().time() + 5
-        while ack and not client.acked and not client.eof:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError("no SETTINGS from the server")
-            await asyncio.sleep(0.002)
+        if ack:
+            await wait_for(lambda: client.acked or client.eof)
         return client
 
     async def _run(self) -> None:

@@ -352,7 +352,6 @@ async def test_a_zero_window_stall_resets_the_stream_after_the_send_timeout(
     server = await proxy(h2_config(up.url, timeouts={"send": 0.3}))
     port = server.listeners[0].port
     attacker = await attackers(port, {SETTINGS_INITIAL_WINDOW_SIZE: 0})
-    await asyncio.sleep(0)  # our SETTINGS go before the request
     attacker.send(attacker.headers(1, "/large"))
     await wait_for(lambda: attacker.status(1) == 200)
     await wait_for(lambda: attacker.reset_of(1) is not None, timeout=3)
