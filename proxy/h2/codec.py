@@ -68,8 +68,6 @@ OTHER: Final = 13  # (OTHER,)  a frame that asks nothing of the caller (priority
 NO_ERROR: Final = 0x0
 PROTOCOL_ERROR: Final = 0x1
 INTERNAL_ERROR: Final = 0x2
-FLOW_CONTROL_ERROR: Final = 0x3
-STREAM_CLOSED: Final = 0x5
 REFUSED_STREAM: Final = 0x7
 CANCEL: Final = 0x8
 ENHANCE_YOUR_CALM: Final = 0xB
@@ -516,11 +514,6 @@ class Codec:
         with the events ``feed`` returned, what tells a peer's frames that asked for
         nothing (on a closed stream, say) from those that carried something."""
         return self._frames.frames
-
-    @property
-    def open_streams(self) -> int:
-        """Streams we opened that are not closed yet (a client)."""
-        return int(self._conn.open_outbound_streams)
 
     def is_open(self, stream_id: int) -> bool:
         stream = self._conn.streams.get(stream_id)

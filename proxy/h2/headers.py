@@ -169,11 +169,6 @@ def split_response(data: bytes | list[bytes]) -> tuple[Headers, bytes]:
     return response_to_h2(raw[:end]), raw[end + 4 :]
 
 
-def informational_to_h2(raw: bytes) -> Headers:
-    """A 1xx head as the upstream sent it (with its blank line)."""
-    return response_to_h2(raw)
-
-
 #: Request headers an HTTP/2 upstream never gets (``te`` is sent as ``trailers`` only).
 _NOT_UPSTREAM: Final = CONNECTION_SPECIFIC | {b"host", b"te"}
 
@@ -258,8 +253,7 @@ def trailers_ok(trailers: Headers) -> bool:
     values an HTTP/1.1 chunked trailer may carry too."""
     bad_name, bad_value = _BAD_NAME, _BAD_VALUE
     return all(
-        name and not bad_name(name) and not (value and bad_value(value))
-        for name, value in trailers
+        name and not bad_name(name) and not (value and bad_value(value)) for name, value in trailers
     )
 
 
