@@ -64,7 +64,6 @@ import json
 import os
 import pstats
 import re
-import resource
 import shlex
 import shutil
 import signal
@@ -297,18 +296,7 @@ def start_haproxy(session: Session, ports: Ports, cpus: str | None) -> Running:
         )
         for kind, pair in (("h1", ports.h1), ("h2", ports.h2))
     }
-    maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2)
-    conf = f"""global
-    nbthread 1
-    maxconn {maxconn}
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-
+    conf = harness.haproxy_common() + f"""
 frontend h2h1
     bind 127.0.0.1:{listen["h1"]} proto h2
     default_backend h1

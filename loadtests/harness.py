@@ -256,6 +256,23 @@ def start(
 # --- upstream --------------------------------------------------------------------------
 
 
+def haproxy_common() -> str:
+    """HAProxy's global and defaults sections as every benchmark runs it: one thread,
+    as many connections as the file limit allows, keep-alive reuse to the servers."""
+    maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2)
+    return f"""global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+"""
+
+
 def nginx_common(session: Session, name: str, workers: int) -> str:
     temp_lines = "\n".join(
         f"    {kind}_temp_path {session.path(f'{name}-{kind}-temp')};" for kind in NGINX_TEMPS
@@ -430,18 +447,7 @@ def start_haproxy(
         both = session.certificate()[2]
         tls_bind = f"    bind 127.0.0.1:{tls_port} ssl crt {both} alpn http/1.1\n"
     up1, up2 = upstream.ports
-    maxconn = min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2)
-    conf = f"""global
-    nbthread 1
-    maxconn {maxconn}
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-
+    conf = haproxy_common() + f"""
 frontend bench
     bind 127.0.0.1:{port}
 {tls_bind}    default_backend bench
