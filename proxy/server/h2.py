@@ -118,6 +118,7 @@ class H2Stream:
         "loop",
         "no_body",
         "paused",
+        "received",
         "record",
         "request_ids",
         "reset",
@@ -149,6 +150,7 @@ class H2Stream:
         self.write_paused = False
         self.unacked = 0  # request bytes taken but not handed back to the client's window
         self.early: list[bytes] = []  # request body that came before the exchange started
+        self.received = 0  # request body bytes, early ones included (``max_body_size``)
         self.started = False
         self.ended = False  # the client's side of the stream ended (the request is whole)
         self.reset = False  # gone: reset by either side
@@ -543,14 +545,15 @@ class H2Server(asyncio.Protocol):
             self._control()  # an empty DATA frame asks for work and carries nothing
         if data:
             st.unacked += flow
+            st.received += len(data)
+            max_body = self.max_body
+            if max_body is not None and st.received > max_body:  # early bytes count too
+                self._give_up(st, 413, "body over max_body_size")
+                return
             if not st.started:
                 st.early.append(data)
             else:
                 st.ex.on_request_body(data)
-                max_body = self.max_body
-                if max_body is not None and st.ex.body_size > max_body:
-                    self._give_up(st, 413, "body over max_body_size")
-                    return
             st.body_deadline = self.clock.now + self.timeout_body
             self.touched.append(st)
         elif flow:

@@ -178,6 +178,25 @@ async def test_a_header_list_over_max_header_size_is_refused(
     assert [s.path for s in up.seen] == ["/other"]
 
 
+async def test_a_body_over_max_body_size_sent_with_its_headers_gets_413(
+    proxy: MakeProxy, recorders: MakeRecorder, attackers: Attackers
+) -> None:
+    """No Content-Length, and the whole body in the same write as the headers (before
+    the stream's exchange starts): the limit counts those bytes too, and none of them
+    reach the upstream."""
+    up = await recorders("a")
+    server = await proxy(h2_config(up.url, limits={"max_body_size": 1000}))
+    port = server.listeners[0].port
+    attacker = await attackers(port)
+    head = attacker.headers(1, "/upload", end_stream=False, method=b"POST")
+    end = hf.DataFrame(1, b"b" * 600, flags=["END_STREAM"])
+    attacker.send(head, hf.DataFrame(1, b"b" * 600), end)
+    await wait_for(lambda: attacker.status(1) is not None)
+    assert attacker.status(1) == 413
+    await served(port)
+    assert [s.path for s in up.seen] == ["/other"]
+
+
 async def test_continuation_flood_closes_the_connection_without_buffering(
     proxy: MakeProxy, recorders: MakeRecorder, attackers: Attackers
 ) -> None:
