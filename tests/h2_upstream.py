@@ -15,7 +15,8 @@ asyncio, prior knowledge (or TLS with ALPN ``h2``). What it does is what the tes
   on ``/refuse-late``, once 100,000 bytes of their body arrived, or all of it);
 - by path (or for every request: ``behaviour``): ``/status/503`` answers 503,
   ``/reset-mid`` sends a head and part of the body, then ``RST_STREAM(INTERNAL_ERROR)``,
-  ``/reset`` resets at once;
+  ``/reset`` resets at once; ``/big/N`` answers N bytes, as fast as the proxy's
+  windows let it (``downloads``: what it has left to send, by stream);
 - ``window``: its ``SETTINGS_INITIAL_WINDOW_SIZE``, and ``reading=False`` acknowledges
   no request byte until ``read_all()`` (a slow reader: the proxy's window stays shut);
 - ``settings_delay``: what it sends first (its SETTINGS) arrives that much later, as
@@ -83,6 +84,7 @@ class Conn(asyncio.Protocol):
         self.mode = ""  # "h2", or "h1" (a pool that speaks HTTP/1.1), from the first bytes
         self.h1 = b""  # HTTP/1.1: what is not parsed yet
         self.delayed = False  # ``settings_delay``: nothing sent yet
+        self.downloads: dict[int, int] = {}  # ``/big/N``: bytes still to send, by stream
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -166,8 +168,12 @@ class Conn(asyncio.Protocol):
                 req.ended = True
                 self._respond(req)
         elif isinstance(e, h2.events.StreamReset):
+            self.downloads.pop(e.stream_id, None)
             if self.requests.pop(e.stream_id, None) is not None:
                 server.cancelled += 1
+        elif isinstance(e, h2.events.WindowUpdated):
+            for sid in list(self.downloads):
+                self._download(sid)
         elif isinstance(e, h2.events.PingReceived):
             server.pings += 1
 
@@ -217,6 +223,12 @@ class Conn(asyncio.Protocol):
             self.h2.send_data(sid, b"x" * 1000)
             self.flush()
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        elif path.startswith("/big/"):
+            self.requests.pop(sid)
+            size = int(path.removeprefix("/big/"))
+            self.h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"%d" % size)])
+            self.downloads[sid] = size
+            self._download(sid)
         else:
             status = path.removeprefix("/status/") if path.startswith("/status/") else "200"
             body = req.body_line
@@ -227,6 +239,28 @@ class Conn(asyncio.Protocol):
             self.h2.send_data(sid, body, end_stream=True)
             self.requests.pop(sid)
             self.server.answered += 1
+        self.flush()
+
+    def _download(self, sid: int) -> None:
+        """Send what the windows take of ``/big/N``'s body."""
+        left = self.downloads[sid]
+        n = min(left, self.h2.local_flow_control_window(sid))
+        while n > 0:
+            frame = min(n, self.h2.max_outbound_frame_size)
+            left -= frame
+            n -= frame
+            self.h2.send_data(sid, b"d" * frame, end_stream=left == 0)
+        if left:
+            self.downloads[sid] = left
+        else:
+            del self.downloads[sid]
+            self.server.answered += 1
+
+    def reset(self, sid: int) -> None:
+        """Reset stream ``sid`` (a ``/big/N`` it is sending: as a server that gives up
+        on a slow reader)."""
+        self.downloads.pop(sid, None)
+        self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         self.flush()
 
     def _ack(self, sid: int, n: int) -> None:

@@ -836,5 +836,17 @@ class H2Server(asyncio.Protocol):
 def _unlink(st: H2Stream) -> None:
     """``st`` is over: drop its link to its exchange (which links back to it as its
     downstream), so that both are freed by their reference counts, not later by the
-    cyclic garbage collector, whose pauses came to 100 ms a second under load."""
+    cyclic garbage collector, whose pauses came to 100 ms a second under load.
+
+    The request bytes it took and had not handed back (a paused stream, or the frame
+    that went over ``max_body_size``) go back to the connection's window now: the
+    stream's own window no longer matters, but the connection's is shared, and bytes
+    kept from it for a gone stream would shrink it for good until it stalls."""
     st.ex = None  # type: ignore[assignment]
+    n = st.unacked
+    if n:
+        st.unacked = 0
+        conn = st.conn
+        if not conn.closed:
+            conn.codec.ack(st.sid, n)
+            conn.write()

@@ -26,7 +26,9 @@ pieces, then the trailers (``on_response_trailers``) and the end.
 
 Flow control follows the client: a stream's received bytes are acknowledged only while
 its exchange is not holding it (``pause_reading``: a slow client, the cache's store, a
-filter), so the upstream stops sending that stream and not the others. Request bytes
+filter), so the upstream stops sending that stream and not the others; a stream that ends
+while held hands what it held back to the connection's window, which all streams share
+(else every abandoned download would shrink it for good). Request bytes
 beyond the stream's window wait in the session; above ``HIGH_WATER`` the exchange
 stops reading its client (``upstream_write_paused``).
 
@@ -427,8 +429,10 @@ class H2Session:
         conn = self.conn
         if not self.sid:  # handed out, never used
             conn.reserved -= 1
-        elif conn.codec.is_open(self.sid) and not conn.closed:
-            conn.codec.reset(self.sid, h2c.CANCEL)
+        elif not conn.closed:
+            if conn.codec.is_open(self.sid):
+                conn.codec.reset(self.sid, h2c.CANCEL)
+            self._ack()  # what it held goes back to the connection's window
             conn.write()
         conn.forget(self)
 
@@ -588,8 +592,10 @@ class H2Session:
             conn = self.conn
             if not self.sid:
                 conn.reserved -= 1
-            elif reset and conn.codec.is_open(self.sid):
-                conn.codec.reset(self.sid, h2c.PROTOCOL_ERROR)
+            elif not conn.closed:
+                if reset and conn.codec.is_open(self.sid):
+                    conn.codec.reset(self.sid, h2c.PROTOCOL_ERROR)
+                self._ack()
                 conn.write()
             conn.forget(self)
         if sink is not None:

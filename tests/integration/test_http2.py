@@ -449,6 +449,29 @@ async def _stall_and_resume(port: int, go: asyncio.Event, received: list[int]) -
     assert sorted(received) == [200_000, total]
 
 
+async def test_refused_bodies_give_the_connection_window_back(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """Uploads refused mid-body (413 over ``max_body_size``): the bytes of each that the
+    proxy took are handed back to the connection's window (here the smallest, 64 KiB)
+    though the stream is over, else four such uploads would shut it for every stream."""
+    up = await recorders("up")
+    listener = {"http2": {"connection_window_size": 65535}, "limits": {"max_body_size": 1000}}
+    server = await proxy(h2c_config([up.url], listener=listener))
+    client = await H2Client.open(server.listeners[0].port)
+    try:
+        for _ in range(8):
+            sid = client.start("/upload", method="POST", end=False)
+            await client.send_body(sid, b"u" * 16384)
+            reply = await client.reply(sid)
+            assert reply.status == 413
+        ok = await client.request("/small", method="POST", body=b"s" * 500)
+        assert ok.status == 200
+        assert client.conn.outbound_flow_control_window > 32768
+    finally:
+        await client.close()
+
+
 async def test_a_client_that_reads_slowly_pauses_its_upstream_not_the_connection(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -361,6 +362,59 @@ async def test_a_slow_reading_upstream_pauses_the_client(
         response = await task
     assert response.status_code == 200
     assert f"bytes={total} " in response.text
+
+
+@pytest.mark.parametrize("who", ["client", "upstream"])
+async def test_abandoned_downloads_give_the_connection_window_back(
+    proxy: MakeProxy, backends: MakeBackend, who: str
+) -> None:
+    """Clients stop reading a large download, then the client leaves or the upstream
+    resets the stream: each stream held up to its window (1 MiB) of bytes it never
+    passed on. Those go back to the connection's window, shared by every stream
+    (16 MiB): after twenty such downloads, more than it holds, the same connection
+    still carries one."""
+    backend = await backends()
+    server = await proxy(h2_config([backend.url]))
+    port = server.listeners[0].port
+    loop = asyncio.get_running_loop()
+
+    async def abandon_one() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (HOST, port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(b"GET /big/8000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            (conn,) = backend.open_connections
+            await wait_for(lambda: len(conn.downloads) == 1, 3.0)
+            (sid,) = conn.downloads
+            # the client reads no more: once the socket buffers are full the proxy
+            # stops reading the stream, and the backend sends until its window shuts
+            (proxied,) = upstream_of(server, backend).h2 or ()
+            await wait_for(
+                lambda: (
+                    proxied.streams[sid].reading_paused
+                    and conn.h2.local_flow_control_window(sid) == 0
+                ),
+                5.0,
+            )
+            if who == "upstream":
+                conn.reset(sid)
+                with pytest.raises(asyncio.IncompleteReadError):  # not presented whole
+                    await asyncio.wait_for(reader.readexactly(8_000_000), 5.0)
+        finally:
+            writer.transport.abort()
+        await wait_for(lambda: not conn.downloads, 3.0)
+
+    for _ in range(20):
+        await abandon_one()
+    async with client("h1") as c:
+        response = await c.get(proxy_url(server, "/big/3000000"))
+    assert response.status_code == 200
+    assert len(response.content) == 3_000_000
+    assert len(backend.connections) == 1  # the same connection carried them all
 
 
 # -- keep-alive ---------------------------------------------------------------------------------
