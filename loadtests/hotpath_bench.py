@@ -133,6 +133,52 @@ def build(
     return client, conns
 
 
+def h2_feeder(loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
+    """``feed(n)``: proxy n requests from an HTTP/2 client (one h2c connection, one
+    stream each, the same header block each time, as h2load sends) to an HTTP/1.1
+    upstream; the process time it took. The event loop does not run: the writes it
+    would make at the end of each iteration are made here."""
+    import hpack
+
+    from proxy.server.h2 import H2Server
+
+    client, conns = build(loop)
+    listener = client.listener
+    conn = H2Server(listener)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    encoder = hpack.Encoder()
+    fields = [
+        (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1:8080"),
+        (b":path", b"/index.html"), (b"user-agent", b"h2load nghttp2/1.52.0"),
+    ]  # fmt: skip
+    first = encoder.encode(fields)
+    again = encoder.encode(fields)  # every field indexed now: the same bytes from here on
+    # the preface, empty SETTINGS, and a connection window that never runs out
+    conn.data_received(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0"
+        + b"\0\0\x04\x08\0\0\0\0\0" + (2**30 - 65535).to_bytes(4, "big")
+    )  # fmt: skip
+    conn.data_received(b"\0\0\0\x04\x01\0\0\0\0")  # SETTINGS ACK
+    conn.data_received(len(first).to_bytes(3, "big") + b"\x01\x05\0\0\0\x01" + first)
+    conns[0].data_received(RESPONSE)
+    conn.write_now()
+    head = len(again).to_bytes(3, "big") + b"\x01\x05"
+    sid = [3]
+
+    def feed(n: int) -> float:
+        start = time.process_time()
+        for _ in range(n):
+            stream = sid[0]
+            sid[0] += 2
+            conn.data_received(head + stream.to_bytes(4, "big") + again)
+            ex = conn.streams[stream].ex
+            ex.conn.data_received(RESPONSE)  # type: ignore[union-attr]
+            conn.write_now()
+        return time.process_time() - start
+
+    return feed
+
+
 def run(
     requests: int,
     metrics: bool = True,

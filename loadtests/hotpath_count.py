@@ -8,7 +8,9 @@ difference by the extra requests, so start-up and warm-up cancel out.
     python loadtests/hotpath_count.py                 # a proxied 20-byte request
     python loadtests/hotpath_count.py --scenario hit  # a memory-cache hit
     python loadtests/hotpath_count.py --scenario traced  # tracing on, not sampled
-    python loadtests/hotpath_count.py --all           # all three
+    python loadtests/hotpath_count.py --scenario h2   # a 20-byte request from an HTTP/2
+                                                      # client (h2c), to HTTP/1.1
+    python loadtests/hotpath_count.py --all           # all four
 
 Needs valgrind. ``PYTHONHASHSEED=0`` keeps dict layouts, and so counts, repeatable.
 """
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
-SCENARIOS = ("proxied", "hit", "traced")
+SCENARIOS = ("proxied", "hit", "traced", "h2")
 
 
 def feed(scenario: str, n: int) -> None:
@@ -44,6 +46,12 @@ def feed(scenario: str, n: int) -> None:
         extra = {"cache": {"default_ttl": "1h"}}
     elif scenario == "traced":  # tracing on, this request not sampled (the common case)
         extra = {"tracing": {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": 0.0}}
+    if scenario == "h2":
+        run_h2 = hb.h2_feeder(loop)
+        run_h2(1000)
+        run_h2(n)
+        loop.close()
+        return
     client, conns = hb.build(loop, **extra)
     if scenario == "hit":  # the first request fills the cache; every later one is a hit
         client.data_received(hb.REQUEST)

@@ -678,6 +678,7 @@ class H2Server(asyncio.Protocol):
         if not st.ended:  # answered before the request was whole: stop its sender
             self.codec.reset(st.sid, h2c.NO_ERROR)
             self.write()
+        self.codec.forget(st.sid)
         if not self.streams:
             if self.goaway_sent:
                 self.close()

@@ -259,6 +259,7 @@ class H2Upstream(asyncio.Protocol):
     def forget(self, st: H2Session) -> None:
         """``st`` is over: its room is free."""
         self.streams.pop(st.sid, None)
+        self.codec.forget(st.sid)
         if not self.streams and not self.reserved and self.goaway:
             self.close()
             return

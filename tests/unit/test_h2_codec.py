@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 import hpack
 import pytest
 from hypothesis import given, settings
@@ -109,3 +112,171 @@ def test_a_repeated_block_is_decoded_once() -> None:
     assert decoder.decode(block, raw=True) == headers
     assert block in decoder.cache
     assert decoder.decode(block, raw=True) == headers
+
+
+# -- the frames the codec parses and builds itself: as h2 would --------------------------------
+
+
+def _server() -> Codec:
+    return Codec(client_side=False, validate_headers=False, initial_window=1 << 20,
+                 connection_window=1 << 24)  # fmt: skip
+
+
+def _client_bytes(actions: list[tuple[str, int]]) -> bytes:
+    """What an h2 client (that read the server's SETTINGS) writes for ``actions``:
+    requests (some with bodies in several DATA frames, padded or not; a header block
+    split by CONTINUATION; a PRIORITY flag), RST_STREAM, PING, WINDOW_UPDATE."""
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.receive_data(_server().out())
+    out = bytearray(client.data_to_send())
+    out += b"\0\0\0\xfe\0\0\0\0\0" + b"\0\0\x08\x06\0\0\0\0\0" + b"\x01" * 8  # unknown; PING
+    for kind, n in actions:
+        sid = client.get_next_available_stream_id()
+        if kind == "get":
+            client.send_headers(sid, HEAD, end_stream=True)
+        elif kind == "post":
+            client.send_headers(sid, [*HEAD, (b"content-length", b"%d" % n)], end_stream=False)
+            for at in range(0, n, 9000):
+                piece = b"b" * min(9000, n - at)
+                client.send_data(sid, piece, end_stream=at + 9000 >= n,
+                                 pad_length=at % 7 if at % 2 else None)  # fmt: skip
+            if not n:
+                client.end_stream(sid)
+        elif kind == "big-head":  # over one frame: HEADERS then CONTINUATION
+            client.max_outbound_frame_size = 500  # up to 80 frames: over 64 is refused
+            client.send_headers(sid, [*HEAD, (b"x-big", b"v" * n)], end_stream=True)
+            client.max_outbound_frame_size = 16384
+        elif kind == "priority":
+            client.send_headers(sid, HEAD, end_stream=True, priority_weight=n % 256 + 1)
+        elif kind == "reset":
+            client.send_headers(sid, HEAD, end_stream=False)
+            client.reset_stream(sid)
+        elif kind == "ping":
+            client.ping(b"%08d" % (n % 10**8))
+        elif kind == "window":
+            client.increment_flow_control_window(n + 1)
+        out += client.data_to_send()
+    return bytes(out)
+
+
+_ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["get", "post", "big-head", "priority", "reset", "ping", "window"]),
+        st.integers(min_value=0, max_value=36000),
+    ),
+    max_size=12,
+)
+
+
+def _fed(data: bytes, sizes: list[int] | None) -> tuple[list[h2c.Event], bytes]:
+    """The events of ``data`` fed in pieces of ``sizes`` (in turn; None: whole, to h2
+    itself, as the codec did before it parsed any frame), and what the server answered
+    (WINDOW_UPDATEs for the bodies it took, PING ACKs, RST_STREAMs; a GOAWAY for a
+    connection error, which ends the events with ``("error", code)``)."""
+    server = _server()
+    server.out()
+    events: list[h2c.Event] = []
+    answered = bytearray()
+    at = data.index(b"\x01" * 8) + 8  # the opening (preface, SETTINGS, PING) goes first
+    server._conn.receive_data(data[:at])
+    i = 0
+    while at < len(data):
+        n = sizes[i % len(sizes)] if sizes else len(data) - at
+        new: list[h2c.Event] = []
+        try:
+            if sizes:
+                new = server.feed(data[at : at + n])
+            else:
+                Codec._convert(server._conn.receive_data(data[at:]), new)
+        except (CodecError, h2.exceptions.ProtocolError) as exc:
+            events.append(("error", int(getattr(exc, "code", 0) or exc.error_code)))
+            answered += server.out()
+            break
+        for ev in new:
+            if ev[0] == h2c.DATA:
+                server.ack(ev[1], ev[3])
+        events += new
+        answered += server.out()
+        at, i = at + n, i + 1
+    conn = server._conn  # and h2's state: the windows it counts, each stream's state
+    windows = [conn._inbound_flow_control_window_manager.current_window_size]
+    for sid, stream in sorted(conn.streams.items()):
+        windows += [sid, stream.state_machine.state, stream.inbound_flow_control_window]
+    events.append(("state", tuple(windows), conn.highest_inbound_stream_id))
+    return events, bytes(answered)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_ACTIONS, st.lists(st.integers(min_value=1, max_value=70000), min_size=1, max_size=8))
+def test_frames_taken_whole_give_the_events_h2_gives(
+    actions: list[tuple[str, int]], cuts: list[int]
+) -> None:
+    """The same bytes fed whole (the codec parses HEADERS and DATA itself) and to h2
+    alone: the same events, and the same frames answered; cut at random points, the
+    same events again (a connection error: the same error; the events of the read it
+    ends in are lost either way)."""
+    data = _client_bytes(actions)
+    whole = _fed(data, [len(data)])
+    assert whole == _fed(data, None)
+    cut = _fed(data, cuts)[0]
+    if len(whole[0]) > 1 and whole[0][-2][0] == "error":
+        assert cut[-2] == whole[0][-2]
+    else:
+        assert cut == whole[0]
+
+
+def _frame_types(data: bytes) -> list[int]:
+    types, at = [], 0
+    while at + 9 <= len(data):
+        types.append(data[at + 3])
+        at += 9 + int.from_bytes(data[at : at + 3], "big")
+    return types
+
+
+def test_a_body_longer_than_its_content_length_ends_the_connection() -> None:
+    """The length h2 tracks for a stream holds on the codec's own path as on h2's
+    (RFC 9113 section 8.1.1: a malformed request, never forwarded)."""
+    server, client = pair()
+    client.send_headers(1, [*HEAD, (b"content-length", b"5")], end_stream=False)
+    raw = client.data_to_send() + b"\0\0\x0a\0\x01\0\0\0\x01" + b"x" * 10  # DATA, END_STREAM
+    with pytest.raises(CodecError):
+        server.feed(raw)
+    assert 0x7 in _frame_types(bytes(server.out()))  # GOAWAY
+
+
+@pytest.mark.parametrize("trailers", [True, False])
+@pytest.mark.parametrize("size", [0, 10, 16384, 16385, 100_001])
+def test_responses_built_by_the_codec_decode_in_h2(size: int, trailers: bool) -> None:
+    """An informational 100, a response head (one over a frame size: CONTINUATION), a
+    body cut into frames of the client's maximum, ending the stream or followed by
+    trailers: h2 as the client reads what the codec framed itself, and both sides
+    count the same window."""
+    server, client = pair()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    client.increment_flow_control_window(1 << 20)
+    client.send_headers(1, [*HEAD, (b"te", b"trailers")], end_stream=True)
+    server.feed(client.data_to_send())
+    client.receive_data(bytes(server.out()))
+    server.feed(client.data_to_send())  # the ACK of the client's SETTINGS
+    head = [(b":status", b"200")] + ([(b"x-long", b"h" * 20000)] if size % 2 else [])
+    server.send_headers(1, [(b":status", b"100")])
+    server.send_headers(1, head)
+    body = bytes(range(256)) * (size // 256) + b"t" * (size % 256)
+    before = server.window(1)
+    server.send_data(1, body, end=not trailers)
+    if trailers:
+        assert server.window(1) == before - size
+        server.send_headers(1, [(b"grpc-status", b"0")], end=True)
+    got = client.receive_data(bytes(server.out()))
+    kinds = [type(e).__name__ for e in got if type(e).__name__ != "DataReceived"]
+    assert kinds == ["InformationalResponseReceived", "ResponseReceived",
+                     *(["TrailersReceived"] if trailers else []), "StreamEnded"]  # fmt: skip
+    assert client.inbound_flow_control_window == (1 << 20) + 65535 - size
+    assert got[1].headers == head
+    data = [e for e in got if isinstance(e, h2.events.DataReceived)]
+    assert b"".join(e.data for e in data) == body
+    assert all(len(e.data) <= 16384 for e in data)
+    assert client._get_stream_by_id(1).closed  # both sides ended
