@@ -133,10 +133,16 @@ def build(
     return client, conns
 
 
-def h2_feeder(loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
+#: A 64 KiB response, as one read from the upstream (``h2_feeder(big=True)``).
+RESPONSE_64K = RESPONSE.replace(b"Content-Length: 20", b"Content-Length: 65536").replace(
+    b"01234567890123456789", b"x" * 65536
+)
+
+
+def h2_feeder(loop: asyncio.AbstractEventLoop, big: bool = False) -> Callable[[int], float]:
     """``feed(n)``: proxy n requests from an HTTP/2 client (one h2c connection, one
     stream each, the same header block each time, as h2load sends) to an HTTP/1.1
-    upstream; the process time it took. The event loop does not run: the writes it
+    upstream (a 20-byte response; ``big``: 64 KiB); the process time it took. The event loop does not run: the writes it
     would make at the end of each iteration are made here."""
     import hpack
 
@@ -153,9 +159,10 @@ def h2_feeder(loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
     ]  # fmt: skip
     first = encoder.encode(fields)
     again = encoder.encode(fields)  # every field indexed now: the same bytes from here on
-    # the preface, empty SETTINGS, and a connection window that never runs out
+    # the preface, SETTINGS with h2load's stream window, a connection window as large
     conn.data_received(
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0"
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + b"\0\0\x06\x04\0\0\0\0\0\0\x04" + (2**30 - 1).to_bytes(4, "big")
         + b"\0\0\x04\x08\0\0\0\0\0" + (2**30 - 65535).to_bytes(4, "big")
     )  # fmt: skip
     conn.data_received(b"\0\0\0\x04\x01\0\0\0\0")  # SETTINGS ACK
@@ -164,6 +171,7 @@ def h2_feeder(loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
     conn.write_now()
     head = len(again).to_bytes(3, "big") + b"\x01\x05"
     sid = [3]
+    response = RESPONSE_64K if big else RESPONSE
 
     def feed(n: int) -> float:
         start = time.process_time()
@@ -172,7 +180,7 @@ def h2_feeder(loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
             sid[0] += 2
             conn.data_received(head + stream.to_bytes(4, "big") + again)
             ex = conn.streams[stream].ex
-            ex.conn.data_received(RESPONSE)  # type: ignore[union-attr]
+            ex.conn.data_received(response)  # type: ignore[union-attr]
             conn.write_now()
         return time.process_time() - start
 

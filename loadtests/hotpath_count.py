@@ -10,7 +10,8 @@ difference by the extra requests, so start-up and warm-up cancel out.
     python loadtests/hotpath_count.py --scenario traced  # tracing on, not sampled
     python loadtests/hotpath_count.py --scenario h2   # a 20-byte request from an HTTP/2
                                                       # client (h2c), to HTTP/1.1
-    python loadtests/hotpath_count.py --all           # all four
+    python loadtests/hotpath_count.py --scenario h2-64k  # the same, 64 KiB
+    python loadtests/hotpath_count.py --all           # all five
 
 Needs valgrind. ``PYTHONHASHSEED=0`` keeps dict layouts, and so counts, repeatable.
 """
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
-SCENARIOS = ("proxied", "hit", "traced", "h2")
+SCENARIOS = ("proxied", "hit", "traced", "h2", "h2-64k")
 
 
 def feed(scenario: str, n: int) -> None:
@@ -46,8 +47,8 @@ def feed(scenario: str, n: int) -> None:
         extra = {"cache": {"default_ttl": "1h"}}
     elif scenario == "traced":  # tracing on, this request not sampled (the common case)
         extra = {"tracing": {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": 0.0}}
-    if scenario == "h2":
-        run_h2 = hb.h2_feeder(loop)
+    if scenario.startswith("h2"):
+        run_h2 = hb.h2_feeder(loop, big=scenario == "h2-64k")
         run_h2(1000)
         run_h2(n)
         loop.close()

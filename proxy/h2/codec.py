@@ -111,6 +111,8 @@ _RECV_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
 _RECV_END: Final = h2.stream.StreamInputs.RECV_END_STREAM
 _RECV_DATA_CONN: Final = h2.connection.ConnectionInputs.RECV_DATA
 _RECV_HEADERS_CONN: Final = h2.connection.ConnectionInputs.RECV_HEADERS
+#: DATA at least this long is written from the caller's buffer, not copied (``out_chunks``).
+_COPY_BELOW: Final = 4096
 #: The stream states a DATA frame may come in (h2 answers any other one itself).
 _RECEIVING: Final = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
 
@@ -326,7 +328,7 @@ class Codec:
     """One HTTP/2 connection's framing state, as a server (``client_side`` False: the
     client side of a client connection) or as a client (to an upstream)."""
 
-    __slots__ = ("_conn", "_frames", "_server", "frames_sent")
+    __slots__ = ("_chunks", "_conn", "_frames", "_server", "frames_sent")
 
     def __init__(
         self,
@@ -375,6 +377,7 @@ class Codec:
             conn.increment_flow_control_window(connection_window - 65535)
         self._conn = conn
         self._server = not client_side
+        self._chunks: list[bytes | bytearray | memoryview] = []  # queued, not copied
         self.frames_sent = 0  # DATA frames ``send_pieces`` sent, over the connection's life
 
     # -- in --------------------------------------------------------------------------------
@@ -562,16 +565,22 @@ class Codec:
         size = conn.max_outbound_frame_size
         sid = stream_id.to_bytes(4, "big")
         out = conn._data_to_send
-        if n <= size:
+        if n < _COPY_BELOW:  # into the buffer, as h2 would
             out += n.to_bytes(3, "big") + (b"\x00\x01" if end else b"\x00\x00") + sid
             out += data
-        else:
-            view = memoryview(data)
+        else:  # the body is not copied: its frames' headers go between its pieces
+            chunks = self._chunks
+            if out:
+                chunks.append(out)
+                conn._data_to_send = bytearray()
+            view = memoryview(data) if n > size else data
             for at in range(0, n, size):
-                piece = view[at : at + size]
+                piece = view[at : at + size] if n > size else view
                 last = end and at + size >= n
-                out += len(piece).to_bytes(3, "big") + (b"\x00\x01" if last else b"\x00\x00") + sid
-                out += piece
+                chunks.append(
+                    len(piece).to_bytes(3, "big") + (b"\x00\x01" if last else b"\x00\x00") + sid
+                )
+                chunks.append(piece)
         conn.outbound_flow_control_window -= n
         stream.outbound_flow_control_window -= n
 
@@ -626,13 +635,28 @@ class Codec:
     def ping(self, data: bytes = b"\0" * 8) -> None:
         self._conn.ping(data)
 
-    def out(self) -> bytearray:
-        """The frames queued since the last call (the buffer itself, not a copy)."""
+    def out(self) -> bytes | bytearray:
+        """The frames queued since the last call, in one buffer."""
+        chunks = self.out_chunks()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # type: ignore[return-value]
+
+    def out_chunks(self) -> list[bytes | bytearray | memoryview]:
+        """The frames queued since the last call, for ``writelines``: large bodies as
+        the caller gave them (a vectored write, not a copy), between their frames'
+        headers and the other frames."""
         conn = self._conn
         data = conn._data_to_send
+        chunks = self._chunks
+        if chunks:
+            if data:
+                chunks.append(data)
+                conn._data_to_send = bytearray()
+            self._chunks = []
+            return chunks
         if data:
             conn._data_to_send = bytearray()
-        return data
+            return [data]
+        return []
 
     # -- state -----------------------------------------------------------------------------
 

@@ -754,9 +754,12 @@ class H2Server(asyncio.Protocol):
 
     def write_now(self) -> None:
         self.write_due = False
-        data = self.codec.out()
-        if data and not self.closed:
-            self.transport.write(data)
+        chunks = self.codec.out_chunks()
+        if chunks and not self.closed:
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writelines(chunks)
 
     # -- time, draining, closing ---------------------------------------------------------------
 
