@@ -142,8 +142,9 @@ RESPONSE_64K = RESPONSE.replace(b"Content-Length: 20", b"Content-Length: 65536")
 def h2_feeder(loop: asyncio.AbstractEventLoop, big: bool = False) -> Callable[[int], float]:
     """``feed(n)``: proxy n requests from an HTTP/2 client (one h2c connection, one
     stream each, the same header block each time, as h2load sends) to an HTTP/1.1
-    upstream (a 20-byte response; ``big``: 64 KiB); the process time it took. The event loop does not run: the writes it
-    would make at the end of each iteration are made here."""
+    upstream (a 20-byte response; ``big``: 64 KiB); the process time it took. The
+    event loop does not run: the writes it would make at the end of each iteration
+    are made here."""
     import hpack
 
     from proxy.server.h2 import H2Server
