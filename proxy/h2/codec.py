@@ -109,6 +109,7 @@ _SEND_DATA: Final = h2.stream.StreamInputs.SEND_DATA
 _SEND_END: Final = h2.stream.StreamInputs.SEND_END_STREAM
 _RECV_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
 _RECV_END: Final = h2.stream.StreamInputs.RECV_END_STREAM
+_SEND_HEADERS_CONN: Final = h2.connection.ConnectionInputs.SEND_HEADERS
 _RECV_DATA_CONN: Final = h2.connection.ConnectionInputs.RECV_DATA
 _RECV_HEADERS_CONN: Final = h2.connection.ConnectionInputs.RECV_HEADERS
 #: DATA at least this long is written from the caller's buffer, not copied (``out_chunks``).
@@ -298,18 +299,38 @@ class _Encoder(hpack.Encoder):
         return block + tail if tail else block
 
     def _literals(self, headers: list[Any]) -> tuple[list[Any], bytes]:
-        """``headers`` without the ``_UNINDEXED`` fields, and those fields' encoding."""
+        """``headers`` without the ``_UNINDEXED`` fields, and those fields' encoding
+        (RFC 7541 6.2.2, 6.2.3: a literal name and value, no Huffman coding)."""
         kept: list[Any] = []
         literals: list[bytes] = []
         for field in headers:
-            name = field[0]
-            if name in _SENSITIVE:
-                literals.append(self._encode_literal(name, field[1], hpack.hpack.INDEX_NEVER))
-            elif name in _VOLATILE:
-                literals.append(self._encode_literal(name, field[1], hpack.hpack.INDEX_NONE))
-            else:
+            prefix = _LITERAL_NAMES.get(field[0])
+            if prefix is None:
                 kept.append(field)
+                continue
+            value = field[1]
+            n = len(value)
+            if n < 127:
+                literals += (prefix, _LENGTHS[n], value)
+            else:
+                literals += (prefix, bytes(hpack.hpack.encode_integer(n, 7)), value)
         return kept, b"".join(literals)
+
+
+def _literal_name(name: bytes, never: bool) -> bytes:
+    """The first bytes of a literal field called ``name``: never indexed (0x10) or
+    not indexed (0x00), its name's length and the name."""
+    flag = hpack.hpack.INDEX_NEVER if never else hpack.hpack.INDEX_NONE
+    return flag + bytes(hpack.hpack.encode_integer(len(name), 7)) + name
+
+
+#: The start of each ``_UNINDEXED`` field's encoding, by name.
+_LITERAL_NAMES: Final = {
+    **{name: _literal_name(name, True) for name in _SENSITIVE},
+    **{name: _literal_name(name, False) for name in _VOLATILE},
+}
+#: A value's length below 127, as its one byte (no Huffman flag).
+_LENGTHS: Final = tuple(bytes((n,)) for n in range(127))
 
 
 class _Silent:
@@ -444,6 +465,22 @@ class Codec:
                         out.append((END, sid))
                     at = end
                     continue
+                elif (
+                    kind == 1 and flags & 0x2C == 0x04 and not self._server
+                    and length <= frames.max_block
+                ):  # fmt: skip
+                    stream = conn.streams.get(sid)
+                    if stream is not None and stream.state_machine.state in _RECEIVING:
+                        # a response, informational head or trailers: h2's own call
+                        frames.frames += 1
+                        headers = h2.connection._decode_headers(conn.decoder, data[at + 9 : end])
+                        conn.state_machine.process_input(_RECV_HEADERS_CONN)
+                        sent, events = stream.receive_headers(headers, flags & 1 == 1, None)
+                        if sent:
+                            conn._prepare_for_sending(sent)
+                        self._convert(events, out)
+                        at = end
+                        continue
                 # any other frame: h2's, on its own (a header block it leaves open
                 # takes the rest of the read with it)
                 self._convert(conn.receive_data(data[at:end]), out)
@@ -512,15 +549,28 @@ class Codec:
         On a stream that exists (a response, informational or not; trailers) the frames
         are built here: the stream's state moves as h2 would move it, and the block is
         the same encoder's, but h2's frame objects, header re-encoding and validation
-        flags (some 40 calls a response) are skipped. A new stream (a request) is h2's."""
+        flags (some 40 calls a response) are skipped. A new stream (a request to an
+        upstream) likewise, once h2's checks for a new stream pass (its id, the peer's
+        stream limit); else h2 sends it (and raises what it raises)."""
         conn = self._conn
         stream = conn.streams.get(stream_id)
         if stream is None:
-            try:
-                conn.send_headers(stream_id, headers, end_stream=end)
-            except _GONE:
-                pass
-            return
+            if (
+                self._server or stream_id <= conn.highest_outbound_stream_id
+                or not stream_id & 1 or conn.state_machine.state is _CONN_CLOSED
+                or conn.open_outbound_streams >= conn.remote_settings.max_concurrent_streams
+            ):  # fmt: skip
+                try:
+                    conn.send_headers(stream_id, headers, end_stream=end)
+                except _GONE:
+                    pass
+                return
+            conn.state_machine.process_input(_SEND_HEADERS_CONN)
+            stream = conn._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+            for name, value in headers:  # (HEAD: a response with no body, h2 knows)
+                if name == b":method":
+                    stream.request_method = value
+                    break
         sm = stream.state_machine
         if sm.state is _CLOSED or conn.state_machine.state is _CONN_CLOSED:
             return

@@ -229,7 +229,24 @@ def response_from_h2(headers: Headers) -> tuple[int, bytes]:
     that is malformed (RFC 9113 8.1.1, 8.3.2: a ``:status`` that is not three digits,
     missing or repeated, another pseudo-header, one after a field, a connection-specific
     field, a name or value no HTTP/1.1 head may carry: a CR or LF in a value would
-    split the response for an HTTP/1.1 client)."""
+    split the response for an HTTP/1.1 client). An upstream repeats its head until its
+    ``Date`` ticks: the heads translated lately are remembered (bounded, as
+    ``response_to_h2``'s)."""
+    key = tuple(headers)
+    found = _FROM_H2.get(key)
+    if found is not None:
+        return found
+    if len(_FROM_H2) >= _RESPONSES_MAX:
+        _FROM_H2.clear()
+    found = _FROM_H2[key] = _response_from_h2(headers)
+    return found
+
+
+#: ``response_from_h2``'s answers by header list.
+_FROM_H2: Final[dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]]] = {}
+
+
+def _response_from_h2(headers: Headers) -> tuple[int, bytes]:
     status = 0
     parts: list[bytes] = []
     bad_name, bad_value, drop = _BAD_NAME, _BAD_VALUE, CONNECTION_SPECIFIC

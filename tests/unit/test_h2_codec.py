@@ -280,3 +280,81 @@ def test_responses_built_by_the_codec_decode_in_h2(size: int, trailers: bool) ->
     assert b"".join(e.data for e in data) == body
     assert all(len(e.data) <= 16384 for e in data)
     assert client._get_stream_by_id(1).closed  # both sides ended
+
+
+_REPLIES = st.lists(
+    st.tuples(
+        st.sampled_from(["body", "continue", "trailers", "head", "reset", "empty"]),
+        st.integers(min_value=0, max_value=30000),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def _client_side(replies: list[tuple[str, int]]) -> tuple[Codec, bytes, list[int]]:
+    """A client codec that sent one request per reply (the codec's own framing), an h2
+    server that read them, and the server's bytes answering each as ``replies`` say."""
+    client = Codec(client_side=True, initial_window=1 << 20, connection_window=1 << 24)
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    server.initiate_connection()
+    server.receive_data(bytes(client.out()))
+    client.feed(server.data_to_send())
+    server.receive_data(bytes(client.out()))  # the SETTINGS ACK
+    sids = []
+    for kind, _ in replies:
+        sid = client.next_stream_id()
+        method = b"HEAD" if kind == "head" else b"GET"
+        client.send_headers(sid, [(b":method", method), *HEAD[1:]], end=True)
+        sids.append(sid)
+    got = server.receive_data(bytes(client.out()))
+    received = [e for e in got if isinstance(e, h2.events.RequestReceived)]
+    assert [e.stream_id for e in received] == sids  # the requests the codec framed
+    assert [dict(e.headers)[b":method"] for e in received] == [
+        b"HEAD" if kind == "head" else b"GET" for kind, _ in replies
+    ]
+    server.data_to_send()
+    for sid, (kind, n) in zip(sids, replies, strict=True):
+        if kind == "reset":
+            server.reset_stream(sid)
+            continue
+        if kind == "continue":
+            server.send_headers(sid, [(b":status", b"100")])
+        length = [(b"content-length", b"%d" % n)] if kind != "trailers" else []
+        server.send_headers(sid, [(b":status", b"200"), *length], end_stream=kind == "empty")
+        if kind == "head":  # its Content-Length, then an empty DATA ending the stream
+            server.end_stream(sid)
+        if kind in ("head", "empty"):
+            continue
+        for at in range(0, n, 16384):
+            server.send_data(sid, b"r" * min(16384, n - at))
+        if kind == "trailers":
+            server.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        else:
+            server.end_stream(sid)
+    return client, server.data_to_send(), sids
+
+
+@settings(max_examples=60, deadline=None)
+@given(_REPLIES, st.integers(min_value=1, max_value=5000))
+def test_responses_taken_whole_give_the_events_h2_gives(
+    replies: list[tuple[str, int]], cut: int
+) -> None:
+    """A client codec reads responses (informational heads, trailers, a HEAD's head
+    with a Content-Length and no body, resets) as h2 alone does, whole or cut."""
+    results = []
+    for how in ("whole", "h2", "cut"):
+        client, data, _ = _client_side([(k, n if k != "empty" else 0) for k, n in replies])
+        events: list[h2c.Event] = []
+        if how == "h2":
+            Codec._convert(client._conn.receive_data(data), events)
+        else:
+            size = len(data) if how == "whole" else cut
+            for at in range(0, len(data), size):
+                events += client.feed(data[at : at + size])
+        conn = client._conn
+        state = [(sid, s.state_machine.state) for sid, s in sorted(conn.streams.items())]
+        results.append(([e if e[0] != h2c.DATA else e[:3] + e[4:] for e in events], state))
+    assert results[0] == results[1] == results[2]
