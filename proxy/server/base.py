@@ -19,6 +19,7 @@ from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS
 
 if TYPE_CHECKING:
     from proxy.forwarding.exchange import Exchange
+    from proxy.proxy_protocol import Addresses
     from proxy.server.listener import Listener
     from proxy.server.refusals import _Rejection
     from proxy.server.tunnel import Tunnel
@@ -111,6 +112,7 @@ class ConnectionBase(asyncio.Protocol):
         "parsing",
         "paused",
         "phase",
+        "proxied",
         "queue",
         "record",
         "reframe",
@@ -163,6 +165,8 @@ class ConnectionBase(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
         self.client_ip_bytes = b""
+        #: the addresses a PROXY header gave (``proxy.server.proxied``); None: the peer's
+        self.proxied: Addresses | None = None
         self.exchange: Exchange | _Rejection | None = None
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange | _Rejection] = deque()

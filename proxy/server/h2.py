@@ -60,12 +60,14 @@ from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, f
 from proxy.http.responses import error_response, redirect_response
 from proxy.server.base import read_nothing
 from proxy.server.protocol import ClientConnection
+from proxy.server.proxied import take_address
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore
     from proxy.forwarding.downstream import Answer, Site
     from proxy.forwarding.exchange import Exchange
     from proxy.http.headers import ResponseHead
+    from proxy.proxy_protocol import Addresses
     from proxy.server.listener import Listener
     from proxy.upstream.connection import UpstreamConnection
 
@@ -299,6 +301,7 @@ class H2Server(asyncio.Protocol):
         "max_streams",
         "max_uri",
         "opened",
+        "proxied",
         "resets",
         "send_deadline",
         "send_mark",
@@ -352,6 +355,8 @@ class H2Server(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_ip = ""
         self.client_ip_bytes = b""
+        #: the addresses a PROXY header gave (``proxy.server.proxied``); None: the peer's
+        self.proxied: Addresses | None = None
         self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
         self.closed = False
         self.draining = listener.draining
@@ -373,10 +378,7 @@ class H2Server(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client_ip = peer[0]
-            self.client_ip_bytes = peer[0].encode()
+        take_address(self, transport)
         if self.listener.config.forwarded != "drop":
             self.head_template = forwarded_template(self.head_template, self.client_ip)
         self.listener.connections.add(self)
