@@ -22,6 +22,7 @@ refused before its bytes are waited for.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import Final, NamedTuple
@@ -180,6 +181,7 @@ def _pair(a: Addresses) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, 
     return src, dst
 
 
+@functools.lru_cache(maxsize=4096)
 def v1(addresses: Addresses | None) -> bytes:
     """A v1 header for ``addresses``; ``PROXY UNKNOWN`` for None (a health probe)."""
     pair = _pair(addresses) if addresses is not None else None
@@ -191,6 +193,7 @@ def v1(addresses: Addresses | None) -> bytes:
     return line.encode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
 def v2(addresses: Addresses | None) -> bytes:
     """A v2 header for ``addresses``; a ``LOCAL`` one for None (a health probe)."""
     pair = _pair(addresses) if addresses is not None else None
@@ -205,4 +208,6 @@ def v2(addresses: Addresses | None) -> bytes:
     return _V2_FIXED.pack(V2_SIGNATURE, _PROXY, _TCP6, len(body)) + body
 
 
+#: by ``send_proxy_protocol`` value; cached: a keep-alive client's requests ask for the
+#: same header again (``proxy.upstream.acquire`` keys idle connections by it)
 BUILDERS: Final = {"v1": v1, "v2": v2}

@@ -293,6 +293,7 @@ class ProxyServer:
             CheckTarget(
                 name, u.address, u.host, u.port, pool.active_check, u.healthy, u.ssl,
                 u.server_name, pool.tls_spec,
+                pool.send_proxy(None) if pool.send_proxy is not None else None,
             )
             for name, pool in self.pools.items()
             if pool.active_check is not None

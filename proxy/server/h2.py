@@ -60,7 +60,7 @@ from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, f
 from proxy.http.responses import error_response, redirect_response
 from proxy.server.base import read_nothing
 from proxy.server.protocol import ClientConnection
-from proxy.server.proxied import take_address
+from proxy.server.proxied import connection_addresses, take_address
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore
@@ -270,6 +270,13 @@ class H2Stream:
         self.no_body = True
         self.ending = True
 
+    def addresses(self) -> Addresses | None:
+        conn = self.conn
+        found = conn.proxied
+        if found is None:  # the connection's own, asked once (``send_proxy_protocol``)
+            found = conn.proxied = connection_addresses(None, conn.transport)
+        return found
+
     def __repr__(self) -> str:
         return f"<H2Stream {self.sid} of {self.client_ip} [{self.ex!r}]>"
 
@@ -355,7 +362,8 @@ class H2Server(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_ip = ""
         self.client_ip_bytes = b""
-        #: the addresses a PROXY header gave (``proxy.server.proxied``); None: the peer's
+        #: the addresses a PROXY header gave (``proxy.server.proxied``), or the
+        #: connection's own once a ``send_proxy_protocol`` pool asked; None: the peer's
         self.proxied: Addresses | None = None
         self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
         self.closed = False
