@@ -154,8 +154,9 @@ class PoolSpec(ConfigModel):
     """``v1`` or ``v2``: write a PROXY protocol header with the client's address first on
     each upstream connection (HAProxy's ``send-proxy`` / ``send-proxy-v2``), before TLS
     for ``https://`` upstreams; health checks send ``LOCAL`` (v2) or ``UNKNOWN`` (v1).
-    Such a connection carries one client's requests: it is not kept for another request
-    (see the README). null: none."""
+    Such a connection carries one client's address: it is reused only for requests that
+    would send the same header (the same client connection), and an HTTP/2 one carries
+    one stream. null: none."""
     timeouts: PoolTimeoutsSpec = PoolTimeoutsSpec()
     """Upstream-side timeouts."""
     max_idle_connections: Annotated[int, Field(ge=0)] | None = None
