@@ -22,9 +22,18 @@ import pytest
 
 from proxy.config import Config
 from proxy.proxy_protocol import V2_SIGNATURE, Addresses, v1, v2
+from proxy.runtime.reload import apply_config
 from proxy.runtime.server import ProxyServer
 from tests.h2_support import H2Client
-from tests.support import HOST, CertAuthority, Recorder, make_config, read_response, wait_for
+from tests.support import (
+    HOST,
+    CertAuthority,
+    Recorder,
+    make_config,
+    read_response,
+    unused_port,
+    wait_for,
+)
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 MakeRecorder = Callable[..., Awaitable[Recorder]]
@@ -160,6 +169,24 @@ async def test_the_address_reaches_the_access_log_access_filter_and_ip_hash(
 
     await wait_for(lambda: len(clients()) == 8)
     assert clients() == [CLIENT.src, "192.0.2.44"] + [CLIENT.src] * 6
+
+
+async def test_rate_limit_buckets_are_per_proxied_client(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    up = await recorders("a")
+    routes = [{"match": {"path_prefix": "/"}, "pool": "main",
+               "filters": [{"rate_limit": {"rate": "1/m", "burst": 1}}]}]  # fmt: skip
+    config = make_config(
+        [up.url], routes=routes, listener={"proxy_protocol": {"trusted": ["127.0.0.1/32"]}}
+    )
+    server = await proxy(config)
+    port = server.listeners[0].port
+    other = CLIENT._replace(src="192.0.2.44")
+    statuses = [
+        (await exchange(port, v2(client) + GET))[:12] for client in (CLIENT, CLIENT, other, other)
+    ]
+    assert statuses == [b"HTTP/1.1 200", b"HTTP/1.1 429", b"HTTP/1.1 200", b"HTTP/1.1 429"]
 
 
 async def test_h2c_after_the_header(recorders: MakeRecorder, proxy: MakeProxy) -> None:
@@ -386,3 +413,20 @@ async def test_shutdown_closes_connections_still_in_their_header(
     finally:
         writer.close()
     assert not server.listeners[0].readers
+
+
+async def test_a_reload_turns_it_on_and_off_for_new_connections(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    up = await recorders("a")
+    port = unused_port()
+    plain = make_config([up.url], listener={"bind": f"{HOST}:{port}"})
+    on = pp_config(up.url, bind=f"{HOST}:{port}")
+    server = await proxy(plain)
+    assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200")
+    assert await apply_config(server, on, "c.yaml") == []
+    assert (await exchange(port, v1(CLIENT) + GET)).startswith(b"HTTP/1.1 200")
+    assert await exchange(port, GET) == b""  # the trusted peer must send one now
+    assert await apply_config(server, plain, "c.yaml") == []
+    assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200")
+    assert [s.headers["X-Forwarded-For"] for s in up.seen] == [HOST, CLIENT.src, HOST]
