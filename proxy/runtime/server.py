@@ -84,6 +84,8 @@ class ProxyServer:
         #: failed TLS handshakes by (listener, reason), summed over the workers
         #: (supervisor only; see ``handshake_errors``)
         self.handshake_totals: dict[tuple[str, str], int] | None = None
+        #: refused PROXY protocol headers by (listener, reason), likewise
+        self.proxy_protocol_totals: dict[tuple[str, str], int] | None = None
         #: retries each pool's budget allows now, summed over the workers (supervisor only)
         self.retry_budget_left: dict[str, float] | None = None
         #: when this server was built (Unix time), for the admin API's uptime
@@ -206,6 +208,16 @@ class ProxyServer:
         counts: dict[tuple[str, str], int] = {}
         for listener in (*self.listeners, *self._retired):
             for reason, n in listener.handshake_errors.items():
+                key = (listener.name, reason)
+                counts[key] = counts.get(key, 0) + n
+        return counts
+
+    def proxy_protocol_errors(self) -> dict[tuple[str, str], int]:
+        """Connections of this process closed for their PROXY header, by ``(listener,
+        reason)``."""
+        counts: dict[tuple[str, str], int] = {}
+        for listener in (*self.listeners, *self._retired):
+            for reason, n in listener.proxy_errors.items():
                 key = (listener.name, reason)
                 counts[key] = counts.get(key, 0) + n
         return counts

@@ -19,7 +19,7 @@ So the header precedes the ClientHello, as HAProxy and nginx read it.
 - A malformed header, one from an untrusted peer, or none in time closes the
   connection without a byte in answer (HAProxy's and nginx's behaviour for a broken
   header: there is no HTTP yet to answer in), logged at info level and counted in the
-  listener's ``proxy_errors`` by reason.
+  listener's ``proxy_errors`` by reason (``aiolb_proxy_protocol_errors_total``).
 
 Only listeners with ``proxy_protocol`` have readers: the others accept their
 connection class directly and pay nothing.

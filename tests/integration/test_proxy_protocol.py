@@ -24,6 +24,7 @@ from proxy.config import Config
 from proxy.proxy_protocol import V2_SIGNATURE, Addresses, v1, v2
 from proxy.runtime.reload import apply_config
 from proxy.runtime.server import ProxyServer
+from tests.admin_support import samples, scrape
 from tests.h2_support import H2Client
 from tests.support import (
     HOST,
@@ -302,6 +303,8 @@ async def test_an_untrusted_peer_speaks_http_and_may_not_send_a_header(
         assert await exchange(port, header[:4], header[4:] + GET) == b""
     assert errors(server) == {"untrusted": 4}
     assert len(up.seen) == 2  # nothing forwarded for the refused ones
+    found = samples(await scrape(server), "aiolb_proxy_protocol_errors_total")
+    assert found == {(("listener", "test"), ("reason", "untrusted")): 4.0}
 
 
 async def test_a_trusted_peer_must_send_a_header(recorders: MakeRecorder, proxy: MakeProxy) -> None:
