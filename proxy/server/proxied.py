@@ -15,7 +15,8 @@ So the header precedes the ClientHello, as HAProxy and nginx read it.
   so its ``client_ip`` (``take_address``: the one place a client connection learns its
   address). ``LOCAL`` / ``UNKNOWN`` keeps the peer's own address.
 - Any other peer speaks HTTP (or TLS) at once: its first bytes are looked at only to
-  refuse a PROXY header (a client pretending to be a load balancer).
+  refuse a PROXY header (a client pretending to be a load balancer); one that sends
+  nothing within ``timeouts.header`` is closed quietly, as it would be without the key.
 - A malformed header, one from an untrusted peer, or none in time closes the
   connection without a byte in answer (HAProxy's and nginx's behaviour for a broken
   header: there is no HTTP yet to answer in), logged at info level and counted in the
@@ -159,6 +160,9 @@ class HeaderReader(asyncio.Protocol):
 
     def _expired(self) -> None:
         self.timer = None
+        if not self.trusted and not self.held:  # an idle client, as without the key
+            self.close()
+            return
         if self.transport is not None:
             timeout = self.listener.config.timeouts.header
             self._refuse("timeout", f"no complete header in {timeout:g}s")

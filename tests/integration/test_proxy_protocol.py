@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -242,6 +243,46 @@ async def test_tls_after_the_header(
     assert up.seen[0].headers["X-Forwarded-Proto"] == "https"
 
 
+async def test_the_header_and_the_client_hello_in_one_segment(
+    recorders: MakeRecorder, proxy: MakeProxy, ca: CertAuthority
+) -> None:
+    """The bytes after the header in the same read are the handshake's: the TLS
+    protocol is fed them (a buffered protocol: ``proxied.feed``)."""
+    up = await recorders("a")
+    cert = ca.issue("a.test")
+    server = await proxy(pp_config(up.url, tls={"certificates": [cert.entry]}))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ca.client_context().wrap_bio(incoming, outgoing, server_hostname="a.test")
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    try:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        writer.write(v2(CLIENT) + outgoing.read())  # header and ClientHello, one write
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "closed during the handshake"
+                incoming.write(data)
+        tls.write(GET)
+        writer.write(outgoing.read())
+        answer = b""
+        while not answer.endswith(b"a"):
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, answer
+                incoming.write(data)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert up.seen[0].headers["X-Forwarded-For"] == CLIENT.src
+
+
 async def test_curl_haproxy_protocol_over_http_and_https(
     recorders: MakeRecorder, proxy: MakeProxy, ca: CertAuthority
 ) -> None:
@@ -375,6 +416,21 @@ async def test_a_slow_header_times_out(recorders: MakeRecorder, proxy: MakeProxy
         writer.close()
     assert errors(server) == {"timeout": 2}
     await wait_for(lambda: not server.listeners[0].readers)
+
+
+async def test_an_untrusted_client_that_sends_nothing_is_closed_quietly(
+    recorders: MakeRecorder, proxy: MakeProxy
+) -> None:
+    up = await recorders("a")
+    server = await proxy(pp_config(up.url, trusted=["10.0.0.0/8"], timeouts={"header": "200ms"}))
+    for sent in (b"", b"PRO"):  # nothing; the start of a method or of a header
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        try:
+            writer.write(sent)
+            assert await read_all(reader) == b""
+        finally:
+            writer.close()
+    assert errors(server) == {"timeout": 1}  # only the one that began a header
 
 
 async def test_a_header_then_a_stalled_request_still_gets_408_in_time(
