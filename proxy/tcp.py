@@ -54,3 +54,29 @@ def write_pieces(transport: asyncio.WriteTransport, pieces: Sequence[bytes | mem
         transport.write(b"".join(pieces))
     else:
         transport.writelines(pieces)
+
+
+async def connect_sending(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, first: bytes
+) -> socket.socket:
+    """A connected non-blocking socket to ``host:port`` whose first bytes are ``first``
+    (a PROXY protocol header: before a TLS handshake, which the caller starts on it).
+    Tries the addresses ``host`` resolves to in order; raises the last ``OSError``."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} resolves to no address")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, first)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error

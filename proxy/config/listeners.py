@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from proxy.config.base import BindAddress, ConfigModel, Kind, Name, Size, Timeout
 from proxy.config.filters import FilterSpec, RateLimitOptions
+from proxy.config.proxy_protocol import ProxyProtocolSpec
 from proxy.config.tls import ListenerTLSSpec
 from proxy.config.values import split_host_port
 from proxy.http.target import normal_target
@@ -265,6 +266,9 @@ class ListenerSpec(ConfigModel):
     kept and aiolb's element follows it (only behind a proxy you trust to set it, like
     ``X-Forwarded-For``). Never passed on unchecked: an application that prefers
     ``Forwarded`` would trust a client's spoofed one."""
+    proxy_protocol: ProxyProtocolSpec | None = None
+    """``{trusted: [CIDR, ...]}``: accept a PROXY protocol header (v1 or v2) from the load
+    balancers in those ranges, whose client address it carries; null: none accepted."""
 
     @model_validator(mode="after")
     def _check_protocols(self) -> ListenerSpec:

@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from proxy.config.balancer import BalancerSpec
 from proxy.config.base import BindAddress, ConfigModel, Duration, Name, Timeout, UpstreamURL
 from proxy.config.health_check import HealthCheckSpec
+from proxy.config.proxy_protocol import SendProxyProtocol
 from proxy.config.retries import RetriesSpec
 from proxy.config.tls import UpstreamTLSSpec
 from proxy.config.values import format_address, is_dns_url, is_https_url, parse_upstream_url
@@ -149,6 +150,13 @@ class PoolSpec(ConfigModel):
     """The HTTP version spoken to the pool's upstreams: ``"1.1"``, or ``"2"``: HTTP/2,
     with prior knowledge (h2c) to ``http://`` upstreams and ALPN ``h2`` to ``https://``
     ones (nginx's ``proxy_http_version``, Envoy's ``http2_protocol_options``)."""
+    send_proxy_protocol: SendProxyProtocol | None = None
+    """``v1`` or ``v2``: write a PROXY protocol header with the client's address first on
+    each upstream connection (HAProxy's ``send-proxy`` / ``send-proxy-v2``), before TLS
+    for ``https://`` upstreams; health checks send ``LOCAL`` (v2) or ``UNKNOWN`` (v1).
+    Such a connection carries one client's address: it is reused only for requests that
+    would send the same header (the same client connection), and an HTTP/2 one carries
+    one stream. null: none."""
     timeouts: PoolTimeoutsSpec = PoolTimeoutsSpec()
     """Upstream-side timeouts."""
     max_idle_connections: Annotated[int, Field(ge=0)] | None = None

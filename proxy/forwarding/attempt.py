@@ -51,6 +51,7 @@ from proxy.upstream.retry import IDEMPOTENT
 from proxy.upstream.session import CLIENT_SLOW
 
 if TYPE_CHECKING:
+    from proxy.proxy_protocol import Addresses
     from proxy.upstream.pool import Pool, Upstream
     from proxy.upstream.session import UpstreamSession
 
@@ -187,6 +188,10 @@ class Attempts(ExchangeCore):
         self.ticket = None
         if not self.done:
             self._attempt_failed(error)
+
+    def proxy_addresses(self) -> Addresses | None:
+        """The client's addresses, for a pool's ``send_proxy_protocol`` header."""
+        return self.client.addresses()
 
     def _send(self, conn: UpstreamSession) -> None:
         pending = self.pending

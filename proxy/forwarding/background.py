@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from proxy.forwarding.exchange import Exchange
     from proxy.http.headers import RequestIds, ResponseHead
     from proxy.metrics.access_log import AccessLog
+    from proxy.proxy_protocol import Addresses
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool
 
@@ -79,6 +80,7 @@ class Background:
     __slots__ = (
         "access_log",
         "body_buffer",
+        "client_addresses",
         "client_ip",
         "client_ip_bytes",
         "clock",
@@ -100,6 +102,8 @@ class Background:
         self.listener: Site = client.listener
         self.client_ip: str = client.client_ip
         self.client_ip_bytes: bytes = client.client_ip_bytes
+        #: the triggering client's, for a ``send_proxy_protocol`` pool
+        self.client_addresses: Addresses | None = client.addresses()
         self.head_template: bytes = client.head_template
         self.request_ids: RequestIds = client.request_ids
         self.loop: asyncio.AbstractEventLoop = client.loop
@@ -112,6 +116,9 @@ class Background:
         self.paused = 0
         self.write_paused = False
         self.exchange: Exchange | None = None
+
+    def addresses(self) -> Addresses | None:
+        return self.client_addresses
 
     def begin(self, pool: Pool, state: CacheState, target: bytes) -> None:
         """Run the exchange from its cache phase, its deadlines swept from now on."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from proxy.http.headers import RequestIds, ResponseHead
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
+    from proxy.proxy_protocol import Addresses
     from proxy.tls import ServerTLS
     from proxy.tracing import Tracer
     from proxy.upstream.connection import UpstreamConnection
@@ -95,6 +96,10 @@ class Downstream(Protocol):
     #: why the request is not read (bits above); its write buffer is full
     paused: int
     write_paused: bool
+
+    def addresses(self) -> Addresses | None:
+        """Who connected to whom (a PROXY header's addresses where one was received):
+        what a pool's ``send_proxy_protocol`` header says; None when unknown."""
 
     def pause(self, reason: int) -> None:
         """Stop reading the request for ``reason`` (until ``resume(reason)``)."""

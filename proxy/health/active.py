@@ -44,6 +44,7 @@ from proxy.config import ActiveHealthCheckSpec, UpstreamTLSSpec
 from proxy.config.values import format_address
 from proxy.health import grpc_probe
 from proxy.health.state import RiseFall
+from proxy.tcp import connect_sending
 from proxy.tls import client_context
 
 log = logging.getLogger("aiolb")
@@ -72,6 +73,9 @@ class CheckTarget:
     server_name: str | None = None
     #: the pool's TLS settings, from which a grpc probe builds its own context (ALPN h2)
     tls: UpstreamTLSSpec | None = None
+    #: the PROXY header a ``send_proxy_protocol`` pool's probes send first (``LOCAL``
+    #: or ``UNKNOWN``: no client); None: none
+    proxy_header: bytes | None = None
 
 
 class _Prober:
@@ -189,14 +193,13 @@ class HealthChecker:
         try:
             async with asyncio.timeout(check.timeout):
                 if check.type == "tcp":
-                    _, writer = await asyncio.open_connection(
-                        target.host, target.port, ssl=target.ssl,
-                        server_hostname=target.server_name,
-                    )  # fmt: skip
+                    _, writer = await _open(target, target.ssl)
                     writer.close()
                     return True, "connected"
                 if check.type == "grpc":
                     return await self._grpc(target)
+                if target.proxy_header is not None:
+                    return await _http_after_header(target)
                 return await self._http(target)
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             return False, describe(exc, check.timeout)
@@ -216,6 +219,7 @@ class HealthChecker:
             target.host, target.port, service=check.service,
             authority=check.host or format_address(target.host, target.port),
             timeout=check.timeout, context=context, server_name=target.server_name,
+            first=target.proxy_header,
         )  # fmt: skip
 
     async def _http(self, target: CheckTarget) -> tuple[bool, str]:
@@ -241,3 +245,37 @@ class HealthChecker:
     def __repr__(self) -> str:
         down = sum(not p.state.healthy for p in self._probers.values())
         return f"<HealthChecker [{len(self._probers)} upstreams, {down} down]>"
+
+
+async def _open(
+    target: CheckTarget, context: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``target`` (TLS with ``context``), its PROXY header first."""
+    host, port, first = target.host, target.port, target.proxy_header
+    name = target.server_name if context is not None else None
+    if first is None:
+        return await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
+    sock = await connect_sending(asyncio.get_running_loop(), host, port, first)
+    return await asyncio.open_connection(sock=sock, ssl=context, server_hostname=name)
+
+
+async def _http_after_header(target: CheckTarget) -> tuple[bool, str]:
+    """The HTTP probe of a pool that sends a PROXY header (aiohttp cannot write bytes
+    before a request): one HTTP/1.1 request on its own connection, the status line read."""
+    check = target.check
+    reader, writer = await _open(target, target.ssl)
+    try:
+        host = check.host or format_address(target.host, target.port)
+        head = f"{check.method} {check.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode())
+        line = await reader.readline()
+    finally:
+        writer.close()
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return False, "no HTTP response" if not line else "a malformed HTTP status line"
+    status = int(parts[1])
+    for low, high in check.expected_status:
+        if low <= status <= high:
+            return True, f"status {status}"
+    return False, f"status {status}"

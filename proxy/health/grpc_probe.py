@@ -33,6 +33,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from proxy.tcp import connect_sending
+
 #: The method every probe calls.
 PATH: Final = "/grpc.health.v1.Health/Check"
 #: ``HealthCheckResponse.ServingStatus`` values, by number.
@@ -256,13 +258,19 @@ async def check(
     timeout: float,
     context: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    first: bytes | None = None,
 ) -> tuple[bool, str]:
     """One ``Health/Check`` call to ``host:port``: (passed, reason). ``context`` (TLS,
     offering ALPN ``h2``) for an ``https://`` upstream. The caller bounds it in time;
     ``OSError`` and ``TimeoutError`` are left to it, every other failure is a reason."""
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=context, server_hostname=server_name if context else None
-    )
+    name = server_name if context else None
+    if first is None:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=name
+        )
+    else:  # a PROXY header before anything (``send_proxy_protocol``)
+        sock = await connect_sending(asyncio.get_running_loop(), host, port, first)
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname=name)
     try:
         if context is not None:
             chosen = writer.get_extra_info("ssl_object").selected_alpn_protocol()

@@ -138,6 +138,9 @@ METRICS: Final = (
     MetricSpec("aiolb_client_connections", "gauge", ("listener",), "Open client connections."),
     MetricSpec("aiolb_tls_handshake_errors", "counter", ("listener", "reason"),
                "TLS handshakes with clients that failed, by reason."),
+    MetricSpec("aiolb_proxy_protocol_errors", "counter", ("listener", "reason"),
+               "Client connections closed for their PROXY protocol header: untrusted, "
+               "malformed, incomplete or timeout."),
     MetricSpec("aiolb_config_reloads", "counter", ("result",),
                "Configuration reloads, by result."),
 )  # fmt: skip
@@ -239,6 +242,7 @@ class ProxyCollector(Collector):
         yield from self._traces()
         yield self._client_connections()
         yield self._handshake_errors()
+        yield self._proxy_protocol_errors()
         yield self._reloads()
 
     def _requests(self) -> Metric:
@@ -350,6 +354,15 @@ class ProxyCollector(Collector):
         counts = self.server.handshake_errors()
         if self.server.handshake_totals is not None:  # the workers' sum
             counts = self.server.handshake_totals
+        for (listener, reason), n in sorted(counts.items()):
+            family.add_metric([listener, reason], n)
+        return family
+
+    def _proxy_protocol_errors(self) -> Metric:
+        family = counter("aiolb_proxy_protocol_errors")
+        counts = self.server.proxy_protocol_errors()
+        if self.server.proxy_protocol_totals is not None:  # the workers' sum
+            counts = self.server.proxy_protocol_totals
         for (listener, reason), n in sorted(counts.items()):
             family.add_metric([listener, reason], n)
         return family

@@ -157,6 +157,11 @@ class Source(Protocol):
         ...
 
     @property
+    def proxy_protocol_totals(self) -> Mapping[tuple[str, str], int] | None:
+        """The workers' refused PROXY headers (on a supervisor), else None."""
+        ...
+
+    @property
     def reloads(self) -> Mapping[str, int]:
         """Reloads by result (``success``, ``failure``)."""
         ...
@@ -167,4 +172,9 @@ class Source(Protocol):
 
     def handshake_errors(self) -> Mapping[tuple[str, str], int]:
         """This process's failed TLS handshakes by (listener, reason)."""
+        ...
+
+    def proxy_protocol_errors(self) -> Mapping[tuple[str, str], int]:
+        """This process's connections closed for their PROXY header, by (listener,
+        reason)."""
         ...

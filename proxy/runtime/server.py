@@ -84,6 +84,8 @@ class ProxyServer:
         #: failed TLS handshakes by (listener, reason), summed over the workers
         #: (supervisor only; see ``handshake_errors``)
         self.handshake_totals: dict[tuple[str, str], int] | None = None
+        #: refused PROXY protocol headers by (listener, reason), likewise
+        self.proxy_protocol_totals: dict[tuple[str, str], int] | None = None
         #: retries each pool's budget allows now, summed over the workers (supervisor only)
         self.retry_budget_left: dict[str, float] | None = None
         #: when this server was built (Unix time), for the admin API's uptime
@@ -210,6 +212,16 @@ class ProxyServer:
                 counts[key] = counts.get(key, 0) + n
         return counts
 
+    def proxy_protocol_errors(self) -> dict[tuple[str, str], int]:
+        """Connections of this process closed for their PROXY header, by ``(listener,
+        reason)``."""
+        counts: dict[tuple[str, str], int] = {}
+        for listener in (*self.listeners, *self._retired):
+            for reason, n in listener.proxy_errors.items():
+                key = (listener.name, reason)
+                counts[key] = counts.get(key, 0) + n
+        return counts
+
     def connection_counts(self) -> dict[str, int]:
         """Open client connections of this process per listener name (draining ones of
         retired listeners included)."""
@@ -293,6 +305,7 @@ class ProxyServer:
             CheckTarget(
                 name, u.address, u.host, u.port, pool.active_check, u.healthy, u.ssl,
                 u.server_name, pool.tls_spec,
+                pool.send_proxy(None) if pool.send_proxy is not None else None,
             )
             for name, pool in self.pools.items()
             if pool.active_check is not None

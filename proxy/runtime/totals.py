@@ -39,6 +39,9 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
         "stats": server.stats.snapshot(),
         "connections": server.connection_counts(),
         "handshake_errors": [[*key, n] for key, n in server.handshake_errors().items()],
+        "proxy_protocol_errors": [
+            [*key, n] for key, n in server.proxy_protocol_errors().items()
+        ],
         "filters": server.filters.snapshot(),
         "caches": {name: cache.counts() for name, cache in server.caches.items()},
         "traces": server.tracer.counts() if server.tracer is not None else {},
@@ -102,6 +105,11 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         for listener, reason, n in snap.get("handshake_errors", ()):
             errors[(listener, reason)] = errors.get((listener, reason), 0) + n
     server.handshake_totals = errors
+    refused: dict[tuple[str, str], int] = {}
+    for snap in snapshots:
+        for listener, reason, n in snap.get("proxy_protocol_errors", ()):
+            refused[(listener, reason)] = refused.get((listener, reason), 0) + n
+    server.proxy_protocol_totals = refused
     server.filters.absorb([s.get("filters", []) for s in snapshots])
     if server.tracer is not None:
         server.tracer.absorb([s.get("traces", {}) for s in snapshots])

@@ -16,9 +16,11 @@ import httptools
 
 from proxy.clock import NEVER
 from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS
+from proxy.server.proxied import connection_addresses
 
 if TYPE_CHECKING:
     from proxy.forwarding.exchange import Exchange
+    from proxy.proxy_protocol import Addresses
     from proxy.server.listener import Listener
     from proxy.server.refusals import _Rejection
     from proxy.server.tunnel import Tunnel
@@ -111,6 +113,7 @@ class ConnectionBase(asyncio.Protocol):
         "parsing",
         "paused",
         "phase",
+        "proxied",
         "queue",
         "record",
         "reframe",
@@ -163,6 +166,9 @@ class ConnectionBase(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
         self.client_ip_bytes = b""
+        #: the addresses a PROXY header gave (``proxy.server.proxied``), or the
+        #: connection's own once a ``send_proxy_protocol`` pool asked; None: the peer's
+        self.proxied: Addresses | None = None
         self.exchange: Exchange | _Rejection | None = None
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange | _Rejection] = deque()
@@ -190,6 +196,12 @@ class ConnectionBase(asyncio.Protocol):
         #: the request being parsed has a body and Upgrade headers, so the parser ends
         #: its message at the head: its body is read by its framing (``_reframe``)
         self.reframe = False
+
+    def addresses(self) -> Addresses | None:
+        found = self.proxied
+        if found is None:  # the connection's own, asked once (``send_proxy_protocol``)
+            found = self.proxied = connection_addresses(None, self.transport)
+        return found
 
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:

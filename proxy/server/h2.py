@@ -60,12 +60,14 @@ from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, f
 from proxy.http.responses import error_response, redirect_response
 from proxy.server.base import read_nothing
 from proxy.server.protocol import ClientConnection
+from proxy.server.proxied import connection_addresses, take_address
 
 if TYPE_CHECKING:
     from proxy.forwarding.core import ExchangeCore
     from proxy.forwarding.downstream import Answer, Site
     from proxy.forwarding.exchange import Exchange
     from proxy.http.headers import ResponseHead
+    from proxy.proxy_protocol import Addresses
     from proxy.server.listener import Listener
     from proxy.upstream.connection import UpstreamConnection
 
@@ -268,6 +270,13 @@ class H2Stream:
         self.no_body = True
         self.ending = True
 
+    def addresses(self) -> Addresses | None:
+        conn = self.conn
+        found = conn.proxied
+        if found is None:  # the connection's own, asked once (``send_proxy_protocol``)
+            found = conn.proxied = connection_addresses(None, conn.transport)
+        return found
+
     def __repr__(self) -> str:
         return f"<H2Stream {self.sid} of {self.client_ip} [{self.ex!r}]>"
 
@@ -299,6 +308,7 @@ class H2Server(asyncio.Protocol):
         "max_streams",
         "max_uri",
         "opened",
+        "proxied",
         "resets",
         "send_deadline",
         "send_mark",
@@ -352,6 +362,9 @@ class H2Server(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_ip = ""
         self.client_ip_bytes = b""
+        #: the addresses a PROXY header gave (``proxy.server.proxied``), or the
+        #: connection's own once a ``send_proxy_protocol`` pool asked; None: the peer's
+        self.proxied: Addresses | None = None
         self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
         self.closed = False
         self.draining = listener.draining
@@ -373,10 +386,7 @@ class H2Server(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client_ip = peer[0]
-            self.client_ip_bytes = peer[0].encode()
+        take_address(self, transport)
         if self.listener.config.forwarded != "drop":
             self.head_template = forwarded_template(self.head_template, self.client_ip)
         self.listener.connections.add(self)

@@ -27,6 +27,7 @@ from proxy.filters import FilterContext, build_chain
 from proxy.forwarding.router import Route, Router
 from proxy.server.negotiate import connection_class
 from proxy.server.protocol import ClientConnection
+from proxy.server.proxied import HeaderReader, Network
 from proxy.tls import ServerTLS, handshake_reason
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class Listener:
         "handshake_errors",
         "loop",
         "name",
+        "proxy_errors",
+        "proxy_trusted",
+        "readers",
         "record",
         "request_ids",
         "router",
@@ -124,6 +128,11 @@ class Listener:
         #: failed TLS handshakes by reason, for ``aiolb_tls_handshake_errors_total``
         self.handshake_errors: dict[str, int] = {}
         self.connections: set[ClientConnection | H2Server] = set()
+        #: ``proxy_protocol.trusted`` as networks (None: no PROXY header accepted), the
+        #: connections whose header is being read, and the ones refused, by reason
+        self.proxy_trusted = _trusted(config)
+        self.readers: set[HeaderReader] = set()
+        self.proxy_errors: dict[str, int] = {}
         #: what an accepted connection starts as (``proxy.server.negotiate``)
         self.connection_type = connection_class(self, config.effective_protocols())
         self.server: asyncio.Server | None = None
@@ -141,12 +150,20 @@ class Listener:
         connections get them; open ones keep theirs)."""
         self.router = build_router(config, pools, self.filters, caches)
         self.config, self.name, self.tls = config, config.name, tls
+        self.proxy_trusted = _trusted(config)
         self.connection_type = connection_class(self, config.effective_protocols())
 
     def accept(self) -> asyncio.BaseProtocol:
         """The protocol of a connection just accepted: a ``ClientConnection``, wrapped
-        in TLS on a TLS listener (``connection_made`` comes after the handshake)."""
-        conn = self.connection_type(self)
+        in TLS on a TLS listener (``connection_made`` comes after the handshake); on a
+        ``proxy_protocol`` listener, a ``HeaderReader`` first (``proxy.server.proxied``)."""
+        if self.proxy_trusted is not None:
+            return HeaderReader(self)
+        return self.wrap(self.connection_type(self), self.config.timeouts.header)
+
+    def wrap(self, conn: ClientConnection, handshake_timeout: float) -> asyncio.BaseProtocol:
+        """``conn``, wrapped in the event loop's TLS protocol on a TLS listener (the
+        handshake within ``handshake_timeout``)."""
         tls = self.tls
         if tls is None:
             return conn
@@ -155,7 +172,7 @@ class Listener:
         waiter.add_done_callback(lambda done: self._handshake_done(conn, done))
         protocol: asyncio.BaseProtocol = self._ssl_protocol(
             loop, conn, tls.context, waiter, server_side=True,
-            ssl_handshake_timeout=self.config.timeouts.header,
+            ssl_handshake_timeout=handshake_timeout,
         )  # fmt: skip
         return protocol
 
@@ -207,6 +224,8 @@ class Listener:
     def close_all(self) -> None:
         for conn in tuple(self.connections):
             conn.transport.abort()
+        for reader in tuple(self.readers):
+            reader.close()
 
     @property
     def bind(self) -> str:
@@ -216,6 +235,11 @@ class Listener:
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
         return f"<Listener {self.name} {self.config.bind} [{state}, {len(self.connections)} conns]>"
+
+
+def _trusted(config: ListenerSpec) -> tuple[Network, ...] | None:
+    spec = config.proxy_protocol
+    return spec.networks() if spec is not None else None
 
 
 def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BaseProtocol]:

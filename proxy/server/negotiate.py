@@ -40,6 +40,7 @@ def _hand_over(conn: ClientConnection, data: bytes) -> None:
     conn.closed = conn.broken = True  # the stand-in is never used again
     transport = conn.transport
     h2 = H2Server(listener)
+    h2.proxied = conn.proxied
     transport.set_protocol(h2)
     h2.connection_made(transport)
     if data:

@@ -61,6 +61,7 @@ from proxy.server.base import (
     _Closed,
     _Reject,
 )
+from proxy.server.proxied import take_address
 from proxy.server.refusals import _Rejection
 from proxy.server.respond import H1Responses
 from proxy.tcp import ack_now
@@ -92,10 +93,7 @@ class ClientConnection(H1Responses):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client_ip = peer[0]
-            self.client_ip_bytes = peer[0].encode()
+        take_address(self, transport)
         if self.listener.config.forwarded != "drop":
             self.head_template = forwarded_template(self.head_template, self.client_ip)
         self.listener.connections.add(self)

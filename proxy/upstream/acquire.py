@@ -51,11 +51,13 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from proxy.clock import NEVER
 from proxy.errors import CircuitOpenError, ProxyError, UpstreamConnectError
+from proxy.tcp import connect_sending
 from proxy.tls import tls_failure
 from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.h2 import H2Upstream
 
 if TYPE_CHECKING:
+    from proxy.proxy_protocol import Addresses
     from proxy.upstream.pool import Pool, Upstream
     from proxy.upstream.session import UpstreamSession
 
@@ -81,6 +83,10 @@ class Waiter(Protocol):
     def failed(self, error: ProxyError) -> None:
         """Opening the connection failed (an ``UpstreamConnectError``: refused, timed
         out, a TLS handshake): an attempt failure, nothing sent."""
+
+    def proxy_addresses(self) -> Addresses | None:
+        """Who connected to whom on the client side: what a pool's
+        ``send_proxy_protocol`` header says (asked only when it sends one)."""
 
 
 class State(enum.Enum):
@@ -184,6 +190,8 @@ def acquire(
         # the common case, decided as ``assign`` decides for a lone request but without
         # a ticket, which a request answered at once does not need: the idle connection
         conn = upstream.take_idle()
+        if conn is None and upstream.private:  # one that sent this client's header
+            conn = upstream.take_own(_header(upstream, waiter))
         if conn is not None:
             if not waiter.granted(conn, None):
                 upstream.put_idle(conn, loop.time())
@@ -236,7 +244,7 @@ def assign(
         if conn is not None:
             first.conn = conn
             outcome = GRANTED
-        elif upstream.h2_opening or upstream.h2_settling():
+        elif (upstream.h2_opening or upstream.h2_settling()) and not upstream.private:
             break  # HTTP/2: a connection opening, or waiting for its SETTINGS, may have room
         elif upstream.conns < upstream.max_connections:
             upstream.conns += 1
@@ -244,6 +252,8 @@ def assign(
                 upstream.h2_opening += 1
             outcome = OPENING
         else:
+            if upstream.owned:  # a slot held idle for another client: free it
+                upstream.evict_own()
             break
         waiting.popleft()
         if first.state is QUEUED:
@@ -310,14 +320,15 @@ async def _connect(ticket: Ticket) -> None:
     upstream = ticket.upstream
     opened = perf_counter()
     h2 = upstream.h2 is not None
+    header = _header(upstream, ticket.waiter) if upstream.private else None
     try:
         if h2:
             try:
-                session: UpstreamSession = await _open_h2(upstream, ticket.loop)
+                session: UpstreamSession = await _open_h2(upstream, ticket.loop, header)
             finally:
                 upstream.h2_opening -= 1
         else:
-            session = await _open(upstream, ticket.loop)
+            session = await _open(upstream, ticket.loop, header)
     except ProxyError as exc:
         ticket.task = None
         ticket.state = FAILED
@@ -335,11 +346,19 @@ async def _connect(ticket: Ticket) -> None:
         carry_out(assign(upstream))
 
 
-async def _open_h2(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> UpstreamSession:
+def _header(upstream: Upstream, waiter: Waiter) -> bytes:
+    """The PROXY header a new connection of ``upstream`` would send for ``waiter``."""
+    send = upstream.pool.send_proxy
+    return send(waiter.proxy_addresses()) if send is not None else b""
+
+
+async def _open_h2(
+    upstream: Upstream, loop: asyncio.AbstractEventLoop, header: bytes | None
+) -> UpstreamSession:
     """Open an HTTP/2 connection (counted in ``upstream.conns``) and a stream on it: prior
     knowledge on plain TCP, ALPN ``h2`` over TLS (an upstream that does not choose it is
-    a connect error)."""
-    transport, conn = await _dial(upstream, loop, lambda: H2Upstream(upstream))
+    a connect error). With a PROXY ``header`` it carries that one stream, then closes."""
+    transport, conn = await _dial(upstream, loop, lambda: H2Upstream(upstream), header)
     if upstream.ssl is not None:
         tls = transport.get_extra_info("ssl_object")
         chosen = tls.selected_alpn_protocol() if tls is not None else None
@@ -354,12 +373,19 @@ async def _open_h2(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> Upstr
         conn.retire()
         h2 = []
     h2.append(conn)
-    return conn.open_stream()
+    session = conn.open_stream()
+    if upstream.private:  # one client's address: no other stream here
+        conn.retire()
+    return session
 
 
-async def _open(upstream: Upstream, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+async def _open(
+    upstream: Upstream, loop: asyncio.AbstractEventLoop, header: bytes | None
+) -> UpstreamConnection:
     """Open an HTTP/1.1 connection, already counted in ``upstream.conns``."""
-    _, conn = await _dial(upstream, loop, lambda: UpstreamConnection(upstream))
+    _, conn = await _dial(upstream, loop, lambda: UpstreamConnection(upstream), header)
+    if header is not None:
+        conn.proxy_key = header
     upstream.stats.connections_opened += 1
     return conn
 
@@ -368,14 +394,23 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
 async def _dial(
-    upstream: Upstream, loop: asyncio.AbstractEventLoop, protocol: Callable[[], P]
+    upstream: Upstream,
+    loop: asyncio.AbstractEventLoop,
+    protocol: Callable[[], P],
+    header: bytes | None = None,
 ) -> tuple[asyncio.BaseTransport, P]:
     """Connect to ``upstream`` (TLS when it is ``https://``, the handshake counted
-    against the same connect timeout); failures give the slot back and become
-    ``UpstreamConnectError``."""
+    against the same connect timeout), ``header`` (a PROXY header) its first bytes,
+    before TLS; failures give the slot back and become ``UpstreamConnectError``."""
     timeout = upstream.pool.connect_timeout
     try:
         async with asyncio.timeout(timeout):
+            if header is not None:
+                sock = await connect_sending(loop, upstream.host, upstream.port, header)
+                return await loop.create_connection(
+                    protocol, sock=sock, ssl=upstream.ssl, server_hostname=upstream.server_name,
+                    ssl_handshake_timeout=timeout if upstream.ssl is not None else None,
+                )  # fmt: skip
             if upstream.ssl is None:
                 return await loop.create_connection(protocol, upstream.host, upstream.port)
             return await loop.create_connection(

@@ -105,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         "informational",
         "keep_alive",
         "parser",
+        "proxy_key",
         "raw",
         "raw_start",
         "reading_paused",
@@ -129,6 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = 0  # the reasons (CLIENT_SLOW, ...) it is paused for
         self.idle_since = 0.0
         self.uses = 0
+        #: the PROXY header it sent first (``send_proxy_protocol``): whose it is
+        self.proxy_key = b""
         self.acked = False  # ack_now was called during the current response
         self.body_left = 0  # body bytes still to come, when ``_known`` framed the response
         self.keep_alive = True  # the upstream keeps the connection after that response

@@ -29,6 +29,7 @@ from proxy.balancing import REGISTRY, Balancer, RequestView, SlowStart
 from proxy.config.values import format_address
 from proxy.health.outlier import OutlierDetector, readmit
 from proxy.metrics.stats import Stats
+from proxy.proxy_protocol import BUILDERS, Addresses
 from proxy.tls import client_context
 from proxy.upstream.acquire import assign, carry_out
 from proxy.upstream.retry import RetryPolicy
@@ -66,9 +67,11 @@ class Upstream:
         "max_idle",
         "name",
         "observed_at",
+        "owned",
         "passes",
         "pool",
         "port",
+        "private",
         "returned_at",
         "server_name",
         "ssl",
@@ -121,6 +124,14 @@ class Upstream:
         #: idle connections kept (the pool's ``max_idle_connections``, by default as many
         #: as may be open; 0 once removed)
         self.max_idle = self.max_connections if pool.max_idle is None else pool.max_idle
+        #: the pool sends a PROXY header: a connection carries one client's addresses,
+        #: so its idle connections are kept apart by the header they sent (``owned``,
+        #: never in ``idle``) and reused only for a request that would send the same
+        #: one (``take_own``, from ``proxy.upstream.acquire``)
+        self.private = pool.send_proxy is not None
+        self.owned: dict[bytes, list[UpstreamConnection]] = {}
+        if self.private:
+            self.max_idle = 0
         #: a pool with ``http_version: "2"``: the multiplexed connections (``proxy.
         #: upstream.h2``), and how many are being opened; None: HTTP/1.1
         self.h2: list[H2Upstream] | None = [] if pool.http2 else None
@@ -176,14 +187,44 @@ class Upstream:
             return
         if conn.reading_paused:
             conn.resume_reading(conn.reading_paused)  # every reason: the message is over
-        if self.waiting:  # the first waiter takes it (``assign``)
+        if self.waiting and not self.private:  # the first waiter takes it (``assign``)
             self.idle.append(conn)
             carry_out(assign(self))
         elif len(self.idle) < self.max_idle:
             conn.idle_since = now
             self.idle.append(conn)
-        else:
+        elif self.private and not self.waiting:  # kept for its own client only
+            conn.idle_since = now
+            owned = self.owned
+            mine = owned.pop(conn.proxy_key, [])  # to the end: the dict's order is LRU
+            mine.append(conn)
+            owned[conn.proxy_key] = mine
+        else:  # (a private pool's, when requests wait: its slot serves them)
             conn.close()
+
+    def take_own(self, key: bytes) -> UpstreamConnection | None:
+        """An idle connection that sent the PROXY header ``key`` (a ``private``
+        upstream's), or None."""
+        owned = self.owned
+        mine = owned.get(key)
+        while mine:
+            conn = mine.pop()
+            if not mine:
+                del owned[key]
+            if conn.reusable():
+                return conn
+            conn.close()
+        return None
+
+    def evict_own(self) -> None:
+        """Requests wait and every slot is taken: close the least recently used idle
+        connection kept for another client (its close lets a waiter open one)."""
+        for key, mine in self.owned.items():
+            conn = mine.pop(0)
+            if not mine:
+                del self.owned[key]
+            conn.close()
+            return
 
     def serve_waiting(self) -> None:
         """Room opened (an HTTP/2 stream ended, a connection's settings changed): the
@@ -202,6 +243,12 @@ class Upstream:
             self.idle.remove(conn)
         except ValueError:
             pass
+        if self.owned:
+            mine = self.owned.get(conn.proxy_key)
+            if mine is not None and conn in mine:
+                mine.remove(conn)
+                if not mine:
+                    del self.owned[conn.proxy_key]
 
     def close_idle(self, older_than: float, now: float = 0.0) -> None:
         h2 = self.h2
@@ -214,6 +261,10 @@ class Upstream:
         idle = self.idle
         while idle and idle[0].idle_since < older_than:
             idle.popleft().close()
+        if self.owned:
+            for mine in tuple(self.owned.values()):
+                for old in [c for c in mine if c.idle_since < older_than]:
+                    old.close()  # ``forget`` takes it out
 
     def __repr__(self) -> str:
         state = "up" if self.healthy else "down"
@@ -264,6 +315,7 @@ class Pool:
         "response_header_timeout",
         "retries",
         "retry",
+        "send_proxy",
         "send_timeout",
         "static_addresses",
         "stats",
@@ -291,6 +343,11 @@ class Pool:
         #: a response read whole with a known head is relayed in one step
         #: (``Exchange.relay_whole``); False: always the general path (tests compare them)
         self.fast_path = True
+        #: ``send_proxy_protocol``: builds the PROXY header of a new connection from the
+        #: client's addresses (None: a health probe's); None: no header sent
+        self.send_proxy: Callable[[Addresses | None], bytes] | None = (
+            BUILDERS[config.send_proxy_protocol] if config.send_proxy_protocol else None
+        )
         self.queue_timeout = breaker.queue_timeout
         self.pending = 0  # requests waiting for a connection (``Upstream.waiting``)
         self.overflows = 0  # requests refused (503) because max_pending were waiting
@@ -375,7 +432,7 @@ class Pool:
         """Close idle connections unused for longer than ``timeouts.idle``; step ramps."""
         older_than = now - self.idle_timeout
         for upstream in self.upstreams:
-            if upstream.idle or upstream.h2:
+            if upstream.idle or upstream.h2 or upstream.owned:
                 upstream.close_idle(older_than, now)
         outlier = self.outlier
         returned = outlier is not None and outlier.sweep(self.upstreams, self.clock())
@@ -481,6 +538,11 @@ class Pool:
                 old.weight, old.backup, old.pool = fresh.weight, fresh.backup, self
                 old.name = fresh.name
                 old.max_idle = fresh.max_idle
+                if old.private != fresh.private:  # sent a PROXY header, or not: none kept
+                    old.private = fresh.private
+                    old.close_idle(float("inf"))
+                    for conn in old.h2 or ():
+                        conn.retire()
                 old.max_connections = fresh.max_connections
                 if old.tls_key != fresh.tls_key:  # new TLS settings: no old connection
                     old.close_idle(float("inf"))

@@ -305,7 +305,7 @@ async def test_the_connect_task_hands_over_the_connection_or_the_failure(
     upstream, loop = make_upstream(), asyncio.get_running_loop()
     results: list[Any] = [FakeConn("new"), UpstreamConnectError("connect failed: refused")]
 
-    async def fake_open(up: Upstream, _: asyncio.AbstractEventLoop) -> Any:
+    async def fake_open(up: Upstream, _: asyncio.AbstractEventLoop, header: bytes | None) -> Any:
         result = results.pop(0)
         if isinstance(result, Exception):
             up.connection_closed()  # as the real one does: the slot goes back
