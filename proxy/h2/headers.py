@@ -55,7 +55,36 @@ class Malformed(ValueError):
 
 def request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Headers]:
     """``(method, target, headers)``: the HTTP/1.1 form of an HTTP/2 request head
-    (raises ``Malformed`` for a request RFC 9113 section 8.1.1 makes malformed)."""
+    (raises ``Malformed`` for a request RFC 9113 section 8.1.1 makes malformed). A
+    client repeats its heads (the decoder hands back the same fields for a block it
+    decoded before): the last ``_LISTS_MAX`` heads translated are remembered (a few
+    MiB at most, at the largest header lists allowed). The list returned is shared:
+    never change it."""
+    key = (tuple(headers), has_body)
+    found = _FROM_CLIENTS.get(key)
+    if found is None:
+        if len(_FROM_CLIENTS) >= _LISTS_MAX:
+            _FROM_CLIENTS.clear()
+        try:
+            found = _request_from_h2(headers, has_body)
+        except Malformed as exc:
+            found = exc
+        _FROM_CLIENTS[key] = found
+    if isinstance(found, Malformed):
+        raise Malformed(str(found), found.status)
+    return found
+
+
+#: Header lists whose translations are remembered (``request_from_h2``,
+#: ``response_from_h2``).
+_LISTS_MAX: Final = 64
+#: ``request_from_h2``'s answers (or refusals) by header list.
+_FROM_CLIENTS: Final[
+    dict[tuple[tuple[tuple[bytes, bytes], ...], bool], tuple[bytes, bytes, Headers] | Malformed]
+] = {}
+
+
+def _request_from_h2(headers: Headers, has_body: bool) -> tuple[bytes, bytes, Headers]:
     method = target = authority = scheme = None
     host: bytes | None = None
     cookies: list[bytes] | None = None
@@ -230,13 +259,12 @@ def response_from_h2(headers: Headers) -> tuple[int, bytes]:
     missing or repeated, another pseudo-header, one after a field, a connection-specific
     field, a name or value no HTTP/1.1 head may carry: a CR or LF in a value would
     split the response for an HTTP/1.1 client). An upstream repeats its head until its
-    ``Date`` ticks: the heads translated lately are remembered (bounded, as
-    ``response_to_h2``'s)."""
+    ``Date`` ticks: the last ``_LISTS_MAX`` heads translated are remembered."""
     key = tuple(headers)
     found = _FROM_H2.get(key)
     if found is not None:
         return found
-    if len(_FROM_H2) >= _RESPONSES_MAX:
+    if len(_FROM_H2) >= _LISTS_MAX:
         _FROM_H2.clear()
     found = _FROM_H2[key] = _response_from_h2(headers)
     return found
