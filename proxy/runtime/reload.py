@@ -40,6 +40,7 @@ from proxy.cache import build_caches
 from proxy.config import Config, ConfigError
 from proxy.config.values import format_address
 from proxy.runtime.preflight import validate, warnings
+from proxy.runtime.provided import merge
 from proxy.server.listener import alpn as _alpn
 from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
@@ -159,7 +160,11 @@ async def reload_server(server: ProxyServer) -> list[str]:
     config, problems = await load(path)
     if config is None:
         return problems
-    return await apply_config(server, config, path)
+    extra = server.docker.extra if server.docker is not None else {}
+    problems = await apply_config(server, merge(config, extra), path)
+    if not problems:
+        server.file_config = config
+    return problems
 
 
 async def apply_config(server: ProxyServer, config: Config, path: str) -> list[str]:
@@ -192,6 +197,9 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])
     server.retune_clock()
     server.discovery.sync(pools)
+    if server.docker is not None:
+        server.docker.sync(pools)
+    server.scaling.attach(pools)
     server.sync_health()
     for listener, sock in zip(added, sockets, strict=serving):
         await server.start_listener(listener, sock)
@@ -213,5 +221,7 @@ def _warn_unreloaded(old: Config, new: Config) -> None:
         log.warning("reload: access log settings change on restart only")
     if old.tracing != new.tracing:
         log.warning("reload: tracing settings change on restart only")
+    if old.providers != new.providers:
+        log.warning("reload: providers settings change on restart only")
     if old.workers != new.workers:
         log.warning("reload: the worker count changes on restart only")
