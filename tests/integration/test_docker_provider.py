@@ -231,3 +231,33 @@ async def test_label_made_pool_and_route(engine: Engine, servers: list[ProxyServ
     await asyncio.to_thread(engine.docker, "rm", "-f", "api-1")
     await wait_for(lambda: "api" not in server.pools, 10)
     assert [r.pool for r in server.config.listeners[0].routes] == ["web"]
+
+
+async def test_engine_restart_finds_what_started_meanwhile(
+    engine: Engine, servers: list[ProxyServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine restarts (the events stream dies with it): the provider says so,
+    reconnects, lists again, and finds the container the engine started again
+    (``--restart always``) and one run before the provider was back. Last in this
+    file: it restarts the session's engine."""
+    caplog.set_level(logging.INFO, "aiolb")
+    port_a, port_b = unused_port(), unused_port()
+    labels = {"aiolb.enable": "true", "aiolb.pool": "web"}
+    engine.run("rs-a", port_a, {**labels, "aiolb.port": str(port_a)},
+               extra=["--restart", "always"])  # fmt: skip
+    server = await start_proxy(docker_config(engine.endpoint, {"web": {"upstreams": []}}))
+    servers.append(server)
+    await wait_for(lambda: names(server, "web") == {"rs-a"}, timeout=15)
+    docker = server.docker
+    assert docker is not None
+    await asyncio.to_thread(engine.restart)
+    await asyncio.to_thread(engine.run, "rs-b", port_b, {**labels, "aiolb.port": str(port_b)})
+    await wait_for(lambda: names(server, "web") == {"rs-a", "rs-b"}, timeout=30)
+    assert "docker: lost the engine" in caplog.text
+    async with aiohttp.ClientSession() as session:
+        seen = set()
+        for _ in range(6):
+            async with session.get(proxy_url(server)) as r:
+                assert r.status == 200
+                seen.add(await r.text())
+    assert seen == {"rs-a", "rs-b"}
