@@ -199,7 +199,8 @@ class DockerProvider:
         self.pools: Mapping[str, Pool] = {}
         self.extra: dict[str, RouteLabels] = {}
         self.connected = False
-        self.listed = asyncio.Event()  # the first list is applied
+        self.listed = asyncio.Event()  # the first list is applied, or the first try failed
+        self._last_error = ""
         self._warned: dict[str, str] = {}  # container id -> last label problem logged
         self._task: asyncio.Task[None] | None = None
 
@@ -208,7 +209,8 @@ class DockerProvider:
     async def start(self, pools: Mapping[str, Pool], wait: float = 5.0) -> None:
         """Start following the engine; wait up to ``wait`` seconds for the first list
         (so the first requests find upstreams). An engine that cannot be reached is
-        logged and retried; the file's pools serve meanwhile."""
+        logged and retried (the wait ends at the first failure); the file's pools serve
+        meanwhile."""
         self.pools = pools
         self._task = asyncio.get_running_loop().create_task(self._run())
         try:
@@ -241,14 +243,20 @@ class DockerProvider:
                             log.info("docker: following %s (%d containers labelled)",
                                      self.spec.endpoint, len(self.containers))  # fmt: skip
                         self.connected, backoff = True, BACKOFF_FIRST
+                        self._last_error = ""
                         continue
                     await self._event(event)
             except DockerError as exc:
                 lost = "lost" if self.connected else "cannot follow"
-                log.warning("docker: %s the engine: %s; trying again in %gs", lost, exc, backoff)
+                # the same failure again and again is logged once, then at debug level
+                level = logging.DEBUG if str(exc) == self._last_error else logging.WARNING
+                self._last_error = str(exc)
+                log.log(level, "docker: %s the engine: %s; trying again in %gs", lost, exc,
+                        backoff)  # fmt: skip
             except Exception:  # a bug must not end the loop: keep serving
                 log.exception("docker: unexpected error; trying again in %gs", backoff)
             self.connected = False
+            self.listed.set()  # the first try is over: nobody waits for the engine
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -366,6 +374,9 @@ class DockerProvider:
 
     async def wake(self, pool: Pool) -> None:
         """Start the pool's stopped labelled containers (``docker start``)."""
+        if not self.connected and not self.containers:
+            raise DockerError(f"not connected to the engine at {self.spec.endpoint}"
+                              f" ({self._last_error or 'connecting'})")  # fmt: skip
         stopped = self._of(pool, ("exited", "created"))
         if not stopped:
             if self._of(pool, ("running", "restarting", "paused")):

@@ -144,3 +144,29 @@ async def test_a_pool_without_scale_from_zero_answers_503_at_once(
     await drain(server, rec)
     status, _, waited = await get(proxy_url(server))
     assert status == 503 and waited < 1
+
+
+async def test_a_held_request_keeps_its_body(proxy: MakeProxy, recorders: MakeRecorder) -> None:
+    """A POST held while the pool is empty: its body arrives meanwhile and reaches the
+    upstream whole once one is back (small: buffered; large: streamed after a pause)."""
+    bodies: list[bytes] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.read())
+        return web.Response(text=str(len(bodies[-1])))
+
+    rec = await recorders("a", {"/echo": echo})
+    server = await proxy(make_config([rec.url], pool={"scale_from_zero": {"hold": "10s"}}))
+    await drain(server, rec)
+    small, large = b"x" * 1000, bytes(range(256)) * 4096  # 1 KB and 1 MiB
+    async with aiohttp.ClientSession() as session:
+        calls = [
+            asyncio.create_task(session.post(proxy_url(server, "/echo"), data=body))
+            for body in (small, large)
+        ]
+        await wait_for(lambda: server.pools["main"].held == 2)
+        await drain(server, rec, "enable")
+        for call, body in zip(calls, (small, large), strict=True):
+            async with await call as r:
+                assert (r.status, await r.text()) == (200, str(len(body)))
+    assert sorted(bodies, key=len) == [small, large]
