@@ -18,10 +18,12 @@ import asyncio
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -177,14 +179,17 @@ class ReadOnlyProxy:
         self.port = 0
         self.refused: list[str] = []
         self.down = False
-        self._streams: dict[int, web.Request] = {}
+        self.tls: ssl.SSLContext | None = None
+        self._streams: dict[int, tuple[web.Request, asyncio.Task[Any] | None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"tcp://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'tcp'}://{HOST}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        """Serve on a free port; with ``tls``, HTTPS (as ``dockerd --tlsverify``)."""
+        self.tls = tls
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(self.socket_path))
         )
@@ -192,7 +197,7 @@ class ReadOnlyProxy:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, HOST, 0)
+        site = web.TCPSite(self.runner, HOST, 0, ssl_context=tls)
         await site.start()
         self.port = self.runner.addresses[0][1]
 
@@ -210,7 +215,7 @@ class ReadOnlyProxy:
             response = web.StreamResponse(status=upstream.status)
             response.content_type = upstream.content_type
             await response.prepare(request)
-            self._streams[id(request)] = request
+            self._streams[id(request)] = (request, asyncio.current_task())
             try:
                 async for chunk in upstream.content.iter_any():
                     if self.down:
@@ -226,9 +231,11 @@ class ReadOnlyProxy:
 
     def cut(self) -> None:
         self.down = True
-        for request in list(self._streams.values()):
+        for request, task in list(self._streams.values()):
             if request.transport is not None:
                 request.transport.close()
+            if task is not None:  # it may wait for the engine's next event: end it now
+                task.cancel()
 
     def resume(self) -> None:
         self.down = False

@@ -100,9 +100,15 @@ def tls_warnings(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
 
 
 def docker_endpoint(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
-    """A ``unix://`` Docker endpoint must be a socket the proxy may connect to (a TCP
-    endpoint is tried at run time: unreachable, it is logged and retried)."""
+    """A ``unix://`` Docker endpoint must be a socket the proxy may connect to, and the
+    files of ``tls`` must be readable (a TCP endpoint is tried at run time: unreachable,
+    it is logged and retried)."""
     docker = config.providers.docker
+    if docker is not None and docker.tls is not None:
+        for key in ("ca", "cert", "key"):
+            name = getattr(docker.tls, key)
+            if name is not None and not os.access(name, os.R_OK):
+                yield ("providers", "docker", "tls", key), f"cannot read {name}"
     path = docker.socket_path if docker is not None else None
     if path is None:
         return

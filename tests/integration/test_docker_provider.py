@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,7 +22,14 @@ import pytest
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
 from tests.docker_support import Engine, ReadOnlyProxy, steady_load
-from tests.support import HOST, proxy_url, start_proxy, unused_port, wait_for
+from tests.support import (
+    HOST,
+    CertAuthority,
+    proxy_url,
+    start_proxy,
+    unused_port,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -161,6 +169,30 @@ async def test_lost_events_stream_through_read_only_proxy(
         assert "wake failed" in caplog.text
         assert "read-only socket proxy? wake: docker needs POST" in caplog.text
         assert engine.state("sleepy-1") == "created"
+    finally:
+        await socket_proxy.stop()
+
+
+async def test_https_endpoint_with_client_certificate(
+    engine: Engine, servers: list[ProxyServer], ca: CertAuthority
+) -> None:
+    """``https://`` with ``tls: {ca, cert, key}``: the engine's API behind TLS that
+    requires a client certificate (``dockerd --tlsverify``)."""
+    server_side = ca.server_context(HOST)
+    server_side.verify_mode = ssl.CERT_REQUIRED
+    server_side.load_verify_locations(ca.cert_file)
+    client = ca.issue("aiolb-client")
+    socket_proxy = ReadOnlyProxy(engine.socket)
+    await socket_proxy.start(server_side)
+    try:
+        port = unused_port()
+        engine.run("tls-1", port, {"aiolb.enable": "true", "aiolb.pool": "web",
+                                   "aiolb.port": str(port)}, health=False)  # fmt: skip
+        tls = {"ca": ca.cert_file, "cert": client.cert, "key": client.key}
+        config = docker_config(socket_proxy.endpoint, {"web": {"upstreams": []}}, tls=tls)
+        server = await start_proxy(config)
+        servers.append(server)
+        await wait_for(lambda: names(server, "web") == {"tls-1"}, timeout=15)
     finally:
         await socket_proxy.stop()
 

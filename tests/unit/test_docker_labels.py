@@ -231,3 +231,14 @@ def test_the_labelled_compose_example_matches_its_config() -> None:
                 for p in config.pools.values())  # fmt: skip
     proxy_env = services["docker-socket-proxy"]["environment"]
     assert wakes == (proxy_env.get("POST") == 1)
+
+
+def test_check_refuses_unreadable_tls_files(tmp_path: Path) -> None:
+    text = ("providers:\n  docker:\n    endpoint: https://127.0.0.1:2376\n"
+            f"    tls:\n      ca: {tmp_path / 'ca.pem'}\n" + BASE
+            + "pools:\n  web:\n    upstreams: []\n")  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        validate(write(tmp_path, text))
+    assert caught.value.problems == [
+        f"{tmp_path / 'aiolb.yaml'}:5: providers.docker.tls.ca: cannot read {tmp_path / 'ca.pem'}"
+    ]
