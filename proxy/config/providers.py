@@ -39,7 +39,8 @@ class DockerProviderSpec(ConfigModel):
 
     Labels: ``aiolb.enable``, ``aiolb.pool`` (a YAML pool, or a new one with every
     default), ``aiolb.port`` (default: the only exposed port), ``aiolb.weight``,
-    ``aiolb.backup``, ``aiolb.scheme`` (``http``, ``https``), and for a pool no route
+    ``aiolb.backup``, ``aiolb.scheme`` (``http``, ``https``, ``h2c``: HTTP/2 with prior
+    knowledge, for a pool with ``http_version: "2"``), and for a pool no route
     names: ``aiolb.route.listener``, ``aiolb.route.host``, ``aiolb.route.path_prefix``.
     """
 

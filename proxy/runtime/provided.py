@@ -1,7 +1,8 @@
 """What providers add to the file's config, and the scaling of pools.
 
 ``merge`` is the config the server runs: the file's, plus a pool (every default, no
-upstream of its own) for each pool name a container label gave that the file lacks,
+upstream of its own; ``http_version: "2"`` when its first container says
+``aiolb.scheme=h2c``) for each pool name a container label gave that the file lacks,
 and, when its labels ask (``aiolb.route.host`` / ``path_prefix``), a route to it on
 ``aiolb.route.listener`` (default: the first listener). Those routes come before the
 file's, the most specific first (a host before none, a longer prefix first): a file's
@@ -41,7 +42,8 @@ def merge(config: Config, extra: Mapping[str, RouteLabels]) -> Config:
         if name in pools:
             continue
         try:
-            pools[name] = PoolSpec.model_validate({"upstreams": []})
+            http_version = "2" if labels.http2 else "1.1"
+            pools[name] = PoolSpec.model_validate({"upstreams": [], "http_version": http_version})
         except ValidationError:
             continue
         if labels.host is None and labels.path_prefix is None:

@@ -139,9 +139,11 @@ def upstream_spec(c: Container, spec: DockerProviderSpec) -> UpstreamSpec:
     else:
         exposed = ", ".join(map(str, c.ports)) or "none"
         raise ValueError(f"set aiolb.port (exposed ports: {exposed})")
-    scheme = labels.get(PREFIX + "scheme", "http").strip().lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"aiolb.scheme={scheme!r}: http or https")
+    scheme = scheme_of(c)
+    if scheme not in ("http", "https", "h2c"):
+        raise ValueError(f"aiolb.scheme={scheme!r}: http, https or h2c")
+    if scheme == "h2c":  # HTTP/2 with prior knowledge: the pool's http_version says so
+        scheme = "http"
     host = address(c, spec)
     weight = labels.get(PREFIX + "weight", "1").strip()
     backup = labels.get(PREFIX + "backup", "false").strip().lower() in ("true", "1", "yes")
@@ -155,6 +157,11 @@ def upstream_spec(c: Container, spec: DockerProviderSpec) -> UpstreamSpec:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ValueError(problems) from None
+
+
+def scheme_of(c: Container) -> str:
+    """``aiolb.scheme``: ``http`` (default), ``https`` or ``h2c``."""
+    return c.labels.get(PREFIX + "scheme", "http").strip().lower()
 
 
 def address(c: Container, spec: DockerProviderSpec) -> str:
@@ -178,6 +185,8 @@ class RouteLabels:
     listener: str | None
     host: str | None
     path_prefix: str | None
+    #: ``aiolb.scheme=h2c``: the pool speaks HTTP/2 with prior knowledge
+    http2: bool = False
 
 
 class DockerProvider:
@@ -325,6 +334,10 @@ class DockerProvider:
                 continue
             try:
                 spec = upstream_spec(c, self.spec)
+                pool = self.pools.get(name)
+                if scheme_of(c) == "h2c" and pool is not None and not pool.http2:
+                    raise ValueError(f'aiolb.scheme=h2c: pool {name} speaks HTTP/1.1 (set its '
+                                     'http_version: "2")')  # fmt: skip
             except ValueError as exc:
                 if self._warned.get(c.id) != str(exc):
                     self._warned[c.id] = str(exc)
@@ -361,7 +374,7 @@ class DockerProvider:
                 get = c.labels.get
                 return RouteLabels(
                     get(PREFIX + "route.listener"), get(PREFIX + "route.host"),
-                    get(PREFIX + "route.path_prefix"),
+                    get(PREFIX + "route.path_prefix"), scheme_of(c) == "h2c",
                 )  # fmt: skip
         return RouteLabels(None, None, None)
 

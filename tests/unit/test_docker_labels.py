@@ -87,7 +87,7 @@ def test_labels_set_port_scheme_weight_backup_and_host_network() -> None:
         ({"Labels": {}, "ExposedPorts": {"80/tcp": {}, "81/tcp": {}}},
          "set aiolb.port (exposed ports: 80, 81)"),
         ({"Labels": {"aiolb.port": "http"}}, "aiolb.port='http' is not a port number"),
-        ({"Labels": {"aiolb.port": "80", "aiolb.scheme": "h3"}}, "aiolb.scheme='h3'"),
+        ({"Labels": {"aiolb.port": "80", "aiolb.scheme": "h3"}}, "aiolb.scheme='h3': http, https"),
         ({"Labels": {"aiolb.port": "80", "aiolb.weight": "0"}}, "weight"),
     ],
 )  # fmt: skip
@@ -242,3 +242,27 @@ def test_check_refuses_unreadable_tls_files(tmp_path: Path) -> None:
     assert caught.value.problems == [
         f"{tmp_path / 'aiolb.yaml'}:5: providers.docker.tls.ca: cannot read {tmp_path / 'ca.pem'}"
     ]
+
+
+def test_h2c_containers_need_an_http2_pool() -> None:
+    h2c = {"aiolb.enable": "true", "aiolb.port": "80", "aiolb.scheme": "h2c"}
+    provider = DockerProvider(SPEC, lambda: None)
+    plain = Pool("one", PoolSpec(upstreams=[]))
+    two = Pool("two", PoolSpec(upstreams=[], http_version="2"))
+    provider.pools = {"one": plain, "two": two}
+    for i, pool in enumerate(("one", "two", "new")):
+        c = Container.inspected(inspect_data(
+            Id=f"{i}" * 20, Name=f"/c-{pool}", Config={"Labels": {**h2c, "aiolb.pool": pool}},
+            NetworkSettings={"Networks": {"n": {"IPAddress": f"10.0.0.{i + 1}"}}},
+        ))  # fmt: skip
+        provider.containers[c.id] = c
+    provider.apply()
+    assert plain.upstreams == []  # left out, logged
+    assert [u.address for u in two.upstreams] == ["10.0.0.2:80"] and two.upstreams[0].h2 == []
+    assert provider.extra == {"new": RouteLabels(None, None, None, http2=True)}
+    config = Config.model_validate({
+        "providers": {"docker": {}},
+        "listeners": [{"name": "a", "bind": "127.0.0.1:0", "routes": [{"pool": "one"}]}],
+        "pools": {"one": {"upstreams": []}},
+    })  # fmt: skip
+    assert merge(config, provider.extra).pools["new"].http_version == "2"
