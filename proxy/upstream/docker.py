@@ -390,6 +390,11 @@ class DockerProvider:
         if not self.connected and not self.containers:
             raise DockerError(f"not connected to the engine at {self.spec.endpoint}"
                               f" ({self._last_error or 'connecting'})")  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + STOP_GRACE + 5
+        while any(c.stopping for c in self._of(pool, ("running",))):
+            if asyncio.get_running_loop().time() > deadline:  # an idle stop is under way:
+                break  # start them once they are down (their events say so)
+            await asyncio.sleep(0.1)
         stopped = self._of(pool, ("exited", "created"))
         if not stopped:
             if self._of(pool, ("running", "restarting", "paused")):

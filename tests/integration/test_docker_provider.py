@@ -239,6 +239,10 @@ async def test_scale_from_zero_and_idle_stop(
     stopped = 'aiolb_scale_actions_total{action="stop",pool="reports",result="success"} 1.0'
     assert stopped in metrics
     assert "pool reports: stopped 1 containers after 2s idle" in caplog.text
+    async with aiohttp.ClientSession() as session:  # asleep again: the next request wakes it
+        async with session.get(proxy_url(server), timeout=aiohttp.ClientTimeout(40)) as r:
+            assert (r.status, await r.text()) == (200, "reports-1")
+    assert server.pools["reports"].scale_actions[("wake", "success")] == 2
 
 
 async def test_label_made_pool_and_route(engine: Engine, servers: list[ProxyServer]) -> None:
