@@ -22,6 +22,7 @@ from proxy.upstream.docker import (
     upstream_spec,
 )
 from proxy.upstream.pool import Pool
+from tests.support import aiolb_cli
 
 SPEC = DockerProviderSpec()
 
@@ -266,3 +267,18 @@ def test_h2c_containers_need_an_http2_pool() -> None:
         "pools": {"one": {"upstreams": []}},
     })  # fmt: skip
     assert merge(config, provider.extra).pools["new"].http_version == "2"
+
+
+def test_check_print_shows_the_provider(tmp_path: Path) -> None:
+    text = "providers:\n  docker:\n    endpoint: tcp://127.0.0.1:2375\n" + BASE + (
+        "pools:\n  web:\n    upstreams: []\n    scale_from_zero: {wake: docker}\n")  # fmt: skip
+    done = aiolb_cli("check", "-c", write(tmp_path, text), "--print")
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed["providers"]["docker"] == {
+        "endpoint": "tcp://127.0.0.1:2375", "exposed_by_default": False, "network": None,
+        "host_address": "127.0.0.1", "tls": None,
+    }  # fmt: skip
+    assert printed["pools"]["web"]["scale_from_zero"] == {
+        "hold": "30s", "max_pending": 200, "wake": "docker", "idle_stop": None,
+    }  # fmt: skip
