@@ -264,6 +264,10 @@ async def test_label_made_pool_and_route(engine: Engine, servers: list[ProxyServ
             assert (r.status, await r.text()) == (200, "api-1")
     routes = [r.pool for r in server.config.listeners[0].routes]
     assert routes == ["api", "web"]
+    await asyncio.to_thread(engine.docker, "pause", "api-1")  # paused: out, and back
+    await wait_for(lambda: names(server, "api") == set(), 10)
+    await asyncio.to_thread(engine.docker, "unpause", "api-1")
+    await wait_for(lambda: names(server, "api") == {"api-1"}, 10)
     await asyncio.to_thread(engine.docker, "rm", "-f", "api-1")
     await wait_for(lambda: "api" not in server.pools, 10)
     assert [r.pool for r in server.config.listeners[0].routes] == ["web"]
