@@ -120,8 +120,8 @@ class Attempts(ExchangeCore):
         self.ticket = scale.hold(self, target, self.client.clock.now)
         if self.ticket is None:
             scale.count_action("hold", "overflow")
-            self.fail(NoUpstreamError(
-                f"no upstream available and {scale.spec.max_pending} requests held already"))
+            reason = f"no upstream available and {scale.spec.max_pending} requests held already"
+            self.fail(NoUpstreamError(reason))
 
     def unheld(self, target: bytes | None) -> None:
         """The scale-from-zero hold ended: an upstream is available (pick and send), or

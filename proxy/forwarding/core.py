@@ -169,7 +169,8 @@ class ExchangeCore:
         self.upstream: Upstream | None = None
         self.conn: UpstreamSession | None = None
         #: the claim on a session of ``upstream`` (``proxy.upstream.acquire``) while it
-        #: waits in the queue or its connection opens; ``abort`` cancels it
+        #: waits in the queue or its connection opens, or on an upstream of a pool that
+        #: scales from zero (``proxy.upstream.hold``); ``abort`` cancels it
         self.ticket: Wait | None = None
         #: what runs for this exchange outside the callbacks: a retry's backoff timer,
         #: an async filter phase, a cache lookup or wait
