@@ -160,15 +160,16 @@ async def reload_server(server: ProxyServer) -> list[str]:
     config, problems = await load(path)
     if config is None:
         return problems
-    extra = server.docker.extra if server.docker is not None else {}
-    problems = await apply_config(server, merge(config, extra), path)
-    if not problems:
-        server.file_config = config
-    return problems
+    return await apply_config(server, config, path)
 
 
 async def apply_config(server: ProxyServer, config: Config, path: str) -> list[str]:
-    """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems."""
+    """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems.
+    The pools and routes container labels ask for are added to it (``merge``); the
+    server keeps ``config`` itself as its ``file_config``."""
+    file_config = config
+    if server.docker is not None:
+        config = merge(config, server.docker.extra)
     plan = plan_listeners(server.listeners, config.listeners)
     try:  # everything that reads a TLS file, before anything changes
         pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
@@ -189,6 +190,7 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     commit_pools(server.pools, pools)
     dropped = [c for name, c in server.caches.items() if caches.get(name) is not c]
     server.pools, server.config, server.caches = pools, config, caches
+    server.file_config = file_config
     for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
         listener.apply(lc, pools, tls, caches)
         listener.record = config.records_requests

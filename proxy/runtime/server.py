@@ -32,7 +32,7 @@ from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime import notify
-from proxy.runtime.provided import Scaling, merge
+from proxy.runtime.provided import Scaling
 from proxy.runtime.reload import apply_config, bind_socket, reload_server
 from proxy.runtime.summary import startup_lines
 from proxy.server.listener import Listener
@@ -319,10 +319,9 @@ class ProxyServer:
         if self._stopping or self.docker is None:
             return
         async with self._reload_lock:
-            config = merge(self.file_config, self.docker.extra)
             path = self.config_path or "<config>"
-            try:
-                problems = await apply_config(self, config, path)
+            try:  # the file's config again, with the label-made pools (``merge``)
+                problems = await apply_config(self, self.file_config, path)
             except Exception:
                 log.exception("docker: applying the label-made pools failed")
                 return

@@ -14,10 +14,12 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
@@ -245,15 +247,20 @@ async def test_scale_from_zero_and_idle_stop(
     assert server.pools["reports"].scale_actions[("wake", "success")] == 2
 
 
-async def test_label_made_pool_and_route(engine: Engine, servers: list[ProxyServer]) -> None:
+async def test_label_made_pool_and_route(
+    engine: Engine, servers: list[ProxyServer], tmp_path: Path
+) -> None:
     """A container naming a pool the file lacks, with route labels: the pool and its
-    route are added (before the file's catch-all) and serve; once no container names
-    it, the pool and its route go again."""
+    route are added (before the file's catch-all) and serve, a reload of the file keeps
+    them; once no container names it, the pool and its route go again."""
     port = unused_port()
     config = docker_config(
         engine.endpoint, {"web": {"upstreams": [{"url": f"http://{HOST}:{unused_port()}"}]}}
     )
-    server = await start_proxy(config)
+    path = tmp_path / "aiolb.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    server = ProxyServer(config, config_path=str(path))
+    await server.start()
     servers.append(server)
     labels = {"aiolb.enable": "true", "aiolb.pool": "api", "aiolb.port": str(port),
               "aiolb.route.path_prefix": "/api/"}  # fmt: skip
@@ -264,6 +271,10 @@ async def test_label_made_pool_and_route(engine: Engine, servers: list[ProxyServ
             assert (r.status, await r.text()) == (200, "api-1")
     routes = [r.pool for r in server.config.listeners[0].routes]
     assert routes == ["api", "web"]
+    kept = server.pools["api"].upstreams[0]
+    assert await server.reload() == []  # the file again: the label-made pool stays
+    assert [r.pool for r in server.config.listeners[0].routes] == ["api", "web"]
+    assert server.pools["api"].upstreams == [kept]
     await asyncio.to_thread(engine.docker, "pause", "api-1")  # paused: out, and back
     await wait_for(lambda: names(server, "api") == set(), 10)
     await asyncio.to_thread(engine.docker, "unpause", "api-1")
