@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from proxy.forwarding.exchange import Exchange
 from proxy.forwarding.states import checked
 from proxy.runtime.server import ProxyServer
 from proxy.server.protocol import ClientConnection
+from tests.docker_support import Engine
 from tests.support import (
     Aiolb,
     CertAuthority,
@@ -119,3 +121,19 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A private Docker engine (``loadtests/docker_engine.sh``) for the whole session;
+    a machine that cannot start one fails the tests that need it, saying why."""
+    engine = Engine(tmp_path_factory.mktemp("docker") / "engine")
+    try:
+        engine.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        engine.stop()
+        pytest.fail(f"no Docker engine for the provider's tests: {exc}", pytrace=False)
+    try:
+        yield engine
+    finally:
+        engine.stop()

@@ -5,7 +5,7 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
 
     {"ready": true, "window_s": 10.0,
      "pools": [{"name": "web", "balancer": "round_robin", "retries": 0,
-                "retries_denied": 0, "pending": 0, "overflows": 0, "tunnels": 0,
+                "retries_denied": 0, "pending": 0, "held": 0, "overflows": 0, "tunnels": 0,
                 "available": 2, "total": 3,
                 "retry_budget": {"left": 10.0, "percent": 20.0,
                                  "min_retries_per_second": 10.0, "denied": 0},
@@ -17,6 +17,7 @@ Shape of ``GET /api/pools`` (an upstream object is also the answer to drain/enab
                                "ejected": false, "ejected_until": null, "ejections": 0,
                                "connections": 5, "connections_opened": 5,
                                "waiting": 0, "tunnels": 0,
+                               "source": "config", "container": null,
                                "requests": 120, "errors": 3, "connect_errors": 0,
                                "rate": 11.9, "error_rate": 0.0, "p50_ms": 1.2,
                                "p99_ms": 8.7}]}]}
@@ -29,10 +30,13 @@ verdict, ``ejected`` passive health's; ``ejected_until`` is a Unix time, or null
 ``max_connections``, ``connections_opened`` every one established since the start (flat
 under a steady load: connections are reused); ``waiting`` the requests queued for one;
 ``tunnels`` the open Upgrade (WebSocket) tunnels, which also count in ``active``.
-``name`` is the config's upstream ``name``, else the address. ``retry_budget.left`` is
-how many retries the pool's budget allows now (summed over the workers); ``ejection``
-says whether passive health is on, how many upstreams it has out, and its
-``max_ejection_percent``.
+``name`` is the config's upstream ``name``, else the address; ``source`` says where the
+upstream came from (``config``: the file or its ``dns://`` entries; ``docker``: a
+labelled container, then ``container`` is ``{"id": SHORT_ID, "name": NAME}``). ``held``
+counts the requests a ``scale_from_zero`` pool holds for an upstream to become ready.
+``retry_budget.left`` is how many retries the pool's budget allows now (summed over the
+workers); ``ejection`` says whether passive health is on, how many upstreams it has out,
+and its ``max_ejection_percent``.
 
 Shape of ``GET /api/server``::
 
@@ -97,8 +101,18 @@ def upstream_view(
         "errors": stats.errors,
         "connect_errors": stats.connect_errors,
         "connections_opened": stats.connections_opened,
+        "source": "docker" if upstream.container is not None else "config",
+        "container": _container(upstream),
         **recent.recent(pool, upstream.address, stats),
     }
+
+
+def _container(upstream: Upstream) -> dict[str, str] | None:
+    """The Docker container an upstream stands for (``providers.docker``), or None."""
+    container = upstream.container
+    if container is None:
+        return None
+    return {"id": container[0][:12], "name": container[1]}
 
 
 def pool_view(server: Server, pool: Pool, recent: RecentStats) -> dict[str, Any]:
@@ -111,6 +125,7 @@ def pool_view(server: Server, pool: Pool, recent: RecentStats) -> dict[str, Any]
         "retries": pool.retries,
         "retries_denied": pool.retry.budget.denied,
         "pending": pool.pending,
+        "held": pool.scale.count if pool.scale is not None else 0,
         "overflows": pool.overflows,
         "tunnels": sum(u.tunnels for u in pool.upstreams),
         "available": sum(u.available for u in pool.upstreams),

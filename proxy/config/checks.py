@@ -39,7 +39,26 @@ def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
         *_duplicate_route_names(listeners),
         *_duplicate_upstreams(pools if isinstance(pools, Mapping) else {}),
         *_routes_and_redirects(listeners),
+        *_empty_pools(pools if isinstance(pools, Mapping) else {}, data.get("providers")),
     ]
+
+
+def _empty_pools(pools: Mapping[str, Any], providers: object) -> Iterator[InitErrorDetails]:
+    """``upstreams: []`` only when a provider (``providers.docker``) can fill the pool;
+    ``scale_from_zero.wake: docker`` only with that provider."""
+    docker = isinstance(providers, Mapping) and isinstance(providers.get("docker"), Mapping)
+    for name, pool in pools.items():
+        if not isinstance(pool, Mapping):
+            continue
+        upstreams = pool.get("upstreams")
+        if isinstance(upstreams, list) and not upstreams and not docker:
+            message = "a pool needs at least one upstream (or providers.docker to fill it)"
+            yield _problem("empty_pool", ("pools", name, "upstreams"), upstreams, message)
+        scale = pool.get("scale_from_zero")
+        if isinstance(scale, Mapping) and scale.get("wake") == "docker" and not docker:
+            loc = ("pools", name, "scale_from_zero", "wake")
+            message = "wake: docker needs providers.docker"
+            yield _problem("wake_needs_docker", loc, "docker", message)
 
 
 def merge_errors(

@@ -36,6 +36,7 @@ from proxy.config.checks import cross_check, merge_errors
 from proxy.config.listeners import ListenerSpec
 from proxy.config.log_fields import DEFAULT_FIELDS, FIELDS, is_field, parse_template
 from proxy.config.pools import PoolSpec
+from proxy.config.providers import ProvidersSpec
 from proxy.config.values import split_host_port
 
 
@@ -225,6 +226,8 @@ class Config(ConfigModel):
     """On SIGTERM, how long in-flight requests may take before connections are cut."""
     tracing: TracingSpec | None = None
     """OpenTelemetry traces (OTLP/HTTP); null: none, trace headers pass through."""
+    providers: ProvidersSpec = ProvidersSpec()
+    """Where upstreams come from besides this file: ``docker``."""
     pid_file: str | None = None
     """Write the process id here once the listeners and admin API are bound (the
     supervisor's, with workers) and remove it on exit if it still holds it; a start that

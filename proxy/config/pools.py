@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from proxy.config.balancer import BalancerSpec
 from proxy.config.base import BindAddress, ConfigModel, Duration, Name, Timeout, UpstreamURL
 from proxy.config.health_check import HealthCheckSpec
+from proxy.config.providers import ScaleFromZeroSpec
 from proxy.config.proxy_protocol import SendProxyProtocol
 from proxy.config.retries import RetriesSpec
 from proxy.config.tls import UpstreamTLSSpec
@@ -144,8 +145,9 @@ class PoolSpec(ConfigModel):
     """``NAME`` or ``{name: NAME, ...options}``: ``round_robin``,
     ``weighted_round_robin``, ``least_connections``, ``random``, ``power_of_two``,
     ``ip_hash``, ``consistent_hash`` (option ``key``), ``peak_ewma`` (option ``decay``)."""
-    upstreams: Annotated[list[UpstreamSpec], Field(min_length=1)]
-    """The servers behind the pool."""
+    upstreams: list[UpstreamSpec]
+    """The servers behind the pool; ``[]`` only when a provider (``providers.docker``)
+    fills it."""
     http_version: HttpVersion = "1.1"
     """The HTTP version spoken to the pool's upstreams: ``"1.1"``, or ``"2"``: HTTP/2,
     with prior knowledge (h2c) to ``http://`` upstreams and ALPN ``h2`` to ``https://``
@@ -181,9 +183,14 @@ class PoolSpec(ConfigModel):
     tls: UpstreamTLSSpec | None = None
     """TLS to the pool's ``https://`` upstreams; null: verified against the system's CA
     store, SNI from each url's host."""
+    scale_from_zero: ScaleFromZeroSpec | None = None
+    """While no upstream is ready, requests wait (rather than 503) and the pool is woken;
+    null: 503 at once."""
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> PoolSpec:
-        if self.tls is not None and not any(spec.https for spec in self.upstreams):
+        if self.tls is not None and self.upstreams and not any(
+            spec.https for spec in self.upstreams
+        ):
             raise ValueError("tls applies to https:// upstreams; this pool has none")
         return self

@@ -66,9 +66,10 @@ class Attempts(ExchangeCore):
     __slots__ = ()
 
     def dispatch(self, upstream: Upstream | None, target: bytes) -> None:
-        """Send the request for ``target`` to the picked ``upstream`` (None: 503)."""
+        """Send the request for ``target`` to the picked ``upstream`` (None: 503, or held
+        while the pool scales from zero)."""
         if upstream is None:
-            self.fail(NoUpstreamError("no upstream available"))
+            self._none_available(target)
             return
         client = self.client
         found = self.found
@@ -109,6 +110,37 @@ class Attempts(ExchangeCore):
                     conn.pause_reading(CLIENT_SLOW)
                 return
         self._use(upstream)
+
+    def _none_available(self, target: bytes) -> None:
+        """No upstream: 503, unless the pool scales from zero (``proxy.upstream.hold``):
+        then the request waits for one (503 beyond ``max_pending`` or after ``hold``)."""
+        scale = self.pool.scale if self.pool is not None else None
+        if scale is None:
+            self.fail(NoUpstreamError("no upstream available"))
+            return
+        self.ticket = scale.hold(self, target, self.client.clock.now)
+        if self.ticket is None:
+            scale.count_action("hold", "overflow")
+            reason = f"no upstream available and {scale.spec.max_pending} requests held already"
+            self.fail(NoUpstreamError(reason))
+
+    def unheld(self, target: bytes | None) -> None:
+        """The scale-from-zero hold ended: an upstream is available (pick and send), or
+        the hold ran out (``target`` None: 503)."""
+        self.ticket = None
+        if self.done:
+            return
+        self.deadline = NEVER
+        pool = self.pool
+        if target is None or pool is None:
+            hold = pool.scale.spec.hold if pool is not None and pool.scale else 0
+            self.fail(NoUpstreamError(f"no upstream became ready within {hold:g}s"))
+            return
+        upstream = pool.pick(self)
+        if upstream is None:  # gone again meanwhile: 503 rather than a second hold
+            self.fail(NoUpstreamError("no upstream available"))
+            return
+        self.dispatch(upstream, target)
 
     def _defer(self, upstream: Upstream, target: bytes) -> bool:
         """A request whose body is still arriving: if it may fit the body buffer, read

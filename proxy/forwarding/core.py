@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from proxy.http.headers import RequestHeaders
     from proxy.http.responses import Fixed
     from proxy.tracing import ServerSpan
-    from proxy.upstream.acquire import Ticket
+    from proxy.upstream.acquire import Wait
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
     from proxy.upstream.session import UpstreamSession
@@ -169,8 +169,9 @@ class ExchangeCore:
         self.upstream: Upstream | None = None
         self.conn: UpstreamSession | None = None
         #: the claim on a session of ``upstream`` (``proxy.upstream.acquire``) while it
-        #: waits in the queue or its connection opens; ``abort`` cancels it
-        self.ticket: Ticket | None = None
+        #: waits in the queue or its connection opens, or on an upstream of a pool that
+        #: scales from zero (``proxy.upstream.hold``); ``abort`` cancels it
+        self.ticket: Wait | None = None
         #: what runs for this exchange outside the callbacks: a retry's backoff timer,
         #: an async filter phase, a cache lookup or wait
         self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None

@@ -110,7 +110,14 @@ METRICS: Final = (
                "Requests refused with 503 by the circuit breaker (max_pending or "
                "queue_timeout)."),
     MetricSpec("aiolb_pending_requests", "gauge", ("pool",),
-               "Requests waiting for an upstream connection."),
+               "Requests waiting: for an upstream connection (max_connections), or held "
+               "for an upstream to become ready (scale_from_zero). KEDA's scaler reads it."),
+    MetricSpec("aiolb_pool_active_requests", "gauge", ("pool",),
+               "Requests in flight on the pool's upstreams (the sum of "
+               "aiolb_upstream_active_requests; add aiolb_pending_requests for the demand)."),
+    MetricSpec("aiolb_scale_actions", "counter", ("pool", "action", "result"),
+               "scale_from_zero: pool wakes (action wake), idle stops (stop), and requests "
+               "refused because max_pending were held (hold, result overflow)."),
     MetricSpec("aiolb_tunnels_active", "gauge", ("pool",),
                "Open Upgrade tunnels (WebSocket) to the pool's upstreams; each also counts "
                "as an active request of its upstream."),
@@ -158,13 +165,15 @@ LABELS: Final[Mapping[str, str]] = MappingProxyType({
     "grpc_status": "the `grpc-status` the client got, by name: `OK`, `CANCELLED`, "
                    "`UNKNOWN`, `INVALID_ARGUMENT`, ... `UNAUTHENTICATED` (0-16), else `OTHER`",
     "result": "`success` or `failure`; for `aiolb_cache_requests_total`: `hit`, `stale`, "
-              "`revalidated`, `miss` or `bypass`",
+              "`revalidated`, `miss` or `bypass`; for `aiolb_scale_actions_total`: also "
+              "`overflow`",
     "reason": "why a TLS handshake failed: `plaintext` (HTTP on a TLS port), `timeout` "
               "(`timeouts.header`), `reset`, `version`, `cipher`, `client_certificate`, "
               "`unknown_ca`, `protocol` or `other`",
     "route": "the route's `name`, else `LISTENER/INDEX` (`public/0`)",
     "cache": "the cache's name (a key of `caches`)",
     "filter": "the rate_limit filter's `name` (default `rate_limit`)",
+    "action": "`wake`, `stop` or `hold`",
     "le": "histogram bucket bound in seconds: 0.001 to 10, and +Inf",
 })  # fmt: skip
 
@@ -302,14 +311,19 @@ class ProxyCollector(Collector):
         denied = counter("aiolb_retries_denied")
         overflows = counter("aiolb_circuit_breaker_overflows")
         pending = gauge("aiolb_pending_requests")
+        active = gauge("aiolb_pool_active_requests")
+        actions = counter("aiolb_scale_actions")
         tunnels = gauge("aiolb_tunnels_active")
         for name, pool in self.server.pools.items():
             retries.add_metric([name], pool.retries)
             denied.add_metric([name], pool.retry.budget.denied)
             overflows.add_metric([name], pool.overflows)
-            pending.add_metric([name], pool.pending)
+            pending.add_metric([name], pool.pending + pool.held)
+            active.add_metric([name], sum(u.active for u in pool.upstreams))
             tunnels.add_metric([name], sum(u.tunnels for u in pool.upstreams))
-        yield from (retries, denied, overflows, pending, tunnels)
+            for (action, result), n in pool.scale_actions.items():
+                actions.add_metric([name, action, result], n)
+        yield from (retries, denied, overflows, pending, active, actions, tunnels)
 
     def _rate_limits(self) -> Iterator[Metric]:
         limited = counter("aiolb_rate_limited")

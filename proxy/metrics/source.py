@@ -100,6 +100,16 @@ class PoolView(PoolRef, Protocol):
         """Requests waiting for a connection now."""
         ...
 
+    @property
+    def held(self) -> int:
+        """Requests held for an upstream to become ready (``scale_from_zero``)."""
+        ...
+
+    @property
+    def scale_actions(self) -> Mapping[tuple[str, str], int]:
+        """``scale_from_zero`` actions by (action, result)."""
+        ...
+
 
 class LimitCounts(Protocol):
     """One rate limit's counters."""

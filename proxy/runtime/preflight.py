@@ -99,6 +99,29 @@ def tls_warnings(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
             yield problem.loc, problem.message
 
 
+def docker_endpoint(config: Config, env: Mapping[str, str]) -> Iterator[Finding]:
+    """A ``unix://`` Docker endpoint must be a socket the proxy may connect to, and the
+    files of ``tls`` must be readable (a TCP endpoint is tried at run time: unreachable,
+    it is logged and retried)."""
+    docker = config.providers.docker
+    if docker is not None and docker.tls is not None:
+        for key in ("ca", "cert", "key"):
+            name = getattr(docker.tls, key)
+            if name is not None and not os.access(name, os.R_OK):
+                yield ("providers", "docker", "tls", key), f"cannot read {name}"
+    path = docker.socket_path if docker is not None else None
+    if path is None:
+        return
+    loc = ("providers", "docker", "endpoint")
+    target = Path(path)
+    if not target.exists():
+        yield loc, f"no Docker socket at {path} (is the engine running, the socket mounted?)"
+    elif not target.is_socket():
+        yield loc, f"{path} is not a socket"
+    elif not os.access(target, os.R_OK | os.W_OK):
+        yield loc, f"{path}: permission denied (the docker group, or a read-only socket proxy)"
+
+
 def python_filters(config: Config, folder: str | None) -> Iterator[Finding]:
     """Every ``python:`` filter must import, be a ``proxy.filters.Filter``, accept its
     ``options`` (its ``Options`` model) and build (its ``__init__``)."""
@@ -130,7 +153,7 @@ def _python_filter(at: Loc, spec: PythonOptions, folder: str | None) -> Iterator
 
 #: Every preflight check, in the order their problems are listed.
 PREFLIGHT: Final[tuple[Check, ...]] = (
-    admin_exposure, access_log_file, pid_file, bind_hosts, tls_files,
+    admin_exposure, access_log_file, pid_file, bind_hosts, tls_files, docker_endpoint,
 )  # fmt: skip
 #: Checks whose findings are warnings, not refusals.
 WARNINGS: Final[tuple[Check, ...]] = (tls_warnings,)

@@ -40,6 +40,7 @@ from proxy.cache import build_caches
 from proxy.config import Config, ConfigError
 from proxy.config.values import format_address
 from proxy.runtime.preflight import validate, warnings
+from proxy.runtime.provided import merge
 from proxy.server.listener import alpn as _alpn
 from proxy.tls import ServerTLS, TLSFileError
 from proxy.upstream.pool import Pool
@@ -163,7 +164,12 @@ async def reload_server(server: ProxyServer) -> list[str]:
 
 
 async def apply_config(server: ProxyServer, config: Config, path: str) -> list[str]:
-    """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems."""
+    """Apply a validated ``config`` (read from ``path``) to ``server``: [] or problems.
+    The pools and routes container labels ask for are added to it (``merge``); the
+    server keeps ``config`` itself as its ``file_config``."""
+    file_config = config
+    if server.docker is not None:
+        config = merge(config, server.docker.extra)
     plan = plan_listeners(server.listeners, config.listeners)
     try:  # everything that reads a TLS file, before anything changes
         pools = {name: Pool(name, pc) for name, pc in config.pools.items()}
@@ -184,6 +190,7 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     commit_pools(server.pools, pools)
     dropped = [c for name, c in server.caches.items() if caches.get(name) is not c]
     server.pools, server.config, server.caches = pools, config, caches
+    server.file_config = file_config
     for (listener, lc), tls in zip(plan.kept, certificates, strict=True):
         listener.apply(lc, pools, tls, caches)
         listener.record = config.records_requests
@@ -192,6 +199,9 @@ async def apply_config(server: ProxyServer, config: Config, path: str) -> list[s
     server.listeners = sorted(kept + added, key=lambda lst: order[lst.name])
     server.retune_clock()
     server.discovery.sync(pools)
+    if server.docker is not None:
+        server.docker.sync(pools)
+    server.scaling.attach(pools)
     server.sync_health()
     for listener, sock in zip(added, sockets, strict=serving):
         await server.start_listener(listener, sock)
@@ -213,5 +223,7 @@ def _warn_unreloaded(old: Config, new: Config) -> None:
         log.warning("reload: access log settings change on restart only")
     if old.tracing != new.tracing:
         log.warning("reload: tracing settings change on restart only")
+    if old.providers != new.providers:
+        log.warning("reload: providers settings change on restart only")
     if old.workers != new.workers:
         log.warning("reload: the worker count changes on restart only")

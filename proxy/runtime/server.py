@@ -32,11 +32,13 @@ from proxy.http.headers import RequestIds
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime import notify
-from proxy.runtime.reload import bind_socket, reload_server
+from proxy.runtime.provided import Scaling
+from proxy.runtime.reload import apply_config, bind_socket, reload_server
 from proxy.runtime.summary import startup_lines
 from proxy.server.listener import Listener
 from proxy.tracing import Tracer
 from proxy.upstream.discovery import Discovery
+from proxy.upstream.docker import DockerProvider, RouteLabels
 from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
@@ -123,6 +125,18 @@ class ProxyServer:
         self.checker = HealthChecker(self)
         #: ``dns://`` upstreams: resolved again every ``dns_refresh``
         self.discovery = Discovery(self.sync_health)
+        #: the config as the file says it (``config`` adds the pools and routes that
+        #: container labels ask for: ``proxy.runtime.provided.merge``)
+        self.file_config = config
+        docker = config.providers.docker
+        #: ``providers.docker``: pools filled from labelled containers; None: none
+        self.docker = (
+            DockerProvider(docker, self.sync_health, self._pools_wanted) if docker else None
+        )
+        #: ``scale_from_zero`` scalers, and ``idle_stop`` (one process only: a worker sees
+        #: only its share of the requests)
+        self.scaling = Scaling(self.docker, stops=role == "single")
+        self._provided: asyncio.Task[None] | None = None
 
     async def purge_cache(self, name: str, host: bytes | None, target: bytes, exact: bool) -> int:
         """Drop cache ``name``'s entries for ``target`` (``exact``: that target and its
@@ -164,16 +178,22 @@ class ProxyServer:
             self.admin = await start_admin(self, admin, fallback_to_any_port=self.admin_fallback)
         try:
             await self.discovery.start(self.pools)  # the first requests find upstreams
+            if self.docker is not None:
+                await self.docker.start(self.pools)
+            self.scaling.attach(self.pools)
             if self.role != "supervisor":
                 for i, listener in enumerate(self.listeners):
                     await self._bind_listener(i, listener)
         except BaseException:
             await self.discovery.close()
+            await self._close_provider()
             if self.admin is not None:
                 await self.admin.stop()
             raise
         self.clock.add_sweeper(self._sweep_pools)
         self.clock.add_sweeper(self._sweep_retired)
+        if self.scaling.stops and self.docker is not None:
+            self.clock.add_sweeper(lambda now: self.scaling.sweep(self.pools))
         if self.access_log is not None:
             self.clock.add_sweeper(self.access_log.flush)
         if self.tracer is not None and self.role != "supervisor":
@@ -297,6 +317,41 @@ class ProxyServer:
             log.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "no changes")
         return problems, changes
 
+    # -- providers: pools that container labels ask for --------------------------------
+
+    def _pools_wanted(self, extra: dict[str, RouteLabels]) -> None:
+        """The Docker provider's label-made pools changed: apply the file's config with
+        them (``merge``), through the reload machinery, in order."""
+        previous = self._provided
+        self._provided = self.loop.create_task(self._apply_provided(previous))
+
+    async def _apply_provided(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        if self._stopping or self.docker is None:
+            return
+        async with self._reload_lock:
+            path = self.config_path or "<config>"
+            try:  # the file's config again, with the label-made pools (``merge``)
+                problems = await apply_config(self, self.file_config, path)
+            except Exception:
+                log.exception("docker: applying the label-made pools failed")
+                return
+        for problem in problems:
+            log.error("docker: label-made pools refused: %s", problem)
+        if not problems:
+            log.info("docker: pools made by labels: %s", ", ".join(sorted(self.docker.extra))
+                     or "none")  # fmt: skip
+
+    async def _close_provider(self) -> None:
+        task, self._provided = self._provided, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.scaling.close()
+        if self.docker is not None:
+            await self.docker.close()
+
     # -- health: the checker's targets and its verdicts (``proxy.health.active``) -------
 
     def check_targets(self) -> list[CheckTarget]:
@@ -361,6 +416,7 @@ class ProxyServer:
                 listener.server.close()
         await self.checker.close()
         await self.discovery.close()
+        await self._close_provider()
         for pool in self.pools.values():
             pool.close()
         await self.filters.close()

@@ -53,6 +53,8 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
                 "budget_left": pool.retry.budget.available(pool.requests, now),
                 "overflows": pool.overflows,
                 "pending": pool.pending,
+                "held": pool.held,
+                "scale_actions": [[*key, n] for key, n in pool.scale_actions.items()],
                 "upstreams": {
                     u.address: {
                         "stats": u.stats.snapshot(),
@@ -124,6 +126,14 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         server.retry_budget_left[name] = sum(p["budget_left"] for p in parts)
         pool.overflows = sum(p["overflows"] for p in parts)
         pool.pending = sum(p["pending"] for p in parts)
+        scale = pool.scale
+        if scale is not None:  # the workers hold and wake; the supervisor shows the sums
+            scale.count = sum(p.get("held", 0) for p in parts)
+            actions: dict[tuple[str, str], int] = {}
+            for p in parts:
+                for action, result, n in p.get("scale_actions", ()):
+                    actions[(action, result)] = actions.get((action, result), 0) + n
+            scale.actions = actions
         changed = False
         for upstream in pool.upstreams:
             ups = [p["upstreams"][upstream.address] for p in parts

@@ -89,6 +89,17 @@ class Waiter(Protocol):
         ``send_proxy_protocol`` header says (asked only when it sends one)."""
 
 
+class Wait(Protocol):
+    """What a request holds while it waits: a ``Ticket`` (a connection), or a
+    ``proxy.upstream.hold.Claim`` (an upstream, with ``scale_from_zero``)."""
+
+    def cancel(self) -> None:
+        """The requester went away (idempotent)."""
+
+    def expire(self) -> bool:
+        """The requester's deadline passed: True when it was this wait's."""
+
+
 class State(enum.Enum):
     """Where a ticket is (see the module's transitions)."""
 

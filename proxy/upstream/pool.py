@@ -32,6 +32,7 @@ from proxy.metrics.stats import Stats
 from proxy.proxy_protocol import BUILDERS, Addresses
 from proxy.tls import client_context
 from proxy.upstream.acquire import assign, carry_out
+from proxy.upstream.hold import Hold
 from proxy.upstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Upstream:
         "address",
         "backup",
         "conns",
+        "container",
         "eject_level",
         "ejected",
         "ejected_until",
@@ -137,6 +139,9 @@ class Upstream:
         self.h2: list[H2Upstream] | None = [] if pool.http2 else None
         self.h2_opening = 0
         self.stats = Stats()
+        #: ``(id, name)`` of the Docker container it stands for (``providers.docker``);
+        #: None: from the file or DNS
+        self.container: tuple[str, str] | None = None
 
     @property
     def available(self) -> bool:
@@ -309,12 +314,14 @@ class Pool:
         "overflows",
         "pending",
         "pick",
+        "provided",
         "queue_timeout",
         "read_timeout",
         "requests",
         "response_header_timeout",
         "retries",
         "retry",
+        "scale",
         "send_proxy",
         "send_timeout",
         "static_addresses",
@@ -365,7 +372,8 @@ class Pool:
         #: the client context of the https upstreams (built once per pool; raises
         #: ``TLSFileError`` on a bad file), None when the pool has none
         self.tls_spec = config.tls
-        has_https = any(spec.https for spec in config.upstreams)
+        # a pool a provider fills may get https:// upstreams later
+        has_https = any(spec.https for spec in config.upstreams) or not config.upstreams
         #: HTTP/2 to the upstreams (``http_version: "2"``)
         self.http2 = config.http_version == "2"
         self.tls_context = client_context(config.tls, self.http2) if has_https else None
@@ -383,6 +391,14 @@ class Pool:
         self.discovered: dict[str, list[str]] = {key: [] for key in self.dns_specs}
         self.dns_refresh = config.dns_refresh
         self.dns_resolver = config.dns_resolver
+        #: upstreams a provider (``proxy.upstream.docker``) put here: by address, the
+        #: spec and the container's ``(id, name)``
+        self.provided: dict[str, tuple[UpstreamSpec, tuple[str, str]]] = {}
+        #: ``scale_from_zero`` (``proxy.upstream.hold``): requests held while no upstream
+        #: is available; None: 503 at once
+        self.scale: Hold | None = None
+        if config.scale_from_zero is not None:
+            self.scale = Hold(self, config.scale_from_zero)
         #: responses the proxy made itself for this pool (upstream ""): 502, 503, 504
         self.stats = Stats()
         #: requests sent again (a stale pooled connection; other upstreams later)
@@ -416,6 +432,9 @@ class Pool:
         self.pick = new.pick
         self.observe = getattr(new, "observe", None)
         self.track = getattr(new, "on_active_change", None)
+        scale = self.scale
+        if scale is not None and chosen and scale.count:  # held requests go now
+            scale.ready()
 
     def _ramp(self, live: list[Upstream], chosen: list[Upstream]) -> list[float] | None:
         """Slow-start weights for ``chosen`` (None: none ramping); schedules the next step."""
@@ -457,6 +476,23 @@ class Pool:
         if self.discovered.get(key) == hosts:
             return False
         self.discovered[key] = list(hosts)
+        self._assemble()
+        return True
+
+    def set_provided(self, found: dict[str, tuple[UpstreamSpec, tuple[str, str]]]) -> bool:
+        """A provider's upstreams for this pool are now ``found`` (by address: the spec
+        and the container's ``(id, name)``); True when that changed the set. As for
+        ``set_discovered``: addresses that stay keep their ``Upstream``, removed ones
+        drain (in-flight requests finish, no new ones)."""
+        if found == self.provided:
+            return False
+        self.provided = dict(found)
+        self._assemble()
+        return True
+
+    def _assemble(self) -> None:
+        """The upstream list again from its sources: the file's static upstreams, the
+        ``dns://`` entries' addresses, the provider's; then the balancer."""
         static = [u for u in self.upstreams if u.address in self.static_addresses]
         seen = set(self.static_addresses)
         wanted: list[Upstream] = []
@@ -468,6 +504,16 @@ class Pool:
                 seen.add(address)
                 old = self._by_address.get(address)
                 wanted.append(old if old is not None else Upstream(spec.resolved(host), self))
+        for address, (spec, container) in self.provided.items():
+            if address in seen:
+                continue
+            seen.add(address)
+            old = self._by_address.get(address)
+            if old is None:
+                old = Upstream(spec, self)
+            old.weight, old.backup, old.name = spec.weight, spec.backup, spec.label
+            old.container = container
+            wanted.append(old)
         for upstream in self.upstreams:
             if upstream.address not in seen:
                 upstream.max_idle = 0
@@ -475,7 +521,18 @@ class Pool:
         self.upstreams = static + wanted
         self._by_address = {u.address: u for u in self.upstreams}
         self.rebuild()
-        return True
+
+    @property
+    def held(self) -> int:
+        """Requests held for an upstream to become ready (``scale_from_zero``)."""
+        scale = self.scale
+        return scale.count if scale is not None else 0
+
+    @property
+    def scale_actions(self) -> dict[tuple[str, str], int]:
+        """``scale_from_zero`` wakes, stops and overflows by (action, result)."""
+        scale = self.scale
+        return scale.actions if scale is not None else {}
 
     def upstream(self, address: str) -> Upstream | None:
         """The upstream with this ``host:port``, or None."""
@@ -531,6 +588,8 @@ class Pool:
             hosts = previous.discovered.get(key)
             if hosts:
                 self.set_discovered(key, hosts)
+        if previous.provided:  # the provider's upstreams stay until it says otherwise
+            self.set_provided(previous.provided)
         kept = {u.address: u for u in previous.upstreams}
         for i, fresh in enumerate(self.upstreams):
             old = kept.get(fresh.address)
@@ -559,6 +618,8 @@ class Pool:
             carried = previous._slow_start
             self._slow_start = carried if carried is not None else SlowStart(slow.duration)
             self._slow_start.duration = slow.duration
+        if self.scale is not None and previous.scale is not None:
+            self.scale.adopt(previous.scale)
         self._balancer = previous._balancer  # what ``inherit`` learns from
         self.rebuild()
 

@@ -45,7 +45,7 @@ CONTRACT = {
 UPSTREAM_FIELDS = {
     "address", "name", "weight", "backup", "healthy", "enabled", "drained", "available",
     "active", "idle", "ejected", "ejected_until", "ejections", "connections",
-    "connections_opened", "waiting", "tunnels", "requests",
+    "connections_opened", "waiting", "tunnels", "requests", "source", "container",
     "errors", "connect_errors", "rate", "error_rate", "p50_ms", "p99_ms",
 }  # fmt: skip
 

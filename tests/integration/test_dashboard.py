@@ -374,3 +374,21 @@ async def test_dashboard_shows_each_cache_with_its_hit_ratio_and_size(
     section = await browser.screenshot("section[data-caches]", save=tmp_path / "caches.png")
     assert section.count(dark) > 200  # text is drawn
     assert browser.errors == []
+
+
+async def test_dashboard_marks_upstreams_from_docker(recorders, proxy, browser):
+    """An upstream a Docker container stands for (``providers.docker``) shows the
+    container's short id beside its name, and its row says where it came from."""
+    a, b = await recorders("a"), await recorders("b")
+    server = await proxy(make_config([a.url, b.url]))
+    pool = server.pools["main"]
+    pool.upstreams[1].container = ("0123456789abcdef" * 4, "web-2")
+    await browser.goto(f"{admin_of(server).url}/")
+    await browser.wait_until("document.body.dataset.loaded === '1'", what="first poll")
+    docker_row, file_row = row(f"{HOST}:{b.port}"), row(f"{HOST}:{a.port}")
+    assert await browser.evaluate(js(docker_row, "el.dataset.source")) == "docker"
+    assert await browser.evaluate(js(file_row, "el.dataset.source")) == "config"
+    marked = js(f"{docker_row} [data-source=docker]", "el.textContent")
+    assert await browser.evaluate(marked) == "docker 0123456789ab"
+    title = await browser.evaluate(js(f"{docker_row} td", "el.title"))
+    assert "Docker container web-2 0123456789ab" in title
