@@ -298,7 +298,7 @@ async def test_http2_upstream_connections_carry_one_client_each(
 async def haproxy(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
     binary = shutil.which("haproxy")
     if binary is None:
-        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+        pytest.fail("haproxy is needed for these tests: apt-get install -y haproxy")
     started: list[subprocess.Popen[bytes]] = []
 
     async def start(config: str) -> None:
