@@ -301,6 +301,9 @@ class Responses(Attempts):
         protocol carries them (HTTP/2; chunked HTTP/1.1 to a client that said ``TE:
         trailers``), never into a cache entry or a held response; only the fields
         ``relayed_trailers`` lets through (no framing, no invalid bytes)."""
+        filters = self.filters
+        if filters is not None and filters.coder is not None:  # the body's end first
+            self._coded(True)
         if self.answer is None and self.held is None and self.cache_state is None:
             fields = relayed_trailers(trailers)
             if fields:

@@ -423,6 +423,38 @@ async def test_each_upstream_read_is_flushed_to_the_client(
     del up
 
 
+async def test_trailers_follow_the_whole_compressed_body(
+    proxy: MakeProxy, raw_upstreams: RawUpstreams
+) -> None:
+    body = TEXT[:5000]
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 1000]), body[i : i + 1000])
+        for i in range(0, len(body), 1000)
+    )
+    response = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Sum\r\n\r\n" + chunks + b"0\r\nX-Sum: 42\r\n\r\n"
+    )
+    up = await raw_upstreams({b"/t": response})
+    route = {"match": {"path_prefix": "/"}, "pool": "main", "filters": [{"compress": {}}]}
+    server = await proxy(make_config([up.url], routes=[route]))
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    writer.write(b"GET /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nAccept-Encoding: gzip\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head
+    got = b""
+    async with asyncio.timeout(10):
+        while True:
+            size = int(await reader.readuntil(b"\r\n"), 16)
+            if not size:
+                break
+            got += (await reader.readexactly(size + 2))[:-2]
+        trailer = await reader.readuntil(b"\r\n\r\n")
+    assert gzip.decompress(got) == body
+    assert trailer.lower() == b"x-sum: 42\r\n\r\n"
+    writer.close()
+
+
 async def test_a_client_that_does_not_read_holds_the_upstream(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
