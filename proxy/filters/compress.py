@@ -135,6 +135,9 @@ class Coder:
         return out
 
 
+_STRONG_ETAG: Final = re.compile(rb"\r\n(etag)[ \t]*:[ \t]*(?=\")", re.IGNORECASE)
+
+
 def _mime(value: bytes) -> bytes:
     return value.partition(b";")[0].strip().lower()
 
@@ -164,6 +167,18 @@ class Compress(Filter):
         request.encoding = encoding = chosen or _IDENTITY
         headers.set("Accept-Encoding", encoding.decode())
 
+    def _not_modified(
+        self, request: Request, found: ResponseHead
+    ) -> tuple[ResponseHead, None] | None:
+        """A 304 to a request that chose an encoding: its strong ``ETag`` weakened, as
+        on the compressed response it validates (a cache refreshes its stored head from
+        the 304, and the client keeps the validator it got)."""
+        if request.encoding in (None, _IDENTITY) or _STRONG_ETAG.search(found.head) is None:
+            return None
+        copy = found.with_lines(b"")
+        copy.head = _STRONG_ETAG.sub(rb"\r\nETag: W/", found.head, count=1)
+        return copy, None
+
     def eligible(self, lines: list[tuple[bytes, bytes]]) -> bool:
         """Whether a response with these header lines (lower-case names) is one to
         compress (its status is already known to carry a body that may be)."""
@@ -186,7 +201,9 @@ class Compress(Filter):
     ) -> tuple[ResponseHead, Coder | None] | None:
         """``ResponseEncoder.encode``: the head to relay instead of ``found`` and the
         coder of its body (None: the body as it is), or None to leave it alone."""
-        if status < 200 or status in (204, 206, 304):
+        if status == 304:
+            return self._not_modified(request, found)
+        if status < 200 or status in (204, 206):
             return None
         raw = found.head.split(b"\r\n")
         lines = [(n.strip().lower(), v.strip()) for n, _, v in

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import random
 import shutil
 import subprocess
 import zlib
@@ -24,8 +25,10 @@ import zstandard
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.filters.compress import Compress
+from proxy.filters.compress import Coder, Compress
 from proxy.runtime.server import ProxyServer
+from proxy.server.h2 import STREAM_HIGH_WATER, H2Server
+from tests.h2_support import H2Client
 from tests.support import HOST, RawUpstream, Recorder, make_config, read_response, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
@@ -508,6 +511,48 @@ async def test_a_client_that_does_not_read_holds_the_upstream(
     writer.close()
 
 
+async def test_an_http2_client_that_does_not_read_holds_its_stream_upstream(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """The same over HTTP/2: the compressed stream waits in the stream up to its high
+    water mark and then the upstream is not read; the connection's other streams go on."""
+    # hex of random bytes: about 2x smaller compressed, and no repeats for a window to find
+    pieces = [random.Random(i).randbytes(128 * 1024).hex().encode() for i in range(128)]
+    sent = [0]
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+            sent[0] += len(piece)
+        await response.write_eof()
+        return response
+
+    up = await recorders("a", {"/huge": huge})
+    route = {"match": {"path_prefix": "/"}, "pool": "main", "filters": [{"compress": {}}]}
+    server = await proxy(make_config([up.url], listener=H2C, routes=[route]))
+    client = await H2Client.open(server.listeners[0].port)
+    try:
+        sid = client.start("/huge", headers=[(b"accept-encoding", b"zstd")])
+        client.held.add(sid)
+        await wait_for(lambda: len(client.replies[sid].body) == 65535, 10)
+        h2 = next(c for c in server.listeners[0].connections if isinstance(c, H2Server))
+        stream = h2.streams[sid]
+        await wait_for(lambda: stream.write_paused, 10)  # the upstream is no longer read
+        assert stream.body_size <= STREAM_HIGH_WATER + 256 * 1024
+        other = await client.request("/other")
+        assert other.status == 200 and bytes(other.body) == b"a"
+        assert sent[0] < 16 * 1024 * 1024, sent[0]  # not the 32 MiB
+        assert stream.body_size <= STREAM_HIGH_WATER + 256 * 1024
+        client.release(sid)
+        reply = await client.reply(sid, timeout=60)
+    finally:
+        await client.close()
+    assert reply.status == 200 and (b"content-encoding", b"zstd") in reply.headers
+    assert decode("zstd", bytes(reply.body)) == b"".join(pieces)
+
+
 # --- with a route cache ------------------------------------------------------------------------
 
 
@@ -570,6 +615,42 @@ async def test_the_cache_stores_each_encoding_once_and_serves_it_without_compres
         assert r.headers["content-encoding"] == "gzip" and r.content == TEXT
         assert "hit" in r.headers["cache-status"]
     assert len(compressions) == 3 and len(calls) == 4
+
+
+async def test_a_revalidated_compressed_entry_keeps_its_weak_etag(
+    proxy: MakeProxy, recorders: MakeRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str | None] = []
+
+    async def revalidated(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("If-None-Match"))
+        headers = {"ETag": '"r1"', "Cache-Control": "max-age=0"}
+        if request.headers.get("If-None-Match") in ('W/"r1"', '"r1"'):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=TEXT, headers={**headers, "Content-Type": "text/plain"})
+
+    up = await recorders("a", {"/r": revalidated})
+    route = {
+        "match": {"path_prefix": "/"},
+        "pool": "main",
+        "cache": "main",
+        "filters": [{"compress": {}}],
+    }
+    server = await proxy(make_config([up.url], routes=[route], caches={"main": {}}))
+    compressions = []
+    original = Coder.__init__
+
+    def counting(self: Coder, *args: Any) -> None:
+        compressions.append(args[0])
+        original(self, *args)
+
+    monkeypatch.setattr(Coder, "__init__", counting)
+    for _ in range(3):
+        status, headers, body = await raw_get(server, "/r", "Accept-Encoding: gzip")
+        assert status == 200 and headers[b"content-encoding"] == b"gzip"
+        assert headers[b"etag"] == b'W/"r1"' and gzip.decompress(body) == TEXT
+    assert asked == [None, 'W/"r1"', 'W/"r1"']  # revalidated with the stored validator
+    assert compressions == [b"gzip"]  # the 304s refreshed the stored gzip body
 
 
 # --- config ----------------------------------------------------------------------------------

@@ -153,6 +153,17 @@ def test_eligible_but_not_compressed_gets_vary_only() -> None:
         )
 
 
+def test_a_304_to_a_request_that_chose_an_encoding_has_its_etag_weakened() -> None:
+    head = _head(b'ETag: "v1"', b"Cache-Control: max-age=60", status=b"304 Not Modified")
+    out = _encode(head, b"gzip", status=304)
+    assert out == (
+        b'HTTP/1.1 304 Not Modified\r\nETag: W/"v1"\r\nCache-Control: max-age=60\r\n',
+        False,
+    )
+    assert _encode(head, b"identity", status=304) is None
+    assert _encode(_head(b'ETag: W/"v1"', status=b"304 Not Modified"), status=304) is None
+
+
 @pytest.mark.parametrize(
     ("vary", "expected"),
     [
