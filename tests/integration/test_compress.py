@@ -653,6 +653,39 @@ async def test_a_revalidated_compressed_entry_keeps_its_weak_etag(
     assert compressions == [b"gzip"]  # the 304s refreshed the stored gzip body
 
 
+async def test_a_background_refresh_stores_the_variant_compressed(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    """A stale-while-revalidate hit refreshes its entry behind the client's back; the
+    refreshed gzip variant is stored compressed as the first one was."""
+    calls: list[str | None] = []
+
+    async def stale(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("Accept-Encoding"))
+        headers = {
+            "Content-Type": "text/plain",
+            "Age": "100",  # stale from the start
+            "Cache-Control": "max-age=50, stale-while-revalidate=1000",
+        }
+        return web.Response(body=TEXT, headers=headers)
+
+    up = await recorders("a", {"/s": stale})
+    route = {
+        "match": {"path_prefix": "/"},
+        "pool": "main",
+        "cache": "main",
+        "filters": [{"compress": {}}],
+    }
+    server = await proxy(make_config([up.url], routes=[route], caches={"main": {}}))
+    cache = server.caches["main"]
+    for i in range(3):
+        status, headers, body = await raw_get(server, "/s", "Accept-Encoding: gzip")
+        assert status == 200 and headers[b"content-encoding"] == b"gzip", (i, headers)
+        assert gzip.decompress(body) == TEXT
+        await wait_for(lambda i=i: cache.stored == i + 1 and not cache.flights)
+    assert calls == ["gzip"] * 3  # the first, and two refreshes
+
+
 # --- config ----------------------------------------------------------------------------------
 
 
