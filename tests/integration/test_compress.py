@@ -559,6 +559,23 @@ async def test_an_http2_client_that_does_not_read_holds_its_stream_upstream(
 async def test_the_cache_stores_each_encoding_once_and_serves_it_without_compressing(
     proxy: MakeProxy, recorders: MakeRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    await _stored_once(proxy, recorders, monkeypatch, {})
+
+
+async def test_the_redis_cache_stores_each_encoding_once_too(
+    proxy: MakeProxy,
+    recorders: MakeRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: Any,
+) -> None:
+    await _stored_once(
+        proxy, recorders, monkeypatch, {"store": {"type": "redis", "url": redis_server.url}}
+    )
+
+
+async def _stored_once(
+    proxy: MakeProxy, recorders: MakeRecorder, monkeypatch: pytest.MonkeyPatch, spec: dict[str, Any]
+) -> None:
     calls: list[str] = []
 
     async def cacheable(request: web.Request) -> web.Response:
@@ -574,7 +591,7 @@ async def test_the_cache_stores_each_encoding_once_and_serves_it_without_compres
         "cache": "main",
         "filters": [{"compress": {}}],
     }
-    server = await proxy(make_config([up.url], listener=H2C, routes=[route], caches={"main": {}}))
+    server = await proxy(make_config([up.url], listener=H2C, routes=[route], caches={"main": spec}))
     compressions: list[bytes] = []
     original = Compress.encode
 
