@@ -151,11 +151,15 @@ class Answer:
         return found
 
 
-def begin(ex: Subject, cache: Cache, split: bool) -> Any:
+def begin(
+    ex: Subject, cache: Cache, split: bool, headers: list[tuple[bytes, bytes]] | None = None
+) -> Any:
     """Consult ``cache`` for ``ex``: an ``Answer``, a ``CacheState`` to forward with, or a
     coroutine that comes to one (``split``: the route has response filters, which take
-    a hit's head apart from its framing)."""
-    request = Request(ex.method, ex.host or b"", ex.target, ex.headers)
+    a hit's head apart from its framing; ``headers``: the request's headers as the
+    cache is to read them, when a filter normalised some, else ``ex.headers``)."""
+    request = Request(ex.method, ex.host or b"", ex.target, ex.headers if headers is None
+                      else headers)  # fmt: skip
     store = cache.store
     if isinstance(store, MemoryStore) and request.method in (b"GET", b"HEAD"):  # a hit at once
         entry = store.get(request.key, request.headers)

@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.config.base import ConfigModel, Duration, Kind, Name, Timeout
+from proxy.config.base import ConfigModel, Duration, Kind, Name, Size, Timeout
 from proxy.config.filter_values import (
     CONTROL_CHARACTER,
     Cidr,
@@ -408,12 +408,93 @@ class PythonOptions(FilterOptions):
         return value.strip()
 
 
+#: The encodings ``compress`` knows, in its default order of preference (Traefik's),
+#: with the package each needs beyond the standard library.
+COMPRESS_ENCODINGS: Mapping[str, str | None] = MappingProxyType(
+    {"zstd": "zstandard", "br": "brotli", "gzip": None}
+)
+#: The levels ``compress`` uses unless told (``loadtests/compress_bench.py`` measures
+#: them): zstd's own default; gzip 1, nginx's default (zlib's 6 costs 3.5x the CPU for
+#: a body about 13% smaller); brotli's quality 4 (its default, 11, is made for files
+#: compressed once: about 70x slower).
+COMPRESS_LEVELS: Mapping[str, int] = MappingProxyType({"zstd": 3, "br": 4, "gzip": 1})
+_LEVEL_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {"zstd": (1, 22), "br": (0, 11), "gzip": (1, 9)}
+)
+#: The content types ``compress`` compresses unless told (text, JSON, JS, XML, SVG).
+COMPRESS_TYPES: tuple[str, ...] = (
+    "text/*", "application/json", "application/*+json", "application/javascript",
+    "application/x-javascript", "application/xml", "application/*+xml", "image/svg+xml",
+    "application/wasm",
+)  # fmt: skip
+_MEDIA_PATTERN = re.compile(r"(?:\*|[a-z0-9!#$&^_.+-]+)/[a-z0-9!#$&^_.+*-]+")
+
+
+def _available(encoding: str) -> bool:
+    package = COMPRESS_ENCODINGS[encoding]
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+class CompressOptions(FilterOptions):
+    """``compress``: compress responses for clients that accept it (Traefik
+    ``compress``, Caddy ``encode``): ``zstd``, ``br`` or ``gzip`` by the request's
+    ``Accept-Encoding`` (its q-values first, then the order of ``encodings``)."""
+
+    NAME: ClassVar[str] = "compress"
+    encodings: list[Literal["zstd", "br", "gzip"]] = Field(
+        default_factory=lambda: [e for e in COMPRESS_ENCODINGS if _available(e)],  # type: ignore[arg-type]
+        min_length=1,
+    )
+    """The encodings offered, most preferred first (default: ``[zstd, br, gzip]``, those
+    of them whose package is installed: ``pip install 'aiolb[compress]'``)."""
+    min_size: Size = 1024
+    """A response with a ``Content-Length`` below this is sent as it is (Traefik's 1KiB)."""
+    types: list[str] = Field(default_factory=lambda: list(COMPRESS_TYPES), min_length=1)
+    """Content types compressed: ``type/subtype``, with ``*`` for any part
+    (``text/*``, ``application/*+json``). ``text/event-stream`` never is."""
+    levels: dict[Literal["zstd", "br", "gzip"], int] = {}
+    """Compression level per encoding (default ``{zstd: 3, br: 4, gzip: 1}``, gzip's as
+    nginx's; gzip 1-9, br 0-11, zstd 1-22)."""
+
+    @field_validator("encodings")
+    @classmethod
+    def _encodings(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("an encoding is listed twice")
+        for encoding in value:
+            if not _available(encoding):
+                package = COMPRESS_ENCODINGS[encoding]
+                raise ValueError(
+                    f"{encoding} needs the {package} package, which is not installed: "
+                    f"pip install 'aiolb[compress]' (or leave {encoding} out)"
+                )
+        return value
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        lowered = [t.strip().lower() for t in value]
+        for text in lowered:
+            if not _MEDIA_PATTERN.fullmatch(text):
+                raise ValueError(f"{text!r} is not a content type pattern such as text/*")
+        return lowered
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: dict[str, int]) -> dict[str, int]:
+        for encoding, level in value.items():
+            low, high = _LEVEL_RANGES[encoding]
+            if not low <= level <= high:
+                raise ValueError(f"{encoding} level {level} is not within {low}-{high}")
+        return value
+
+
 #: Every filter's options model by the name used in YAML; ``proxy.filters.REGISTRY``
 #: has exactly these keys (a test checks it).
 FILTER_OPTIONS: Mapping[str, type[FilterOptions]] = MappingProxyType({
     model.NAME: model
     for model in (RateLimitOptions, HeadersOptions, RewriteOptions, RedirectOptions,
-                  StickyOptions, AccessOptions, PythonOptions)
+                  StickyOptions, AccessOptions, CompressOptions, PythonOptions)
 })  # fmt: skip
 FILTER_NAMES: tuple[str, ...] = tuple(FILTER_OPTIONS)
 
@@ -437,6 +518,7 @@ FilterSpec = Annotated[
     | Annotated[RedirectOptions, Tag("redirect")]
     | Annotated[StickyOptions, Tag("sticky")]
     | Annotated[AccessOptions, Tag("access")]
+    | Annotated[CompressOptions, Tag("compress")]
     | Annotated[PythonOptions, Tag("python")],
     Discriminator(_filter_name),
     Kind("filter"),

@@ -19,6 +19,7 @@ from proxy.filters import python
 from proxy.filters.access import Access
 from proxy.filters.base import Filter, Headers, LocalResponse, Request, Response, UpstreamInfo
 from proxy.filters.chain import FilterChain
+from proxy.filters.compress import Compress
 from proxy.filters.context import FilterContext, Site
 from proxy.filters.headers import HeadersFilter
 from proxy.filters.rate_limit import RateLimit
@@ -39,6 +40,7 @@ REGISTRY: dict[str, Factory] = {
     "redirect": Redirect,
     "sticky": Sticky,
     "access": Access,
+    "compress": Compress,
     "python": python.build,
 }
 

@@ -227,7 +227,8 @@ class Request:
     serves it, once there is one (the one that answered, in ``response_filter``).
     """
 
-    __slots__ = ("_headers", "_state", "chain", "client_ip", "ex", "pinned", "target")
+    __slots__ = ("_headers", "_state", "chain", "client_ip", "coder", "encoding", "ex", "pinned",
+                 "target")  # fmt: skip
 
     def __init__(self, chain: FilterChain, ex: Subject, target: bytes) -> None:
         self.chain = chain
@@ -236,6 +237,12 @@ class Request:
         self.client_ip = ex.client_ip
         #: the upstream to send to while it is available (``sticky``, ``prefer``)
         self.pinned: Upstream | None = None
+        #: the content coding a ``compress`` filter chose for the response (``gzip``,
+        #: ``br``, ``zstd`` or ``identity``); None on a route without one
+        self.encoding: bytes | None = None
+        #: the response body's coder once ``ResponseEncoder.encode`` gave one (the
+        #: exchange's to drive)
+        self.coder: BodyCoder | None = None
         self._headers: Headers | None = None
         self._state: dict[str, Any] | None = None
 
@@ -384,6 +391,31 @@ class Response:
 
     def __repr__(self) -> str:
         return f"<Response {self._status}>"
+
+
+class BodyCoder(Protocol):
+    """What compresses one response body (``proxy.filters.compress.Coder``)."""
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        """A piece of the body in; what comes out so far (may be empty)."""
+
+    def flush(self) -> bytes:
+        """What the coder holds, as far as it can be decoded (an upstream read ended)."""
+
+    def finish(self) -> bytes:
+        """The rest, at the end of the body."""
+
+
+class ResponseEncoder(Protocol):
+    """A filter that changes a response's body encoding (``compress``): the exchange
+    asks it before the route's cache sees the head, so the cache stores what the
+    client gets."""
+
+    def encode(
+        self, request: Request, status: int, found: ResponseHead, head_only: bool
+    ) -> tuple[ResponseHead, BodyCoder | None] | None:
+        """The head to relay instead of ``found`` and the coder of its body (None: the
+        body as it is), or None to leave the response alone."""
 
 
 class Filter:

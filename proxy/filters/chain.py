@@ -33,7 +33,16 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import FilterError
-from proxy.filters.base import Filter, LocalResponse, Request, Response, UpstreamInfo, implements
+from proxy.filters.base import (
+    Filter,
+    LocalResponse,
+    Request,
+    Response,
+    ResponseEncoder,
+    UpstreamInfo,
+    implements,
+)
+from proxy.filters.compress import Compress
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Pool, Upstream
@@ -52,7 +61,7 @@ Pending = Coroutine[Any, Any, Outcome]
 class FilterChain:
     """The filters of one route, by phase: ``(label, hook)`` pairs in config order."""
 
-    __slots__ = ("filters", "pool", "requests", "responses", "route", "upstreams")
+    __slots__ = ("encoder", "filters", "pool", "requests", "responses", "route", "upstreams")
 
     def __init__(self, route: str, pool: Pool, filters: Sequence[tuple[str, Filter]]) -> None:
         self.route = route
@@ -61,6 +70,10 @@ class FilterChain:
         self.requests = self._hooks("request_filter")
         self.upstreams = self._hooks("upstream_request_filter")
         self.responses = self._hooks("response_filter")
+        #: the filter that encodes the response body (``compress``), if one is listed
+        self.encoder: ResponseEncoder | None = next(
+            (f for _, f in self.filters if isinstance(f, Compress)), None
+        )
 
     def _hooks(self, name: str) -> Phase:
         hooks = tuple((label, getattr(f, name)) for label, f in self.filters if implements(f, name))

@@ -11,7 +11,9 @@ client. It starts at the cache phase (``Exchange.start_refresh``): the route's r
 filters ran for the triggering request and do not run again (its forwarded headers are
 taken as they left them); the pick, ``max_connections``, retries, passive health, the
 forwarding headers, the metrics and the access log apply as to any request, and the
-``CacheState`` stores what comes back as a forwarded request's would.
+``CacheState`` stores what comes back as a forwarded request's would. On a route with
+``compress``, that filter alone encodes the body as the triggering request's variant
+(``_encoded_as``).
 
 ``Background`` carries what the exchange reads of its downstream, copied from the
 triggering request's (its listener, so the metrics' ``listener`` label and the access
@@ -31,6 +33,8 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from proxy.cache.flow import NOT_REVALIDATED
+from proxy.filters.base import Request
+from proxy.filters.chain import FilterChain
 from proxy.http.headers import RequestHeaders, without
 
 if TYPE_CHECKING:
@@ -69,8 +73,23 @@ def revalidation(ex: Exchange, state: CacheState, target: bytes) -> None:
     client = Background(ex.client)
     found.request_id = client.request_ids.next() + REVALIDATION
     background = type(ex)(client, b"GET", ex.target, state.request.headers, found, 1, False)
+    _encoded_as(ex, background, target)
     client.exchange = background
     client.loop.call_soon(client.begin, pool, state, target)
+
+
+def _encoded_as(ex: Exchange, background: Exchange, target: bytes) -> None:
+    """A route with ``compress``: the refresh stores what the entry's clients get, the
+    body encoded as ``ex``'s request chose (its variant), by that filter alone (a chain
+    of it only: the route's other filters do not run again)."""
+    filters = ex.filters
+    if filters is None or filters.encoding is None or filters.chain.encoder is None:
+        return
+    given = filters.chain
+    chain = FilterChain(given.route, given.pool, [("compress", given.encoder)])  # type: ignore[list-item]
+    req = Request(chain, background, target)
+    req.encoding = filters.encoding
+    background.filters = req
 
 
 class Background:

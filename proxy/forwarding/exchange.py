@@ -123,7 +123,7 @@ class Exchange(Responses):
         chain = route.chain
         assert chain is not None
         req = Request(chain, self, self.target)
-        if chain.responses[1]:  # the chain has more to do with it: response hooks
+        if chain.responses[1] or chain.encoder is not None:  # more to do: the response
             self.filters = req
         self._go_on(chain.request(req), lambda: self._consult_cache(route, req))
 
@@ -148,7 +148,11 @@ class Exchange(Responses):
             self._pick(req)
             return
         self.filtered_target = req.target  # what a background revalidation sends
-        self._cached(cache_begin(self, cache, self.filters is not None), req)
+        headers = self.headers
+        if req.encoding is not None:  # one stored variant per encoding (``compress``)
+            headers = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
+            headers.append((b"accept-encoding", req.encoding))
+        self._cached(cache_begin(self, cache, self.filters is not None, headers), req)
 
     def _cached(self, outcome: Any, req: Request | None) -> None:
         """The cache's outcome: forward (with a ``CacheState``), answer (a hit), or wait

@@ -77,6 +77,14 @@ class Responses(Attempts):
             self._retry()
             return False
         self.attempt = RECEIVING
+        framing = found  # the upstream's: where its body ends
+        filters = self.filters
+        if filters is not None and filters.chain.encoder is not None:  # before the cache:
+            encoded = filters.chain.encoder.encode(  # it stores what the client gets
+                filters, status, found, self.head_request
+            )
+            if encoded is not None:
+                found, filters.coder = encoded
         cache = self.cache_state
         if cache is not None:
             given = cache.on_head(self, status, found)
@@ -94,9 +102,8 @@ class Responses(Attempts):
             self.header_at = perf_counter()
         self.deadline = client.clock.now + pool.read_timeout
         self.resp_eof = not (
-            found.has_length or found.chunked or self.head_request or status in (204, 304)
+            framing.has_length or framing.chunked or self.head_request or status in (204, 304)
         )
-        filters = self.filters
         if filters is None:
             self.status = status
             client.send_head(self, status, found)
@@ -294,12 +301,21 @@ class Responses(Attempts):
         protocol carries them (HTTP/2; chunked HTTP/1.1 to a client that said ``TE:
         trailers``), never into a cache entry or a held response; only the fields
         ``relayed_trailers`` lets through (no framing, no invalid bytes)."""
+        filters = self.filters
+        if filters is not None and filters.coder is not None:  # the body's end first
+            self._coded(True)
         if self.answer is None and self.held is None and self.cache_state is None:
             fields = relayed_trailers(trailers)
             if fields:
                 self.client.send_trailers(self, fields)
 
     def on_response_body(self, data: bytes | memoryview) -> None:
+        filters = self.filters
+        if filters is not None and filters.coder is not None:
+            data = filters.coder.compress(data)
+            if not data:  # the compressor keeps it for now
+                self._body_read()
+                return
         if self.cache_state is not None:
             self.cache_state.on_body(data)
             if self.answer is not None:  # the cache answered instead: this body is dropped
@@ -314,7 +330,31 @@ class Responses(Attempts):
         if conn is not None and not conn.reading_paused:  # held: no read deadline
             self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
 
+    def _body_read(self) -> None:
+        """A body piece was read and nothing of it goes out yet: the read deadline runs
+        again from now."""
+        conn = self.conn
+        if conn is not None and not conn.reading_paused:
+            self.deadline = self.client.clock.now + self.pool.read_timeout  # type: ignore[union-attr]
+
+    def _coded(self, last: bool) -> None:
+        """What the body's coder holds goes out (an upstream read ended), or the rest of
+        it (``last``: the body ended; the coder is done)."""
+        filters = self.filters
+        assert filters is not None
+        coder = filters.coder
+        assert coder is not None
+        filters.coder = None  # what comes out is relayed as it is
+        data = coder.finish() if last else coder.flush()
+        if data:
+            self.on_response_body(data)
+        if not last:
+            filters.coder = coder
+
     def on_response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        filters = self.filters
+        if filters is not None and filters.coder is not None:
+            self._coded(True)
         if self.held is not None:  # an async response filter holds the response
             self.held_complete = (conn, upstream_keep_alive)
             return
@@ -378,6 +418,9 @@ class Responses(Attempts):
 
     def flush_client(self) -> None:
         """Write what one upstream read produced, in one call (not while held)."""
+        filters = self.filters
+        if filters is not None and filters.coder is not None and self.answer is None:
+            self._coded(False)
         if self.held is None:
             self.client.flush()
 

@@ -45,7 +45,7 @@ def problems(filters: str, env: dict[str, str] | None = None) -> list[str]:
 def test_the_registry_and_the_configs_filter_names_are_one_set() -> None:
     tags = {get_args(member)[1].tag for member in get_args(get_args(FilterSpec)[0])}
     assert set(proxy.filters.REGISTRY) == set(FILTER_NAMES) == set(FILTER_OPTIONS) == tags
-    assert len(FILTER_NAMES) == 7
+    assert len(FILTER_NAMES) == 8
 
 
 AT = "aiolb.yaml:{line}: listeners[0].routes[0].filters[0]"
@@ -55,7 +55,8 @@ AT = "aiolb.yaml:{line}: listeners[0].routes[0].filters[0]"
     ("filters", "line", "key", "message"),
     [
         ("          - ratelimit: {rate: 1/s}", 7, "", "unknown filter 'ratelimit'; filters: "
-         "'rate_limit', 'headers', 'rewrite', 'redirect', 'sticky', 'access', 'python'"),
+         "'rate_limit', 'headers', 'rewrite', 'redirect', 'sticky', 'access', 'compress', "
+         "'python'"),
         ("          - 42", 7, "", "a filter is a name or a mapping such as"),
         ("          - {sticky: {}, access: {allow: [1.2.3.4]}}", 7, ".sticky",
          "one filter per list item, found sticky, access: list each apart"),
