@@ -74,6 +74,8 @@ class Attempts(ExchangeCore):
         body_to_come = found.content_length is not None or found.chunked
         if body_to_come and self.req is not DONE and self._defer(upstream, target):
             return  # read the body first
+        if self.mirror is not None:
+            self._copy(target, body_to_come)
         pool = self.pool
         assert pool is not None
         self.upstream = upstream
@@ -108,6 +110,19 @@ class Attempts(ExchangeCore):
                     conn.pause_reading(CLIENT_SLOW)
                 return
         self._use(upstream)
+
+    def _copy(self, target: bytes, body_to_come: bool) -> None:
+        """A mirrored request: the copy (``proxy.forwarding.traffic``), with the body
+        when it was read whole; once, whatever retries follow."""
+        mirror = self.mirror
+        assert mirror is not None
+        self.mirror = None
+        if not body_to_come:
+            mirror.copy(self, target, (), 0)  # type: ignore[arg-type]  # an Exchange
+        elif self.req is DONE:
+            mirror.copy(self, target, tuple(self.pending), self.pending_size)  # type: ignore[arg-type]
+        else:
+            mirror.skipped()
 
     def _defer(self, upstream: Upstream, target: bytes) -> bool:
         """A request whose body is still arriving: if it may fit the body buffer, read

@@ -1,0 +1,128 @@
+"""What a route matches beyond host and path prefix, and where it sends traffic.
+
+``HeaderRegexSpec`` and ``HeaderPresentSpec`` are the non-exact forms of a ``match.headers``
+value; ``WeightedPoolSpec`` is one entry of a route's ``pools`` (a traffic split),
+``MirrorSpec`` its ``mirror``. ``safe_regex`` is how every pattern of a route is
+checked: compiled once here, and refused when Python's backtracking ``re`` could take
+exponential time on it (a repeat inside a repeat, a repeated alternation, a
+backreference), since a client chooses what it is matched against.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Annotated, Any, Final
+
+from pydantic import AfterValidator, Field
+
+from proxy.config.base import ConfigModel, Kind, Name
+
+#: Request methods a route may name (RFC 9110 tokens, upper case).
+_METHOD: Final = re.compile(r"[A-Z][A-Z0-9!#$%&'*+.^_`|~-]*")
+#: Header names (RFC 9110 tokens).
+_TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+#: The stdlib's regex parser (no stubs): what ``safe_regex`` walks.
+sre_p: Any = importlib.import_module("re._parser")
+sre_c: Any = importlib.import_module("re._constants")
+_REPEATS: Final = (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, getattr(sre_c, "POSSESSIVE_REPEAT", None))
+
+
+def _walk(parsed: Any, inside_repeat: bool) -> str | None:
+    """Why ``parsed`` (a ``re._parser`` tree) may backtrack exponentially, or None."""
+    for op, av in parsed:
+        if op in _REPEATS:
+            _low, high, body = av
+            repeats = high is sre_c.MAXREPEAT or high > 1
+            if inside_repeat and repeats:
+                return "a repeat inside a repeat (such as (a+)+)"
+            why = _walk(body, inside_repeat or repeats)
+            if why:
+                return why
+        elif op is sre_c.BRANCH:
+            if inside_repeat:
+                return "an alternation inside a repeat (such as (a|ab)*)"
+            for branch in av[1]:
+                if why := _walk(branch, inside_repeat):
+                    return why
+        elif op is sre_c.SUBPATTERN:
+            if why := _walk(av[-1], inside_repeat):
+                return why
+        elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
+            if why := _walk(av[1], inside_repeat):
+                return why
+        elif op in (sre_c.GROUPREF, sre_c.GROUPREF_EXISTS):
+            return "a backreference"
+    return None
+
+
+def safe_regex(pattern: str) -> str:
+    """``pattern`` if it compiles and cannot backtrack exponentially; ValueError if not."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+    why = _walk(sre_p.parse(pattern), False)
+    if why:
+        raise ValueError(f"regex {pattern!r} is refused: {why} can make matching take "
+                         "exponential time on a hostile request; write it without")  # fmt: skip
+    return pattern
+
+
+#: A regular expression (Python ``re`` syntax), searched; refused if it can backtrack.
+Regex = Annotated[str, AfterValidator(safe_regex), Kind("regex")]
+
+
+def check_method(value: str) -> str:
+    method = value.strip().upper()
+    if not _METHOD.fullmatch(method):
+        raise ValueError(f"invalid method {value!r}")
+    return method
+
+
+def check_header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"invalid header name {value!r}")
+    return value
+
+
+class HeaderRegexSpec(ConfigModel):
+    """``{regex: PATTERN}``: the header is present and its value matches (searched)."""
+
+    regex: Regex
+    """Searched in the value (``re.search``): anchor with ``^`` and ``$`` for the whole."""
+
+
+class HeaderPresentSpec(ConfigModel):
+    """``{present: true}``: the header is sent (any value); ``false``: it is not."""
+
+    present: bool
+    """true: the header must be present; false: it must be absent."""
+
+
+#: A ``match.headers`` value: an exact value, ``{regex: ...}`` or ``{present: bool}``.
+HeaderMatch = Annotated[
+    str | HeaderRegexSpec | HeaderPresentSpec, Kind("value, {regex} or {present}")
+]
+
+
+class WeightedPoolSpec(ConfigModel):
+    """One pool of a traffic split (``pools``) and its share."""
+
+    pool: Name
+    """The pool's name (``pools``)."""
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    """Its share: requests go to the pools in proportion to their weights (0: none)."""
+
+
+class MirrorSpec(ConfigModel):
+    """Copy a fraction of a route's requests to another pool, answers discarded."""
+
+    pool: Name
+    """The pool the copies go to."""
+    fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    """Share of the route's requests copied (0..1), chosen at random per request."""
+    max_in_flight: Annotated[int, Field(ge=1)] = 100
+    """Copies in flight at once for this route; more are dropped (counted with
+    ``outcome="dropped"``), so a slow mirror pool never holds more than this."""
