@@ -20,6 +20,7 @@ from proxy.config.routing import (
     HeaderMatch,
     MirrorSpec,
     Regex,
+    Text,
     WeightedPoolSpec,
     check_header_name,
     check_method,
@@ -142,7 +143,7 @@ class MatchSpec(ConfigModel):
     """Request headers by name (case-insensitive), each an exact value, ``{regex:
     PATTERN}`` (searched in the value) or ``{present: true|false}``. Repeated header
     lines are compared as one value, joined with ``, `` (RFC 9110 5.3)."""
-    query: dict[str, str] = {}
+    query: dict[str, Text] = {}
     """Query parameters and their exact values, percent-decoded (``+`` is a space). A
     repeated parameter: its first occurrence is compared. A parameter whose name or
     value is not valid percent-encoding is taken as absent."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator
 
 from proxy.config.base import ConfigModel, Kind, Name
 
@@ -101,9 +102,41 @@ class HeaderPresentSpec(ConfigModel):
     """true: the header must be present; false: it must be absent."""
 
 
+def _scalar(value: object) -> object:
+    """A number written where a string value is meant (``debug: 1``) is that string."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+#: A string value; a YAML number is taken as its text (``1`` is ``"1"``).
+Text = Annotated[str, BeforeValidator(_scalar), Kind("string")]
+
+_HEADER_FORMS: Final = 'an exact value ("1"), {regex: PATTERN} or {present: true|false}'
+
+
+def _header_match(value: object) -> str | HeaderRegexSpec | HeaderPresentSpec:
+    """One ``match.headers`` value, with one error naming the three forms if wrong."""
+    value = _scalar(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and set(value) == {"regex"}:
+        pattern = value["regex"]
+        if not isinstance(pattern, str):
+            raise ValueError("regex must be a string")
+        return HeaderRegexSpec.model_construct(regex=safe_regex(pattern))
+    if isinstance(value, Mapping) and set(value) == {"present"}:
+        if not isinstance(value["present"], bool):
+            raise ValueError("present must be true or false")
+        return HeaderPresentSpec.model_construct(present=value["present"])
+    raise ValueError(f"must be {_HEADER_FORMS}, got {value!r}")
+
+
 #: A ``match.headers`` value: an exact value, ``{regex: ...}`` or ``{present: bool}``.
 HeaderMatch = Annotated[
-    str | HeaderRegexSpec | HeaderPresentSpec, Kind("value, {regex} or {present}")
+    str | HeaderRegexSpec | HeaderPresentSpec,
+    PlainValidator(_header_match),
+    Kind("value, {regex} or {present}"),
 ]
 
 

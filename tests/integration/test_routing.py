@@ -168,13 +168,22 @@ async def test_the_mirror_gets_a_copy_with_its_body(
         )
         assert answer == (200, "main")
         assert await get(s, proxy_url(server, "/g")) == (200, "main")
-    await wait_for(lambda: len(shadow.seen) == 2)
+
+        async def chunks() -> Any:
+            yield payload[:1000]
+            yield payload[1000:]
+
+        chunked = await get(s, proxy_url(server, "/p"), method="PUT", data=chunks())
+        assert chunked == (200, "main")
+    await wait_for(lambda: len(shadow.seen) == 3)
     post = next(seen for seen in shadow.seen if seen.method == "POST")
     assert post.path == "/p?q=1" and post.headers["Host"] == "app.example"
     assert post.headers["X-Request-ID"] == "r1-mirror"
-    assert bodies == [payload]
+    await wait_for(lambda: len(bodies) == 2)
+    assert bodies == [payload, payload]  # Content-Length, then chunked
+    assert shadow.seen[2].headers.get("Transfer-Encoding") == "chunked"
     assert main.seen[0].headers["X-Request-ID"] == "r1"
-    await wait_for(lambda: _mirrored(server).get("answered") == 2)
+    await wait_for(lambda: _mirrored(server).get("answered") == 3)
 
 
 def _mirrored(server: ProxyServer) -> dict[str, int]:
@@ -253,7 +262,14 @@ async def test_a_fraction_of_requests_is_mirrored(
 async def test_h2_clients_are_matched_split_and_mirrored(
     proxy: MakeProxy, recorders: MakeRecorder
 ) -> None:
-    main, canary, shadow = [await recorders(n) for n in ("main", "canary", "shadow")]
+    bodies: list[bytes] = []
+
+    async def keep(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.read())
+        return web.Response(text="shadow")
+
+    main, canary = await recorders("main"), await recorders("canary")
+    shadow = await recorders("shadow", {"/s": keep})
     routes = [
         {"match": {"headers": {"X-Canary": "1"}}, "pool": "canary"},
         {"match": {"path_prefix": "/"},
@@ -272,3 +288,5 @@ async def test_h2_clients_are_matched_split_and_mirrored(
     await wait_for(lambda: len(shadow.seen) == 8)
     assert {seen.path for seen in shadow.seen} == {"/s"}
     assert all(seen.method == "POST" for seen in shadow.seen)
+    await wait_for(lambda: len(bodies) == 8)
+    assert bodies == [b"body"] * 8

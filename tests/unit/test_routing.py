@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -93,20 +92,19 @@ def test_path_regex_is_searched_in_the_path_only() -> None:
 def test_checks_run_cheapest_first() -> None:
     c = Conditions(methods=["GET"], headers={"X": ("regex", "y")}, path_regex="z")
     assert repr(c) == "<Conditions [methods, header X, path_regex]>"
-    seen: list[str] = []
+    asked: list[str] = []
 
-    class Spy(Req):
-        @property
-        def headers(self) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
-            seen.append("headers")
-            return []
+    class Counting(Facts):
+        def headers(self) -> dict[bytes, bytes]:
+            asked.append("headers")
+            return super().headers()
 
-        @headers.setter
-        def headers(self, value: Any) -> None:
-            pass
-
-    assert not c.matches(Facts(Spy(b"POST"), b"/z"))
-    assert seen == ["headers"]  # read when Facts was made, but never parsed into a map
+    assert not c.matches(Counting(Req(b"POST", [(b"X", b"y")]), b"/z"))
+    assert asked == []  # the method failed: no header map was built
+    assert not c.matches(Counting(Req(b"GET", [(b"X", b"y")]), b"/a"))
+    assert asked == []  # the path regex runs before the header regex
+    assert c.matches(Counting(Req(b"GET", [(b"X", b"y")]), b"/z"))
+    assert asked == ["headers"]
 
 
 # --- the router ---------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
         methods: [get, HEAD]
         headers: {X-Canary: "1", X-B: {regex: "^b"}, X-C: {present: false}}
       pool: canary
-    - match: {path_regex: "^/api/v[0-9]+/", query: {debug: "1"}, path: /api/v1/x}
+    - match: {path_regex: "^/api/v[0-9]+/", query: {debug: 1}, path: /api/v1/x}
       pools: [{pool: stable, weight: 95}, {pool: canary, weight: 5}]
       sticky: cookie:canary
       mirror: {pool: canary, fraction: 0.1}
@@ -217,7 +215,9 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
     config = load_config(str(path), env={})
     first, second = config.listeners[0].routes
     assert first.match.methods == ["GET", "HEAD"]
+    assert first.match.headers["X-B"].regex == "^b"  # type: ignore[union-attr]
     assert second.pool_names() == ["stable", "canary"]
+    assert second.match.query == {"debug": "1"}  # a YAML number is its text
     assert second.mirror is not None and second.mirror.max_in_flight == 100
 
 
@@ -246,6 +246,10 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
          "F:5: listeners[0].routes[0].match.methods[0]: invalid method"),
         ("- match: {path: /a/../b}\n  pool: stable\n",
          "F:5: listeners[0].routes[0].match.path: '/a/../b' can never match"),
+        ("- match: {headers: {X: {regx: a}}}\n  pool: stable\n",
+         "F:5: listeners[0].routes[0].match.headers.X: must be an exact value (\"1\"), {regex"),
+        ("- match: {headers: {X: {present: maybe}}}\n  pool: stable\n",
+         "F:5: listeners[0].routes[0].match.headers.X: present must be true or false"),
         ("- match: {}\n  mirror: {pool: canary, fraction: 2}\n  pool: stable\n",
          "F:6: listeners[0].routes[0].mirror.fraction: "),
     ],
