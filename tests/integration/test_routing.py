@@ -7,6 +7,7 @@ mirror pool's recorder shows what the copies carried.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -290,3 +291,56 @@ async def test_h2_clients_are_matched_split_and_mirrored(
     assert all(seen.method == "POST" for seen in shadow.seen)
     await wait_for(lambda: len(bodies) == 8)
     assert bodies == [b"body"] * 8
+
+
+# --- several workers -----------------------------------------------------------------------
+
+
+async def test_workers_count_splits_and_mirrors_and_a_reload_keeps_the_counts(
+    aiolb: Any, recorders: MakeRecorder
+) -> None:
+    main, canary, shadow = [await recorders(n) for n in ("main", "canary", "shadow")]
+    text = f"""\
+listeners:
+  - name: test
+    bind: "127.0.0.1:0"
+    routes:
+      - name: split
+        pools: [{{pool: main, weight: 3}}, {{pool: canary, weight: 1}}]
+        mirror: {{pool: shadow}}
+pools:
+  main: {{upstreams: [{{url: "{main.url}"}}]}}
+  canary: {{upstreams: [{{url: "{canary.url}"}}]}}
+  shadow: {{upstreams: [{{url: "{shadow.url}"}}]}}
+admin: {{bind: "127.0.0.1:0"}}
+workers: 2
+"""
+    proxy = await aiolb(text, workers=2)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(10):
+            answers = await asyncio.gather(*(get(s, proxy.url) for _ in range(20)))
+            assert {status for status, _ in answers} == {200}
+    assert len(main.seen) + len(canary.seen) == 200
+    await wait_for(lambda: len(shadow.seen) == 200, 10.0)
+
+    async def counted(expected: float) -> bool:
+        scraped = samples(await proxy.metrics(), "aiolb_split_requests_total")
+        mirrored = samples(await proxy.metrics(), "aiolb_mirror_requests_total")
+        answered = mirrored.get((("outcome", "answered"), ("pool", "shadow"), ("route", "split")))
+        return sum(scraped.values()) == expected and answered == expected
+
+    await wait_for(lambda: counted(200.0), 10.0)
+    proxy.path.write_text(text.replace("weight: 1}", "weight: 2}"))
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGHUP)
+    reloaded = 'aiolb_config_reloads_total{result="success"} 1.0'
+    await wait_for(lambda: _has(proxy, reloaded), 20.0)
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(get(s, proxy.url) for _ in range(40)))
+    # a reload rebuilt the routes, not the counts: 240, not 40
+    await wait_for(lambda: counted(240.0), 10.0)
+    assert await proxy.stop() == 0
+
+
+async def _has(proxy: Any, text: str) -> bool:
+    return text in await proxy.metrics()
