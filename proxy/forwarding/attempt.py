@@ -117,12 +117,15 @@ class Attempts(ExchangeCore):
         mirror = self.mirror
         assert mirror is not None
         self.mirror = None
-        if not body_to_come:
-            mirror.copy(self, target, (), 0)  # type: ignore[arg-type]  # an Exchange
-        elif self.req is DONE:
-            mirror.copy(self, target, tuple(self.pending), self.pending_size)  # type: ignore[arg-type]
-        else:
-            mirror.skipped()
+        try:
+            if not body_to_come:
+                mirror.copy(self, target, (), 0)  # type: ignore[arg-type]  # an Exchange
+            elif self.req is DONE:
+                mirror.copy(self, target, tuple(self.pending), self.pending_size)  # type: ignore[arg-type]
+            else:
+                mirror.skipped()
+        except Exception as exc:  # a bug in the copy must not fail the real request
+            log.error("bug in a mirror copy of %r", target[:200], exc_info=exc)
 
     def _defer(self, upstream: Upstream, target: bytes) -> bool:
         """A request whose body is still arriving: if it may fit the body buffer, read

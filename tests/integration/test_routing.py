@@ -344,3 +344,21 @@ workers: 2
 
 async def _has(proxy: Any, text: str) -> bool:
     return text in await proxy.metrics()
+
+
+async def test_a_bug_in_the_copy_does_not_fail_the_real_request(
+    proxy: MakeProxy, recorders: MakeRecorder, monkeypatch: Any, caplog: Any
+) -> None:
+    from proxy.forwarding.traffic import Mirror
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Mirror, "copy", broken)
+    main, shadow = await recorders("main"), await recorders("shadow")
+    routes = [{"match": {"path_prefix": "/"}, "pool": "main", "mirror": {"pool": "shadow"}}]
+    server = await proxy(config(routes, {"main": main.url, "shadow": shadow.url}))
+    async with aiohttp.ClientSession() as s:
+        assert await get(s, proxy_url(server)) == (200, "main")
+    assert "bug in a mirror copy" in caplog.text
+    assert shadow.seen == []
