@@ -17,7 +17,7 @@ import httpx
 from aiohttp import web
 
 from proxy.runtime.server import ProxyServer
-from tests.admin_support import samples, scrape
+from tests.admin_support import get_json, samples, scrape
 from tests.support import (
     HOST,
     RawUpstream,
@@ -362,3 +362,17 @@ async def test_a_bug_in_the_copy_does_not_fail_the_real_request(
         assert await get(s, proxy_url(server)) == (200, "main")
     assert "bug in a mirror copy" in caplog.text
     assert shadow.seen == []
+
+
+async def test_the_admin_api_shows_a_split_and_a_mirror(
+    proxy: MakeProxy, recorders: MakeRecorder
+) -> None:
+    main, canary = await recorders("main"), await recorders("canary")
+    shares = [{"pool": "main", "weight": 9}, {"pool": "canary", "weight": 1}]
+    routes = [{"match": {"path_prefix": "/"}, "mirror": {"pool": "canary"}, "pools": shares}]
+    server = await proxy(config(routes, {"main": main.url, "canary": canary.url}))
+    status, body, _ = await get_json(server, "/api/server")
+    assert status == 200
+    (route,) = body["listeners"][0]["routes"]
+    assert route["pools"] == {"main": 9, "canary": 1} and route["mirror"] == "canary"
+    assert route["pool"] is None
