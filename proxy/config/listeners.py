@@ -142,7 +142,8 @@ class MatchSpec(ConfigModel):
     headers: dict[Annotated[str, AfterValidator(check_header_name)], HeaderMatch] = {}
     """Request headers by name (case-insensitive), each an exact value, ``{regex:
     PATTERN}`` (searched in the value) or ``{present: true|false}``. Repeated header
-    lines are compared as one value, joined with ``, `` (RFC 9110 5.3)."""
+    lines are compared as one value, joined with ``, `` (RFC 9110 5.3). Regexes as for
+    ``path_regex``."""
     query: dict[str, Text] = {}
     """Query parameters and their exact values, percent-decoded (``+`` is a space). A
     repeated parameter: its first occurrence is compared. A parameter whose name or
@@ -150,8 +151,11 @@ class MatchSpec(ConfigModel):
     path: str | None = None
     """The request path (normalised, without the query) equals this exactly."""
     path_regex: Regex | None = None
-    """A regex searched in the normalised path without the query (``^/api/v[0-9]+/``);
-    patterns that could backtrack exponentially are refused."""
+    """A regex searched in the normalised path without the query (``^/api/v[0-9]+/``).
+    Refused: patterns that could backtrack exponentially (``(a+)+``, ``(a|ab)*``,
+    backreferences), and those whose worst case is above quadratic (two unbounded
+    repeats unanchored, three anchored with ``^``). A quadratic one (``a.*b``, ``^a.*b.*c``)
+    never matches a value over 2 KiB, which bounds its cost to a few ms."""
 
     @field_validator("path")
     @classmethod

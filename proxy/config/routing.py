@@ -58,8 +58,44 @@ def _walk(parsed: Any, inside_repeat: bool) -> str | None:
     return None
 
 
+#: A bounded repeat with more than this many steps counts as unbounded for ``degree``.
+_LONG_REPEAT: Final = 64
+#: The longest value a regex of degree 2 is tried on; a longer one never matches it.
+QUADRATIC_LIMIT: Final = 2048
+
+
+def _repeats(parsed: Any) -> int:
+    """How many long repeats (``*``, ``+``, ``{n,}``, ``{0,1000}``) ``parsed`` has."""
+    count = 0
+    for op, av in parsed:
+        if op in _REPEATS:
+            high = av[1]
+            count += high is sre_c.MAXREPEAT or high > _LONG_REPEAT
+            count += _repeats(av[2])
+        elif op is sre_c.BRANCH:
+            count += max((_repeats(branch) for branch in av[1]), default=0)
+        elif op is sre_c.SUBPATTERN:
+            count += _repeats(av[-1])
+        elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
+            count += _repeats(av[1])
+    return count
+
+
+def degree(pattern: str) -> int:
+    """The polynomial degree of the worst-case time of ``re.search(pattern, value)`` in
+    the value's length, as far as its shape tells: each long repeat may backtrack over
+    the value, and a search not anchored at the start (``^``, ``\\A``) tries every
+    start position. 1 is linear."""
+    parsed = sre_p.parse(pattern)
+    items = list(parsed)
+    anchored = bool(items) and items[0][0] is sre_c.AT and items[0][1] in (
+        sre_c.AT_BEGINNING, sre_c.AT_BEGINNING_STRING)  # fmt: skip
+    return max(1, _repeats(parsed) + (0 if anchored else 1))
+
+
 def safe_regex(pattern: str) -> str:
-    """``pattern`` if it compiles and cannot backtrack exponentially; ValueError if not."""
+    """``pattern`` if it compiles and its worst case is at most quadratic; ValueError if
+    not (exponential backtracking, or a degree above 2)."""
     try:
         re.compile(pattern)
     except re.error as exc:
@@ -68,6 +104,10 @@ def safe_regex(pattern: str) -> str:
     if why:
         raise ValueError(f"regex {pattern!r} is refused: {why} can make matching take "
                          "exponential time on a hostile request; write it without")  # fmt: skip
+    if degree(pattern) > 2:
+        raise ValueError(f"regex {pattern!r} is refused: its repeats (*, +, {{n,}}) could "
+                         "take polynomial time on a long hostile value; anchor it with ^ "
+                         "and use at most one unbounded repeat, or two when anchored")  # fmt: skip
     return pattern
 
 

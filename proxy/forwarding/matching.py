@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 ``Conditions`` is built from a route's ``match`` (``proxy.config.listeners.MatchSpec``)
 when the router is built: methods become a frozenset of bytes, regexes are compiled
-once (as bytes patterns, checked safe by ``proxy.config.routing.safe_regex``), and the
+once (as bytes patterns, checked safe by ``proxy.config.routing.safe_regex``: at most
+quadratic, and a quadratic one is tried only on values up to ``QUADRATIC_LIMIT``), and the
 checks are put in order of cost: the method, the exact path, headers by exact value or
 presence, query parameters, then the regexes. A lookup makes one ``Facts`` for the
 request, which reads the header map and the query parameters only when a check first
@@ -23,6 +24,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Protocol
 from urllib.parse import unquote_to_bytes
+
+from proxy.config.routing import QUADRATIC_LIMIT, degree
 
 #: A ``%`` not followed by two hex digits: the pair is not valid percent-encoding.
 _BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -99,9 +102,16 @@ def _path(path: bytes) -> Check:
     return lambda facts: facts.path == path
 
 
-def _path_regex(pattern: re.Pattern[bytes]) -> Check:
-    search = pattern.search
-    return lambda facts: search(facts.path) is not None
+def _limit(pattern: str) -> int:
+    """The longest value ``pattern`` is tried on: a quadratic one (``degree`` 2) only
+    on values up to ``QUADRATIC_LIMIT``, so a hostile value costs at most a few ms."""
+    return QUADRATIC_LIMIT if degree(pattern) > 1 else 1 << 62
+
+
+def _path_regex(pattern: str) -> Check:
+    search = re.compile(pattern.encode()).search
+    limit = _limit(pattern)
+    return lambda facts: len(facts.path) <= limit and search(facts.path) is not None
 
 
 def _header_value(name: bytes, value: bytes) -> Check:
@@ -112,12 +122,13 @@ def _header_present(name: bytes, present: bool) -> Check:
     return lambda facts: (name in facts.headers()) is present
 
 
-def _header_regex(name: bytes, pattern: re.Pattern[bytes]) -> Check:
-    search = pattern.search
+def _header_regex(name: bytes, pattern: str) -> Check:
+    search = re.compile(pattern.encode()).search
+    limit = _limit(pattern)
 
     def check(facts: Facts) -> bool:
         value = facts.headers().get(name)
-        return value is not None and search(value) is not None
+        return value is not None and len(value) <= limit and search(value) is not None
 
     return check
 
@@ -162,13 +173,13 @@ class Conditions:
             elif rule[0] == "present":
                 cheap.append(_header_present(key, bool(rule[1])))
             else:
-                costly.append(_header_regex(key, re.compile(str(rule[1]).encode())))
+                costly.append(_header_regex(key, str(rule[1])))
             text.append(f"header {name}")
         for name, value in (query or {}).items():
             cheap.append(_query(name.encode(), value.encode()))
             text.append(f"query {name}")
         if path_regex is not None:
-            costly.insert(0, _path_regex(re.compile(path_regex.encode())))
+            costly.insert(0, _path_regex(path_regex))
             text.append("path_regex")
         self._checks = tuple(cheap + costly)
         self._text = ", ".join(text)

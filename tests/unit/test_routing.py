@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, load_config
-from proxy.config.routing import safe_regex
+from proxy.config.routing import QUADRATIC_LIMIT, safe_regex
 from proxy.forwarding.matching import Conditions, Facts, parse_query
 from proxy.forwarding.router import Router
 from proxy.forwarding.traffic import Split
@@ -135,6 +135,18 @@ def test_pathological_regexes_are_refused_and_safe_ones_do_not_hang() -> None:
             safe_regex(bad)
     with pytest.raises(ValueError, match="invalid regex"):
         safe_regex("(")
+    for cubic in ("a.*b.*c", "[a-z]+[0-9a-z]+!", "^a+b+c+"):  # polynomial, degree 3
+        with pytest.raises(ValueError, match="polynomial time"):
+            safe_regex(cubic)
+    assert safe_regex("^a.*b.*c") and safe_regex("a.*b") and safe_regex("^/api/v[0-9]+/")
+    # a quadratic pattern is tried on values up to QUADRATIC_LIMIT: a few ms at worst
+    quadratic = Conditions(headers={"X": ("regex", "a.*b")})
+    for size in (QUADRATIC_LIMIT, 60000):
+        started = time.perf_counter()
+        assert not quadratic.matches(facts(b"/", X="a" * size))
+        assert time.perf_counter() - started < 0.1
+    assert quadratic.matches(facts(b"/", X="xaxb"))
+    assert not quadratic.matches(facts(b"/", X="a" * QUADRATIC_LIMIT + "b"))  # too long
     c = Conditions(headers={"X": ("regex", "^a.*b$")}, path_regex="^/(?:seg/)+end$")
     hostile = facts(b"/" + b"seg/" * 2000 + b"nope", X="a" * 60000 + "c")
     started = time.perf_counter()
