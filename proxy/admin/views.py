@@ -164,12 +164,18 @@ def route_views(server: Server, lc: ListenerSpec) -> list[dict[str, Any]]:
     limited: dict[str, int] = {}
     for (route, _), counts in server.filters.counts.items():
         limited[route] = limited.get(route, 0) + counts.limited
-    return [
+    views: list[dict[str, Any]] = [
         {"name": name, "host": r.match.host, "path_prefix": r.match.path_prefix,
          "pool": r.pool, "filters": [label(f) for f in r.filters], "cache": r.cache,
          "rate_limited": limited.get(name, 0)}
         for name, r in zip(lc.route_names(), lc.routes, strict=True)
     ]  # fmt: skip
+    for view, r in zip(views, lc.routes, strict=True):  # a split's pools, a mirror's
+        if r.pools is not None:
+            view["pools"] = {p.pool: p.weight for p in r.pools}
+        if r.mirror is not None:
+            view["mirror"] = r.mirror.pool
+    return views
 
 
 def server_view(server: Server) -> dict[str, Any]:

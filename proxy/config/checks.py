@@ -34,6 +34,7 @@ def cross_check(data: Mapping[str, Any]) -> list[InitErrorDetails]:
     return [
         *_undefined(listeners, pools if isinstance(pools, Mapping) else None, "pool"),
         *_undefined(listeners, caches if isinstance(caches, Mapping) else None, "cache"),
+        *_undefined_split(listeners, pools if isinstance(pools, Mapping) else None),
         *_clashing_binds(listeners, data.get("admin")),
         *_duplicate_names(listeners),
         *_duplicate_route_names(listeners),
@@ -105,6 +106,27 @@ def _undefined(
                 loc = ("listeners", i, "routes", j, key)
                 message = f"{key} {name!r} is not defined (defined {key}s: {names})"
                 yield _problem(f"undefined_{key}", loc, name, message)
+
+
+def _undefined_split(
+    listeners: list[tuple[int, Mapping[str, Any]]], defined: Mapping[str, Any] | None
+) -> Iterator[InitErrorDetails]:
+    """Routes whose ``pools`` entries or ``mirror`` name a pool not defined."""
+    if defined is None:
+        return
+    names = ", ".join(str(name) for name in defined) or "none"
+    for i, listener in listeners:
+        for j, route in _entries(listener.get("routes")):
+            loc = ("listeners", i, "routes", j)
+            named: list[tuple[Loc, object]] = [((*loc, "pools", k, "pool"), e.get("pool"))
+                     for k, e in _entries(route.get("pools"))]  # fmt: skip
+            mirror = route.get("mirror")
+            if isinstance(mirror, Mapping):
+                named.append(((*loc, "mirror", "pool"), mirror.get("pool")))
+            for where, name in named:
+                if isinstance(name, str) and name not in defined:
+                    message = f"pool {name!r} is not defined (defined pools: {names})"
+                    yield _problem("undefined_pool", where, name, message)
 
 
 def _bind_key(value: object) -> tuple[str, int] | None:
@@ -208,7 +230,7 @@ def _routes_and_redirects(
                 message = "redirect_https applies to plain-HTTP listeners; this one has tls"
                 yield _problem("redirect_on_tls", (*loc, "redirect_https"), route_redirect, message)
             redirects = redirect if route_redirect is None else route_redirect
-            if route.get("pool") is None and not redirects:
+            if route.get("pool") is None and route.get("pools") is None and not redirects:
                 yield _problem("missing", (*loc, "pool"), None, "field required")
 
 

@@ -15,7 +15,17 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from proxy.config.base import BindAddress, ConfigModel, Kind, Name, Size, Timeout
 from proxy.config.filters import FilterSpec, RateLimitOptions
+from proxy.config.keys import parse_key
 from proxy.config.proxy_protocol import ProxyProtocolSpec
+from proxy.config.routing import (
+    HeaderMatch,
+    MirrorSpec,
+    Regex,
+    Text,
+    WeightedPoolSpec,
+    check_header_name,
+    check_method,
+)
 from proxy.config.tls import ListenerTLSSpec
 from proxy.config.values import split_host_port
 from proxy.http.target import normal_target
@@ -112,12 +122,14 @@ class Http2Spec(ConfigModel):
 
 
 class MatchSpec(ConfigModel):
-    """What a request must look like to take a route; both parts must match.
+    """What a request must look like to take a route; every part given must match.
 
     ``host``: an exact host (``api.example.com``) or a wildcard (``*.example.com``, which
     matches any subdomain but not ``example.com`` itself), stored lower-case, without a
     port; None matches every host. ``path_prefix``: the request's normalised target
     (``proxy.http.target``) starts with it, so it must be written normalised itself.
+    ``methods``, ``headers``, ``query``, ``path`` and ``path_regex`` are optional
+    (``proxy.forwarding.matching`` checks them, cheapest first).
     """
 
     host: str | None = None
@@ -125,6 +137,51 @@ class MatchSpec(ConfigModel):
     path_prefix: str = "/"
     """The request path starts with this, after normalisation (RFC 3986: `%61` is `a`,
     other escapes in upper case, `//`, `/./` and `/x/../` merged or removed)."""
+
+    methods: list[Annotated[str, AfterValidator(check_method)]] | None = None
+    """Request methods (``[GET, HEAD]``), upper case; null: any method."""
+    headers: dict[Annotated[str, AfterValidator(check_header_name)], HeaderMatch] = {}
+    """Request headers by name (case-insensitive), each an exact value, ``{regex:
+    PATTERN}`` (searched in the value) or ``{present: true|false}``. Repeated header
+    lines are compared as one value, joined with ``, `` (RFC 9110 5.3). Regexes as for
+    ``path_regex``."""
+    query: dict[str, Text] = {}
+    """Query parameters and their exact values, percent-decoded (``+`` is a space). A
+    repeated parameter: its first occurrence is compared. A parameter whose name or
+    value is not valid percent-encoding is taken as absent."""
+    path: str | None = None
+    """The request path (normalised, without the query) equals this exactly."""
+    path_regex: Regex | None = None
+    """A regex searched in the normalised path without the query (``^/api/v[0-9]+/``).
+    Refused: patterns that could backtrack exponentially (``(a+)+``, ``(a|ab)*``,
+    backreferences), and those whose worst case is above quadratic (two unbounded
+    repeats unanchored, three anchored with ``^``). A quadratic one (``a.*b``, ``^a.*b.*c``)
+    never matches a value over 2 KiB, which bounds its cost to a few ms."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or "?" in value:
+            raise ValueError(f"must start with '/' and have no query, got {value!r}")
+        if normal_target(value.encode()) != value.encode():
+            normal = normal_target(value.encode())
+            written = "" if normal is None else f"; write {normal.decode()!r}"
+            raise ValueError(f"{value!r} can never match a normalised request path{written}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("methods is empty: list methods, or leave it out for any")
+        return value
+
+    def is_plain(self) -> bool:
+        """True when only ``host`` and ``path_prefix`` are given (the fast router)."""
+        return (self.methods is None and not self.headers and not self.query
+                and self.path is None and self.path_regex is None)  # fmt: skip
 
     @field_validator("host")
     @classmethod
@@ -202,7 +259,23 @@ class RouteSpec(ConfigModel):
     """What a request must look like to take this route (both parts must match)."""
     pool: str | None = None
     """The pool that serves the requests this route matches (required unless the route
-    redirects to https)."""
+    redirects to https or names ``pools``)."""
+    pools: list[WeightedPoolSpec] | None = None
+    """A traffic split instead of ``pool``: ``[{pool: stable, weight: 95}, {pool:
+    canary, weight: 5}]``. Each request goes to one of them in proportion to the
+    weights (smooth weighted round robin: exact shares, evenly spread), or by
+    ``sticky``."""
+    sticky: str | None = None
+    """With ``pools``: choose the pool from a request key (``client_ip``,
+    ``cookie:NAME``, ``header:NAME``, ``query:NAME``, ``path``) hashed onto the
+    weights, so the same client keeps the same pool while the weights stay; a request
+    without the key is split as if not sticky. null: not sticky."""
+    mirror: MirrorSpec | None = None
+    """Send a copy of ``fraction`` of this route's requests to another pool, fire and
+    forget (its answers are discarded; it never delays or fails the real request).
+    Only requests whose body is read whole first (``limits.body_buffer_size``) or that
+    have none are copied; ``Host`` is kept as the client sent it and the copy's
+    ``X-Request-ID`` ends in ``-mirror``."""
     upgrades: Upgrades = ("websocket",)
     """``Upgrade`` protocols tunnelled after a ``101`` (others get 403; ``h2c`` is never
     forwarded); ``[]`` refuses every Upgrade."""
@@ -215,6 +288,32 @@ class RouteSpec(ConfigModel):
     filters: list[FilterSpec] = []
     """Traffic policy, in order: ``rate_limit``, ``headers``, ``rewrite``, ``redirect``,
     ``sticky``, ``access``, ``python`` (see "Filters" below); [] runs none."""
+
+    @model_validator(mode="after")
+    def _check_split(self) -> RouteSpec:
+        if self.pools is None:
+            if self.sticky is not None:
+                raise ValueError("sticky applies to a traffic split: add pools")
+            return self
+        if self.pool is not None:
+            raise ValueError("give either pool or pools, not both")
+        if not self.pools:
+            raise ValueError("pools is empty: list {pool: NAME, weight: N} entries")
+        if sum(p.weight for p in self.pools) <= 0:
+            raise ValueError("the weights of pools sum to 0: give one a weight above 0")
+        names = [p.pool for p in self.pools]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"pool {name!r} is listed twice in pools")
+        if self.sticky is not None:
+            parse_key(self.sticky)
+        return self
+
+    def pool_names(self) -> list[str]:
+        """The pools this route may send a request to: ``pool`` or those of ``pools``."""
+        if self.pools is not None:
+            return [p.pool for p in self.pools]
+        return [self.pool] if self.pool is not None else []
 
     @model_validator(mode="after")
     def _distinct_rate_limits(self) -> RouteSpec:

@@ -31,6 +31,16 @@ class Counts:
         self.store_errors = 0
 
 
+class Tally:
+    """One monotonic count (a traffic split's choices of a pool, a mirror's outcomes),
+    kept here so that a reload, which rebuilds the routes, does not reset it."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class FilterContext:
     """The buckets, Redis stores and counters of one server's filters."""
 
@@ -41,6 +51,9 @@ class FilterContext:
         #: the config file's folder, where ``python:`` filter modules are looked for too
         self.folder = folder
         self.counts: dict[tuple[str, str], Counts] = {}
+        #: the routes' traffic counts (``proxy.forwarding.traffic``) by label values:
+        #: ``("split", route, pool)`` and ``("mirror", route, pool, outcome)``
+        self.traffic: dict[tuple[str, ...], Tally] = {}
         self._redis: dict[tuple[str, float], RedisBuckets] = {}
 
     def counter(self, route: str, name: str) -> Counts:
@@ -49,6 +62,13 @@ class FilterContext:
         if counts is None:
             counts = self.counts[(route, name)] = Counts()
         return counts
+
+    def tally(self, *labels: str) -> Tally:
+        """The traffic count of ``labels`` (made on first use)."""
+        tally = self.traffic.get(labels)
+        if tally is None:
+            tally = self.traffic[labels] = Tally()
+        return tally
 
     def redis(self, url: str, timeout: float) -> RedisBuckets:
         """The store for this Redis (one client and connection pool per url)."""
@@ -63,6 +83,17 @@ class FilterContext:
         """The counters as plain data (``proxy.runtime.totals``)."""
         return [[route, name, c.limited, c.store_errors]
                 for (route, name), c in self.counts.items()]  # fmt: skip
+
+    def traffic_snapshot(self) -> list[list[Any]]:
+        """The traffic counts as plain data: ``[*labels, n]`` rows."""
+        return [[*labels, t.n] for labels, t in self.traffic.items()]
+
+    def absorb_traffic(self, snapshots: list[list[list[Any]]]) -> None:
+        """Replace the traffic counts by the sum of several workers' snapshots."""
+        self.traffic = {}
+        for snapshot in snapshots:
+            for row in snapshot:
+                self.tally(*row[:-1]).n += row[-1]
 
     def absorb(self, snapshots: list[list[list[Any]]]) -> None:
         """Replace the counters by the sum of several workers' ``snapshot()``."""

@@ -76,6 +76,8 @@ class Attempts(ExchangeCore):
         body_to_come = found.content_length is not None or found.chunked
         if body_to_come and self.req is not DONE and self._defer(upstream, target):
             return  # read the body first
+        if self.mirror is not None:
+            self._copy(target, body_to_come)
         pool = self.pool
         assert pool is not None
         self.upstream = upstream
@@ -141,6 +143,22 @@ class Attempts(ExchangeCore):
             self.fail(NoUpstreamError("no upstream available"))
             return
         self.dispatch(upstream, target)
+
+    def _copy(self, target: bytes, body_to_come: bool) -> None:
+        """A mirrored request: the copy (``proxy.forwarding.traffic``), with the body
+        when it was read whole; once, whatever retries follow."""
+        mirror = self.mirror
+        assert mirror is not None
+        self.mirror = None
+        try:
+            if not body_to_come:
+                mirror.copy(self, target, (), 0)  # type: ignore[arg-type]  # an Exchange
+            elif self.req is DONE:
+                mirror.copy(self, target, tuple(self.pending), self.pending_size)  # type: ignore[arg-type]
+            else:
+                mirror.skipped()
+        except Exception as exc:  # a bug in the copy must not fail the real request
+            log.error("bug in a mirror copy of %r", target[:200], exc_info=exc)
 
     def _defer(self, upstream: Upstream, target: bytes) -> bool:
         """A request whose body is still arriving: if it may fit the body buffer, read

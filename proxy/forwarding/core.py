@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from proxy.errors import ProxyError
     from proxy.filters.base import LocalResponse, Request
     from proxy.forwarding.downstream import Downstream
+    from proxy.forwarding.traffic import Mirror
     from proxy.http.headers import RequestHeaders
     from proxy.http.responses import Fixed
     from proxy.tracing import ServerSpan
@@ -89,6 +90,7 @@ class ExchangeCore:
         "http_minor",
         "keep_alive",
         "method",
+        "mirror",
         "opening",
         "parse_only",
         "pending",
@@ -149,6 +151,8 @@ class ExchangeCore:
         self.due = 0
         self.cause = ""
         self.pool: Pool | None = None
+        #: the mirror this request is copied to when dispatched (None: not copied)
+        self.mirror: Mirror | None = None
         #: the route's filters' view of this request while its chain has more to do
         #: (response hooks, a local answer); None on routes without filters
         self.filters: Request | None = None

@@ -16,8 +16,9 @@ stay in order). The phases of a request run here, in this order, and nowhere els
    stale hit within ``stale-while-revalidate`` also asks for a background request
    (``revalidate``), an exchange of its own that starts at this phase
    (``start_refresh``, ``proxy.forwarding.background``);
-4. the **pick**: the upstream a filter pinned (``sticky``) while it is available,
-   else the balancer's;
+4. the **pick**: the pool (a split route's ``Split`` chooses one; a mirrored route
+   marks the request for a copy), then the upstream a filter pinned (``sticky``) while
+   it is available, else the balancer's;
 5. the **upstream request filters** (``FilterChain.upstream``), once;
 6. **send** (``Attempts.dispatch``: the head built once, a connection, the body);
 7. the **response** (``Responses``): the cache, the response filters, the client;
@@ -58,7 +59,7 @@ from proxy.http.target import known_target, normal_target, normalise_host
 
 if TYPE_CHECKING:
     from proxy.forwarding.router import Route
-    from proxy.upstream.pool import Pool
+    from proxy.upstream.pool import Pool, Upstream
 
 log = logging.getLogger("aiolb")
 
@@ -88,14 +89,20 @@ class Exchange(Responses):
             return
         self.target = target
         listener = self.client.listener
-        route = listener.router.route(self.host, target)
+        route = listener.router.route(self.host, target, self)
         if route is None:
             self.local(404)
             return
         pool = route.pool
-        if pool is None:
-            self._redirect(route)
-            return
+        if pool is None:  # a redirect, or a split or mirrored route
+            split = route.split
+            if split is None:
+                self._redirect(route)
+                return
+            pool = split.choose(self)
+            mirror = route.mirror
+            if mirror is not None and mirror.sample():
+                self.mirror = mirror  # copied when dispatched (``Attempts.dispatch``)
         self.pool = pool
         if self.found.upgrade is not None and not self._allow_upgrade(route):
             return
@@ -187,6 +194,18 @@ class Exchange(Responses):
         state.ask(self)
         self.dispatch(pool.pick(self), target)
 
+    def start_copy(self, pool: Pool, body: tuple[bytes, ...], size: int, target: bytes) -> None:
+        """A mirror copy (``proxy.forwarding.traffic``) starts here, at the pick: its
+        request (and ``body``, read whole) as the real one was dispatched; the route's
+        filters ran for the real request and do not run again."""
+        self.pool = pool
+        pool.requests += 1
+        self.req = DONE
+        if body:
+            self.pending = list(body)
+            self.pending_size = self.body_size = size
+        self.dispatch(pool.pick(self), target)
+
     # -- 4. pick, 5. upstream filters, 6. send --------------------------------------------
 
     def _pick(self, req: Request | None) -> None:
@@ -196,7 +215,10 @@ class Exchange(Responses):
             self.dispatch(pool.pick(self), self.target)
             return
         pinned = req.pinned
-        upstream = pinned if pinned is not None and pinned.available else pool.pick(self)
+        if pinned is not None and pinned.available and pinned.pool is pool:
+            upstream: Upstream | None = pinned
+        else:  # none pinned, or of another pool of a split
+            upstream = pool.pick(self)
         chain = req.chain
         if upstream is None or not chain.upstreams[1]:
             self.dispatch(upstream, req.target)

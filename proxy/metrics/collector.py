@@ -126,6 +126,13 @@ METRICS: Final = (
     MetricSpec("aiolb_rate_limit_store_errors", "counter", ("route", "filter"),
                "Rate-limit decisions the store (Redis) could not make: admitted with "
                "fail_open, else answered 503."),
+    MetricSpec("aiolb_split_requests", "counter", ("route", "pool"),
+               "Requests a route with a traffic split (pools) sent to each of its pools."),
+    MetricSpec("aiolb_mirror_requests", "counter", ("route", "pool", "outcome"),
+               "Copies of a route's requests for its mirror pool, by outcome: answered "
+               "(the mirror pool answered), failed (no answer: error, timeout, 503), "
+               "dropped (max_in_flight copies were in flight, or an Upgrade), skipped "
+               "(the body streamed, not read whole: not copied)."),
     MetricSpec("aiolb_cache_requests", "counter", ("cache", "result"),
                "Requests of routes with a cache, by what the cache did: hit (fresh), stale "
                "(served stale: stale-while-revalidate, stale-if-error, use_stale), "
@@ -247,6 +254,7 @@ class ProxyCollector(Collector):
         yield from self._upstream_families()
         yield from self._retries()
         yield from self._rate_limits()
+        yield from self._traffic()
         yield from self._caches()
         yield from self._traces()
         yield self._client_connections()
@@ -332,6 +340,14 @@ class ProxyCollector(Collector):
             limited.add_metric([route, name], counts.limited)
             errors.add_metric([route, name], counts.store_errors)
         yield from (limited, errors)
+
+    def _traffic(self) -> Iterator[Metric]:
+        splits = counter("aiolb_split_requests")
+        mirrors = counter("aiolb_mirror_requests")
+        for labels, tally in sorted(self.server.filters.traffic.items()):
+            family = splits if labels[0] == "split" else mirrors
+            family.add_metric(list(labels[1:]), tally.n)
+        yield from (splits, mirrors)
 
     def _caches(self) -> Iterator[Metric]:
         requests = counter("aiolb_cache_requests")

@@ -122,10 +122,23 @@ class LimitCounts(Protocol):
 
 
 class FilterCounts(Protocol):
-    """The route filters' shared state: the rate limits' counters by (route, name)."""
+    """The route filters' shared state: the rate limits' counters by (route, name), and
+    the routes' traffic counts."""
 
     @property
     def counts(self) -> Mapping[tuple[str, str], LimitCounts]: ...
+
+    @property
+    def traffic(self) -> Mapping[tuple[str, ...], Tally]:
+        """The routes' split and mirror counts by label values (``FilterContext``)."""
+        ...
+
+
+class Tally(Protocol):
+    """One traffic count."""
+
+    @property
+    def n(self) -> int: ...
 
 
 class CacheView(Protocol):

@@ -53,7 +53,15 @@ def _tls(lc: ListenerSpec) -> str:
 
 def _route(lc: ListenerSpec, route: RouteSpec) -> str:
     redirect = lc.redirect_https if route.redirect_https is None else route.redirect_https
-    target = _redirect(redirect) if redirect is not False else route.pool
+    target: str | None
+    if redirect is not False:
+        target = _redirect(redirect)
+    elif route.pools is not None:
+        target = " | ".join(f"{p.pool} ({p.weight})" for p in route.pools)
+    else:
+        target = route.pool
+    if route.mirror is not None:
+        target = f"{target}, mirrored to {route.mirror.pool}"
     return f"{route.match.host or ''}{route.match.path_prefix} -> {target}"
 
 

@@ -43,6 +43,7 @@ def snapshot(server: ProxyServer) -> dict[str, Any]:
             [*key, n] for key, n in server.proxy_protocol_errors().items()
         ],
         "filters": server.filters.snapshot(),
+        "traffic": server.filters.traffic_snapshot(),
         "caches": {name: cache.counts() for name, cache in server.caches.items()},
         "traces": server.tracer.counts() if server.tracer is not None else {},
         "pools": {
@@ -113,6 +114,7 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
             refused[(listener, reason)] = refused.get((listener, reason), 0) + n
     server.proxy_protocol_totals = refused
     server.filters.absorb([s.get("filters", []) for s in snapshots])
+    server.filters.absorb_traffic([s.get("traffic", []) for s in snapshots])
     if server.tracer is not None:
         server.tracer.absorb([s.get("traces", {}) for s in snapshots])
     for name, cache in server.caches.items():

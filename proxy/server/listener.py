@@ -23,8 +23,12 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from proxy.balancing.consistent_hash import key_reader
+from proxy.config.routing import HeaderRegexSpec
 from proxy.filters import FilterContext, build_chain
+from proxy.forwarding.matching import Conditions, HeaderRule
 from proxy.forwarding.router import Route, Router
+from proxy.forwarding.traffic import Mirror, Split
 from proxy.server.negotiate import connection_class
 from proxy.server.protocol import ClientConnection
 from proxy.server.proxied import HeaderReader, Network
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from proxy.cache import Cache
     from proxy.clock import Clock
     from proxy.config import ListenerSpec
+    from proxy.config.listeners import MatchSpec, RouteSpec
     from proxy.http.headers import RequestIds
     from proxy.metrics.access_log import AccessLog
     from proxy.metrics.stats import Stats
@@ -50,20 +55,59 @@ def build_router(
     filters: FilterContext,
     caches: Mapping[str, Cache],
 ) -> Router[Route]:
-    """The router of a listener config over ``pools``: each route with its pool, its
-    filter chain and its cache (None without), built once per config. A listener that
-    redirects to https with no routes gets one catch-all redirecting route."""
+    """The router of a listener config over ``pools``: each route with its pool (or its
+    split and mirror), its filter chain, its cache (None without) and its conditions,
+    built once per config. A listener that redirects to https with no routes gets one
+    catch-all redirecting route."""
     routes: list[tuple[str | None, str, Route]] = []
+    conditions: list[Conditions | None] = []
     for name, rc in zip(lc.route_names(), lc.routes, strict=True):
         redirect = lc.redirect_https if rc.redirect_https is None else rc.redirect_https
-        pool = pools[rc.pool] if rc.pool is not None and not redirect else None
+        names = rc.pool_names()
+        pool = pools[names[0]] if names and not redirect else None
         chain = build_chain(name, rc.filters, pool, filters) if rc.filters and pool else None
         cache = caches[rc.cache] if rc.cache is not None and pool else None
-        route = Route(name, pool, chain, cache, rc.upgrades, redirect)
+        split = _split(name, rc, pools, filters) if pool is not None else None
+        mirror = None
+        if rc.mirror is not None and pool is not None:
+            spec = rc.mirror
+            target = pools[spec.pool]
+            mirror = Mirror(name, target, spec.fraction, spec.max_in_flight, filters)
+            split = split or Split([pool], [1])
+        route = Route(name, pool, chain, cache, rc.upgrades, redirect, split, mirror)
         routes.append((rc.match.host, rc.match.path_prefix, route))
+        conditions.append(_conditions(rc.match))
     if not routes:
         routes.append((None, "/", Route(f"{lc.name}/0", None, redirect=lc.redirect_https)))
-    return Router(routes)
+        conditions.append(None)
+    return Router(routes, conditions)
+
+
+def _split(
+    name: str, rc: RouteSpec, pools: Mapping[str, Pool], filters: FilterContext
+) -> Split | None:
+    """A route's traffic split (None without ``pools``), its choices counted."""
+    if rc.pools is None:
+        return None
+    chosen = [pools[p.pool] for p in rc.pools]
+    tallies = [filters.tally("split", name, p.pool) for p in rc.pools]
+    key = key_reader(rc.sticky) if rc.sticky is not None else None
+    return Split(chosen, [p.weight for p in rc.pools], key, tallies)
+
+
+def _conditions(match: MatchSpec) -> Conditions | None:
+    """A route's conditions beyond host and path prefix (None: it has none)."""
+    if match.is_plain():
+        return None
+    headers: dict[str, HeaderRule] = {}
+    for header, rule in match.headers.items():
+        if isinstance(rule, str):
+            headers[header] = rule
+        elif isinstance(rule, HeaderRegexSpec):
+            headers[header] = ("regex", rule.regex)
+        else:
+            headers[header] = ("present", rule.present)
+    return Conditions(match.methods, headers, match.query, match.path, match.path_regex)
 
 
 def alpn(lc: ListenerSpec) -> tuple[str, ...]:
