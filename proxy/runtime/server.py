@@ -133,9 +133,9 @@ class ProxyServer:
         self.docker = (
             DockerProvider(docker, self.sync_health, self._pools_wanted) if docker else None
         )
-        #: ``scale_from_zero`` scalers, and ``idle_stop`` (one process only: a worker sees
-        #: only its share of the requests)
-        self.scaling = Scaling(self.docker, stops=role == "single")
+        #: ``scale_from_zero`` scalers, and ``idle_stop`` (with workers, the supervisor
+        #: stops once every worker agrees: its ``consent``)
+        self.scaling = Scaling(self.docker, role)
         self._provided: asyncio.Task[None] | None = None
 
     async def purge_cache(self, name: str, host: bytes | None, target: bytes, exact: bool) -> int:
@@ -192,7 +192,7 @@ class ProxyServer:
             raise
         self.clock.add_sweeper(self._sweep_pools)
         self.clock.add_sweeper(self._sweep_retired)
-        if self.scaling.stops and self.docker is not None:
+        if self.docker is not None:
             self.clock.add_sweeper(lambda now: self.scaling.sweep(self.pools))
         if self.access_log is not None:
             self.clock.add_sweeper(self.access_log.flush)

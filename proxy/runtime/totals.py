@@ -18,7 +18,8 @@ handshakes and trace spans exported and dropped. Not summed: active health (the
 supervisor probes, once; its verdicts and probe counts are the truth) and drains (the
 supervisor decides them).
 An upstream counts as ejected while any worker has it ejected (each worker's passive
-health sees only its own traffic).
+health sees only its own traffic). Scale actions are the workers' wakes plus the
+supervisor's own idle stops (``Hold.own``).
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ def absorb(server: ProxyServer, snapshots: Sequence[dict[str, Any]]) -> None:
         pool.overflows = sum(p["overflows"] for p in parts)
         pool.pending = sum(p["pending"] for p in parts)
         scale = pool.scale
-        if scale is not None:  # the workers hold and wake; the supervisor shows the sums
+        if scale is not None:  # the workers hold and wake, the supervisor stops (its own)
             scale.count = sum(p.get("held", 0) for p in parts)
-            actions: dict[tuple[str, str], int] = {}
+            actions: dict[tuple[str, str], int] = dict(scale.own)
             for p in parts:
                 for action, result, n in p.get("scale_actions", ()):
                     actions[(action, result)] = actions.get((action, result), 0) + n

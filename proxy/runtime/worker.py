@@ -11,6 +11,9 @@ a ``ProxyServer`` in the ``worker`` role, binds every listener with SO_REUSEPORT
 - ``check``, ``state``, ``enabled``: probe results, the whole health and drain state,
   one drain; applied as a single process would apply its own;
 - ``purge`` (answered): drop cache entries from its memory stores;
+- ``idle`` (answered), ``unpark``: an idle stop the supervisor decides
+  (``proxy.runtime.provided.Scaling``): how long until the pool is idle here, parking
+  it when asked; serving it again when the stop did not happen;
 - ``reload`` (answered): apply the config the supervisor validated; its problems.
 
 SIGTERM drains and exits; SIGINT too, a second one exits at once; SIGUSR1 reopens the
@@ -129,6 +132,11 @@ async def _command(server: ProxyServer, message: dict[str, Any], reply: Reply) -
     elif op == "enabled":
         _apply_state_one(server, message["pool"], message["address"], None,
                          message["enabled"])  # fmt: skip
+    elif op == "idle":
+        pool = server.pools.get(message["pool"])
+        reply(message["id"], server.scaling.park(pool, message["park"]))
+    elif op == "unpark":
+        server.scaling.unpark(server.pools.get(message["pool"]), message["stopped"])
     elif op == "purge":
         reply(message["id"], await _purge(server, message))
     elif op == "reload":

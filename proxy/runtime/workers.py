@@ -22,8 +22,11 @@ passed to the worker at its start: ``proxy.filters.buckets.SharedBuckets``), hea
 verdicts and probe results (so each worker's balancers skip what the checks found
 down and ends ejections as a single process would), the full health and drain state
 once a second (a worker that just started, or just discovered an address through DNS,
-catches up within a second), drains, reloads, and requests for counters
-(``proxy.runtime.totals``); a worker answers the requests it was asked by ``id``.
+catches up within a second), drains, reloads, requests for counters
+(``proxy.runtime.totals``), and the questions of an idle stop, which the supervisor
+decides once every worker agrees and parks the pool (``idle`` and ``unpark``:
+``proxy.runtime.provided.Scaling``); a worker answers the requests it was asked by
+``id``.
 This module is the supervisor's side; ``proxy.runtime.worker`` is the worker's.
 
 Lifecycle: a worker that exits unasked is started again after a backoff (0.5 s,
@@ -55,6 +58,7 @@ from proxy.filters import FilterContext
 from proxy.filters.buckets import SharedBuckets
 from proxy.health.active import HealthChecker
 from proxy.runtime import notify
+from proxy.runtime.provided import UNSURE
 from proxy.runtime.reload import apply_config, load
 from proxy.runtime.server import ProxyServer
 from proxy.runtime.summary import startup_lines
@@ -158,6 +162,7 @@ class Supervisor:
         )  # fmt: skip
         self.server.control = self
         self.server.workers = count
+        self.server.scaling.consent = self
         self.server.checker = HealthChecker(self)
         self.workers = [Worker(i) for i in range(count)]
         self.loop = self.server.loop
@@ -235,6 +240,27 @@ class Supervisor:
             config, sockets = reserve(config, {lc.name for lc in fresh})
             self._reserved += sockets
         return config
+
+    # -- Consent: idle stops (``proxy.runtime.provided.Scaling``) ----------------------
+
+    async def idle(self, pool: str, park: bool) -> float:
+        """0.0 when every worker says ``pool`` is idle (``park``: and parked it); else
+        the seconds until they all might be, and the workers that parked it unpark."""
+        ready = [w for w in self.workers if w.ready]
+        if len(ready) < self.count:
+            return UNSURE  # one is starting: it may serve the pool at once
+        message = {"op": "idle", "pool": pool, "park": park}
+        replies = await asyncio.gather(*(self._ask(w, message) for w in ready),
+                                       return_exceptions=True)  # fmt: skip
+        waits = [r if isinstance(r, int | float) else UNSURE for r in replies]
+        if max(waits) <= 0.0:
+            return 0.0
+        if park:
+            self.resume(pool, ())
+        return float(max(waits))
+
+    def resume(self, pool: str, stopped: Collection[str]) -> None:
+        self._broadcast({"op": "unpark", "pool": pool, "stopped": list(stopped)})
 
     # -- HealthSink: the supervisor probes, every worker hears ----------------------------
 

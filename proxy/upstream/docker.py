@@ -26,15 +26,17 @@ adds the pool (every default) and, when the labels ask, a route to it, through t
 reload machinery (``ProxyServer.provider_changed``).
 
 Scaling (``Scaler`` of ``proxy.upstream.hold``): ``wake`` starts the pool's stopped
-labelled containers, ``stop`` stops its running ones. Both need ``POST``: a read-only
-socket proxy refuses them (logged as such).
+labelled containers, ``stop`` stops its running ones. With several workers the
+supervisor stops, and each worker first ``park``s the pool (drains its containers as a
+stop would) once it agrees, and ``unpark``s it when the stop does not happen. Starting
+and stopping need ``POST``: a read-only socket proxy refuses them (logged as such).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -209,6 +211,9 @@ class DockerProvider:
         self.extra: dict[str, RouteLabels] = {}
         self.connected = False
         self.listed = asyncio.Event()  # the first list is applied, or the first try failed
+        #: ids this process drained for an idle stop that another process decides
+        #: (``park``); a ``kill`` event hands them to the engine's events
+        self.parked: set[str] = set()
         self._last_error = ""
         self._warned: dict[str, str] = {}  # container id -> last label problem logged
         self._task: asyncio.Task[None] | None = None
@@ -302,6 +307,8 @@ class DockerProvider:
             return
         if action == "kill":
             signal = attributes.get("signal", "")
+            if signal in STOPPING_SIGNALS:
+                self.parked.discard(ident)  # going away: ``unpark`` must not keep it
             if known is not None and signal in STOPPING_SIGNALS and not known.stopping:
                 known.stopping = True
                 self.apply()
@@ -409,15 +416,13 @@ class DockerProvider:
         if errors:
             raise DockerError("; ".join(errors))
 
-    async def stop(self, pool: Pool) -> int:
+    async def stop(self, pool: Pool) -> list[str]:
         """Stop the pool's running labelled containers (``docker stop``): they are
-        drained at once (their ``kill`` event), and their requests finish."""
-        running = [c for c in self._of(pool, ("running",)) if not c.stopping]
+        drained at once (their ``kill`` event), and their requests finish. The ids of
+        those asked to stop."""
+        running = self._drain(pool)
         if not running:
-            return 0
-        for c in running:
-            c.stopping = True
-        self.apply()
+            return []
         log.info("docker: pool %s: stopping %s (idle)", pool.name,
                  ", ".join(c.name for c in running))  # fmt: skip
         results = await asyncio.gather(
@@ -430,7 +435,38 @@ class DockerProvider:
                     c.stopping = False
             self.apply()
             raise DockerError("; ".join(errors))
+        return [c.id for c in running]
+
+    def _drain(self, pool: Pool) -> list[Container]:
+        """Mark the pool's running containers stopping (no new request); those."""
+        running = [c for c in self._of(pool, ("running",)) if not c.stopping]
+        for c in running:
+            c.stopping = True
+        if running:
+            self.apply()
+        return running
+
+    def park(self, pool: Pool) -> int:
+        """Drain the pool's running containers as ``stop`` does, without stopping them:
+        another process (the supervisor) is about to, or ``unpark`` serves them again.
+        A request that comes meanwhile is held and its wake waits for the stop to end
+        (``wake``). How many were drained."""
+        running = self._drain(pool)
+        self.parked.update(c.id for c in running)
         return len(running)
+
+    def unpark(self, pool: Pool, stopped: Collection[str] = ()) -> None:
+        """Serve the parked containers of ``pool`` again, except ``stopped`` (the stop
+        took them; their events say so) and any the engine is already stopping."""
+        back = False
+        for c in self.containers.values():
+            if c.id in self.parked and pool_name(c) == pool.name:
+                self.parked.discard(c.id)
+                if c.id not in stopped and c.stopping and c.state == "running":
+                    c.stopping = False
+                    back = True
+        if back:
+            self.apply()
 
     def running(self, pool: Pool) -> int:
         """How many of the pool's containers run and are not being stopped."""

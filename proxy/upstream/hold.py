@@ -18,7 +18,8 @@ arrival order: each picks again and is sent (``Held.unheld``).
 
 ``idle_stop``: ``Hold.idle`` says when the pool has had no request (nothing held, none
 in flight, ``Pool.requests`` unchanged) for that long; the server's sweep then asks the
-scaler to stop it. Wakes and stops are counted by action and result
+scaler to stop it (with several workers, once every worker's ``Hold`` says so:
+``proxy.runtime.provided.Scaling``). Wakes and stops are counted by action and result
 (``aiolb_scale_actions_total``) and logged.
 """
 
@@ -29,7 +30,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 import aiohttp
@@ -63,8 +64,8 @@ class Scaler(Protocol):
     def wake(self, pool: Pool) -> Awaitable[None]:
         """Make ``pool`` have upstreams (raises on failure, with a message)."""
 
-    def stop(self, pool: Pool) -> Awaitable[int]:
-        """Stop ``pool``'s running containers; how many were asked to stop."""
+    def stop(self, pool: Pool) -> Awaitable[Sequence[str]]:
+        """Stop ``pool``'s running containers; the ids of those asked to stop."""
 
 
 class Claim:
@@ -108,6 +109,7 @@ class Hold:
         "expired",
         "held",
         "last_active",
+        "own",
         "pool",
         "scaler",
         "seen_requests",
@@ -124,8 +126,11 @@ class Hold:
         self.expired = 0  # requests the hold ran out for
         #: who wakes and stops (set by the server; None: only hold)
         self.scaler: Scaler | None = None
-        #: (action, result) -> times: ``aiolb_scale_actions_total``
+        #: (action, result) -> times: ``aiolb_scale_actions_total``; ``own``: those this
+        #: process took (the same dict, except in a supervisor, whose ``actions`` are its
+        #: own plus the workers' sums: ``proxy.runtime.totals.absorb``)
         self.actions: dict[tuple[str, str], int] = {}
+        self.own = self.actions
         self.woken_at = -WAKE_INTERVAL  # monotonic time of the last wake started
         self.waking_since: float | None = None  # a wake runs (monotonic start)
         self.last_active = time.monotonic()
@@ -193,7 +198,9 @@ class Hold:
 
     def count_action(self, action: str, result: str) -> None:
         key = (action, result)
-        self.actions[key] = self.actions.get(key, 0) + 1
+        self.own[key] = self.own.get(key, 0) + 1
+        if self.actions is not self.own:
+            self.actions[key] = self.actions.get(key, 0) + 1
 
     def idle(self, now: float) -> bool:
         """``idle_stop`` is due: no request held, in flight or new for that long (call
@@ -213,13 +220,20 @@ class Hold:
             return False
         return now - self.last_active >= stop_after
 
+    def idle_left(self, now: float) -> float:
+        """Seconds until ``idle`` may be due (0.0: it is; call ``idle`` first)."""
+        stop_after = self.spec.idle_stop
+        if stop_after is None:
+            return float("inf")
+        return max(0.0, stop_after - (now - self.last_active))
+
     def adopt(self, previous: Hold) -> None:
         """A reload replaced the pool: carry the held requests, the counters and the
         idle clock (the claims refer to this hold from now on)."""
         self.held, self.count, self.expired = previous.held, previous.count, previous.expired
         for claim in self.held:
             claim.hold = self
-        self.actions = previous.actions
+        self.actions, self.own = previous.actions, previous.own
         self.last_active, self.seen_requests = previous.last_active, previous.seen_requests
         self.woken_at, self.waking_since = previous.woken_at, previous.waking_since
         previous.held, previous.count = deque(), 0
@@ -248,5 +262,5 @@ class Webhook:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise RuntimeError(f"webhook {self.url}: {exc or type(exc).__name__}") from None
 
-    async def stop(self, pool: Pool) -> int:
-        return 0
+    async def stop(self, pool: Pool) -> Sequence[str]:
+        return ()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -282,6 +284,115 @@ async def test_label_made_pool_and_route(
     await asyncio.to_thread(engine.docker, "rm", "-f", "api-1")
     await wait_for(lambda: "api" not in server.pools, 10)
     assert [r.pool for r in server.config.listeners[0].routes] == ["web"]
+
+
+def workers_config(endpoint: str, idle_stop: str) -> str:
+    """``aiolb run`` with two workers and one ``scale_from_zero`` pool, ``sleepy``."""
+    return yaml.safe_dump({
+        "providers": {"docker": {"endpoint": endpoint}},
+        "listeners": [{"name": "test", "bind": f"{HOST}:0", "routes": [{"pool": "sleepy"}]}],
+        "pools": {"sleepy": {"upstreams": [], "scale_from_zero": {
+            "hold": "30s", "wake": "docker", "idle_stop": idle_stop}}},
+        "admin": {"bind": f"{HOST}:0"},
+        "workers": 2,
+        "shutdown_timeout": "2s",
+    })  # fmt: skip
+
+
+def scale_actions(text: str, action: str) -> float:
+    """``aiolb_scale_actions_total`` of pool ``sleepy`` for ``action``, result success."""
+    sample = f'aiolb_scale_actions_total{{action="{action}",pool="sleepy",result="success"}} '
+    lines = [line for line in text.splitlines() if line.startswith(sample)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def upstream_conns(pids: list[int], port: int) -> dict[int, int]:
+    """Open connections to ``127.0.0.1:port`` by process, among ``pids`` (``ss``)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    found = {pid: 0 for pid in pids}
+    for pid in map(int, re.findall(r"pid=(\d+)", out)):
+        if pid in found:
+            found[pid] += 1
+    return found
+
+
+async def get(url: str, fresh: bool = True) -> tuple[int, str]:
+    connector = aiohttp.TCPConnector(force_close=fresh)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(30)) as r:
+            return r.status, await r.text()
+
+
+async def test_idle_stop_with_two_workers(engine: Engine, aiolb: Any) -> None:
+    """``workers: 2``: requests through both workers, then idle: the supervisor stops
+    the pool's container once (one stop counted, one logged, none by a worker), and
+    the next request, whichever worker takes it, wakes it again."""
+    port = unused_port()
+    engine.run("sleepy-1", port, {"aiolb.enable": "true", "aiolb.pool": "sleepy",
+                                  "aiolb.port": str(port)}, start=False)  # fmt: skip
+    proxy = await aiolb(workers_config(engine.endpoint, "1s"), workers=2)
+    pids = proxy.worker_pids()
+    assert len(pids) == 2
+    assert await get(proxy.url) == (200, "sleepy-1")  # the first request wakes it
+
+    async def both_served() -> bool:  # new connections until each worker has one open
+        assert await get(proxy.url) == (200, "sleepy-1")  # the worker keeps its own
+        return all(upstream_conns(pids, port).values())
+
+    await wait_for(both_served, 10)
+    served = time.monotonic()
+    await wait_for(lambda: engine.state("sleepy-1") == "exited", 15)
+    idle = time.monotonic() - served
+    assert engine.docker("ps", "-q", "--filter", "name=sleepy-1") == ""
+    await wait_for(lambda: proxy.logged("pool sleepy: stopped 1 containers after 1s idle"), 5)
+    metrics = await proxy.metrics()
+    assert scale_actions(metrics, "stop") == 1
+    assert proxy.logged("docker: pool sleepy: stopping sleepy-1 (idle)") == 1  # one process
+    woken = scale_actions(metrics, "wake")
+
+    assert await get(proxy.url) == (200, "sleepy-1")  # asleep: the next request wakes it
+    metrics = await proxy.metrics()
+    assert scale_actions(metrics, "wake") >= woken + 1
+    assert scale_actions(metrics, "stop") == 1  # not again before 1s idle from now
+    print(f"two workers: stopped {idle:.1f}s after the last request; woken again")
+
+
+async def test_idle_stop_waits_for_the_busy_worker(engine: Engine, aiolb: Any) -> None:
+    """``workers: 2``, one keep-alive client: one worker is busy, the other sees no
+    request; the supervisor asks, again and again, and does not stop the pool; once
+    the client goes, it does."""
+    port = unused_port()
+    engine.run("busy-1", port, {"aiolb.enable": "true", "aiolb.pool": "sleepy",
+                                "aiolb.port": str(port)}, start=False)  # fmt: skip
+    proxy = await aiolb(workers_config(engine.endpoint, "1s"), workers=2,
+                        env={"AIOLB_LOG_LEVEL": "debug"})  # fmt: skip
+    declined = "pool sleepy: not idle in every worker"
+    stop = asyncio.Event()
+    answered = 0
+
+    async def one_client() -> None:  # one connection: one worker
+        nonlocal answered
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while not stop.is_set():
+                async with session.get(proxy.url, timeout=aiohttp.ClientTimeout(30)) as r:
+                    assert (r.status, await r.text()) == (200, "busy-1")
+                answered += 1
+                await asyncio.sleep(0.05)
+
+    client = asyncio.create_task(one_client())
+    await wait_for(lambda: answered > 0 or client.done(), 20)
+    conns = upstream_conns(proxy.worker_pids(), port)
+    assert sorted(conns.values()) == [0, 1]  # one worker busy, the other idle
+    asked = proxy.logged(declined)
+    await wait_for(lambda: proxy.logged(declined) >= asked + 3 or client.done(), 10)
+    assert engine.state("busy-1") == "running"
+    assert scale_actions(await proxy.metrics(), "stop") == 0
+    stop.set()
+    await client
+    await wait_for(lambda: engine.state("busy-1") == "exited", 15)
+    assert scale_actions(await proxy.metrics(), "stop") == 1
 
 
 async def test_engine_restart_finds_what_started_meanwhile(

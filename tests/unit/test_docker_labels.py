@@ -3,6 +3,7 @@ containers to pool members, label-made pools to config; and the config's checks.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 from proxy.config import Config, ConfigError, PoolSpec, load_document
 from proxy.config.providers import DockerProviderSpec
 from proxy.runtime.preflight import validate
-from proxy.runtime.provided import merge
+from proxy.runtime.provided import UNSURE, Scaling, merge
 from proxy.upstream.docker import (
     Container,
     DockerProvider,
@@ -282,3 +283,92 @@ def test_check_print_shows_the_provider(tmp_path: Path) -> None:
     assert printed["pools"]["web"]["scale_from_zero"] == {
         "hold": "30s", "max_pending": 200, "wake": "docker", "idle_stop": None,
     }  # fmt: skip
+
+
+def sleepy_pool(idle_stop: str = "1s") -> Pool:
+    return Pool("web", PoolSpec.model_validate({"upstreams": [], "scale_from_zero": {
+        "wake": "docker", "idle_stop": idle_stop}}))  # fmt: skip
+
+
+async def test_a_worker_parks_an_idle_pool_and_unparks_what_was_not_stopped() -> None:
+    """A worker asked about an idle stop: not idle, how long until it may be; idle and
+    asked to park, its containers are drained; unparked, they serve again, except the
+    ones the stop took and one the engine is stopping meanwhile."""
+    provider = DockerProvider(SPEC, lambda: None)
+    pool = sleepy_pool()
+    provider.pools = {"web": pool}
+    ids = ["a" * 20, "b" * 20, "c" * 20]
+    provider.containers = {
+        i: Container.inspected(inspect_data(
+            Id=i, Name=f"/web-{n}", NetworkSettings={"Networks": {"bridge": {
+                "IPAddress": f"172.17.0.{n}"}}}))
+        for n, i in enumerate(ids, 2)
+    }  # fmt: skip
+    provider.apply()
+    scaling = Scaling(provider, "worker")
+    hold = pool.scale
+    assert hold is not None and len(pool.upstreams) == 3
+    pool.requests += 1  # a request since the last look: the idle clock starts again
+    assert scaling.park(pool, park=True) == pytest.approx(1.0, abs=0.1)
+    assert len(pool.upstreams) == 3 and provider.parked == set()
+    hold.last_active -= 1.0  # no request for idle_stop
+    assert scaling.park(pool, park=False) == 0.0
+    assert len(pool.upstreams) == 3  # only asked
+    assert scaling.park(pool, park=True) == 0.0
+    assert pool.upstreams == [] and provider.parked == set(ids)
+    kill = {"Action": "kill", "Actor": {"ID": ids[1], "Attributes": {"signal": "15"}}}
+    await provider._event(kill)  # the engine stops web-3 meanwhile
+    scaling.unpark(pool, [ids[0]])
+    assert [u.name for u in pool.upstreams] == ["web-4"] and provider.parked == set()
+    assert scaling.park(None, park=True) == UNSURE
+
+
+class FakeDocker:
+    def __init__(self) -> None:
+        self.stops = 0
+
+    def running(self, pool: Pool) -> int:
+        return 1
+
+    async def stop(self, pool: Pool) -> list[str]:
+        self.stops += 1
+        return ["a" * 20]
+
+
+class FakeConsent:
+    """Answers ``idle`` from a script; records what was asked and resumed."""
+
+    def __init__(self, *answers: float) -> None:
+        self.answers = list(answers)
+        self.asked: list[bool] = []
+        self.resumed: list[list[str]] = []
+
+    async def idle(self, pool: str, park: bool) -> float:
+        self.asked.append(park)
+        return self.answers.pop(0)
+
+    def resume(self, pool: str, stopped: Collection[str]) -> None:
+        self.resumed.append(list(stopped))
+
+
+@pytest.mark.parametrize(
+    ("answers", "asked", "stops"),
+    [
+        ((0.0, 0.0), [False, True], 1),  # every worker idle, and parked: one stop
+        ((0.6,), [False], 0),  # a worker served within idle_stop: not even parked
+        ((0.0, 0.3), [False, True], 0),  # one got a request between the two questions
+    ],
+)
+async def test_the_supervisor_stops_only_when_every_worker_parked(
+    answers: tuple[float, ...], asked: list[bool], stops: int
+) -> None:
+    docker = FakeDocker()
+    consent = FakeConsent(*answers)
+    scaling = Scaling(docker, "supervisor")  # type: ignore[arg-type]
+    scaling.consent = consent
+    pool = sleepy_pool()
+    await scaling._decide(docker, pool, consent)  # type: ignore[arg-type]
+    assert consent.asked == asked and docker.stops == stops
+    assert consent.resumed == ([["a" * 20]] if stops else [])
+    assert pool.scale is not None
+    assert pool.scale.actions == ({("stop", "success"): 1} if stops else {})
