@@ -12,7 +12,8 @@ waiter; the iteration's first schedules ``_send``) and leave together through on
 pipelined connection per store and process (``proxy.filters.redis_pipe.Pipe``): one
 write, one read. The decisions on one bucket become one ``EVALSHA`` that takes ``n``
 tokens at once and answers the tokens there were before: the i-th waiter's answer is
-``before - i``, what ``n`` decisions in a row would have answered (Redis's clock moving
+``before - min(i, floor(before) + 1)``, what ``n`` decisions in a row would have
+answered (Redis's clock moving
 a few microseconds between them aside), so a route-wide or per-API-key limit costs
 Redis one script run per iteration, not one per request. Each command is atomic:
 instances sharing a bucket stay exact. Each connection loads the script first
@@ -34,6 +35,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import time
 from typing import Any, Final
 
@@ -120,14 +122,17 @@ class RedisBuckets(RedisCircuit):
             group = batch[(key, rate, size)] = []
         waiter = loop.create_future()
         group.append(waiter)
-        taken = len(group)  # this decision takes the group's n-th token
+        nth = len(group)  # this decision is the group's n-th
         reply = await waiter
         if reply is None:  # not asked, or the connection failed (then the circuit is open)
             return None
         try:
             if isinstance(reply, ReplyError):
                 raise reply
-            value = float(reply) - taken
+            before = float(reply)
+            # what the n-th of n decisions in a row answers: once the whole tokens are
+            # taken, each later one is refused with the same fraction left (-1 + frac)
+            value = before - min(nth, math.floor(before) + 1)
         except (ReplyError, ValueError, TypeError) as exc:
             self.failed("a decision", exc)
             return None

@@ -71,6 +71,9 @@ async def test_one_buckets_decisions_are_one_command_and_exact_across_instances(
     assert None not in lefts
     assert sum(left is not None and left >= 0 for left in lefts) == SIZE  # exactly
     assert max(lefts) == approx(SIZE - 1)  # type: ignore[type-var]
+    # a refused decision says what one after the last token says: about -1 (its
+    # Retry-After is one token's time, however many came in the same batch)
+    assert min(lefts) == approx(-1.0, abs=1e-3)  # type: ignore[type-var]
     assert (await evalsha_calls(redis_server))["evalsha"] == 2  # one per instance
 
 
