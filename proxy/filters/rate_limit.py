@@ -14,8 +14,10 @@ as a quota of SIZE per WINDOW seconds, the time it takes to refill) and ``RateLi
 "NAME";r=0;t=SECONDS``. They are not added to admitted responses: that would put every
 rate-limited route on the response path for headers few clients read.
 
-The memory store decides inline (no await); the Redis store is one round trip, so its
-hook is ``async`` and the chain continues in a task.
+The memory store decides inline (no await); the Redis store waits for Redis (the
+decisions asked during one event-loop iteration share one round trip:
+``proxy.filters.redis_store``), so its hook is ``async`` and the chain continues in a
+task.
 """
 
 from __future__ import annotations

@@ -1,29 +1,46 @@
 """``rate_limit`` buckets in Redis, shared by every aiolb instance that names it.
 
-One decision is one round trip: ``EVALSHA`` of a Lua script (redis-py's ``Script``
-sends ``EVAL`` once if Redis has forgotten it, after a restart) that runs the token
-bucket rule of ``proxy.filters.buckets.take`` atomically on a hash of the bucket's
-tokens and stamp, with Redis's own clock (``TIME``), so the instances' clocks do not
-matter. The key expires when its bucket would be full again: Redis holds only the
-buckets that matter. A fixed ``INCR``+``EXPIRE`` window would be one round trip too,
-but it admits up to twice the limit across a window's edge, and would differ from the
-memory store's rule.
+A decision is one ``EVALSHA`` of a Lua script that runs the token bucket rule of
+``proxy.filters.buckets.take`` atomically on a hash of the bucket's tokens and stamp,
+with Redis's own clock (``TIME``), so the instances' clocks do not matter. The key
+expires when its bucket would be full again: Redis holds only the buckets that matter.
+A fixed ``INCR``+``EXPIRE`` window would be cheaper, but it admits up to twice the
+limit across a window's edge, and would differ from the memory store's rule.
 
-Outages: any error (refused, timed out, a bad answer) opens a circuit for a second, in
-which decisions are made without asking (``None``: the filter admits with
-``fail_open``, else answers 503); the first error of an outage logs one line, the
-first success after it another. redis-py is imported only when a config uses this
-store (the ``redis`` extra), and its own retries are off: a decision waits at most
-``timeout``.
+The decisions asked during one event-loop iteration are gathered (``take`` queues a
+waiter; the iteration's first schedules ``_send``) and leave together through one
+pipelined connection per store and process (``proxy.filters.redis_pipe.Pipe``): one
+write, one read. The decisions on one bucket become one ``EVALSHA`` that takes ``n``
+tokens at once and answers the tokens there were before: the i-th waiter's answer is
+``before - min(i, floor(before) + 1)``, what ``n`` decisions in a row would have
+answered (Redis's clock moving
+a few microseconds between them aside), so a route-wide or per-API-key limit costs
+Redis one script run per iteration, not one per request. Each command is atomic:
+instances sharing a bucket stay exact. Each connection loads the script first
+(``SCRIPT LOAD``); a Redis that has forgotten it since (``SCRIPT FLUSH``, a failover)
+answers ``NOSCRIPT``, and that command is sent again as
+``EVAL`` with the script's text.
+
+Outages: any error (refused, no reply within ``timeout``, a bad answer) ends the
+connection, answers every waiting decision ``None`` at once and opens a circuit for a
+second, in which decisions are made without asking (``None``: the filter admits with
+``fail_open``, else answers 503); the first error of an outage logs one line, the first
+success after it another. More than ``MAX_IN_FLIGHT`` decisions waiting are answered
+``None`` too, without opening the circuit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
 import logging
+import math
 import time
 from typing import Any, Final
 
-from proxy.redis_client import RedisCircuit, redis_client
+from proxy.filters.redis_pipe import Pipe, ReplyError, bulk, command
+from proxy.redis_client import RedisCircuit
 
 log = logging.getLogger("aiolb")
 
@@ -31,6 +48,7 @@ TOKEN_BUCKET: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local rate = tonumber(ARGV[1])
 local size = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 't', 's')
@@ -42,41 +60,118 @@ elseif now > tonumber(state[2]) then
 else
   now = tonumber(state[2])  -- the bucket's time never goes back
 end
-local left = tokens - 1
-if left >= 0 then tokens = left end
+local before = tokens
+tokens = tokens - math.max(0, math.min(n, math.floor(tokens)))
 redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.6f', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((size - tokens) / rate * 1000) + 1000)
-return string.format('%.17g', left)
+return string.format('%.17g', before)
 """
+
+
+#: the commands' heads: ``EVALSHA`` of the script, and ``EVAL`` of its text (NOSCRIPT)
+_EVALSHA: Final = b"*7\r\n" + bulk(
+    b"EVALSHA", hashlib.sha1(TOKEN_BUCKET.encode()).hexdigest().encode()
+)
+_LOAD: Final = command(b"SCRIPT", b"LOAD", TOKEN_BUCKET.encode())
+_EVAL: Final = b"*7\r\n" + bulk(b"EVAL", TOKEN_BUCKET.encode())
+
+
+def _answer(group: list[asyncio.Future[Any]], reply: asyncio.Future[Any]) -> None:
+    _settle(group, reply.result())
+
+
+def _settle(group: list[asyncio.Future[Any]], reply: Any) -> None:
+    for waiter in group:
+        if not waiter.done():  # a waiter whose request went away is cancelled
+            waiter.set_result(reply)
 
 
 class RedisBuckets(RedisCircuit):
     """A Redis server's buckets, as ``take`` decisions; one per url and settings.
-    ``errors`` counts the failed round trips (``RedisCircuit``)."""
+    ``errors`` counts the failed connections and answers (``RedisCircuit``)."""
 
-    __slots__ = ("_client", "_script", "timeout", "url")
+    __slots__ = ("_args", "_batch", "_pipe", "timeout", "url")
 
     def __init__(self, url: str, timeout: float) -> None:
         super().__init__()
         self.url = url
         self.timeout = timeout
-        self._client: Any = redis_client(url, timeout)
-        self._script = self._client.register_script(TOKEN_BUCKET)
+        self._pipe: Pipe | None = None
+        #: (rate, size) -> the commands' rate and size arguments, preformatted
+        self._args: dict[tuple[float, float], bytes] = {}
+        #: this loop iteration's decisions: (key, rate, size) -> their waiters, in order
+        self._batch: dict[tuple[bytes, float, float], list[asyncio.Future[Any]]] = {}
+
+    @property
+    def pipe(self) -> Pipe | None:
+        """The connection now (None before the first decision and after a failure)."""
+        return self._pipe
 
     async def take(self, key: bytes, rate: float, size: float) -> float | None:
         """The tokens left after taking one from ``key``'s bucket (< 0: refused), or
-        None when Redis cannot say (down, or the circuit is open)."""
+        None when Redis cannot say (down, slow, the circuit open, too many waiting)."""
         started = time.monotonic()
         if started < self.down_until:  # the circuit is open
             return None
+        batch = self._batch
+        loop = asyncio.get_running_loop()
+        if not batch:
+            loop.call_soon(self._send)
+        group = batch.get((key, rate, size))
+        if group is None:
+            group = batch[(key, rate, size)] = []
+        waiter = loop.create_future()
+        group.append(waiter)
+        nth = len(group)  # this decision is the group's n-th
+        reply = await waiter
+        if reply is None:  # not asked, or the connection failed (then the circuit is open)
+            return None
         try:
-            left = await self._script(keys=[key], args=[repr(rate), repr(size)])
-            value = float(left)
-        except Exception as exc:  # redis-py's errors, OSError, timeouts, a bad answer
+            if isinstance(reply, ReplyError):
+                raise reply
+            before = float(reply)
+            # what the n-th of n decisions in a row answers: once the whole tokens are
+            # taken, each later one is refused with the same fraction left (-1 + frac)
+            value = before - min(nth, math.floor(before) + 1)
+        except (ReplyError, ValueError, TypeError) as exc:
             self.failed("a decision", exc)
             return None
-        self.worked(started)
+        if self.outage:
+            self.worked(started)
         return value
+
+    def _send(self) -> None:
+        """This iteration's decisions: one command per bucket, all in one write."""
+        batch, self._batch = self._batch, {}
+        if not batch:  # closed meanwhile
+            return
+        pipe = self._pipe
+        if pipe is None:
+            pipe = self._pipe = Pipe(self.timeout, self._lost)
+            pipe.connect(self.url, _LOAD)  # the script, before any EVALSHA
+        for (key, rate, size), group in batch.items():
+            args = self._args.get((rate, size))
+            if args is None:
+                args = self._args[(rate, size)] = bulk(repr(rate).encode(), repr(size).encode())
+            # 1 key, the key, rate, size, how many tokens to take
+            tail = b"$1\r\n1\r\n$%d\r\n%s\r\n%s%s" % (
+                len(key),
+                key,
+                args,
+                bulk(b"%d" % len(group)),
+            )
+            reply = pipe.ask(_EVALSHA, tail, _EVAL)
+            if reply is None:  # too many waiting: these are not asked
+                _settle(group, None)
+            else:
+                reply.add_done_callback(functools.partial(_answer, group))
+        pipe.flush()
+
+    def _lost(self, pipe: Pipe, exc: BaseException | None) -> None:
+        if self._pipe is pipe:
+            self._pipe = None
+        if exc is not None:
+            self.failed("a decision", exc)
 
     def outage_began(self, what: str, exc: BaseException) -> None:
         log.error(
@@ -88,7 +183,12 @@ class RedisBuckets(RedisCircuit):
         log.warning("rate limit store %s answers again", self.url)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        batch, self._batch = self._batch, {}
+        for group in batch.values():
+            _settle(group, None)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.lost(None)
 
     def __repr__(self) -> str:
         state = "down" if self.outage else "up"

@@ -1,6 +1,7 @@
 """``rate_limit`` through real sockets: the answer, every key, the allowance over a
 window against the bucket's exact arithmetic, workers sharing one limit, reloads
-keeping the buckets, and the Redis store (two instances, an outage under load)."""
+keeping the buckets, and the Redis store (two instances, an outage under load,
+concurrent decisions sharing round trips)."""
 
 from __future__ import annotations
 
@@ -338,3 +339,32 @@ async def test_redis_down_with_fail_open_false_is_a_503(
         assert r.status == 503 and r.headers["Retry-After"] == "1"
         assert "rate limit cannot be checked" in await r.text()
     assert len(rec.seen) == 1
+
+
+async def test_concurrent_requests_share_redis_round_trips_and_stay_exact(
+    proxy: Proxy, recorders: Recorders, redis_server: RedisServer
+) -> None:
+    """500 requests on 100 connections at once: each decided, exactly the burst
+    admitted, in far fewer Redis commands than decisions (one per bucket and loop
+    iteration)."""
+    rec = await recorders("a")
+    server = await proxy(redis_limit(redis_server.url, rec.url, rate="1/m", burst=50))
+    port = server.listeners[0].port
+
+    async def five() -> list[bytes]:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5)  # pipelined
+        got = [(await read_response(reader))[0] for _ in range(5)]
+        writer.close()
+        return got
+
+    answers = [s for got in await asyncio.gather(*(five() for _ in range(100))) for s in got]
+    assert len(answers) == 500
+    assert answers.count(b"HTTP/1.1 200 OK") == 50, set(answers)
+    assert answers.count(b"HTTP/1.1 429 Too Many Requests") == 450
+    reader, writer = await asyncio.open_connection(HOST, redis_server.port)
+    writer.write(b"INFO commandstats\r\n")
+    stats = (await asyncio.wait_for(reader.read(65536), 5)).decode()
+    writer.close()
+    calls = int(stats.split("cmdstat_evalsha:calls=")[1].split(",")[0])
+    assert calls < 250, calls  # decisions shared commands

@@ -1,0 +1,83 @@
+"""The rate limit store's RESP pipe as a state machine: commands out in one write per
+loop iteration, replies (whole or in pieces) to their waiters in order, NOSCRIPT sent
+again, and a bad reply ending the connection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from proxy.filters.redis_pipe import Pipe, ReplyError, command, handshake
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def connected() -> tuple[Pipe, FakeTransport, list[Any]]:
+    lost: list[Any] = []
+    pipe = Pipe(1.0, lambda p, exc: lost.append(exc))
+    transport = FakeTransport()
+    pipe.connection_made(transport)
+    return pipe, transport, lost
+
+
+def test_a_url_gives_the_address_and_the_commands_to_send_first() -> None:
+    assert handshake("redis://10.0.0.5:6380/0") == ({"host": "10.0.0.5", "port": 6380}, [])
+    where, first = handshake("redis://user:p%40ss@h/2")
+    assert where == {"host": "h", "port": 6379}
+    assert first == [command(b"AUTH", b"user", b"p@ss"), command(b"SELECT", b"2")]
+    assert handshake("redis://:secret@h")[1] == [command(b"AUTH", b"secret")]
+    assert handshake("unix:///run/redis.sock?db=1") == (
+        {"path": "/run/redis.sock"}, [command(b"SELECT", b"1")])  # fmt: skip
+    assert "ssl" in handshake("rediss://h:6390")[0]
+
+
+async def test_one_write_per_iteration_and_replies_in_order() -> None:
+    pipe, transport, lost = connected()
+    waiters = [pipe.ask(b"*1\r\n", b"$4\r\nPING\r\n", None) for _ in range(3)]
+    assert transport.written == []
+    await asyncio.sleep(0)
+    assert transport.written == [b"*1\r\n$4\r\nPING\r\n" * 3] and pipe.writes == 1
+    pipe.data_received(b"$3\r\n1.5\r\n:7\r\n$2\r")  # the third in pieces
+    assert [w.result() for w in waiters[:2] if w is not None] == [b"1.5", 7]
+    assert waiters[2] is not None and not waiters[2].done()
+    pipe.data_received(b"\n-")
+    pipe.data_received(b"2\r\n")
+    assert waiters[2].result() == b"-2" and not lost
+
+
+async def test_noscript_sends_the_redo_for_the_same_waiter() -> None:
+    pipe, transport, _ = connected()
+    waiter = pipe.ask(b"SHA|", b"TAIL", b"TEXT|")
+    await asyncio.sleep(0)
+    pipe.data_received(b"-NOSCRIPT No matching script.\r\n")
+    assert waiter is not None and not waiter.done()
+    await asyncio.sleep(0)
+    assert transport.written == [b"SHA|TAIL", b"TEXT|TAIL"]
+    pipe.data_received(b"$2\r\n42\r\n")
+    assert waiter.result() == b"42"
+
+
+async def test_an_error_reply_goes_to_its_waiter() -> None:
+    pipe, _, lost = connected()
+    waiter = pipe.ask(b"X", b"", b"Y")
+    pipe.data_received(b"-ERR wrong\r\n")
+    assert waiter is not None and isinstance(waiter.result(), ReplyError) and not lost
+
+
+async def test_a_reply_that_is_not_resp_ends_the_connection() -> None:
+    pipe, transport, lost = connected()
+    waiters = [pipe.ask(b"X", b"", None) for _ in range(2)]
+    pipe.data_received(b"?what\r\n")
+    assert [w.result() for w in waiters if w is not None] == [None, None]
+    assert pipe.closed and transport.aborted and isinstance(lost[0], ValueError)
