@@ -19,6 +19,7 @@ returns ``None`` without queueing. A reply ``-NOSCRIPT`` re-sends that command's
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
@@ -26,6 +27,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+log = logging.getLogger("aiolb")
 
 #: Decisions waiting on one connection at most; more are answered ``None`` at once.
 MAX_IN_FLIGHT: Final = 8192
@@ -210,6 +213,10 @@ class Pipe(asyncio.Protocol):
                 if self.closed:
                     return
         except (ValueError, IndexError) as exc:
+            self.lost(exc)
+            return
+        except Exception as exc:  # a bug: it never escapes a protocol callback
+            log.error("bug reading a Redis reply", exc_info=exc)
             self.lost(exc)
             return
         del buf[:pos]

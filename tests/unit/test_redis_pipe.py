@@ -81,3 +81,24 @@ async def test_a_reply_that_is_not_resp_ends_the_connection() -> None:
     pipe.data_received(b"?what\r\n")
     assert [w.result() for w in waiters if w is not None] == [None, None]
     assert pipe.closed and transport.aborted and isinstance(lost[0], ValueError)
+
+
+async def test_a_bug_while_reading_replies_ends_the_connection_not_the_loop() -> None:
+    """Whatever goes wrong handing a reply on, no exception leaves ``data_received``
+    (the event loop would log it and the waiters would hang): the connection ends and
+    every waiter gets the outage answer."""
+    lost: list[Any] = []
+
+    def owner_hears(pipe: Pipe, exc: BaseException | None) -> None:
+        lost.append(exc)
+
+    pipe = Pipe(1.0, owner_hears)
+    transport = FakeTransport()
+    pipe.connection_made(transport)
+    waiters = [pipe.ask(b"X", b"", None) for _ in range(2)]
+    first = waiters[0]
+    assert first is not None
+    first.set_result = None  # type: ignore[method-assign]  # (a bug: not callable)
+    pipe.data_received(b":1\r\n:2\r\n")
+    assert pipe.closed and transport.aborted and isinstance(lost[0], TypeError)
+    assert waiters[1] is not None and waiters[1].result() is None
