@@ -257,8 +257,12 @@ class H2Upstream(asyncio.Protocol):
         return H2Session(self)
 
     def forget(self, st: H2Session) -> None:
-        """``st`` is over: its room is free."""
+        """``st`` is over: its room is free, and what it held of the connection's window
+        (received while it was paused) goes back to it."""
         self.streams.pop(st.sid, None)
+        if st.unacked and not self.closed:
+            st._ack()
+            self.write()
         self.codec.forget(st.sid)
         if not self.streams and not self.reserved and self.goaway:
             self.close()
@@ -433,10 +437,8 @@ class H2Session:
         conn = self.conn
         if not self.sid:  # handed out, never used
             conn.reserved -= 1
-        elif not conn.closed:
-            if conn.codec.is_open(self.sid):
-                conn.codec.reset(self.sid, h2c.CANCEL)
-            self._ack()  # what it held goes back to the connection's window
+        elif conn.codec.is_open(self.sid) and not conn.closed:
+            conn.codec.reset(self.sid, h2c.CANCEL)
             conn.write()
         conn.forget(self)
 
@@ -596,10 +598,8 @@ class H2Session:
             conn = self.conn
             if not self.sid:
                 conn.reserved -= 1
-            elif not conn.closed:
-                if reset and conn.codec.is_open(self.sid):
-                    conn.codec.reset(self.sid, h2c.PROTOCOL_ERROR)
-                self._ack()
+            elif reset and conn.codec.is_open(self.sid) and not conn.closed:
+                conn.codec.reset(self.sid, h2c.PROTOCOL_ERROR)
                 conn.write()
             conn.forget(self)
         if sink is not None:
