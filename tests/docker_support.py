@@ -21,6 +21,7 @@ import shutil
 import ssl
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,10 +250,10 @@ class ReadOnlyProxy:
 
 
 async def steady_load(
-    url: str, stop: asyncio.Event, workers: int = 4
+    url: str, stop: asyncio.Event, workers: int = 4, counts: Counter[str] | None = None
 ) -> tuple[int, list[str], set[str]]:
     """Requests to ``url`` from ``workers`` clients until ``stop``: (answered, failures,
-    the bodies seen)."""
+    the bodies seen); ``counts``, if given, counts the answers by body as they come."""
     failures: list[str] = []
     bodies: set[str] = set()
     answered = 0
@@ -268,6 +269,8 @@ async def steady_load(
                     else:
                         bodies.add(body)
                         answered += 1
+                        if counts is not None:
+                            counts[body] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failures.append(repr(exc))
             await asyncio.sleep(0.005)

@@ -15,6 +15,7 @@ import re
 import ssl
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ async def test_scale_one_three_one_under_load(
     await wait_for(lambda: names(server, "web") == {"web-1"}, timeout=15)
 
     stop = asyncio.Event()
-    load = asyncio.create_task(steady_load(proxy_url(server), stop))
+    counts: Counter[str] = Counter()
+    load = asyncio.create_task(steady_load(proxy_url(server), stop, counts=counts))
     ran = time.monotonic()
     for i in (1, 2):
         await asyncio.to_thread(engine.run, f"web-{i + 1}", ports[i],
@@ -115,7 +117,8 @@ async def test_scale_one_three_one_under_load(
     for name in ("web-2", "web-3"):  # docker stop under load: drained, then gone
         await asyncio.to_thread(engine.docker, "stop", name)
     await wait_for(lambda: names(server, "web") == {"web-1"}, timeout=10)
-    await asyncio.sleep(0.5)  # the load keeps running on the one left
+    left = counts["web-1"]  # the load keeps running on the one left
+    await wait_for(lambda: counts["web-1"] >= left + 50, timeout=10)
     stop.set()
     answered, failures, bodies = await load
     assert failures == []
