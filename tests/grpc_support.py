@@ -3,7 +3,6 @@ code), and a raw HTTP/2 client for what grpcio hides (the trailers a call ends w
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -12,10 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 
+from tests.h2_support import exchange
 from tests.support import HOST
 
 SERVICE = "t.Echo"
@@ -108,40 +105,9 @@ async def raw_call(
     sends it (no deadline of its own: ``headers`` may carry ``grpc-timeout``): (the
     response headers, the body, the trailers; a trailers-only answer has its status in
     the headers and no trailers)."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
     frame = b"\0" + len(message).to_bytes(4, "big") + message
-    conn.send_headers(sid, [
+    return await exchange(port, [
         (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"grpc.test"),
         (b":path", f"/{SERVICE}/{method}".encode()), (b"content-type", b"application/grpc"),
         (b"te", b"trailers"), *(headers or []),
-    ])  # fmt: skip
-    conn.send_data(sid, frame, end_stream=True)
-    writer.write(conn.data_to_send())
-    head: list[tuple[bytes, bytes]] = []
-    body = b""
-    trailers: list[tuple[bytes, bytes]] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise AssertionError("the proxy closed the connection")
-                ended = False
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.ResponseReceived):
-                        head = list(ev.headers)
-                    elif isinstance(ev, h2.events.DataReceived):
-                        body += ev.data
-                        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
-                    elif isinstance(ev, h2.events.TrailersReceived):
-                        trailers = list(ev.headers)
-                    elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
-                        ended = True
-                writer.write(conn.data_to_send())
-                if ended:
-                    return head, body, trailers
-    finally:
-        writer.close()
+    ], frame, timeout)  # fmt: skip

@@ -294,3 +294,45 @@ class FrameClient:
             await self.writer.wait_closed()
         except ConnectionError:
             pass
+
+
+async def exchange(
+    port: int, headers: list[tuple[bytes, bytes]], body: bytes | None = None,
+    timeout: float = 5.0,
+) -> tuple[list[tuple[bytes, bytes]], bytes, list[tuple[bytes, bytes]]]:  # fmt: skip
+    """One request by the ``h2`` library on a new prior-knowledge connection: ``headers``
+    (ending the stream, or ``body`` does), then what came back until the stream ended or
+    was reset: (the response headers, the body, the trailers)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, headers, end_stream=body is None)
+    if body is not None:
+        conn.send_data(sid, body, end_stream=True)
+    writer.write(conn.data_to_send())
+    head: list[tuple[bytes, bytes]] = []
+    got = b""
+    trailers: list[tuple[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise AssertionError("the proxy closed the connection")
+                ended = False
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        head = list(ev.headers)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        got += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        trailers = list(ev.headers)
+                    elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                        ended = True
+                writer.write(conn.data_to_send())
+                if ended:
+                    return head, got, trailers
+    finally:
+        writer.close()

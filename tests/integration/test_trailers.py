@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-import h2.config
-import h2.connection
-import h2.events
-
+from tests.h2_support import exchange
 from tests.support import HOST, make_config, raw_exchange
 
 TRAILED = (
@@ -80,35 +77,10 @@ async def test_a_content_length_trailer_is_never_relayed(raw_upstreams, proxy):
 
 async def _h2_get(port: int, path: bytes, te: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """A GET by an HTTP/2 client (prior knowledge): (the body, the trailers)."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
     headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"shop.test"),
                (b":path", path)] + ([(b"te", b"trailers")] if te else [])  # fmt: skip
-    conn.send_headers(sid, headers, end_stream=True)
-    writer.write(conn.data_to_send())
-    body = b""
-    trailers: list[tuple[bytes, bytes]] = []
-    try:
-        async with asyncio.timeout(5):
-            while True:
-                data = await reader.read(65536)
-                assert data, "the proxy closed the connection"
-                ended = False
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.DataReceived):
-                        body += ev.data
-                        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
-                    elif isinstance(ev, h2.events.TrailersReceived):
-                        trailers = list(ev.headers)
-                    elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
-                        ended = True
-                writer.write(conn.data_to_send())
-                if ended:
-                    return body, trailers
-    finally:
-        writer.close()
+    _, body, trailers = await exchange(port, headers)
+    return body, trailers
 
 
 async def test_an_h2_client_gets_an_h1_upstreams_trailers(raw_upstreams, proxy):
