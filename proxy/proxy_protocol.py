@@ -40,6 +40,11 @@ _INET4: Final = struct.Struct("!4s4sHH")
 _INET6: Final = struct.Struct("!16s16sHH")
 _LOCAL, _PROXY = 0x20, 0x21
 _TCP4, _TCP6 = 0x11, 0x21
+#: The v2 families whose addresses are the client's: name, address block, address type.
+_V2_TCP: Final = {
+    _TCP4: ("TCP/IPv4", _INET4, ipaddress.IPv4Address),
+    _TCP6: ("TCP/IPv6", _INET6, ipaddress.IPv6Address),
+}
 _UNSPEC_FAMILY: Final = 0x00
 
 
@@ -148,18 +153,15 @@ def _parse_v2(data: bytes) -> Header | None:
         return None
     if ver_cmd == _LOCAL:
         return Header(None, total, 2)
-    if family == _TCP4:
-        if length < _INET4.size:
-            raise ProxyHeaderError(f"v2 TCP/IPv4 header with {length} address bytes, not 12")
-        s, d, sp, dp = _INET4.unpack_from(data, 16)
-        a = Addresses(str(ipaddress.IPv4Address(s)), sp, str(ipaddress.IPv4Address(d)), dp)
-        return Header(a, total, 2)
-    if family == _TCP6:
-        if length < _INET6.size:
-            raise ProxyHeaderError(f"v2 TCP/IPv6 header with {length} address bytes, not 36")
-        s, d, sp, dp = _INET6.unpack_from(data, 16)
-        a = Addresses(str(ipaddress.IPv6Address(s)), sp, str(ipaddress.IPv6Address(d)), dp)
-        return Header(a, total, 2)
+    tcp = _V2_TCP.get(family)
+    if tcp is not None:
+        name, layout, address = tcp
+        if length < layout.size:
+            raise ProxyHeaderError(
+                f"v2 {name} header with {length} address bytes, not {layout.size}"
+            )
+        s, d, sp, dp = layout.unpack_from(data, 16)
+        return Header(Addresses(str(address(s)), sp, str(address(d)), dp), total, 2)
     if family >> 4 > 3 or family & 0x0F > 2:
         raise ProxyHeaderError(f"v2 header with an unknown family byte {family:#04x}")
     return Header(None, total, 2)  # UNSPEC, UNIX, UDP: the connection's own address
