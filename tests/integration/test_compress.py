@@ -41,6 +41,13 @@ TEXT = b"".join(
 )
 JSON = b'{"items": [' + b",".join(b'{"id": %d, "name": "item"}' % i for i in range(200)) + b"]}"
 H2C = {"protocols": ["http/1.1", "h2c"]}
+#: A route with the ``compress`` filter and the cache ``main``.
+CACHED_ROUTE: dict[str, Any] = {
+    "match": {"path_prefix": "/"},
+    "pool": "main",
+    "cache": "main",
+    "filters": [{"compress": {}}],
+}
 
 
 def decode(encoding: str | None, data: bytes) -> bytes:
@@ -585,13 +592,8 @@ async def _stored_once(
         )
 
     up = await recorders("a", {"/c": cacheable})
-    route = {
-        "match": {"path_prefix": "/"},
-        "pool": "main",
-        "cache": "main",
-        "filters": [{"compress": {}}],
-    }
-    server = await proxy(make_config([up.url], listener=H2C, routes=[route], caches={"main": spec}))
+    config = make_config([up.url], listener=H2C, routes=[CACHED_ROUTE], caches={"main": spec})
+    server = await proxy(config)
     compressions: list[bytes] = []
     original = Compress.encode
 
@@ -647,13 +649,7 @@ async def test_a_revalidated_compressed_entry_keeps_its_weak_etag(
         return web.Response(body=TEXT, headers={**headers, "Content-Type": "text/plain"})
 
     up = await recorders("a", {"/r": revalidated})
-    route = {
-        "match": {"path_prefix": "/"},
-        "pool": "main",
-        "cache": "main",
-        "filters": [{"compress": {}}],
-    }
-    server = await proxy(make_config([up.url], routes=[route], caches={"main": {}}))
+    server = await proxy(make_config([up.url], routes=[CACHED_ROUTE], caches={"main": {}}))
     compressions = []
     original = Coder.__init__
 
@@ -687,13 +683,7 @@ async def test_a_background_refresh_stores_the_variant_compressed(
         return web.Response(body=TEXT, headers=headers)
 
     up = await recorders("a", {"/s": stale})
-    route = {
-        "match": {"path_prefix": "/"},
-        "pool": "main",
-        "cache": "main",
-        "filters": [{"compress": {}}],
-    }
-    server = await proxy(make_config([up.url], routes=[route], caches={"main": {}}))
+    server = await proxy(make_config([up.url], routes=[CACHED_ROUTE], caches={"main": {}}))
     cache = server.caches["main"]
     for i in range(3):
         status, headers, body = await raw_get(server, "/s", "Accept-Encoding: gzip")
