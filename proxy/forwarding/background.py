@@ -71,7 +71,7 @@ def revalidation(ex: Exchange, state: CacheState, target: bytes) -> None:
     found.host = given.host
     found.forwarded_for = given.forwarded_for
     client = Background(ex.client)
-    found.request_id = client.request_ids.next() + REVALIDATION
+    found.request_id = next(client.request_ids) + REVALIDATION
     background = type(ex)(client, b"GET", ex.target, state.request.headers, found, 1, False)
     _encoded_as(ex, background, target)
     client.exchange = background

@@ -138,7 +138,7 @@ class ExchangeCore:
         self.keep_alive = keep_alive and not found.close
         #: HEAD, or an Upgrade: the response goes through the parser, never the fast path
         self.parse_only = self.head_request = method == b"HEAD"
-        self.request_id = found.request_id or client.request_ids.next()
+        self.request_id = found.request_id or next(client.request_ids)
         self.head = b""
         self.pending: list[bytes] = []
         self.pending_size = 0

@@ -28,7 +28,7 @@ from proxy.config.values import format_address
 from proxy.errors import BindError
 from proxy.filters import FilterContext
 from proxy.health.active import CheckTarget, HealthChecker
-from proxy.http.headers import RequestIds
+from proxy.http.headers import request_ids
 from proxy.metrics.access_log import AccessLog
 from proxy.metrics.stats import Stats
 from proxy.runtime import notify
@@ -96,7 +96,7 @@ class ProxyServer:
         self.workers = 1
         self.loop = loop or asyncio.get_running_loop()
         self.clock = Clock(self.loop, _resolution(config))
-        self.request_ids = RequestIds()
+        self.request_ids = request_ids()
         #: responses the proxy made before any pool was chosen (400, 404, 408, ...)
         self.stats = Stats()
         #: None unless ``access_log`` is configured; opening it may raise OSError

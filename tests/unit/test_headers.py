@@ -9,10 +9,10 @@ from proxy.http.headers import (
     REQUEST_HEAD,
     REQUEST_HEAD_TLS,
     RequestHeaders,
-    RequestIds,
     ResponseHead,
     known_response_head,
     request_head,
+    request_ids,
     response_head,
 )
 
@@ -164,8 +164,8 @@ def test_duplicate_host_is_refused():
 
 
 def test_request_ids_are_unique():
-    ids = RequestIds()
-    assert len({ids.next() for _ in range(1000)}) == 1000
+    ids = request_ids()
+    assert len({next(ids) for _ in range(1000)}) == 1000
 
 
 def test_the_parser_keeps_only_http11_alive_without_a_connection_header():
