@@ -128,6 +128,16 @@ def test_request_headers_one_pass():
     )
 
 
+def test_a_head_without_host_has_no_x_forwarded_host():
+    found = RequestHeaders([(b"Accept", b"*/*")])  # HTTP/1.0: the attempt adds Host
+    found.parts += (b"Host", b": ", b"10.0.0.2:80", b"\r\n")
+    head = request_head(b"GET", b"/", found, b"ip", None, b"rid", REQUEST_HEAD)
+    assert head == (
+        b"GET / HTTP/1.1\r\nAccept: */*\r\nHost: 10.0.0.2:80\r\nX-Forwarded-For: ip\r\n"
+        b"X-Forwarded-Proto: http\r\nX-Request-ID: rid\r\nVia: 1.1 aiolb\r\n\r\n"
+    )
+
+
 def test_tls_clients_get_x_forwarded_proto_https():
     found = RequestHeaders([(b"Host", b"a")])
     head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD_TLS)
