@@ -8,10 +8,14 @@ difference by the extra requests, so start-up and warm-up cancel out.
     python loadtests/hotpath_count.py                 # a proxied 20-byte request
     python loadtests/hotpath_count.py --scenario hit  # a memory-cache hit
     python loadtests/hotpath_count.py --scenario traced  # tracing on, not sampled
+    python loadtests/hotpath_count.py --scenario traced-child  # ... the client's unsampled
+                                                                # traceparent continued
+    python loadtests/hotpath_count.py --scenario traced-1pct   # sample_rate 0.01
+    python loadtests/hotpath_count.py --scenario traced-all    # every request sampled
     python loadtests/hotpath_count.py --scenario h2   # a 20-byte request from an HTTP/2
                                                       # client (h2c), to HTTP/1.1
     python loadtests/hotpath_count.py --scenario h2-64k  # the same, 64 KiB
-    python loadtests/hotpath_count.py --all           # all five
+    python loadtests/hotpath_count.py --all           # all of them
 
 Needs valgrind. ``PYTHONHASHSEED=0`` keeps dict layouts, and so counts, repeatable.
 """
@@ -33,7 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
-SCENARIOS = ("proxied", "hit", "traced", "h2", "h2-64k")
+SCENARIOS = (
+    "proxied", "hit", "traced", "traced-child", "traced-1pct", "traced-all", "h2", "h2-64k",
+)  # fmt: skip
+#: the ``tracing`` scenarios' sample rates
+RATES = {"traced": 0.0, "traced-child": 0.0, "traced-1pct": 0.01, "traced-all": 1.0}
+#: a client's unsampled ``traceparent`` (``traced-child``)
+CHILD = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n"
 
 
 def feed(scenario: str, n: int) -> None:
@@ -45,8 +55,9 @@ def feed(scenario: str, n: int) -> None:
     extra: dict[str, Any] = {}
     if scenario == "hit":
         extra = {"cache": {"default_ttl": "1h"}}
-    elif scenario == "traced":  # tracing on, this request not sampled (the common case)
-        extra = {"tracing": {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": 0.0}}
+    elif scenario in RATES:  # tracing on (``traced``: not sampled, the common case)
+        tracing = {"endpoint": "http://127.0.0.1:9/v1/traces", "sample_rate": RATES[scenario]}
+        extra = {"tracing": tracing}
     if scenario.startswith("h2"):
         run_h2 = hb.h2_feeder(loop, big=scenario == "h2-64k")
         run_h2(1000)
@@ -63,7 +74,10 @@ def feed(scenario: str, n: int) -> None:
             client.data_received(hb.REQUEST)
         assert conns[0].uses == 2, "a hit went upstream"
     else:
-        run = hb.feeder(client, conns)
+        request = hb.REQUEST
+        if scenario == "traced-child":
+            request = request.replace(b"\r\n\r\n", b"\r\n" + CHILD + b"\r\n")
+        run = hb.feeder(client, conns, request)
         run(1000)
         run(n)
     loop.close()

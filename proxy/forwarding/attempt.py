@@ -82,8 +82,6 @@ class Attempts(ExchangeCore):
         assert pool is not None
         self.upstream = upstream
         self.attempts = 1
-        if self.span is not None:
-            self.span.attempt(upstream)
         if found.expect_continue and self.req is not DONE:
             self._continue()
         if self.host is None:
@@ -96,7 +94,10 @@ class Attempts(ExchangeCore):
             self.host,
             self.request_id,
             client.head_template,
+            self.trace_id,
         )
+        if self.span is not None:  # its trace's line, rewritten (``proxy.tracing.span``)
+            self.head = head = self.span.attempt(upstream, head)
         if pool.fast_path and not self.pending:  # the fast path: nothing but the head
             conn = upstream.take_idle()
             if conn is not None:  # ``_use`` and ``_send``, for a pooled connection

@@ -73,6 +73,7 @@ def revalidation(ex: Exchange, state: CacheState, target: bytes) -> None:
     client = Background(ex.client)
     found.request_id = next(client.request_ids) + REVALIDATION
     background = type(ex)(client, b"GET", ex.target, state.request.headers, found, 1, False)
+    background.trace_id = ex.trace_id  # the same trace (``tracing``), not sampled
     _encoded_as(ex, background, target)
     client.exchange = background
     client.loop.call_soon(client.begin, pool, state, target)

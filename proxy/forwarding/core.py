@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from proxy.forwarding.traffic import Mirror
     from proxy.http.headers import RequestHeaders
     from proxy.http.responses import Fixed
-    from proxy.tracing import ServerSpan
+    from proxy.tracing import Relay
     from proxy.upstream.acquire import Wait
     from proxy.upstream.connection import UpstreamConnection
     from proxy.upstream.pool import Pool, Upstream
@@ -112,7 +112,7 @@ class ExchangeCore:
         "target",
         "task",
         "ticket",
-        "traceparent",
+        "trace_id",
         "tried",
         "tried_at",
         "upstream",
@@ -162,10 +162,11 @@ class ExchangeCore:
         self.held_complete: tuple[UpstreamConnection, bool] | None = None
         #: what the route's cache does for this request (None on routes without one)
         self.cache_state: CacheState | None = None
-        #: the ``traceparent`` sent upstream, and the spans of a sampled request
-        #: (``proxy.tracing``; None without ``tracing``)
-        self.traceparent: bytes | None = None
-        self.span: ServerSpan | None = None
+        #: the trace id sent upstream (the head format's last ``%s``: b"" without
+        #: ``tracing``), and the request's part in its trace when it is more than that
+        #: (a sampled one's spans, an unsampled child's parent ids: ``proxy.tracing``)
+        self.trace_id = b""
+        self.span: Relay | None = None
         #: a response made for this request in place of the upstream's (a filter's
         #: ``LocalResponse``, a cache hit or stand-in): what the downstream writes;
         #: None: an error page

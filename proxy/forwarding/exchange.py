@@ -109,12 +109,11 @@ class Exchange(Responses):
         pool.requests += 1
         tracer = listener.tracer
         if tracer is not None:  # the traceparent to send; spans if sampled
-            found = self.found
-            fresh = found.traceparent is None and found.tracestate is None
-            line = tracer.next() if fresh else None
-            if line is not None:  # a new trace, not sampled: the common case, no call
-                found.parts += line
-                self.traceparent = line[2]
+            # no trace header came and the new trace is not sampled: the common case,
+            # no call (``ids`` has None where sampled; ``traceparent`` stands for
+            # both headers)
+            if self.found.traceparent is None and (trace := next(tracer.ids)) is not None:
+                self.trace_id = trace
             else:
                 tracer.begin(self, route)
         if route.chain is not None:

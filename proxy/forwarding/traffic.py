@@ -150,6 +150,7 @@ class Mirror:
         found.request_id = ex.request_id + MIRRORED
         client = Copy(ex.client, self)
         copy = type(ex)(client, ex.method, target, ex.headers, found, ex.http_minor, False)
+        copy.trace_id = ex.trace_id  # the same trace (``tracing``), not sampled
         client.exchange = copy
         self.in_flight += 1
         client.loop.call_soon(client.begin_copy, body, size, target)

@@ -196,6 +196,11 @@ def request_ids() -> RequestIds:
     return map((prefix + b"-%x").__mod__, itertools.count(1))
 
 
+#: ``RequestHeaders.traceparent`` when a ``tracestate`` came without a ``traceparent``
+#: (an invalid value: a new trace, the ``tracestate`` dropped)
+NO_PARENT: Final = b"(none)"
+
+
 class RequestHeaders:
     """What one pass over a request's headers found, and the headers to forward."""
 
@@ -233,8 +238,10 @@ class RequestHeaders:
         #: the client keeps trailer fields (``TE: trailers``): a chunked response's are
         #: relayed to it, and asked of the upstream
         self.trailers = False
-        #: W3C Trace Context headers as they came (b"" for a repeated ``traceparent``:
-        #: invalid); forwarded unchanged unless ``tracing`` is on (``proxy.tracing``)
+        #: W3C Trace Context headers as they came (``traceparent``: b"" for a repeated
+        #: one, ``NO_PARENT`` for a ``tracestate`` without one: both invalid, and None
+        #: only when neither header came); forwarded unchanged unless ``tracing`` is on
+        #: (``proxy.tracing``)
         self.traceparent: bytes | None = None
         self.tracestate: bytes | None = None
         listed: list[bytes] | None = None
@@ -274,11 +281,14 @@ class RequestHeaders:
                 upgrade = value if upgrade is None else upgrade + b", " + value
             elif action == _TRACEPARENT:  # a repeated one is invalid: b""
                 parts += (name, b": ", value, b"\r\n")
-                self.traceparent = value if self.traceparent is None else b""
+                parent: bytes | None = self.traceparent
+                self.traceparent = value if parent is None or parent is NO_PARENT else b""
             elif action == _TRACESTATE:  # several lines are one list (W3C 3.3.1.1)
                 parts += (name, b": ", value, b"\r\n")
                 state: bytes | None = self.tracestate
                 self.tracestate = value if state is None else state + b"," + value
+                if self.traceparent is None:  # so far: trace headers came all the same
+                    self.traceparent = NO_PARENT
             elif (action == _UNDERSCORE and underscores) or (action == _FORWARDED and forwarded):
                 parts += (name, b": ", value, b"\r\n")
             elif action == _TE and not self.trailers and _says_trailers(value):
@@ -371,26 +381,42 @@ def request_head(
     forwarded_host: bytes | None,
     request_id: bytes,
     template: bytes,
+    trace_id: bytes,
 ) -> bytes:
-    """The request head sent upstream (always HTTP/1.1, keep-alive). ``template``:
-    ``REQUEST_HEAD``, or ``REQUEST_HEAD_TLS`` (``X-Forwarded-Proto: https``) when the
-    client came over TLS; the client connection keeps its own (no choice per request)."""
+    """The request head sent upstream (always HTTP/1.1, keep-alive). ``template``: the
+    client connection's (``head_template``: ``X-Forwarded-Proto``, ``Forwarded``, a
+    ``traceparent`` line under ``tracing``), chosen once per connection, never per
+    request; ``trace_id``: its trace's (b"" without ``tracing``: the slot is empty)."""
     xff = client_ip if found.forwarded_for is None else found.forwarded_for + b", " + client_ip
     if forwarded_host is None:  # no Host (HTTP/1.0): no X-Forwarded-Host either
         template = template.replace(_FORWARDED_HOST, b"%s", 1)
         forwarded_host = b""
     return template % (
-        method, target, b"".join(found.parts), xff, request_id, forwarded_host
+        method, target, b"".join(found.parts), xff, request_id, forwarded_host, trace_id
     )  # fmt: skip
 
 
 _FORWARDED_HOST: Final = b"X-Forwarded-Host: %s\r\n"
-#: One C-level format per request head (half the time of joining a list of pieces).
+#: One C-level format per request head (half the time of joining a list of pieces). The
+#: last ``%s`` is ``tracing``'s: empty here, a trace id where a listener traces.
 REQUEST_HEAD: Final = (
     b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
-    b"X-Request-ID: %s\r\n" + VIA + _FORWARDED_HOST + b"\r\n"
+    b"X-Request-ID: %s\r\n" + VIA + _FORWARDED_HOST + b"%s\r\n"
 )
 REQUEST_HEAD_TLS: Final = REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
+#: ``TRACED % (trace id, parent id)``: the ``traceparent`` line of a traced listener's
+#: heads (a sampled request's is rewritten: ``proxy.tracing.span``)
+TRACED: Final = b"traceparent: 00-%s-%s-00\r\n"
+
+
+def head_template(tls: bool, parent: bytes | None) -> bytes:
+    """The upstream request head's format for a listener's connections: ``X-Forwarded-
+    Proto: https`` behind TLS; under ``tracing``, a ``traceparent`` line naming the
+    request's trace and ``parent`` (the tracer's parent id for unsampled new traces)."""
+    template = REQUEST_HEAD_TLS if tls else REQUEST_HEAD
+    if parent is None:
+        return template
+    return template[:-4] + TRACED % (b"%s", parent) + b"\r\n"
 
 
 def forwarded_template(template: bytes, client_ip: str) -> bytes:

@@ -209,8 +209,8 @@ def upstream_name(upstream: UpstreamRef | None) -> str:
 
 def trace_id(ex: Any) -> bytes | None:
     """The trace id (32 hex digits) of the ``traceparent`` sent upstream, or None."""
-    traceparent = getattr(ex, "traceparent", None)
-    return None if traceparent is None else traceparent[3:35]
+    trace_id: bytes = getattr(ex, "trace_id", b"")
+    return trace_id or None
 
 
 def grpc_status(ex: Any) -> int | None:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Final, Protocol
 import httptools
 
 from proxy.clock import NEVER
-from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS
 from proxy.server.proxied import connection_addresses
 
 if TYPE_CHECKING:
@@ -180,8 +179,8 @@ class ConnectionBase(asyncio.Protocol):
         self.phase = IDLE
         # accepted now: the header timeout runs from here (a TLS handshake included)
         self.deadline = self.clock.now + self.timeout_header
-        #: the upstream request head's format: ``X-Forwarded-Proto: https`` behind TLS
-        self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
+        #: the upstream request head's format (``proxy.http.headers.head_template``)
+        self.head_template = listener.head_template
         self.held = b""  # bytes after an Upgrade request, until its answer
         self.out: list[bytes | memoryview] = []  # the current response, until ``flush``
         self.mode = 0  # how the current response's body is framed (``respond.py``)

@@ -56,7 +56,7 @@ from proxy.h2.headers import (
     response_to_h2,
     split_response,
 )
-from proxy.http.headers import REQUEST_HEAD, REQUEST_HEAD_TLS, RequestHeaders, forwarded_template
+from proxy.http.headers import RequestHeaders, forwarded_template
 from proxy.http.responses import error_response, redirect_response
 from proxy.server.base import read_nothing
 from proxy.server.protocol import ClientConnection
@@ -365,7 +365,7 @@ class H2Server(asyncio.Protocol):
         #: the addresses a PROXY header gave (``proxy.server.proxied``), or the
         #: connection's own once a ``send_proxy_protocol`` pool asked; None: the peer's
         self.proxied: Addresses | None = None
-        self.head_template = REQUEST_HEAD_TLS if listener.tls is not None else REQUEST_HEAD
+        self.head_template = listener.head_template
         self.closed = False
         self.draining = listener.draining
         self.goaway_sent = False

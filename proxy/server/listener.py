@@ -29,6 +29,7 @@ from proxy.filters import FilterContext, build_chain
 from proxy.forwarding.matching import Conditions, HeaderRule
 from proxy.forwarding.router import Route, Router
 from proxy.forwarding.traffic import Mirror, Split
+from proxy.http.headers import head_template
 from proxy.server.negotiate import connection_class
 from proxy.server.protocol import ClientConnection
 from proxy.server.proxied import HeaderReader, Network
@@ -126,6 +127,7 @@ class Listener:
         "draining",
         "filters",
         "handshake_errors",
+        "head_template",
         "loop",
         "name",
         "proxy_errors",
@@ -169,6 +171,8 @@ class Listener:
         self.router = build_router(config, pools, self.filters, caches or {})
         #: the certificates (None: plain HTTP); raises ``TLSFileError`` on a bad file
         self.tls = ServerTLS(config.tls, alpn(config)) if config.tls is not None else None
+        #: the upstream request head's format for this listener's connections
+        self.head_template = head_template(self.tls is not None, _parent(tracer))
         #: failed TLS handshakes by reason, for ``aiolb_tls_handshake_errors_total``
         self.handshake_errors: dict[str, int] = {}
         self.connections: set[ClientConnection | H2Server] = set()
@@ -194,6 +198,7 @@ class Listener:
         connections get them; open ones keep theirs)."""
         self.router = build_router(config, pools, self.filters, caches)
         self.config, self.name, self.tls = config, config.name, tls
+        self.head_template = head_template(tls is not None, _parent(self.tracer))
         self.proxy_trusted = _trusted(config)
         self.connection_type = connection_class(self, config.effective_protocols())
 
@@ -284,6 +289,11 @@ class Listener:
 def _trusted(config: ListenerSpec) -> tuple[Network, ...] | None:
     spec = config.proxy_protocol
     return spec.networks() if spec is not None else None
+
+
+def _parent(tracer: Tracer | None) -> bytes | None:
+    """The parent id a listener's heads name under ``tracing`` (``head_template``)."""
+    return None if tracer is None else tracer.parent
 
 
 def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BaseProtocol]:

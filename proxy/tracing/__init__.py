@@ -11,12 +11,18 @@ route's filters, the cache and the pick:
   sampled flag decides (parent-based sampling), a missing or invalid one starts a new
   trace, sampled with probability ``sample_rate`` (an invalid one's ``tracestate`` is
   dropped with it);
-- the ``traceparent`` sent upstream replaces the client's in the header list the head is
-  built from: the same trace, a new parent id (the CLIENT span's when sampled), the
-  flags of the decision. ``tracestate`` passes through unchanged;
-- only a sampled request gets a ``ServerSpan`` (``ex.span``): an unsampled one costs a
-  call of a C iterator over blocks of ``traceparent`` lines made 256 at a time, in the
-  exchange itself (``next``), and two stores.
+- the ``traceparent`` sent upstream is the last line of a traced listener's head format
+  (``proxy.http.headers.head_template``), ``00-TRACE-PARENT-00``: TRACE is
+  ``ex.trace_id``, PARENT the tracer's ``parent`` (one per process: each new trace
+  carries exactly one request from it, so the id is unique within each trace; no span
+  is recorded under it). That is the whole of an unsampled new trace's part: the call of
+  a C iterator over blocks of trace ids made 256 at a time, in the exchange itself
+  (``ids``), and one store;
+- a sampled request gets a ``ServerSpan`` (``ex.span``), an unsampled child of the
+  client's trace a ``Relay``: at each attempt they rewrite that line in the head (a
+  parent id of the attempt's own, the CLIENT span's when sampled; the client's flags
+  or the sampled flag). The client's ``traceparent`` is taken out of the headers
+  forwarded; ``tracestate`` passes through unchanged.
 
 The exporter (``export.py``) sends what sampled requests produced from the event loop
 of the process that served them. Without ``tracing`` there is no tracer: the trace
@@ -28,7 +34,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from binascii import hexlify
+from collections.abc import Iterator
 from itertools import chain, repeat
 from random import getrandbits, random
 from typing import TYPE_CHECKING, Final
@@ -36,53 +43,42 @@ from typing import TYPE_CHECKING, Final
 from proxy.http.headers import without
 from proxy.tracing.context import SAMPLED, parse_traceparent
 from proxy.tracing.export import Exporter
-from proxy.tracing.span import ServerSpan
+from proxy.tracing.span import Relay, ServerSpan
 
 if TYPE_CHECKING:
     from proxy.config.models import TracingSpec
     from proxy.http.headers import RequestHeaders
     from proxy.tracing.traced import TracedExchange, TracedRoute
 
-__all__ = ["ServerSpan", "Tracer"]
+__all__ = ["Relay", "ServerSpan", "Tracer"]
 
 _TRACEPARENT: Final = b"traceparent"
 _BOTH: Final = (b"traceparent", b"tracestate")
-#: ``_NEW % (trace id, span id)`` (hex): a new trace's unsampled ``traceparent``
-_NEW: Final = b"00-%s-%s-00"
-#: ``_CHILD % (trace id, span id, flags)`` (hex): a child of the client's
-_CHILD: Final = b"00-%s-%s-%s"
 #: New traces decided at a time (``Tracer._block``): their sampling and their ids, from
 #: one ``os.urandom`` call.
 _BLOCK: Final = 256
-
-#: A block's ``traceparent`` values, one per line, their ids' digits to be filled in:
-#: ``_COLUMNS`` are where the 48 hex digits of a trace id and a span id go in each.
-_RECORD: Final = b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00"
-_TEMPLATE: Final = b"\n".join([_RECORD] * _BLOCK)
-_COLUMNS: Final = (*range(3, 35), *range(36, 52))
-
-#: A request's ``traceparent`` line, as the pieces ``RequestHeaders.parts`` holds.
-Line = tuple[bytes, bytes, bytes, bytes]
 
 
 class Tracer:
     """One process's tracing: the sampling decision, the headers, the exporter."""
 
-    __slots__ = ("_skip", "exporter", "next", "sample_rate")
+    __slots__ = ("_relays", "_skip", "exporter", "ids", "parent", "sample_rate")
 
     def __init__(self, config: TracingSpec) -> None:
         self.sample_rate = config.sample_rate
         self.exporter = Exporter(config)
+        #: the parent id (16 hex digits) unsampled new traces name (see the module)
+        self.parent = b"%016x" % (getrandbits(64) or 1)
+        #: the ``Relay`` of each flags value seen on an unsampled client trace
+        self._relays: dict[int, Relay] = {}
         #: new traces to leave unsampled before the next sampled one
         self._skip = self._gap()
-        #: ``next()``: a new trace's ``traceparent`` line (unsampled), or None when it is
-        #: sampled (then ``begin`` decides). A C iterator over blocks made ``_BLOCK`` at
-        #: a time, in C but for the sampled places: no Python frame per request, which
-        #: is what an unsampled request with no ``traceparent`` costs
-        #: (``Exchange.start`` calls it before ``begin``).
-        self.next: Callable[[], Line | None] = chain.from_iterable(
-            map(self._block, repeat(_BLOCK))
-        ).__next__
+        #: ``next(ids)``: a new trace's id (32 hex digits), not sampled, or None when
+        #: it is sampled (then ``begin`` decides). A C iterator over blocks made
+        #: ``_BLOCK`` at a time, in C but for the sampled places: no Python frame per
+        #: request, which is what an unsampled request with no trace header costs
+        #: (``Exchange.start`` takes one before calling ``begin``).
+        self.ids: Iterator[bytes | None] = chain.from_iterable(map(self._block, repeat(_BLOCK)))
 
     def _gap(self) -> int:
         """How many new traces go unsampled before the next sampled one (geometric)."""
@@ -93,19 +89,11 @@ class Tracer:
             return 0
         return int(math.log(1.0 - random()) / math.log1p(-rate))
 
-    def _block(self, n: int) -> list[Line | None]:
-        """``n`` (``_BLOCK``) new traces: their ``traceparent`` lines (new trace and
-        span ids, not sampled), None in the places sampled (probability ``sample_rate``
-        each). The random digits are written into a template a column at a time (48
-        slice assignments in C), then split: nothing per trace in Python."""
-        digits = os.urandom(24 * n).hex().encode()
-        values = bytearray(_TEMPLATE)
-        for i, column in enumerate(_COLUMNS):
-            values[column::56] = digits[i::48]
-        block: list[Line | None] = list(
-            zip(repeat(_TRACEPARENT), repeat(b": "), bytes(values).split(b"\n"),
-                repeat(b"\r\n"))
-        )  # fmt: skip
+    def _block(self, n: int) -> list[bytes | None]:
+        """``n`` (``_BLOCK``) new trace ids, not sampled, None in the places sampled
+        (probability ``sample_rate`` each). Nothing per trace in Python: 16 random bytes
+        each, in hex with a ``|`` between, split."""
+        block: list[bytes | None] = hexlify(os.urandom(16 * n), b"|", -16).split(b"|")  # type: ignore[assignment]
         at = self._skip
         while at < n:
             block[at] = None
@@ -114,39 +102,40 @@ class Tracer:
         return block
 
     def begin(self, ex: TracedExchange, route: TracedRoute) -> None:
-        """Decide ``ex``'s trace and put its ``traceparent`` in the upstream headers;
-        a sampled request gets ``ex.span``. (A request with no trace headers whose
-        ``next()`` gave a line never gets here.)"""
+        """Decide ``ex``'s trace: its ``trace_id``, and its ``span`` (a ``ServerSpan``
+        when sampled, a ``Relay`` for an unsampled child of the client's trace). (A
+        request with no trace headers whose ``ids`` gave an id never gets here.)"""
         found = ex.found
-        if found.traceparent is None and found.tracestate is None:
+        value = found.traceparent
+        if value is None:  # a new trace, sampled (``ids`` said so)
             self._sampled(ex, route, b"%032x" % getrandbits(128), None, SAMPLED, None)
             return
-        value = found.traceparent
-        parent = parse_traceparent(value) if value else None
-        if parent is None:  # a new trace
+        parent = parse_traceparent(value)
+        if parent is None:  # invalid: a new trace, without the client's trace headers
             _drop(found, _BOTH)
-            sampled = random() < self.sample_rate
-            if sampled:
-                self._sampled(ex, route, b"%032x" % getrandbits(128), None, SAMPLED, None)
-                return
-            tp = ex.traceparent = _NEW % (b"%032x" % getrandbits(128), b"%016x" % getrandbits(64))
-            found.parts += (_TRACEPARENT, b": ", tp, b"\r\n")
+            trace = b"%032x" % getrandbits(128)
+            if random() < self.sample_rate:
+                self._sampled(ex, route, trace, None, SAMPLED, None)
+            else:  # as a request with no trace header
+                ex.trace_id = trace
             return
+        _take_out(found, value)
         trace, parent_id, flags = parent
         if flags & SAMPLED:
-            _drop(found, (_TRACEPARENT,))
             self._sampled(ex, route, trace, parent_id, flags, found.tracestate)
             return
-        tp = ex.traceparent = _CHILD % (trace, b"%016x" % (getrandbits(64) or 1), b"%02x" % flags)
-        _replace(found, value, tp)  # type: ignore[arg-type]
+        ex.trace_id = trace
+        relay = self._relays.get(flags)
+        if relay is None:
+            relay = self._relays[flags] = Relay(flags)
+        ex.span = relay
 
     def _sampled(
         self, ex: TracedExchange, route: TracedRoute, trace: bytes, parent: bytes | None,
         flags: int, state: bytes | None,
     ) -> None:  # fmt: skip
-        span = ex.span = ServerSpan(self.exporter, ex, route, trace, parent, flags, state)
-        tp = ex.traceparent = span.traceparent()
-        ex.found.parts += (_TRACEPARENT, b": ", tp, b"\r\n")
+        ex.trace_id = trace
+        ex.span = ServerSpan(self.exporter, ex, route, trace, parent, flags, state)
 
     def counts(self) -> dict[str, int]:
         """Spans exported and dropped by this process (``aiolb_trace_spans_*_total``)."""
@@ -166,16 +155,15 @@ def _drop(found: RequestHeaders, names: tuple[bytes, ...]) -> None:
     found.parts = without(found.parts, names)
 
 
-def _replace(found: RequestHeaders, old: bytes, new: bytes) -> None:
-    """Forward ``new`` in place of the client's ``traceparent`` value ``old`` (found
-    by a C search, not a loop over the headers)."""
+def _take_out(found: RequestHeaders, value: bytes) -> None:
+    """Remove the client's (valid, so single) ``traceparent`` ``value`` from what is
+    forwarded: found by a C search, not a loop over the headers."""
     parts = found.parts
     try:
-        at = parts.index(old)
+        at = parts.index(value)
     except ValueError:
         at = -1
     if at % 4 == 2 and parts[at - 2].lower() == _TRACEPARENT:
-        parts[at] = new
+        del parts[at - 2 : at + 2]
     else:  # the value stood elsewhere too (another header's value)
         _drop(found, (_TRACEPARENT,))
-        found.parts += (_TRACEPARENT, b": ", new, b"\r\n")

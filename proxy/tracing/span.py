@@ -1,12 +1,17 @@
-"""A sampled request's spans: one SERVER span, one CLIENT span per upstream attempt.
+"""A traced request's part in its trace: a sampled one's spans (``ServerSpan``: one
+SERVER span, one CLIENT span per upstream attempt), or an unsampled child's parent ids
+(``Relay``).
 
-``ServerSpan`` is made by ``Tracer.begin`` for a sampled request only (an unsampled one
-gets a ``traceparent`` and nothing else). The exchange tells it when an attempt starts
-(``attempt``: the first after the pick, each retry after its backoff, which also puts
-the new CLIENT span's id into the ``traceparent`` of the head it resends), when one
-fails (``failed``) or is answered with a status that is retried (``answered``), and
-when the request ends (``end``): then every span is encoded (``proxy.tracing.otlp``)
-and handed to the exporter. Attributes follow OpenTelemetry's stable HTTP semantic
+The head sent upstream carries ``traceparent: 00-TRACE-PARENT-00`` with the listener's
+parent id for unsampled new traces (``proxy.http.headers.head_template``): right for
+the common request, and rewritten by the request's ``ex.span`` when it has one, which
+``Tracer.begin`` gives a sampled request and an unsampled child of a client's trace.
+The exchange tells it when an attempt starts (``attempt``, with the head it sends: the
+first after the pick, each retry after its backoff; each attempt's ``traceparent`` names
+a parent id of its own, the CLIENT span's when sampled), when one fails (``failed``) or
+is answered with a status that is retried (``answered``), and when the request ends
+(``end``): then a ``ServerSpan`` encodes every span (``proxy.tracing.otlp``) and hands
+them to the exporter. Attributes follow OpenTelemetry's stable HTTP semantic
 conventions, plus ``aiolb.*`` for the listener, route, pool, upstream and cache.
 """
 
@@ -17,7 +22,6 @@ from random import getrandbits
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final
 
-from proxy.tracing.context import TRACEPARENT
 from proxy.tracing.otlp import CLIENT, SERVER, AttributeValue, span
 
 if TYPE_CHECKING:
@@ -46,12 +50,46 @@ class Attempt:
         self.error = ""
 
 
-class ServerSpan:
+#: The end of a head sent under ``tracing``: its ``traceparent`` line's last fields,
+#: ``-PARENT-FLAGS``, and the blank line (the line is the head's last: ``head_template``).
+_TAIL: Final = len(b"-0123456789abcdef-00\r\n\r\n")
+
+
+def _named(head: bytes, span_id: int, flags: int) -> bytes:
+    """``head`` with ``span_id`` and ``flags`` as its ``traceparent``'s last fields."""
+    return head[:-_TAIL] + b"-%016x-%02x\r\n\r\n" % (span_id, flags)
+
+
+class Relay:
+    """Unsampled requests continuing a client's trace with ``flags``: nothing is
+    recorded, but each attempt names a parent id of its own (a child each time) and
+    keeps the client's flags. Stateless, so one per flags value (``Tracer.begin``)."""
+
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+
+    def attempt(self, upstream: Upstream, head: bytes) -> bytes:
+        """An attempt starts: ``head`` with a new parent id."""
+        return _named(head, getrandbits(64) or 1, self.flags)
+
+    def failed(self, error: ProxyError) -> None:
+        pass
+
+    def answered(self, status: int) -> None:
+        pass
+
+    def end(self, ex: TracedExchange) -> None:
+        pass
+
+
+class ServerSpan(Relay):
     """What a sampled request's spans need, gathered while it runs."""
 
     __slots__ = (
-        "attempts", "client_id", "exporter", "flags", "offset", "parent", "route",
-        "span_id", "start", "state", "trace",
+        "attempts", "exporter", "offset", "parent", "route", "span_id", "start", "state",
+        "trace",
     )  # fmt: skip
 
     def __init__(
@@ -64,44 +102,31 @@ class ServerSpan:
         flags: int,
         state: bytes | None,
     ) -> None:
+        super().__init__(flags)
         self.exporter = exporter
         self.trace = trace  # 32 hex digits
         self.parent = parent  # the client's span (16 hex digits), None for a new trace
-        self.flags = flags
         self.state = state  # the client's tracestate, passed on
         self.route = route
         self.span_id = getrandbits(64) or 1
-        #: the first attempt's CLIENT span id, sent in the ``traceparent`` before the pick
-        self.client_id = getrandbits(64) or 1
         #: Unix time in ns = perf_counter_ns() + offset (the exchange times with
         #: perf_counter)
         self.offset = time.time_ns() - perf_counter_ns()
         self.start = int(ex.started * 1e9) + self.offset
         self.attempts: list[Attempt] = []
 
-    def traceparent(self) -> bytes:
-        """The ``traceparent`` of the first attempt (its CLIENT span as the parent)."""
-        return TRACEPARENT % (self.trace, self.client_id, self.flags)
-
-    def attempt(self, upstream: Upstream, head: bytes = b"") -> bytes:
-        """An attempt on ``upstream`` starts; a retry's ``head`` comes back carrying its
-        new CLIENT span in the ``traceparent``."""
+    def attempt(self, upstream: Upstream, head: bytes) -> bytes:
+        """An attempt on ``upstream`` starts: a new CLIENT span, ``head`` with it as
+        the parent its ``traceparent`` names."""
         now = perf_counter_ns() + self.offset
         attempts = self.attempts
-        if not attempts:
-            attempts.append(Attempt(self.client_id, upstream, now))
-            return head
-        last = attempts[-1]
-        if not last.end:
-            last.end = now
+        if attempts:
+            last = attempts[-1]
+            if not last.end:
+                last.end = now
         span_id = getrandbits(64) or 1
-        head = head.replace(
-            b"traceparent: " + TRACEPARENT % (self.trace, last.span_id, self.flags),
-            b"traceparent: " + TRACEPARENT % (self.trace, span_id, self.flags),
-            1,
-        )
         attempts.append(Attempt(span_id, upstream, now))
-        return head
+        return _named(head, span_id, self.flags)
 
     def failed(self, error: ProxyError) -> None:
         """The current attempt failed before a response (``error.type``: its

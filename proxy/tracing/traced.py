@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from proxy.http.headers import RequestHeaders
-    from proxy.tracing.span import ServerSpan
+    from proxy.tracing.span import Relay
     from proxy.upstream.pool import Pool, Upstream
 
 
@@ -67,13 +67,14 @@ class TracedRoute(Protocol):
 
 class TracedExchange(Protocol):
     """A request as tracing sees it (``forwarding.exchange.Exchange``). ``begin``
-    reads ``found`` (and rewrites its ``parts``: the head sent upstream) and sets
-    ``traceparent`` and ``span``; the span reads the rest when the request ends."""
+    reads ``found`` (and rewrites its ``parts``: the headers sent upstream) and sets
+    ``trace_id`` and ``span``; the span reads the rest when the request ends."""
 
-    #: the ``traceparent`` sent upstream (set by ``Tracer.begin``)
-    traceparent: bytes | None
-    #: the request's spans, when it is sampled (set by ``Tracer.begin``)
-    span: ServerSpan | None
+    #: the trace id sent upstream (set by ``Exchange.start`` or ``Tracer.begin``)
+    trace_id: bytes
+    #: the request's spans when it is sampled, its parent ids when it is an unsampled
+    #: child of the client's trace (set by ``Tracer.begin``)
+    span: Relay | None
 
     @property
     def found(self) -> RequestHeaders:

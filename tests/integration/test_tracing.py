@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -201,6 +202,63 @@ async def test_without_tracing_trace_headers_pass_through_untouched(
     assert await fetch(server) == 200
     assert (up.seen[0].headers["traceparent"], up.seen[0].headers["tracestate"]) == (tp, "v=1")
     assert "traceparent" not in up.seen[1].headers
+
+
+async def test_an_unsampled_childs_retry_names_a_parent_of_its_own(
+    proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
+) -> None:
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="busy")
+
+    bad = await recorders("bad", {"/a": unavailable})
+    good = await recorders("good")
+    config = make_config([bad.url], pool={
+        "upstreams": [{"url": bad.url}, {"url": good.url, "backup": True}],
+        "health_check": {"passive": None}, "retries": {"retry_on": [503]}})  # fmt: skip
+    server = await proxy(traced(config, receiver, sample_rate=1.0))
+    tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-02"  # unsampled; the random-trace-id flag
+    assert await fetch(server, {"traceparent": tp}) == 200
+    (first, second) = sent(bad), sent(good)
+    assert first[0] == second[0] == CLIENT_TRACE and first[2] == second[2] == "02"
+    assert len({first[1], second[1], CLIENT_SPAN}) == 3  # a child each attempt
+    for rec in (bad, good):
+        assert [k for k, _ in rec.seen[-1].raw_headers if k.lower() == b"traceparent"] == [
+            b"traceparent"]  # fmt: skip
+    assert await fetch(server) == 200  # a sampled one flushes: still none of the child's
+    await wait_for(lambda: len(receiver.spans) >= 2)
+    assert receiver.trace(CLIENT_TRACE) == []
+
+
+async def test_a_mirror_copy_carries_the_trace_unsampled(
+    proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
+) -> None:
+    main, shadow = await recorders("main"), await recorders("shadow")
+    routes = [{"match": {"path_prefix": "/"}, "pool": "main", "mirror": {"pool": "shadow"}}]
+    config = make_config([main.url], routes=routes,
+                         pools={"shadow": {"upstreams": [{"url": shadow.url}]}})  # fmt: skip
+    for rate, flags in ((0.0, "00"), (1.0, "01")):
+        server = await proxy(traced(config, receiver, sample_rate=rate))
+        assert await fetch(server) == 200
+        await wait_for(lambda: len(shadow.seen) == len(main.seen))
+        trace, parent, sent_flags = sent(main)
+        assert sent_flags == flags and sent(shadow)[0] == trace  # the same trace
+        assert sent(shadow)[2] == "00"  # not sampled: no span says where it went
+        assert parent != sent(shadow)[1] or flags == "00"
+
+
+async def test_http2_clients_get_the_traceparent_too(
+    proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
+) -> None:
+    up = await recorders("up")
+    config = make_config([up.url], listener={"protocols": ["http/1.1", "h2c"]})
+    server = await proxy(traced(config, receiver, sample_rate=0.0))
+    async with httpx.AsyncClient(http1=False, http2=True) as client:
+        for _ in range(2):
+            resp = await client.get(proxy_url(server, "/a"))
+            assert (resp.status_code, resp.http_version) == (200, "HTTP/2")
+    (t1, p1, f1), (t2, p2, f2) = sent(up, 0), sent(up, 1)
+    assert server.tracer is not None
+    assert t1 != t2 and f1 == f2 == "00" and p1 == p2 == server.tracer.parent.decode()
 
 
 def closed_port() -> int:

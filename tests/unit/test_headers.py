@@ -10,6 +10,7 @@ from proxy.http.headers import (
     REQUEST_HEAD_TLS,
     RequestHeaders,
     ResponseHead,
+    head_template,
     known_response_head,
     request_head,
     request_ids,
@@ -120,7 +121,7 @@ def test_request_headers_one_pass():
     )
     assert found.host == b"shop.test" and found.request_id == b"abc"
     assert found.expect_continue and found.content_length == b"5" and not found.chunked
-    head = request_head(b"POST", b"/x", found, b"127.0.0.1", found.host, b"rid", REQUEST_HEAD)
+    head = request_head(b"POST", b"/x", found, b"127.0.0.1", found.host, b"rid", REQUEST_HEAD, b"")
     assert head == (
         b"POST /x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\nAccept: */*\r\n"
         b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
@@ -131,16 +132,29 @@ def test_request_headers_one_pass():
 def test_a_head_without_host_has_no_x_forwarded_host():
     found = RequestHeaders([(b"Accept", b"*/*")])  # HTTP/1.0: the attempt adds Host
     found.parts += (b"Host", b": ", b"10.0.0.2:80", b"\r\n")
-    head = request_head(b"GET", b"/", found, b"ip", None, b"rid", REQUEST_HEAD)
+    head = request_head(b"GET", b"/", found, b"ip", None, b"rid", REQUEST_HEAD, b"")
     assert head == (
         b"GET / HTTP/1.1\r\nAccept: */*\r\nHost: 10.0.0.2:80\r\nX-Forwarded-For: ip\r\n"
         b"X-Forwarded-Proto: http\r\nX-Request-ID: rid\r\nVia: 1.1 aiolb\r\n\r\n"
     )
 
 
+def test_a_traced_listeners_heads_name_the_trace_and_the_tracers_parent():
+    trace, parent = b"4bf92f3577b34da6a3ce929d0e0e4736", b"00f067aa0ba902b7"
+    found = RequestHeaders([(b"Host", b"a")])
+    for tls, host in ((False, b"a"), (True, None)):
+        template = headers.forwarded_template(head_template(tls, parent), "192.0.2.7")
+        head = request_head(b"GET", b"/", found, b"ip", host, b"rid", template, trace)
+        assert head.endswith(b"\r\ntraceparent: 00-%s-%s-00\r\n\r\n" % (trace, parent))
+        assert head.count(b"traceparent") == 1 and b"Forwarded: for=192.0.2.7" in head
+        assert (b"X-Forwarded-Host: a\r\n" in head) is (host is not None)
+    assert head_template(False, None) == REQUEST_HEAD
+    assert head_template(True, None) == REQUEST_HEAD_TLS
+
+
 def test_tls_clients_get_x_forwarded_proto_https():
     found = RequestHeaders([(b"Host", b"a")])
-    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD_TLS)
+    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD_TLS, b"")
     assert b"\r\nX-Forwarded-Proto: https\r\n" in head
     assert head.count(b"X-Forwarded-Proto") == 1
 
@@ -164,7 +178,7 @@ def test_upgrade_requests_are_noted_and_their_headers_never_forwarded_as_they_ar
 ) -> None:
     found = RequestHeaders([(b"Host", b"a"), *headers])
     assert found.upgrade == upgrade
-    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD)
+    head = request_head(b"GET", b"/", found, b"10.0.0.1", None, b"rid", REQUEST_HEAD, b"")
     assert b"upgrade" not in head.lower().replace(b"x-forwarded", b"")
 
 
@@ -272,7 +286,7 @@ def test_forwarded_element_in_the_connections_head_template(
     found = RequestHeaders([(b"Host", b"a"), (b"Forwarded", b"for=evil")])
     assert found.parts == [b"Host", b": ", b"a", b"\r\n"]  # the client's: dropped
     head = headers.request_head(b"GET", b"/", found, b"ip", b"a", b"id",
-                                headers.forwarded_template(template, client_ip))  # fmt: skip
+                                headers.forwarded_template(template, client_ip), b"")  # fmt: skip
     assert b"\r\nVia: 1.1 aiolb\r\nForwarded: " + element + b"\r\n" in head
     kept = RequestHeaders([(b"Forwarded", b"for=lb")], forwarded=True)
     assert kept.parts == [b"Forwarded", b": ", b"for=lb", b"\r\n"]
@@ -294,7 +308,7 @@ def test_te_trailers_is_noted_and_sent_on_as_the_proxys_own(
 ):
     found = RequestHeaders([(b"Host", b"a"), *fields])
     assert found.trailers is trailers
-    head = request_head(b"GET", b"/", found, b"ip", None, b"id", REQUEST_HEAD)
+    head = request_head(b"GET", b"/", found, b"ip", None, b"id", REQUEST_HEAD, b"")
     lines = head.lower().split(b"\r\n")
     # once, whatever the client sent; the client's other codings never
     assert lines.count(b"te: trailers") == (1 if trailers else 0)

@@ -12,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from proxy.config.models import TracingSpec
-from proxy.http.headers import RequestHeaders
+from proxy.http.headers import NO_PARENT, TRACED, RequestHeaders
 from proxy.metrics.log_format import compile_format
 from proxy.tracing import Tracer, otlp
 from proxy.tracing.context import parse_traceparent
@@ -72,6 +72,15 @@ def test_headers_note_the_trace_headers_and_forward_them() -> None:
     twice = RequestHeaders([(b"traceparent", b"x"), (b"traceparent", b"y")])
     assert twice.traceparent == b""  # invalid: a new trace
     assert RequestHeaders([(b"host", b"a")]).traceparent is None
+    # a tracestate alone is no traceparent, but not None either: None means no trace
+    # header came (``Exchange.start`` checks that one attribute)
+    alone = RequestHeaders([(b"tracestate", b"a=1")])
+    assert alone.traceparent == NO_PARENT and parse_traceparent(NO_PARENT) is None
+    state_first = RequestHeaders([(b"tracestate", b"a=1"), (b"traceparent", b"x")])
+    assert (state_first.traceparent, state_first.tracestate) == (b"x", b"a=1")
+    state_between = RequestHeaders([(b"traceparent", b"x"), (b"tracestate", b"a=1"),
+                                    (b"traceparent", b"y")])  # fmt: skip
+    assert state_between.traceparent == b""
 
 
 @pytest.mark.parametrize(
@@ -89,10 +98,11 @@ def test_the_endpoint_gets_the_traces_path_only_without_a_path(endpoint: str, ur
 def test_the_access_log_trace_id_field() -> None:
     line = compile_format(("status", "trace_id"), str)
     args = [0.0, "c", b"GET", b"/", 200, 0, 0, 0.0, 1, b"r", None, [], "l", None, None]
-    tp = b"00-" + TRACE + b"-" + PARENT + b"-00"
-    traced = SimpleNamespace(traceparent=tp)  # the exchange: the formatter reads its traceparent
+    traced = SimpleNamespace(trace_id=TRACE)  # the exchange: the formatter reads its trace_id
     assert json.loads(line(*args, traced)) == {"status": 200, "trace_id": TRACE.decode()}
     assert json.loads(line(*args, None)) == {"status": 200, "trace_id": None}
+    untraced = SimpleNamespace(trace_id=b"")  # a listener without ``tracing``
+    assert json.loads(line(*args, untraced)) == {"status": 200, "trace_id": None}
     text = compile_format("$status $trace_id", str)
     assert text(*args, None) == "200 -\n"
 
@@ -107,8 +117,9 @@ def test_a_full_queue_drops_and_counts() -> None:
 def test_new_traces_are_sampled_at_the_rate() -> None:
     for rate, low, high in ((0.0, 0, 0), (1.0, 20_000, 20_000), (0.25, 4_600, 5_400)):
         tracer = Tracer(TracingSpec(endpoint="http://127.0.0.1:9", sample_rate=rate))
-        lines = [tracer.next() for _ in range(20_000)]
-        assert low <= lines.count(None) <= high
-        values = [line[2] for line in lines if line is not None]
+        ids = [next(tracer.ids) for _ in range(20_000)]
+        assert low <= ids.count(None) <= high
+        values = [TRACED % (i, tracer.parent) for i in ids if i is not None]
         assert len(set(values)) == len(values)
-        assert all(parse_traceparent(v) is not None and v.endswith(b"-00") for v in values)
+        assert all(parse_traceparent(v[13:-2]) is not None for v in values)
+        assert all(v.endswith(b"-00\r\n") for v in values)
