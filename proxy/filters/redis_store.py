@@ -176,19 +176,18 @@ class RedisBuckets(RedisCircuit):
                 args,
                 bulk(b"%d" % len(group)),
             )
-            reply = pipe.ask(_EVALSHA, tail, _EVAL)
-            if reply is None:  # too many waiting: these are not asked
+            answer = functools.partial(self._answer, group, started)
+            if not pipe.call(_EVALSHA, tail, _EVAL, answer):  # too many waiting: not asked
                 _settle(group, None)
-            else:
-                reply.add_done_callback(functools.partial(self._answer, group, started))
         pipe.flush()
 
-    def _answer(self, group: list[Waiter], started: float, reply: asyncio.Future[Any]) -> None:
+    def _answer(self, group: list[Waiter], started: float, value: Any) -> None:
         """One bucket's reply (the tokens there were before its ``n`` were taken): each
         waiter's answer, in the order they asked. The i-th of n decisions in a row
         answers ``before - min(i, floor(before) + 1)``: once the whole tokens are taken,
-        each later one is refused with the same fraction left (-1 + frac)."""
-        value = reply.result()
+        each later one is refused with the same fraction left (-1 + frac). Called by the
+        pipe as it reads the reply (or ends: None), so the waiters' callbacks run in this
+        loop iteration."""
         if value is None:  # not asked, or the connection failed (then the circuit is open)
             _settle(group, None)
             return
