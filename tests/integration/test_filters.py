@@ -20,6 +20,7 @@ from proxy.forwarding.exchange import Exchange
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import samples, scrape
 from tests.filter_support import Promise
+from tests.h2_support import exchange as h2_exchange
 from tests.support import (
     HOST,
     RawUpstream,
@@ -293,6 +294,37 @@ async def test_a_future_hook_whose_client_leaves_is_cancelled_and_nothing_leaks(
     assert all(u.active == 0 for u in pool.upstreams)
     codes = samples(await scrape(server), "aiolb_requests_total")
     assert sum(codes.values()) == 1.0  # the gone requests were never answered: not counted
+
+
+@pytest.mark.parametrize("how", ["future-raise", "future-slow"])
+async def test_a_future_request_hook_on_an_http2_stream(
+    proxy: Proxy, recorders: Recorders, how: str
+) -> None:
+    """HTTP/2 streams wait on a hook's future the same way: the stamp's futures (both
+    phases) go on, a failing one is a 500, one never settled is a 500 once the stream's
+    exchange deadline passes (swept by the connection's tick), never before."""
+    rec = await recorders("a")
+    stamp = {"python": "tests.filter_support:Stamp", "options": {"async": "future"}}
+    boom = {"python": "tests.filter_support:Boom", "options": {"phase": "request", "how": how}}
+    pool = {"timeouts": {"response_header": "300ms"}}
+    h2c = {"protocols": ["http/1.1", "h2c"]}
+    server = await proxy(make_config([rec.url], routes=route(stamp, boom), pool=pool, listener=h2c))
+    port = server.listeners[0].port
+
+    def request(path: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"),
+                (b":path", path)]  # fmt: skip
+
+    head, body, _ = await h2_exchange(port, request(b"/ok"))
+    assert dict(head)[b":status"] == b"200" and body == b"a"
+    assert rec.seen[-1].headers["X-Stamp-Upstream"] == f"{HOST}:{rec.port}"
+    started = time.monotonic()
+    head, _, _ = await h2_exchange(port, request(b"/x"))
+    waited = time.monotonic() - started
+    assert dict(head)[b":status"] == b"500"
+    if how == "future-slow":
+        assert waited >= 0.3, waited
+    assert len(rec.seen) == 1
 
 
 async def _eventually(predicate: Callable[[], Any]) -> None:
