@@ -137,7 +137,11 @@ class Exchange(Responses):
         req = Request(chain, self, self.target)
         if chain.responses[1] or chain.encoder is not None:  # more to do: the response
             self.filters = req
-        self._go_on(chain.request(req), lambda: self._consult_cache(route, req))
+        outcome = chain.request(req)
+        if outcome is None:  # the common case: on at once, no continuation to make
+            self._consult_cache(route, req)
+        else:
+            self._go_on(outcome, partial(self._consult_cache, route, req))
 
     def _go_on(self, outcome: Any, then: Callable[[], None]) -> None:
         """A request or upstream phase's outcome: go on with ``then()``, answer a
