@@ -78,6 +78,7 @@ class _Client(Protocol):
     @property
     def listener(self) -> _Site: ...
 
+
 _CTL: Final = frozenset(range(0, 32)) - {9} | {127}
 _TOKEN: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -258,8 +259,10 @@ class Request:
 
     @path.setter
     def path(self, value: str) -> None:
-        if not value.startswith("/") or not value.isascii() or any(
-            c <= " " or c == "\x7f" for c in value
+        if (
+            not value.startswith("/")
+            or not value.isascii()
+            or any(c <= " " or c == "\x7f" for c in value)
         ):
             raise ValueError(f"a path starts with '/' and has no spaces or controls: {value!r}")
         self.target = value.encode()
@@ -352,8 +355,11 @@ class Response:
     @status.setter
     def status(self, value: int) -> None:
         old = self._status
-        if not isinstance(value, int) or not 200 <= value <= 599 or value in (204, 304) or (
-            old in (204, 304) and value != old
+        if (
+            not isinstance(value, int)
+            or not 200 <= value <= 599
+            or value in (204, 304)
+            or (old in (204, 304) and value != old)
         ):
             raise ValueError(f"cannot change status {old} to {value!r} (200-599, neither "
                              "204 nor 304, which frame the body differently)")  # fmt: skip
