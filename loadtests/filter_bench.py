@@ -124,16 +124,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| filters | req/s | p99 ms | ratio to none (range) | errors |",
-           "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    out = ["| filters | req/s | p99 ms | ratio to none (range) | aiolb CPU µs/req | errors |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for row in rows:
         if row["status"] != "ok":
-            out.append(f"| {row['algorithm']} | {row['status']} | | | |")
+            out.append(f"| {row['algorithm']} | {row['status']} | | | | |")
             continue
         ratio = bench.spread(row["ratios"]) if row.get("ratios") else "—"
+        cpu = f"{row['cpu_us']:.1f}" if row.get("cpu_us") is not None else "—"
         out.append(f"| {row['algorithm']} | {row['rps']:,.0f} | {row['p99_us'] / 1000:.2f} | "
-                   f"{ratio} | {row['errors']} |")  # fmt: skip
+                   f"{ratio} | {cpu} | {row['errors']} |")  # fmt: skip
     return "\n".join(out)
+
+
+def cpu_per_request(results: list[Result]) -> float | None:
+    """The median over rounds of aiolb's CPU time (user + system) per request, in µs:
+    what the proxy spends, which a busy machine's other work does not change the way
+    it changes req/s (when the load generator, not the proxy, runs out of CPU)."""
+    per = [r.cpu_s * 1e6 / r.wrk["requests"] for r in results
+           if r.cpu_s is not None and r.wrk and r.wrk.get("requests")]  # fmt: skip
+    return statistics.median(per) if per else None
 
 
 def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, Any]:
@@ -147,6 +157,8 @@ def run(args: argparse.Namespace, session: Session, pin: Pinning) -> dict[str, A
     print(f"pinning: {pin.note}; upstream: {upstream.note}; redis: {runner.redis}", flush=True)
     started = dt.datetime.now().isoformat(timespec="seconds")
     child, ports = runner.start_variants(names)
+    # every variant's timed runs are charged the one aiolb process's CPU time
+    runner.charged = {name: harness.process_tree(child.pid) for name in names}
     runs: dict[str, list[Result]] = {name: [] for name in names}
     try:
         for round_ in range(args.rounds):
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["ratios"] = paired_ratios(runs[row["algorithm"]], runs[REFERENCE])
         row["ratio"] = statistics.median(row["ratios"]) if row["ratios"] else None
+        row["cpu_us"] = cpu_per_request(runs[row["algorithm"]])
     print(f"\n### {SCENARIO.name}: {SCENARIO.about}, {args.duration} s, {args.rounds} round(s)\n")
     print(markdown(rows))
     report["summary"] = rows

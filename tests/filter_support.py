@@ -30,6 +30,10 @@ class Boom(Filter):
             return 42
         if how == "async-raise":
             return self._async_raise(phase)
+        if how == "future-raise":  # a future, not a coroutine: its exception, soon
+            return _later(ValueError(f"future boom in {phase}"))
+        if how == "future-slow":  # a future nobody settles
+            return asyncio.get_running_loop().create_future()
         return self._slow()
 
     async def _async_raise(self, phase: str) -> None:
@@ -40,13 +44,37 @@ class Boom(Filter):
         await asyncio.sleep(30)
 
 
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    """``future``'s result (its exception, if ``result`` is one), unless it is done
+    (cancelled by the proxy) already."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _later(result: Any) -> asyncio.Future[Any]:
+    """A future (no coroutine) of ``result`` in 10 ms."""
+    future = asyncio.get_running_loop().create_future()
+    future.get_loop().call_later(0.01, _settle, future, result)
+    return future
+
+
 class Stamp(Filter):
-    """Every phase, sync or async (``async: true``), leaves a mark: a header upstream,
-    one on the response; ``/deny`` is answered here with 401."""
+    """Every phase, sync, async (``async: true``) or as a future settled 10 ms later
+    (``async: future``), leaves a mark: a header upstream, one on the response;
+    ``/deny`` is answered here with 401."""
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        if (options or {}).get("async"):
+        mode = (options or {}).get("async")
+        if mode == "future":
+            self.request_filter = self._request_future  # type: ignore[method-assign]
+            self.upstream_request_filter = self._upstream_future  # type: ignore[method-assign]
+            self.response_filter = self._response_future  # type: ignore[method-assign]
+        elif mode:
             self.request_filter = self._request_async  # type: ignore[method-assign]
             self.upstream_request_filter = self._upstream_async  # type: ignore[method-assign]
             self.response_filter = self._response_async  # type: ignore[method-assign]
@@ -78,6 +106,31 @@ class Stamp(Filter):
     async def _response_async(self, request: Request, response: Response) -> None:
         await asyncio.sleep(0.01)
         Stamp.response_filter(self, request, response)
+
+    def _request_future(self, request: Request) -> asyncio.Future[Any]:
+        return _later(Stamp.request_filter(self, request))
+
+    def _upstream_future(self, request: Request, upstream: UpstreamInfo) -> asyncio.Future[Any]:
+        return _later(Stamp.upstream_request_filter(self, request, upstream))
+
+    def _response_future(self, request: Request, response: Response) -> asyncio.Future[Any]:
+        return _later(Stamp.response_filter(self, request, response))
+
+
+class Promise(Filter):
+    """A request hook that returns a future (no coroutine) and keeps it in
+    ``futures``: the test settles it (``/ok`` passes without one)."""
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def request_filter(self, request: Request) -> asyncio.Future[Any] | None:
+        if request.path.startswith("/ok"):
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return future
 
 
 class WorkerPid(Filter):

@@ -25,14 +25,16 @@ callbacks)::
 - ``response_filter(request, response)``: change the response's ``status`` and headers
   before the client sees them (not the body, not its framing).
 
-Each hook may be a plain method or ``async def``; a filter implements only the hooks
-it needs (the chain notices which, once, and costs nothing in the others; setting a
-hook to None in ``__init__`` takes that instance out of the phase). A hook
-that raises, or returns something else, answers 500 for that request and logs one
-line; the proxy keeps serving. ``__init__(options)`` gets the ``options`` mapping of
-the config (validated by the class's ``Options`` pydantic model, when it has one, and
-then that model's instance); it runs when the config is checked too, so it must not
-start I/O. Headers are ``str`` (latin-1, as HTTP's bytes); names are case-insensitive.
+Each hook may be a plain method or ``async def``, or return an ``asyncio.Future`` of
+its result (request and upstream hooks: waited on without a task, the cheapest way to
+wait on I/O of one's own); a filter implements only the hooks it needs (the chain
+notices which, once, and costs nothing in the others; setting a hook to None in
+``__init__`` takes that instance out of the phase). A hook that raises, or returns
+something else, answers 500 for that request and logs one line; the proxy keeps
+serving. ``__init__(options)`` gets the ``options`` mapping of the config (validated by
+the class's ``Options`` pydantic model, when it has one, and then that model's
+instance); it runs when the config is checked too, so it must not start I/O. Headers
+are ``str`` (latin-1, as HTTP's bytes); names are case-insensitive.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class _Site(Protocol):
 class _Client(Protocol):
     @property
     def listener(self) -> _Site: ...
+
 
 _CTL: Final = frozenset(range(0, 32)) - {9} | {127}
 _TOKEN: Final = frozenset(
@@ -256,8 +259,10 @@ class Request:
 
     @path.setter
     def path(self, value: str) -> None:
-        if not value.startswith("/") or not value.isascii() or any(
-            c <= " " or c == "\x7f" for c in value
+        if (
+            not value.startswith("/")
+            or not value.isascii()
+            or any(c <= " " or c == "\x7f" for c in value)
         ):
             raise ValueError(f"a path starts with '/' and has no spaces or controls: {value!r}")
         self.target = value.encode()
@@ -350,8 +355,11 @@ class Response:
     @status.setter
     def status(self, value: int) -> None:
         old = self._status
-        if not isinstance(value, int) or not 200 <= value <= 599 or value in (204, 304) or (
-            old in (204, 304) and value != old
+        if (
+            not isinstance(value, int)
+            or not 200 <= value <= 599
+            or value in (204, 304)
+            or (old in (204, 304) and value != old)
         ):
             raise ValueError(f"cannot change status {old} to {value!r} (200-599, neither "
                              "204 nor 304, which frame the body differently)")  # fmt: skip

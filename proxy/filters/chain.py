@@ -16,11 +16,22 @@ touches the exchange:
 - ``response(req, head)``: the ``Response`` the hooks leave (its ``head()``, its
   ``status``; ``Response.framed`` makes the head to relay), or a ``FilterError``.
 
-Sync hooks run inline. When a hook returns an awaitable, the outcome is a coroutine
-instead: it finishes the phase (bounded by the pool's response header timeout) and
-returns one of the outcomes above; the exchange runs it in its task and waits (a
-response waits, held, meanwhile). A hook that raises or returns what it may not is a
-``FilterError`` naming the filter, the route, the hook and where it raised.
+Sync hooks run inline. A request or upstream hook may return an ``asyncio.Future``
+(the Redis ``rate_limit`` does): done already, its result is taken inline; else the
+outcome is ``Paused`` (the phase, the hook, its future). The exchange attaches a
+callback to the future, and bounds the wait by its own deadline (the pool's response
+header timeout, swept by the clock like its other deadlines): no task, no coroutine,
+no timer per request. Done, ``Paused.resume`` takes the future's result and runs the
+phase's next hooks (which may pause in turn); past the deadline ``Paused.expired``
+cancels the future and is the hook's failure; the exchange over first (the client
+gone), ``Paused.cancel`` cancels it and the callback does nothing.
+
+Any other awaitable (an ``async def`` hook; any future in the response phase) makes
+the outcome a coroutine instead: it finishes the phase (bounded by the same timeout,
+``asyncio.timeout``) and returns one of the outcomes above; the exchange runs it in
+its task and waits (a response waits, held, meanwhile). A hook that raises, whose
+future fails or is cancelled, or that returns what it may not is a ``FilterError``
+naming the filter, the route, the hook and where it raised.
 """
 
 from __future__ import annotations
@@ -79,13 +90,13 @@ class FilterChain:
         hooks = tuple((label, getattr(f, name)) for label, f in self.filters if implements(f, name))
         return name, hooks
 
-    def request(self, req: Request) -> Outcome | Pending:
+    def request(self, req: Request) -> Outcome | Paused | Pending:
         """The request phase: before the cache and the pick."""
-        return self._run(req, self.requests, (req,))
+        return self._run(self.requests, (req,))
 
-    def upstream(self, req: Request, upstream: Upstream) -> Outcome | Pending:
+    def upstream(self, req: Request, upstream: Upstream) -> Outcome | Paused | Pending:
         """The upstream phase: the upstream is picked, the head not yet built."""
-        return self._run(req, self.upstreams, (req, UpstreamInfo(upstream)))
+        return self._run(self.upstreams, (req, UpstreamInfo(upstream)))
 
     def response(
         self, req: Request, head: bytes
@@ -93,7 +104,7 @@ class FilterChain:
         """The response phase over ``head`` (status line and header lines, as the
         upstream's or the cache's answer has them)."""
         response = Response(head)
-        outcome = self._run(req, self.responses, (req, response))
+        outcome = self._run(self.responses, (req, response))
         if outcome is None:
             return response
         if isinstance(outcome, FilterError):
@@ -104,20 +115,33 @@ class FilterChain:
         outcome = await pending
         return response if outcome is None else outcome  # type: ignore[return-value]
 
-    def _run(self, req: Request, phase: Phase, args: tuple[Any, ...]) -> Outcome | Pending:
-        """Run the phase's hooks with ``args`` inline, until one answers, fails or
-        goes async (then the rest of the phase is a coroutine)."""
+    def _run(
+        self, phase: Phase, args: tuple[Any, ...], start: int = 0
+    ) -> Outcome | Paused | Pending:
+        """Run the phase's hooks from ``start`` with ``args`` inline, until one answers,
+        fails or waits: on a future (request and upstream phases: ``Paused``), or on
+        another awaitable (then the rest of the phase is a coroutine)."""
         hooks = phase[1]
-        for i in range(len(hooks)):
+        for i in range(start, len(hooks)):
             label, hook = hooks[i]
             try:
                 result = hook(*args)
             except Exception as exc:
                 return self._failed(phase, label, exc)
-            if result is not None:
-                if inspect.isawaitable(result):
-                    return self._finish(phase, i, args, result)
-                return self._outcome(phase, label, result)
+            if result is None:
+                continue
+            if isinstance(result, asyncio.Future) and phase is not self.responses:
+                if not result.done():
+                    return Paused(self, phase, i, args, result)
+                try:  # done already (a store's open circuit): no wait
+                    result = result.result()
+                except (Exception, asyncio.CancelledError) as exc:
+                    return self._failed(phase, label, exc)
+                if result is None:
+                    continue
+            elif inspect.isawaitable(result):
+                return self._finish(phase, i, args, result)
+            return self._outcome(phase, label, result)
         return None
 
     async def _finish(
@@ -165,3 +189,56 @@ class FilterChain:
     def __repr__(self) -> str:
         labels = ", ".join(label for label, _ in self.filters)
         return f"<FilterChain {self.route} [{labels}]>"
+
+
+class Paused:
+    """A request or upstream phase waiting on the future hook ``at`` returned. The
+    exchange waits for ``future`` without a task (``add_done_callback``), bounded by its
+    own deadline (``timeout`` from now), then takes ``resume()``; past the deadline,
+    ``expired()``; the exchange over first, ``cancel()``."""
+
+    __slots__ = ("args", "at", "chain", "future", "phase")
+
+    def __init__(
+        self, chain: FilterChain, phase: Phase, at: int, args: tuple[Any, ...],
+        future: asyncio.Future[Any],
+    ) -> None:  # fmt: skip
+        self.chain = chain
+        self.phase = phase
+        self.at = at
+        self.args = args
+        self.future = future
+
+    @property
+    def timeout(self) -> float:
+        """How long the rest of the phase may take (the pool's response header timeout,
+        as for a coroutine hook)."""
+        return self.chain.pool.response_header_timeout
+
+    def resume(self) -> Outcome | Paused | Pending:
+        """The future is done: its outcome, else the phase's next hooks' (which may
+        wait in turn)."""
+        chain, phase = self.chain, self.phase
+        try:
+            result = self.future.result()
+        except (Exception, asyncio.CancelledError) as exc:
+            return chain._failed(phase, phase[1][self.at][0], exc)
+        if result is not None:
+            return chain._outcome(phase, phase[1][self.at][0], result)
+        if self.at + 1 == len(phase[1]):  # the phase's last hook (a rate limit, often)
+            return None
+        return chain._run(phase, self.args, self.at + 1)
+
+    def expired(self) -> FilterError:
+        """Not done in time: the future is cancelled, and the hook failed."""
+        self.future.cancel()
+        return self.chain._failed(self.phase, self.phase[1][self.at][0], TimeoutError(
+            f"not done within {self.timeout:g}s"))  # fmt: skip
+
+    def cancel(self) -> None:
+        """The exchange is over: the hook's future is cancelled (its answer dropped)."""
+        self.future.cancel()
+
+    def __repr__(self) -> str:
+        state = "done" if self.future.done() else "waiting"
+        return f"<Paused {self.phase[0]} at {self.phase[1][self.at][0]} [{state}]>"

@@ -14,10 +14,11 @@ as a quota of SIZE per WINDOW seconds, the time it takes to refill) and ``RateLi
 "NAME";r=0;t=SECONDS``. They are not added to admitted responses: that would put every
 rate-limited route on the response path for headers few clients read.
 
-The memory store decides inline (no await); the Redis store waits for Redis (the
+The memory store decides inline (no await). The Redis store waits for Redis (the
 decisions asked during one event-loop iteration share one round trip:
-``proxy.filters.redis_store``), so its hook is ``async`` and the chain continues in a
-task.
+``proxy.filters.redis_store``): its hook returns the store's future, whose result is
+already the outcome (``_decide`` runs in the callback that settles the bucket's
+decisions), and the chain waits on it without a task (``proxy.filters.chain``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from proxy.balancing.consistent_hash import key_reader
 from proxy.filters.base import Filter, LocalResponse, Request
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
-    from typing import Any
+    import asyncio
+    from collections.abc import Callable
 
     from proxy.config.filters import RateLimitOptions
     from proxy.filters.context import Site
@@ -73,20 +74,24 @@ class RateLimit(Filter):
 
     def request_filter(
         self, request: Request
-    ) -> LocalResponse | Coroutine[Any, Any, LocalResponse | None] | None:
-        if self._redis is not None:
-            return self._ask(self._redis, self._bucket(request))
+    ) -> LocalResponse | asyncio.Future[LocalResponse | None] | None:
+        redis = self._redis
+        if redis is not None:  # a future of ``_decide``'s outcome (no coroutine, no task)
+            return redis.take(self._bucket(request), self._rate, self._size, self._decide)
         left = self._take(self._bucket(request), self._rate, self._size, time.monotonic())
         return None if left >= 0 else self._refuse(left)
 
-    async def _ask(self, store: RedisBuckets, bucket: bytes) -> LocalResponse | None:
-        left = await store.take(bucket, self._rate, self._size)
+    def _decide(self, left: float | None) -> LocalResponse | None:
+        """The Redis store's answer (the tokens left, None: it cannot say) as an outcome."""
         if left is None:
             self._counts.store_errors += 1
             if self._fail_open:
                 return None
-            return LocalResponse(503, [("Retry-After", "1")],
-                                 "503 Service Unavailable: the rate limit cannot be checked\n")
+            return LocalResponse(
+                503,
+                [("Retry-After", "1")],
+                "503 Service Unavailable: the rate limit cannot be checked\n",
+            )
         return None if left >= 0 else self._refuse(left)
 
     def _refuse(self, left: float) -> LocalResponse:

@@ -1,24 +1,27 @@
 """A lean pipelined RESP connection for the Redis ``rate_limit`` store.
 
-Theory of operation: ``Pipe.ask`` appends one command's bytes to an out-list and its
-waiter (a future) to a FIFO of waiters; the first command of an event-loop iteration
-schedules one ``_flush`` with ``call_soon``, so every decision asked during that
-iteration leaves in one ``write``: one round trip. Redis answers a connection's
-commands in order, so ``data_received`` parses whole replies and hands each to the
-waiter at the head of the FIFO. Each command is its own atomic ``EVALSHA``: batching
-changes when commands travel, not what Redis decides.
+Theory of operation: ``Pipe.call`` appends one command's bytes to an out-list and its
+waiter (a callback; ``ask``: a future) to a FIFO of waiters; the first command of an
+event-loop iteration schedules one ``_flush`` with ``call_soon``, so every decision
+asked during that iteration leaves in one ``write``: one round trip. Redis answers a
+connection's commands in order, so ``data_received`` parses whole replies and hands
+each to the waiter at the head of the FIFO: a callback is called there and then (the
+store settles its decisions in the loop iteration that read the reply), a future set.
+Each command is its own atomic ``EVALSHA``: batching changes when commands travel, not
+what Redis decides.
 
 Every waiter has a deadline (its enqueue time + ``timeout``); one timer watches the
 oldest. A deadline passed, a connection refused or lost, or a reply that is not RESP
 ends the connection: every waiter gets ``None`` at once (the store's outage answer) and
-the owner is told (``on_lost``). ``MAX_IN_FLIGHT`` bounds the waiters: beyond it ``ask``
-returns ``None`` without queueing. A reply ``-NOSCRIPT`` re-sends that command's
-``redo`` (``EVAL`` with the script's text) for the same waiter.
+the owner is told (``on_lost``). ``MAX_IN_FLIGHT`` bounds the waiters: beyond it
+``call`` returns False (``ask``: None) without queueing. A reply ``-NOSCRIPT`` re-sends
+that command's ``redo`` (``EVAL`` with the script's text) for the same waiter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections import deque
@@ -73,6 +76,12 @@ def handshake(url: str) -> tuple[dict[str, Any], list[bytes]]:
     return where, first
 
 
+def _resolve(waiter: asyncio.Future[Any], reply: Any) -> None:
+    """``ask``'s answer: the future's result, unless it was cancelled."""
+    if not waiter.done():
+        waiter.set_result(reply)
+
+
 class Pipe(asyncio.Protocol):
     """One connection to Redis carrying pipelined commands (see the module).
     ``writes`` counts the round trips, ``asked`` the commands."""
@@ -90,7 +99,9 @@ class Pipe(asyncio.Protocol):
         self._buffer = bytearray()
         self._out: list[bytes] = []
         #: (waiter or None for a handshake command, redo head, tail, deadline), oldest first
-        self.waiting: deque[tuple[asyncio.Future[Any] | None, bytes | None, bytes, float]] = deque()
+        self.waiting: deque[tuple[Callable[[Any], None] | None, bytes | None, bytes, float]] = (
+            deque()
+        )
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
         self.closed = False
@@ -119,17 +130,25 @@ class Pipe(asyncio.Protocol):
         else:
             self._connecting = None
 
-    def ask(self, head: bytes, tail: bytes, redo: bytes | None) -> asyncio.Future[Any] | None:
-        """A future of the reply to the command ``head + tail`` (bytes, an int, or a
-        ``ReplyError``; ``None`` when the connection fails first), or None when too many
-        are waiting. A ``NOSCRIPT`` reply sends ``redo + tail`` instead."""
+    def call(
+        self, head: bytes, tail: bytes, redo: bytes | None, answer: Callable[[Any], None]
+    ) -> bool:
+        """Send the command ``head + tail``; ``answer(reply)`` (bytes, an int, or a
+        ``ReplyError``; ``None`` when the connection fails first) is called from the
+        callback that reads the reply, so it must not raise. False (not sent, never
+        answered) when too many are waiting. A ``NOSCRIPT`` reply sends ``redo + tail``
+        instead."""
         if len(self.waiting) >= MAX_IN_FLIGHT:
-            return None
-        waiter = self._loop.create_future()
-        self._send(head, tail, waiter, redo)
-        return waiter
+            return False
+        self._send(head, tail, answer, redo)
+        return True
 
-    def _send(self, head: bytes, tail: bytes, waiter: asyncio.Future[Any] | None,
+    def ask(self, head: bytes, tail: bytes, redo: bytes | None) -> asyncio.Future[Any] | None:
+        """``call``, with a future of the reply; None when too many are waiting."""
+        waiter = self._loop.create_future()
+        return waiter if self.call(head, tail, redo, functools.partial(_resolve, waiter)) else None
+
+    def _send(self, head: bytes, tail: bytes, waiter: Callable[[Any], None] | None,
               redo: bytes | None, deadline: float = 0.0) -> None:  # fmt: skip
         out = self._out
         if not out:
@@ -232,8 +251,7 @@ class Pipe(asyncio.Protocol):
         if redo is not None and isinstance(value, ReplyError) and str(value).startswith("NOSCRIPT"):
             self._send(redo, tail, waiter, None, deadline)  # the script's text, once
             return
-        if not waiter.done():  # a waiter whose request went away is cancelled
-            waiter.set_result(value)
+        waiter(value)
 
     def lost(self, exc: BaseException | None) -> None:
         """End the connection: every waiter gets None; the owner hears ``exc`` (None:
@@ -251,8 +269,8 @@ class Pipe(asyncio.Protocol):
         waiting, self.waiting = self.waiting, deque()
         self._out.clear()
         for waiter, *_ in waiting:
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            if waiter is not None:
+                waiter(None)
         self._on_lost(self, exc)
 
     def __repr__(self) -> str:

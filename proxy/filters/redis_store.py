@@ -7,19 +7,22 @@ expires when its bucket would be full again: Redis holds only the buckets that m
 A fixed ``INCR``+``EXPIRE`` window would be cheaper, but it admits up to twice the
 limit across a window's edge, and would differ from the memory store's rule.
 
-The decisions asked during one event-loop iteration are gathered (``take`` queues a
-waiter; the iteration's first schedules ``_send``) and leave together through one
-pipelined connection per store and process (``proxy.filters.redis_pipe.Pipe``): one
-write, one read. The decisions on one bucket become one ``EVALSHA`` that takes ``n``
-tokens at once and answers the tokens there were before: the i-th waiter's answer is
-``before - min(i, floor(before) + 1)``, what ``n`` decisions in a row would have
-answered (Redis's clock moving
-a few microseconds between them aside), so a route-wide or per-API-key limit costs
-Redis one script run per iteration, not one per request. Each command is atomic:
-instances sharing a bucket stay exact. Each connection loads the script first
-(``SCRIPT LOAD``); a Redis that has forgotten it since (``SCRIPT FLUSH``, a failover)
-answers ``NOSCRIPT``, and that command is sent again as
-``EVAL`` with the script's text.
+``take`` is a plain function that returns a future: no coroutine, no task per
+decision. The decisions asked during one event-loop iteration are gathered (``take``
+queues a waiter; the iteration's first schedules ``_send``) and leave together through
+one pipelined connection per store and process (``proxy.filters.redis_pipe.Pipe``):
+one write, one read. The decisions on one bucket become one ``EVALSHA`` that takes
+``n`` tokens at once and answers the tokens there were before; the callback of that
+reply (``_answer``) settles each waiter in turn: the i-th with ``before - min(i,
+floor(before) + 1)``, what ``n`` decisions in a row would have answered (Redis's clock
+moving a few microseconds between them aside), or with what the caller's ``decide``
+makes of it (the filter's outcome, so its future is the hook's answer). A route-wide
+or per-API-key limit costs Redis one script run per iteration, not one per request. A
+waiter cancelled meanwhile (its request gone) is skipped; its token stays taken. Each
+command is atomic: instances sharing a bucket stay exact. Each connection loads the
+script first (``SCRIPT LOAD``); a Redis that has forgotten it since (``SCRIPT FLUSH``,
+a failover) answers ``NOSCRIPT``, and that command is sent again as ``EVAL`` with the
+script's text.
 
 Outages: any error (refused, no reply within ``timeout``, a bad answer) ends the
 connection, answers every waiting decision ``None`` at once and opens a circuit for a
@@ -37,10 +40,13 @@ import hashlib
 import logging
 import math
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.filters.redis_pipe import Pipe, ReplyError, bulk, command
 from proxy.redis_client import RedisCircuit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("aiolb")
 
@@ -76,69 +82,78 @@ _LOAD: Final = command(b"SCRIPT", b"LOAD", TOKEN_BUCKET.encode())
 _EVAL: Final = b"*7\r\n" + bulk(b"EVAL", TOKEN_BUCKET.encode())
 
 
-def _answer(group: list[asyncio.Future[Any]], reply: asyncio.Future[Any]) -> None:
-    _settle(group, reply.result())
+#: a decision's waiter, and what its result is made of (None: the tokens left as they are)
+Waiter = tuple["asyncio.Future[Any]", "Callable[[float | None], Any] | None"]
 
 
-def _settle(group: list[asyncio.Future[Any]], reply: Any) -> None:
-    for waiter in group:
-        if not waiter.done():  # a waiter whose request went away is cancelled
-            waiter.set_result(reply)
+def _settle(group: list[Waiter], value: float | None) -> None:
+    """Answer each of ``group`` ``value`` (None: Redis cannot say)."""
+    for waiter, decide in group:
+        _set(waiter, decide, value)
+
+
+def _set(waiter: asyncio.Future[Any], decide: Callable[[float | None], Any] | None,
+         value: float | None) -> None:  # fmt: skip
+    if waiter.done():  # a waiter whose request went away is cancelled
+        return
+    if decide is None:
+        waiter.set_result(value)
+        return
+    try:
+        waiter.set_result(decide(value))
+    except Exception as exc:  # a bug in ``decide``: its request's failure, not the batch's
+        waiter.set_exception(exc)
 
 
 class RedisBuckets(RedisCircuit):
     """A Redis server's buckets, as ``take`` decisions; one per url and settings.
     ``errors`` counts the failed connections and answers (``RedisCircuit``)."""
 
-    __slots__ = ("_args", "_batch", "_pipe", "timeout", "url")
+    __slots__ = ("_args", "_batch", "_loop", "_pipe", "_started", "timeout", "url")
 
     def __init__(self, url: str, timeout: float) -> None:
         super().__init__()
         self.url = url
         self.timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None  # the first decision's
         self._pipe: Pipe | None = None
         #: (rate, size) -> the commands' rate and size arguments, preformatted
         self._args: dict[tuple[float, float], bytes] = {}
         #: this loop iteration's decisions: (key, rate, size) -> their waiters, in order
-        self._batch: dict[tuple[bytes, float, float], list[asyncio.Future[Any]]] = {}
+        self._batch: dict[tuple[bytes, float, float], list[Waiter]] = {}
+        self._started = 0.0  # monotonic: when this iteration's first decision was asked
 
     @property
     def pipe(self) -> Pipe | None:
         """The connection now (None before the first decision and after a failure)."""
         return self._pipe
 
-    async def take(self, key: bytes, rate: float, size: float) -> float | None:
-        """The tokens left after taking one from ``key``'s bucket (< 0: refused), or
-        None when Redis cannot say (down, slow, the circuit open, too many waiting)."""
-        started = time.monotonic()
-        if started < self.down_until:  # the circuit is open
-            return None
+    def take(
+        self, key: bytes, rate: float, size: float,
+        decide: Callable[[float | None], Any] | None = None,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        """A future of the tokens left after taking one from ``key``'s bucket (< 0:
+        refused), or of None when Redis cannot say (down, slow, the circuit open, too
+        many waiting); of ``decide(that)`` when ``decide`` is given (it runs in the
+        callback that settles the bucket's decisions: no coroutine, no task per
+        decision). Cancelling the future drops the decision's answer, not its token."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        if self.outage and time.monotonic() < self.down_until:  # the circuit is open
+            _set(waiter, decide, None)
+            return waiter
         batch = self._batch
-        loop = asyncio.get_running_loop()
         if not batch:
+            self._started = time.monotonic()
             loop.call_soon(self._send)
         group = batch.get((key, rate, size))
         if group is None:
-            group = batch[(key, rate, size)] = []
-        waiter = loop.create_future()
-        group.append(waiter)
-        nth = len(group)  # this decision is the group's n-th
-        reply = await waiter
-        if reply is None:  # not asked, or the connection failed (then the circuit is open)
-            return None
-        try:
-            if isinstance(reply, ReplyError):
-                raise reply
-            before = float(reply)
-            # what the n-th of n decisions in a row answers: once the whole tokens are
-            # taken, each later one is refused with the same fraction left (-1 + frac)
-            value = before - min(nth, math.floor(before) + 1)
-        except (ReplyError, ValueError, TypeError) as exc:
-            self.failed("a decision", exc)
-            return None
-        if self.outage:
-            self.worked(started)
-        return value
+            batch[(key, rate, size)] = [(waiter, decide)]
+        else:
+            group.append((waiter, decide))
+        return waiter
 
     def _send(self) -> None:
         """This iteration's decisions: one command per bucket, all in one write."""
@@ -149,6 +164,7 @@ class RedisBuckets(RedisCircuit):
         if pipe is None:
             pipe = self._pipe = Pipe(self.timeout, self._lost)
             pipe.connect(self.url, _LOAD)  # the script, before any EVALSHA
+        started = self._started
         for (key, rate, size), group in batch.items():
             args = self._args.get((rate, size))
             if args is None:
@@ -160,12 +176,43 @@ class RedisBuckets(RedisCircuit):
                 args,
                 bulk(b"%d" % len(group)),
             )
-            reply = pipe.ask(_EVALSHA, tail, _EVAL)
-            if reply is None:  # too many waiting: these are not asked
+            answer = functools.partial(self._answer, group, started)
+            if not pipe.call(_EVALSHA, tail, _EVAL, answer):  # too many waiting: not asked
                 _settle(group, None)
-            else:
-                reply.add_done_callback(functools.partial(_answer, group))
         pipe.flush()
+
+    def _answer(self, group: list[Waiter], started: float, value: Any) -> None:
+        """One bucket's reply (the tokens there were before its ``n`` were taken): each
+        waiter's answer, in the order they asked. The i-th of n decisions in a row
+        answers ``before - min(i, floor(before) + 1)``: once the whole tokens are taken,
+        each later one is refused with the same fraction left (-1 + frac). Called by the
+        pipe as it reads the reply (or ends: None), so the waiters' callbacks run in this
+        loop iteration."""
+        if value is None:  # not asked, or the connection failed (then the circuit is open)
+            _settle(group, None)
+            return
+        try:
+            if isinstance(value, ReplyError):
+                raise value
+            before = float(value)
+        except (ReplyError, ValueError, TypeError) as exc:
+            self.failed("a decision", exc)
+            _settle(group, None)
+            return
+        if self.outage:
+            self.worked(started)
+        whole = math.floor(before) + 1
+        for nth, (waiter, decide) in enumerate(group, 1):  # ``_set``, inline: per decision
+            if waiter.done():  # cancelled: its request went away
+                continue
+            left = before - (nth if nth < whole else whole)
+            if decide is None:
+                waiter.set_result(left)
+                continue
+            try:
+                waiter.set_result(decide(left))
+            except Exception as exc:  # a bug in ``decide``: its request's failure
+                waiter.set_exception(exc)
 
     def _lost(self, pipe: Pipe, exc: BaseException | None) -> None:
         if self._pipe is pipe:

@@ -34,6 +34,7 @@ from proxy.errors import (
     ProxyError,
     UpstreamTimeoutError,
 )
+from proxy.filters.chain import Paused
 from proxy.forwarding.core import ExchangeCore
 from proxy.forwarding.downstream import BODY_WAIT, UPSTREAM_FULL
 from proxy.forwarding.states import (
@@ -364,8 +365,13 @@ class Attempts(ExchangeCore):
 
     def on_timeout(self) -> None:
         """The response header (504, or a retry), a gap between response reads (close),
-        or the wait for a connection (503) timed out."""
+        the wait for a connection (503) or for a filter hook's future (500) timed out."""
         self.deadline = NEVER
+        task = self.task
+        if task.__class__ is Paused:  # a filter phase took too long: the hook failed
+            self.task = None
+            self.fail(task.expired())
+            return
         ticket = self.ticket
         if ticket is not None and ticket.expire():  # waiting for a connection: 503
             return

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from proxy.cache.flow import Answer, CacheState
     from proxy.errors import ProxyError
     from proxy.filters.base import LocalResponse, Request
+    from proxy.filters.chain import Paused
     from proxy.forwarding.downstream import Downstream
     from proxy.forwarding.traffic import Mirror
     from proxy.http.headers import RequestHeaders
@@ -178,8 +179,9 @@ class ExchangeCore:
         #: scales from zero (``proxy.upstream.hold``); ``abort`` cancels it
         self.ticket: Wait | None = None
         #: what runs for this exchange outside the callbacks: a retry's backoff timer,
-        #: an async filter phase, a cache lookup or wait
-        self.task: asyncio.Task[None] | asyncio.TimerHandle | None = None
+        #: a filter hook's future waited on (``Paused``), an async filter phase, a cache
+        #: lookup or wait
+        self.task: asyncio.Task[None] | asyncio.TimerHandle | Paused | None = None
         #: body chunks sent, to replay on a retry or if a reused connection proves stale;
         #: None once they outgrow the retry buffer (or nothing could use them)
         self.replay: tuple[bytes, ...] | None = None

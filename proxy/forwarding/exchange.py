@@ -25,8 +25,10 @@ stay in order). The phases of a request run here, in this order, and nowhere els
 8. **finish**: counted, logged, handed back to the downstream (``ExchangeCore``).
 
 Each phase's outcome says what happens next: go on, answer locally (a filter's
-``LocalResponse``, a cache hit), fail (``FilterError``: 500) or wait (a coroutine the
-exchange runs in its task, ``later``, then takes the outcome it returns). Filters and
+``LocalResponse``, a cache hit), fail (``FilterError``: 500) or wait: for a filter
+hook's future (``Paused``: a callback on the future, ``_wait_on``, and the exchange's
+deadline, no task), or for a coroutine the exchange runs in its task (``later``); then
+it takes the outcome that comes. Filters and
 the cache never touch the exchange's state. Any failure ends in one place,
 ``ExchangeCore.fail`` (pingora's ``fail_to_proxy``): a stale cache entry may answer,
 else the proxy's error page.
@@ -40,12 +42,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.cache.flow import Answer, CacheState
 from proxy.cache.flow import begin as cache_begin
+from proxy.clock import NEVER
 from proxy.errors import FilterError
 from proxy.filters.base import LocalResponse, Request
+from proxy.filters.chain import Paused
 from proxy.forwarding.background import revalidation
 from proxy.forwarding.response import Responses
 from proxy.forwarding.states import ANSWERED, DONE
@@ -131,11 +136,16 @@ class Exchange(Responses):
         req = Request(chain, self, self.target)
         if chain.responses[1] or chain.encoder is not None:  # more to do: the response
             self.filters = req
-        self._go_on(chain.request(req), lambda: self._consult_cache(route, req))
+        outcome = chain.request(req)
+        if outcome is None:  # the common case: on at once, no continuation to make
+            self._consult_cache(route, req)
+        else:
+            self._go_on(outcome, partial(self._consult_cache, route, req))
 
     def _go_on(self, outcome: Any, then: Callable[[], None]) -> None:
         """A request or upstream phase's outcome: go on with ``then()``, answer a
-        ``LocalResponse``, fail, or wait for the coroutine and take its outcome."""
+        ``LocalResponse``, fail, or wait (for a hook's future, ``Paused``, or for the
+        coroutine) and take the outcome it comes to."""
         if outcome is None:
             then()
         elif isinstance(outcome, LocalResponse):
@@ -143,8 +153,30 @@ class Exchange(Responses):
             self.local(outcome.status)
         elif isinstance(outcome, FilterError):
             self.fail(outcome)
+        elif outcome.__class__ is Paused:
+            self._wait_on(outcome, then)
         else:
             self.later(outcome, lambda given: self._go_on(given, then))
+
+    def _wait_on(self, paused: Paused, then: Callable[[], None]) -> None:
+        """Wait for a filter hook's future without a task: its outcome once it is done,
+        unless the exchange is over by then (``abort`` cancels it); past the deadline
+        (``paused.timeout`` from now, swept with the others) ``on_timeout`` fails it."""
+        self.task = paused
+        self.deadline = self.client.clock.now + paused.timeout
+        paused.future.add_done_callback(partial(self._resumed, paused, then))
+
+    def _resumed(self, paused: Paused, then: Callable[[], None], _: object) -> None:
+        if self.task is not paused:  # over: gone, timed out
+            return
+        self.task = None
+        self.deadline = NEVER
+        try:
+            self._go_on(paused.resume(), then)
+        except Exception as exc:  # a bug: it never escapes into the loop
+            log.error("bug after a filter's wait on %r", self.target[:200], exc_info=exc)
+            self.abort()
+            self.client.close()
 
     # -- 3. the cache --------------------------------------------------------------------
 

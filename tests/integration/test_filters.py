@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,8 +14,13 @@ import aiohttp
 import pytest
 
 from proxy.config.models import AccessLogSpec
+from proxy.filters import LocalResponse
+from proxy.filters.chain import Paused
 from proxy.forwarding.exchange import Exchange
 from proxy.runtime.server import ProxyServer
+from tests.admin_support import samples, scrape
+from tests.filter_support import Promise
+from tests.h2_support import exchange as h2_exchange
 from tests.support import (
     HOST,
     RawUpstream,
@@ -87,12 +93,13 @@ async def test_a_route_without_filters_has_no_chain_and_keeps_the_fast_path(
     assert [s.headers.get("X-A") for s in rec.seen] == [None, "1", None] * 2
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "future"])
 async def test_every_phase_of_a_python_filter(
     proxy: Proxy, recorders: Recorders, mode: str
 ) -> None:
     rec = await recorders("a")
-    spec = {"python": "tests.filter_support:Stamp", "options": {"async": mode == "async"}}
+    how: bool | str = mode if mode == "future" else mode == "async"
+    spec = {"python": "tests.filter_support:Stamp", "options": {"async": how}}
     server = await proxy(make_config([rec.url], routes=route(spec)))
     status, headers, body, _ = await get(proxy_url(server, "/x?y=1"))
     assert (status, body) == (200, "a")
@@ -159,6 +166,10 @@ async def test_an_async_response_filter_and_a_head_request(
         ("response", "wrong", "TypeError: response_filter returned int, not None"),
         ("response", "async-raise", "ValueError: async boom in response"),
         ("response", "slow", "TimeoutError: not done within 0.3s"),
+        ("request", "future-raise", "ValueError: future boom in request"),
+        ("request", "future-slow", "TimeoutError: not done within 0.3s"),
+        ("response", "future-raise", "ValueError: future boom in response"),
+        ("response", "future-slow", "TimeoutError: not done within 0.3s"),
     ],
 )
 async def test_a_failing_filter_is_a_500_and_one_log_line(
@@ -170,7 +181,9 @@ async def test_a_failing_filter_is_a_500_and_one_log_line(
     pool = {"timeouts": {"response_header": "300ms"}}
     server = await proxy(make_config([rec.url], routes=route(spec), pool=pool))
     with caplog.at_level(logging.INFO, logger="aiolb"):
+        started = time.monotonic()
         status, _, body, _ = await get(proxy_url(server, "/x"))
+        waited = time.monotonic() - started
     assert (status, body) == (500, "500 Internal Server Error\n")
     lines = [r.getMessage() for r in caplog.records if "filter python:" in r.getMessage()]
     assert len(lines) == 1, lines
@@ -178,6 +191,8 @@ async def test_a_failing_filter_is_a_500_and_one_log_line(
     assert "Traceback" not in caplog.text
     if how in ("raise", "async-raise"):
         assert "filter_support.py:" in lines[0]  # where it raised
+    if how.endswith("slow"):
+        assert waited >= 0.3, waited  # never before the timeout
     # the proxy goes on: the next request, on a path the filter lets through, passes
     status, _, body, _ = await get(proxy_url(server, "/ok"))
     assert (status, body) == (200, "a")
@@ -200,6 +215,116 @@ async def test_a_slow_async_request_filter_is_cancelled_when_the_client_leaves(
     writer.close()
     await _eventually(task.done)
     assert task.cancelled() and not rec.seen
+
+
+def _promise(server: ProxyServer) -> Promise:
+    """The route's ``Promise`` filter (its futures, as the requests asked them)."""
+    chain = server.listeners[0].router.route(None, b"/").chain  # type: ignore[union-attr]
+    assert chain is not None
+    found = chain.filters[0][1]
+    assert isinstance(found, Promise)
+    return found
+
+
+def _waiting(server: ProxyServer) -> Exchange | None:
+    """The exchange that waits on a filter hook's future (``Paused``), if one does."""
+    for conn in server.listeners[0].connections:
+        ex = conn.exchange
+        if isinstance(ex, Exchange) and isinstance(ex.task, Paused):
+            return ex
+    return None
+
+
+async def test_a_future_request_hook_is_waited_on_without_a_task_and_the_next_hooks_run(
+    proxy: Proxy, recorders: Recorders
+) -> None:
+    rec = await recorders("a")
+    promise = {"python": "tests.filter_support:Promise"}
+    stamp = {"python": "tests.filter_support:Stamp"}
+    server = await proxy(make_config([rec.url], routes=route(promise, stamp)))
+    reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _eventually(lambda: _waiting(server))
+    assert not rec.seen  # held at the phase: nothing upstream yet
+    _promise(server).futures[0].set_result(None)
+    status, _, body = await read_response(reader)
+    assert (status, body) == (b"HTTP/1.1 200 OK", b"a")
+    assert rec.seen[0].headers["X-Stamp-Request"] == "GET 127.0.0.1"  # the next hook ran
+    writer.write(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _eventually(lambda: len(_promise(server).futures) == 2)
+    _promise(server).futures[1].set_result(LocalResponse(403, {}, "no\n"))
+    status, _, body = await read_response(reader)
+    assert (status, body) == (b"HTTP/1.1 403 Forbidden", b"no\n")
+    assert len(rec.seen) == 1  # answered by the future's outcome: no later hook, no upstream
+    writer.close()
+
+
+async def test_a_future_hook_whose_client_leaves_is_cancelled_and_nothing_leaks(
+    proxy: Proxy, recorders: Recorders, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = await recorders("a")
+    spec = {"python": "tests.filter_support:Promise"}
+    server = await proxy(make_config([rec.url], routes=route(spec)))
+    listener = server.listeners[0]
+    with caplog.at_level(logging.DEBUG):
+        _, writer = await asyncio.open_connection(HOST, listener.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await _eventually(lambda: _waiting(server))
+        writer.close()
+        await _eventually(lambda: not listener.connections)
+        first = _promise(server).futures[0]
+        assert first.cancelled()
+        # settled and gone in one iteration: the callback comes after the exchange ended
+        _, writer = await asyncio.open_connection(HOST, listener.port)
+        writer.write(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+        await _eventually(lambda: _waiting(server))
+        ex = _waiting(server)
+        assert ex is not None
+        next(iter(listener.connections)).transport.abort()  # type: ignore[attr-defined]
+        _promise(server).futures[1].set_result(None)
+        await _eventually(lambda: not listener.connections and ex.done)
+        await asyncio.sleep(0)  # the future's callback has run
+        writer.close()
+        status, _, _, _ = await get(proxy_url(server, "/ok"))
+    assert status == 200
+    assert ex.task is None and ex.status == 0
+    assert len(rec.seen) == 1  # only /ok reached the upstream
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    pool = server.pools["main"]
+    assert all(u.active == 0 for u in pool.upstreams)
+    codes = samples(await scrape(server), "aiolb_requests_total")
+    assert sum(codes.values()) == 1.0  # the gone requests were never answered: not counted
+
+
+@pytest.mark.parametrize("how", ["future-raise", "future-slow"])
+async def test_a_future_request_hook_on_an_http2_stream(
+    proxy: Proxy, recorders: Recorders, how: str
+) -> None:
+    """HTTP/2 streams wait on a hook's future the same way: the stamp's futures (both
+    phases) go on, a failing one is a 500, one never settled is a 500 once the stream's
+    exchange deadline passes (swept by the connection's tick), never before."""
+    rec = await recorders("a")
+    stamp = {"python": "tests.filter_support:Stamp", "options": {"async": "future"}}
+    boom = {"python": "tests.filter_support:Boom", "options": {"phase": "request", "how": how}}
+    pool = {"timeouts": {"response_header": "300ms"}}
+    h2c = {"protocols": ["http/1.1", "h2c"]}
+    server = await proxy(make_config([rec.url], routes=route(stamp, boom), pool=pool, listener=h2c))
+    port = server.listeners[0].port
+
+    def request(path: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"),
+                (b":path", path)]  # fmt: skip
+
+    head, body, _ = await h2_exchange(port, request(b"/ok"))
+    assert dict(head)[b":status"] == b"200" and body == b"a"
+    assert rec.seen[-1].headers["X-Stamp-Upstream"] == f"{HOST}:{rec.port}"
+    started = time.monotonic()
+    head, _, _ = await h2_exchange(port, request(b"/x"))
+    waited = time.monotonic() - started
+    assert dict(head)[b":status"] == b"500"
+    if how == "future-slow":
+        assert waited >= 0.3, waited
+    assert len(rec.seen) == 1
 
 
 async def _eventually(predicate: Callable[[], Any]) -> None:
@@ -440,18 +565,25 @@ async def test_the_example_filters_config_and_its_python_filter(recorders: Recor
 
     api, web = await recorders("api"), await recorders("web")
     path = REPO / "config" / "filters.yaml"
-    text = (path.read_text().replace("127.0.0.1:8080", f"{HOST}:0")
-            .replace("http://127.0.0.1:9001", api.url)
-            .replace("http://127.0.0.1:9002", web.url).replace("http://127.0.0.1:9003", web.url))
-    text += f"admin:\n  bind: \"{HOST}:0\"\n"
-    config = parse_config(text.replace(f"      - url: \"{web.url}\"\n", "", 1), str(path), {})
+    text = (
+        path.read_text()
+        .replace("127.0.0.1:8080", f"{HOST}:0")
+        .replace("http://127.0.0.1:9001", api.url)
+        .replace("http://127.0.0.1:9002", web.url)
+        .replace("http://127.0.0.1:9003", web.url)
+    )
+    text += f'admin:\n  bind: "{HOST}:0"\n'
+    config = parse_config(text.replace(f'      - url: "{web.url}"\n', "", 1), str(path), {})
     server = ProxyServer(config, config_path=str(path))  # example_filter.py beside it
     await server.start()
     try:
         url = proxy_url(server, "/api/users?page=2")
         status, headers, body, _ = await get(url)
-        assert (status, headers["WWW-Authenticate"], body) == (401, "ApiKey",
-                                                               "401: unknown API key\n")
+        assert (status, headers["WWW-Authenticate"], body) == (
+            401,
+            "ApiKey",
+            "401: unknown API key\n",
+        )
         status, headers, body, _ = await get(url, headers={"X-Api-Key": "k-alice"})
         assert (status, body) == (200, "api")
         seen = api.seen[-1]

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.config import Config
+from proxy.filters.chain import Paused
 from proxy.runtime.server import ProxyServer
 from tests.admin_support import samples, scrape
 from tests.support import (
@@ -188,10 +189,14 @@ admin:
         assert await server.reload() == []
         assert await statuses(proxy_url(server), 1) == [429]
         good = path.read_text()  # a reload with a bad filter is refused; the old one serves
-        path.write_text(good.replace("burst: 2", "burst: 0").replace(
-            "key: route}}", "key: route}}, {python: tests.filter_support:NotAFilter}"))
+        path.write_text(
+            good.replace("burst: 2", "burst: 0").replace(
+                "key: route}}", "key: route}}, {python: tests.filter_support:NotAFilter}"
+            )
+        )
         assert await server.reload() == [
-            f"{path}:6: listeners[0].routes[0].filters[0].rate_limit.burst: must be >= 1"]
+            f"{path}:6: listeners[0].routes[0].filters[0].rate_limit.burst: must be >= 1"
+        ]
         path.write_text(good.replace("filters: [", "filters: [{python: tests.nothere:X}, "))
         problems = await server.reload()
         assert problems == [f"{path}:6: listeners[0].routes[0].filters[0].python: cannot "
@@ -204,8 +209,9 @@ admin:
         await server.shutdown(timeout=1.0)
 
 
-async def _blast(port: int, seconds: float, connections: int, pids: set[str] | None = None
-                 ) -> tuple[int, int, float, float]:
+async def _blast(
+    port: int, seconds: float, connections: int, pids: set[str] | None = None
+) -> tuple[int, int, float, float]:
     """Requests back to back on ``connections`` connections for ``seconds``: (admitted,
     refused, first send, last answer)."""
     first, last = time.monotonic(), 0.0
@@ -233,7 +239,8 @@ async def test_with_workers_the_memory_store_holds_for_the_instance(
 ) -> None:
     rec = await recorders("a")
     rate, size = 20.0, 10
-    proc = await aiolb(f"""listeners:
+    proc = await aiolb(
+        f"""listeners:
   - name: public
     bind: "{HOST}:0"
     limits: {{max_requests_per_connection: null}}
@@ -248,7 +255,9 @@ pools:
 admin:
   bind: "{HOST}:0"
 workers: 2
-""", workers=2)
+""",
+        workers=2,
+    )
     pids: set[str] = set()
     admitted, refused, first, last = await _blast(proc.port, 1.5, 16, pids)
     assert pids == {str(p) for p in proc.worker_pids()}  # both workers answered
@@ -368,3 +377,112 @@ async def test_concurrent_requests_share_redis_round_trips_and_stay_exact(
     writer.close()
     calls = int(stats.split("cmdstat_evalsha:calls=")[1].split(",")[0])
     assert calls < 250, calls  # decisions shared commands
+
+
+class SilentRedis:
+    """A server that accepts connections and never answers: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.accepted = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._hold, HOST, 0)
+        return f"redis://{HOST}:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        while await reader.read(65536):  # read what comes, answer nothing
+            pass
+        writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def _waiting(server: ProxyServer) -> Any:
+    """An exchange waiting on a filter hook's future (``Paused``), or None."""
+    for conn in server.listeners[0].connections:
+        ex = conn.exchange
+        if ex is not None and isinstance(getattr(ex, "task", None), Paused):
+            return ex
+    return None
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_a_silent_redis_is_the_stores_answer_within_its_timeout_never_early(
+    proxy: Proxy, recorders: Recorders, fail_open: bool
+) -> None:
+    """Redis accepts and never answers: the decision waits (on the store's future, no
+    task), then the store's answer comes after its 200 ms timeout, well before the
+    pool's response header timeout; the open circuit then answers at once."""
+    rec = await recorders("a")
+    silent = SilentRedis()
+    url = await silent.start()
+    try:
+        server = await proxy(redis_limit(url, rec.url, fail_open=fail_open))
+        reader, writer = await asyncio.open_connection(HOST, server.listeners[0].port)
+        started = time.monotonic()
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: _waiting(server) is not None)
+        status, _, _ = await read_response(reader)
+        waited = time.monotonic() - started
+        assert status == (b"HTTP/1.1 200 OK" if fail_open else b"HTTP/1.1 503 Service Unavailable")
+        assert 0.2 <= waited < 1.5, waited
+        started = time.monotonic()
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # the circuit is open: not asked
+        again, _, _ = await read_response(reader)
+        assert again == status and time.monotonic() - started < 0.15
+        writer.close()
+        errors = samples(await scrape(server), "aiolb_rate_limit_store_errors_total")
+        assert errors[(("filter", "rate_limit"), ("route", "shared"))] == 2.0
+        assert len(rec.seen) == (2 if fail_open else 0)
+    finally:
+        await silent.close()
+
+
+async def test_a_client_gone_while_redis_decides_is_dropped_and_not_counted(
+    proxy: Proxy, recorders: Recorders, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = await recorders("a")
+    silent = SilentRedis()
+    url = await silent.start()
+    try:
+        server = await proxy(redis_limit(url, rec.url, fail_open=False))
+        listener = server.listeners[0]
+        with caplog.at_level(logging.INFO, logger="aiolb"):
+            _, writer = await asyncio.open_connection(HOST, listener.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_for(lambda: _waiting(server) is not None)
+            ex = _waiting(server)
+            future = ex.task.future
+            writer.close()
+            await wait_for(lambda: not listener.connections)
+            assert future.cancelled() and ex.task is None and ex.done
+            # the store's timeout still passes (its connection ends), answering nobody
+            await wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records))
+        text = await scrape(server)
+        assert samples(text, "aiolb_rate_limit_store_errors_total") == {
+            (("filter", "rate_limit"), ("route", "shared")): 0.0}  # fmt: skip
+        assert sum(samples(text, "aiolb_requests_total").values()) == 0.0
+        assert not rec.seen
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            m for m in (r.getMessage() for r in caplog.records) if "unreachable" in m
+        ]
+    finally:
+        await silent.close()
+
+
+async def test_the_filters_after_a_redis_rate_limit_run_when_it_admits(
+    proxy: Proxy, recorders: Recorders, redis_server: RedisServer
+) -> None:
+    rec = await recorders("a")
+    store = {"type": "redis", "url": redis_server.url, "timeout": "1s"}
+    limit = {"rate_limit": {"rate": "1/m", "burst": 2, "key": "route", "store": store}}
+    stamp = {"headers": {"request": {"set": {"X-After": "yes"}}}}
+    config = make_config([rec.url], routes=[{"pool": "main", "filters": [limit, stamp]}])
+    server = await proxy(config)
+    assert await statuses(proxy_url(server), 3) == [200, 200, 429]
+    assert [s.headers.get("X-After") for s in rec.seen] == ["yes", "yes"]

@@ -87,6 +87,29 @@ async def test_decisions_across_iterations_each_get_their_answer(store: RedisBuc
     assert sum(left is not None and left >= 0 for left in lefts) == SIZE
 
 
+async def test_decide_makes_each_result_in_the_settling_callback(store: RedisBuckets) -> None:
+    """``take(..., decide)``: each waiter's result is ``decide(tokens left)``, made in
+    the callback that settles the bucket; one ``decide`` that raises fails its own
+    waiter only; a cancelled waiter (its request gone) is skipped, its token taken."""
+    seen: list[float | None] = []
+
+    def decide(left: float | None) -> str:
+        seen.append(left)
+        if len(seen) == 2:
+            raise RuntimeError("a bad decide")
+        return f"left {left}"
+
+    futures = [store.take(b"t:decide", RATE, SIZE, decide) for _ in range(4)]
+    assert all(isinstance(f, asyncio.Future) and not f.done() for f in futures)
+    futures[2].cancel()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == "left 99.0" and results[3] == "left 96.0"
+    assert isinstance(results[1], RuntimeError) and isinstance(results[2], asyncio.CancelledError)
+    assert seen == [99.0, 98.0, 96.0]  # the cancelled one was not decided
+    assert await store.take(b"t:decide", RATE, SIZE) == approx(95.0)  # its token was taken
+    assert not store.outage and store.errors == 0
+
+
 async def test_a_forgotten_script_is_sent_again(
     store: RedisBuckets, redis_server: RedisServer
 ) -> None:

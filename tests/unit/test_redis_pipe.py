@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
+from proxy.filters import redis_pipe
 from proxy.filters.redis_pipe import Pipe, ReplyError, command, handshake
 
 
@@ -102,3 +105,22 @@ async def test_a_bug_while_reading_replies_ends_the_connection_not_the_loop() ->
     pipe.data_received(b":1\r\n:2\r\n")
     assert pipe.closed and transport.aborted and isinstance(lost[0], TypeError)
     assert waiters[1] is not None and waiters[1].result() is None
+
+
+async def test_a_callback_waiter_is_answered_as_its_reply_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``call``: the answer comes from ``data_received`` itself (no future, no later
+    loop iteration), in order; over ``MAX_IN_FLIGHT`` nothing is sent; the connection's
+    end answers the rest None."""
+    monkeypatch.setattr(redis_pipe, "MAX_IN_FLIGHT", 3)
+    pipe, _, lost = connected()
+    got: list[Any] = []
+    assert all(pipe.call(b"X", b"", None, got.append) for _ in range(3))
+    assert not pipe.call(b"X", b"", None, got.append)  # too many waiting: not sent
+    pipe.data_received(b":1\r\n$1\r\n2")
+    assert got == [1]  # the second is not whole yet
+    pipe.data_received(b"\r\n")
+    assert got == [1, b"2"]
+    pipe.lost(None)
+    assert got == [1, b"2", None] and lost == [None]
