@@ -435,6 +435,15 @@ access_logged() { # PATH
 }
 
 # journal_clean CURSOR: nothing wrong in aiolb's lines, no kill or exec failure in systemd's
+# the admin API's /metrics, with what prometheus_client reads from /proc
+metrics_ok() {
+    local text
+    text=$(ct curl -sS -m 10 http://127.0.0.1:9901/metrics) || return 1
+    grep -E '^(process_cpu_seconds_total|process_start_time_seconds|process_open_fds) ' <<<"$text" |
+        tr '\n' ' '
+    grep -q '^process_start_time_seconds ' <<<"$text" && grep -q '^process_open_fds ' <<<"$text"
+}
+
 journal_clean() {
     local bad
     bad=$(ct journalctl -q -u aiolb.service -o short --no-pager --after-cursor="$1" |
@@ -508,6 +517,7 @@ scenario() {
     check "$label: GET $path on port 80 answers" answers "$path" 9001
     check "$label: the main process is user aiolb with CAP_NET_BIND_SERVICE only" served_by_aiolb_user "$pid"
     check "$label: access log in /var/log/aiolb (LogsDirectory=)" access_logged "$path"
+    check "$label: /metrics with the process metrics (ProtectProc=invisible)" metrics_ok
 
     write_config 9002 "$workers"
     mark=$(cursor)
