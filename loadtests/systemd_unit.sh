@@ -40,7 +40,7 @@
 # The pristine rootfs is cached as a tarball in $AIOLB_DOCKER_CACHE (default
 # ~/.cache/aiolb; delete it to build again); everything else goes in a tmpfs (about
 # 400 MB) on a temp dir under /var/tmp, deleted at the end unless --keep. About 1 min
-# with the rootfs cached (the debootstrap adds 1-2 min), most of it the checks' waits.
+# with the rootfs cached (the debootstrap adds 2-3 min), most of it the checks' waits.
 
 set -euo pipefail
 
@@ -113,7 +113,7 @@ systemd_rootfs() {
     fi
     mirror=$(_debian_mirror "$suite")
     tmp=$(mktemp -d /var/tmp/aiolb-debootstrap.XXXXXX)
-    say "debootstrap $suite from $mirror (about 2 min)"
+    say "debootstrap $suite from $mirror (2-3 min)"
     if ! debootstrap --variant=minbase --include="$PACKAGES" "$suite" "$tmp/rootfs" "$mirror" \
             >"$tmp/debootstrap.log" 2>&1; then
         tail -n 20 "$tmp/debootstrap.log" >&2
