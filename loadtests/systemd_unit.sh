@@ -94,8 +94,9 @@ command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]}, and no apt-get to install them"
     say "apt-get install ${missing[*]}"
-    apt-get install -y "${missing[@]}" >/dev/null 2>&1 ||
-        { apt-get update >/dev/null 2>&1 && apt-get install -y "${missing[@]}" >/dev/null; } ||
+    # no recommends: systemd-container's would put mymachines in the host's nsswitch.conf
+    install=(apt-get install -y --no-install-recommends "${missing[@]}")
+    "${install[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && "${install[@]}" >/dev/null; } ||
         die "apt-get install ${missing[*]} failed"
 fi
 "$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip (set PYTHON=...)"
