@@ -287,7 +287,8 @@ def test_systemd_unit_is_notify_with_reload_by_sighup() -> None:
     assert SERVICE["ExecStart"].endswith("/aiolb run")
     assert UNIT_KEYS["Service"]["ExecReload"] == [
         SERVICE["ExecStart"].replace(" run", " check"),  # a bad file fails the reload
-        "/bin/kill -HUP $MAINPID",
+        # the shell's builtin kill: /bin/kill (procps) is missing on minimal systems
+        "/bin/sh -c 'kill -HUP ${MAINPID}'",
     ]
     assert SERVICE["ExecStartPre"].endswith("/aiolb check")
     assert SERVICE["KillMode"] == "mixed"  # the supervisor drains its workers
