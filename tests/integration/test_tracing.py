@@ -204,9 +204,9 @@ async def test_without_tracing_trace_headers_pass_through_untouched(
     assert "traceparent" not in up.seen[1].headers
 
 
-async def test_an_unsampled_childs_retry_names_a_parent_of_its_own(
-    proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
-) -> None:
+async def retrying(recorders: MakeRecorder) -> tuple[Recorder, Recorder, Config]:
+    """An upstream answering 503, a backup answering 200, and a pool that retries 503s."""
+
     async def unavailable(request: web.Request) -> web.Response:
         return web.Response(status=503, text="busy")
 
@@ -215,6 +215,13 @@ async def test_an_unsampled_childs_retry_names_a_parent_of_its_own(
     config = make_config([bad.url], pool={
         "upstreams": [{"url": bad.url}, {"url": good.url, "backup": True}],
         "health_check": {"passive": None}, "retries": {"retry_on": [503]}})  # fmt: skip
+    return bad, good, config
+
+
+async def test_an_unsampled_childs_retry_names_a_parent_of_its_own(
+    proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
+) -> None:
+    bad, good, config = await retrying(recorders)
     server = await proxy(traced(config, receiver, sample_rate=1.0))
     tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-02"  # unsampled; the random-trace-id flag
     assert await fetch(server, {"traceparent": tp}) == 200
@@ -270,14 +277,7 @@ def closed_port() -> int:
 async def test_a_retried_request_has_a_client_span_per_attempt(
     proxy: MakeProxy, recorders: MakeRecorder, receiver: Receiver
 ) -> None:
-    async def unavailable(request: web.Request) -> web.Response:
-        return web.Response(status=503, text="busy")
-
-    bad = await recorders("bad", {"/a": unavailable})
-    good = await recorders("good")
-    config = make_config([bad.url], pool={
-        "upstreams": [{"url": bad.url}, {"url": good.url, "backup": True}],
-        "health_check": {"passive": None}, "retries": {"retry_on": [503]}})  # fmt: skip
+    bad, good, config = await retrying(recorders)
     server = await proxy(traced(config, receiver))
     tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     assert await fetch(server, {"traceparent": tp}) == 200
