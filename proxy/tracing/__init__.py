@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 With ``tracing`` configured, each process has one ``Tracer`` (the listeners hold it).
-``Exchange.start`` calls ``begin`` once a request is routed to a pool, before the
-route's filters, the cache and the pick:
+``Exchange.start`` decides a request's trace once it is routed to a pool, before the
+route's filters, the cache and the pick: a request with no trace header takes the next
+of ``ids`` (a new trace, unsampled), and ``begin`` decides the rest:
 
 - the client's ``traceparent`` (``RequestHeaders.traceparent``, noted while the
   headers were scanned) is parsed; a valid one makes this request its child and its
@@ -13,7 +14,7 @@ route's filters, the cache and the pick:
   dropped with it);
 - the ``traceparent`` sent upstream is the last line of a traced listener's head format
   (``proxy.http.headers.head_template``), ``00-TRACE-PARENT-00``: TRACE is
-  ``ex.trace_id``, PARENT the tracer's ``parent`` (one per process: each new trace
+  the exchange's ``trace_id``, PARENT the tracer's ``parent`` (one per process: each new trace
   carries exactly one request from it, so the id is unique within each trace; no span
   is recorded under it). That is the whole of an unsampled new trace's part: the call of
   a C iterator over blocks of trace ids made 256 at a time, in the exchange itself
