@@ -85,6 +85,9 @@ async def run_worker(control_fd: int, index: int) -> int:
 
     writer.write(json.dumps({"op": "ready", "pid": os.getpid()}).encode() + b"\n")
     task = loop.create_task(_commands(server, reader, reply, index))
+    # however the link's reader ends (a bug included), a worker no longer told what to do
+    # must not outlive its supervisor: it drains and exits
+    task.add_done_callback(lambda _: server.request_stop())
     gc.freeze()  # see ProxyServer.serve
     await server.wait_stopped()
     task.cancel()
@@ -110,14 +113,26 @@ def _install_signals(loop: asyncio.AbstractEventLoop, server: ProxyServer) -> No
 async def _commands(
     server: ProxyServer, reader: asyncio.StreamReader, reply: Reply, index: int
 ) -> None:
-    """Obey the supervisor's lines until it goes away (then stop serving)."""
+    """Obey the supervisor's lines until it goes away (then stop serving). A line that
+    cannot be read or obeyed is logged and skipped: the link must outlive it, since the
+    end of the link is how a worker learns that its supervisor is gone."""
     while True:
-        line = await reader.readline()
+        try:
+            line = await reader.readline()
+        except (ValueError, OSError) as exc:  # a line past the limit, a broken link
+            log.error("worker %d: the supervisor's link failed (%s); shutting down", index,
+                      exc or type(exc).__name__)  # fmt: skip
+            server.request_stop()
+            return
         if not line:  # the supervisor is gone: stop serving
             log.error("worker %d: the supervisor went away; shutting down", index)
             server.request_stop()
             return
-        await _command(server, json.loads(line), reply)
+        try:
+            await _command(server, json.loads(line), reply)
+        except Exception as exc:
+            log.error("worker %d: the supervisor's %r failed: %s: %s", index, line[:80],
+                      type(exc).__name__, exc)  # fmt: skip
 
 
 async def _command(server: ProxyServer, message: dict[str, Any], reply: Reply) -> None:
