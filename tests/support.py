@@ -10,6 +10,7 @@ aiohttp cannot produce (1xx, close-delimited bodies, truncation, garbage).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import os
@@ -383,6 +384,7 @@ class Aiolb:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "-c", str(self.path),
             stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**base, **(env or {})},
+            start_new_session=True,  # its workers in its process group: ``stop`` ends all
         )  # fmt: skip
         self._reader = asyncio.ensure_future(self._read())
         await wait_for(lambda: self.port and self.admin and self.logged(
@@ -415,13 +417,29 @@ class Aiolb:
             return await resp.text()
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` to the supervisor and wait for it; SIGKILL ends its workers too.
+        A process of its group still holding its stderr 10 s later (a worker that
+        outlived it) is killed, and the stop fails saying so, rather than waiting."""
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
         code = await asyncio.wait_for(self.proc.wait(), 30)
+        if sig == signal.SIGKILL:
+            _kill_group(self.proc.pid)
         if self._reader is not None:
-            await self._reader
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 10)
+            except TimeoutError:
+                _kill_group(self.proc.pid)
+                await self._reader
+                raise AssertionError("a process of aiolb's outlived it by 10 s") from None
         return code
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the group ``pgid`` (none: nothing happens)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 #: How a test that needs Redis fails on a machine without it.
