@@ -17,8 +17,8 @@ import pytest
 
 from proxy.config import Config
 from proxy.runtime.server import ProxyServer
-from tests.grpc_support import SERVICE, GrpcServer, raw_call
-from tests.support import make_config, wait_for
+from tests.grpc_support import OPTIONS, SERVICE, GrpcServer, raw_call
+from tests.support import HOST, make_config, wait_for
 
 MakeProxy = Callable[[Config], Awaitable[ProxyServer]]
 
@@ -197,12 +197,21 @@ async def test_no_route_is_unimplemented(
 
 
 async def test_many_concurrent_calls_share_few_upstream_connections(
-    proxy: MakeProxy, servers: Callable[[str], GrpcServer], channel: Any
+    proxy: MakeProxy, servers: Callable[[str], GrpcServer]
 ) -> None:
     a = servers("a")
     server = await proxy(grpc_config([a.url]))
-    unary = channel(server).unary_unary(method("Unary"))
-    answers = await asyncio.gather(*(unary(b"%d" % i, timeout=10) for i in range(200)))
+
+    def many() -> list[bytes]:
+        # grpcio's blocking client, its calls in its own threads: grpc.aio's poller,
+        # bound to an event loop, now and then never woke this test's (a new loop per
+        # test): the 200 calls, READY, went unsent and hit their deadline
+        with grpc.insecure_channel(f"{HOST}:{server.listeners[0].port}", options=OPTIONS) as ch:
+            unary = ch.unary_unary(method("Unary"))
+            calls = [unary.future(b"%d" % i, timeout=10) for i in range(200)]
+            return [call.result() for call in calls]
+
+    answers = await asyncio.get_running_loop().run_in_executor(None, many)
     assert sorted(answers) == sorted(b"a:%d" % i for i in range(200))
     upstream = server.pools["main"].upstreams[0]
     # 200 calls at once over streams of at most 100 per connection: a few connections
