@@ -1,12 +1,12 @@
 """A lean pipelined RESP connection for the Redis ``rate_limit`` store.
 
 Theory of operation: ``Pipe.call`` appends one command's bytes to an out-list and its
-waiter (a callback; ``ask``: a future) to a FIFO of waiters; the first command of an
+waiter (a callback) to a FIFO of waiters; the first command of an
 event-loop iteration schedules one ``_flush`` with ``call_soon``, so every decision
 asked during that iteration leaves in one ``write``: one round trip. Redis answers a
 connection's commands in order, so ``data_received`` parses whole replies and hands
 each to the waiter at the head of the FIFO: a callback is called there and then (the
-store settles its decisions in the loop iteration that read the reply), a future set.
+store settles its decisions in the loop iteration that read the reply).
 Each command is its own atomic ``EVALSHA``: batching changes when commands travel, not
 what Redis decides.
 
@@ -14,14 +14,13 @@ Every waiter has a deadline (its enqueue time + ``timeout``); one timer watches 
 oldest. A deadline passed, a connection refused or lost, or a reply that is not RESP
 ends the connection: every waiter gets ``None`` at once (the store's outage answer) and
 the owner is told (``on_lost``). ``MAX_IN_FLIGHT`` bounds the waiters: beyond it
-``call`` returns False (``ask``: None) without queueing. A reply ``-NOSCRIPT`` re-sends
+``call`` returns False without queueing. A reply ``-NOSCRIPT`` re-sends
 that command's ``redo`` (``EVAL`` with the script's text) for the same waiter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 from collections import deque
@@ -74,12 +73,6 @@ def handshake(url: str) -> tuple[dict[str, Any], list[bytes]]:
     if db not in ("", "0"):
         first.append(command(b"SELECT", db.encode()))
     return where, first
-
-
-def _resolve(waiter: asyncio.Future[Any], reply: Any) -> None:
-    """``ask``'s answer: the future's result, unless it was cancelled."""
-    if not waiter.done():
-        waiter.set_result(reply)
 
 
 class Pipe(asyncio.Protocol):
@@ -142,11 +135,6 @@ class Pipe(asyncio.Protocol):
             return False
         self._send(head, tail, answer, redo)
         return True
-
-    def ask(self, head: bytes, tail: bytes, redo: bytes | None) -> asyncio.Future[Any] | None:
-        """``call``, with a future of the reply; None when too many are waiting."""
-        waiter = self._loop.create_future()
-        return waiter if self.call(head, tail, redo, functools.partial(_resolve, waiter)) else None
 
     def _send(self, head: bytes, tail: bytes, waiter: Callable[[Any], None] | None,
               redo: bytes | None, deadline: float = 0.0) -> None:  # fmt: skip
