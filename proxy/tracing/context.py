@@ -1,4 +1,4 @@
-"""W3C Trace Context (``traceparent``, ``tracestate``): pure parsing and formatting.
+"""W3C Trace Context (``traceparent``, ``tracestate``): pure parsing.
 
 ``traceparent: 00-<trace-id: 32 hex>-<parent-id: 16 hex>-<flags: 2 hex>``. A value is
 valid when the version is not ``ff``, the ids are lower-case hex and not all zeros, and
@@ -18,8 +18,6 @@ _HEX: Final = b"0123456789abcdef"
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
 
-#: ``TRACEPARENT % (trace_id_hex, span_id_int, flags_int)``: the value aiolb sends.
-TRACEPARENT: Final = b"00-%s-%016x-%02x"
 SAMPLED: Final = 1
 
 
