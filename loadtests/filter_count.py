@@ -124,6 +124,18 @@ def control(pid: int, *args: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
+async def dumped(out: Path, before: set[Path], timeout: float = 30) -> None:
+    """Wait until a dump written since ``before`` is whole (its ``totals:`` line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = set(out.parent.glob(out.name + ".*")) - before
+        if new and all(re.search(rb"^totals:", p.read_bytes(), re.MULTILINE) for p in new):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"callgrind wrote no whole dump in {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
 def counted(out: Path, before: set[Path]) -> int:
     """The instructions in the dumps written since ``before``."""
     total = 0
@@ -151,7 +163,7 @@ async def measure(args: argparse.Namespace, aiolb: subprocess.Popen[bytes], out:
             await load(port, args.connections, each)
             control(aiolb.pid, "-i", "off")
             control(aiolb.pid, "-d")
-            await asyncio.sleep(1)  # the dump is written
+            await dumped(out, before)
             per = counted(out, before) / sent
             results[name].append(per)
             shared = ""
