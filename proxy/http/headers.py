@@ -407,6 +407,11 @@ REQUEST_HEAD_TLS: Final = REQUEST_HEAD.replace(b"Proto: http", b"Proto: https")
 #: ``TRACED % (trace id, parent id)``: the ``traceparent`` line of a traced listener's
 #: heads (a sampled request's is rewritten: ``proxy.tracing.span``)
 TRACED: Final = b"traceparent: 00-%s-%s-00\r\n"
+#: ``TRACED_END % (parent id, flags)`` (ints): what a head built with ``TRACED`` ends with
+#: from the dash before its parent id, blank line included (a rewrite replaces the last
+#: ``TRACED_END_SIZE`` bytes: ``proxy.tracing.span``)
+TRACED_END: Final = b"-%016x-%02x\r\n\r\n"
+TRACED_END_SIZE: Final = len(TRACED_END % (0, 0))
 
 
 def head_template(tls: bool, parent: bytes | None) -> bytes:

@@ -22,6 +22,7 @@ from random import getrandbits
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Final
 
+from proxy.http.headers import TRACED_END, TRACED_END_SIZE
 from proxy.tracing.otlp import CLIENT, SERVER, AttributeValue, span
 
 if TYPE_CHECKING:
@@ -50,14 +51,10 @@ class Attempt:
         self.error = ""
 
 
-#: The end of a head sent under ``tracing``: its ``traceparent`` line's last fields,
-#: ``-PARENT-FLAGS``, and the blank line (the line is the head's last: ``head_template``).
-_TAIL: Final = len(b"-0123456789abcdef-00\r\n\r\n")
-
-
 def _named(head: bytes, span_id: int, flags: int) -> bytes:
-    """``head`` with ``span_id`` and ``flags`` as its ``traceparent``'s last fields."""
-    return head[:-_TAIL] + b"-%016x-%02x\r\n\r\n" % (span_id, flags)
+    """``head`` with ``span_id`` and ``flags`` as its ``traceparent``'s last fields (the
+    line is the head's last: ``proxy.http.headers.head_template``)."""
+    return head[:-TRACED_END_SIZE] + TRACED_END % (span_id, flags)
 
 
 class Relay:
